@@ -1,0 +1,456 @@
+"""The emulator's ASGI app: routing, auth, rate limit, faults, long-polls and SSE streams.
+
+A plain ASGI callable (no framework): the routes are a dozen regexes, and owning the
+`send` channel lets the fault injector truncate a body or drop a connection exactly the way
+a failing network does. SSE follows the rules the official SDK's decoder needs
+(parallel-task-api.md section 11): `type` inside every `data:` JSON, no `id:` lines, cursors
+in `event_id`, keep-alives as `: ping` comment lines.
+
+Emulator-only extensions live under `/_emulator/` (ledger, stats, reset, faults).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import parse_qs
+
+from enrich.emulator.core import Emulator, Group, Run, parse_faults
+from enrich.emulator.validate import Invalid
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+KEEPALIVE_S = 10.0
+SSE_CHUNK = 256  # events per write when listing runs
+
+_ID = r"([A-Za-z0-9_\-]+)"
+ROUTES: list[tuple[str, re.Pattern[str], str, bool]] = [
+    # (method, path regex after /v1 or /v1beta, route name, creates paid runs)
+    ("POST", re.compile(r"/tasks/runs"), "create_run", True),
+    ("GET", re.compile(rf"/tasks/runs/{_ID}"), "get_run", False),
+    ("GET", re.compile(rf"/tasks/runs/{_ID}/input"), "get_input", False),
+    ("GET", re.compile(rf"/tasks/runs/{_ID}/result"), "get_result", False),
+    ("GET", re.compile(rf"/tasks/runs/{_ID}/events"), "run_events", False),
+    ("POST", re.compile(r"/tasks/groups"), "create_group", False),
+    ("GET", re.compile(rf"/tasks/groups/{_ID}"), "get_group", False),
+    ("POST", re.compile(rf"/tasks/groups/{_ID}/runs"), "add_runs", True),
+    ("GET", re.compile(rf"/tasks/groups/{_ID}/runs"), "group_runs", False),
+    ("GET", re.compile(rf"/tasks/groups/{_ID}/events"), "group_events", False),
+    ("GET", re.compile(rf"/tasks/groups/{_ID}/runs/{_ID}"), "group_run", False),
+]
+SSE_ROUTES = {"run_events", "group_runs", "group_events"}
+GROUP_ROUTES = {"create_group", "get_group", "add_runs", "group_runs", "group_events"}
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _sse(obj: dict[str, Any]) -> bytes:
+    return b"event: " + obj["type"].encode() + b"\ndata: " + _dumps(obj) + b"\n\n"
+
+
+def _flag(query: dict[str, list[str]], name: str, default: bool = False) -> bool:
+    values = query.get(name)
+    return default if not values else values[-1].lower() in ("true", "1", "yes")
+
+
+def _abort(send: Send) -> bool:
+    """Close the TCP connection without any response (the lost-response fault).
+
+    ASGI has no message for this, so reach the server's transport through the bound `send`
+    (uvicorn's RequestResponseCycle). Returns False when that is not possible.
+    """
+    cycle = getattr(send, "__self__", None)
+    transport = getattr(cycle, "transport", None)
+    if transport is None:
+        return False
+    cycle.disconnected = True  # type: ignore[union-attr]
+    transport.abort()
+    return True
+
+
+class Responder:
+    """One request's reply channel, remembering the status for the stats table."""
+
+    def __init__(self, send: Send):
+        self.send, self.status = send, 0
+
+    async def json(self, status: int, obj: Any, headers: list[tuple[bytes, bytes]] | None = None,
+                   truncate: bool = False) -> None:
+        body = _dumps(obj)
+        self.status = status
+        head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await self.send({"type": "http.response.start", "status": status, "headers": head + (headers or [])})
+        if truncate:  # 2xx headers, then half the body, then the connection closes
+            await self.send({"type": "http.response.body", "body": body[: len(body) // 2], "more_body": True})
+            return
+        await self.send({"type": "http.response.body", "body": body})
+
+    async def error(self, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None,
+                    validation_shape: bool = False, loc: list[Any] | None = None) -> None:
+        if validation_shape:  # group endpoints declare FastAPI's 422 shape in the spec
+            obj: Any = {"detail": [{"loc": loc or ["body"], "msg": message, "type": "value_error"}]}
+        else:
+            obj = {"type": "error", "error": {"ref_id": str(uuid.uuid4()), "message": message, "detail": None}}
+        await self.json(status, obj, headers)
+
+    async def start_sse(self) -> None:
+        self.status = 200
+        await self.send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]})
+
+    async def chunk(self, data: bytes) -> None:
+        await self.send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def end(self) -> None:
+        await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class App:
+    """ASGI app over one `Emulator`. Also runs the ticker that advances simulated time."""
+
+    def __init__(self, emulator: Emulator):
+        self.emu = emulator
+        self.ticker: asyncio.Task[None] | None = None
+        self.default_slow_s = 35.0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        if self.ticker is None:
+            self.ticker = asyncio.get_running_loop().create_task(self._tick())
+        out = Responder(send)
+        path: str = scope["path"]
+        try:
+            if path.startswith("/_emulator/"):
+                await self._control(scope, receive, out, path)
+                return
+            await self._api(scope, receive, out, send, path)
+        except Invalid as exc:
+            if out.status == 0:
+                await out.error(exc.status, exc.message)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self.ticker = asyncio.get_running_loop().create_task(self._tick())
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if self.ticker:
+                    self.ticker.cancel()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _tick(self) -> None:
+        """Advance simulated time exactly when the next run starts or finishes."""
+        emu = self.emu
+        while True:
+            emu.advance()
+            due = emu.next_due()
+            delay = 1.0 if due is None else max(0.0, due - time.monotonic())
+            emu.wake.clear()
+            if delay > 0:
+                try:
+                    await asyncio.wait_for(emu.wake.wait(), timeout=min(delay, 1.0))
+                except TimeoutError:
+                    pass
+            else:
+                await asyncio.sleep(0)
+
+    # ---- emulator-only control routes --------------------------------------------------
+    async def _control(self, scope: Scope, receive: Receive, out: Responder, path: str) -> None:
+        method = scope["method"]
+        if method == "GET" and path == "/_emulator/ledger":
+            await out.json(200, self.emu.ledger_json())
+        elif method == "GET" and path == "/_emulator/stats":
+            self.emu.advance()
+            await out.json(200, self.emu.stats_json())
+        elif method == "POST" and path == "/_emulator/reset":
+            self.emu.reset()
+            await out.json(200, {"reset": True})
+        elif method == "POST" and path == "/_emulator/faults":
+            body = await self._body(receive)
+            try:
+                self.emu.faults = parse_faults(str(body.get("faults", "")) if isinstance(body, dict) else "")
+            except ValueError as exc:
+                await out.error(422, str(exc))
+                return
+            await out.json(200, {"faults": self.emu.faults})
+        else:
+            await out.error(404, f"No such emulator route: {method} {path}")
+
+    # ---- the API -----------------------------------------------------------------------
+    async def _api(self, scope: Scope, receive: Receive, out: Responder, send: Send, path: str) -> None:
+        emu = self.emu
+        method = scope["method"]
+        match = None
+        route = ""
+        creating = False
+        rest = path[len("/v1beta"):] if path.startswith("/v1beta/") else path[3:] if path.startswith("/v1/") else None
+        if rest is not None:
+            for r_method, pattern, name, is_create in ROUTES:
+                m = pattern.fullmatch(rest)
+                if m and r_method == method:
+                    match, route, creating = m, name, is_create
+                    break
+        if match is None:
+            await out.error(404, f"Not found: {method} {path}")
+            return
+        try:
+            await self._dispatch(scope, receive, out, send, route, match.groups(), creating)
+        finally:
+            emu.stats.requests[f"{method} {route} {out.status or 'dropped'}"] += 1
+
+    async def _dispatch(self, scope: Scope, receive: Receive, out: Responder, send: Send, route: str,
+                        params: tuple[str, ...], creating: bool) -> None:
+        emu = self.emu
+        headers = dict(scope["headers"])
+        key = headers.get(b"x-api-key", b"").decode("latin-1")
+        if not key or (emu.config.api_key is not None and key != emu.config.api_key):
+            await out.error(401, "Missing or invalid API key (x-api-key header).")
+            return
+        now = time.monotonic()
+        emu.advance(now)
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        body = await self._body(receive) if scope["method"] == "POST" else None
+        if creating:
+            wait = emu.check_rate(key, now)
+            if wait is not None:
+                await out.error(429, "Too many requests: creating POSTs are limited per minute.")
+                return
+        fault = None if route in SSE_ROUTES else emu.draw_fault()
+        retry_hdr = [(b"retry-after", str(emu.faults["retry_after"]).encode())] if "retry_after" in emu.faults else []
+        if fault == "429":
+            await out.error(429, "Too many requests (injected fault).", retry_hdr)
+            return
+        if fault == "503":
+            await out.error(503, "Service unavailable (injected fault).")
+            return
+        if fault == "500" and (not creating or emu.fault_rng.random() < 0.5):
+            await out.error(500, "Internal server error (injected fault).")
+            return
+        handler = getattr(self, f"_{route}")
+        try:
+            status, obj = await handler(params, query, body, receive, out)
+        except Invalid as exc:
+            await out.error(exc.status, exc.message, validation_shape=exc.status == 422 and route in GROUP_ROUTES,
+                            loc=exc.loc)
+            return
+        if status == 0:  # streamed already
+            return
+        if fault == "500":  # the work was done, the reply says it was not
+            await out.error(500, "Internal server error (injected fault).")
+        elif fault == "drop":
+            if not _abort(send):
+                raise RuntimeError("cannot drop the connection on this server")
+        elif fault == "slow":
+            await asyncio.sleep(emu.faults.get("slow_s", self.default_slow_s))
+            await out.json(status, obj)
+        elif fault == "truncate":
+            await out.json(status, obj, truncate=True)
+        else:
+            await out.json(status, obj)
+
+    @staticmethod
+    async def _body(receive: Receive) -> Any:
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        raw = b"".join(chunks)
+        if not raw:
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise Invalid(422, "request body is not valid JSON") from None
+
+    # ---- handlers: return (status, json) or (0, None) after streaming ------------------
+    async def _create_run(self, params, query, body, receive, out):  # type: ignore[no-untyped-def]
+        run = self.emu.create_run(body, time.monotonic())
+        return 202, self.emu.run_json(run)
+
+    async def _get_run(self, params, query, body, receive, out):  # type: ignore[no-untyped-def]
+        return 200, self.emu.run_json(self.emu.get_run(params[0]))
+
+    async def _group_run(self, params, query, body, receive, out):  # type: ignore[no-untyped-def]
+        group = self.emu.get_group(params[0])
+        run = self.emu.get_run(params[1])
+        if run.group is not group:
+            raise Invalid(404, "Run id not found in this task group")
+        return 200, self.emu.run_json(run)
+
+    async def _get_input(self, params, query, body, receive, out):  # type: ignore[no-untyped-def]
+        run = self.emu.get_run(params[0])
+        return 200, {**run.body, "task_spec": run.spec}
+
+    async def _get_result(self, params, query, body, receive, out):  # type: ignore[no-untyped-def]
+        emu = self.emu
+        run = emu.get_run(params[0])
+        try:
+            timeout = float((query.get("timeout") or ["600"])[-1])
+        except ValueError:
+            raise Invalid(422, "timeout must be an integer number of seconds") from None
+        if not run.done and timeout > 0:
+            fut = emu.wait_for(run)
+            gone = asyncio.ensure_future(self._disconnected(receive))
+            await asyncio.wait([fut, gone], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            gone.cancel()
+            emu.advance()
+        if not run.done:
+            raise Invalid(408, "Request timed out; run still active.")
+        if run.status == "failed":
+            raise Invalid(404, "Run failed or run id not found.")
+        return 200, {"run": emu.run_json(run), "output": emu.output_json(run)}
+
+    async def _create_group(self, params, query, body, receive, out):  # type: ignore[no-untyped-def]
+        return 200, self.emu.group_json(self.emu.create_group(body, time.monotonic()))
+
+    async def _get_group(self, params, query, body, receive, out):  # type: ignore[no-untyped-def]
+        return 200, self.emu.group_json(self.emu.get_group(params[0]))
+
+    async def _add_runs(self, params, query, body, receive, out):  # type: ignore[no-untyped-def]
+        emu = self.emu
+        group = emu.get_group(params[0])
+        runs, run_cursor, event_cursor = emu.add_runs(group, body, time.monotonic())
+        return 200, {"run_ids": [r.run_id for r in runs], "status": emu.group_status(group),
+                     "run_cursor": run_cursor, "event_cursor": event_cursor}
+
+    @staticmethod
+    async def _disconnected(receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    def _run_event(self, run: Run, event_id: str | None, include_input: bool, include_output: bool) -> dict[str, Any]:
+        return {"type": "task_run.state", "event_id": event_id, "run": self.emu.run_json(run),
+                "input": {**run.body, "task_spec": run.spec} if include_input else None,
+                "output": self.emu.output_json(run) if include_output and run.status == "completed" else None}
+
+    async def _group_runs(self, params, query, body, receive, out):  # type: ignore[no-untyped-def]
+        """List the group's runs from the cursor on, at once, without waiting (the bulk result API)."""
+        emu = self.emu
+        group = emu.get_group(params[0])
+        start = _cursor(query)
+        wanted = (query.get("status") or [None])[-1]
+        inc_in, inc_out = _flag(query, "include_input"), _flag(query, "include_output")
+        end = len(group.runs)
+        await out.start_sse()
+        gone = asyncio.ensure_future(self._disconnected(receive))
+        try:
+            buf: list[bytes] = []
+            for run in group.runs[start:end]:
+                if wanted and run.status != wanted:
+                    continue
+                buf.append(_sse(self._run_event(run, str(run.seq), inc_in, inc_out)))
+                if len(buf) >= SSE_CHUNK:
+                    if gone.done():
+                        return 0, None
+                    await out.chunk(b"".join(buf))
+                    buf = []
+            await out.chunk(b"".join(buf))
+            await out.end()
+        finally:
+            gone.cancel()
+        return 0, None
+
+    async def _group_events(self, params, query, body, receive, out):  # type: ignore[no-untyped-def]
+        """Replay the group's event log from the cursor, then follow it while runs are active."""
+        emu = self.emu
+        group = emu.get_group(params[0])
+        pos = _cursor(query)
+        try:
+            timeout = float((query.get("timeout") or ["3600"])[-1])
+        except ValueError:
+            raise Invalid(422, "timeout must be a number of seconds") from None
+        deadline = time.monotonic() + timeout
+        await out.start_sse()
+        gone = asyncio.ensure_future(self._disconnected(receive))
+        try:
+            while not gone.done():
+                emu.advance()
+                pos = await self._send_events(group, pos, out)
+                remaining = deadline - time.monotonic()
+                if not emu.group_status(group)["is_active"] or remaining <= 0:
+                    break
+                changed = asyncio.ensure_future(group.changed.wait())
+                done, _ = await asyncio.wait([changed, gone], timeout=min(remaining, KEEPALIVE_S),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                changed.cancel()
+                if not done:
+                    await out.chunk(b": ping\n\n")
+            if not gone.done():
+                await out.end()
+        finally:
+            gone.cancel()
+        return 0, None
+
+    async def _send_events(self, group: Group, pos: int, out: Responder) -> int:
+        events = group.events
+        end = len(events)
+        buf: list[bytes] = []
+        last_status = max((i for i in range(pos, end) if events[i] is None), default=-1)
+        for i in range(pos, end):
+            entry = events[i]
+            if entry is None:
+                if i == last_status:  # older status snapshots are superseded: send only the newest
+                    buf.append(_sse({"type": "task_group_status", "event_id": str(i),
+                                     "status": self.emu.group_status(group)}))
+            else:
+                buf.append(_sse(self._run_event(entry, str(i), False, False)))
+            if len(buf) >= SSE_CHUNK:
+                await out.chunk(b"".join(buf))
+                buf = []
+        if buf:
+            await out.chunk(b"".join(buf))
+        return end
+
+    async def _run_events(self, params, query, body, receive, out):  # type: ignore[no-untyped-def]
+        """State first, progress while it runs, final state (with output) when it ends."""
+        emu = self.emu
+        run = emu.get_run(params[0])
+        await out.start_sse()
+        await out.chunk(_sse(self._run_event(run, None, False, False)))
+        gone = asyncio.ensure_future(self._disconnected(receive))
+        try:
+            if not run.done:
+                await out.chunk(_sse({"type": "task_run.progress_msg.plan", "message": "Looking up the entity.",
+                                      "timestamp": emu.stamp(time.monotonic())}))
+                fut = emu.wait_for(run)
+                while not run.done and not gone.done():
+                    await asyncio.wait([fut, gone], timeout=KEEPALIVE_S, return_when=asyncio.FIRST_COMPLETED)
+                    if not run.done and not gone.done():
+                        await out.chunk(b": ping\n\n")
+            if gone.done():
+                return 0, None
+            await out.chunk(_sse({"type": "task_run.progress_stats", "progress_meter": 100.0,
+                                  "source_stats": {"num_sources_considered": 1, "num_sources_read": 1,
+                                                   "sources_read_sample": []}}))
+            await out.chunk(_sse(self._run_event(run, None, False, True)))
+            await out.end()
+        finally:
+            gone.cancel()
+        return 0, None
+
+
+def _cursor(query: dict[str, list[str]]) -> int:
+    raw = (query.get("last_event_id") or [""])[-1]
+    if not raw:
+        return 0
+    try:
+        return int(raw) + 1
+    except ValueError:
+        raise Invalid(422, f"invalid last_event_id {raw!r}") from None

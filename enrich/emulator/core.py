@@ -1,0 +1,343 @@
+"""The emulator's state: runs, groups, simulated time, credit, rate limits, faults and ledger.
+
+No I/O here: the ASGI app (app.py) calls these methods from its single event loop, so no
+locks are needed. Time is lazy and cheap: each run gets a start and a completion instant
+(seeded draw from its processor's latency band x time_scale) pushed on two heaps; `advance()`
+pops what is due, appends completion events to the group's event log and wakes waiters.
+Nothing is polled per run, so 20,000+ active runs cost only their heap entries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import random
+import time
+import uuid
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from enrich.emulator.knowledge import Knowledge
+from enrich.emulator.validate import Invalid, normalize_output_schema, validate_run_input
+from enrich.processors import PROCESSORS
+
+FAULT_KINDS = ("429", "500", "503", "drop", "slow", "truncate")
+MAX_GROUP_INPUTS = 1000
+
+
+@dataclass
+class EmulatorConfig:
+    """Everything `enrich emulator` takes on its command line."""
+
+    knowledge: str | None = None          # CSV/Parquet table; None = the bundled companies table
+    knowledge_key: str = "company"
+    time_scale: float = 1.0               # multiplies the published latency bands; 0 = instant
+    seed: int = 0
+    fail_rate: float = 0.0                # share of runs that end `failed`
+    rate_limit: int = 2000                # creating POSTs per minute per key; 0 = off
+    credit_usd: float | None = None       # None = unlimited credit
+    faults: str = ""                      # e.g. "429=0.05,500=0.02,drop=0.02,retry_after=2"
+    api_key: str | None = None            # accept only this key; None = any non-empty key
+
+
+def parse_faults(spec: str) -> dict[str, float]:
+    """Parse a fault spec: `parse_faults("429=0.05,drop=0.1")` -> {'429': 0.05, 'drop': 0.1}.
+
+    Keys are fault kinds with a probability, plus `retry_after` (seconds sent with injected 429s)
+    and `slow_s` (how long a `slow` response is held, default 35 s).
+    """
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in (spec or "").split(","))):
+        name, sep, value = part.partition("=")
+        if not sep or name not in (*FAULT_KINDS, "retry_after", "slow_s"):
+            raise ValueError(f"bad fault {part!r}: expected KIND=VALUE with KIND in {', '.join(FAULT_KINDS)}")
+        out[name] = float(value)
+        if name in FAULT_KINDS and not 0 <= out[name] <= 1:
+            raise ValueError(f"fault probability for {name} must be within 0..1")
+    if sum(out.get(k, 0) for k in FAULT_KINDS) > 1:
+        raise ValueError("fault probabilities add up to more than 1")
+    return out
+
+
+class Run:
+    __slots__ = ("body", "created", "done", "done_at", "error", "fails", "group", "output_cache",
+                 "price", "processor", "run_id", "seq", "spec", "start_at", "started", "warnings")
+
+    def __init__(self, run_id: str, body: dict[str, Any], spec: Any, warnings: list, group: Group | None,
+                 created: float, start_at: float, done_at: float, fails: bool, price: int):
+        self.run_id, self.body, self.spec, self.warnings, self.group = run_id, body, spec, warnings, group
+        self.processor: str = body["processor"]
+        self.created, self.start_at, self.done_at, self.fails, self.price = created, start_at, done_at, fails, price
+        self.started = start_at <= created
+        self.done = False
+        self.error: dict[str, Any] | None = None
+        self.output_cache: dict[str, Any] | None = None
+        self.seq = 0
+
+    @property
+    def status(self) -> str:
+        if self.done:
+            return "failed" if self.fails else "completed"
+        return "running" if self.started else "queued"
+
+
+class Group:
+    __slots__ = ("changed", "counts", "created", "events", "metadata", "modified", "runs", "taskgroup_id")
+
+    def __init__(self, taskgroup_id: str, metadata: Any, created: float):
+        self.taskgroup_id, self.metadata, self.created, self.modified = taskgroup_id, metadata, created, created
+        self.runs: list[Run] = []
+        self.events: list[Run | None] = []   # run = task_run.state event; None = task_group_status event
+        self.counts: Counter[str] = Counter()
+        self.changed = asyncio.Event()
+
+
+@dataclass
+class Stats:
+    requests: Counter[str] = field(default_factory=Counter)
+    creating_posts: int = 0
+    runs_created: int = 0
+
+
+class Emulator:
+    """All state of one emulated account. Methods raise `Invalid(status, message)` for API errors."""
+
+    def __init__(self, config: EmulatorConfig, knowledge: Knowledge | None = None):
+        self.config = config
+        self.knowledge = knowledge or Knowledge.load(config.knowledge, config.knowledge_key)
+        self.faults = parse_faults(config.faults)
+        self.reset()
+
+    # ---- lifecycle -------------------------------------------------------------------
+    def reset(self) -> None:
+        self.rng = random.Random(self.config.seed)
+        self.fault_rng = random.Random(self.config.seed + 1)
+        self.runs: dict[str, Run] = {}
+        self.groups: dict[str, Group] = {}
+        self.ledger: list[dict[str, Any]] = []
+        self.starts: list[tuple[float, int, Run]] = []
+        self.dones: list[tuple[float, int, Run]] = []
+        self.tiebreak = 0
+        self.waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self.rate_windows: dict[str, deque[float]] = {}
+        self.credit = None if self.config.credit_usd is None else round(self.config.credit_usd * 1_000_000)
+        self.reserved = 0
+        self.charged = 0
+        self.active = 0
+        self.stats = Stats()
+        self.wake = asyncio.Event()
+        self.mono0, self.wall0 = time.monotonic(), datetime.now(UTC)
+
+    def stamp(self, mono: float) -> str:
+        """RFC 3339 with microseconds and Z for a monotonic instant."""
+        return (self.wall0 + timedelta(seconds=mono - self.mono0)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+    # ---- time ------------------------------------------------------------------------
+    def next_due(self) -> float | None:
+        heads = [h[0][0] for h in (self.starts, self.dones) if h]
+        return min(heads) if heads else None
+
+    def advance(self, now: float | None = None) -> None:
+        """Move every run whose start or completion instant has passed; wake its waiters."""
+        now = time.monotonic() if now is None else now
+        while self.starts and self.starts[0][0] <= now:
+            run = heapq.heappop(self.starts)[2]
+            run.started = True
+            if run.group:
+                run.group.counts["queued"] -= 1
+                run.group.counts["running"] += 1
+        touched: set[Group] = set()
+        while self.dones and self.dones[0][0] <= now:
+            run = heapq.heappop(self.dones)[2]
+            self._finish(run)
+            if run.group:
+                touched.add(run.group)
+        for group in touched:
+            group.modified = now
+            group.events.append(None)  # one coalesced task_group_status event per tick
+            group.changed.set()
+            group.changed = asyncio.Event()
+
+    def _finish(self, run: Run) -> None:
+        run.started = run.done = True
+        self.active -= 1
+        self.reserved -= run.price
+        self.charged += run.price
+        if run.fails:
+            run.error = {"ref_id": str(uuid.uuid4()), "message": "The task run failed: emulated failure (--fail-rate).",
+                         "detail": None}
+        if run.group:
+            group = run.group
+            group.counts["running"] -= 1
+            group.counts[run.status] += 1
+            group.events.append(run)
+        for fut in self.waiters.pop(run.run_id, ()):
+            if not fut.done():
+                fut.set_result(None)
+
+    # ---- limits ----------------------------------------------------------------------
+    def check_rate(self, key: str, now: float) -> float | None:
+        """Count one creating POST for `key`; return seconds to wait if it is over the limit."""
+        limit = self.config.rate_limit
+        self.stats.creating_posts += 1
+        if limit <= 0:
+            return None
+        window = self.rate_windows.setdefault(key, deque())
+        while window and window[0] <= now - 60:
+            window.popleft()
+        if len(window) >= limit:
+            return max(0.001, window[0] + 60 - now)
+        window.append(now)
+        return None
+
+    def check_credit(self, price_total: int) -> None:
+        if self.credit is not None and self.credit - self.charged - self.reserved < price_total:
+            raise Invalid(402, "Insufficient credit: add credit or wait for active runs to finish.")
+
+    def draw_fault(self) -> str | None:
+        """Pick an injected fault for one request (seeded), or None."""
+        if not self.faults:
+            return None
+        x = self.fault_rng.random()
+        for kind in FAULT_KINDS:
+            p = self.faults.get(kind, 0.0)
+            if x < p:
+                return kind
+            x -= p
+        return None
+
+    # ---- creation --------------------------------------------------------------------
+    def _new_run(self, body: dict[str, Any], spec: Any, warnings: list, group: Group | None, now: float) -> Run:
+        proc = PROCESSORS[body["processor"]]
+        lo, hi = proc.latency_s
+        latency = self.rng.uniform(lo, hi) * self.config.time_scale
+        fails = self.config.fail_rate > 0 and self.rng.random() < self.config.fail_rate
+        run_id = "trun_" + uuid.UUID(int=self.rng.getrandbits(128)).hex
+        run = Run(run_id, body, spec, warnings, group, now, now + latency * 0.1, now + latency, fails,
+                  proc.price_micros)
+        self.runs[run_id] = run
+        self.active += 1
+        self.reserved += run.price
+        self.tiebreak += 1
+        if not run.started:
+            heapq.heappush(self.starts, (run.start_at, self.tiebreak, run))
+        heapq.heappush(self.dones, (run.done_at, self.tiebreak, run))
+        self.stats.runs_created += 1
+        self.ledger.append({
+            "run_id": run_id, "taskgroup_id": group.taskgroup_id if group else None, "processor": run.processor,
+            "input": body["input"], "metadata": body.get("metadata"), "created_at": self.stamp(now),
+            "price": proc.price_micros / 1_000_000, "price_micros": proc.price_micros,
+        })
+        self.wake.set()
+        return run
+
+    def create_run(self, body: Any, now: float) -> Run:
+        spec, warnings = validate_run_input(body)
+        self.check_credit(PROCESSORS[body["processor"]].price_micros)
+        return self._new_run(body, spec, warnings, None, now)
+
+    def create_group(self, body: Any, now: float) -> Group:
+        if body is not None and not isinstance(body, dict):
+            raise Invalid(422, "request body must be a JSON object")
+        metadata = (body or {}).get("metadata")
+        from enrich.emulator.validate import validate_metadata
+
+        validate_metadata(metadata)
+        group = Group("tgrp_" + uuid.UUID(int=self.rng.getrandbits(128)).hex, metadata, now)
+        self.groups[group.taskgroup_id] = group
+        return group
+
+    def get_group(self, taskgroup_id: str) -> Group:
+        group = self.groups.get(taskgroup_id)
+        if group is None:
+            raise Invalid(404, "Task group not found")
+        return group
+
+    def add_runs(self, group: Group, body: Any, now: float) -> tuple[list[Run], str | None, str | None]:
+        """Validate every input first (all or nothing), then create the runs in input order."""
+        if not isinstance(body, dict) or not isinstance(body.get("inputs"), list):
+            raise Invalid(422, "'inputs' is required and must be a list", ["body", "inputs"])
+        inputs = body["inputs"]
+        if len(inputs) > MAX_GROUP_INPUTS:
+            raise Invalid(422, f"at most {MAX_GROUP_INPUTS} inputs per request, got {len(inputs)}",
+                          ["body", "inputs"])
+        default_spec = body.get("default_task_spec")
+        checked = []
+        for i, item in enumerate(inputs):
+            try:
+                spec, warnings = validate_run_input(item, default_spec)
+            except Invalid as exc:
+                exc.loc = ["body", "inputs", i, *exc.loc[1:]]
+                raise
+            checked.append((item, spec, warnings))
+        self.check_credit(sum(PROCESSORS[item["processor"]].price_micros for item, _, _ in checked))
+        run_cursor = str(len(group.runs) - 1) if group.runs else None
+        event_cursor = str(len(group.events) - 1) if group.events else None
+        runs = []
+        for item, spec, warnings in checked:
+            run = self._new_run(item, spec, warnings, group, now)
+            run.seq = len(group.runs)
+            group.runs.append(run)
+            group.counts[run.status] += 1
+            runs.append(run)
+        group.modified = now
+        if runs:
+            group.events.append(None)
+            group.changed.set()
+            group.changed = asyncio.Event()
+        return runs, run_cursor, event_cursor
+
+    def get_run(self, run_id: str) -> Run:
+        run = self.runs.get(run_id)
+        if run is None:
+            raise Invalid(404, "Run id not found")
+        return run
+
+    def wait_for(self, run: Run) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiters.setdefault(run.run_id, []).append(fut)
+        return fut
+
+    # ---- representations -------------------------------------------------------------
+    def run_json(self, run: Run) -> dict[str, Any]:
+        modified = run.done_at if run.done else (run.start_at if run.started else run.created)
+        return {
+            "run_id": run.run_id, "interaction_id": run.run_id, "status": run.status,
+            "is_active": not run.done, "warnings": run.warnings or None, "error": run.error,
+            "processor": run.processor, "metadata": run.body.get("metadata"),
+            "taskgroup_id": run.group.taskgroup_id if run.group else None,
+            "created_at": self.stamp(run.created), "modified_at": self.stamp(modified),
+        }
+
+    def output_json(self, run: Run) -> dict[str, Any]:
+        if run.output_cache is None:
+            spec = normalize_output_schema(run.spec)
+            run.output_cache = self.knowledge.answer(run.body["input"], spec)
+        return run.output_cache
+
+    def group_status(self, group: Group) -> dict[str, Any]:
+        counts = {k: v for k, v in group.counts.items() if v > 0}
+        active = counts.get("queued", 0) + counts.get("running", 0)
+        return {
+            "num_task_runs": len(group.runs), "task_run_status_counts": counts, "is_active": active > 0,
+            "status_message": None, "modified_at": self.stamp(group.modified),
+        }
+
+    def group_json(self, group: Group) -> dict[str, Any]:
+        return {"taskgroup_id": group.taskgroup_id, "metadata": group.metadata,
+                "status": self.group_status(group), "created_at": self.stamp(group.created)}
+
+    def ledger_json(self) -> list[dict[str, Any]]:
+        return self.ledger
+
+    def stats_json(self) -> dict[str, Any]:
+        by_route: dict[str, dict[str, int]] = {}
+        for key, n in self.stats.requests.items():
+            route, _, status = key.rpartition(" ")
+            by_route.setdefault(route, {})[status] = n
+        return {"requests": by_route, "total_requests": sum(self.stats.requests.values()),
+                "creating_posts": self.stats.creating_posts, "runs_created": self.stats.runs_created,
+                "active_runs": self.active, "credit_reserved_usd": self.reserved / 1e6,
+                "credit_charged_usd": self.charged / 1e6}

@@ -1,0 +1,202 @@
+"""Answers from a knowledge table instead of the web.
+
+A run's input (a string, or an object) is matched to one row of the table by the key
+column, after normalising case, whitespace and punctuation. Each output-schema property is
+filled from the column with the same normalised name ("Headquarters Location" <->
+`headquarters_location`), coerced to the property's type, with a basis entry that cites the
+row's `source_url` (or a stable `.invalid` URL naming the entity, so emulated evidence can
+never be mistaken for a real web page).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+_NON_ALNUM = re.compile(r"[^0-9a-z]+")
+_INT = re.compile(r"-?\d+")
+_NUM = re.compile(r"-?\d+(?:\.\d+)?")
+DEFAULT_KNOWLEDGE = Path(__file__).resolve().parent.parent / "data" / "companies_knowledge.csv"
+
+
+def norm_value(value: Any) -> str:
+    """Matching form of a key value: `norm_value(" A.O.  Smith ")` -> 'a o smith'."""
+    return _NON_ALNUM.sub(" ", str(value).casefold()).strip()
+
+
+def norm_name(name: str) -> str:
+    """Matching form of a column or property name: 'Headquarters Location' -> 'headquarters_location'."""
+    return _NON_ALNUM.sub("_", name.casefold()).strip("_")
+
+
+def _slug(text: str) -> str:
+    return _NON_ALNUM.sub("-", text.casefold()).strip("-") or "entity"
+
+
+class Knowledge:
+    """An in-memory index of the knowledge table: normalised key -> row dict (all strings)."""
+
+    def __init__(self, rows: list[dict[str, str]], key: str):
+        self.key = key
+        self.rows: dict[str, dict[str, str]] = {}
+        self.columns: dict[str, str] = {}  # normalised name -> column name
+        for row in rows:
+            for col in row:
+                self.columns.setdefault(norm_name(col), col)
+            value = row.get(key)
+            if value is not None and norm_value(value):
+                self.rows.setdefault(norm_value(value), row)
+
+    @classmethod
+    def load(cls, path: str | Path | None, key: str) -> Knowledge:
+        """Read a CSV (cells kept as strings) or Parquet table; raise ValueError if `key` is absent."""
+        import polars as pl
+
+        path = Path(path) if path else DEFAULT_KNOWLEDGE
+        if path.suffix.lower() == ".parquet":
+            frame = pl.read_parquet(path)
+            frame = frame.with_columns(pl.all().cast(pl.String))
+        else:
+            frame = pl.read_csv(path, infer_schema=False, encoding="utf8-lossy")
+        if key not in frame.columns:
+            raise ValueError(f"{path}: knowledge key column {key!r} not found (columns: {frame.columns})")
+        return cls(frame.to_dicts(), key)
+
+    def match(self, run_input: str | dict[str, Any]) -> dict[str, str] | None:
+        """The knowledge row for a run input, or None."""
+        if isinstance(run_input, str):
+            return self.rows.get(norm_value(run_input))
+        wanted = norm_name(self.key)
+        for name, value in run_input.items():
+            if norm_name(name) == wanted and value is not None:
+                return self.rows.get(norm_value(value))
+        for value in run_input.values():
+            if isinstance(value, str) and (row := self.rows.get(norm_value(value))):
+                return row
+        return None
+
+    def entity(self, run_input: str | dict[str, Any], row: dict[str, str] | None) -> str:
+        if row is not None:
+            return str(row[self.key])
+        if isinstance(run_input, str):
+            return run_input[:80]
+        first = next(iter(run_input.values()), "")
+        return str(first)[:80]
+
+    def _citation(self, entity: str, row: dict[str, str], column: str) -> dict[str, Any]:
+        url = row.get(self.columns.get("source_url", ""), "") or f"https://knowledge.emulator.invalid/{_slug(entity)}"
+        return {"url": url, "title": f"{entity} (emulator knowledge table)", "excerpts": [f"{column}: {row[column]}"]}
+
+    def answer(self, run_input: str | dict[str, Any], output_schema: dict[str, Any]) -> dict[str, Any]:
+        """Build a TaskRunJsonOutput / TaskRunTextOutput for this input and normalised output schema."""
+        row = self.match(run_input)
+        entity = self.entity(run_input, row)
+        kind = output_schema["type"]
+        if kind == "json":
+            return self._json_answer(entity, row, output_schema["json_schema"])
+        if kind == "auto" and row is not None:
+            schema = {
+                "type": "object",
+                "properties": {norm_name(c): {"type": "string"} for c in row if c != "source_url"},
+            }
+            out = self._json_answer(entity, row, schema)
+            out["output_schema"] = schema
+            return out
+        return self._text_answer(entity, row)
+
+    def _text_answer(self, entity: str, row: dict[str, str] | None) -> dict[str, Any]:
+        if row is None:
+            return {
+                "type": "text",
+                "content": f"No information was found about {entity!r}.",
+                "basis": [{"field": "output", "citations": [], "confidence": "low",
+                           "reasoning": f"No knowledge-table entry matches {entity!r}."}],
+            }
+        facts = [f"{c}: {v}" for c, v in row.items() if v and c not in (self.key, "source_url")]
+        content = f"{entity}. " + "; ".join(facts[:6]) + "."
+        return {
+            "type": "text",
+            "content": content,
+            "basis": [{"field": "output", "citations": [self._citation(entity, row, self.key)],
+                       "confidence": "high", "reasoning": f"Summarised from the knowledge-table row for {entity!r}."}],
+        }
+
+    def _json_answer(self, entity: str, row: dict[str, str] | None, schema: dict[str, Any]) -> dict[str, Any]:
+        content: dict[str, Any] = {}
+        basis: list[dict[str, Any]] = []
+        for prop, sub in (schema.get("properties") or {}).items():
+            value, column = self._fill(row, prop, sub if isinstance(sub, dict) else {})
+            content[prop] = value
+            if row is None:
+                basis.append({"field": prop, "citations": [], "confidence": "low",
+                              "reasoning": f"No knowledge-table entry matches {entity!r}; the value is unknown."})
+            elif value is None or column is None:
+                basis.append({"field": prop, "citations": [], "confidence": "low",
+                              "reasoning": f"The knowledge table has no value for {prop!r} of {entity!r}."})
+            else:
+                basis.append({"field": prop, "citations": [self._citation(entity, row, column)], "confidence": "high",
+                              "reasoning": f"The knowledge-table row for {entity!r} gives {column} = {row[column]!r}."})
+        return {"type": "json", "content": content, "basis": basis}
+
+    def _fill(self, row: dict[str, str] | None, prop: str, schema: dict[str, Any]) -> tuple[Any, str | None]:
+        """(value coerced to the schema type, source column) for one property."""
+        if row is None:
+            return None, None
+        kind = _main_type(schema)
+        if kind == "object" and isinstance(schema.get("properties"), dict):
+            nested = {}
+            used = None
+            for child, sub in schema["properties"].items():
+                value, col = self._fill(row, f"{prop}_{child}", sub if isinstance(sub, dict) else {})
+                if col is None:
+                    value, col = self._fill(row, child, sub if isinstance(sub, dict) else {})
+                nested[child] = value
+                used = used or col
+            return (nested if used else None), used
+        column = self.columns.get(norm_name(prop))
+        if column is None or row.get(column) in (None, ""):
+            return None, None
+        value = coerce(row[column], schema)
+        return value, (column if value is not None else None)
+
+
+def _main_type(schema: dict[str, Any]) -> str:
+    kind = schema.get("type", "string")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if "anyOf" in schema:
+        kinds = [_main_type(s) for s in schema["anyOf"] if isinstance(s, dict)]
+        kind = next((k for k in kinds if k != "null"), "string")
+    return str(kind)
+
+
+def coerce(raw: str, schema: dict[str, Any]) -> Any:
+    """Coerce a table cell to a JSON Schema type; None when it cannot be.
+
+    >>> coerce("2013 (1888)", {"type": "integer"})
+    2013
+    >>> coerce("a; b", {"type": "array", "items": {"type": "string"}})
+    ['a', 'b']
+    """
+    kind = _main_type(schema)
+    text = str(raw).strip()
+    if kind == "integer":
+        m = _INT.search(text.replace(",", ""))
+        return int(m.group()) if m else None
+    if kind == "number":
+        m = _NUM.search(text.replace(",", ""))
+        return float(m.group()) if m else None
+    if kind == "boolean":
+        low = text.casefold()
+        return True if low in ("true", "yes", "1", "y") else False if low in ("false", "no", "0", "n") else None
+    if kind == "array":
+        items = schema.get("items") if isinstance(schema.get("items"), dict) else {"type": "string"}
+        parts = [p.strip() for p in re.split(r"[;|]", text) if p.strip()]
+        return [v for v in (coerce(p, items) for p in parts) if v is not None]
+    if "enum" in schema:
+        for option in schema["enum"]:
+            if str(option).casefold() == text.casefold():
+                return option
+        return None
+    return text

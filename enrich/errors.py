@@ -1,0 +1,108 @@
+"""The one error tree of enrich. Every error carries a one-line, user-facing message.
+
+    EnrichError                      exit code
+    ├── ConfigError                  2   bad config file, flag or environment
+    ├── InputError                   2   bad input file: names file, line/column and problem
+    ├── JournalError                 2   journal unusable, locked by another run, or drifted
+    ├── BudgetExceeded               4   the next run would cross the budget
+    └── ApiError
+        ├── TransientApiError        -   safe to retry: the request created nothing
+        ├── PermanentApiError        3   this request/row is bad (400/404/422): retrying cannot help
+        ├── OutcomeUnknown           -   a paid run may exist: reconcile before any resubmit
+        ├── AuthError                5   401/403: aborts the run
+        └── PaymentRequired          5   402: aborts the run
+
+Retry decisions are made with isinstance() on this tree (see retry.py), never by
+matching message text. Messages never contain the API key: `redact()` is applied by the CLI
+as a backstop before anything is printed.
+"""
+
+from __future__ import annotations
+
+
+class EnrichError(Exception):
+    """Base of every error enrich raises on purpose; `str(err)` is the user message."""
+
+    exit_code = 1
+
+
+class ConfigError(EnrichError):
+    """The config file, a flag or an environment variable is invalid."""
+
+    exit_code = 2
+
+
+class InputError(EnrichError):
+    """The input file cannot be used; raised before any API call.
+
+    The message always starts with `file:line[:column]:` so editors and CI logs link to it.
+    """
+
+    exit_code = 2
+
+    def __init__(self, path: str, reason: str, line: int | None = None, column: str | int | None = None):
+        self.path, self.reason, self.line, self.column = path, reason, line, column
+        where = path
+        if line is not None:
+            where += f":{line}"
+        if column is not None:
+            where += f": column {column!s}"
+        super().__init__(f"{where}: {reason}")
+
+
+class JournalError(EnrichError):
+    """The journal is locked by another run, corrupt, or belongs to a different job."""
+
+    exit_code = 2
+
+
+class BudgetExceeded(EnrichError):
+    """Reserving one more run would cross the configured budget."""
+
+    exit_code = 4
+
+
+class ApiError(EnrichError):
+    """A request to the Task API did not succeed. `status` is the HTTP status, if any."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, status: int | None = None, retry_after: float | None = None):
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+
+
+class TransientApiError(ApiError):
+    """Safe to retry: the server did not act on the request (connect error, 408, 429, 503 on GET...)."""
+
+
+class PermanentApiError(ApiError):
+    """The request is wrong and will stay wrong (400, 404, 422); the row is marked failed."""
+
+
+class OutcomeUnknown(ApiError):
+    """A creating request may or may not have created paid runs; reconcile before resubmitting."""
+
+
+class AuthError(ApiError):
+    """401 or 403: the key is missing, wrong, or not allowed this processor. Ends the run."""
+
+    exit_code = 5
+
+
+class PaymentRequired(ApiError):
+    """402: the account's credit cannot cover more runs. Ends the run."""
+
+    exit_code = 5
+
+
+def redact(text: str, secret: str | None) -> str:
+    """Replace every occurrence of `secret` in `text` (backstop against leaking the key).
+
+    >>> redact("key sk-123 leaked", "sk-123")
+    'key [REDACTED] leaked'
+    """
+    if secret and len(secret) >= 4:
+        return text.replace(secret, "[REDACTED]")
+    return text
