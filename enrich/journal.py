@@ -102,10 +102,15 @@ class Journal:
 
     def __init__(self, conn: sqlite3.Connection, path: Path, lock_fd: int | None):
         self.conn, self.path, self._lock_fd = conn, path, lock_fd
+        self.last_seed_counts: dict[str, int] = {}
 
     # ---- opening, locking --------------------------------------------------------------
     @classmethod
     def open(cls, path: str | Path, readonly: bool = False) -> Journal:
+        if str(path) == ":memory:":   # scratch journal for `enrich plan` on a new job
+            conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+            conn.executescript(SCHEMA)
+            return cls(conn, Path(":memory:"), None)
         path = Path(path)
         if readonly:
             if not path.exists():
@@ -180,13 +185,15 @@ class Journal:
 
     # ---- seeding -------------------------------------------------------------------------
     def seed(self, batches: Iterable[list[tuple[str, str, int, int, str, str, str, str]]], epoch: int,
-             refresh_before: float | None, retry_failed: bool) -> None:
+             refresh_before: float | None, retry_failed: bool, dry: bool = False,
+             meta: dict[str, Any] | None = None) -> None:
         """Record the current input: one transaction for the whole file, rolled back on any error.
 
         Each item is (row_key, row_ref, ordinal, line, row_json, input_json, input_hash, spec_hash).
         A row whose completed result matches its input and spec (and is fresher than
         `refresh_before`) stays done; in-flight rows stay in flight; everything else is pending.
-        Raises KeyError-like `DuplicateKey` when a key appears twice in this input.
+        Raises `DuplicateKey` when a key appears twice in this input. With `dry` the whole
+        transaction is rolled back after counting (`last_seed_counts`), for `enrich plan`.
         """
         conn = self.conn
         conn.execute("BEGIN IMMEDIATE")
@@ -208,10 +215,14 @@ class Journal:
                         raise DuplicateKey(hit[0], hit[1], line2)
                 conn.executemany(_SEED_SQL, [(*r, epoch, refresh_before, int(retry_failed)) for r in batch])
             self.set("epoch", epoch, conn)
+            for k, v in (meta or {}).items():
+                self.set(k, v, conn)
+            self.last_seed_counts = dict(conn.execute(
+                "SELECT state, COUNT(*) FROM rows WHERE epoch=? GROUP BY state", (epoch,)))
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
+        conn.execute("ROLLBACK" if dry else "COMMIT")
 
     # ---- submission ----------------------------------------------------------------------
     def spent_micros(self) -> int:
@@ -386,3 +397,18 @@ ON CONFLICT(row_key) DO UPDATE SET
 def _chunks(items: list[Any], n: int) -> Iterator[list[Any]]:
     for i in range(0, len(items), n):
         yield items[i:i + n]
+
+
+def forget_remote(journal: Journal) -> int:
+    """The task group is gone (a fresh emulator): rows that were in flight there go back to pending.
+
+    Only ever used for emulated journals, where no money was involved. Returns the rows reset.
+    """
+    with journal.tx() as c:
+        keys = [r[0] for r in c.execute("SELECT row_key FROM rows WHERE state IN ('intent','unknown','submitted')")]
+        c.executemany("INSERT INTO spend(at, row_key, micros, reason) SELECT ?, row_key, -(SELECT micros FROM spend s "
+                      "WHERE s.row_key=rows.row_key AND s.reason='reserve' ORDER BY id DESC LIMIT 1), 'release' "
+                      "FROM rows WHERE row_key=?", [(time.time(), k) for k in keys])
+        c.execute("UPDATE rows SET state='pending', run_id=NULL, next_at=NULL WHERE state IN ('intent','unknown','submitted')")
+        c.execute("DELETE FROM meta WHERE k IN ('taskgroup_id', 'events_cursor')")
+    return len(keys)

@@ -1,0 +1,47 @@
+# enrich: make install | test | demo | nightly | bench | chaos | fuzz | lint
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+ENRICH := $(VENV)/bin/enrich
+
+.PHONY: all install test demo nightly bench chaos fuzz lint clean
+
+all: test lint
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q -m "not slow" -p no:cacheprovider
+
+demo: install
+	$(ENRICH) run configs/companies.toml --emulator
+	@$(PY) -c "import polars as pl; pl.Config.set_tbl_cols(6); pl.Config.set_fmt_str_lengths(40); \
+	df = pl.read_parquet('out/companies.enriched.parquet'); \
+	print(df.select(['company', 'headquarters_location', 'headquarters_location__confidence', 'founded_year', 'founders', '_enrich_status']).head(8)); \
+	print('output: out/companies.enriched.parquet (EMULATED data)  report: out/companies.enriched.parquet.report.json')"
+
+# Against the real API; exits with the run's exit code (0 done, 3 failed rows, 4 budget, 5 auth, 75 interrupted).
+nightly: install
+	@test -n "$$PARALLEL_API_KEY" || { echo "make nightly: PARALLEL_API_KEY is not set (try 'make demo' for the emulator)" >&2; exit 2; }
+	$(ENRICH) run configs/companies.toml --journal out/companies.nightly.journal.sqlite --output out/companies.nightly.parquet
+
+bench: install
+	$(PY) -m tests.benchmarks.run
+
+chaos: install
+	$(PY) -m pytest -q -m slow -p no:cacheprovider
+
+fuzz: install
+	$(PY) -m pytest -q tests/test_read_fuzz.py -p no:cacheprovider --hypothesis-profile=fuzz
+
+lint: install
+	$(VENV)/bin/ruff check enrich tests
+
+clean:
+	rm -rf out .pytest_cache

@@ -1,0 +1,243 @@
+"""Stage 3, poll: submitted -> done | failed | timed_out, without a request per row.
+
+Completions are learned from the group's event stream (one long-lived request, resumed from
+the cursor kept in the journal). Outputs are fetched in bulk: completed runs accumulate for
+a moment, then one runs-stream request (`status=completed&include_output=true`, starting at
+the earliest batch cursor among them) returns all of them and is closed as soon as it has;
+a handful of stragglers are fetched with `GET /result` instead. Failed runs carry their
+error in the event itself (and, on the /result path, a 404 is explained by GET run).
+Results are committed in one transaction per fetch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from typing import Any
+
+from enrich import failpoints
+from enrich.client import TaskClient
+from enrich.errors import ApiError, PermanentApiError, TransientApiError
+from enrich.journal import Journal
+from enrich.progress import JobState
+from enrich.retry import backoff
+
+FETCH_MIN_RUNS = 100        # fetch once this many completions wait...
+FETCH_MAX_WAIT_S = 0.25     # ...or the oldest has waited this long
+SMALL_FETCH = 8             # up to this many: one GET /result each
+
+
+class Poller:
+    def __init__(self, journal: Journal, client: TaskClient, state: JobState, *, taskgroup_id: str,
+                 row_timeout_s: float, rand: random.Random | None = None):
+        self.journal, self.client, self.state = journal, client, state
+        self.taskgroup_id, self.row_timeout_s = taskgroup_id, row_timeout_s
+        self.rand = rand or random.Random()
+        self.waiting: dict[str, tuple[str, int, str, float]] = {}   # run_id -> (row_key, batch, cursor, submitted_at)
+        self.wanted: dict[str, float] = {}                           # completed run_id -> when we learned it
+        self.failed: list[tuple[str, str]] = []
+        self.wake = asyncio.Event()
+        self.cursor: str | None = journal.get("events_cursor")
+        self.requests = 0
+        self._load()
+
+    def _load(self) -> None:
+        rows = self.journal.conn.execute(
+            "SELECT run_id, row_key, batch, run_cursor, submitted_at FROM rows WHERE state='submitted'").fetchall()
+        self.waiting = {r[0]: (r[1], r[2] or 0, r[3] or "", r[4] or time.time()) for r in rows}
+
+    def _drain_handoff(self) -> None:
+        if self.state.reload_runs:
+            self.state.reload_runs = False
+            self.state.handoff.clear()
+            self._load()
+            return
+        for run_id, key, batch, cursor, at in self.state.handoff:
+            self.waiting[run_id] = (key, batch, cursor, at)
+        self.state.handoff.clear()
+
+    def finished(self) -> bool:
+        self._drain_handoff()
+        return not self.waiting and not self.wanted and not self.failed
+
+    async def run(self) -> None:
+        """Follow events, fetch results and enforce row timeouts until told to stop."""
+        tasks = [asyncio.ensure_future(self._follow()), asyncio.ensure_future(self._fetch_loop()),
+                 asyncio.ensure_future(self._timeouts())]
+        try:
+            await self.state.stop.wait()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._flush_failed()
+
+    # ---- completion detection ---------------------------------------------------------------
+    async def _follow(self) -> None:
+        attempt = 0
+        while True:
+            self._drain_handoff()
+            if not self.waiting:
+                self.state.new_runs.clear()
+                await self.state.new_runs.wait()
+                continue
+            seen = 0
+            try:
+                async for event in self.client.group_events(self.taskgroup_id, self.cursor, timeout_s=60):
+                    seen += 1
+                    attempt = 0
+                    self._on_event(event)
+            except PermanentApiError as exc:
+                self.state.fatal = exc
+                self.state.stop.set()
+                return
+            except ApiError as exc:
+                attempt += 1
+                self.journal.log("warning", f"event stream: {exc}")
+                await asyncio.sleep(backoff(attempt, self.rand.random(), getattr(exc, "retry_after", None)))
+                continue
+            self.journal.set("events_cursor", self.cursor)
+            if seen <= 1 and self.waiting:
+                # the stream had nothing new although runs are waiting: sweep them, then pause briefly
+                self._drain_handoff()
+                for run_id in list(self.waiting):
+                    self.wanted.setdefault(run_id, time.monotonic())
+                self.wake.set()
+                await asyncio.sleep(0.5)
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        if event.get("event_id"):
+            self.cursor = str(event["event_id"])
+        if event.get("type") != "task_run.state":
+            return
+        run = event.get("run") or {}
+        run_id = run.get("run_id")
+        if run.get("is_active", True) or run_id not in self.waiting and not self._late(run_id):
+            return
+        status = run.get("status")
+        if status == "completed":
+            if run_id not in self.wanted:
+                self.wanted[run_id] = time.monotonic()
+                if len(self.wanted) >= FETCH_MIN_RUNS:
+                    self.wake.set()
+                elif len(self.wanted) == 1:
+                    self.wake.set()
+        elif status in ("failed", "cancelled"):
+            err = run.get("error") or {}
+            message = err.get("message") if isinstance(err, dict) else None
+            self.failed.append((run_id, f"run {status}: {message or 'no error detail from the API'}"))
+            self.wake.set()
+
+    def _late(self, run_id: Any) -> bool:
+        """A run submitted by this process whose handoff has not been drained yet."""
+        if not isinstance(run_id, str):
+            return False
+        self._drain_handoff()
+        return run_id in self.waiting
+
+    # ---- result fetching --------------------------------------------------------------------
+    async def _fetch_loop(self) -> None:
+        attempt = 0
+        while True:
+            if not self.wanted and not self.failed:
+                self.wake.clear()
+                await self.wake.wait()
+            if self.wanted:
+                oldest = min(self.wanted.values())
+                delay = FETCH_MAX_WAIT_S - (time.monotonic() - oldest)
+                if len(self.wanted) < FETCH_MIN_RUNS and delay > 0:
+                    self.wake.clear()
+                    try:
+                        await asyncio.wait_for(self.wake.wait(), delay)
+                    except TimeoutError:
+                        pass
+            self._flush_failed()
+            if not self.wanted:
+                continue
+            try:
+                await self._fetch(dict(self.wanted))
+                attempt = 0
+            except ApiError as exc:
+                attempt += 1
+                self.journal.log("warning", f"fetching results: {exc}")
+                await asyncio.sleep(backoff(attempt, self.rand.random(), getattr(exc, "retry_after", None)))
+
+    async def _fetch(self, want: dict[str, float]) -> None:
+        self._drain_handoff()
+        ids = [r for r in want if r in self.waiting]
+        for r in want:
+            if r not in self.waiting:
+                self.wanted.pop(r, None)
+        done: list[tuple[str, str]] = []
+        failed: list[tuple[str, str]] = []
+        if len(ids) > SMALL_FETCH:
+            start = min((self.waiting[r] for r in ids), key=lambda w: w[1])[2]
+            remaining = set(ids)
+            self.requests += 1
+            async for event in self.client.group_runs(self.taskgroup_id, last_event_id=start or None,
+                                                      status="completed", include_output=True):
+                run = event.get("run") or {}
+                rid = run.get("run_id")
+                if rid in remaining and isinstance(event.get("output"), dict):
+                    done.append((rid, json.dumps({"run": run, "output": event["output"]}, ensure_ascii=False)))
+                    remaining.discard(rid)
+                    if not remaining:
+                        break
+            ids = list(remaining)
+        for rid in ids:   # stragglers, or a small fetch
+            self.requests += 1
+            try:
+                res = await self.client.result(rid, timeout_s=0)
+            except PermanentApiError as exc:
+                if exc.status != 404:
+                    raise
+                run = await self.client.get_run(rid)
+                err = (run.get("error") or {}).get("message") if isinstance(run, dict) else None
+                if run.get("is_active"):
+                    continue
+                failed.append((rid, f"run {run.get('status')}: {err or 'no error detail from the API'}"))
+                continue
+            if res is not None:
+                done.append((rid, json.dumps(res, ensure_ascii=False)))
+        failpoints.hit("mid_poll")
+        if done or failed:
+            self.journal.record(done, failed, time.time())
+            failpoints.hit("after_result_commit")
+        for rid, _ in done + failed:
+            self.wanted.pop(rid, None)
+            self.waiting.pop(rid, None)
+        self.state.completed += len(done)
+        self.state.failed += len(failed)
+        self.state.freed(len(done) + len(failed))
+
+    def _flush_failed(self) -> None:
+        if not self.failed:
+            return
+        batch, self.failed = self.failed, []
+        batch = [(rid, err) for rid, err in batch if rid in self.waiting]
+        if not batch:
+            return
+        self.journal.record([], batch, time.time())
+        for rid, _ in batch:
+            self.waiting.pop(rid, None)
+            self.wanted.pop(rid, None)
+        self.state.failed += len(batch)
+        self.state.freed(len(batch))
+
+    # ---- deadlines ---------------------------------------------------------------------------
+    async def _timeouts(self) -> None:
+        while True:
+            await asyncio.sleep(min(5.0, self.row_timeout_s / 10))
+            now = time.time()
+            expired = self.journal.time_out(now - self.row_timeout_s, now)
+            for rid in expired:
+                self.waiting.pop(rid, None)
+                self.wanted.pop(rid, None)
+            if expired:
+                self.state.failed += len(expired)
+                self.state.freed(len(expired))
+
+
+__all__ = ["Poller", "TransientApiError"]

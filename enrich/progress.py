@@ -1,0 +1,73 @@
+"""Shared live state of one job (counters the stages update) and its display on stderr.
+
+tqdm draws a bar when stderr is a terminal; otherwise (cron, CI, `make nightly` into a log)
+a plain status line is logged every few seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+from enrich.processors import usd
+
+
+@dataclass
+class JobState:
+    """Counters and wake-ups shared by submit, poll and reconcile within one process."""
+
+    total: int = 0
+    done_before: int = 0          # rows already finished when this invocation started
+    submitted: int = 0            # runs created by this invocation
+    completed: int = 0
+    failed: int = 0
+    in_flight: int = 0            # intent + unknown + submitted
+    spent_micros: int = 0
+    submitter_done: bool = False
+    budget_exhausted: bool = False
+    fatal: BaseException | None = None
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    slots: asyncio.Event = field(default_factory=asyncio.Event)       # in-flight slots were freed
+    new_runs: asyncio.Event = field(default_factory=asyncio.Event)    # runs were submitted or adopted
+    unresolved: asyncio.Event = field(default_factory=asyncio.Event)  # rows need reconciliation
+    handoff: list[tuple[str, str, int, str, float]] = field(default_factory=list)  # new runs for the poller
+    reload_runs: bool = False     # reconciliation adopted runs: the poller re-reads the journal
+    started: float = field(default_factory=time.monotonic)
+
+    def finished_rows(self) -> int:
+        return self.done_before + self.completed + self.failed
+
+    def freed(self, n: int) -> None:
+        self.in_flight -= n
+        self.slots.set()
+
+
+async def show_progress(state: JobState, interval_s: float = 5.0) -> None:
+    """Refresh a tqdm bar (TTY) or log a status line every `interval_s` (non-TTY) until cancelled."""
+    tty = sys.stderr.isatty()
+    bar = tqdm(total=state.total, initial=state.done_before, unit="row", file=sys.stderr, disable=not tty,
+               dynamic_ncols=True, smoothing=0.1)
+    last_log = 0.0
+    try:
+        while True:
+            done = state.finished_rows()
+            bar.n = done
+            bar.set_postfix_str(f"submitted {state.submitted} in-flight {state.in_flight} failed {state.failed} "
+                                f"spent {usd(state.spent_micros)}", refresh=False)
+            bar.refresh()
+            now = time.monotonic()
+            if not tty and now - last_log >= interval_s:
+                last_log = now
+                rate = state.completed / max(now - state.started, 1e-9)
+                left = state.total - done
+                eta = f"{left / rate:.0f}s" if rate > 0 else "?"
+                print(f"enrich: {done}/{state.total} rows finished, {state.in_flight} in flight, "
+                      f"{state.failed} failed, spent {usd(state.spent_micros)}, ETA {eta}", file=sys.stderr, flush=True)
+            await asyncio.sleep(0.5 if tty else 1.0)
+    finally:
+        bar.n = state.finished_rows()
+        bar.close()

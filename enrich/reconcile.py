@@ -1,0 +1,84 @@
+"""Settle rows whose add-runs outcome is unknown, against the task group's run listing.
+
+The API has no idempotency key, so a lost reply may or may not have created paid runs.
+Every run carries `metadata = {enrich_job, enrich_row, enrich_try}`; the group's runs
+stream echoes it. A row found there is adopted (no resubmit). A row is declared missing only
+when its intent is older than the grace period (longer than the request timeout, so a
+request still in flight cannot land after the decision) and two consecutive listings agree.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from enrich.client import TaskClient
+from enrich.journal import Journal, Unresolved
+
+
+@dataclass
+class Outcome:
+    adopted: int = 0
+    missing: int = 0
+    waiting: int = 0
+    next_check: float | None = None   # wall time when waiting rows pass the grace period
+
+
+async def list_refs(client: TaskClient, taskgroup_id: str, job_tag: str,
+                    since: str | None = None) -> dict[tuple[str, int], tuple[str, str]]:
+    """(enrich_row, enrich_try) -> (run_id, cursor before that run) for this job's runs in the group."""
+    found: dict[tuple[str, int], tuple[str, str]] = {}
+    prev = since or ""
+    async for event in client.group_runs(taskgroup_id, last_event_id=since):
+        if event.get("type") != "task_run.state":
+            continue
+        run = event.get("run") or {}
+        meta = run.get("metadata") or {}
+        if meta.get("enrich_job") == job_tag and isinstance(run.get("run_id"), str):
+            try:
+                key = (str(meta["enrich_row"]), int(meta["enrich_try"]))
+            except (KeyError, TypeError, ValueError):
+                key = None
+            if key is not None:
+                found.setdefault(key, (run["run_id"], prev))
+        prev = str(event.get("event_id") or prev)
+    return found
+
+
+async def reconcile(journal: Journal, client: TaskClient, taskgroup_id: str, job_tag: str, grace_s: float,
+                    max_retries: int, now: float | None = None) -> Outcome:
+    """Adopt listed runs, release rows proven missing, and report rows still inside the grace period."""
+    rows = journal.unresolved()
+    out = Outcome()
+    if not rows:
+        return out
+    now = time.time() if now is None else now
+    found = await list_refs(client, taskgroup_id, job_tag)
+    out.adopted = _adopt(journal, rows, found)
+    candidates = [r for r in rows if (r.row_ref, r.attempt) not in found and now - r.intent_at >= grace_s]
+    if candidates:
+        again = await list_refs(client, taskgroup_id, job_tag)   # the second, confirming listing
+        out.adopted += _adopt(journal, candidates, again)
+        missing = [r.row_key for r in candidates if (r.row_ref, r.attempt) not in again]
+        if missing:
+            journal.release(missing, time.time(), None, "the run was never created (confirmed by two listings)",
+                            max_retries)
+        out.missing = len(missing)
+    waiting = [r for r in rows if (r.row_ref, r.attempt) not in found and now - r.intent_at < grace_s]
+    out.waiting = len(waiting)
+    if waiting:
+        out.next_check = min(r.intent_at for r in waiting) + grace_s
+    return out
+
+
+def _adopt(journal: Journal, rows: list[Unresolved], found: dict[tuple[str, int], tuple[str, str]]) -> int:
+    adopted = 0
+    by_cursor: dict[str, list[tuple[str, str]]] = {}
+    for r in rows:
+        hit = found.get((r.row_ref, r.attempt))
+        if hit:
+            by_cursor.setdefault(hit[1], []).append((r.row_key, hit[0]))
+            adopted += 1
+    for cursor, pairs in by_cursor.items():
+        journal.mark_submitted(pairs, cursor, time.time())
+    return adopted
