@@ -103,6 +103,8 @@ def prepare(cfg: RunConfig, journal: Journal, retry_failed: bool = False, dry: b
     except DuplicateKey as exc:
         raise InputError(path, f"duplicate key {exc.key} in column(s) {key_cols} (first at line {exc.first_line}); "
                                "keys must be unique", line=exc.line) from None
+    finally:
+        batches.close()  # type: ignore[attr-defined]  # closes the file if seeding stopped early
     counts = journal.last_seed_counts
     return Prepared(epoch, total, counts, task_spec, fields, job_id)
 

@@ -159,6 +159,7 @@ def read_csv(source: BinaryIO | Path | str, required: list[str], forbidden: set[
 
     def batches() -> Iterator[list[Row]]:
         batch: list[Row] = []
+        n = 0
         try:
             while (rec := next_record()) is not None:
                 start, values = rec
@@ -167,15 +168,19 @@ def read_csv(source: BinaryIO | Path | str, required: list[str], forbidden: set[
                 if len(values) != width:
                     raise fail(f"row has {len(values)} fields, the header has {width}", start)
                 for i, v in enumerate(values):
-                    if len(v) > max_chars:  # UTF-8 size only matters when close to the limit
-                        if len(v.encode()) > max_cell_bytes:
-                            raise fail(f"cell is larger than {max_cell_bytes:,} bytes", start, header[i])
+                    if "\x00" in v:
+                        raise fail("NUL byte in a cell (is this a binary or UTF-16 file?)", start, header[i])
+                    if len(v) > max_chars and len(v.encode()) > max_cell_bytes:
+                        raise fail(f"cell is larger than {max_cell_bytes:,} bytes", start, header[i])
                 batch.append(Row(start, values))
+                n += 1
                 if len(batch) >= batch_rows:
                     yield batch
                     batch = []
             if batch:
                 yield batch
+            if n == 0:
+                raise fail("the file has a header but no data rows", 2)
         finally:
             fp.close()
 
@@ -197,10 +202,15 @@ def read_parquet(path: Path | str, required: list[str], forbidden: set[str] = fr
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise InputError(spath, f"not a valid Parquet file ({str(exc).splitlines()[0][:120]})") from None
     names = list(schema.names)
+    for i, f in enumerate(schema):
+        if f.name in names[:i]:
+            raise InputError(spath, f"duplicate column name {f.name!r}", column=f.name)
     check_columns(spath, names, required, set(forbidden))
 
     def batches() -> Iterator[list[Row]]:
         n = 0
+        if pf.metadata.num_rows == 0:
+            raise InputError(spath, "the file has no rows")
         try:
             for rb in pf.iter_batches(batch_size=batch_rows):
                 cols = [c.to_pylist() for c in rb.columns]

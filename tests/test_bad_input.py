@@ -1,0 +1,115 @@
+"""Bad input fails fast and clearly: exit 2, a one-line message naming file and line (or
+column), before any API call (the emulator's ledger stays empty)."""
+
+from __future__ import annotations
+
+import io
+import re
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from enrich.config import load_config
+from enrich.errors import InputError
+from enrich.journal import Journal
+from enrich.pipeline import prepare
+from enrich.read import read_csv
+from tests.conftest import CANARY_KEY, ROOT, run_enrich, write_config
+
+FIXTURES = ROOT / "tests" / "fixtures" / "bad_input"
+CASES = sorted(p.name for p in FIXTURES.iterdir())
+
+
+@pytest.fixture(scope="module")
+def shared_emulator():
+    from enrich.emulator import EmulatorConfig, EmulatorServer
+
+    with EmulatorServer(EmulatorConfig(time_scale=0)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def big_cell(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("big") / "five_mb_cell.csv"
+    path.write_text("company,website,note\nApple,https://www.apple.com," + "x" * (5 << 20) + "\n")
+    return path
+
+
+def _config(tmp_path: Path, src: Path) -> Path:
+    return write_config(tmp_path / "job.toml", input_path=src, output=tmp_path / "out.csv", key=["company"],
+                        columns=["company", "website"])
+
+
+def test_there_are_at_least_20_fixtures() -> None:
+    assert len(CASES) >= 20
+
+
+@pytest.mark.parametrize("name", [*CASES, "five_mb_cell.csv", "does_not_exist.csv"])
+def test_bad_input_exits_2_naming_file_and_line(name: str, tmp_path: Path, shared_emulator, big_cell: Path) -> None:
+    src = big_cell if name == "five_mb_cell.csv" else FIXTURES / name
+    cfg_path = _config(tmp_path, src)
+    # in-process: the reader rejects it with an InputError, quickly (CPU time, not wall clock)
+    cfg = load_config(cfg_path)
+    journal = Journal.open(tmp_path / "j.sqlite")
+    t0 = time.process_time()
+    with pytest.raises(InputError) as info:
+        prepare(cfg, journal)
+    assert time.process_time() - t0 < 1.0
+    assert journal.counts() == {}      # nothing recorded
+    journal.close()
+    message = str(info.value)
+    assert message.startswith(str(src))
+    if name not in ("corrupt.parquet", "truncated.parquet", "no_rows.parquet", "does_not_exist.csv"):
+        assert re.match(re.escape(str(src)) + r"(:\d+|: column)", message), message
+    # the CLI: exit 2, one line on stderr, nothing sent
+    r = run_enrich("run", str(cfg_path), "--base-url", shared_emulator.base_url)
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and str(src) in r.stderr
+    assert httpx.get(shared_emulator.base_url + "/_emulator/ledger").json() == []
+    assert CANARY_KEY not in r.stderr + r.stdout
+
+
+def test_bad_input_keeps_the_journal(tmp_path: Path, shared_emulator) -> None:
+    """A bad file on a nightly re-run loses nothing already journaled."""
+    src = tmp_path / "in.csv"
+    src.write_text("company,website\nApple,a\n3M,b\n")
+    cfg_path = _config(tmp_path, src)
+    assert run_enrich("run", str(cfg_path), "--base-url", shared_emulator.base_url).returncode == 0
+    src.write_text("company,website\nApple,a\nApple,b\n")
+    r = run_enrich("run", str(cfg_path), "--base-url", shared_emulator.base_url)
+    assert r.returncode == 2 and "duplicate key" in r.stderr and ":3" in r.stderr
+    j = Journal.open(tmp_path / "out.journal.sqlite", readonly=True)
+    assert j.counts() == {"done": 2}
+    j.close()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=4000))
+def test_reader_returns_rows_or_input_error(data: bytes) -> None:
+    """Random bytes: the reader yields rows or raises InputError, nothing else."""
+    try:
+        _, batches = read_csv(io.BytesIO(data), required=[], name="fuzz.csv")
+        for batch in batches:
+            for row in batch:
+                assert isinstance(row.values, list)
+    except InputError as exc:
+        assert str(exc).startswith("fuzz.csv")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.text(max_size=12), min_size=2, max_size=2), min_size=1, max_size=20))
+def test_csv_cells_round_trip_as_strings(rows: list[list[str]]) -> None:
+    """Whatever text a valid CSV holds comes back unchanged (no type inference, no trimming)."""
+    import csv
+
+    rows = [[c.replace("\x00", "") for c in r] for r in rows]
+    rows = [r for r in rows if r != ["", ""]] or [["a", "b"]]
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\r\n").writerows([["k", "v"], *rows])  # quotes CR and LF
+    _, batches = read_csv(io.BytesIO(buf.getvalue().encode()), required=["k"], name="rt.csv")
+    got = [row.values for batch in batches for row in batch]
+    assert got == rows
