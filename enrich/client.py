@@ -9,6 +9,7 @@ never put in a URL, a log line or an exception message.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 from collections.abc import AsyncIterator, Callable
@@ -34,10 +35,8 @@ def check_base_url(url: str) -> str:
         return url.rstrip("/")
     if parts.scheme == "http":
         loopback = host == "localhost"
-        try:
+        with contextlib.suppress(ValueError):
             loopback = loopback or ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            pass
         if loopback:
             return url.rstrip("/")
     raise ConfigError(f"base URL {url!r} refused: use https://, or http:// only on loopback (127.0.0.1, localhost)")

@@ -65,7 +65,7 @@ def coerce(value: Any, kind: str, schema: dict[str, Any] | None = None) -> Any:
                 return None
             return int(value) if not isinstance(value, str) else int(value.strip())
         if kind == "number":
-            return float(value) if not isinstance(value, bool) else float(value)
+            return float(value)
         if kind == "boolean":
             if isinstance(value, bool):
                 return value

@@ -24,8 +24,8 @@ from typing import Any
 from enrich.client import TaskClient
 from enrich.config import RunConfig, build_task_spec, canonical, digest, output_fields, spec_fingerprint
 from enrich.errors import ApiError, InputError, PermanentApiError
-from enrich.journal import DuplicateKey, Journal, forget_remote
 from enrich.flatten import output_columns
+from enrich.journal import DuplicateKey, Journal, forget_remote
 from enrich.poll import Poller
 from enrich.processors import PROCESSORS
 from enrich.progress import JobState, show_progress

@@ -12,6 +12,7 @@ Results are committed in one transaction per fetch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
@@ -114,15 +115,13 @@ class Poller:
             return
         run = event.get("run") or {}
         run_id = run.get("run_id")
-        if run.get("is_active", True) or run_id not in self.waiting and not self._late(run_id):
+        if run.get("is_active", True) or (run_id not in self.waiting and not self._late(run_id)):
             return
         status = run.get("status")
         if status == "completed":
             if run_id not in self.wanted:
                 self.wanted[run_id] = time.monotonic()
-                if len(self.wanted) >= FETCH_MIN_RUNS:
-                    self.wake.set()
-                elif len(self.wanted) == 1:
+                if len(self.wanted) >= FETCH_MIN_RUNS or len(self.wanted) == 1:
                     self.wake.set()
         elif status in ("failed", "cancelled"):
             err = run.get("error") or {}
@@ -149,10 +148,8 @@ class Poller:
                 delay = FETCH_MAX_WAIT_S - (time.monotonic() - oldest)
                 if len(self.wanted) < FETCH_MIN_RUNS and delay > 0:
                     self.wake.clear()
-                    try:
+                    with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.wake.wait(), delay)
-                    except TimeoutError:
-                        pass
             self._flush_failed()
             if not self.wanted:
                 continue

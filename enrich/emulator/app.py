@@ -12,6 +12,7 @@ Emulator-only extensions live under `/_emulator/` (ledger, stats, reset, faults)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
@@ -162,10 +163,8 @@ class App:
             delay = 1.0 if due is None else max(0.0, due - time.monotonic())
             emu.wake.clear()
             if delay > 0:
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(emu.wake.wait(), timeout=min(delay, 1.0))
-                except TimeoutError:
-                    pass
             else:
                 await asyncio.sleep(0)
 

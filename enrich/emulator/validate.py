@@ -12,9 +12,7 @@ from typing import Any
 from enrich.processors import PROCESSORS
 
 UNSUPPORTED_KEYWORDS = frozenset(
-    "contains format maxContains maxItems maxLength maxProperties maximum minContains minItems "
-    "minLength minimum minProperties multipleOf pattern patternProperties propertyNames uniqueItems "
-    "unevaluatedItems unevaluatedProperties".split()
+    ["contains", "format", "maxContains", "maxItems", "maxLength", "maxProperties", "maximum", "minContains", "minItems", "minLength", "minimum", "minProperties", "multipleOf", "pattern", "patternProperties", "propertyNames", "uniqueItems", "unevaluatedItems", "unevaluatedProperties"]
 )
 RESERVED_FIELD_NAMES = frozenset(
     ["citations", "confidence", "evidence", "reasoning", "source", "sources", "source_urls"]
