@@ -39,6 +39,8 @@ from enrich.journal import Journal
 from enrich.progress import JobState
 from enrich.retry import CircuitBreaker, backoff
 
+MAX_SLOWDOWN = 4.0
+
 
 class Submitter:
     def __init__(self, journal: Journal, client: TaskClient, state: JobState, *, taskgroup_id: str, job_tag: str,
@@ -52,12 +54,16 @@ class Submitter:
         self.task_spec, self.run_options, self.user_metadata = task_spec, run_options, user_metadata or {}
         self.max_in_flight, self.batch_size, self.max_retries = max_in_flight, batch_size, max_retries
         self.base_period = 60.0 / requests_per_minute
-        self.period = self.base_period
-        self.limiter = AsyncLimiter(1, self.period)
+        # aiolimiter paces creating POSTs at the configured rate with no initial burst
+        # (AsyncLimiter(1, period) rather than AsyncLimiter(rate, 60)); `slowdown` stretches the
+        # gap after 429s (AIMD, at most MAX_SLOWDOWN x) and `pause_until` honours Retry-After.
+        self.limiter = AsyncLimiter(1, self.base_period)
+        self.slowdown = 1.0
+        self.pause_until = 0.0
+        self.last_send = 0.0
         self.breaker = breaker or CircuitBreaker()
         self.rand = rand or random.Random()
         self.batch_seq = journal.get("batch_seq", 0)
-        self.last_throttle = 0.0
         self.posts = 0
 
     def _input(self, row_ref: str, attempt: int, task_input: Any) -> dict[str, Any]:
@@ -77,17 +83,20 @@ class Submitter:
         slots.cancel()
 
     def _throttle(self, retry_after: float | None) -> float:
-        """On 429: halve the creating rate (AIMD) and return how long to pause."""
-        self.period = min(self.period * 2, 60.0)
-        self.limiter = AsyncLimiter(1, self.period)
-        self.last_throttle = time.monotonic()
-        return retry_after if retry_after is not None else backoff(2, self.rand.random(), base=1.0)
+        """On 429: pause every create until Retry-After (or a backoff) and slow the pace."""
+        self.slowdown = min(self.slowdown * 1.5, MAX_SLOWDOWN)
+        wait = retry_after if retry_after is not None else backoff(2, self.rand.random(), base=1.0)
+        self.pause_until = max(self.pause_until, time.monotonic() + wait)
+        return wait
 
-    def _recover_rate(self) -> None:
-        if self.period > self.base_period and time.monotonic() - self.last_throttle > 60:
-            self.period = max(self.base_period, self.period * 0.95)
-            self.limiter = AsyncLimiter(1, self.period)
-            self.last_throttle = time.monotonic()
+    async def _pace(self) -> None:
+        """Wait for the rate limiter, any Retry-After pause, and the AIMD slowdown."""
+        await self.limiter.acquire()
+        now = time.monotonic()
+        ready = max(self.pause_until, self.last_send + self.base_period * self.slowdown)
+        if ready > now:
+            await asyncio.sleep(ready - now)
+        self.last_send = time.monotonic()
 
     async def run(self) -> None:
         """Submit until nothing is pending, the budget is spent, the job stops, or auth fails."""
@@ -136,7 +145,6 @@ class Submitter:
             state.spent_micros = self.journal.spent_micros()
             failpoints.hit("after_intent_commit")
             await self._send(claimed)
-            self._recover_rate()
 
     def _more_may_come(self) -> bool:
         """Rows in intent/unknown may be released back to pending by reconciliation."""
@@ -146,7 +154,7 @@ class Submitter:
         state, journal = self.state, self.journal
         keys = [c.row_key for c in claimed]
         inputs = [self._input(c.row_ref, c.attempt, c.input) for c in claimed]
-        await self.limiter.acquire()
+        await self._pace()
         self.posts += 1
         try:
             reply = await self.client.add_runs(self.taskgroup_id, inputs, self.task_spec)
@@ -198,5 +206,6 @@ class Submitter:
         batch = self.batch_seq
         state.handoff.extend((run_id, key, batch, cursor, now) for key, run_id in pairs)
         self.breaker.success()
+        self.slowdown = max(1.0, self.slowdown / 1.1)
         state.submitted += len(keys)
         state.new_runs.set()

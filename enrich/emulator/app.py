@@ -176,6 +176,8 @@ class App:
         elif method == "GET" and path == "/_emulator/stats":
             self.emu.advance()
             await out.json(200, self.emu.stats_json())
+        elif method == "GET" and path == "/_emulator/requests":
+            await out.json(200, [list(r) for r in self.emu.request_log])
         elif method == "POST" and path == "/_emulator/reset":
             self.emu.reset()
             await out.json(200, {"reset": True})
@@ -207,10 +209,12 @@ class App:
         if match is None:
             await out.error(404, f"Not found: {method} {path}")
             return
+        t0 = time.time()
         try:
             await self._dispatch(scope, receive, out, send, route, match.groups(), creating)
         finally:
             emu.stats.requests[f"{method} {route} {out.status or 'dropped'}"] += 1
+            emu.request_log.append((round(t0, 4), method, route, out.status))
 
     async def _dispatch(self, scope: Scope, receive: Receive, out: Responder, send: Send, route: str,
                         params: tuple[str, ...], creating: bool) -> None:
@@ -230,6 +234,8 @@ class App:
                 await out.error(429, "Too many requests: creating POSTs are limited per minute.")
                 return
         fault = None if route in SSE_ROUTES else emu.draw_fault()
+        if fault:
+            emu.stats.faults[f"{route} {fault}"] += 1
         retry_hdr = [(b"retry-after", str(emu.faults["retry_after"]).encode())] if "retry_after" in emu.faults else []
         if fault == "429":
             await out.error(429, "Too many requests (injected fault).", retry_hdr)

@@ -97,6 +97,7 @@ class Group:
 @dataclass
 class Stats:
     requests: Counter[str] = field(default_factory=Counter)
+    faults: Counter[str] = field(default_factory=Counter)   # "route kind" -> injected count
     creating_posts: int = 0
     runs_created: int = 0
 
@@ -127,6 +128,7 @@ class Emulator:
         self.charged = 0
         self.active = 0
         self.stats = Stats()
+        self.request_log: deque[tuple[float, str, str, int]] = deque(maxlen=200_000)  # (arrival, method, route, status)
         self.wake = asyncio.Event()
         self.mono0, self.wall0 = time.monotonic(), datetime.now(UTC)
 
@@ -338,6 +340,6 @@ class Emulator:
             route, _, status = key.rpartition(" ")
             by_route.setdefault(route, {})[status] = n
         return {"requests": by_route, "total_requests": sum(self.stats.requests.values()),
-                "creating_posts": self.stats.creating_posts, "runs_created": self.stats.runs_created,
+                "faults_injected": dict(self.stats.faults), "creating_posts": self.stats.creating_posts, "runs_created": self.stats.runs_created,
                 "active_runs": self.active, "credit_reserved_usd": self.reserved / 1e6,
                 "credit_charged_usd": self.charged / 1e6}
