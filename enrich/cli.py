@@ -15,6 +15,7 @@ import shlex
 import signal
 import stat
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from enrich.progress import JobState
     from enrich.write import write_output
 
+    cpu0 = time.process_time()
     cfg = load_config(args.config, _overrides(args))
     _check_paths(cfg)
     emulated = bool(args.emulator)
@@ -192,7 +194,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                               extra={"processor": cfg.task.processor, "journal": str(cfg.journal_path),
                                      "interrupted": interrupted, "runs_created_this_invocation": state.submitted,
                                      "http_requests_this_invocation": getattr(state, "requests", 0),
-                                     "elapsed_s": round(__import__("time").monotonic() - state.started, 3)})
+                                     "elapsed_s": round(time.monotonic() - state.started, 3),
+                                     "cpu_s": round(time.process_time() - cpu0, 3)})
         sc = report["status_counts"]
         print(f"enrich: wrote {report['rows']} rows to {cfg.output.path} "
               f"({', '.join(f'{v} {k}' for k, v in sorted(sc.items()))}); spent ${report['spend_usd']:.4f}"

@@ -69,6 +69,7 @@ CREATE TABLE IF NOT EXISTS rows (
   error          TEXT
 );
 CREATE INDEX IF NOT EXISTS rows_state ON rows(state, epoch);
+CREATE INDEX IF NOT EXISTS rows_queue ON rows(epoch, state, solo, ordinal);   -- claim: next pending rows in order
 CREATE INDEX IF NOT EXISTS rows_order ON rows(epoch, ordinal);
 CREATE INDEX IF NOT EXISTS rows_run ON rows(run_id);
 CREATE TABLE IF NOT EXISTS spend (
@@ -102,6 +103,7 @@ class Journal:
 
     def __init__(self, conn: sqlite3.Connection, path: Path, lock_fd: int | None):
         self.conn, self.path, self._lock_fd = conn, path, lock_fd
+        self.readonly = False
         self.last_seed_counts: dict[str, int] = {}
 
     # ---- opening, locking --------------------------------------------------------------
@@ -116,7 +118,9 @@ class Journal:
             if not path.exists():
                 raise JournalError(f"{path}: no such journal")
             conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=5)
-            return cls(conn, path, None)
+            view = cls(conn, path, None)
+            view.readonly = True
+            return view
         path.parent.mkdir(parents=True, exist_ok=True)
         lock_fd = os.open(f"{path}.lock", os.O_CREAT | os.O_RDWR, 0o600)
         try:
@@ -228,11 +232,18 @@ class Journal:
     def spent_micros(self) -> int:
         return self.conn.execute("SELECT COALESCE(SUM(micros), 0) FROM spend").fetchone()[0]
 
-    def pending_count(self, epoch: int, now: float | None = None) -> int:
+    def has_pending(self, epoch: int, now: float | None = None) -> bool:
+        """Is any row pending (and, with `now`, ready to be sent)? An index probe, not a count."""
         if now is None:
-            return self.conn.execute("SELECT COUNT(*) FROM rows WHERE epoch=? AND state='pending'", (epoch,)).fetchone()[0]
-        return self.conn.execute("SELECT COUNT(*) FROM rows WHERE epoch=? AND state='pending' AND "
-                                 "(next_at IS NULL OR next_at<=?)", (epoch, now)).fetchone()[0]
+            sql, args = "SELECT 1 FROM rows WHERE epoch=? AND state='pending' LIMIT 1", (epoch,)
+        else:
+            sql = "SELECT 1 FROM rows WHERE epoch=? AND state='pending' AND (next_at IS NULL OR next_at<=?) LIMIT 1"
+            args = (epoch, now)
+        return self.conn.execute(sql, args).fetchone() is not None
+
+    def in_flight_count(self, epoch: int) -> int:
+        return self.conn.execute("SELECT COUNT(*) FROM rows WHERE epoch=? AND state IN ('intent','unknown','submitted')",
+                                 (epoch,)).fetchone()[0]
 
     def next_retry_at(self, epoch: int) -> float | None:
         return self.conn.execute("SELECT MIN(next_at) FROM rows WHERE epoch=? AND state='pending'",

@@ -23,7 +23,7 @@ from typing import Any
 
 from enrich.client import TaskClient
 from enrich.config import RunConfig, build_task_spec, canonical, digest, output_fields, spec_fingerprint
-from enrich.errors import ApiError, InputError, PermanentApiError
+from enrich.errors import ApiError, InputError, PermanentApiError, TransientApiError
 from enrich.flatten import output_columns
 from enrich.journal import DuplicateKey, Journal, forget_remote
 from enrich.poll import Poller
@@ -62,6 +62,13 @@ def prepare(cfg: RunConfig, journal: Journal, retry_failed: bool = False, dry: b
     spec_hash = spec_fingerprint(cfg, task_spec)
     spec_chars = len(canonical(task_spec))
     job_id = journal.get("job_id") or str(uuid.uuid4())
+    fingerprint = _input_fingerprint(cfg, spec_hash)
+    if (not dry and not retry_failed and cfg.task.refresh_after_days is None and fingerprint is not None
+            and journal.get("seed_fingerprint") == fingerprint):
+        # the same file and job as the last completed seeding: nothing to re-read (a no-op resume)
+        epoch = journal.get("epoch", 0)
+        counts = journal.counts(epoch)
+        return Prepared(epoch, sum(counts.values()), counts, task_spec, fields, job_id)
     forbidden = {c[0] for c in output_columns(fields, True)}
     key_cols, in_cols = cfg.input.key, cfg.input.input_columns
     info, batches = open_table(cfg.input.path, list(dict.fromkeys([*key_cols, *in_cols])), forbidden,
@@ -98,6 +105,7 @@ def prepare(cfg: RunConfig, journal: Journal, retry_failed: bool = False, dry: b
     try:
         journal.seed(tuples(), epoch, refresh_before, retry_failed, dry=dry,
                      meta={"job_id": job_id, "columns": info.columns, "input_path": path,
+                           "seed_fingerprint": fingerprint,
                            "arrow_schema": base64.b64encode(info.arrow_schema).decode() if info.arrow_schema else None,
                            "processor": cfg.task.processor})
     except DuplicateKey as exc:
@@ -107,6 +115,22 @@ def prepare(cfg: RunConfig, journal: Journal, retry_failed: bool = False, dry: b
         batches.close()  # type: ignore[attr-defined]  # closes the file if seeding stopped early
     counts = journal.last_seed_counts
     return Prepared(epoch, total, counts, task_spec, fields, job_id)
+
+
+def _input_fingerprint(cfg: RunConfig, spec_hash: str) -> str | None:
+    """Identity of (input file bytes, how it is read, the task): equal means seeding would change nothing."""
+    import hashlib
+
+    try:
+        st = cfg.input.path.stat()
+        h = hashlib.sha256()
+        with cfg.input.path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    except OSError:
+        return None
+    return digest([str(cfg.input.path.resolve()), st.st_size, st.st_mtime_ns, h.hexdigest(), cfg.input.key,
+                   cfg.input.input_columns, cfg.input.encoding, cfg.input.max_cell_bytes, spec_hash])
 
 
 def plan_summary(cfg: RunConfig, prep: Prepared, journal: Journal) -> dict[str, Any]:
@@ -156,29 +180,34 @@ def _human(s: float) -> str:
     return f"{s / 3600:.1f}h"
 
 
+async def _retry_safe(call: Any, attempts: int = 6) -> Any:
+    """Retry an idempotent call on TransientApiError (backoff, Retry-After); other errors propagate."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await call()
+        except TransientApiError as exc:
+            if attempt == attempts:
+                raise
+            await asyncio.sleep(backoff(attempt, 0.5, exc.retry_after, cap=10))
+    raise AssertionError("unreachable")
+
+
 async def ensure_group(journal: Journal, client: TaskClient, job_tag: str, emulated: bool) -> str:
-    """The job's task group: reuse the journal's, or create one and record it."""
+    """The job's task group: reuse the journal's, or create one and record it.
+
+    Creating a group is free, so a lost create reply only leaves an empty group behind.
+    """
     gid = journal.get("taskgroup_id")
     if gid:
         try:
-            await client.get_group(gid)
+            await _retry_safe(lambda: client.get_group(gid))
             return str(gid)
         except PermanentApiError as exc:
             if exc.status != 404 or not emulated:
                 raise
             n = forget_remote(journal)   # a new emulator process does not know the old group
             journal.log("warning", f"emulator restarted: {n} in-flight rows will run again in the new emulator")
-    attempt = 0
-    while True:
-        try:
-            group = await client.create_group({"enrich_job": job_tag})
-            break
-        except ApiError as exc:
-            if not isinstance(exc, PermanentApiError) and attempt < 5 and exc.exit_code != 5:
-                attempt += 1
-                await asyncio.sleep(backoff(attempt, 0.5, exc.retry_after))
-                continue
-            raise
+    group = await _retry_safe(lambda: client.create_group({"enrich_job": job_tag}))
     gid = group["taskgroup_id"]
     journal.set("taskgroup_id", gid)
     return str(gid)
@@ -242,11 +271,20 @@ async def execute(cfg: RunConfig, journal: Journal, client: TaskClient, prep: Pr
                                           limits.max_attempts)),
         asyncio.ensure_future(show_progress(state)),
     ]
+
+    def crashed(task: asyncio.Future[Any]) -> None:
+        """A stage that dies unexpectedly stops the job (its state is in the journal) instead of hanging it."""
+        if not task.cancelled() and task.exception() is not None:
+            state.fatal = task.exception()
+            state.stop.set()
+
+    for task in background:
+        task.add_done_callback(crashed)
     try:
         await submitter.run()
         # submission is over (all sent, budget spent, or stopped): let in-flight rows finish
         while not state.stop.is_set():
-            live = sum(journal.counts(prep.epoch).get(s, 0) for s in ("intent", "unknown", "submitted"))
+            live = journal.in_flight_count(prep.epoch)
             if live == 0:
                 break
             state.in_flight = live

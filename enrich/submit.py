@@ -40,6 +40,7 @@ from enrich.progress import JobState
 from enrich.retry import CircuitBreaker, backoff
 
 MAX_SLOWDOWN = 4.0
+LINGER_S = 0.05
 
 
 class Submitter:
@@ -107,44 +108,60 @@ class Submitter:
             self.state.new_runs.set()
 
     async def _loop(self) -> None:
-        state = self.state
+        state, journal = self.state, self.journal
         while not state.stop.is_set():
-            free = self.max_in_flight - state.in_flight
-            if free <= 0:
-                await self._wait(1.0)
-                continue
             if self.breaker.state == "dead":
                 return
             if self.breaker.state != "closed" and self.breaker.wait_time() > 0:
                 await self._wait(min(self.breaker.wait_time(), 1.0))
                 continue
+            if state.in_flight >= self.max_in_flight:
+                await self._wait(1.0)
+                continue
             now = time.time()
-            if self.journal.pending_count(self.epoch, now) == 0:
-                if self.journal.pending_count(self.epoch) == 0:
+            if not journal.has_pending(self.epoch, now):
+                if not journal.has_pending(self.epoch):
+                    state.in_flight = journal.in_flight_count(self.epoch)   # re-sync before deciding
                     if state.in_flight == 0 or not self._more_may_come():
                         return
                     await self._wait(1.0)   # rows in doubt may come back to pending after reconciliation
                     continue
-                nxt = self.journal.next_retry_at(self.epoch) or now + 1
+                nxt = journal.next_retry_at(self.epoch) or now + 1
                 await self._wait(min(nxt - now, 1.0))
                 continue
             if not self.breaker.allow():
                 await self._wait(min(max(self.breaker.wait_time(), 0.05), 1.0))
                 continue
+            await self._pace()            # take the rate slot first, so the batch is as full as it can be
+            await self._linger()
+            free = self.max_in_flight - state.in_flight
+            if free <= 0:
+                continue
             limit = min(self.batch_size, free) if self.breaker.state == "closed" else 1  # a probe is one run
             self.batch_seq += 1
             try:
-                claimed = self.journal.claim(self.epoch, limit, self.price, self.budget, now, self.batch_seq)
+                claimed = journal.claim(self.epoch, limit, self.price, self.budget, time.time(), self.batch_seq)
             except BudgetExceeded as exc:
                 state.budget_exhausted = True
-                self.journal.log("warning", str(exc))
+                journal.log("warning", str(exc))
                 return
             if not claimed:
                 continue
             state.in_flight += len(claimed)
-            state.spent_micros = self.journal.spent_micros()
+            state.spent_micros = journal.spent_micros()
             failpoints.hit("after_intent_commit")
             await self._send(claimed)
+
+    async def _linger(self) -> None:
+        """With few free slots and runs still active, wait briefly for more: fuller batches, fewer POSTs."""
+        want = max(1, self.batch_size // 4)
+        deadline = time.monotonic() + LINGER_S
+        while (self.max_in_flight - self.state.in_flight < want and self.state.in_flight > 0
+               and not self.state.stop.is_set()):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            await self._wait(left)
 
     def _more_may_come(self) -> bool:
         """Rows in intent/unknown may be released back to pending by reconciliation."""
@@ -154,7 +171,6 @@ class Submitter:
         state, journal = self.state, self.journal
         keys = [c.row_key for c in claimed]
         inputs = [self._input(c.row_ref, c.attempt, c.input) for c in claimed]
-        await self._pace()
         self.posts += 1
         try:
             reply = await self.client.add_runs(self.taskgroup_id, inputs, self.task_spec)

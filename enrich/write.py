@@ -201,8 +201,21 @@ def _array(values: list[Any], typ: Any) -> Any:
 
 def write_output(journal: Journal, path: Path, fields: dict[str, dict[str, Any]], *, reasoning: bool,
                  formula_guard: bool, emulated: bool, budget_exhausted: bool, extra: dict[str, Any]) -> dict[str, Any]:
-    """Write the output file and `<output>.report.json`; return the report."""
+    """Write the output file and `<output>.report.json`; return the report.
+
+    When neither the journal nor the output settings changed since the last write and the
+    file is still the one written, the write is skipped (a no-op resume rewrites nothing).
+    """
     started = time.monotonic()
+    state_key = _state_key(journal, path, fields, reasoning, formula_guard, emulated, budget_exhausted)
+    report_path = path.with_name(path.name + ".report.json")
+    last = journal.get("last_output")
+    if (last and last.get("state") == state_key and path.exists() and report_path.exists()
+            and last.get("file") == _file_id(path)):
+        report = json.loads(report_path.read_text())
+        report.update(extra)
+        report["output_unchanged"] = True
+        return report
     proj = Projection(journal, fields, reasoning, budget_exhausted)
     report: dict[str, Any] = {"output": str(path), "emulated": emulated}
     if path.suffix.lower() in (".parquet", ".pq"):
@@ -231,6 +244,22 @@ def write_output(journal: Journal, path: Path, fields: dict[str, dict[str, Any]]
                                     "they may still finish and be billed")
     if emulated:
         report["warning"] = "EMULATED: these values come from the local emulator's knowledge table, not web research"
-    report_path = path.with_name(path.name + ".report.json")
     atomic_write(report_path, lambda fp: fp.write(json.dumps(report, indent=2, sort_keys=True).encode()))
+    if not journal.readonly:
+        journal.set("last_output", {"state": state_key, "file": _file_id(path)})
     return report
+
+
+def _file_id(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def _state_key(journal: Journal, path: Path, fields: Any, *flags: Any) -> str:
+    """Changes whenever any row changes state (every transition stamps a time or moves a count)."""
+    from enrich.config import digest
+
+    row = journal.conn.execute("SELECT COUNT(*), MAX(intent_at), MAX(submitted_at), MAX(finished_at), SUM(attempts) "
+                               "FROM rows WHERE epoch=?", (journal.get("epoch", 0),)).fetchone()
+    return digest([str(path.resolve()), fields, flags, journal.get("epoch", 0), list(row), journal.counts(),
+                   journal.spent_micros()])

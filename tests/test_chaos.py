@@ -306,7 +306,6 @@ def test_budget_never_crossed_across_kills(tmp_path: Path, emulator_process) -> 
     r = resume_until_done(cfg, emu)
     assert r.returncode == 4, r.stderr
     assert sum(x["price_micros"] for x in emu.ledger()) <= 1_500_000
-    r = resume_until_done(cfg, emu, )
     r = run_enrich("run", str(cfg), "--base-url", emu.base_url, "--budget", "10")
     assert r.returncode == 0, r.stderr
     check_oracle(tmp_path, emu, None, budget_usd=10)

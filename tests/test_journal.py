@@ -55,7 +55,7 @@ def test_release_refunds_and_unknown_keeps_reservation(j: Journal) -> None:
     assert j.spent_micros() == 5000
     assert j.counts(1) == {"pending": 1, "unknown": 1}
     assert [u.row_key for u in j.unresolved()] == ['["b"]']
-    assert j.pending_count(1, now=4.0) == 0 and j.pending_count(1, now=6.0) == 1
+    assert not j.has_pending(1, now=4.0) and j.has_pending(1, now=6.0)
 
 
 def test_attempts_grow_and_retries_cap(j: Journal) -> None:
