@@ -175,7 +175,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
             def stop() -> None:
                 nonlocal interrupted
+                if interrupted:   # a second Ctrl-C: leave now; every commit already made is durable
+                    print("enrich: interrupted again; exiting at once (the journal is intact)", file=sys.stderr)
+                    os._exit(EXIT_INTERRUPTED)
                 interrupted = True
+                print("enrich: stopping (Ctrl-C again to leave at once)...", file=sys.stderr)
                 state.stop.set()
 
             for sig in (signal.SIGINT, signal.SIGTERM):

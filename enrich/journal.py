@@ -241,9 +241,11 @@ class Journal:
             args = (epoch, now)
         return self.conn.execute(sql, args).fetchone() is not None
 
-    def in_flight_count(self, epoch: int) -> int:
-        return self.conn.execute("SELECT COUNT(*) FROM rows WHERE epoch=? AND state IN ('intent','unknown','submitted')",
-                                 (epoch,)).fetchone()[0]
+    def in_flight_count(self, epoch: int, states: tuple[str, ...] | None = None) -> int:
+        states = states or IN_FLIGHT
+        marks = ",".join("?" * len(states))
+        return self.conn.execute(f"SELECT COUNT(*) FROM rows WHERE epoch=? AND state IN ({marks})",
+                                 (epoch, *states)).fetchone()[0]
 
     def next_retry_at(self, epoch: int) -> float | None:
         return self.conn.execute("SELECT MIN(next_at) FROM rows WHERE epoch=? AND state='pending'",

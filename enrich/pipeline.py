@@ -35,6 +35,7 @@ from enrich.retry import CircuitBreaker, backoff
 from enrich.submit import Submitter
 
 MAX_SPEC_AND_INPUT_CHARS = 25_000
+MAX_RECONCILE_FAILURES = 8   # consecutive failed listings (backoff capped at 10 s) before giving up for this run
 
 
 @dataclass
@@ -226,6 +227,13 @@ async def _reconciler(journal: Journal, client: TaskClient, state: JobState, gid
             attempt = 0
         except ApiError as exc:
             attempt += 1
+            if attempt >= MAX_RECONCILE_FAILURES:
+                # never resubmit blindly: these rows stay `unknown` (reported) until a later run can list the group
+                state.reconcile_failed = True
+                journal.log("error", f"cannot list the task group to settle rows in doubt: {exc}; they are reported "
+                                     "as unknown and will be reconciled on the next run")
+                state.slots.set()
+                return
             journal.log("warning", f"reconciliation: {exc}")
             await asyncio.sleep(backoff(attempt, 0.5, exc.retry_after, cap=10))
             continue
@@ -284,7 +292,7 @@ async def execute(cfg: RunConfig, journal: Journal, client: TaskClient, prep: Pr
         await submitter.run()
         # submission is over (all sent, budget spent, or stopped): let in-flight rows finish
         while not state.stop.is_set():
-            live = journal.in_flight_count(prep.epoch)
+            live = journal.in_flight_count(prep.epoch, ("submitted",) if state.reconcile_failed else None)
             if live == 0:
                 break
             state.in_flight = live

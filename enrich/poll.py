@@ -37,17 +37,25 @@ class Poller:
         self.taskgroup_id, self.row_timeout_s = taskgroup_id, row_timeout_s
         self.rand = rand or random.Random()
         self.waiting: dict[str, tuple[str, int, str, float]] = {}   # run_id -> (row_key, batch, cursor, submitted_at)
-        self.wanted: dict[str, float] = {}                           # completed run_id -> when we learned it
+        self.wanted: dict[str, float] = {}                           # run_id to check/fetch -> since when
         self.failed: list[tuple[str, str]] = []
+        self.released: set[str] = set()   # finished runs whose in-flight slot was already given back
         self.wake = asyncio.Event()
         self.cursor: str | None = journal.get("events_cursor")
         self.requests = 0
         self._load()
 
     def _load(self) -> None:
+        """(Re)read the runs waiting for results; check each once (a sweep), since their completion
+        events may lie before the stored stream cursor (after a crash or a reconciliation)."""
         rows = self.journal.conn.execute(
             "SELECT run_id, row_key, batch, run_cursor, submitted_at FROM rows WHERE state='submitted'").fetchall()
         self.waiting = {r[0]: (r[1], r[2] or 0, r[3] or "", r[4] or time.time()) for r in rows}
+        now = time.monotonic()
+        for run_id in self.waiting:
+            self.wanted.setdefault(run_id, now)
+        if self.wanted:
+            self.wake.set()
 
     def _drain_handoff(self) -> None:
         if self.state.reload_runs:
@@ -118,15 +126,17 @@ class Poller:
         if run.get("is_active", True) or (run_id not in self.waiting and not self._late(run_id)):
             return
         status = run.get("status")
+        if run_id not in self.released:
+            # the run is no longer active at the API: its slot is free now, not when its output arrives
+            self.released.add(run_id)
+            self.state.freed(1)
         if status == "completed":
             if run_id not in self.wanted:
                 self.wanted[run_id] = time.monotonic()
                 if len(self.wanted) >= FETCH_MIN_RUNS or len(self.wanted) == 1:
                     self.wake.set()
         elif status in ("failed", "cancelled"):
-            err = run.get("error") or {}
-            message = err.get("message") if isinstance(err, dict) else None
-            self.failed.append((run_id, f"run {status}: {message or 'no error detail from the API'}"))
+            self.failed.append((run_id, _run_error(run)))
             self.wake.set()
 
     def _late(self, run_id: Any) -> bool:
@@ -169,45 +179,55 @@ class Poller:
                 self.wanted.pop(r, None)
         done: list[tuple[str, str]] = []
         failed: list[tuple[str, str]] = []
+        active: list[str] = []
         if len(ids) > SMALL_FETCH:
+            # one listing from the earliest batch among them; closed as soon as all were seen
             start = min((self.waiting[r] for r in ids), key=lambda w: w[1])[2]
             remaining = set(ids)
             self.requests += 1
             async for event in self.client.group_runs(self.taskgroup_id, last_event_id=start or None,
-                                                      status="completed", include_output=True):
+                                                      include_output=True):
                 run = event.get("run") or {}
                 rid = run.get("run_id")
-                if rid in remaining and isinstance(event.get("output"), dict):
+                if rid not in remaining:
+                    continue
+                remaining.discard(rid)
+                status = run.get("status")
+                if status == "completed" and isinstance(event.get("output"), dict):
                     done.append((rid, json.dumps({"run": run, "output": event["output"]}, ensure_ascii=False)))
-                    remaining.discard(rid)
-                    if not remaining:
-                        break
+                elif status in ("failed", "cancelled"):
+                    failed.append((rid, _run_error(run)))
+                else:
+                    active.append(rid)   # its completion event will come on the event stream
+                if not remaining:
+                    break
             ids = list(remaining)
-        for rid in ids:   # stragglers, or a small fetch
+        for rid in ids:   # a small fetch, or runs the listing did not show
             self.requests += 1
             try:
                 res = await self.client.result(rid, timeout_s=0)
             except PermanentApiError as exc:
                 if exc.status != 404:
                     raise
-                run = await self.client.get_run(rid)
-                err = (run.get("error") or {}).get("message") if isinstance(run, dict) else None
+                run = await self.client.get_run(rid)   # 404 on /result: failed, or unknown
                 if run.get("is_active"):
-                    continue
-                failed.append((rid, f"run {run.get('status')}: {err or 'no error detail from the API'}"))
+                    active.append(rid)
+                else:
+                    failed.append((rid, _run_error(run)))
                 continue
-            if res is not None:
+            if res is None:
+                active.append(rid)
+            else:
                 done.append((rid, json.dumps(res, ensure_ascii=False)))
+        for rid in active:
+            self.wanted.pop(rid, None)
         failpoints.hit("mid_poll")
         if done or failed:
             self.journal.record(done, failed, time.time())
             failpoints.hit("after_result_commit")
-        for rid, _ in done + failed:
-            self.wanted.pop(rid, None)
-            self.waiting.pop(rid, None)
+        self._finish([rid for rid, _ in done + failed])
         self.state.completed += len(done)
         self.state.failed += len(failed)
-        self.state.freed(len(done) + len(failed))
 
     def _flush_failed(self) -> None:
         if not self.failed:
@@ -217,11 +237,20 @@ class Poller:
         if not batch:
             return
         self.journal.record([], batch, time.time())
-        for rid, _ in batch:
-            self.waiting.pop(rid, None)
-            self.wanted.pop(rid, None)
+        self._finish([rid for rid, _ in batch])
         self.state.failed += len(batch)
-        self.state.freed(len(batch))
+
+    def _finish(self, run_ids: list[str]) -> None:
+        """Forget recorded runs, giving back the slots of those not released on their event."""
+        unreleased = 0
+        for rid in run_ids:
+            self.wanted.pop(rid, None)
+            self.waiting.pop(rid, None)
+            if rid in self.released:
+                self.released.discard(rid)
+            else:
+                unreleased += 1
+        self.state.freed(unreleased)
 
     # ---- deadlines ---------------------------------------------------------------------------
     async def _timeouts(self) -> None:
@@ -229,12 +258,15 @@ class Poller:
             await asyncio.sleep(min(5.0, self.row_timeout_s / 10))
             now = time.time()
             expired = self.journal.time_out(now - self.row_timeout_s, now)
-            for rid in expired:
-                self.waiting.pop(rid, None)
-                self.wanted.pop(rid, None)
-            if expired:
-                self.state.failed += len(expired)
-                self.state.freed(len(expired))
+            self._finish(expired)
+            self.state.failed += len(expired)
+
+
+def _run_error(run: dict[str, Any]) -> str:
+    """The row error for a run that ended without a result."""
+    err = run.get("error")
+    message = err.get("message") if isinstance(err, dict) else None
+    return f"run {run.get('status')}: {message or 'no error detail from the API'}"
 
 
 __all__ = ["Poller", "TransientApiError"]

@@ -18,6 +18,7 @@ breaker stops creating runs during an outage, letting one probe through per cool
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from typing import Any
@@ -40,7 +41,7 @@ from enrich.progress import JobState
 from enrich.retry import CircuitBreaker, backoff
 
 MAX_SLOWDOWN = 4.0
-LINGER_S = 0.05
+LINGER_S = 0.03
 
 
 class Submitter:
@@ -91,12 +92,12 @@ class Submitter:
         return wait
 
     async def _pace(self) -> None:
-        """Wait for the rate limiter, any Retry-After pause, and the AIMD slowdown."""
+        """Wait for the rate limiter, any Retry-After pause, and the AIMD slowdown (a stop cuts it short)."""
         await self.limiter.acquire()
-        now = time.monotonic()
         ready = max(self.pause_until, self.last_send + self.base_period * self.slowdown)
-        if ready > now:
-            await asyncio.sleep(ready - now)
+        while (left := ready - time.monotonic()) > 0 and not self.state.stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.state.stop.wait(), left)
         self.last_send = time.monotonic()
 
     async def run(self) -> None:
@@ -134,6 +135,8 @@ class Submitter:
                 continue
             await self._pace()            # take the rate slot first, so the batch is as full as it can be
             await self._linger()
+            if state.stop.is_set():
+                return
             free = self.max_in_flight - state.in_flight
             if free <= 0:
                 continue
@@ -165,7 +168,7 @@ class Submitter:
 
     def _more_may_come(self) -> bool:
         """Rows in intent/unknown may be released back to pending by reconciliation."""
-        return bool(self.journal.unresolved())
+        return not self.state.reconcile_failed and bool(self.journal.unresolved())
 
     async def _send(self, claimed: list[Any]) -> None:
         state, journal = self.state, self.journal

@@ -15,6 +15,7 @@ import base64
 import csv
 import json
 import os
+import random
 import re
 import statistics
 import time
@@ -29,6 +30,7 @@ from enrich.journal import Journal
 STATUS = {"done": "completed", "failed": "failed", "timed_out": "timed_out", "intent": "unknown",
           "unknown": "unknown", "submitted": "pending", "pending": "pending"}
 META_COLUMNS = ("_enrich_status", "_enrich_error", "_enrich_run_id")
+DURATION_SAMPLE = 20_000
 _NUMERIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\x00")
 
@@ -106,8 +108,18 @@ class Projection:
         self.input_columns: list[str] = journal.get("columns", [])
         self.statuses: Counter[str] = Counter()
         self.confidence: dict[str, Counter[str]] = {f: Counter() for f in fields}
-        self.durations: list[float] = []
+        self.durations: list[float] = []     # a bounded uniform sample: memory stays flat on huge inputs
+        self.timed = 0
+        self._rand = random.Random(0)
         self.rows = 0
+
+    def _sample(self, value: float) -> None:
+        """Reservoir sampling (exact up to DURATION_SAMPLE rows)."""
+        self.timed += 1
+        if len(self.durations) < DURATION_SAMPLE:
+            self.durations.append(value)
+        elif (j := self._rand.randrange(self.timed)) < DURATION_SAMPLE:
+            self.durations[j] = value
 
     def header(self) -> list[str]:
         return [*self.input_columns, *(c[0] for c in self.columns), *META_COLUMNS]
@@ -126,7 +138,7 @@ class Projection:
                     for f in self.fields:
                         self.confidence[f][str(flat.get(f"{f}__confidence"))] += 1
                     if submitted_at and finished_at:
-                        self.durations.append(finished_at - submitted_at)
+                        self._sample(finished_at - submitted_at)
                 show_run = run_id if state in ("done", "failed", "timed_out", "submitted") else None
                 records.append((values, flat, status, error if state != "done" else None, show_run))
             self.rows += len(records)

@@ -205,3 +205,26 @@ def test_second_enrich_on_same_journal_is_refused(tmp_path: Path, emulator_proce
     assert second.returncode == 2 and "journal is in use" in second.stderr
     assert time.monotonic() - t0 < 5
     assert first.wait(120) == 0
+
+
+def test_ctrl_c_writes_partial_output_and_resumes(tmp_path: Path, emulator_process) -> None:
+    """SIGINT: exit 75, a partial output with every row, the resume command; running again finishes."""
+    emu = emulator_process("--time-scale", "0.05")
+    cfg = write_config(tmp_path / "job.toml", input_path=ROOT / "data/companies.csv", output=tmp_path / "o.csv",
+                       key=["company"], columns=["company"], limits="batch_size = 5\nmax_in_flight = 10")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PARALLEL_")}
+    env["PARALLEL_API_KEY"] = CANARY_KEY
+    proc = subprocess.Popen([sys.executable, "-m", "enrich", "run", str(cfg), "--base-url", emu.base_url],
+                            cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: len(emu.ledger()) >= 10, timeout=30)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err
+    assert "Resume with: enrich run" in err
+    with (tmp_path / "o.csv").open(encoding="utf-8", newline="") as f:
+        partial = list(csv.DictReader(f))
+    rows = len((ROOT / "data/companies.csv").read_text().splitlines()) - 1
+    assert len(partial) == rows and "pending" in {r["_enrich_status"] for r in partial}
+    r = run_enrich("run", str(cfg), "--base-url", emu.base_url)
+    assert r.returncode == 0, r.stderr
+    assert len(emu.ledger()) == rows
