@@ -180,18 +180,29 @@ class Poller:
         done: list[tuple[str, str]] = []
         failed: list[tuple[str, str]] = []
         active: list[str] = []
-        if len(ids) > SMALL_FETCH:
-            # one listing from the earliest batch among them; closed as soon as all were seen
-            start = min((self.waiting[r] for r in ids), key=lambda w: w[1])[2]
-            remaining = set(ids)
+        by_batch: dict[int, list[str]] = {}
+        for rid in ids:
+            by_batch.setdefault(self.waiting[rid][1], []).append(rid)
+        remaining = set(ids)
+        singles: list[str] = []
+        for batch in sorted(by_batch):
+            mine = [r for r in by_batch[batch] if r in remaining]
+            if len(mine) <= SMALL_FETCH:
+                singles.extend(mine)
+                remaining.difference_update(mine)
+                continue
+            # one listing from this batch's cursor, closed once this batch's runs were all seen:
+            # it reads at most about one batch of events, however old the batch is
+            need = set(mine)
             self.requests += 1
-            async for event in self.client.group_runs(self.taskgroup_id, last_event_id=start or None,
+            async for event in self.client.group_runs(self.taskgroup_id, last_event_id=self.waiting[mine[0]][2] or None,
                                                       include_output=True):
                 run = event.get("run") or {}
                 rid = run.get("run_id")
                 if rid not in remaining:
                     continue
                 remaining.discard(rid)
+                need.discard(rid)
                 status = run.get("status")
                 if status == "completed" and isinstance(event.get("output"), dict):
                     done.append((rid, json.dumps({"run": run, "output": event["output"]}, ensure_ascii=False)))
@@ -199,9 +210,11 @@ class Poller:
                     failed.append((rid, _run_error(run)))
                 else:
                     active.append(rid)   # its completion event will come on the event stream
-                if not remaining:
+                if not need:
                     break
-            ids = list(remaining)
+            singles.extend(need)        # not listed (should not happen): ask for each
+            remaining.difference_update(need)
+        ids = singles
         for rid in ids:   # a small fetch, or runs the listing did not show
             self.requests += 1
             try:

@@ -29,7 +29,7 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 KEEPALIVE_S = 10.0
-SSE_CHUNK = 256  # events per write when listing runs
+SSE_CHUNK = 64   # events per write when listing runs
 
 _ID = r"([A-Za-z0-9_\-]+)"
 ROUTES: list[tuple[str, re.Pattern[str], str, bool]] = [
@@ -362,10 +362,11 @@ class App:
                     continue
                 buf.append(_sse(self._run_event(run, str(run.seq), inc_in, inc_out)))
                 if len(buf) >= SSE_CHUNK:
-                    if gone.done():
-                        return 0, None
                     await out.chunk(b"".join(buf))
                     buf = []
+                    await asyncio.sleep(0)   # let the disconnect watcher run: clients close listings early
+                    if gone.done():
+                        return 0, None
             await out.chunk(b"".join(buf))
             await out.end()
         finally:

@@ -63,7 +63,7 @@ def parse_faults(spec: str) -> dict[str, float]:
 
 class Run:
     __slots__ = ("body", "created", "done", "done_at", "error", "fails", "group", "output_cache",
-                 "price", "processor", "run_id", "seq", "spec", "start_at", "started", "warnings")
+                 "price", "processor", "run_id", "seq", "spec", "stamps", "start_at", "started", "warnings")
 
     def __init__(self, run_id: str, body: dict[str, Any], spec: Any, warnings: list, group: Group | None,
                  created: float, start_at: float, done_at: float, fails: bool, price: int):
@@ -74,6 +74,7 @@ class Run:
         self.done = False
         self.error: dict[str, Any] | None = None
         self.output_cache: dict[str, Any] | None = None
+        self.stamps: dict[float, str] = {}   # formatted timestamps: strftime is the emulator's hot spot
         self.seq = 0
 
     @property
@@ -305,12 +306,17 @@ class Emulator:
     # ---- representations -------------------------------------------------------------
     def run_json(self, run: Run) -> dict[str, Any]:
         modified = run.done_at if run.done else (run.start_at if run.started else run.created)
+        stamps = run.stamps
+        if run.created not in stamps:
+            stamps[run.created] = self.stamp(run.created)
+        if modified not in stamps:
+            stamps[modified] = self.stamp(modified)
         return {
             "run_id": run.run_id, "interaction_id": run.run_id, "status": run.status,
             "is_active": not run.done, "warnings": run.warnings or None, "error": run.error,
             "processor": run.processor, "metadata": run.body.get("metadata"),
             "taskgroup_id": run.group.taskgroup_id if run.group else None,
-            "created_at": self.stamp(run.created), "modified_at": self.stamp(modified),
+            "created_at": stamps[run.created], "modified_at": stamps[modified],
         }
 
     def output_json(self, run: Run) -> dict[str, Any]:
