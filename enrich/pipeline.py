@@ -295,7 +295,7 @@ async def execute(cfg: RunConfig, journal: Journal, client: TaskClient, prep: Pr
             live = journal.in_flight_count(prep.epoch, ("submitted",) if state.reconcile_failed else None)
             if live == 0:
                 break
-            state.in_flight = live
+            state.resync(live)
             state.slots.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(state.slots.wait(), 0.5)

@@ -28,6 +28,7 @@ from enrich.retry import backoff
 FETCH_MIN_RUNS = 100        # fetch once this many completions wait...
 FETCH_MAX_WAIT_S = 0.25     # ...or the oldest has waited this long
 SMALL_FETCH = 8             # up to this many: one GET /result each
+SEGMENT_GAP = 2             # batches this close share one listing
 
 
 class Poller:
@@ -39,7 +40,7 @@ class Poller:
         self.waiting: dict[str, tuple[str, int, str, float]] = {}   # run_id -> (row_key, batch, cursor, submitted_at)
         self.wanted: dict[str, float] = {}                           # run_id to check/fetch -> since when
         self.failed: list[tuple[str, str]] = []
-        self.released: set[str] = set()   # finished runs whose in-flight slot was already given back
+        self.released = state.released   # finished runs whose in-flight slot was already given back
         self.wake = asyncio.Event()
         self.cursor: str | None = journal.get("events_cursor")
         self.requests = 0
@@ -172,6 +173,7 @@ class Poller:
                 await asyncio.sleep(backoff(attempt, self.rand.random(), getattr(exc, "retry_after", None)))
 
     async def _fetch(self, want: dict[str, float]) -> None:
+        """Fetch results for `want`; whatever arrived is recorded even if a request fails midway."""
         self._drain_handoff()
         ids = [r for r in want if r in self.waiting]
         for r in want:
@@ -180,28 +182,52 @@ class Poller:
         done: list[tuple[str, str]] = []
         failed: list[tuple[str, str]] = []
         active: list[str] = []
+        try:
+            singles = await self._list(ids, done, failed, active)
+            for rid in singles:
+                await self._one(rid, done, failed, active)
+        finally:
+            for rid in active:
+                self.wanted.pop(rid, None)   # still running: its completion event will come
+            failpoints.hit("mid_poll")
+            if done or failed:
+                self.journal.record(done, failed, time.time())
+                failpoints.hit("after_result_commit")
+            self._finish([rid for rid, _ in done + failed])
+            self.state.completed += len(done)
+            self.state.failed += len(failed)
+
+    async def _list(self, ids: list[str], done: list[tuple[str, str]], failed: list[tuple[str, str]],
+                    active: list[str]) -> list[str]:
+        """Read results from the group's run listing, one listing per run of neighbouring batches.
+
+        Each listing starts at its first batch's cursor and is closed as soon as its runs were
+        all seen, so it reads about as many events as those batches hold, however old they are.
+        Returns the runs left to ask for one by one (segments too small to be worth a listing).
+        """
         by_batch: dict[int, list[str]] = {}
         for rid in ids:
             by_batch.setdefault(self.waiting[rid][1], []).append(rid)
-        remaining = set(ids)
-        singles: list[str] = []
+        segments: list[list[int]] = []
         for batch in sorted(by_batch):
-            mine = [r for r in by_batch[batch] if r in remaining]
-            if len(mine) <= SMALL_FETCH:
-                singles.extend(mine)
-                remaining.difference_update(mine)
+            if segments and batch - segments[-1][-1] <= SEGMENT_GAP:
+                segments[-1].append(batch)
+            else:
+                segments.append([batch])
+        singles: list[str] = []
+        for seg in segments:
+            need = {rid for b in seg for rid in by_batch[b]}
+            if len(need) <= SMALL_FETCH:
+                singles.extend(need)
                 continue
-            # one listing from this batch's cursor, closed once this batch's runs were all seen:
-            # it reads at most about one batch of events, however old the batch is
-            need = set(mine)
             self.requests += 1
-            async for event in self.client.group_runs(self.taskgroup_id, last_event_id=self.waiting[mine[0]][2] or None,
+            start = self.waiting[by_batch[seg[0]][0]][2]
+            async for event in self.client.group_runs(self.taskgroup_id, last_event_id=start or None,
                                                       include_output=True):
                 run = event.get("run") or {}
                 rid = run.get("run_id")
-                if rid not in remaining:
+                if rid not in need:
                     continue
-                remaining.discard(rid)
                 need.discard(rid)
                 status = run.get("status")
                 if status == "completed" and isinstance(event.get("output"), dict):
@@ -209,38 +235,37 @@ class Poller:
                 elif status in ("failed", "cancelled"):
                     failed.append((rid, _run_error(run)))
                 else:
-                    active.append(rid)   # its completion event will come on the event stream
+                    active.append(rid)
                 if not need:
                     break
-            singles.extend(need)        # not listed (should not happen): ask for each
-            remaining.difference_update(need)
-        ids = singles
-        for rid in ids:   # a small fetch, or runs the listing did not show
-            self.requests += 1
+            singles.extend(need)   # not listed (should not happen): ask for each
+        return singles
+
+    async def _one(self, rid: str, done: list[tuple[str, str]], failed: list[tuple[str, str]],
+                   active: list[str]) -> None:
+        """GET /result for one run (timeout 0); a 404 is explained by GET run. Transient errors
+        leave the run wanted for the next round."""
+        self.requests += 1
+        try:
+            res = await self.client.result(rid, timeout_s=0)
+        except PermanentApiError as exc:
+            if exc.status != 404:
+                raise
             try:
-                res = await self.client.result(rid, timeout_s=0)
-            except PermanentApiError as exc:
-                if exc.status != 404:
-                    raise
                 run = await self.client.get_run(rid)   # 404 on /result: failed, or unknown
-                if run.get("is_active"):
-                    active.append(rid)
-                else:
-                    failed.append((rid, _run_error(run)))
-                continue
-            if res is None:
+            except TransientApiError:
+                return
+            if run.get("is_active"):
                 active.append(rid)
             else:
-                done.append((rid, json.dumps(res, ensure_ascii=False)))
-        for rid in active:
-            self.wanted.pop(rid, None)
-        failpoints.hit("mid_poll")
-        if done or failed:
-            self.journal.record(done, failed, time.time())
-            failpoints.hit("after_result_commit")
-        self._finish([rid for rid, _ in done + failed])
-        self.state.completed += len(done)
-        self.state.failed += len(failed)
+                failed.append((rid, _run_error(run)))
+            return
+        except TransientApiError:
+            return
+        if res is None:
+            active.append(rid)
+        else:
+            done.append((rid, json.dumps(res, ensure_ascii=False)))
 
     def _flush_failed(self) -> None:
         if not self.failed:

@@ -37,6 +37,7 @@ class JobState:
     unresolved: asyncio.Event = field(default_factory=asyncio.Event)  # rows need reconciliation
     handoff: list[tuple[str, str, int, str, float]] = field(default_factory=list)  # new runs for the poller
     reload_runs: bool = False     # reconciliation adopted runs: the poller re-reads the journal
+    released: set[str] = field(default_factory=set)   # runs finished at the API (slot freed), not yet recorded
     started: float = field(default_factory=time.monotonic)
 
     def finished_rows(self) -> int:
@@ -45,6 +46,10 @@ class JobState:
     def freed(self, n: int) -> None:
         self.in_flight -= n
         self.slots.set()
+
+    def resync(self, journal_in_flight: int) -> None:
+        """Reset the counter from the journal, minus runs already finished but not yet recorded."""
+        self.in_flight = journal_in_flight - len(self.released)
 
 
 async def show_progress(state: JobState, interval_s: float = 5.0) -> None:

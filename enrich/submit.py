@@ -122,7 +122,7 @@ class Submitter:
             now = time.time()
             if not journal.has_pending(self.epoch, now):
                 if not journal.has_pending(self.epoch):
-                    state.in_flight = journal.in_flight_count(self.epoch)   # re-sync before deciding
+                    state.resync(journal.in_flight_count(self.epoch))   # re-sync before deciding
                     if state.in_flight == 0 or not self._more_may_come():
                         return
                     await self._wait(1.0)   # rows in doubt may come back to pending after reconciliation
