@@ -288,7 +288,7 @@ class Poller:
                 self.released.discard(rid)
             else:
                 unreleased += 1
-        self.state.freed(unreleased)
+        self.state.freed(unreleased)   # also wakes the submitter: the backlog shrank
 
     # ---- deadlines ---------------------------------------------------------------------------
     async def _timeouts(self) -> None:

@@ -116,7 +116,7 @@ class Submitter:
             if self.breaker.state != "closed" and self.breaker.wait_time() > 0:
                 await self._wait(min(self.breaker.wait_time(), 1.0))
                 continue
-            if state.in_flight >= self.max_in_flight:
+            if self._free() <= 0:
                 await self._wait(1.0)
                 continue
             now = time.time()
@@ -137,7 +137,7 @@ class Submitter:
             await self._linger()
             if state.stop.is_set():
                 return
-            free = self.max_in_flight - state.in_flight
+            free = self._free()
             if free <= 0:
                 continue
             limit = min(self.batch_size, free) if self.breaker.state == "closed" else 1  # a probe is one run
@@ -155,12 +155,20 @@ class Submitter:
             failpoints.hit("after_intent_commit")
             await self._send(claimed)
 
+    def _free(self) -> int:
+        """Slots for new runs: active runs stay under max_in_flight, and runs finished at the API but
+        not yet recorded (their results still to fetch) are bounded too, so a fast API cannot make the
+        backlog, and memory, grow with the input."""
+        state = self.state
+        backlog = state.in_flight + len(state.released)
+        return min(self.max_in_flight - state.in_flight, self.max_in_flight + self.batch_size - backlog)
+
     async def _linger(self) -> None:
         """With few free slots and runs still active, wait briefly for more: fuller batches, fewer POSTs."""
         want = max(1, self.batch_size // 4)
         deadline = time.monotonic() + LINGER_S
-        while (self.max_in_flight - self.state.in_flight < want and self.state.in_flight > 0
-               and not self.state.stop.is_set()):
+        while self._free() < want and self.state.in_flight + len(self.state.released) > 0 \
+                and not self.state.stop.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
                 return

@@ -13,8 +13,13 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import settings
 
 from enrich.emulator import EmulatorConfig, EmulatorServer
+
+settings.register_profile("default", max_examples=300, deadline=None)
+settings.register_profile("fuzz", max_examples=5000, deadline=None)   # make fuzz
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"

@@ -87,7 +87,7 @@ def test_bad_input_keeps_the_journal(tmp_path: Path, shared_emulator) -> None:
     j.close()
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=4000))
 def test_reader_returns_rows_or_input_error(data: bytes) -> None:
     """Random bytes: the reader yields rows or raises InputError, nothing else."""
@@ -100,7 +100,6 @@ def test_reader_returns_rows_or_input_error(data: bytes) -> None:
         assert str(exc).startswith("fuzz.csv")
 
 
-@settings(max_examples=200, deadline=None)
 @given(st.lists(st.lists(st.text(max_size=12), min_size=2, max_size=2), min_size=1, max_size=20))
 def test_csv_cells_round_trip_as_strings(rows: list[list[str]]) -> None:
     """Whatever text a valid CSV holds comes back unchanged (no type inference, no trimming)."""

@@ -92,6 +92,21 @@ def assert_no_canary(d: Path) -> None:
             assert CANARY_KEY.encode() not in path.read_bytes(), f"API key found in {path}"
 
 
+def kill_at_random(cfg: Path, emu, kills: int, seed: int, lo: float, hi: float, after_each=None) -> None:
+    """Start `enrich run` and SIGKILL it at a random moment, `kills` times."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PARALLEL_")}
+    env["PARALLEL_API_KEY"] = CANARY_KEY
+    rng = random.Random(seed)
+    for _ in range(kills):
+        proc = subprocess.Popen([sys.executable, "-m", "enrich", "run", str(cfg), "--base-url", emu.base_url],
+                                cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(lo, hi))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if after_each is not None:
+            after_each()
+
+
 def resume_until_done(cfg: Path, emu, tries: int = 5, **env: str) -> subprocess.CompletedProcess[str]:
     for _ in range(tries):
         r = run_enrich("run", str(cfg), "--base-url", emu.base_url, env=env or None)
@@ -269,15 +284,7 @@ def test_random_sigkills_during_2000_row_run(tmp_path: Path, emulator_process) -
     emu = emulator_process("--time-scale", "0.0005", "--faults", "429=0.05,500=0.02,drop=0.02", "--seed", "11")
     cfg = write_config(tmp_path / "job.toml", input_path=src, output=tmp_path / "out.csv", key=["company"],
                        columns=["company"], limits="batch_size = 50\nmax_in_flight = 200\nbudget_usd = 20")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PARALLEL_")}
-    env["PARALLEL_API_KEY"] = CANARY_KEY
-    rng = random.Random(1)
-    for _ in range(20):
-        proc = subprocess.Popen([sys.executable, "-m", "enrich", "run", str(cfg), "--base-url", emu.base_url],
-                                cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.3, 2.0))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    kill_at_random(cfg, emu, kills=20, seed=1, lo=0.3, hi=2.0)
     r = resume_until_done(cfg, emu)
     assert r.returncode == 0, r.stderr
     out = pl.read_csv(tmp_path / "out.csv", infer_schema=False)
@@ -293,16 +300,10 @@ def test_budget_never_crossed_across_kills(tmp_path: Path, emulator_process) -> 
     emu = emulator_process("--time-scale", "0.001", "--faults", "drop=0.05", "--seed", "2")
     cfg = write_config(tmp_path / "job.toml", input_path=src, output=tmp_path / "out.csv", key=["company"],
                        columns=["company"], limits="batch_size = 20\nmax_in_flight = 60\nbudget_usd = 1.5")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PARALLEL_")}
-    env["PARALLEL_API_KEY"] = CANARY_KEY
-    rng = random.Random(4)
-    for _ in range(10):
-        proc = subprocess.Popen([sys.executable, "-m", "enrich", "run", str(cfg), "--base-url", emu.base_url],
-                                cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.3, 1.5))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    def within_budget() -> None:
         assert sum(x["price_micros"] for x in emu.ledger()) <= 1_500_000
+
+    kill_at_random(cfg, emu, kills=10, seed=4, lo=0.3, hi=1.5, after_each=within_budget)
     r = resume_until_done(cfg, emu)
     assert r.returncode == 4, r.stderr
     assert sum(x["price_micros"] for x in emu.ledger()) <= 1_500_000

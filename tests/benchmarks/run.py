@@ -238,12 +238,40 @@ def scenario_p6(rows: int) -> dict[str, Any]:
             "peak_active_runs_possible": rows}}
 
 
+def scenario_e0() -> dict[str, Any]:
+    """Emulator capacity: creates/s, 20,000 active runs held, GETs/s, listing events/s (one client)."""
+    emu = Emulator("--time-scale", "10", "--rate-limit", "0")
+    try:
+        with httpx.Client(base_url=emu.url, headers={"x-api-key": "k"}, timeout=120) as c:
+            gid = c.post("/v1/tasks/groups", json={}).json()["taskgroup_id"]
+            body = {"inputs": [{"input": {"company": f"Company {i}"}, "processor": "lite"} for i in range(1000)]}
+            t0 = time.monotonic()
+            run_ids: list[str] = []
+            for _ in range(20):
+                run_ids += c.post(f"/v1/tasks/groups/{gid}/runs", json=body).json()["run_ids"]
+            create_s = time.monotonic() - t0
+            active = c.get("/_emulator/stats").json()["active_runs"]
+            t0 = time.monotonic()
+            for rid in run_ids[:2000]:
+                c.get(f"/v1/tasks/runs/{rid}")
+            get_s = time.monotonic() - t0
+            t0 = time.monotonic()
+            with c.stream("GET", f"/v1/tasks/groups/{gid}/runs") as resp:
+                events = sum(1 for line in resp.iter_lines() if line.startswith("data: "))
+            list_s = time.monotonic() - t0
+    finally:
+        emu.stop()
+    return {"emulator": {"runs_created_per_s": 20000 / create_s, "active_runs_held": active,
+                         "get_run_per_s_one_connection": 2000 / get_s, "listing_events_per_s": events / list_s}}
+
+
 def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     quick = os.environ.get("BENCH_QUICK") == "1"
     results: dict[str, Any] = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                                            "platform": platform.platform()}, "started": time.time()}
     plan = [
+        ("E0_emulator_capacity", scenario_e0),
         ("P1_limits_off", lambda: scenario_p1(2000 if quick else 20000, 0, 500)),
         ("P1_limit_2000", lambda: scenario_p1(1000 if quick else 2500, 2000, 500)),
         ("P2_P3_limits_off", lambda: scenario_p2_p3(1000 if quick else 5000, 0)),
@@ -302,6 +330,13 @@ def table(r: dict[str, Any]) -> str:
         row("P5_noop_resume", f"re-run of {p['rows']:,} rows: creating POSTs", p["enrich"]["rerun_creating_posts"],
             p["baseline"]["rerun_creating_posts"], None, "0")
         row("P5_noop_resume", "re-run wall s", p["enrich"]["rerun_wall_s"], None, None, "<= 3 s")
+    p = r.get("E0_emulator_capacity", {})
+    if "emulator" in p:
+        e = p["emulator"]
+        row("E0_emulator", "runs created/s (add-runs of 1,000)", e["runs_created_per_s"], None, None, "not the bottleneck")
+        row("E0_emulator", "active runs held", e["active_runs_held"], None, None, ">= 20,000")
+        row("E0_emulator", "GET run/s, one connection", e["get_run_per_s_one_connection"], None, None, "")
+        row("E0_emulator", "listing events/s", e["listing_events_per_s"], None, None, "")
     p = r.get("P6_20000_in_flight", {})
     if "enrich" in p:
         row("P6_20000_in_flight", "completion lag p95 s", p["enrich"]["lag_p95_s"], None, None, "<= 2 s")
