@@ -217,6 +217,8 @@ def test_ctrl_c_writes_partial_output_and_resumes(tmp_path: Path, emulator_proce
     proc = subprocess.Popen([sys.executable, "-m", "enrich", "run", str(cfg), "--base-url", emu.base_url],
                             cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: len(emu.ledger()) >= 10, timeout=30)
+    live = run_enrich("status", str(tmp_path / "o.journal.sqlite"), "--json")   # works while the run is live
+    assert live.returncode == 0 and json.loads(live.stdout)["rows"] > 0
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 75, err
