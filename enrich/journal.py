@@ -337,6 +337,16 @@ class Journal:
         return self.conn.execute("SELECT run_id, row_key, run_cursor, submitted_at FROM rows "
                                  "WHERE state='submitted'").fetchall()
 
+    def submitted_ids(self, run_ids: set[str]) -> set[str]:
+        """Which of these runs are still waiting for their result in the journal."""
+        out: set[str] = set()
+        ids = list(run_ids)
+        for chunk in _chunks(ids, 900):
+            marks = ",".join("?" * len(chunk))
+            out.update(r[0] for r in self.conn.execute(
+                f"SELECT run_id FROM rows WHERE state='submitted' AND run_id IN ({marks})", chunk))
+        return out
+
     def record(self, done: list[tuple[str, str]], failed: list[tuple[str, str]], now: float) -> int:
         """Store finished runs: done = (run_id, raw result JSON), failed = (run_id, error text).
 

@@ -303,7 +303,8 @@ async def execute(cfg: RunConfig, journal: Journal, client: TaskClient, prep: Pr
         state.stop.set()
         for task in background:
             task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
+        # bounded: on Python 3.11 asyncio.wait_for can swallow a cancellation, and shutdown must not hang
+        await asyncio.wait(background, timeout=5)
         state.spent_micros = journal.spent_micros()
         journal.set("events_cursor", poller.cursor)
     state.requests = client.requests  # type: ignore[attr-defined]

@@ -43,6 +43,7 @@ class Poller:
         self.released = state.released   # finished runs whose in-flight slot was already given back
         self.wake = asyncio.Event()
         self.cursor: str | None = journal.get("events_cursor")
+        self.handoffs = 0   # how many times the submitter handed over new runs
         self.requests = 0
         self._load()
 
@@ -64,6 +65,8 @@ class Poller:
             self.state.handoff.clear()
             self._load()
             return
+        if self.state.handoff:
+            self.handoffs += 1
         for run_id, key, batch, cursor, at in self.state.handoff:
             self.waiting[run_id] = (key, batch, cursor, at)
         self.state.handoff.clear()
@@ -81,7 +84,7 @@ class Poller:
         finally:
             for t in tasks:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.wait(tasks, timeout=5)
             self._flush_failed()
 
     # ---- completion detection ---------------------------------------------------------------
@@ -94,6 +97,7 @@ class Poller:
                 await self.state.new_runs.wait()
                 continue
             seen = 0
+            handoffs_before = self.handoffs
             try:
                 async for event in self.client.group_events(self.taskgroup_id, self.cursor, timeout_s=60):
                     seen += 1
@@ -109,13 +113,16 @@ class Poller:
                 await asyncio.sleep(backoff(attempt, self.rand.random(), getattr(exc, "retry_after", None)))
                 continue
             self.journal.set("events_cursor", self.cursor)
-            if seen <= 1 and self.waiting:
-                # the stream had nothing new although runs are waiting: sweep them, then pause briefly
-                self._drain_handoff()
+            self._drain_handoff()
+            if seen <= 1 and self.waiting and self.handoffs == handoffs_before:
+                # the stream closed with nothing new and no run was added meanwhile: sweep the waiting
+                # runs once, then wait for new runs (or a moment) before listening again
                 for run_id in list(self.waiting):
                     self.wanted.setdefault(run_id, time.monotonic())
                 self.wake.set()
-                await asyncio.sleep(0.5)
+                self.state.new_runs.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.state.new_runs.wait(), 0.5)
 
     def _on_event(self, event: dict[str, Any]) -> None:
         if event.get("event_id"):

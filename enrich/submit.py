@@ -117,7 +117,10 @@ class Submitter:
                 await self._wait(min(self.breaker.wait_time(), 1.0))
                 continue
             if self._free() <= 0:
+                self.state.slots.clear()
                 await self._wait(1.0)
+                if not self.state.slots.is_set() and self._free() <= 0:
+                    self._recount()   # a second without progress: trust the journal over the counters
                 continue
             now = time.time()
             if not journal.has_pending(self.epoch, now):
@@ -154,6 +157,12 @@ class Submitter:
             state.spent_micros = journal.spent_micros()
             failpoints.hit("after_intent_commit")
             await self._send(claimed)
+
+    def _recount(self) -> None:
+        """Drop released-run entries the journal has already recorded, and resync the in-flight count."""
+        waiting = self.journal.submitted_ids(self.state.released)
+        self.state.released.intersection_update(waiting)
+        self.state.resync(self.journal.in_flight_count(self.epoch))
 
     def _free(self) -> int:
         """Slots for new runs: active runs stay under max_in_flight, and runs finished at the API but
