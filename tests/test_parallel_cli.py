@@ -6,6 +6,7 @@ import csv
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,9 @@ def test_parallel_cli_enrich_run(tmp_path: Path, emulator) -> None:
     src = tmp_path / "in.csv"
     src.write_text("company\n3M\nApple\nNVIDIA\n", encoding="utf-8")
     out = tmp_path / "out.csv"
-    exe = shutil.which("parallel-cli") or str(Path(os.__file__).parent / "../../bin/parallel-cli")
+    exe = str(Path(sys.executable).parent / "parallel-cli")
+    if not Path(exe).exists():
+        exe = shutil.which("parallel-cli") or exe
     env = {**os.environ, "PARALLEL_API_KEY": "cli-key", "PARALLEL_API_URL": emu.base_url,
            "PARALLEL_BASE_URL": emu.base_url}
     r = subprocess.run([exe, "enrich", "run", "--source-type", "csv", "--source", str(src), "--target", str(out),
