@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-SUFFIXES = ("__confidence", "__citations", "__reasoning")
-
 
 def _kind(schema: dict[str, Any]) -> str:
     kind = schema.get("type", "string")
