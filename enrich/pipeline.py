@@ -35,7 +35,7 @@ from enrich.retry import CircuitBreaker, backoff
 from enrich.submit import Submitter
 
 MAX_SPEC_AND_INPUT_CHARS = 25_000
-MAX_RECONCILE_FAILURES = 8   # consecutive failed listings (backoff capped at 10 s) before giving up for this run
+RECONCILE_GIVE_UP_S = 300.0   # listings failing this long (an outage) leave rows in doubt `unknown` for this run
 
 
 @dataclass
@@ -217,6 +217,7 @@ async def ensure_group(journal: Journal, client: TaskClient, job_tag: str, emula
 async def _reconciler(journal: Journal, client: TaskClient, state: JobState, gid: str, job_tag: str,
                       grace_s: float, max_retries: int) -> None:
     attempt = 0
+    failing_since = 0.0
     while True:
         if not journal.unresolved():
             state.unresolved.clear()
@@ -227,7 +228,8 @@ async def _reconciler(journal: Journal, client: TaskClient, state: JobState, gid
             attempt = 0
         except ApiError as exc:
             attempt += 1
-            if attempt >= MAX_RECONCILE_FAILURES:
+            failing_since = failing_since if attempt > 1 else time.monotonic()
+            if time.monotonic() - failing_since >= RECONCILE_GIVE_UP_S:
                 # never resubmit blindly: these rows stay `unknown` (reported) until a later run can list the group
                 state.reconcile_failed = True
                 journal.log("error", f"cannot list the task group to settle rows in doubt: {exc}; they are reported "

@@ -61,8 +61,9 @@ async def reconcile(journal: Journal, client: TaskClient, taskgroup_id: str, job
         out.adopted += _adopt(journal, candidates, again)
         missing = [r.row_key for r in candidates if (r.row_ref, r.attempt) not in again]
         if missing:
+            # a lost request says nothing about the row: it does not count toward the row's retry limit
             journal.release(missing, time.time(), None, "the run was never created (confirmed by two listings)",
-                            max_retries)
+                            max_retries, count_retry=False)
         out.missing = len(missing)
     waiting = [r for r in rows if (r.row_ref, r.attempt) not in found and now - r.intent_at < grace_s]
     out.waiting = len(waiting)
