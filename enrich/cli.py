@@ -197,7 +197,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                               budget_exhausted=state.budget_exhausted,
                               extra={"processor": cfg.task.processor, "journal": str(cfg.journal_path),
                                      "interrupted": interrupted, "runs_created_this_invocation": state.submitted,
-                                     "http_requests_this_invocation": getattr(state, "requests", 0),
+                                     "http_requests_this_invocation": state.requests,
                                      "elapsed_s": round(time.monotonic() - state.started, 3),
                                      "cpu_s": round(time.process_time() - cpu0, 3)})
         sc = report["status_counts"]

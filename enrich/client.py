@@ -23,7 +23,6 @@ from enrich import __version__
 from enrich.errors import ApiError, ConfigError, OutcomeUnknown, TransientApiError, redact
 from enrich.retry import classify_failure, classify_status, parse_retry_after
 
-DEFAULT_TIMEOUT = httpx.Timeout(connect=5.0, read=30.0, write=10.0, pool=10.0)
 STREAM_READ_TIMEOUT = 75.0   # > the servers' keep-alive interval on SSE streams
 
 

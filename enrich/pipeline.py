@@ -309,5 +309,5 @@ async def execute(cfg: RunConfig, journal: Journal, client: TaskClient, prep: Pr
         await asyncio.wait(background, timeout=5)
         state.spent_micros = journal.spent_micros()
         journal.set("events_cursor", poller.cursor)
-    state.requests = client.requests  # type: ignore[attr-defined]
+    state.requests = client.requests
     return state

@@ -44,7 +44,6 @@ class Poller:
         self.wake = asyncio.Event()
         self.cursor: str | None = journal.get("events_cursor")
         self.handoffs = 0   # how many times the submitter handed over new runs
-        self.requests = 0
         self._load()
 
     def _load(self) -> None:
@@ -227,7 +226,6 @@ class Poller:
             if len(need) <= SMALL_FETCH:
                 singles.extend(need)
                 continue
-            self.requests += 1
             start = self.waiting[by_batch[seg[0]][0]][2]
             async for event in self.client.group_runs(self.taskgroup_id, last_event_id=start or None,
                                                       include_output=True):
@@ -252,7 +250,6 @@ class Poller:
                    active: list[str]) -> None:
         """GET /result for one run (timeout 0); a 404 is explained by GET run. Transient errors
         leave the run wanted for the next round."""
-        self.requests += 1
         try:
             res = await self.client.result(rid, timeout_s=0)
         except PermanentApiError as exc:

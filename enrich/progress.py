@@ -29,6 +29,7 @@ class JobState:
     spent_micros: int = 0
     submitter_done: bool = False
     budget_exhausted: bool = False
+    requests: int = 0                # HTTP requests made by this invocation
     reconcile_failed: bool = False   # the group could not be listed: rows in doubt stay unknown this run
     fatal: BaseException | None = None
     stop: asyncio.Event = field(default_factory=asyncio.Event)

@@ -230,3 +230,18 @@ def test_ctrl_c_writes_partial_output_and_resumes(tmp_path: Path, emulator_proce
     r = run_enrich("run", str(cfg), "--base-url", emu.base_url)
     assert r.returncode == 0, r.stderr
     assert len(emu.ledger()) == rows
+
+
+def test_key_file_must_be_private(tmp_path: Path) -> None:
+    """PARALLEL_API_KEY_FILE readable by others is refused with exit 2."""
+    key = tmp_path / "key"
+    key.write_text(CANARY_KEY)
+    key.chmod(0o644)
+    r = run_enrich("run", "configs/companies.toml", "--output", str(tmp_path / "o.csv"), key=None,
+                   env={"PARALLEL_API_KEY_FILE": str(key)})
+    assert r.returncode == 2 and "chmod 600" in r.stderr and CANARY_KEY not in r.stderr
+
+
+def test_output_must_differ_from_input(tmp_path: Path) -> None:
+    r = run_enrich("run", "configs/companies.toml", "--output", "data/companies.csv", "--emulator", key=None)
+    assert r.returncode == 2 and "is the input file" in r.stderr
