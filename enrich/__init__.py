@@ -8,6 +8,7 @@ without losing a row or paying twice for one.
 
 from enrich.errors import (
     ApiError,
+    ApiUnavailable,
     AuthError,
     BudgetExceeded,
     ConfigError,
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ApiError",
+    "ApiUnavailable",
     "AuthError",
     "BudgetExceeded",
     "ConfigError",

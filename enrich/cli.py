@@ -1,29 +1,26 @@
 """The `enrich` command: a thin layer mapping flags to the library and errors to exit codes.
 
-Exit codes: 0 all rows completed · 2 usage/config/input error · 3 finished with failed,
-timed-out or unknown rows · 4 budget exhausted · 5 auth or payment error (401/402/403) ·
-75 interrupted (resumable: run the same command again).
+Exit codes (job.EXIT_CODES): 0 all rows completed · 2 usage/config/input error · 3 finished
+with failed, timed-out or unknown rows · 4 budget exhausted · 5 auth or payment error
+(401/402/403) · 69 API unreachable (resumable) · 75 interrupted (resumable: run the same
+command again).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import shlex
-import signal
 import stat
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from enrich import __version__, failpoints
-from enrich.config import DEFAULT_BASE_URL, RunConfig, load_config
-from enrich.errors import AuthError, ConfigError, EnrichError, JournalError, PaymentRequired, redact
-
-EXIT_OK, EXIT_USAGE, EXIT_FAILED_ROWS, EXIT_BUDGET, EXIT_AUTH, EXIT_INTERRUPTED = 0, 2, 3, 4, 5, 75
+from enrich import __version__
+from enrich.config import DEFAULT_BASE_URL, load_config
+from enrich.errors import ConfigError, EnrichError, JournalError, redact
+from enrich.job import EXIT_INTERRUPTED, EXIT_OK
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="enrich the input (continues an interrupted job)")
     job_flags(run)
     run.add_argument("--dry-run", action="store_true", help="print the plan and exit (no API calls)")
+    run.add_argument("--adopt", action="store_true", help="take over a journal recorded for another job "
+                     "(different output, task spec, key columns or API key)")
+    run.add_argument("--fresh", action="store_true", help="start over: delete the journal (its results are lost; "
+                     "rows are paid for again)")
     plan = sub.add_parser("plan", help="rows, cost and duration estimate; no API calls")
     job_flags(plan)
     st = sub.add_parser("status", help="counts by state, spend, last error (works while a run is live)")
@@ -95,27 +96,14 @@ def _api_key(emulated: bool) -> str:
     return key
 
 
-def _base_url(cfg: RunConfig) -> str:
-    return cfg.api.base_url or os.environ.get("PARALLEL_BASE_URL") or DEFAULT_BASE_URL
-
-
-def _check_paths(cfg: RunConfig) -> None:
-    inp, out, jour = cfg.input.path.resolve(), cfg.output.path.resolve(), cfg.journal_path.resolve()
-    if out == inp or (out.exists() and inp.exists() and os.path.samefile(out, inp)):
-        raise ConfigError(f"output {cfg.output.path} is the input file; choose another output path")
-    if out == jour:
-        raise ConfigError(f"output {cfg.output.path} is the journal file; choose another output path")
-    if jour == inp:
-        raise ConfigError(f"journal {cfg.journal_path} is the input file")
-
-
 def cmd_plan(args: argparse.Namespace) -> int:
+    from enrich.job import check_paths, journal_path_for
     from enrich.journal import Journal
     from enrich.pipeline import format_plan, plan_summary, prepare
 
     cfg = load_config(args.config, _overrides(args))
-    _check_paths(cfg)
-    path = cfg.journal_path
+    path = journal_path_for(cfg)
+    check_paths(cfg, path)
     journal = Journal.open(path, readonly=False) if path.exists() else Journal.open(":memory:")
     try:
         prep = prepare(cfg, journal, retry_failed=args.retry_failed, dry=True)
@@ -128,103 +116,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return cmd_plan(args)
-    from enrich.client import TaskClient
-    from enrich.journal import Journal
-    from enrich.pipeline import execute, prepare
-    from enrich.progress import JobState
-    from enrich.write import write_output
+    from enrich.job import run_job
 
-    cpu0 = time.process_time()
     cfg = load_config(args.config, _overrides(args))
-    _check_paths(cfg)
     emulated = bool(args.emulator)
-    key = _api_key(emulated)
-    journal = Journal.open(cfg.journal_path)
-    server = None
-    try:
-        mode = journal.get("emulated")
-        if mode is not None and mode != emulated and journal.get("taskgroup_id"):
-            raise JournalError(f"{cfg.journal_path}: this journal holds {'emulated' if mode else 'real'} results; "
-                               f"use another --journal for {'emulated' if emulated else 'real'} runs")
-        prep = prepare(cfg, journal, retry_failed=args.retry_failed)
-        journal.set("emulated", emulated)
-        journal.set("config", {"path": str(cfg.source), "output": str(cfg.output.path), "reasoning": cfg.output.reasoning,
-                               "formula_guard": cfg.output.formula_guard, "task_spec": prep.task_spec})
-        if emulated:
-            from enrich.emulator import EmulatorConfig, EmulatorServer
-
-            e = cfg.emulator
-            server = EmulatorServer(EmulatorConfig(
-                knowledge=str(e.knowledge) if e.knowledge else None, knowledge_key=e.knowledge_key,
-                time_scale=e.time_scale, seed=e.seed, fail_rate=e.fail_rate, rate_limit=e.rate_limit,
-                faults=e.faults)).start()
-            base_url = server.base_url
-        else:
-            base_url = _base_url(cfg)
-
-        async def on_response(response: Any) -> None:
-            if response.request.method == "POST" and response.request.url.path.endswith("/runs"):
-                failpoints.hit("after_send_before_response")
-
-        state = JobState()
-        interrupted = False
-
-        async def main() -> Any:
-            nonlocal interrupted
-            loop = asyncio.get_running_loop()
-
-            def stop() -> None:
-                nonlocal interrupted
-                if interrupted:   # a second Ctrl-C: leave now; every commit already made is durable
-                    print("enrich: interrupted again; exiting at once (the journal is intact)", file=sys.stderr)
-                    os._exit(EXIT_INTERRUPTED)
-                interrupted = True
-                print("enrich: stopping (Ctrl-C again to leave at once)...", file=sys.stderr)
-                state.stop.set()
-
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop)
-            client = TaskClient(base_url, key, timeout_s=cfg.limits.request_timeout_s, on_response=on_response)
-            try:
-                return await execute(cfg, journal, client, prep, emulated=emulated, state=state)
-            finally:
-                await client.aclose()
-
-        asyncio.run(main())
-        counts = journal.counts(prep.epoch)
-        report = write_output(journal, cfg.output.path, prep.fields, reasoning=cfg.output.reasoning,
-                              formula_guard=cfg.output.formula_guard, emulated=emulated,
-                              budget_exhausted=state.budget_exhausted,
-                              extra={"processor": cfg.task.processor, "journal": str(cfg.journal_path),
-                                     "interrupted": interrupted, "runs_created_this_invocation": state.submitted,
-                                     "http_requests_this_invocation": state.requests,
-                                     "elapsed_s": round(time.monotonic() - state.started, 3),
-                                     "cpu_s": round(time.process_time() - cpu0, 3)})
-        sc = report["status_counts"]
-        print(f"enrich: wrote {report['rows']} rows to {cfg.output.path} "
-              f"({', '.join(f'{v} {k}' for k, v in sorted(sc.items()))}); spent ${report['spend_usd']:.4f}"
-              f"{' [EMULATED]' if emulated else ''}", file=sys.stderr)
-        if isinstance(state.fatal, AuthError | PaymentRequired):
-            print(f"enrich: stopped: {redact(str(state.fatal), key)}", file=sys.stderr)
-            return EXIT_AUTH
-        if state.fatal is not None:
-            print(f"enrich: stopped: {redact(str(state.fatal), key)}", file=sys.stderr)
-            return EXIT_FAILED_ROWS
-        if interrupted:
-            cmd = " ".join(shlex.quote(a) for a in ["enrich", *sys.argv[1:]])
-            print(f"enrich: interrupted; progress is saved in {cfg.journal_path}. Resume with: {cmd}", file=sys.stderr)
-            return EXIT_INTERRUPTED
-        if counts.get("pending", 0) and state.budget_exhausted:
-            print(f"enrich: budget exhausted: {counts['pending']} rows skipped (skipped_budget); raise --budget "
-                  "and run again to finish them", file=sys.stderr)
-            return EXIT_BUDGET
-        if any(counts.get(s, 0) for s in ("failed", "timed_out", "unknown", "intent", "pending", "submitted")):
-            return EXIT_FAILED_ROWS
-        return EXIT_OK
-    finally:
-        if server is not None:
-            server.stop()
-        journal.close()
+    result = run_job(cfg, api_key=_api_key(emulated), emulated=emulated, retry_failed=args.retry_failed,
+                     adopt=args.adopt, fresh=args.fresh)
+    for line in result.message.splitlines():
+        print(f"enrich: {line}", file=sys.stderr)
+    if result.exit_code == EXIT_INTERRUPTED:
+        cmd = " ".join(shlex.quote(a) for a in ["enrich", *sys.argv[1:]])
+        print(f"enrich: Resume with: {cmd}", file=sys.stderr)
+    return result.exit_code
 
 
 def cmd_status(args: argparse.Namespace) -> int:

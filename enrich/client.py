@@ -24,6 +24,7 @@ from enrich.errors import ApiError, ConfigError, OutcomeUnknown, TransientApiErr
 from enrich.retry import classify_failure, classify_status, parse_retry_after
 
 STREAM_READ_TIMEOUT = 75.0   # > the servers' keep-alive interval on SSE streams
+EMULATOR_HEADER = "x-enrich-emulator"   # every emulator response carries it: outputs are marked emulated
 
 
 def check_base_url(url: str) -> str:
@@ -53,7 +54,8 @@ class TaskClient:
                  on_response: Callable[[httpx.Response], Any] | None = None):
         self.base_url = check_base_url(base_url)
         self._key = api_key
-        hooks = {"response": [on_response]} if on_response else {}
+        hooks: dict[str, list[Any]] = {"response": [self._note_server, *([on_response] if on_response else [])]}
+        self.emulator_seen = False
         self._http = httpx.AsyncClient(
             base_url=self.base_url, transport=transport, follow_redirects=False,
             timeout=httpx.Timeout(connect=5.0, read=timeout_s, write=10.0, pool=10.0),
@@ -62,6 +64,10 @@ class TaskClient:
             event_hooks=hooks,
         )
         self.requests = 0
+
+    async def _note_server(self, response: httpx.Response) -> None:
+        if EMULATOR_HEADER in response.headers:
+            self.emulator_seen = True
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -86,9 +86,19 @@ class LimitsConfig(_Strict):
     budget_usd: float | None = Field(default=None, ge=0)
     row_timeout_s: float = Field(default=3600, gt=0)
     batch_size: int = Field(default=1000, gt=0, le=1000)
-    request_timeout_s: float = Field(default=30, gt=0)
-    reconcile_grace_s: float = Field(default=60, ge=0)
-    max_attempts: int = Field(default=6, gt=0)
+    request_timeout_s: float = Field(default=30, gt=0)   # total deadline of a creating POST
+    reconcile_grace_s: float = Field(default=60, gt=0)   # must exceed request_timeout_s
+    max_attempts: int = Field(default=6, gt=0)           # rejections of a row itself before it is failed
+    recheck_s: float = Field(default=5, gt=0, le=60)     # liveness watchdog period
+    outage_give_up_s: float = Field(default=300, gt=0)   # no creating request succeeds this long: stop (exit 69)
+
+    @model_validator(mode="after")
+    def _grace(self) -> LimitsConfig:
+        if self.reconcile_grace_s <= self.request_timeout_s:
+            raise ValueError(f"reconcile_grace_s ({self.reconcile_grace_s:g}) must be longer than request_timeout_s "
+                             f"({self.request_timeout_s:g}): a request still on its way could otherwise create a "
+                             "run after its row was declared never created")
+        return self
 
 
 class EmulatorSection(_Strict):
@@ -120,7 +130,7 @@ class RunConfig(_Strict):
         if self.journal:
             return self.journal
         out = self.output.path
-        return out.with_name(out.name.split(".")[0] + ".journal.sqlite")
+        return out.with_name(out.name + ".journal.sqlite")   # one per output: x.lite.csv and x.base.csv differ
 
     @property
     def budget_micros(self) -> int | None:
@@ -233,6 +243,12 @@ def digest(obj: Any, n: int = 32) -> str:
 
 
 def spec_fingerprint(cfg: RunConfig, task_spec: dict[str, Any]) -> str:
-    """What a result depends on besides the row input: spec, processor and run options."""
+    """What a result depends on besides the row input and the processor: spec and run options."""
+    t = cfg.task
+    return digest([task_spec, t.source_policy, t.metadata, t.previous_interaction_id])
+
+
+def legacy_spec_fingerprint(cfg: RunConfig, task_spec: dict[str, Any]) -> str:
+    """The schema-1 fingerprint (it included the processor), to rename it in old journals."""
     t = cfg.task
     return digest([task_spec, t.processor, t.source_policy, t.metadata, t.previous_interaction_id])

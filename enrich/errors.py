@@ -10,7 +10,8 @@
         ├── PermanentApiError        3   this request/row is bad (400/404/422): retrying cannot help
         ├── OutcomeUnknown           -   a paid run may exist: reconcile before any resubmit
         ├── AuthError                5   401/403: aborts the run
-        └── PaymentRequired          5   402: aborts the run
+        ├── PaymentRequired          5   402: aborts the run
+        └── ApiUnavailable          69   nothing answers at the base URL (resumable)
 
 Retry decisions are made with isinstance() on this tree (see retry.py), never by
 matching message text. Messages never contain the API key: `redact()` is applied by the CLI
@@ -95,6 +96,12 @@ class PaymentRequired(ApiError):
     """402: the account's credit cannot cover more runs. Ends the run."""
 
     exit_code = 5
+
+
+class ApiUnavailable(ApiError):
+    """The API cannot be reached at all (nothing listening, outage): the job stops, resumable."""
+
+    exit_code = 69
 
 
 def redact(text: str, secret: str | None) -> str:

@@ -2,23 +2,36 @@
 
 Row states (the one place they are written down):
 
-    pending ──claim──> intent ──2xx──> submitted ──completed──> done
-       ^                 │ │                │  └───failed────────> failed
-       │   safe failure  │ │ lost/ambiguous │  └──row_timeout_s──> timed_out
+    pending ──claim──> intent ──2xx──> submitted ──result (matched by metadata)──> done
+       ^                 │ │                │  └──run failed/cancelled────────────> failed
+       │   safe failure  │ │ lost/ambiguous │  └──API says still active after row_timeout_s──> timed_out
        ├─────────────────┘ v                │
        │   confirmed     unknown ──found in the group listing──> submitted
        └───missing───────┘
-    done/failed/timed_out ──input or task spec changed, refresh due, --retry-failed──> pending
+    done/failed/timed_out ──input, task spec or processor changed, refresh due, --retry-failed──> pending
+    timed_out ──--retry-failed──> submitted   (its run is asked again: a finished result is reused)
 
-`intent` is committed, with its budget reservation, *before* the request is sent; so
-after any crash every row that might have a paid run is `intent`/`unknown`/`submitted`, and
-reconciliation (reconcile.py) settles it against the task group's run listing before
-anything is resubmitted. Money is integer micro-dollars in the append-only `spend` table:
-+price when a run is reserved, -price when it is proven never created.
+Every transition is one method that names its from-states and raises `TransitionError` when a
+row is not where it should be (a race between two writers shows up as an error, never as a
+silent double payment).
 
-Settings follow reliability.md 2.3: WAL, synchronous=FULL, one writer connection with
-explicit BEGIN IMMEDIATE, short transactions never held across network awaits, and an
-exclusive flock on `<journal>.lock` so a second enrich on the same journal stops at once.
+`intent` is committed, with its budget reservation, *before* the request is sent; so after any
+crash every row that might have a paid run is `intent`/`unknown`/`submitted`, and
+reconciliation settles it against the task group's run listing before anything is resubmitted.
+
+Runs are never matched to rows by position: an add-runs reply only adds its run ids to the
+`runs` table (what the poller waits for); which row a run belongs to is learned from the run's
+own metadata (`enrich_row`, `enrich_try`) on every result, listing entry and event. Every
+completed result is kept in `results`, keyed by run id and looked up by (input, task spec,
+processor), so switching a config back reuses what was already paid for.
+
+Money is integer micro-dollars in the append-only `spend` table: +price when a run is reserved,
+-price when it is proven never created.
+
+Settings follow reliability.md 2.3: WAL, synchronous=FULL, one writer connection with explicit
+BEGIN IMMEDIATE, short transactions never held across network awaits, and an exclusive flock on
+the journal file itself (its inode, so a symlink cannot bypass it; hard links are refused since
+SQLite's WAL file is named after the path).
 """
 
 from __future__ import annotations
@@ -36,42 +49,59 @@ from typing import Any
 
 from enrich.errors import BudgetExceeded, JournalError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 IN_FLIGHT = ("intent", "unknown", "submitted")
 TERMINAL = ("done", "failed", "timed_out")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS rows (
-  row_key        TEXT PRIMARY KEY,   -- canonical JSON array of the key column values
-  row_ref        TEXT NOT NULL,      -- sha256(job_id, row_key)[:24], sent as run metadata enrich_row
+  id             INTEGER PRIMARY KEY,
+  row_key        TEXT NOT NULL UNIQUE,   -- canonical JSON array of the key column values
+  row_ref        TEXT NOT NULL UNIQUE,   -- sha256(job_id, row_key)[:24], sent as run metadata enrich_row
   ordinal        INTEGER NOT NULL,   -- 0-based position in the latest input
   line           INTEGER NOT NULL,   -- line (CSV) or row number (Parquet) in the latest input
   epoch          INTEGER NOT NULL,   -- seeding generation that last saw this row
   row_json       TEXT NOT NULL,      -- every input column, JSON array in meta 'columns' order
   input_json     TEXT NOT NULL,      -- the task input object (configured columns only)
   input_hash     TEXT NOT NULL,
-  spec_hash      TEXT NOT NULL,
+  spec_hash      TEXT NOT NULL,      -- task spec and run options (not the processor)
+  processor      TEXT NOT NULL,      -- processor of the row's next run
   state          TEXT NOT NULL,      -- pending | intent | unknown | submitted | done | failed | timed_out
   attempts       INTEGER NOT NULL DEFAULT 0,  -- runs ever intended for this row: metadata enrich_try
-  retries        INTEGER NOT NULL DEFAULT 0,  -- consecutive safe failures of the current research
+  retries        INTEGER NOT NULL DEFAULT 0,  -- rejections of this row itself (not of the API)
   batch          INTEGER,            -- submission batch of the current attempt
-  run_id         TEXT,
-  run_cursor     TEXT,               -- runs-stream cursor before this row's batch ('' = group start)
-  run_input_hash TEXT,               -- input_hash the current run was made from
+  run_id         TEXT,               -- the run proven (by its metadata) to belong to this attempt
+  run_input_hash TEXT,               -- input_hash, spec_hash and processor the current run was made from
   run_spec_hash  TEXT,
+  run_processor  TEXT,
   next_at        REAL,               -- not before this time (backoff after a safe failure)
   solo           INTEGER NOT NULL DEFAULT 0,  -- 1 = submit alone (its batch got a 422)
   intent_at      REAL,
   submitted_at   REAL,
   finished_at    REAL,
-  result_json    TEXT,               -- raw {run, output} JSON as the API sent it
   error          TEXT
 );
-CREATE INDEX IF NOT EXISTS rows_state ON rows(state, epoch);
 CREATE INDEX IF NOT EXISTS rows_queue ON rows(epoch, state, solo, ordinal);   -- claim: next pending rows in order
 CREATE INDEX IF NOT EXISTS rows_order ON rows(epoch, ordinal);
-CREATE INDEX IF NOT EXISTS rows_run ON rows(run_id);
+CREATE INDEX IF NOT EXISTS rows_state ON rows(state);
+CREATE TABLE IF NOT EXISTS runs (
+  run_id       TEXT PRIMARY KEY,     -- every run an add-runs reply or a listing showed us
+  batch        INTEGER NOT NULL,
+  cursor       TEXT NOT NULL,        -- runs-stream cursor before its batch ('' = group start)
+  created_at   REAL NOT NULL,
+  state        TEXT NOT NULL         -- waiting | recorded | timed_out
+);
+CREATE INDEX IF NOT EXISTS runs_state ON runs(state);
+CREATE TABLE IF NOT EXISTS results (
+  run_id       TEXT PRIMARY KEY,
+  input_hash   TEXT NOT NULL,
+  spec_hash    TEXT NOT NULL,
+  processor    TEXT NOT NULL,
+  completed_at REAL NOT NULL,
+  result_json  TEXT NOT NULL         -- raw {run, output} JSON as the API sent it
+);
+CREATE INDEX IF NOT EXISTS results_lookup ON results(input_hash, spec_hash, processor, completed_at);
 CREATE TABLE IF NOT EXISTS spend (
   id INTEGER PRIMARY KEY, at REAL NOT NULL, row_key TEXT NOT NULL,
   micros INTEGER NOT NULL,            -- +price reserved, -price released
@@ -81,12 +111,25 @@ CREATE TABLE IF NOT EXISTS log (id INTEGER PRIMARY KEY, at REAL NOT NULL, level 
 """
 
 
+class TransitionError(JournalError):
+    """A row was not in a state the transition starts from: a bug or a second writer, never ignored."""
+
+
+class DuplicateKey(JournalError):
+    """The same key appears twice in one input file."""
+
+    def __init__(self, key: str, first_line: int, line: int):
+        super().__init__(f"duplicate key {key} (first at line {first_line})")
+        self.key, self.first_line, self.line = key, first_line, line
+
+
 @dataclass
 class Claimed:
     row_key: str
     row_ref: str
     attempt: int
     input: Any
+    processor: str
 
 
 @dataclass
@@ -96,6 +139,22 @@ class Unresolved:
     attempt: int
     intent_at: float
     batch: int | None
+
+
+@dataclass
+class Finished:
+    """A run the API reports as finished, attributed by its own metadata."""
+
+    run_id: str
+    row_ref: str | None
+    attempt: int | None
+    result_json: str | None = None   # completed
+    error: str | None = None         # failed / cancelled
+
+
+def _chunks(items: list[Any], n: int = 900) -> Iterator[list[Any]]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
 
 
 class Journal:
@@ -109,28 +168,43 @@ class Journal:
     # ---- opening, locking --------------------------------------------------------------
     @classmethod
     def open(cls, path: str | Path, readonly: bool = False) -> Journal:
+        """Open (creating) a journal and take its lock; JournalError if another process holds it."""
         if str(path) == ":memory:":   # scratch journal for `enrich plan` on a new job
             conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
             conn.executescript(SCHEMA)
             return cls(conn, Path(":memory:"), None)
-        path = Path(path)
+        path = Path(os.path.realpath(path))   # SQLite names the -wal file after the path: use one path
         if readonly:
-            if not path.exists():
+            if not path.is_file():
                 raise JournalError(f"{path}: no such journal")
-            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=5)
+            try:
+                conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=5)
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            except sqlite3.DatabaseError as exc:
+                raise JournalError(f"{path}: not an enrich journal ({exc})") from None
+            if "rows" not in tables or "meta" not in tables:
+                conn.close()
+                raise JournalError(f"{path}: not an enrich journal (no job recorded in it)")
+            if version > SCHEMA_VERSION:
+                conn.close()
+                raise JournalError(f"{path}: journal was written by a newer enrich (schema {version})")
             view = cls(conn, path, None)
             view.readonly = True
             return view
         path.parent.mkdir(parents=True, exist_ok=True)
-        lock_fd = os.open(f"{path}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)  # created 0600: it may hold PII
         try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # the lock is on the file itself (its inode): every name of it shares one lock
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            os.close(lock_fd)
+            os.close(fd)
             raise JournalError(f"{path}: journal is in use by another enrich process; "
                                "wait for it to finish or stop it (its progress is kept)") from None
-        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)  # created 0600: it may hold PII
-        os.close(fd)
+        if os.fstat(fd).st_nlink > 1:
+            os.close(fd)
+            raise JournalError(f"{path}: journal has {os.stat(path).st_nlink} hard links; SQLite keeps its "
+                               "write-ahead log beside one name only, so use a single name (remove the extra links)")
         try:
             conn = sqlite3.connect(str(path), isolation_level=None, timeout=5, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
@@ -140,12 +214,14 @@ class Journal:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise JournalError(f"{path}: journal was written by a newer enrich (schema {version})")
+            if version == 1:
+                _migrate_v1(conn)
             conn.executescript(SCHEMA)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
-            os.close(lock_fd)
+            os.close(fd)
             raise JournalError(f"{path}: not a usable journal ({exc})") from None
-        return cls(conn, path, lock_fd)
+        return cls(conn, path, fd)
 
     def close(self) -> None:
         self.conn.close()
@@ -166,6 +242,10 @@ class Journal:
 
     def integrity_ok(self) -> bool:
         return self.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+    def is_empty(self) -> bool:
+        """No row was ever recorded (a new, emptied or foreign journal)."""
+        return self.conn.execute("SELECT 1 FROM rows LIMIT 1").fetchone() is None
 
     # ---- meta ----------------------------------------------------------------------------
     def get(self, key: str, default: Any = None) -> Any:
@@ -188,17 +268,39 @@ class Journal:
         row = self.conn.execute("SELECT message FROM log WHERE level='error' ORDER BY id DESC LIMIT 1").fetchone()
         return row[0] if row else None
 
+    def check_identity(self, identity: dict[str, Any], adopt: bool) -> None:
+        """Refuse a job whose identity (output, task spec, key columns, API key hash) differs from the
+        one this journal holds, unless `adopt`; record it otherwise. Raises JournalError (exit 2)."""
+        held = self.get("identity")
+        if held and not self.get("taskgroup_id"):   # nothing was created yet: the API key is not bound
+            held = {**held, "api_key": identity.get("api_key")}
+        if held and held != identity and not adopt:
+            diff = ", ".join(sorted(k for k in identity if held.get(k) != identity.get(k)))
+            raise JournalError(f"{self.path}: this journal belongs to another job (different {diff}); use another "
+                               "--journal, or pass --adopt to take it over for this job")
+        if held != identity:
+            self.set("identity", identity)
+
+    def rehash_spec(self, old: str, new: str) -> int:
+        """Rename a task-spec fingerprint (a journal from schema 1 hashed the processor in): no re-run."""
+        with self.tx() as c:
+            n = c.execute("UPDATE rows SET spec_hash=? WHERE spec_hash=?", (new, old)).rowcount
+            c.execute("UPDATE rows SET run_spec_hash=? WHERE run_spec_hash=?", (new, old))
+            c.execute("UPDATE results SET spec_hash=? WHERE spec_hash=?", (new, old))
+        return n
+
     # ---- seeding -------------------------------------------------------------------------
-    def seed(self, batches: Iterable[list[tuple[str, str, int, int, str, str, str, str]]], epoch: int,
+    def seed(self, batches: Iterable[list[tuple[str, str, int, int, str, str, str, str, str]]], epoch: int,
              refresh_before: float | None, retry_failed: bool, dry: bool = False,
              meta: dict[str, Any] | None = None) -> None:
         """Record the current input: one transaction for the whole file, rolled back on any error.
 
-        Each item is (row_key, row_ref, ordinal, line, row_json, input_json, input_hash, spec_hash).
-        A row whose completed result matches its input and spec (and is fresher than
-        `refresh_before`) stays done; in-flight rows stay in flight; everything else is pending.
-        Raises `DuplicateKey` when a key appears twice in this input. With `dry` the whole
-        transaction is rolled back after counting (`last_seed_counts`), for `enrich plan`.
+        Each item is (row_key, row_ref, ordinal, line, row_json, input_json, input_hash, spec_hash,
+        processor). In-flight rows stay in flight; failed/timed-out rows stay so unless
+        `retry_failed` or their input changed (a timed-out run is asked again rather than paid
+        again); every other row is pending, then done at once if `results` already holds a result
+        for its (input, spec, processor) newer than `refresh_before`. Raises `DuplicateKey`.
+        With `dry` the transaction is rolled back after counting (`last_seed_counts`), for `plan`.
         """
         conn = self.conn
         conn.execute("BEGIN IMMEDIATE")
@@ -211,14 +313,18 @@ class Journal:
                         if r[0] in seen:
                             raise DuplicateKey(r[0], seen[r[0]], r[3])
                         seen[r[0]] = r[3]
-                for chunk in _chunks(keys, 900):
+                for chunk in _chunks(keys):
                     marks = ",".join("?" * len(chunk))
                     hit = conn.execute(f"SELECT row_key, line FROM rows WHERE epoch=? AND row_key IN ({marks}) LIMIT 1",
                                        (epoch, *chunk)).fetchone()
                     if hit:
                         line2 = next(r[3] for r in batch if r[0] == hit[0])
                         raise DuplicateKey(hit[0], hit[1], line2)
-                conn.executemany(_SEED_SQL, [(*r, epoch, refresh_before, int(retry_failed)) for r in batch])
+                conn.executemany(_SEED_SQL, [(*r, epoch, int(retry_failed)) for r in batch])
+            if retry_failed:   # a timed-out run may have finished since: ask for it before paying again
+                conn.execute("UPDATE runs SET state='waiting' WHERE state='timed_out' AND run_id IN "
+                             "(SELECT run_id FROM rows WHERE epoch=? AND state='submitted')", (epoch,))
+            conn.execute(_REUSE_SQL, {"epoch": epoch, "fresh": refresh_before})
             self.set("epoch", epoch, conn)
             for k, v in (meta or {}).items():
                 self.set(k, v, conn)
@@ -242,34 +348,31 @@ class Journal:
             args = (epoch, now)
         return self.conn.execute(sql, args).fetchone() is not None
 
-    def in_flight_count(self, epoch: int, states: tuple[str, ...] | None = None) -> int:
-        states = states or IN_FLIGHT
+    def in_flight_count(self, states: tuple[str, ...] = IN_FLIGHT) -> int:
         marks = ",".join("?" * len(states))
-        return self.conn.execute(f"SELECT COUNT(*) FROM rows WHERE epoch=? AND state IN ({marks})",
-                                 (epoch, *states)).fetchone()[0]
+        return self.conn.execute(f"SELECT COUNT(*) FROM rows WHERE state IN ({marks})", states).fetchone()[0]
 
     def next_retry_at(self, epoch: int) -> float | None:
         return self.conn.execute("SELECT MIN(next_at) FROM rows WHERE epoch=? AND state='pending'",
                                  (epoch,)).fetchone()[0]
 
-    def claim(self, epoch: int, limit: int, price: int, budget: int | None, now: float,
+    def claim(self, epoch: int, limit: int, prices: dict[str, int], budget: int | None, now: float,
               batch: int) -> list[Claimed]:
-        """Reserve budget and mark up to `limit` pending rows `intent`, committed before any send.
-
-        Solo rows (their batch was rejected) are claimed one at a time. Raises BudgetExceeded
-        when not even one more run fits in the budget.
-        """
+        """pending -> intent for up to `limit` rows of one processor, with their budget reserved, committed
+        before any send. Solo rows (their batch was rejected) are claimed one at a time. Raises
+        BudgetExceeded when not even one more run fits in the budget."""
         with self.tx() as c:
-            solo = c.execute("SELECT row_key FROM rows WHERE epoch=? AND state='pending' AND solo=1 AND "
-                             "(next_at IS NULL OR next_at<=?) ORDER BY ordinal LIMIT 1", (epoch, now)).fetchall()
-            if solo:
-                picked = solo
-            else:
-                picked = c.execute("SELECT row_key FROM rows WHERE epoch=? AND state='pending' AND solo=0 AND "
+            picked = c.execute("SELECT id, processor FROM rows WHERE epoch=? AND state='pending' AND solo=1 AND "
+                               "(next_at IS NULL OR next_at<=?) ORDER BY ordinal LIMIT 1", (epoch, now)).fetchall()
+            if not picked:
+                picked = c.execute("SELECT id, processor FROM rows WHERE epoch=? AND state='pending' AND solo=0 AND "
                                    "(next_at IS NULL OR next_at<=?) ORDER BY ordinal LIMIT ?",
                                    (epoch, now, limit)).fetchall()
             if not picked:
                 return []
+            processor = picked[0][1]
+            picked = [p for p in picked if p[1] == processor]   # one batch, one processor
+            price = prices[processor]
             if budget is not None:
                 spent = c.execute("SELECT COALESCE(SUM(micros), 0) FROM spend").fetchone()[0]
                 affordable = (budget - spent) // price if price else len(picked)
@@ -277,54 +380,82 @@ class Journal:
                     raise BudgetExceeded(f"budget reached: {spent / 1e6:.4f} USD of {budget / 1e6:.4f} USD "
                                          "spent or reserved")
                 picked = picked[:affordable]
-            keys = [r[0] for r in picked]
+            ids = [p[0] for p in picked]
             c.executemany("UPDATE rows SET state='intent', attempts=attempts+1, batch=?, intent_at=?, run_id=NULL, "
-                          "run_cursor=NULL, run_input_hash=input_hash, run_spec_hash=spec_hash, error=NULL "
-                          "WHERE row_key=?", [(batch, now, k) for k in keys])
-            c.executemany("INSERT INTO spend(at, row_key, micros, reason) VALUES (?, ?, ?, 'reserve')",
-                          [(now, k, price) for k in keys])
-            out = []
-            for chunk in _chunks(keys, 900):
+                          "run_input_hash=input_hash, run_spec_hash=spec_hash, run_processor=processor, error=NULL "
+                          "WHERE id=? AND state='pending'", [(batch, now, i) for i in ids])
+            out: list[Claimed] = []
+            for chunk in _chunks(ids):
                 marks = ",".join("?" * len(chunk))
-                rows = c.execute(f"SELECT row_key, row_ref, attempts, input_json FROM rows WHERE row_key IN ({marks})",
-                                 chunk).fetchall()
-                by_key = {r[0]: r for r in rows}
-                out.extend(Claimed(k, by_key[k][1], by_key[k][2], json.loads(by_key[k][3])) for k in chunk)
+                rows = c.execute(f"SELECT id, row_key, row_ref, attempts, input_json FROM rows WHERE id IN ({marks}) "
+                                 "AND state='intent'", chunk).fetchall()
+                by_id = {r[0]: r for r in rows}
+                if len(by_id) != len(chunk):
+                    raise TransitionError("claim: a row left `pending` during its own claim")
+                out.extend(Claimed(by_id[i][1], by_id[i][2], by_id[i][3], json.loads(by_id[i][4]), processor)
+                           for i in chunk)
+            c.executemany("INSERT INTO spend(at, row_key, micros, reason) VALUES (?, ?, ?, 'reserve')",
+                          [(now, cl.row_key, price) for cl in out])
             self.set("batch_seq", batch, c)
             return out
 
-    def mark_submitted(self, pairs: list[tuple[str, str]], run_cursor: str | None, now: float) -> None:
-        """The add-runs reply arrived: (row_key, run_id) in input order."""
+    def _move(self, c: sqlite3.Connection, sql: str, params: list[tuple[Any, ...]], what: str) -> None:
+        """Run one UPDATE per item; each must touch exactly one row, else TransitionError (rolled back)."""
+        for p in params:
+            if c.execute(sql, p).rowcount != 1:
+                raise TransitionError(f"{what}: row {p[-2] if len(p) > 1 else p[0]} is not in the expected state")
+
+    def mark_submitted(self, rows: list[tuple[str, int]], run_ids: list[str], batch: int, cursor: str | None,
+                       now: float) -> None:
+        """intent -> submitted for an add-runs reply: the rows (row_key, attempt) and the run ids the reply
+        listed, in whatever order; which run is whose is learned from each run's metadata later."""
         with self.tx() as c:
-            c.executemany("UPDATE rows SET state='submitted', run_id=?, run_cursor=?, submitted_at=?, retries=0 "
-                          "WHERE row_key=? AND state IN ('intent', 'unknown')",
-                          [(rid, run_cursor or "", now, key) for key, rid in pairs])
+            self._move(c, "UPDATE rows SET state='submitted', submitted_at=?, retries=0 WHERE row_key=? AND "
+                          "attempts=? AND state='intent'", [(now, k, a) for k, a in rows], "mark_submitted")
+            c.executemany("INSERT OR IGNORE INTO runs(run_id, batch, cursor, created_at, state) "
+                          "VALUES (?, ?, ?, ?, 'waiting')", [(r, batch, cursor or "", now) for r in run_ids])
 
-    def release(self, keys: list[str], now: float, next_at: float | None, error: str, max_retries: int,
-                solo: bool = False, count_retry: bool = True) -> None:
-        """No run was created for these rows: refund the reservation and make them pending again.
-
-        Rows that have now failed `max_retries` times in a row become `failed` instead.
-        """
+    def adopt(self, found: list[tuple[str, int, str, str]], now: float) -> None:
+        """intent|unknown -> submitted for rows found in the group listing: (row_key, attempt, run_id, cursor).
+        Here the pairing is proven: the listing showed the run with this row's metadata."""
         with self.tx() as c:
-            c.executemany("INSERT INTO spend(at, row_key, micros, reason) "
-                          "SELECT ?, row_key, -(SELECT micros FROM spend s WHERE s.row_key=rows.row_key AND "
-                          "s.reason='reserve' ORDER BY id DESC LIMIT 1), 'release' FROM rows WHERE row_key=? AND "
-                          "state IN ('intent', 'unknown')", [(now, k) for k in keys])
-            inc = 1 if count_retry else 0
-            c.executemany("UPDATE rows SET state=CASE WHEN retries+? >= ? THEN 'failed' ELSE 'pending' END, "
-                          "retries=retries+?, next_at=?, solo=MAX(solo, ?), error=?, finished_at=? "
-                          "WHERE row_key=? AND state IN ('intent', 'unknown')",
-                          [(inc, max_retries, inc, next_at, int(solo), error, now, k) for k in keys])
+            self._move(c, "UPDATE rows SET state='submitted', run_id=?, submitted_at=?, retries=0 WHERE row_key=? "
+                          "AND attempts=? AND state IN ('intent', 'unknown')",
+                       [(rid, now, k, a) for k, a, rid, _ in found], "adopt")
+            c.executemany("INSERT OR IGNORE INTO runs(run_id, batch, cursor, created_at, state) "
+                          "SELECT ?, COALESCE(batch, 0), ?, ?, 'waiting' FROM rows WHERE row_key=?",
+                          [(rid, cur, now, k) for k, _, rid, cur in found])
 
-    def fail_unsent(self, keys: list[str], now: float, error: str) -> None:
-        """A permanent rejection (422/400) of a single-row batch: refund, mark failed."""
-        self.release(keys, now, None, error, max_retries=0)
-
-    def mark_unknown(self, keys: list[str], error: str) -> None:
+    def release(self, rows: list[tuple[str, int]], now: float, next_at: float | None, error: str,
+                max_retries: int, solo: bool = False, count_retry: bool = False) -> list[str]:
+        """intent|unknown -> pending (or failed): no run was created for this attempt of these rows.
+        Refunds the reservation. Only rows still at the given attempt move (a stale decision about an
+        older attempt changes nothing). `count_retry` only for rejections of the row itself; a row
+        rejected `max_retries` times becomes failed. Returns the keys that became failed."""
+        inc = 1 if count_retry else 0
+        failed: list[str] = []
         with self.tx() as c:
-            c.executemany("UPDATE rows SET state='unknown', error=? WHERE row_key=? AND state='intent'",
-                          [(error, k) for k in keys])
+            for key, attempt in rows:
+                hit = c.execute("SELECT retries FROM rows WHERE row_key=? AND attempts=? AND "
+                                "state IN ('intent', 'unknown')", (key, attempt)).fetchone()
+                if hit is None:
+                    raise TransitionError(f"release: row {key} attempt {attempt} is no longer in doubt")
+                price = c.execute("SELECT micros FROM spend WHERE row_key=? AND reason='reserve' ORDER BY id DESC "
+                                  "LIMIT 1", (key,)).fetchone()
+                c.execute("INSERT INTO spend(at, row_key, micros, reason) VALUES (?, ?, ?, 'release')",
+                          (now, key, -(price[0] if price else 0)))
+                state = "failed" if hit[0] + inc >= max_retries else "pending"
+                if state == "failed":
+                    failed.append(key)
+                c.execute("UPDATE rows SET state=?, retries=retries+?, next_at=?, solo=MAX(solo, ?), error=?, "
+                          "finished_at=? WHERE row_key=?", (state, inc, next_at, int(solo), error, now, key))
+        return failed
+
+    def mark_unknown(self, rows: list[tuple[str, int]], error: str) -> None:
+        """intent -> unknown: the add-runs outcome is ambiguous; reconciliation decides."""
+        with self.tx() as c:
+            self._move(c, "UPDATE rows SET state='unknown', error=? WHERE row_key=? AND attempts=? AND state='intent'",
+                       [(error, k, a) for k, a in rows], "mark_unknown")
 
     def unresolved(self) -> list[Unresolved]:
         rows = self.conn.execute("SELECT row_key, row_ref, attempts, intent_at, batch FROM rows "
@@ -332,45 +463,74 @@ class Journal:
         return [Unresolved(*r) for r in rows]
 
     # ---- polling ---------------------------------------------------------------------------
-    def submitted(self) -> list[tuple[str, str, str, float]]:
-        """(run_id, row_key, run_cursor, submitted_at) of every row waiting for its run."""
-        return self.conn.execute("SELECT run_id, row_key, run_cursor, submitted_at FROM rows "
-                                 "WHERE state='submitted'").fetchall()
+    def waiting_runs(self) -> list[tuple[str, int, str, float]]:
+        """(run_id, batch, cursor, created_at) of every run whose outcome is still to be recorded."""
+        return self.conn.execute("SELECT run_id, batch, cursor, created_at FROM runs WHERE state='waiting'").fetchall()
 
-    def submitted_ids(self, run_ids: set[str]) -> set[str]:
-        """Which of these runs are still waiting for their result in the journal."""
-        out: set[str] = set()
-        ids = list(run_ids)
-        for chunk in _chunks(ids, 900):
-            marks = ",".join("?" * len(chunk))
-            out.update(r[0] for r in self.conn.execute(
-                f"SELECT run_id FROM rows WHERE state='submitted' AND run_id IN ({marks})", chunk))
-        return out
+    def record(self, finished: list[Finished], now: float) -> tuple[int, list[str]]:
+        """Store finished runs, each on the row its metadata names: submitted|timed_out -> done | failed.
 
-    def record(self, done: list[tuple[str, str]], failed: list[tuple[str, str]], now: float) -> int:
-        """Store finished runs: done = (run_id, raw result JSON), failed = (run_id, error text).
-
-        A result whose row has since changed input or spec is kept but the row goes back to
-        pending, to be researched again. Returns the number of rows updated.
-        """
+        A completed result is always kept in `results` (it was paid for), even when its row has moved
+        on; a row whose input or spec changed since goes back to pending. Returns (rows updated, run ids
+        refused because their metadata names no row of this journal). Recording twice is harmless."""
+        refused: list[str] = []
+        updated = 0
         with self.tx() as c:
-            before = c.total_changes
-            c.executemany("UPDATE rows SET state=CASE WHEN run_input_hash=input_hash AND run_spec_hash=spec_hash "
-                          "THEN 'done' ELSE 'pending' END, result_json=?, error=NULL, finished_at=? "
-                          "WHERE run_id=? AND state='submitted'", [(res, now, rid) for rid, res in done])
-            c.executemany("UPDATE rows SET state='failed', error=?, finished_at=? WHERE run_id=? AND state='submitted'",
-                          [(err, now, rid) for rid, err in failed])
-            return c.total_changes - before
+            for f in finished:
+                row = None
+                if f.row_ref is not None and f.attempt is not None:
+                    row = c.execute("SELECT id, state, run_input_hash, run_spec_hash, run_processor, input_hash, "
+                                    "spec_hash, processor FROM rows WHERE row_ref=? AND attempts=?",
+                                    (f.row_ref, f.attempt)).fetchone()
+                if row is None:
+                    if f.row_ref is None or c.execute("SELECT 1 FROM rows WHERE row_ref=?",
+                                                      (f.row_ref,)).fetchone() is None:
+                        refused.append(f.run_id)
+                    # else: a result of an earlier attempt of a known row; nothing to attribute it to
+                    c.execute("UPDATE runs SET state='recorded' WHERE run_id=?", (f.run_id,))
+                    continue
+                rid, state, r_in, r_spec, r_proc, in_h, spec_h, proc = row
+                if f.result_json is not None:
+                    c.execute("INSERT OR IGNORE INTO results(run_id, input_hash, spec_hash, processor, completed_at, "
+                              "result_json) VALUES (?, ?, ?, ?, ?, ?)", (f.run_id, r_in, r_spec, r_proc, now,
+                                                                        f.result_json))
+                c.execute("UPDATE runs SET state='recorded' WHERE run_id=?", (f.run_id,))
+                if state not in ("submitted", "timed_out"):
+                    continue   # already recorded (a repeated event or listing)
+                if f.result_json is not None:
+                    new = "done" if (r_in, r_spec, r_proc) == (in_h, spec_h, proc) else "pending"
+                    c.execute("UPDATE rows SET state=?, run_id=?, error=NULL, finished_at=? WHERE id=?",
+                              (new, f.run_id, now, rid))
+                else:
+                    c.execute("UPDATE rows SET state='failed', run_id=?, error=?, finished_at=? WHERE id=?",
+                              (f.run_id, f.error, now, rid))
+                updated += 1
+        return updated, refused
 
-    def time_out(self, older_than: float, now: float) -> list[str]:
-        """Rows submitted before `older_than` and still waiting become timed_out; returns their run ids."""
+    def time_out(self, run_id: str, row_ref: str | None, attempt: int | None, now: float) -> bool:
+        """submitted -> timed_out: the API says this run is still active after row_timeout_s.
+        The run stays known (--retry-failed asks for it again instead of paying again)."""
         with self.tx() as c:
-            ids = [r[0] for r in c.execute("SELECT run_id FROM rows WHERE state='submitted' AND submitted_at < ?",
-                                           (older_than,))]
-            c.execute("UPDATE rows SET state='timed_out', finished_at=?, error='no result within row_timeout_s; "
-                      "the run may still finish and be billed (the API has no cancel)' "
-                      "WHERE state='submitted' AND submitted_at < ?", (now, older_than))
-        return ids
+            c.execute("UPDATE runs SET state='timed_out' WHERE run_id=? AND state='waiting'", (run_id,))
+            if row_ref is None or attempt is None:
+                return False
+            n = c.execute("UPDATE rows SET state='timed_out', run_id=?, finished_at=?, error='still running at the "
+                          "API after row_timeout_s; the run may still finish and be billed (the API has no cancel): "
+                          "--retry-failed collects it without paying again' WHERE row_ref=? AND attempts=? AND "
+                          "state='submitted'", (run_id, now, row_ref, attempt)).rowcount
+        return n == 1
+
+    def orphaned_submitted(self) -> list[tuple[str, int]]:
+        """Submitted rows no waiting run can belong to any more (every run was attributed elsewhere)."""
+        if self.conn.execute("SELECT 1 FROM runs WHERE state='waiting' LIMIT 1").fetchone():
+            return []
+        return self.conn.execute("SELECT row_key, attempts FROM rows WHERE state='submitted'").fetchall()
+
+    def unknown_from_submitted(self, rows: list[tuple[str, int]], error: str) -> None:
+        """submitted -> unknown: no run can be shown to be this row's; reconciliation looks for it by metadata."""
+        with self.tx() as c:
+            self._move(c, "UPDATE rows SET state='unknown', error=? WHERE row_key=? AND attempts=? AND "
+                          "state='submitted'", [(error, k, a) for k, a in rows], "unknown_from_submitted")
 
     # ---- reading back ----------------------------------------------------------------------
     def counts(self, epoch: int | None = None) -> dict[str, int]:
@@ -378,61 +538,113 @@ class Journal:
             epoch = self.get("epoch", 0)
         return dict(self.conn.execute("SELECT state, COUNT(*) FROM rows WHERE epoch=? GROUP BY state", (epoch,)))
 
+    def run_count(self) -> int:
+        return self.conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+
+    def has_runs(self) -> bool:
+        return self.conn.execute("SELECT 1 FROM runs LIMIT 1").fetchone() is not None
+
+    def write_state(self) -> list[Any]:
+        """A cheap summary that changes whenever anything the output shows changes."""
+        epoch = self.get("epoch", 0)
+        row = self.conn.execute("SELECT COUNT(*), MAX(intent_at), MAX(submitted_at), MAX(finished_at), SUM(attempts) "
+                                "FROM rows WHERE epoch=?", (epoch,)).fetchone()
+        return [epoch, *row]
+
     def iter_rows(self, epoch: int, chunk: int = 10_000) -> Iterator[list[tuple[Any, ...]]]:
         """(row_json, state, run_id, result_json, error, submitted_at, finished_at) in input order."""
         last = -1
         while True:
-            rows = self.conn.execute("SELECT ordinal, row_json, state, run_id, result_json, error, submitted_at, "
-                                     "finished_at FROM rows WHERE epoch=? AND ordinal>? ORDER BY ordinal LIMIT ?",
-                                     (epoch, last, chunk)).fetchall()
+            rows = self.conn.execute(
+                "SELECT r.ordinal, r.row_json, r.state, r.run_id, s.result_json, r.error, r.submitted_at, "
+                "r.finished_at FROM rows r LEFT JOIN results s ON s.run_id=r.run_id AND r.state='done' "
+                "WHERE r.epoch=? AND r.ordinal>? ORDER BY r.ordinal LIMIT ?", (epoch, last, chunk)).fetchall()
             if not rows:
                 return
             last = rows[-1][0]
             yield [r[1:] for r in rows]
 
+    def forget_remote(self) -> int:
+        """The task group is gone (a fresh emulator): rows that were in flight there go back to pending.
 
-class DuplicateKey(JournalError):
-    """The same key appears twice in one input file."""
-
-    def __init__(self, key: str, first_line: int, line: int):
-        super().__init__(f"duplicate key {key} (first at line {first_line})")
-        self.key, self.first_line, self.line = key, first_line, line
+        Only ever used for emulated journals, where no money was involved. Returns the rows reset.
+        """
+        with self.tx() as c:
+            keys = [r[0] for r in c.execute("SELECT row_key FROM rows WHERE state IN ('intent','unknown','submitted')")]
+            for k in keys:
+                price = c.execute("SELECT micros FROM spend WHERE row_key=? AND reason='reserve' ORDER BY id DESC "
+                                  "LIMIT 1", (k,)).fetchone()
+                c.execute("INSERT INTO spend(at, row_key, micros, reason) VALUES (?, ?, ?, 'release')",
+                          (time.time(), k, -(price[0] if price else 0)))
+            c.execute("UPDATE rows SET state='pending', run_id=NULL, next_at=NULL "
+                      "WHERE state IN ('intent','unknown','submitted')")
+            c.execute("DELETE FROM runs WHERE state IN ('waiting', 'timed_out')")
+            c.execute("DELETE FROM meta WHERE k IN ('taskgroup_id', 'events_cursor')")
+        return len(keys)
 
 
 _SEED_SQL = """
-INSERT INTO rows (row_key, row_ref, ordinal, line, row_json, input_json, input_hash, spec_hash, epoch, state)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending')
+INSERT INTO rows (row_key, row_ref, ordinal, line, row_json, input_json, input_hash, spec_hash, processor, epoch,
+                  state)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending')
 ON CONFLICT(row_key) DO UPDATE SET
   ordinal=excluded.ordinal, line=excluded.line, epoch=excluded.epoch, row_json=excluded.row_json,
   input_json=excluded.input_json, input_hash=excluded.input_hash, spec_hash=excluded.spec_hash,
+  processor=excluded.processor,
   state = CASE
     WHEN rows.state IN ('intent', 'unknown', 'submitted') THEN rows.state
-    WHEN rows.state = 'done' AND rows.run_input_hash = excluded.input_hash
-         AND rows.run_spec_hash = excluded.spec_hash AND (?10 IS NULL OR rows.finished_at >= ?10) THEN 'done'
-    WHEN rows.state IN ('failed', 'timed_out') AND ?11 = 0 AND rows.run_input_hash = excluded.input_hash
-         AND rows.run_spec_hash = excluded.spec_hash THEN rows.state
+    WHEN rows.state IN ('failed', 'timed_out') AND rows.run_input_hash = excluded.input_hash
+         AND rows.run_spec_hash = excluded.spec_hash AND rows.run_processor = excluded.processor THEN
+         CASE WHEN ?11 = 0 THEN rows.state
+              WHEN rows.state = 'timed_out' AND rows.run_id IS NOT NULL THEN 'submitted'
+              ELSE 'pending' END
     ELSE 'pending' END,
-  retries = CASE WHEN rows.state = 'pending' OR rows.state IN ('done', 'failed', 'timed_out') THEN 0
-            ELSE rows.retries END,
+  retries = CASE WHEN rows.state IN ('intent', 'unknown', 'submitted') THEN rows.retries ELSE 0 END,
   solo = 0, next_at = NULL
 """
 
+# pending rows whose (input, spec, processor) already has a result: done, no new run
+_REUSE_SQL = """
+UPDATE rows SET state='done', error=NULL, run_input_hash=input_hash, run_spec_hash=spec_hash, run_processor=processor,
+  run_id=(SELECT s.run_id FROM results s WHERE s.input_hash=rows.input_hash AND s.spec_hash=rows.spec_hash
+          AND s.processor=rows.processor AND (:fresh IS NULL OR s.completed_at >= :fresh)
+          ORDER BY s.completed_at DESC LIMIT 1)
+WHERE epoch=:epoch AND state='pending' AND EXISTS (SELECT 1 FROM results s WHERE s.input_hash=rows.input_hash
+  AND s.spec_hash=rows.spec_hash AND s.processor=rows.processor AND (:fresh IS NULL OR s.completed_at >= :fresh))
+"""
 
-def _chunks(items: list[Any], n: int) -> Iterator[list[Any]]:
-    for i in range(0, len(items), n):
-        yield items[i:i + n]
 
+def _migrate_v1(conn: sqlite3.Connection) -> None:
+    """Schema 1 -> 2: results move to their own table, runs get a table, rows an integer id and a processor.
 
-def forget_remote(journal: Journal) -> int:
-    """The task group is gone (a fresh emulator): rows that were in flight there go back to pending.
-
-    Only ever used for emulated journals, where no money was involved. Returns the rows reset.
-    """
-    with journal.tx() as c:
-        keys = [r[0] for r in c.execute("SELECT row_key FROM rows WHERE state IN ('intent','unknown','submitted')")]
-        c.executemany("INSERT INTO spend(at, row_key, micros, reason) SELECT ?, row_key, -(SELECT micros FROM spend s "
-                      "WHERE s.row_key=rows.row_key AND s.reason='reserve' ORDER BY id DESC LIMIT 1), 'release' "
-                      "FROM rows WHERE row_key=?", [(time.time(), k) for k in keys])
-        c.execute("UPDATE rows SET state='pending', run_id=NULL, next_at=NULL WHERE state IN ('intent','unknown','submitted')")
-        c.execute("DELETE FROM meta WHERE k IN ('taskgroup_id', 'events_cursor')")
-    return len(keys)
+    Spec hashes of schema 1 included the processor; `pipeline.prepare` renames them on first use
+    (meta `legacy_spec_hash`), so nothing already paid for runs again."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        proc_row = conn.execute("SELECT v FROM meta WHERE k='processor'").fetchone()
+        proc = json.loads(proc_row[0]) if proc_row else "lite-fast"
+        conn.execute("ALTER TABLE rows RENAME TO rows_v1")
+        for idx in ("rows_state", "rows_queue", "rows_order", "rows_run"):
+            conn.execute(f"DROP INDEX IF EXISTS {idx}")
+        conn.executescript(SCHEMA.replace("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);", ""))
+        conn.execute(
+            "INSERT INTO rows(row_key, row_ref, ordinal, line, epoch, row_json, input_json, input_hash, spec_hash, "
+            "processor, state, attempts, retries, batch, run_id, run_input_hash, run_spec_hash, run_processor, next_at, "
+            "solo, intent_at, submitted_at, finished_at, error) SELECT row_key, row_ref, ordinal, line, epoch, row_json, "
+            "input_json, input_hash, spec_hash, ?, state, attempts, retries, batch, run_id, run_input_hash, "
+            "run_spec_hash, ?, next_at, solo, intent_at, submitted_at, finished_at, error FROM rows_v1 ORDER BY ordinal",
+            (proc, proc))
+        conn.execute("INSERT OR IGNORE INTO results(run_id, input_hash, spec_hash, processor, completed_at, result_json) "
+                     "SELECT run_id, run_input_hash, run_spec_hash, ?, COALESCE(finished_at, 0), result_json "
+                     "FROM rows_v1 WHERE run_id IS NOT NULL AND result_json IS NOT NULL", (proc,))
+        conn.execute("INSERT OR IGNORE INTO runs(run_id, batch, cursor, created_at, state) SELECT run_id, "
+                     "COALESCE(batch, 0), COALESCE(run_cursor, ''), COALESCE(submitted_at, 0), 'waiting' FROM rows_v1 "
+                     "WHERE state='submitted' AND run_id IS NOT NULL")
+        conn.execute("UPDATE rows SET run_id=NULL WHERE state='submitted'")   # v1 paired them by position
+        conn.execute("DROP TABLE rows_v1")
+        conn.execute("INSERT OR REPLACE INTO meta(k, v) VALUES ('legacy_schema', '1')")
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")

@@ -22,16 +22,25 @@ from dataclasses import dataclass
 from typing import Any
 
 from enrich.client import TaskClient
-from enrich.config import RunConfig, build_task_spec, canonical, digest, output_fields, spec_fingerprint
-from enrich.errors import ApiError, InputError, PermanentApiError, TransientApiError
+from enrich.config import (
+    RunConfig,
+    build_task_spec,
+    canonical,
+    digest,
+    legacy_spec_fingerprint,
+    output_fields,
+    spec_fingerprint,
+)
+from enrich.errors import ApiError, ApiUnavailable, InputError, PermanentApiError, TransientApiError
 from enrich.flatten import output_columns
-from enrich.journal import DuplicateKey, Journal, forget_remote
+from enrich.journal import IN_FLIGHT, DuplicateKey, Journal
 from enrich.poll import Poller
 from enrich.processors import PROCESSORS
 from enrich.progress import JobState, show_progress
 from enrich.read import key_problem, open_table
 from enrich.reconcile import reconcile
 from enrich.retry import CircuitBreaker, backoff
+from enrich.slots import Slots
 from enrich.submit import Submitter
 
 MAX_SPEC_AND_INPUT_CHARS = 25_000
@@ -61,6 +70,10 @@ def prepare(cfg: RunConfig, journal: Journal, retry_failed: bool = False, dry: b
     task_spec = build_task_spec(cfg)
     fields = output_fields(task_spec)
     spec_hash = spec_fingerprint(cfg, task_spec)
+    if journal.get("legacy_schema") and not dry:   # schema-1 hashes included the processor: rename, never re-run
+        journal.rehash_spec(legacy_spec_fingerprint(cfg, task_spec), spec_hash)
+        journal.set("legacy_schema", None)
+    processor = cfg.task.processor
     spec_chars = len(canonical(task_spec))
     job_id = journal.get("job_id") or str(uuid.uuid4())
     fingerprint = _input_fingerprint(cfg, spec_hash)
@@ -97,7 +110,7 @@ def prepare(cfg: RunConfig, journal: Journal, retry_failed: bool = False, dry: b
                                      line=row.line)
                 out.append((row_key, digest([job_id, row_key], 24), total, row.line,
                             json.dumps(row.values, ensure_ascii=False, default=str), input_json,
-                            digest(input_json), spec_hash))
+                            digest(input_json), spec_hash, processor))
                 total += 1
             yield out
 
@@ -204,9 +217,9 @@ async def ensure_group(journal: Journal, client: TaskClient, job_tag: str, emula
             await _retry_safe(lambda: client.get_group(gid))
             return str(gid)
         except PermanentApiError as exc:
-            if exc.status != 404 or not emulated:
+            if exc.status != 404 or not (emulated or journal.get("emulated") or client.emulator_seen):
                 raise
-            n = forget_remote(journal)   # a new emulator process does not know the old group
+            n = journal.forget_remote()   # a new emulator process does not know the old group
             journal.log("warning", f"emulator restarted: {n} in-flight rows will run again in the new emulator")
     group = await _retry_safe(lambda: client.create_group({"enrich_job": job_tag}))
     gid = group["taskgroup_id"]
@@ -216,17 +229,20 @@ async def ensure_group(journal: Journal, client: TaskClient, job_tag: str, emula
 
 async def _reconciler(journal: Journal, client: TaskClient, state: JobState, gid: str, job_tag: str,
                       grace_s: float, max_retries: int) -> None:
+    """Settle rows in doubt until the job ends. Only transient errors are retried (for at most
+    RECONCILE_GIVE_UP_S); anything else stops the job at once."""
     attempt = 0
     failing_since = 0.0
     while True:
         if not journal.unresolved():
             state.unresolved.clear()
-            await state.unresolved.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(state.unresolved.wait(), 5.0)
             continue
         try:
-            out = await reconcile(journal, client, gid, job_tag, grace_s, max_retries)
+            out = await reconcile(journal, client, gid, job_tag, grace_s, max_retries, posting=state.posting)
             attempt = 0
-        except ApiError as exc:
+        except TransientApiError as exc:
             attempt += 1
             failing_since = failing_since if attempt > 1 else time.monotonic()
             if time.monotonic() - failing_since >= RECONCILE_GIVE_UP_S:
@@ -234,18 +250,25 @@ async def _reconciler(journal: Journal, client: TaskClient, state: JobState, gid
                 state.reconcile_failed = True
                 journal.log("error", f"cannot list the task group to settle rows in doubt: {exc}; they are reported "
                                      "as unknown and will be reconciled on the next run")
-                state.slots.set()
                 return
             journal.log("warning", f"reconciliation: {exc}")
             await asyncio.sleep(backoff(attempt, 0.5, exc.retry_after, cap=10))
             continue
+        except ApiError as exc:
+            journal.log("error", str(exc))
+            state.fatal = exc
+            state.stop.set()
+            return
         if out.adopted:
             state.reload_runs = True
             state.new_runs.set()
-        if out.missing:
-            state.freed(out.missing)
+        if out.missing:   # released: their slots are free again
+            state.active.give(out.missing)
+            state.backlog.give(out.missing)
         if out.next_check is not None:
             await asyncio.sleep(max(0.05, out.next_check - time.time()))
+        elif not out.adopted and not out.missing:
+            await asyncio.sleep(0.5)   # rows in doubt whose POST is still in flight
 
 
 async def execute(cfg: RunConfig, journal: Journal, client: TaskClient, prep: Prepared, *, emulated: bool,
@@ -255,24 +278,33 @@ async def execute(cfg: RunConfig, journal: Journal, client: TaskClient, prep: Pr
     state = state or JobState()
     state.total = prep.total
     state.done_before = sum(counts.get(s, 0) for s in ("done", "failed", "timed_out"))
-    state.in_flight = sum(counts.get(s, 0) for s in ("intent", "unknown", "submitted"))
     state.spent_micros = journal.spent_micros()
-    if counts.get("pending", 0) == 0 and state.in_flight == 0:
+    in_flight = journal.in_flight_count()
+    if counts.get("pending", 0) == 0 and in_flight == 0:
         return state   # nothing to do: no request at all
-    gid = await ensure_group(journal, client, prep.job_tag, emulated)
-    state.in_flight = sum(journal.counts(prep.epoch).get(s, 0) for s in ("intent", "unknown", "submitted"))
+    try:
+        gid = await ensure_group(journal, client, prep.job_tag, emulated)
+    except TransientApiError as exc:
+        raise ApiUnavailable(f"cannot reach the API at {client.base_url} ({exc}); check --base-url and the "
+                             "network, or use --emulator. Nothing was sent; run the same command again") from None
+    limits = cfg.limits
+    state.active = Slots(limits.max_in_flight)
+    state.backlog = Slots(limits.max_in_flight + limits.batch_size)
+    in_flight = journal.in_flight_count()
+    state.active.preload(in_flight)
+    state.backlog.preload(in_flight)
     t = cfg.task
     options = {k: v for k, v in (("source_policy", t.source_policy),
                                  ("previous_interaction_id", t.previous_interaction_id)) if v is not None}
-    proc = PROCESSORS[t.processor]
-    limits = cfg.limits
     submitter = Submitter(journal, client, state, taskgroup_id=gid, job_tag=prep.job_tag, epoch=prep.epoch,
-                          processor=t.processor, price_micros=proc.price_micros, budget_micros=cfg.budget_micros,
-                          task_spec=prep.task_spec, run_options=options, user_metadata=t.metadata,
-                          max_in_flight=limits.max_in_flight, batch_size=limits.batch_size,
-                          requests_per_minute=limits.requests_per_minute, max_retries=limits.max_attempts,
+                          prices={name: p.price_micros for name, p in PROCESSORS.items()},
+                          budget_micros=cfg.budget_micros, task_spec=prep.task_spec, run_options=options,
+                          user_metadata=t.metadata, batch_size=limits.batch_size,
+                          requests_per_minute=limits.requests_per_minute, request_timeout_s=limits.request_timeout_s,
+                          max_retries=limits.max_attempts, outage_give_up_s=limits.outage_give_up_s,
                           breaker=CircuitBreaker())
-    poller = Poller(journal, client, state, taskgroup_id=gid, row_timeout_s=limits.row_timeout_s)
+    poller = Poller(journal, client, state, taskgroup_id=gid, job_tag=prep.job_tag, row_timeout_s=limits.row_timeout_s,
+                    recheck_s=limits.recheck_s)
     if journal.unresolved():
         state.unresolved.set()
     background = [
@@ -294,13 +326,11 @@ async def execute(cfg: RunConfig, journal: Journal, client: TaskClient, prep: Pr
         await submitter.run()
         # submission is over (all sent, budget spent, or stopped): let in-flight rows finish
         while not state.stop.is_set():
-            live = journal.in_flight_count(prep.epoch, ("submitted",) if state.reconcile_failed else None)
+            live = journal.in_flight_count(("submitted",) if state.reconcile_failed else IN_FLIGHT)
             if live == 0:
                 break
-            state.resync(live)
-            state.slots.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(state.slots.wait(), 0.5)
+            state.waiting_on = f"{live} runs to finish at the API"
+            await state.backlog.wait_change(0.5)
     finally:
         state.stop.set()
         for task in background:

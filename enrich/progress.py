@@ -14,43 +14,46 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from enrich.processors import usd
+from enrich.slots import Slots
 
 
 @dataclass
 class JobState:
-    """Counters and wake-ups shared by submit, poll and reconcile within one process."""
+    """Counters and wake-ups shared by submit, poll and reconcile within one process.
+
+    Runs in flight are owned by two `Slots` (slots.py): `active` (the API is working on them) and
+    `backlog` (not yet recorded). The counters below are for display and the run report only.
+    """
 
     total: int = 0
     done_before: int = 0          # rows already finished when this invocation started
     submitted: int = 0            # runs created by this invocation
     completed: int = 0
     failed: int = 0
-    in_flight: int = 0            # intent + unknown + submitted
     spent_micros: int = 0
     submitter_done: bool = False
     budget_exhausted: bool = False
     requests: int = 0                # HTTP requests made by this invocation
     reconcile_failed: bool = False   # the group could not be listed: rows in doubt stay unknown this run
+    unreachable: str | None = None   # the API could not be reached for long: why the job stopped
     fatal: BaseException | None = None
+    waiting_on: str = ""             # what the job is waiting for right now (shown by `enrich status`)
+    active: Slots = field(default_factory=lambda: Slots(1))
+    backlog: Slots = field(default_factory=lambda: Slots(1))
     stop: asyncio.Event = field(default_factory=asyncio.Event)
-    slots: asyncio.Event = field(default_factory=asyncio.Event)       # in-flight slots were freed
     new_runs: asyncio.Event = field(default_factory=asyncio.Event)    # runs were submitted or adopted
     unresolved: asyncio.Event = field(default_factory=asyncio.Event)  # rows need reconciliation
-    handoff: list[tuple[str, str, int, str, float]] = field(default_factory=list)  # new runs for the poller
+    handoff: list[tuple[str, int, str, float]] = field(default_factory=list)  # new runs for the poller
     reload_runs: bool = False     # reconciliation adopted runs: the poller re-reads the journal
-    released: set[str] = field(default_factory=set)   # runs finished at the API (slot freed), not yet recorded
+    posting: set[str] = field(default_factory=set)   # row keys whose creating POST is in flight
     started: float = field(default_factory=time.monotonic)
+
+    @property
+    def in_flight(self) -> int:
+        return self.backlog.used
 
     def finished_rows(self) -> int:
         return self.done_before + self.completed + self.failed
-
-    def freed(self, n: int) -> None:
-        self.in_flight -= n
-        self.slots.set()
-
-    def resync(self, journal_in_flight: int) -> None:
-        """Reset the counter from the journal, minus runs already finished but not yet recorded."""
-        self.in_flight = journal_in_flight - len(self.released)
 
 
 async def show_progress(state: JobState, interval_s: float = 5.0) -> None:

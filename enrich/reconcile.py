@@ -5,6 +5,8 @@ Every run carries `metadata = {enrich_job, enrich_row, enrich_try}`; the group's
 stream echoes it. A row found there is adopted (no resubmit). A row is declared missing only
 when its intent is older than the grace period (longer than the request timeout, so a
 request still in flight cannot land after the decision) and two consecutive listings agree.
+Rows whose creating POST is still in flight (`posting`) are not examined at all, and a release
+names the attempt it examined, so a decision about an older attempt never moves a newer one.
 """
 
 from __future__ import annotations
@@ -46,9 +48,10 @@ async def list_refs(client: TaskClient, taskgroup_id: str, job_tag: str,
 
 
 async def reconcile(journal: Journal, client: TaskClient, taskgroup_id: str, job_tag: str, grace_s: float,
-                    max_retries: int, now: float | None = None) -> Outcome:
+                    max_retries: int, now: float | None = None, posting: set[str] | None = None) -> Outcome:
     """Adopt listed runs, release rows proven missing, and report rows still inside the grace period."""
-    rows = journal.unresolved()
+    posting = posting if posting is not None else set()
+    rows = [r for r in journal.unresolved() if r.row_key not in posting]
     out = Outcome()
     if not rows:
         return out
@@ -58,8 +61,9 @@ async def reconcile(journal: Journal, client: TaskClient, taskgroup_id: str, job
     candidates = [r for r in rows if (r.row_ref, r.attempt) not in found and now - r.intent_at >= grace_s]
     if candidates:
         again = await list_refs(client, taskgroup_id, job_tag)   # the second, confirming listing
+        candidates = [r for r in candidates if r.row_key not in posting]
         out.adopted += _adopt(journal, candidates, again)
-        missing = [r.row_key for r in candidates if (r.row_ref, r.attempt) not in again]
+        missing = [(r.row_key, r.attempt) for r in candidates if (r.row_ref, r.attempt) not in again]
         if missing:
             # a lost request says nothing about the row: it does not count toward the row's retry limit
             journal.release(missing, time.time(), None, "the run was never created (confirmed by two listings)",
@@ -73,13 +77,7 @@ async def reconcile(journal: Journal, client: TaskClient, taskgroup_id: str, job
 
 
 def _adopt(journal: Journal, rows: list[Unresolved], found: dict[tuple[str, int], tuple[str, str]]) -> int:
-    adopted = 0
-    by_cursor: dict[str, list[tuple[str, str]]] = {}
-    for r in rows:
-        hit = found.get((r.row_ref, r.attempt))
-        if hit:
-            by_cursor.setdefault(hit[1], []).append((r.row_key, hit[0]))
-            adopted += 1
-    for cursor, pairs in by_cursor.items():
-        journal.mark_submitted(pairs, cursor, time.time())
-    return adopted
+    hits = [(r.row_key, r.attempt, *found[(r.row_ref, r.attempt)]) for r in rows if (r.row_ref, r.attempt) in found]
+    if hits:
+        journal.adopt(hits, time.time())
+    return len(hits)

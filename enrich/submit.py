@@ -1,18 +1,22 @@
 """Stage 2, submit: pending -> intent -> submitted, in add-runs batches of up to 1,000.
 
-For each batch: reserve budget and commit `intent` (journal.claim), pace the creating POST
-(aiolimiter: one POST per 60/requests_per_minute seconds, no initial burst), send it, and
-commit the outcome. The failure class decides what happens to the rows (retry.py):
+For each batch: wait for free slots (slots.py), pace the creating POST (aiolimiter: one POST
+per 60/requests_per_minute seconds, no initial burst), reserve budget and commit `intent`
+(journal.claim), send it under a total deadline, and commit the outcome. The failure class
+decides what happens to the rows (retry.py):
 
-    TransientApiError  nothing was created: refund, back to pending with a backoff `next_at`
+    TransientApiError  nothing was created: refund, back to pending with a backoff `next_at`;
+                       it says nothing about the rows, so it never counts toward their attempts
+                       (the job pauses instead: AIMD slowdown on 429, circuit breaker on outages)
     OutcomeUnknown     runs may exist: `unknown`, settled by reconcile.py before any resend
     PermanentApiError  the batch was rejected (422): its rows are retried one by one, and a
-                       row rejected alone is `failed`
+                       row rejected alone is `failed` (the only error that counts against a row)
     AuthError / PaymentRequired   refund, stop the whole job (exit 5)
 
-Never more than `max_in_flight` runs are active, never above the budget (BudgetExceeded
-stops submission; the rest stay pending and are reported `skipped_budget`), and a circuit
-breaker stops creating runs during an outage, letting one probe through per cooldown.
+The creating POST has a total deadline of `request_timeout_s` (connect + send + reply), and
+config.py enforces `reconcile_grace_s` > that deadline: a row released as "never created" can
+then not be created afterwards by a request still on its way. Rows whose POST is in flight are
+listed in `state.posting`, and reconciliation leaves them alone.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from enrich.errors import (
     PermanentApiError,
     TransientApiError,
 )
-from enrich.journal import Journal
+from enrich.journal import Claimed, Journal
 from enrich.progress import JobState
 from enrich.retry import CircuitBreaker, backoff
 
@@ -46,15 +50,17 @@ LINGER_S = 0.03
 
 class Submitter:
     def __init__(self, journal: Journal, client: TaskClient, state: JobState, *, taskgroup_id: str, job_tag: str,
-                 epoch: int, processor: str, price_micros: int, budget_micros: int | None, task_spec: dict[str, Any],
-                 run_options: dict[str, Any], user_metadata: dict[str, Any] | None, max_in_flight: int,
-                 batch_size: int, requests_per_minute: int, max_retries: int,
-                 breaker: CircuitBreaker | None = None, rand: random.Random | None = None):
+                 epoch: int, prices: dict[str, int], budget_micros: int | None, task_spec: dict[str, Any],
+                 run_options: dict[str, Any], user_metadata: dict[str, Any] | None, batch_size: int,
+                 requests_per_minute: int, request_timeout_s: float, max_retries: int,
+                 outage_give_up_s: float = 300.0, breaker: CircuitBreaker | None = None,
+                 rand: random.Random | None = None):
         self.journal, self.client, self.state = journal, client, state
         self.taskgroup_id, self.job_tag, self.epoch = taskgroup_id, job_tag, epoch
-        self.processor, self.price, self.budget = processor, price_micros, budget_micros
+        self.prices, self.budget = prices, budget_micros
         self.task_spec, self.run_options, self.user_metadata = task_spec, run_options, user_metadata or {}
-        self.max_in_flight, self.batch_size, self.max_retries = max_in_flight, batch_size, max_retries
+        self.batch_size, self.max_retries = batch_size, max_retries
+        self.deadline_s, self.outage_give_up_s = request_timeout_s, outage_give_up_s
         self.base_period = 60.0 / requests_per_minute
         # aiolimiter paces creating POSTs at the configured rate with no initial burst
         # (AsyncLimiter(1, period) rather than AsyncLimiter(rate, 60)); `slowdown` stretches the
@@ -63,26 +69,23 @@ class Submitter:
         self.slowdown = 1.0
         self.pause_until = 0.0
         self.last_send = 0.0
+        self.last_ok = time.monotonic()
         self.breaker = breaker or CircuitBreaker()
         self.rand = rand or random.Random()
         self.batch_seq = journal.get("batch_seq", 0)
         self.posts = 0
 
-    def _input(self, row_ref: str, attempt: int, task_input: Any) -> dict[str, Any]:
-        body: dict[str, Any] = {"input": task_input, "processor": self.processor,
+    def _input(self, c: Claimed) -> dict[str, Any]:
+        body: dict[str, Any] = {"input": c.input, "processor": c.processor,
                                 "metadata": {**self.user_metadata, "enrich_job": self.job_tag,
-                                             "enrich_row": row_ref, "enrich_try": attempt}}
+                                             "enrich_row": c.row_ref, "enrich_try": c.attempt}}
         body.update(self.run_options)
         return body
 
-    async def _wait(self, seconds: float) -> None:
-        """Sleep, but wake early on stop or when slots free up."""
-        self.state.slots.clear()
-        stop = asyncio.ensure_future(self.state.stop.wait())
-        slots = asyncio.ensure_future(self.state.slots.wait())
-        await asyncio.wait([stop, slots], timeout=max(seconds, 0.0), return_when=asyncio.FIRST_COMPLETED)
-        stop.cancel()
-        slots.cancel()
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake early on stop."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.state.stop.wait(), max(seconds, 0.0))
 
     def _throttle(self, retry_after: float | None) -> float:
         """On 429: pause every create until Retry-After (or a backoff) and slow the pace."""
@@ -95,10 +98,12 @@ class Submitter:
         """Wait for the rate limiter, any Retry-After pause, and the AIMD slowdown (a stop cuts it short)."""
         await self.limiter.acquire()
         ready = max(self.pause_until, self.last_send + self.base_period * self.slowdown)
-        while (left := ready - time.monotonic()) > 0 and not self.state.stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.state.stop.wait(), left)
+        if (left := ready - time.monotonic()) > 0:
+            await self._sleep(left)
         self.last_send = time.monotonic()
+
+    def _free(self) -> int:
+        return min(self.state.active.free, self.state.backlog.free)
 
     async def run(self) -> None:
         """Submit until nothing is pending, the budget is spent, the job stops, or auth fails."""
@@ -113,29 +118,37 @@ class Submitter:
         while not state.stop.is_set():
             if self.breaker.state == "dead":
                 return
+            if time.monotonic() - self.last_ok > self.outage_give_up_s:
+                state.unreachable = (f"no creating request succeeded for {self.outage_give_up_s:.0f} s "
+                                     f"({journal.last_error() or 'API unreachable'})")
+                state.stop.set()
+                return
             if self.breaker.state != "closed" and self.breaker.wait_time() > 0:
-                await self._wait(min(self.breaker.wait_time(), 1.0))
+                state.waiting_on = "circuit breaker: the API is failing; waiting before a probe"
+                await self._sleep(min(self.breaker.wait_time(), 1.0))
                 continue
             if self._free() <= 0:
-                self.state.slots.clear()
-                await self._wait(1.0)
-                if not self.state.slots.is_set() and self._free() <= 0:
-                    self._recount()   # a second without progress: trust the journal over the counters
+                state.waiting_on = "in-flight limit: waiting for runs to finish"
+                await state.active.wait_free(1.0)
+                await state.backlog.wait_free(1.0)
+                self.last_ok = max(self.last_ok, time.monotonic() - 1.0)   # waiting on slots is not an outage
                 continue
             now = time.time()
             if not journal.has_pending(self.epoch, now):
                 if not journal.has_pending(self.epoch):
-                    state.resync(journal.in_flight_count(self.epoch))   # re-sync before deciding
-                    if state.in_flight == 0 or not self._more_may_come():
+                    if state.reconcile_failed or not journal.unresolved():
                         return
-                    await self._wait(1.0)   # rows in doubt may come back to pending after reconciliation
+                    state.waiting_on = "rows in doubt: waiting for reconciliation"
+                    await self._sleep(1.0)   # rows in doubt may come back to pending after reconciliation
+                    self.last_ok = time.monotonic()
                     continue
                 nxt = journal.next_retry_at(self.epoch) or now + 1
-                await self._wait(min(nxt - now, 1.0))
+                await self._sleep(min(nxt - now, 1.0))
                 continue
             if not self.breaker.allow():
-                await self._wait(min(max(self.breaker.wait_time(), 0.05), 1.0))
+                await self._sleep(min(max(self.breaker.wait_time(), 0.05), 1.0))
                 continue
+            state.waiting_on = "rate limit: pacing creating requests"
             await self._pace()            # take the rate slot first, so the batch is as full as it can be
             await self._linger()
             if state.stop.is_set():
@@ -146,57 +159,54 @@ class Submitter:
             limit = min(self.batch_size, free) if self.breaker.state == "closed" else 1  # a probe is one run
             self.batch_seq += 1
             try:
-                claimed = journal.claim(self.epoch, limit, self.price, self.budget, time.time(), self.batch_seq)
+                claimed = journal.claim(self.epoch, limit, self.prices, self.budget, time.time(), self.batch_seq)
             except BudgetExceeded as exc:
                 state.budget_exhausted = True
                 journal.log("warning", str(exc))
                 return
             if not claimed:
                 continue
-            state.in_flight += len(claimed)
+            state.active.take(len(claimed))
+            state.backlog.take(len(claimed))
             state.spent_micros = journal.spent_micros()
             failpoints.hit("after_intent_commit")
+            state.waiting_on = ""
             await self._send(claimed)
-
-    def _recount(self) -> None:
-        """Drop released-run entries the journal has already recorded, and resync the in-flight count."""
-        waiting = self.journal.submitted_ids(self.state.released)
-        self.state.released.intersection_update(waiting)
-        self.state.resync(self.journal.in_flight_count(self.epoch))
-
-    def _free(self) -> int:
-        """Slots for new runs: active runs stay under max_in_flight, and runs finished at the API but
-        not yet recorded (their results still to fetch) are bounded too, so a fast API cannot make the
-        backlog, and memory, grow with the input."""
-        state = self.state
-        backlog = state.in_flight + len(state.released)
-        return min(self.max_in_flight - state.in_flight, self.max_in_flight + self.batch_size - backlog)
 
     async def _linger(self) -> None:
         """With few free slots and runs still active, wait briefly for more: fuller batches, fewer POSTs."""
         want = max(1, self.batch_size // 4)
         deadline = time.monotonic() + LINGER_S
-        while self._free() < want and self.state.in_flight + len(self.state.released) > 0 \
-                and not self.state.stop.is_set():
+        while self._free() < want and self.state.backlog.used > 0 and not self.state.stop.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            await self._wait(left)
+            await self.state.backlog.wait_change(left)
 
-    def _more_may_come(self) -> bool:
-        """Rows in intent/unknown may be released back to pending by reconciliation."""
-        return not self.state.reconcile_failed and bool(self.journal.unresolved())
+    def _give(self, n: int) -> None:
+        self.state.active.give(n)
+        self.state.backlog.give(n)
 
-    async def _send(self, claimed: list[Any]) -> None:
-        state, journal = self.state, self.journal
-        keys = [c.row_key for c in claimed]
-        inputs = [self._input(c.row_ref, c.attempt, c.input) for c in claimed]
-        self.posts += 1
+    async def _post(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        """The creating POST under its total deadline; running out of time is an unknown outcome."""
         try:
-            reply = await self.client.add_runs(self.taskgroup_id, inputs, self.task_spec)
+            async with asyncio.timeout(self.deadline_s):
+                return await self.client.add_runs(self.taskgroup_id, inputs, self.task_spec)
+        except TimeoutError:
+            raise OutcomeUnknown(f"add runs: no complete reply within the {self.deadline_s:g} s deadline") from None
+
+    async def _send(self, claimed: list[Claimed]) -> None:
+        state, journal = self.state, self.journal
+        rows = [(c.row_key, c.attempt) for c in claimed]
+        keys = [c.row_key for c in claimed]
+        inputs = [self._input(c) for c in claimed]
+        self.posts += 1
+        state.posting.update(keys)
+        try:
+            reply = await self._post(inputs)
         except (AuthError, PaymentRequired) as exc:
-            journal.release(keys, time.time(), None, str(exc), self.max_retries, count_retry=False)
-            state.freed(len(keys))
+            journal.release(rows, time.time(), None, str(exc), self.max_retries)
+            self._give(len(rows))
             self.breaker.trip_forever()
             journal.log("error", str(exc))
             state.fatal = exc
@@ -204,7 +214,7 @@ class Submitter:
             return
         except OutcomeUnknown as exc:
             failpoints.hit("after_response_before_commit")
-            journal.mark_unknown(keys, str(exc))
+            journal.mark_unknown(rows, str(exc))
             journal.log("error", str(exc))
             self.breaker.failure()
             state.unresolved.set()
@@ -213,35 +223,40 @@ class Submitter:
             failpoints.hit("after_response_before_commit")
             wait = self._throttle(exc.retry_after) if exc.status == 429 else backoff(
                 1 + self.breaker.failures, self.rand.random(), exc.retry_after)
-            journal.release(keys, time.time(), time.time() + wait, str(exc), self.max_retries)
+            journal.release(rows, time.time(), time.time() + wait, str(exc), self.max_retries)
             journal.log("error", str(exc))
-            state.freed(len(keys))
+            self._give(len(rows))
             if exc.status != 429:
                 self.breaker.failure()
+            else:
+                self.last_ok = time.monotonic()   # the API answered: rate limiting is not an outage
             return
         except PermanentApiError as exc:
             failpoints.hit("after_response_before_commit")
-            if len(keys) > 1:   # find the bad row(s): resend each row alone
-                journal.release(keys, time.time(), None, str(exc), self.max_retries, solo=True, count_retry=False)
-            else:
-                journal.fail_unsent(keys, time.time(), str(exc))
+            self.last_ok = time.monotonic()
+            if len(rows) > 1:   # find the bad row(s): resend each row alone
+                journal.release(rows, time.time(), None, str(exc), self.max_retries, solo=True)
+            else:               # rejected alone: this row is the problem
+                journal.release(rows, time.time(), None, str(exc), 1, count_retry=True)
                 state.failed += 1
             journal.log("error", str(exc))
-            state.freed(len(keys))
+            self._give(len(rows))
             self.breaker.success()
             return
         except ApiError as exc:  # any other class is treated as "may have been created"
-            journal.mark_unknown(keys, str(exc))
+            journal.mark_unknown(rows, str(exc))
             state.unresolved.set()
             return
+        finally:
+            state.posting.difference_update(keys)
         failpoints.hit("after_response_before_commit")
         now = time.time()
-        pairs = list(zip(keys, reply["run_ids"], strict=True))
         cursor = reply.get("run_cursor") or ""
-        journal.mark_submitted(pairs, cursor, now)
-        batch = self.batch_seq
-        state.handoff.extend((run_id, key, batch, cursor, now) for key, run_id in pairs)
+        run_ids = list(reply["run_ids"])
+        journal.mark_submitted(rows, run_ids, self.batch_seq, cursor, now)
+        state.handoff.extend((run_id, self.batch_seq, cursor, now) for run_id in run_ids)
         self.breaker.success()
+        self.last_ok = time.monotonic()
         self.slowdown = max(1.0, self.slowdown / 1.1)
-        state.submitted += len(keys)
+        state.submitted += len(rows)
         state.new_runs.set()

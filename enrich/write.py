@@ -287,7 +287,5 @@ def _state_key(journal: Journal, path: Path, fields: Any, *flags: Any) -> str:
     """Changes whenever any row changes state (every transition stamps a time or moves a count)."""
     from enrich.config import digest
 
-    row = journal.conn.execute("SELECT COUNT(*), MAX(intent_at), MAX(submitted_at), MAX(finished_at), SUM(attempts) "
-                               "FROM rows WHERE epoch=?", (journal.get("epoch", 0),)).fetchone()
-    return digest([str(path.resolve()), fields, flags, journal.get("epoch", 0), list(row), journal.counts(),
+    return digest([str(path.resolve()), fields, flags, journal.write_state(), journal.counts(),
                    journal.spent_micros()])

@@ -82,7 +82,7 @@ def test_bad_input_keeps_the_journal(tmp_path: Path, shared_emulator) -> None:
     src.write_text("company,website\nApple,a\nApple,b\n")
     r = run_enrich("run", str(cfg_path), "--base-url", shared_emulator.base_url)
     assert r.returncode == 2 and "duplicate key" in r.stderr and ":3" in r.stderr
-    j = Journal.open(tmp_path / "out.journal.sqlite", readonly=True)
+    j = Journal.open(tmp_path / "out.csv.journal.sqlite", readonly=True)
     assert j.counts() == {"done": 2}
     j.close()
 

@@ -69,7 +69,7 @@ def check_oracle(d: Path, emu, golden: pl.DataFrame | None, budget_usd: float | 
     ledger = emu.ledger()
     refs = Counter(r["metadata"]["enrich_row"] for r in ledger)
     assert max(refs.values(), default=0) == 1, f"duplicate paid runs: {[k for k, v in refs.items() if v > 1]}"
-    j = Journal.open(d / "out.journal.sqlite", readonly=True)
+    j = Journal.open(d / "out.csv.journal.sqlite", readonly=True)
     try:
         assert j.integrity_ok()
         counts = j.counts()
@@ -208,7 +208,7 @@ def test_auth_error_ends_run_with_exit_5_and_journal_intact(rows50: Path, tmp_pa
     r = run_enrich("run", str(cfg), "--base-url", emu.base_url)
     assert r.returncode == 5 and CANARY_KEY not in r.stderr
     assert emu.ledger() == []
-    j = Journal.open(tmp_path / "out.journal.sqlite", readonly=True)
+    j = Journal.open(tmp_path / "out.csv.journal.sqlite", readonly=True)
     assert j.counts() == {"pending": N_ROWS} and j.spent_micros() == 0
     j.close()
     r = run_enrich("run", str(cfg), "--base-url", emu.base_url, key="the-right-key")
@@ -221,7 +221,7 @@ def test_payment_required_ends_run_with_exit_5(rows50: Path, tmp_path: Path, emu
     r = run_enrich("run", str(cfg), "--base-url", emu.base_url)
     assert r.returncode == 5, r.stderr
     assert len(emu.ledger()) <= 20
-    j = Journal.open(tmp_path / "out.journal.sqlite", readonly=True)
+    j = Journal.open(tmp_path / "out.csv.journal.sqlite", readonly=True)
     assert j.spent_micros() == sum(x["price_micros"] for x in emu.ledger())
     j.close()
 

@@ -155,7 +155,7 @@ def test_plan_prices_each_tier_without_requests(tmp_path: Path, processor: str, 
     rows = len((ROOT / "data/companies.csv").read_text().splitlines()) - 1
     assert f"to submit            {rows}" in r.stdout
     assert f"estimated cost       ${rows * price:,.2f}" in r.stdout
-    assert not (tmp_path / "job.journal.sqlite").exists() and not (tmp_path / "o.journal.sqlite").exists()
+    assert not (tmp_path / "job.journal.sqlite").exists() and not (tmp_path / "o.csv.journal.sqlite").exists()
 
 
 def test_parquet_in_parquet_out_keeps_types(tmp_path: Path, emulator) -> None:
@@ -217,7 +217,7 @@ def test_ctrl_c_writes_partial_output_and_resumes(tmp_path: Path, emulator_proce
     proc = subprocess.Popen([sys.executable, "-m", "enrich", "run", str(cfg), "--base-url", emu.base_url],
                             cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: len(emu.ledger()) >= 10, timeout=30)
-    live = run_enrich("status", str(tmp_path / "o.journal.sqlite"), "--json")   # works while the run is live
+    live = run_enrich("status", str(tmp_path / "o.csv.journal.sqlite"), "--json")   # works while the run is live
     assert live.returncode == 0 and json.loads(live.stdout)["rows"] > 0
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)

@@ -1,19 +1,31 @@
-"""journal.py: state transitions, durable budget, incremental seeding, single writer."""
+"""journal.py: transitions with from-states, durable budget, incremental seeding, results reuse, lock."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from enrich.errors import BudgetExceeded, JournalError
-from enrich.journal import DuplicateKey, Journal
+from enrich.journal import DuplicateKey, Finished, Journal, TransitionError
+
+PRICES = {"lite": 5000, "base": 10000}
 
 
-def rows(keys: list[str], inp: str = "x", spec: str = "s") -> list[list[tuple]]:
-    return [[(json.dumps([k]), f"ref{k}", i, i + 2, json.dumps([k]), json.dumps({"c": k + inp}), k + inp, spec)
+def rows(keys: list[str], inp: str = "x", spec: str = "s", proc: str = "lite") -> list[list[tuple]]:
+    return [[(json.dumps([k]), f"ref{k}", i, i + 2, json.dumps([k]), json.dumps({"c": k + inp}), k + inp, spec, proc)
              for i, k in enumerate(keys)]]
+
+
+def done(ref: str, attempt: int, run_id: str, result: str = '{"output": {}}') -> Finished:
+    return Finished(run_id, ref, attempt, result_json=result)
 
 
 @pytest.fixture
@@ -24,6 +36,7 @@ def j(tmp_path: Path):
 
 
 def test_file_modes_and_pragmas(j: Journal, tmp_path: Path) -> None:
+    """Journal is 0600, WAL, synchronous=FULL, and passes integrity_check."""
     assert oct((tmp_path / "j.sqlite").stat().st_mode & 0o777) == "0o600"
     assert j.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert j.conn.execute("PRAGMA synchronous").fetchone()[0] == 2   # FULL
@@ -31,82 +44,281 @@ def test_file_modes_and_pragmas(j: Journal, tmp_path: Path) -> None:
 
 
 def test_second_writer_is_refused(j: Journal, tmp_path: Path) -> None:
+    """A second writer is refused; a read-only view (enrich status) still works."""
     with pytest.raises(JournalError, match="in use"):
         Journal.open(tmp_path / "j.sqlite")
-    ro = Journal.open(tmp_path / "j.sqlite", readonly=True)   # `enrich status` still works
+    ro = Journal.open(tmp_path / "j.sqlite", readonly=True)
     assert ro.counts(1) == {}
     ro.close()
 
 
+def test_symlink_shares_the_lock(j: Journal, tmp_path: Path) -> None:
+    """The lock is on the file itself: a symlink to a journal in use is refused too."""
+    (tmp_path / "alias.sqlite").symlink_to(tmp_path / "j.sqlite")
+    with pytest.raises(JournalError, match="in use"):
+        Journal.open(tmp_path / "alias.sqlite")
+
+
+def test_symlink_lock_holds_across_processes(tmp_path: Path) -> None:
+    """Another process opening the journal through a symlink is refused while this one holds it."""
+    j = Journal.open(tmp_path / "j.sqlite")
+    (tmp_path / "alias.sqlite").symlink_to(tmp_path / "j.sqlite")
+    code = ("import sys\nfrom enrich.journal import Journal\nfrom enrich.errors import JournalError\n"
+            f"try:\n    Journal.open({str(tmp_path / 'alias.sqlite')!r})\nexcept JournalError:\n    sys.exit(7)\n")
+    try:
+        assert subprocess.run([sys.executable, "-c", code]).returncode == 7
+    finally:
+        j.close()
+
+
+def test_hard_link_is_refused(tmp_path: Path) -> None:
+    """A hard-linked journal is refused (SQLite's WAL is per path, the lock per inode)."""
+    Journal.open(tmp_path / "j.sqlite").close()
+    os.link(tmp_path / "j.sqlite", tmp_path / "link.sqlite")
+    with pytest.raises(JournalError, match="hard links"):
+        Journal.open(tmp_path / "link.sqlite")
+
+
+def test_status_on_a_non_journal_is_a_journal_error(tmp_path: Path) -> None:
+    """Opening a random or empty file read-only raises JournalError, not sqlite3 errors."""
+    (tmp_path / "x.txt").write_text("hello, not a database\n" * 100)
+    (tmp_path / "empty").write_bytes(b"")
+    for name in ("x.txt", "empty"):
+        with pytest.raises(JournalError, match="not an enrich journal"):
+            Journal.open(tmp_path / name, readonly=True)
+
+
 def test_claim_reserves_budget_durably_and_stops_at_the_cap(j: Journal) -> None:
+    """Claim reserves budget in the intent transaction and refuses beyond the budget."""
     j.seed(rows(["a", "b", "c"]), 1, None, False)
-    got = j.claim(1, 10, price=5000, budget=12000, now=1.0, batch=1)
+    got = j.claim(1, 10, PRICES, budget=12000, now=1.0, batch=1)
     assert [c.row_key for c in got] == ['["a"]', '["b"]'] and j.spent_micros() == 10000
     with pytest.raises(BudgetExceeded):
-        j.claim(1, 10, price=5000, budget=12000, now=1.0, batch=2)
+        j.claim(1, 10, PRICES, budget=12000, now=1.0, batch=2)
     assert j.counts(1) == {"intent": 2, "pending": 1}
 
 
 def test_release_refunds_and_unknown_keeps_reservation(j: Journal) -> None:
+    """Release refunds; unknown keeps the reservation; next_at delays the retry."""
     j.seed(rows(["a", "b"]), 1, None, False)
-    j.claim(1, 10, 5000, None, 1.0, 1)
-    j.release(['["a"]'], 2.0, 5.0, "429", max_retries=6)
-    j.mark_unknown(['["b"]'], "lost")
+    j.claim(1, 10, PRICES, None, 1.0, 1)
+    j.release([('["a"]', 1)], 2.0, 5.0, "429", max_retries=6)
+    j.mark_unknown([('["b"]', 1)], "lost")
     assert j.spent_micros() == 5000
     assert j.counts(1) == {"pending": 1, "unknown": 1}
     assert [u.row_key for u in j.unresolved()] == ['["b"]']
     assert not j.has_pending(1, now=4.0) and j.has_pending(1, now=6.0)
 
 
-def test_attempts_grow_and_retries_cap(j: Journal) -> None:
+def test_transitions_raise_when_the_row_is_elsewhere(j: Journal) -> None:
+    """A transition from the wrong state or for another attempt raises, and changes nothing."""
     j.seed(rows(["a"]), 1, None, False)
-    for n in range(1, 4):
-        c = j.claim(1, 1, 1, None, 0.0, n)[0]
+    with pytest.raises(TransitionError):
+        j.mark_unknown([('["a"]', 1)], "x")          # still pending
+    j.claim(1, 1, PRICES, None, 0.0, 1)
+    with pytest.raises(TransitionError):
+        j.release([('["a"]', 2)], 0.0, None, "x", 6)  # a decision about another attempt
+    with pytest.raises(TransitionError):
+        j.adopt([('["a"]', 7, "trun_x", "")], 0.0)
+    assert j.counts(1) == {"intent": 1} and j.spent_micros() == 5000
+
+
+def test_safe_failures_do_not_count_only_row_rejections_do(j: Journal) -> None:
+    """Transient releases never fail a row; rejections of the row itself do, at max_retries."""
+    j.seed(rows(["a"]), 1, None, False)
+    for n in range(1, 10):
+        c = j.claim(1, 1, PRICES, None, 0.0, n)[0]
         assert c.attempt == n    # metadata enrich_try never repeats for a row
-        j.release([c.row_key], 0.0, None, "boom", max_retries=3)
+        j.release([(c.row_key, c.attempt)], 0.0, None, "429", max_retries=3)
+    assert j.counts(1) == {"pending": 1}
+    for n in range(10, 13):
+        c = j.claim(1, 1, PRICES, None, 0.0, n)[0]
+        j.release([(c.row_key, c.attempt)], 0.0, None, "422", max_retries=3, count_retry=True)
     assert j.counts(1) == {"failed": 1}
 
 
-def test_record_and_incremental_reseed(j: Journal) -> None:
+def test_results_are_matched_by_metadata_not_position(j: Journal) -> None:
+    """Run ids in any order: each result lands on the row its metadata names."""
     j.seed(rows(["a", "b"]), 1, None, False)
-    j.claim(1, 10, 1, None, 0.0, 1)
-    j.mark_submitted([('["a"]', "trun_a"), ('["b"]', "trun_b")], "", 1.0)
-    assert j.record([("trun_a", '{"output": 1}')], [("trun_b", "run failed: x")], 2.0) == 2
+    j.claim(1, 10, PRICES, None, 0.0, 1)
+    j.mark_submitted([('["a"]', 1), ('["b"]', 1)], ["trun_2", "trun_1"], 1, "", 1.0)
+    assert sorted(r[0] for r in j.waiting_runs()) == ["trun_1", "trun_2"]
+    n, refused = j.record([done("refa", 1, "trun_1", '{"v": "A"}'), done("refb", 1, "trun_2", '{"v": "B"}'),
+                           done("nobody", 1, "trun_9")], 2.0)
+    assert n == 2 and refused == ["trun_9"]
+    got = {json.loads(r[0])[0]: (r[2], r[3]) for chunk in j.iter_rows(1) for r in chunk}
+    assert got == {"a": ("trun_1", '{"v": "A"}'), "b": ("trun_2", '{"v": "B"}')}
+    assert j.waiting_runs() == []
+
+
+def test_record_twice_is_harmless_and_failed_runs_fail(j: Journal) -> None:
+    """A repeated result changes nothing; a failed run fails its row."""
+    j.seed(rows(["a", "b"]), 1, None, False)
+    j.claim(1, 10, PRICES, None, 0.0, 1)
+    j.mark_submitted([('["a"]', 1), ('["b"]', 1)], ["t1", "t2"], 1, "", 1.0)
+    j.record([done("refa", 1, "t1"), Finished("t2", "refb", 1, error="run failed: x")], 2.0)
+    assert j.record([done("refa", 1, "t1")], 3.0) == (0, [])
     assert j.counts(1) == {"done": 1, "failed": 1}
-    j.seed(rows(["a", "b"]), 2, None, False)             # same input: nothing to do
+
+
+def test_incremental_reseed_and_result_reuse_across_processors(j: Journal) -> None:
+    """Same input: nothing to do; lite -> base -> lite reuses the paid lite result."""
+    j.seed(rows(["a", "b"]), 1, None, False)
+    j.claim(1, 10, PRICES, None, 0.0, 1)
+    j.mark_submitted([('["a"]', 1), ('["b"]', 1)], ["t1", "t2"], 1, "", 1.0)
+    j.record([done("refa", 1, "t1"), Finished("t2", "refb", 1, error="run failed")], 2.0)
+    j.seed(rows(["a", "b"]), 2, None, False)
     assert j.counts(2) == {"done": 1, "failed": 1}
-    j.seed(rows(["a", "b"]), 3, None, True)              # --retry-failed
-    assert j.counts(3) == {"done": 1, "pending": 1}
-    j.seed(rows(["a", "b"], inp="changed"), 4, None, False)
-    assert j.counts(4) == {"pending": 2}
-    j.seed(rows(["a"]), 5, refresh_before=None, retry_failed=False)
-    assert j.counts(5) == {"pending": 1}                 # b is kept in the journal but not in this input
+    j.seed(rows(["a", "b"], proc="base"), 3, None, False)        # another processor: research again
+    assert j.counts(3) == {"pending": 2}
+    j.seed(rows(["a", "b"], proc="lite"), 4, None, False)        # back to lite: a's result is reused
+    assert j.counts(4) == {"done": 1, "pending": 1}              # (a failure is not a result to reuse)
+    j.conn.execute("UPDATE rows SET state='failed', run_processor='lite', run_input_hash=input_hash, "
+                   "run_spec_hash=spec_hash WHERE row_key='[\"b\"]'")
+    j.seed(rows(["a", "b"]), 5, None, False)
+    assert j.counts(5) == {"done": 1, "failed": 1}
+    j.seed(rows(["a", "b"]), 5, None, True)                      # --retry-failed
+    assert j.counts(5) == {"done": 1, "pending": 1}
+    j.seed(rows(["a", "b"], inp="changed"), 6, None, False)
+    assert j.counts(6) == {"pending": 2}
+    j.seed(rows(["a"]), 7, refresh_before=3.0, retry_failed=False)   # stale: refresh due
+    assert j.counts(7) == {"pending": 1}
 
 
 def test_result_for_a_changed_row_goes_back_to_pending(j: Journal) -> None:
+    """Input changed while the run was in flight: result kept, row researched again."""
     j.seed(rows(["a"]), 1, None, False)
-    j.claim(1, 1, 1, None, 0.0, 1)
-    j.mark_submitted([('["a"]', "trun_a")], "", 1.0)
-    j.seed(rows(["a"], inp="new"), 2, None, False)       # input changed while the run was in flight
+    j.claim(1, 1, PRICES, None, 0.0, 1)
+    j.mark_submitted([('["a"]', 1)], ["t1"], 1, "", 1.0)
+    j.seed(rows(["a"], inp="new"), 2, None, False)
     assert j.counts(2) == {"submitted": 1}
-    j.record([("trun_a", "{}")], [], 2.0)
+    j.record([done("refa", 1, "t1")], 2.0)
     assert j.counts(2) == {"pending": 1}
+    assert j.conn.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 1   # paid for: kept
+
+
+def test_timed_out_run_is_collected_by_retry_failed(j: Journal) -> None:
+    """A timed-out row goes back to waiting on its own run with --retry-failed (no new claim)."""
+    j.seed(rows(["a"]), 1, None, False)
+    j.claim(1, 1, PRICES, None, 0.0, 1)
+    j.mark_submitted([('["a"]', 1)], ["t1"], 1, "", 1.0)
+    assert j.time_out("t1", "refa", 1, 99.0)
+    assert j.counts(1) == {"timed_out": 1} and j.waiting_runs() == []
+    j.seed(rows(["a"]), 2, None, True)
+    assert j.counts(2) == {"submitted": 1} and [r[0] for r in j.waiting_runs()] == ["t1"]
+    j.record([done("refa", 1, "t1")], 100.0)
+    assert j.counts(2) == {"done": 1} and j.spent_micros() == 5000
 
 
 def test_duplicate_keys_are_detected_with_lines(j: Journal) -> None:
-    batch = rows(["a", "b"])[0] + [(json.dumps(["a"]), "refa", 2, 9, "[]", "{}", "h", "s")]
+    """Duplicate keys within and across batches raise DuplicateKey with both lines."""
+    batch = rows(["a", "b"])[0] + [(json.dumps(["a"]), "refa2", 2, 9, "[]", "{}", "h", "s", "lite")]
     with pytest.raises(DuplicateKey) as info:
         j.seed([batch], 1, None, False)
     assert (info.value.first_line, info.value.line) == (2, 9)
     assert j.counts(1) == {}
     with pytest.raises(DuplicateKey):
-        j.seed([rows(["a"])[0], rows(["a"])[0]], 1, None, False)   # across batches
+        j.seed([rows(["a"])[0], rows(["a"])[0]], 1, None, False)
 
 
-def test_timeouts(j: Journal) -> None:
-    j.seed(rows(["a"]), 1, None, False)
-    j.claim(1, 1, 1, None, 0.0, 1)
-    j.mark_submitted([('["a"]', "trun_a")], "", 10.0)
-    assert j.time_out(older_than=5.0, now=20.0) == []
-    assert j.time_out(older_than=11.0, now=20.0) == ["trun_a"]
-    assert j.counts(1) == {"timed_out": 1}
+def test_identity_is_checked(j: Journal) -> None:
+    """A journal refuses another job's identity unless adopted; the API key binds once a group exists."""
+    ident = {"output": "/o.csv", "task_spec": "s1", "key_columns": ["k"], "api_key": "h1"}
+    j.check_identity(ident, adopt=False)
+    j.check_identity({**ident, "api_key": "h2"}, adopt=False)   # nothing created yet
+    j.set("taskgroup_id", "tgrp_1")
+    with pytest.raises(JournalError, match="api_key"):
+        j.check_identity({**ident, "api_key": "h3"}, adopt=False)
+    with pytest.raises(JournalError, match="output"):
+        j.check_identity({**ident, "api_key": "h2", "output": "/p.csv"}, adopt=False)
+    j.check_identity({**ident, "output": "/p.csv"}, adopt=True)
+    assert j.get("identity")["output"] == "/p.csv"
+
+
+class JournalMachine(RuleBasedStateMachine):
+    """Random sequences of transitions against a model: states, money and runs always agree."""
+
+    KEYS = ["a", "b", "c", "d"]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.j = Journal.open(":memory:")
+        self.j.seed(rows(self.KEYS), 1, None, False)
+        self.model = {k: "pending" for k in self.KEYS}
+        self.attempt = dict.fromkeys(self.KEYS, 0)
+        self.reserved = 0
+        self.runs: dict[str, str] = {}   # run_id -> key
+        self.seq = 0
+
+    def keys_in(self, *states: str) -> list[str]:
+        return [k for k in self.KEYS if self.model[k] in states]
+
+    @rule(n=st.integers(1, 4))
+    def claim(self, n: int) -> None:
+        self.seq += 1
+        got = self.j.claim(1, n, PRICES, None, 0.0, self.seq)
+        expect = self.keys_in("pending")[:n]
+        assert [json.loads(c.row_key)[0] for c in got] == expect
+        for k in expect:
+            self.model[k] = "intent"
+            self.attempt[k] += 1
+            self.reserved += PRICES["lite"]
+
+    @precondition(lambda self: self.keys_in("intent"))
+    @rule(data=st.data())
+    def submit(self, data: st.DataObject) -> None:
+        keys = data.draw(st.lists(st.sampled_from(self.keys_in("intent")), min_size=1, unique=True))
+        ids = [f"t{self.seq}_{k}_{self.attempt[k]}" for k in keys]
+        self.j.mark_submitted([(json.dumps([k]), self.attempt[k]) for k in keys], ids[::-1], self.seq, "", 1.0)
+        for k, rid in zip(keys, ids, strict=True):
+            self.model[k] = "submitted"
+            self.runs[rid] = k
+
+    @precondition(lambda self: self.keys_in("intent"))
+    @rule(data=st.data())
+    def lose(self, data: st.DataObject) -> None:
+        k = data.draw(st.sampled_from(self.keys_in("intent")))
+        self.j.mark_unknown([(json.dumps([k]), self.attempt[k])], "lost")
+        self.model[k] = "unknown"
+
+    @precondition(lambda self: self.keys_in("intent", "unknown"))
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        k = data.draw(st.sampled_from(self.keys_in("intent", "unknown")))
+        self.j.release([(json.dumps([k]), self.attempt[k])], 0.0, None, "gone", 6)
+        self.model[k] = "pending"
+        self.reserved -= PRICES["lite"]
+
+    @rule(data=st.data())
+    def wrong_transition(self, data: st.DataObject) -> None:
+        k = data.draw(st.sampled_from(self.KEYS))
+        if self.model[k] != "intent":
+            with pytest.raises(TransitionError):
+                self.j.mark_unknown([(json.dumps([k]), self.attempt[k])], "x")
+
+    @precondition(lambda self: self.runs)
+    @rule(data=st.data(), ok=st.booleans())
+    def finish(self, data: st.DataObject, ok: bool) -> None:
+        rid = data.draw(st.sampled_from(sorted(self.runs)))
+        k = self.runs.pop(rid)
+        attempt = int(rid.rsplit("_", 1)[1])
+        f = Finished(rid, f"ref{k}", attempt, result_json='{"o": 1}' if ok else None, error=None if ok else "x")
+        self.j.record([f], 2.0)
+        if self.model[k] == "submitted" and attempt == self.attempt[k]:
+            self.model[k] = "done" if ok else "failed"
+
+    @invariant()
+    def agrees(self) -> None:
+        counts: dict[str, int] = {}
+        for s in self.model.values():
+            counts[s] = counts.get(s, 0) + 1
+        assert self.j.counts(1) == counts
+        assert self.j.spent_micros() == self.reserved
+        assert sorted(r[0] for r in self.j.waiting_runs()) == sorted(self.runs)
+
+    def teardown(self) -> None:
+        self.j.close()
+
+
+TestJournalMachine = JournalMachine.TestCase
+TestJournalMachine.settings = settings(max_examples=60, stateful_step_count=25, deadline=None)

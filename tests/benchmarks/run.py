@@ -223,11 +223,11 @@ def scenario_p6(rows: int) -> dict[str, Any]:
         stats = emu.stats()
     finally:
         emu.stop()
-    con = sqlite3.connect(cfg.parent / "out.journal.sqlite")
+    con = sqlite3.connect(cfg.parent / "out.parquet.journal.sqlite")
     lags = []
     from datetime import datetime
 
-    for finished_at, result in con.execute("SELECT finished_at, result_json FROM rows WHERE state='done'"):
+    for finished_at, result in con.execute("SELECT r.finished_at, s.result_json FROM rows r JOIN results s ON s.run_id=r.run_id WHERE r.state='done'"):
         done = json.loads(result)["run"]["modified_at"]
         t = datetime.fromisoformat(done.replace("Z", "+00:00")).timestamp()
         lags.append(finished_at - t)

@@ -1,0 +1,286 @@
+"""The one entry point that runs a job: `run_job(config, ...) -> JobResult`.
+
+The CLI, the notebook API and each Ray partition all call it. It checks everything that can be
+known before the first paid request (paths, key, journal identity, a journal that lost its
+rows), records the input, runs the stages against the API (or the embedded emulator), writes
+the output, and says how the job ended as an exit code with one line of explanation. It never
+calls `sys.exit` and raises only the error tree's exceptions (errors.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from enrich import failpoints
+from enrich.config import DEFAULT_BASE_URL, RunConfig, digest
+from enrich.errors import AuthError, ConfigError, JournalError, PaymentRequired, redact
+
+EXIT_OK, EXIT_USAGE, EXIT_FAILED_ROWS, EXIT_BUDGET, EXIT_AUTH, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = \
+    0, 2, 3, 4, 5, 69, 75
+EXIT_CODES = {
+    EXIT_OK: "all rows completed",
+    EXIT_USAGE: "usage, config or input error (nothing was sent)",
+    EXIT_FAILED_ROWS: "finished with failed, timed-out or unknown rows",
+    EXIT_BUDGET: "budget exhausted (rows skipped_budget)",
+    EXIT_AUTH: "auth or payment error (401/402/403)",
+    EXIT_UNAVAILABLE: "the API could not be reached (resumable)",
+    EXIT_INTERRUPTED: "interrupted (resumable: run the same command again)",
+}
+
+
+@dataclass
+class JobResult:
+    """How a job ended: `exit_code` (EXIT_CODES), `message` (one line), the run report and row counts."""
+
+    exit_code: int
+    message: str
+    report: dict[str, Any] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    output: Path | None = None
+    journal: Path | None = None
+
+
+def base_url_for(cfg: RunConfig) -> str:
+    return cfg.api.base_url or os.environ.get("PARALLEL_BASE_URL") or DEFAULT_BASE_URL
+
+
+def journal_path_for(cfg: RunConfig) -> Path:
+    """The configured journal, else `<output>.journal.sqlite`; a journal under the old default name
+    (`<output stem>.journal.sqlite`, shared by outputs that differ only in extension) is used only
+    when it belongs to this very output."""
+    path = cfg.journal_path
+    if cfg.journal or path.exists():
+        return path
+    out = cfg.output.path
+    legacy = out.with_name(out.name.split(".")[0] + ".journal.sqlite")
+    if legacy.exists():
+        from enrich.journal import Journal
+
+        with contextlib.suppress(JournalError):
+            view = Journal.open(legacy, readonly=True)
+            try:
+                recorded = (view.get("config") or {}).get("output")
+            finally:
+                view.close()
+            if recorded and Path(recorded).resolve() == out.resolve():
+                return legacy
+    return path
+
+
+def check_paths(cfg: RunConfig, journal: Path) -> None:
+    inp, out, jour = cfg.input.path.resolve(), cfg.output.path.resolve(), journal.resolve()
+    if out == inp or (out.exists() and inp.exists() and os.path.samefile(out, inp)):
+        raise ConfigError(f"output {cfg.output.path} is the input file; choose another output path")
+    if out == jour:
+        raise ConfigError(f"output {cfg.output.path} is the journal file; choose another output path")
+    if jour == inp:
+        raise ConfigError(f"journal {journal} is the input file")
+
+
+def output_has_run_ids(path: Path) -> bool:
+    """Does an existing output hold completed results with run ids (so a journal existed for it)?"""
+    if not path.is_file():
+        return False
+    try:
+        if path.suffix.lower() in (".parquet", ".pq"):
+            import pyarrow.parquet as pq
+
+            schema = pq.read_schema(path)
+            if "_enrich_run_id" not in schema.names:
+                return False
+            col = pq.read_table(path, columns=["_enrich_run_id"]).column(0)
+            return col.null_count < len(col) and any(v for v in col.to_pylist())
+        if path.suffix.lower() == ".csv":
+            with path.open(newline="", encoding="utf-8", errors="replace") as f:
+                reader = csv.reader(f)
+                header = next(reader, [])
+                if "_enrich_run_id" not in header:
+                    return False
+                i = header.index("_enrich_run_id")
+                return any(len(r) > i and r[i] for r in reader)
+    except Exception:   # an unreadable output says nothing about a journal; the writer replaces it
+        return False
+    return False
+
+
+def _identity(cfg: RunConfig, task_spec: dict[str, Any], api_key: str) -> dict[str, Any]:
+    from enrich.config import spec_fingerprint
+
+    return {"output": str(cfg.output.path.resolve()), "task_spec": spec_fingerprint(cfg, task_spec),
+            "key_columns": list(cfg.input.key), "api_key": digest(["enrich-key", api_key], 16)}
+
+
+def run_job(cfg: RunConfig, *, api_key: str, emulated: bool = False, retry_failed: bool = False,
+            adopt: bool = False, fresh: bool = False, detach: bool = False,
+            on_interrupt: Callable[[], None] | None = None, install_signals: bool = True) -> JobResult:
+    """Run (or resume) one job to its end and write its output. See the module docstring."""
+    from enrich.config import build_task_spec
+    from enrich.journal import Journal
+
+    cpu0 = time.process_time()
+    jpath = journal_path_for(cfg)
+    check_paths(cfg, jpath)
+    task_spec = build_task_spec(cfg)
+    identity = _identity(cfg, task_spec, api_key)
+    if fresh:
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{jpath}{suffix}").unlink(missing_ok=True)
+    journal = Journal.open(jpath)
+    server = None
+    try:
+        if journal.is_empty() and not fresh and output_has_run_ids(cfg.output.path):
+            raise JournalError(f"{jpath}: journal is missing or empty, but {cfg.output.path} holds researched rows "
+                               "with run ids; running now would pay for them again. Restore the journal, or pass "
+                               "--fresh to start over")
+        mode = journal.get("emulated")
+        if mode is not None and mode != emulated and journal.get("taskgroup_id"):
+            raise JournalError(f"{jpath}: this journal holds {'emulated' if mode else 'real'} results; "
+                               f"use another --journal for {'emulated' if emulated else 'real'} runs")
+        journal.check_identity(identity, adopt)
+        from enrich.pipeline import prepare
+
+        prep = prepare(cfg, journal, retry_failed=retry_failed)
+        journal.set("emulated", emulated)
+        journal.set("config", {"path": str(cfg.source), "output": str(cfg.output.path), "reasoning": cfg.output.reasoning,
+                               "formula_guard": cfg.output.formula_guard, "task_spec": prep.task_spec})
+        if emulated:
+            server = _start_emulator(cfg)
+            base_url = server.base_url
+        else:
+            base_url = base_url_for(cfg)
+        state, interrupted = _execute(cfg, journal, prep, base_url, api_key, emulated, on_interrupt, install_signals)
+        return _finish(cfg, journal, jpath, prep, state, interrupted, emulated, api_key, cpu0)
+    finally:
+        if server is not None:
+            server.stop()
+        journal.close()
+
+
+def _start_emulator(cfg: RunConfig) -> Any:
+    from enrich.emulator import EmulatorConfig, EmulatorServer
+
+    e = cfg.emulator
+    return EmulatorServer(EmulatorConfig(
+        knowledge=str(e.knowledge) if e.knowledge else None, knowledge_key=e.knowledge_key,
+        time_scale=e.time_scale, seed=e.seed, fail_rate=e.fail_rate, rate_limit=e.rate_limit,
+        faults=e.faults)).start()
+
+
+def _execute(cfg: RunConfig, journal: Any, prep: Any, base_url: str, api_key: str, emulated: bool,
+             on_interrupt: Callable[[], None] | None, install_signals: bool) -> tuple[Any, bool]:
+    from enrich.client import TaskClient
+    from enrich.pipeline import execute
+    from enrich.progress import JobState
+
+    state = JobState()
+    interrupted = False
+
+    async def on_response(response: Any) -> None:
+        if response.request.method == "POST" and response.request.url.path.endswith("/runs"):
+            failpoints.hit("after_send_before_response")
+
+    async def main() -> Any:
+        nonlocal interrupted
+        loop = asyncio.get_running_loop()
+
+        def stop() -> None:
+            nonlocal interrupted
+            if interrupted:   # a second Ctrl-C: leave now; every commit already made is durable
+                print("enrich: interrupted again; exiting at once (the journal is intact)", file=sys.stderr)
+                os._exit(EXIT_INTERRUPTED)
+            interrupted = True
+            print("enrich: stopping (Ctrl-C again to leave at once)...", file=sys.stderr)
+            if on_interrupt:
+                on_interrupt()
+            state.stop.set()
+
+        if install_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                    loop.add_signal_handler(sig, stop)
+        client = TaskClient(base_url, api_key, timeout_s=cfg.limits.request_timeout_s, on_response=on_response)
+        try:
+            return await execute(cfg, journal, client, prep, emulated=emulated, state=state)
+        finally:
+            await client.aclose()
+            if client.emulator_seen and not emulated:
+                journal.set("emulated", True)   # reached an emulator through --base-url: mark the output
+
+    _run_coroutine(main())
+    return state, interrupted
+
+
+def _run_coroutine(coro: Any) -> Any:
+    """asyncio.run, also from inside a running event loop (Jupyter): then on a worker thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+def _finish(cfg: RunConfig, journal: Any, jpath: Path, prep: Any, state: Any, interrupted: bool, emulated: bool,
+            api_key: str, cpu0: float) -> JobResult:
+    from enrich.write import write_output
+
+    emulated = emulated or bool(journal.get("emulated"))
+    counts = journal.counts(prep.epoch)
+    why = _why_stopped(state, interrupted, api_key)
+    report = write_output(journal, cfg.output.path, prep.fields, reasoning=cfg.output.reasoning,
+                          formula_guard=cfg.output.formula_guard, emulated=emulated,
+                          budget_exhausted=state.budget_exhausted,
+                          extra={"processor": cfg.task.processor, "journal": str(jpath),
+                                 "interrupted": interrupted, "runs_created_this_invocation": state.submitted,
+                                 "http_requests_this_invocation": state.requests,
+                                 "stopped_because": why,
+                                 "elapsed_s": round(time.monotonic() - state.started, 3),
+                                 "cpu_s": round(time.process_time() - cpu0, 3)})
+    if why:
+        journal.log("error", why)
+    sc = report["status_counts"]
+    summary = (f"wrote {report['rows']} rows to {cfg.output.path} "
+               f"({', '.join(f'{v} {k}' for k, v in sorted(sc.items()))}); spent ${report['spend_usd']:.4f}"
+               f"{' [EMULATED]' if emulated else ''}")
+    result = JobResult(EXIT_OK, summary, report, counts, cfg.output.path, jpath)
+    if isinstance(state.fatal, AuthError | PaymentRequired):
+        result.exit_code, result.message = EXIT_AUTH, f"{summary}\nstopped: {why}"
+    elif state.fatal is not None:
+        result.exit_code, result.message = EXIT_FAILED_ROWS, f"{summary}\nstopped: {why}"
+    elif interrupted:
+        result.exit_code = EXIT_INTERRUPTED
+        result.message = f"{summary}\ninterrupted; progress is saved in {jpath}. Resume with the same command"
+    elif state.unreachable:
+        result.exit_code, result.message = EXIT_UNAVAILABLE, f"{summary}\nstopped: {why}"
+    elif counts.get("pending", 0) and state.budget_exhausted:
+        result.exit_code = EXIT_BUDGET
+        result.message = (f"{summary}\nbudget exhausted: {counts['pending']} rows skipped (skipped_budget); raise "
+                          "--budget and run again to finish them")
+    elif any(counts.get(s, 0) for s in ("failed", "timed_out", "unknown", "intent", "pending", "submitted")):
+        result.exit_code = EXIT_FAILED_ROWS
+    return result
+
+
+def _why_stopped(state: Any, interrupted: bool, api_key: str) -> str | None:
+    """One line saying why rows may still be pending, for the report and the output's readers."""
+    if state.fatal is not None:
+        return redact(str(state.fatal), api_key)
+    if state.unreachable:
+        return redact(state.unreachable, api_key)
+    if interrupted:
+        return "interrupted"
+    if state.reconcile_failed:
+        return "the task group could not be listed; rows in doubt are reported as unknown"
+    return None
