@@ -177,12 +177,12 @@ def test_incremental_reseed_and_result_reuse_across_processors(j: Journal) -> No
                    "run_spec_hash=spec_hash WHERE row_key='[\"b\"]'")
     j.seed(rows(["a", "b"]), 5, None, False)
     assert j.counts(5) == {"done": 1, "failed": 1}
-    j.seed(rows(["a", "b"]), 5, None, True)                      # --retry-failed
-    assert j.counts(5) == {"done": 1, "pending": 1}
-    j.seed(rows(["a", "b"], inp="changed"), 6, None, False)
-    assert j.counts(6) == {"pending": 2}
-    j.seed(rows(["a"]), 7, refresh_before=3.0, retry_failed=False)   # stale: refresh due
-    assert j.counts(7) == {"pending": 1}
+    j.seed(rows(["a", "b"]), 6, None, True)                      # --retry-failed
+    assert j.counts(6) == {"done": 1, "pending": 1}
+    j.seed(rows(["a", "b"], inp="changed"), 7, None, False)
+    assert j.counts(7) == {"pending": 2}
+    j.seed(rows(["a"]), 8, refresh_before=3.0, retry_failed=False)   # stale: refresh due
+    assert j.counts(8) == {"pending": 1}
 
 
 def test_result_for_a_changed_row_goes_back_to_pending(j: Journal) -> None:
