@@ -238,7 +238,7 @@ def test_identity_is_checked(j: Journal) -> None:
 class JournalMachine(RuleBasedStateMachine):
     """Random sequences of transitions against a model: states, money and runs always agree."""
 
-    KEYS = ["a", "b", "c", "d"]
+    KEYS = ("a", "b", "c", "d")
 
     def __init__(self) -> None:
         super().__init__()
