@@ -9,6 +9,7 @@ is built here, following the real schema rules: every property required and null
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import tomllib
 from pathlib import Path
@@ -252,7 +253,7 @@ class RunConfig(_Strict):
     @model_validator(mode="after")
     def _check_ladder(self) -> RunConfig:
         ladder = self.ladder
-        for i, (lower, upper) in enumerate(zip(ladder, ladder[1:], strict=False)):
+        for i, (lower, upper) in enumerate(itertools.pairwise(ladder)):
             if tier(upper) <= tier(lower):
                 raise ValueError(f"escalate.processors[{i}]: {upper!r} is not on a higher price tier than {lower!r}; "
                                  "each step must be stronger than the one before")
