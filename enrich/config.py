@@ -9,15 +9,16 @@ is built here, following the real schema rules: every property required and null
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from enrich.errors import ConfigError
-from enrich.processors import PROCESSORS
+from enrich.processors import PROCESSORS, tier
 
 FieldType = Literal["string", "integer", "number", "boolean", "array", "object"]
 DEFAULT_BASE_URL = "https://api.parallel.ai"
@@ -91,13 +92,141 @@ class LimitsConfig(_Strict):
     max_attempts: int = Field(default=6, gt=0)           # rejections of a row itself before it is failed
     recheck_s: float = Field(default=5, gt=0, le=60)     # liveness watchdog period
     outage_give_up_s: float = Field(default=300, gt=0)   # no creating request succeeds this long: stop (exit 69)
+    daily_budget_usd: float | None = Field(default=None, ge=0)   # per UTC day, across jobs sharing the ledger
+    spend_ledger: Path | None = None       # file recording spend per UTC day (shared between jobs)
+    max_processor: str | None = None       # refuse any processor (task or ladder) on a higher price tier
 
     @model_validator(mode="after")
-    def _grace(self) -> LimitsConfig:
+    def _check_limits(self) -> LimitsConfig:
         if self.reconcile_grace_s <= self.request_timeout_s:
             raise ValueError(f"reconcile_grace_s ({self.reconcile_grace_s:g}) must be longer than request_timeout_s "
                              f"({self.request_timeout_s:g}): a request still on its way could otherwise create a "
                              "run after its row was declared never created")
+        if self.max_processor is not None and self.max_processor not in PROCESSORS:
+            raise ValueError(f"max_processor: unknown processor {self.max_processor!r}; "
+                             f"choose one of {', '.join(PROCESSORS)}")
+        return self
+
+    @property
+    def daily_budget_micros(self) -> int | None:
+        b = self.daily_budget_usd
+        return None if b is None else round(b * 1_000_000)
+
+
+Level = Literal["high", "medium", "low", "none"]
+LEVELS: tuple[Level, ...] = ("high", "medium", "low", "none")   # best first; "none" = null, "" or no basis
+_LEVEL_RANK = {"high": 3, "medium": 2, "low": 1, "none": 0}
+_LISTS = ("accept", "review", "reject")
+
+
+class GateRule(_Strict):
+    """How one field's confidence becomes a decision: accepted, review or rejected.
+
+    Labels go by set membership. Numbers (not sent by the real API, which only sends labels;
+    accepted because older write-ups use 0..1 scores) go by thresholds: `>= accept_at` is
+    accepted, `>= review_at` is review, anything else rejected. The thresholds are an enrich
+    invention; without them a number counts as "none".
+
+    The lists must be disjoint, cover high/medium/low/none, and be ordered (every accepted
+    level above every review level above every rejected one), so a better confidence never
+    gets a worse decision. Example: `GateRule(accept=["high", "medium"], review=[], reject=["low", "none"])`.
+    """
+
+    accept: list[Level] = ["high"]
+    review: list[Level] = ["medium"]
+    reject: list[Level] = ["low", "none"]
+    accept_at: float | None = Field(default=None, allow_inf_nan=False)
+    review_at: float | None = Field(default=None, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _check_rule(self) -> GateRule:
+        seen: dict[str, str] = {}
+        for name in _LISTS:
+            for level in getattr(self, name):
+                if level in seen:
+                    raise ValueError(f"confidence {level!r} is in both {seen[level]} and {name}")
+                seen[level] = name
+        if missing := [lv for lv in LEVELS if lv not in seen]:
+            raise ValueError(f"confidence {', '.join(map(repr, missing))} is in none of accept, review, reject")
+        ranks = [[_LEVEL_RANK[lv] for lv in getattr(self, n)] for n in _LISTS]
+        for (hi_name, hi), (lo_name, lo) in (((_LISTS[0], ranks[0]), (_LISTS[1], ranks[1])),
+                                             ((_LISTS[1], ranks[1]), (_LISTS[2], ranks[2])),
+                                             ((_LISTS[0], ranks[0]), (_LISTS[2], ranks[2]))):
+            if hi and lo and min(hi) <= max(lo):
+                raise ValueError(f"{hi_name} must only hold confidences above those in {lo_name}")
+        if self.accept_at is not None and self.review_at is not None and self.review_at > self.accept_at:
+            raise ValueError("review_at must not be above accept_at")
+        return self
+
+    def decision_of_level(self, level: str) -> str:
+        """'accepted' | 'review' | 'rejected' for a confidence label (high/medium/low/none)."""
+        if level in self.accept:
+            return "accepted"
+        return "review" if level in self.review else "rejected"
+
+
+class GateFieldOverride(_Strict):
+    """`[gate.fields.<name>]`: any of GateRule's keys. A list given here is exact; a list not
+    given keeps the base list minus the levels the given lists claim. Example: with the
+    defaults, `accept = ["high", "medium"]` leaves review empty and reject = ["low", "none"].
+    """
+
+    accept: list[Level] | None = None
+    review: list[Level] | None = None
+    reject: list[Level] | None = None
+    accept_at: float | None = Field(default=None, allow_inf_nan=False)
+    review_at: float | None = Field(default=None, allow_inf_nan=False)
+
+
+class GateConfig(GateRule):
+    """`[gate]`: the default rule plus `[gate.fields.<name>]` overrides (see GateRule)."""
+
+    fields: dict[str, GateFieldOverride] = {}
+    _rules: dict[str, GateRule] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _resolve(self) -> GateConfig:
+        base = GateRule(**{k: getattr(self, k) for k in GateRule.model_fields})
+        rules: dict[str, GateRule] = {}
+        for name, over in self.fields.items():
+            given = over.model_dump(exclude_none=True)
+            claimed = {lv for key in _LISTS for lv in given.get(key, [])}
+            data = base.model_dump()
+            for key in _LISTS:
+                if key not in given:
+                    data[key] = [lv for lv in data[key] if lv not in claimed]
+            data.update(given)
+            try:
+                rules[name] = GateRule(**data)
+            except ValidationError as exc:
+                raise ValueError(f"fields.{name}: {exc.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+        self._rules = {"": base, **rules}
+        return self
+
+    def rule(self, field: str) -> GateRule:
+        """The resolved rule for `field`; element entries (`founders.0`) use their array's rule."""
+        rules = self._rules
+        return rules.get(field) or rules.get(field.split(".", 1)[0]) or rules[""]
+
+
+class EscalateConfig(_Strict):
+    """`[escalate]`: re-run rows whose fields are still rejected (or in review) on stronger processors.
+
+    `processors` is the ladder after `task.processor`, each step on a strictly higher price
+    tier than the one before. `max_rows` caps how many rows one escalation step may send.
+    """
+
+    processors: list[str] = Field(min_length=1)
+    on: list[Literal["rejected", "review"]] = ["rejected"]
+    max_rows: int | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _check_escalate(self) -> EscalateConfig:
+        for p in self.processors:
+            if p not in PROCESSORS:
+                raise ValueError(f"processors: unknown processor {p!r}; choose one of {', '.join(PROCESSORS)}")
+        if "rejected" not in self.on or len(set(self.on)) != len(self.on):
+            raise ValueError('on must be ["rejected"] or ["rejected", "review"]')
         return self
 
 
@@ -122,8 +251,24 @@ class RunConfig(_Strict):
     limits: LimitsConfig = LimitsConfig()
     emulator: EmulatorSection = EmulatorSection()
     api: ApiSection = ApiSection()
+    gate: GateConfig = GateConfig()
+    escalate: EscalateConfig | None = None
     journal: Path | None = None
     source: Path | None = None   # the config file, for messages
+
+    @model_validator(mode="after")
+    def _check_ladder(self) -> RunConfig:
+        ladder = self.ladder
+        for i, (lower, upper) in enumerate(itertools.pairwise(ladder)):
+            if tier(upper) <= tier(lower):
+                raise ValueError(f"escalate.processors[{i}]: {upper!r} is not on a higher price tier than {lower!r}; "
+                                 "each step must be stronger than the one before")
+        return self
+
+    @property
+    def ladder(self) -> list[str]:
+        """task.processor, then the escalation steps (weakest first)."""
+        return [self.task.processor, *(self.escalate.processors if self.escalate else [])]
 
     @property
     def journal_path(self) -> Path:
@@ -178,8 +323,35 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"]) or "(root)"
         raise ConfigError(f"{path}: {loc}: {err['msg']}") from None
-    build_task_spec(cfg)  # validates an output_schema file early
+    check_max_processor(cfg)
+    check_gate_fields(cfg, output_fields(build_task_spec(cfg)))  # also validates an output_schema file early
     return cfg
+
+
+def check_max_processor(cfg: RunConfig) -> None:
+    """Refuse a config whose processor or escalation ladder goes above `limits.max_processor`.
+
+    The cap compares price tiers, so `max_processor = "core"` allows `core-fast` and refuses `pro`.
+    Call it again after any override of `task.processor`. Raises ConfigError naming the key.
+    """
+    cap = cfg.limits.max_processor
+    if cap is None:
+        return
+    for i, name in enumerate(cfg.ladder):
+        if tier(name) > tier(cap):
+            where = "task.processor" if i == 0 else f"escalate.processors[{i - 1}]"
+            raise ConfigError(f"{cfg.source}: {where}: {name!r} is above limits.max_processor = {cap!r}")
+
+
+def check_gate_fields(cfg: RunConfig, fields: dict[str, Any]) -> None:
+    """Refuse `[gate.fields.<name>]` tables that name no output field of the task spec.
+
+    `fields` is `output_fields(build_task_spec(cfg))`. Raises ConfigError naming the table.
+    """
+    for name in cfg.gate.fields:
+        if name not in fields:
+            raise ConfigError(f"{cfg.source}: gate.fields.{name}: not an output field; "
+                              f"output fields are {', '.join(fields) or '(none)'}")
 
 
 def _field_schema(spec: FieldSpec, nullable: bool = True) -> dict[str, Any]:

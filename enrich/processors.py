@@ -49,3 +49,33 @@ def get_processor(name: str) -> Processor | None:
 def usd(micros: int) -> str:
     """Format micro-dollars for people: `usd(2_515_000)` -> '$2.52'."""
     return f"${micros / MICROS_PER_USD:,.2f}"
+
+
+_TIERS = list(_BASE)
+
+
+def tier(name: str) -> int:
+    """Position of a processor on the price ladder (lite=0 … ultra8x=8); `-fast` shares its tier.
+
+    Strength in enrich means price: a tier costs strictly more than the one below it.
+
+    >>> tier("lite"), tier("core-fast"), tier("ultra8x")
+    (0, 2, 8)
+
+    Raises KeyError for an unknown name (validate with get_processor first).
+    """
+    return _TIERS.index(name.removesuffix("-fast"))
+
+
+def strength(name: str) -> tuple[int, int]:
+    """Sort key from weakest to strongest: (tier, 1 for the standard variant, 0 for `-fast`).
+
+    The standard variant wins a tie with its `-fast` twin because `-fast` trades some
+    freshness for speed (same price). Unknown names sort below everything (`(-1, 0)`).
+
+    >>> sorted(["core", "lite", "core-fast"], key=strength)
+    ['lite', 'core-fast', 'core']
+    """
+    if name not in PROCESSORS:
+        return (-1, 0)
+    return (tier(name), 0 if name.endswith("-fast") else 1)

@@ -151,7 +151,7 @@ def write_csv(proj: Projection, fp: Any, guard: bool) -> None:
     import io
 
     text = io.TextIOWrapper(fp, encoding="utf-8", newline="", write_through=False)
-    w = csv.writer(text, lineterminator="\n")
+    w = csv.writer(text, lineterminator="\r\n")
     w.writerow(proj.header())
     names = [c[0] for c in proj.columns]
 

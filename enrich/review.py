@@ -1,0 +1,305 @@
+"""The human review round trip: `<output stem>.review.csv` out, verdicts back in.
+
+`write_review` exports one line per (row, field) whose decision is `review` or still
+`rejected`, with the evidence a reviewer needs, and four empty columns to fill in:
+
+    <key columns…>, field, value, confidence, processor, reasoning, citations, run_id,
+    verdict, corrected_value, reviewer, note
+
+- `value` and `corrected_value` share one encoding: text as is, anything else as JSON
+  (`1998`, `true`, `["Ann", "Bob"]`); an empty cell is no value.
+- `citations` is a JSON array, one citation per line: `{"url", "title", "excerpt"}` with
+  the first excerpt only.
+- `verdict` is accept | correct | reject (any case); blank = not reviewed yet.
+- Every text cell is formula-guarded: a `'` is put before text starting with = + - @ tab CR
+  NUL or `'` (numbers excepted). `read_review` strips exactly that one `'` again, so keys and
+  values survive the round trip, also after a spreadsheet dropped the `'`.
+
+`read_review` is all-or-nothing: any problem raises InputError naming the file, the line
+of the first problem and how many more there are; nothing is applied from a bad file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from enrich.errors import ConfigError, InputError
+from enrich.gate import FieldAnswer, MergedRow, Verdict
+
+EVIDENCE_COLUMNS = ("field", "value", "confidence", "processor", "reasoning", "citations", "run_id")
+VERDICT_COLUMNS = ("verdict", "corrected_value", "reviewer", "note")
+REQUIRED_COLUMNS = ("field", "verdict", "corrected_value")   # reviewers may delete the others
+VERDICTS = ("accept", "correct", "reject")
+TO_REVIEW = ("review", "rejected")
+_NUMERIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+_GUARDED_START = ("=", "+", "-", "@", "\t", "\r", "\x00", "'")
+
+
+def review_path(output: Path) -> Path:
+    """Where the review file of an output goes: `out/x.enriched.parquet` -> `out/x.enriched.review.csv`."""
+    return output.with_name(output.stem + ".review.csv")
+
+
+def guard(cell: str) -> str:
+    """Prefix `'` to text a spreadsheet would run as a formula (and to text starting with `'`).
+
+    >>> guard("=SUM(A1)"), guard("-2"), guard("'quoted"), guard("plain")
+    ("'=SUM(A1)", '-2', "''quoted", 'plain')
+    """
+    if cell.startswith(_GUARDED_START) and not _NUMERIC.match(cell):
+        return "'" + cell
+    return cell
+
+
+def unguard(cell: str) -> str:
+    """Undo `guard` exactly: `unguard(guard(s)) == s` for every string s.
+
+    >>> unguard("'=SUM(A1)"), unguard("=SUM(A1)"), unguard("'Tis")
+    ('=SUM(A1)', '=SUM(A1)', "'Tis")
+    """
+    if cell.startswith("'") and guard(cell[1:]) == cell:
+        return cell[1:]
+    return cell
+
+
+def review_columns(key_columns: Sequence[str]) -> list[str]:
+    """The header; raises ConfigError when a key column clashes with a review column (check it in preflight)."""
+    fixed = (*EVIDENCE_COLUMNS, *VERDICT_COLUMNS)
+    if clash := [k for k in key_columns if k in fixed]:
+        raise ConfigError(f"key column {clash[0]!r} has the name of a review-file column; rename it in the input")
+    if len(set(key_columns)) != len(key_columns):
+        raise ConfigError("key columns repeat a name")
+    return [*key_columns, *fixed]
+
+
+def encode_value(value: Any) -> str:
+    """A field value as one cell: text as is, None empty, anything else JSON.
+
+    >>> encode_value("Austin"), encode_value(1998), encode_value(["a", "b"]), encode_value(None)
+    ('Austin', '1998', '["a", "b"]', '')
+    """
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def encode_citations(entries: Iterable[Mapping[str, Any] | None]) -> str:
+    """Citations of basis entries as a JSON array, one `{"url", "title", "excerpt"}` per line."""
+    items = []
+    for entry in entries:
+        for c in (entry or {}).get("citations") or []:
+            if isinstance(c, Mapping) and c.get("url"):
+                excerpts = c.get("excerpts") or []
+                first = excerpts[0] if isinstance(excerpts, list) and excerpts else None
+                items.append(json.dumps({"url": str(c["url"]), "title": c.get("title"), "excerpt": first},
+                                        ensure_ascii=False))
+    return "[" + ",\n".join(items) + "]" if items else ""
+
+
+def _evidence(answer: FieldAnswer) -> tuple[str, str]:
+    """(reasoning, citations) of an answer; element entries stand in when the field has none."""
+    entries = [answer.basis] if answer.basis else list(answer.elements)
+    reasons = [str(e.get("reasoning") or "") for e in entries]
+    if answer.basis is None and len(entries) > 1:
+        reasons = [f"[{i}] {r}" for i, r in enumerate(reasons)]
+    return "\n".join(r for r in reasons if r), encode_citations(entries)
+
+
+def review_lines(row: MergedRow, n_keys: int) -> Iterator[list[str]]:
+    """The unguarded cells of every line `row` contributes to the review file."""
+    if len(row.key) != n_keys:
+        raise ValueError(f"row key {row.key!r} does not have {n_keys} values")
+    for name, answer in row.fields.items():
+        if answer.decision not in TO_REVIEW:
+            continue
+        reasoning, citations = _evidence(answer)
+        conf = answer.confidence if isinstance(answer.confidence, str) else repr(answer.confidence)
+        yield [*row.key, name, encode_value(answer.value), conf, answer.processor or "", reasoning, citations,
+               answer.run_id or "", "", "", "", ""]
+
+
+def write_review(path: Path, rows: Iterable[MergedRow], key_columns: Sequence[str], *, formula_guard: bool = True) -> int:
+    """Write the review file atomically (UTF-8, streamed row by row); return the number of lines.
+
+    Raises ConfigError when a key column clashes with a review column name.
+    """
+    from enrich.write import atomic_write
+
+    header = review_columns(key_columns)
+    count = 0
+
+    def write(fp: Any) -> None:
+        nonlocal count
+        text = io.TextIOWrapper(fp, encoding="utf-8", newline="")
+        out = csv.writer(text, lineterminator="\r\n")   # RFC 4180; with "\n" a lone \r in a cell is left unquoted
+        out.writerow([guard(h) if formula_guard else h for h in header])
+        for row in rows:
+            for cells in review_lines(row, len(key_columns)):
+                out.writerow([guard(c) if formula_guard else c for c in cells])
+                count += 1
+        text.flush()
+        text.detach()
+
+    atomic_write(Path(path), write)
+    return count
+
+
+def _kind(schema: Mapping[str, Any]) -> tuple[str, bool]:
+    kind = schema.get("type", "string")
+    if isinstance(kind, list):
+        return next((k for k in kind if k != "null"), "string"), "null" in kind
+    return str(kind), kind == "null"
+
+
+def fits(value: Any, schema: Mapping[str, Any], where: str = "value") -> str | None:
+    """Why `value` does not fit the JSON schema (types, items, properties, enum), or None.
+
+    >>> fits([1, "x"], {"type": "array", "items": {"type": "integer"}})
+    'value[1] is not an integer'
+    """
+    kind, nullable = _kind(schema)
+    if value is None:
+        return None if nullable else f"{where} is null"
+    checks = {"string": lambda v: isinstance(v, str), "boolean": lambda v: isinstance(v, bool),
+              "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+              "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v),
+              "array": lambda v: isinstance(v, list), "object": lambda v: isinstance(v, dict)}
+    if not checks.get(kind, lambda v: True)(value):
+        return f"{where} is not {'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+    enum = schema.get("enum")
+    if isinstance(enum, list) and value not in enum:
+        return f"{where} is not one of {', '.join(json.dumps(e) for e in enum if e is not None)}"
+    if kind == "array" and isinstance(schema.get("items"), Mapping):
+        for i, item in enumerate(value):
+            if (problem := fits(item, schema["items"], f"{where}[{i}]")) is not None:
+                return problem
+    if kind == "object" and isinstance(schema.get("properties"), Mapping):
+        props = schema["properties"]
+        if extra := [k for k in value if k not in props]:
+            return f"{where} has unknown key {extra[0]!r}"
+        for k, sub in props.items():
+            if k not in value:
+                return f"{where} lacks key {k!r}"
+            if (problem := fits(value[k], sub, f"{where}.{k}")) is not None:
+                return problem
+    return None
+
+
+def parse_value(text: str, schema: Mapping[str, Any]) -> Any:
+    """Read a corrected value typed by a reviewer; raises ValueError saying why it does not fit.
+
+    >>> parse_value("1998", {"type": ["integer", "null"]}), parse_value('["a"]', {"type": "array"})
+    (1998, ['a'])
+    """
+    kind, _ = _kind(schema)
+    if kind == "string":
+        value: Any = text
+    elif kind == "integer" and re.fullmatch(r"\s*[+-]?\d+\s*", text):
+        value = int(text)
+    elif kind == "number" and _NUMERIC.match(text.strip()):
+        value = float(text) if any(c in text for c in ".eE") else int(text)
+    elif kind == "boolean" and text.strip().casefold() in ("true", "false"):
+        value = text.strip().casefold() == "true"
+    elif kind in ("array", "object"):
+        try:
+            value = json.loads(text)
+        except ValueError:
+            raise ValueError(f"corrected_value is not valid JSON for a field of type {kind}") from None
+    else:
+        raise ValueError(f"corrected_value {text!r} is not {'an' if kind[0] in 'aeiou' else 'a'} {kind}")
+    if (problem := fits(value, schema, "corrected_value")) is not None:
+        raise ValueError(problem)
+    return value
+
+
+def read_review(path: Path, key_columns: Sequence[str], fields_schema: Mapping[str, Mapping[str, Any]],
+                known_keys: Container[tuple[str, ...]]) -> list[Verdict]:
+    """The verdicts of a filled-in review file, in file order; lines with a blank verdict are skipped.
+
+    Checks: header has the key columns and field/verdict/corrected_value; every reviewed line
+    names a known key and output field; verdict is accept|correct|reject; `correct` needs a
+    corrected value that fits the field's JSON type, the others must leave it blank; one
+    verdict per (row, field). Raises InputError(file, line, problem) and returns nothing when
+    any line is bad.
+    """
+    name = str(path)
+    try:
+        raw = Path(path).read_bytes().decode("utf-8-sig")
+    except OSError as exc:
+        raise InputError(name, f"cannot read review file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(name, f"not UTF-8 (byte {exc.start})") from None
+    reader = csv.reader(io.StringIO(raw, newline=""), strict=True)
+    problems: list[tuple[int, str]] = []
+    verdicts: list[Verdict] = []
+    seen: dict[tuple[tuple[str, ...], str], int] = {}
+    try:
+        header = [unguard(h) for h in next(reader, [])]
+        missing = [c for c in (*key_columns, *REQUIRED_COLUMNS) if c not in header]
+        if missing or len(set(header)) != len(header):
+            why = f"missing column {missing[0]!r}" if missing else "a column name repeats"
+            raise InputError(name, f"header: {why}; expected {', '.join(review_columns(key_columns))}", line=1)
+        at = {h: i for i, h in enumerate(header)}
+        line = reader.line_num + 1
+        for cells in reader:
+            start, line = line, reader.line_num + 1
+            if len(cells) > len(header):
+                problems.append((start, f"{len(cells)} cells but the header has {len(header)}"))
+                continue
+            cell = {h: unguard(cells[i]) if i < len(cells) else "" for h, i in at.items()}
+            verdict_text = cell["verdict"].strip().casefold()
+            if not verdict_text and not cell["corrected_value"]:
+                continue
+            problem, verdict = _check_line(cell, key_columns, fields_schema, known_keys, verdict_text, start)
+            if problem is None and verdict is not None:
+                where = (verdict.key, verdict.field)
+                if where in seen:
+                    problem = f"second verdict for {verdict.field!r} of this row (first on line {seen[where]})"
+                else:
+                    seen[where] = start
+                    verdicts.append(verdict)
+            if problem is not None:
+                problems.append((start, problem))
+    except csv.Error as exc:
+        problems.append((reader.line_num, f"malformed CSV: {exc}"))
+    if problems:
+        first_line, reason = problems[0]
+        more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
+        raise InputError(name, reason + more, line=first_line)
+    return verdicts
+
+
+def _check_line(cell: Mapping[str, str], key_columns: Sequence[str], fields_schema: Mapping[str, Mapping[str, Any]],
+                known_keys: Container[tuple[str, ...]], verdict_text: str, line: int) -> tuple[str | None, Verdict | None]:
+    key = tuple(cell[k] for k in key_columns)
+    if key not in known_keys:
+        shown = ", ".join(f"{k}={v!r}" for k, v in zip(key_columns, key, strict=True))
+        return f"unknown row key {shown}", None
+    field = cell["field"]
+    if field not in fields_schema:
+        return f"unknown field {field!r}; output fields are {', '.join(fields_schema)}", None
+    if verdict_text not in VERDICTS:
+        shown = cell["verdict"] or "(blank)"
+        return f"verdict {shown!r} is not one of accept, correct, reject", None
+    corrected: Any = None
+    if verdict_text == "correct":
+        if cell["corrected_value"] == "":
+            return "verdict correct needs a corrected_value (use reject to clear a value)", None
+        try:
+            corrected = parse_value(cell["corrected_value"], fields_schema[field])
+        except ValueError as exc:
+            return f"field {field!r}: {exc}", None
+    elif cell["corrected_value"] != "":
+        return f"corrected_value given but verdict is {verdict_text!r}; use correct", None
+    return None, Verdict(key=key, field=field, verdict=verdict_text, corrected_value=corrected,  # type: ignore[arg-type]
+                         reviewer=cell.get("reviewer", "").strip(), note=cell.get("note", ""),
+                         run_id=cell.get("run_id", "").strip() or None, line=line)

@@ -1,0 +1,16 @@
+"""The examples in the decision-layer docstrings run and stay true."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+
+
+@pytest.mark.parametrize("module", ["enrich.gate", "enrich.status", "enrich.review", "enrich.audit",
+                                    "enrich.spend", "enrich.processors"])
+def test_docstring_examples(module: str) -> None:
+    """Every `>>>` example in the module gives the output shown."""
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
