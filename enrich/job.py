@@ -122,10 +122,11 @@ def _identity(cfg: RunConfig, task_spec: dict[str, Any], api_key: str) -> dict[s
 
 def run_job(cfg: RunConfig, *, api_key: str, emulated: bool = False, retry_failed: bool = False,
             adopt: bool = False, fresh: bool = False, on_interrupt: Callable[[], None] | None = None,
-            install_signals: bool = True, transport: Any = None) -> JobResult:
+            install_signals: bool = True, transport: Any = None, governor: Any = None) -> JobResult:
     """Run (or resume) one job to its end and write its output. See the module docstring.
 
-    `transport` is the client's seam (an httpx transport) for tests that play server behaviours."""
+    `transport` is the client's seam (an httpx transport) for tests that play server behaviours;
+    `governor` (submit.Governor) enforces limits shared with other partitions of the same job."""
     from enrich.config import build_task_spec
     from enrich.journal import Journal
 
@@ -161,7 +162,7 @@ def run_job(cfg: RunConfig, *, api_key: str, emulated: bool = False, retry_faile
         else:
             base_url = base_url_for(cfg)
         state, interrupted = _execute(cfg, journal, prep, base_url, api_key, emulated, on_interrupt, install_signals,
-                                      transport)
+                                      transport, governor)
         return _finish(cfg, journal, jpath, prep, state, interrupted, emulated, api_key, cpu0)
     finally:
         if server is not None:
@@ -180,7 +181,8 @@ def _start_emulator(cfg: RunConfig) -> Any:
 
 
 def _execute(cfg: RunConfig, journal: Any, prep: Any, base_url: str, api_key: str, emulated: bool,
-             on_interrupt: Callable[[], None] | None, install_signals: bool, transport: Any) -> tuple[Any, bool]:
+             on_interrupt: Callable[[], None] | None, install_signals: bool, transport: Any,
+             governor: Any) -> tuple[Any, bool]:
     from enrich.client import TaskClient
     from enrich.pipeline import execute
     from enrich.progress import JobState
@@ -214,7 +216,7 @@ def _execute(cfg: RunConfig, journal: Any, prep: Any, base_url: str, api_key: st
         client = TaskClient(base_url, api_key, timeout_s=cfg.limits.request_timeout_s, on_response=on_response,
                             transport=transport)
         try:
-            return await execute(cfg, journal, client, prep, emulated=emulated, state=state)
+            return await execute(cfg, journal, client, prep, emulated=emulated, state=state, governor=governor)
         finally:
             await client.aclose()
             if client.emulator_seen and not emulated:

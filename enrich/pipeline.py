@@ -41,7 +41,7 @@ from enrich.read import key_problem, open_table
 from enrich.reconcile import reconcile
 from enrich.retry import CircuitBreaker, backoff
 from enrich.slots import Slots
-from enrich.submit import Submitter
+from enrich.submit import Governor, Submitter
 
 MAX_SPEC_AND_INPUT_CHARS = 25_000
 RECONCILE_GIVE_UP_S = 300.0   # listings failing this long (an outage) leave rows in doubt `unknown` for this run
@@ -272,7 +272,7 @@ async def _reconciler(journal: Journal, client: TaskClient, state: JobState, gid
 
 
 async def execute(cfg: RunConfig, journal: Journal, client: TaskClient, prep: Prepared, *, emulated: bool,
-                  state: JobState | None = None) -> JobState:
+                  state: JobState | None = None, governor: Governor | None = None) -> JobState:
     """Run the job until every row is finished, the budget is spent, or `state.stop` is set."""
     counts = journal.counts(prep.epoch)
     state = state or JobState()
@@ -302,7 +302,7 @@ async def execute(cfg: RunConfig, journal: Journal, client: TaskClient, prep: Pr
                           user_metadata=t.metadata, batch_size=limits.batch_size,
                           requests_per_minute=limits.requests_per_minute, request_timeout_s=limits.request_timeout_s,
                           max_retries=limits.max_attempts, outage_give_up_s=limits.outage_give_up_s,
-                          breaker=CircuitBreaker())
+                          breaker=CircuitBreaker(), governor=governor)
     poller = Poller(journal, client, state, taskgroup_id=gid, job_tag=prep.job_tag, row_timeout_s=limits.row_timeout_s,
                     recheck_s=limits.recheck_s)
     if journal.unresolved():

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import random
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from aiolimiter import AsyncLimiter
 
@@ -48,13 +48,25 @@ MAX_SLOWDOWN = 4.0
 LINGER_S = 0.03
 
 
+class Governor(Protocol):
+    """Limits shared by every partition of a job (scale-out): one is passed to each partition's run_job.
+
+    `permit_post()` returns when this process may send one more creating POST (a global rate);
+    `lease(micros)` asks for more global budget and returns how much was granted (0 = none left).
+    The partition's journal still reserves every run before sending, within what was leased."""
+
+    async def permit_post(self) -> None: ...
+
+    async def lease(self, micros: int) -> int: ...
+
+
 class Submitter:
     def __init__(self, journal: Journal, client: TaskClient, state: JobState, *, taskgroup_id: str, job_tag: str,
                  epoch: int, prices: dict[str, int], budget_micros: int | None, task_spec: dict[str, Any],
                  run_options: dict[str, Any], user_metadata: dict[str, Any] | None, batch_size: int,
                  requests_per_minute: int, request_timeout_s: float, max_retries: int,
                  outage_give_up_s: float = 300.0, breaker: CircuitBreaker | None = None,
-                 rand: random.Random | None = None):
+                 rand: random.Random | None = None, governor: Governor | None = None):
         self.journal, self.client, self.state = journal, client, state
         self.taskgroup_id, self.job_tag, self.epoch = taskgroup_id, job_tag, epoch
         self.prices, self.budget = prices, budget_micros
@@ -74,6 +86,8 @@ class Submitter:
         self.rand = rand or random.Random()
         self.batch_seq = journal.get("batch_seq", 0)
         self.posts = 0
+        self.governor = governor
+        self.leased = journal.spent_micros()   # with a governor: what this partition may have reserved
 
     def _input(self, c: Claimed) -> dict[str, Any]:
         body: dict[str, Any] = {"input": c.input, "processor": c.processor,
@@ -157,9 +171,13 @@ class Submitter:
             if free <= 0:
                 continue
             limit = min(self.batch_size, free) if self.breaker.state == "closed" else 1  # a probe is one run
+            budget = self.budget
+            if self.governor is not None:
+                await self.governor.permit_post()
+                budget = await self._leased_budget(limit)
             self.batch_seq += 1
             try:
-                claimed = journal.claim(self.epoch, limit, self.prices, self.budget, time.time(), self.batch_seq)
+                claimed = journal.claim(self.epoch, limit, self.prices, budget, time.time(), self.batch_seq)
             except BudgetExceeded as exc:
                 state.budget_exhausted = True
                 journal.log("warning", str(exc))
@@ -172,6 +190,15 @@ class Submitter:
             failpoints.hit("after_intent_commit")
             state.waiting_on = ""
             await self._send(claimed)
+
+    async def _leased_budget(self, runs: int) -> int | None:
+        """Top up the global lease so `runs` more runs fit; the journal's own budget still applies."""
+        assert self.governor is not None
+        spent = self.journal.spent_micros()
+        need = runs * max(self.prices.values()) - (self.leased - spent)
+        if need > 0:
+            self.leased += await self.governor.lease(need)
+        return self.leased if self.budget is None else min(self.leased, self.budget)
 
     async def _linger(self) -> None:
         """With few free slots and runs still active, wait briefly for more: fuller batches, fewer POSTs."""
