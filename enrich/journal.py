@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from enrich.errors import BudgetExceeded, JournalError
+from enrich.spend import daily_message, utc_day
 
 SCHEMA_VERSION = 2
 IN_FLIGHT = ("intent", "unknown", "submitted")
@@ -80,6 +81,7 @@ CREATE TABLE IF NOT EXISTS rows (
   intent_at      REAL,
   submitted_at   REAL,
   finished_at    REAL,
+  rung           TEXT,               -- strongest processor a run was created on for this input/spec (escalation)
   error          TEXT
 );
 CREATE INDEX IF NOT EXISTS rows_queue ON rows(epoch, state, solo, ordinal);   -- claim: next pending rows in order
@@ -108,7 +110,29 @@ CREATE TABLE IF NOT EXISTS spend (
   reason TEXT NOT NULL                -- reserve | release
 );
 CREATE TABLE IF NOT EXISTS log (id INTEGER PRIMARY KEY, at REAL NOT NULL, level TEXT NOT NULL, message TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS verdicts (  -- append-only human review history
+  id INTEGER PRIMARY KEY, at REAL NOT NULL, row_key TEXT NOT NULL, field TEXT NOT NULL,
+  verdict TEXT NOT NULL,              -- accept | correct | reject
+  corrected_json TEXT,                -- the reviewer's value (JSON), for correct
+  reviewer TEXT NOT NULL, note TEXT NOT NULL,
+  run_id TEXT,                        -- the run whose answer was reviewed
+  input_hash TEXT NOT NULL,           -- the row's input then: a changed input makes the verdict stale
+  previous_json TEXT                  -- the value shown to the reviewer
+);
+CREATE INDEX IF NOT EXISTS verdicts_row ON verdicts(row_key, id);
 """
+
+LEDGER_SCHEMA = """
+CREATE TABLE IF NOT EXISTS {db}.ledger (  -- spend per UTC day, shared by the jobs that name this ledger
+  id INTEGER PRIMARY KEY, day TEXT NOT NULL, job TEXT NOT NULL, row_key TEXT NOT NULL,
+  micros INTEGER NOT NULL             -- +price reserved, -price released (on the reservation's day)
+);
+CREATE INDEX IF NOT EXISTS {db}.ledger_day ON ledger(day);
+"""
+
+
+class DailyBudgetExceeded(BudgetExceeded):
+    """Today's (UTC) daily budget, shared by every job on the same spend ledger, is spent."""
 
 
 class TransitionError(JournalError):
@@ -356,11 +380,41 @@ class Journal:
         return self.conn.execute("SELECT MIN(next_at) FROM rows WHERE epoch=? AND state='pending'",
                                  (epoch,)).fetchone()[0]
 
+    def attach_ledger(self, path: Path | None, job: str) -> None:
+        """Record spend per UTC day in `path` (a ledger shared by several jobs) or, with None, in this journal.
+        Claims then check `daily_budget` against the ledger in the same transaction as the reservation."""
+        self._ledger_job = job
+        if path is None:
+            self._ledger_db = "main"
+        else:
+            path = Path(os.path.realpath(path))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+            try:
+                self.conn.execute("ATTACH DATABASE ? AS spendledger", (str(path),))
+                self.conn.execute("PRAGMA spendledger.journal_mode=WAL")
+                self.conn.execute("PRAGMA spendledger.synchronous=FULL")
+            except sqlite3.DatabaseError as exc:
+                raise JournalError(f"{path}: not a usable spend ledger ({exc})") from None
+            self._ledger_db = "spendledger"
+        self.conn.executescript(LEDGER_SCHEMA.format(db=self._ledger_db))
+
+    _ledger_db: str | None = None
+    _ledger_job = ""
+
+    def spent_on_day(self, day: str) -> int:
+        """Micro-dollars reserved on UTC `day` in the spend ledger (every job sharing it)."""
+        if self._ledger_db is None:
+            return 0
+        return self.conn.execute(f"SELECT COALESCE(SUM(micros), 0) FROM {self._ledger_db}.ledger WHERE day=?",
+                                 (day,)).fetchone()[0]
+
     def claim(self, epoch: int, limit: int, prices: dict[str, int], budget: int | None, now: float,
-              batch: int) -> list[Claimed]:
+              batch: int, daily_budget: int | None = None) -> list[Claimed]:
         """pending -> intent for up to `limit` rows of one processor, with their budget reserved, committed
         before any send. Solo rows (their batch was rejected) are claimed one at a time. Raises
-        BudgetExceeded when not even one more run fits in the budget."""
+        BudgetExceeded when not even one more run fits in the budget (or in today's daily budget,
+        counted in the attached spend ledger across every job that shares it)."""
         with self.tx() as c:
             picked = c.execute("SELECT id, processor FROM rows WHERE epoch=? AND state='pending' AND solo=1 AND "
                                "(next_at IS NULL OR next_at<=?) ORDER BY ordinal LIMIT 1", (epoch, now)).fetchall()
@@ -380,6 +434,13 @@ class Journal:
                     raise BudgetExceeded(f"budget reached: {spent / 1e6:.4f} USD of {budget / 1e6:.4f} USD "
                                          "spent or reserved")
                 picked = picked[:affordable]
+            day = utc_day(now)
+            if daily_budget is not None:
+                today = self.spent_on_day(day)
+                affordable = (daily_budget - today) // price if price else len(picked)
+                if affordable <= 0:
+                    raise DailyBudgetExceeded(daily_message(today, daily_budget, now))
+                picked = picked[:affordable]
             ids = [p[0] for p in picked]
             c.executemany("UPDATE rows SET state='intent', attempts=attempts+1, batch=?, intent_at=?, run_id=NULL, "
                           "run_input_hash=input_hash, run_spec_hash=spec_hash, run_processor=processor, error=NULL "
@@ -396,6 +457,9 @@ class Journal:
                            for i in chunk)
             c.executemany("INSERT INTO spend(at, row_key, micros, reason) VALUES (?, ?, ?, 'reserve')",
                           [(now, cl.row_key, price) for cl in out])
+            if self._ledger_db is not None:
+                c.executemany(f"INSERT INTO {self._ledger_db}.ledger(day, job, row_key, micros) VALUES (?, ?, ?, ?)",
+                              [(day, self._ledger_job, cl.row_key, price) for cl in out])
             self.set("batch_seq", batch, c)
             return out
 
@@ -410,8 +474,9 @@ class Journal:
         """intent -> submitted for an add-runs reply: the rows (row_key, attempt) and the run ids the reply
         listed, in whatever order; which run is whose is learned from each run's metadata later."""
         with self.tx() as c:
-            self._move(c, "UPDATE rows SET state='submitted', submitted_at=?, retries=0 WHERE row_key=? AND "
-                          "attempts=? AND state='intent'", [(now, k, a) for k, a in rows], "mark_submitted")
+            self._move(c, "UPDATE rows SET state='submitted', submitted_at=?, retries=0, rung=run_processor "
+                          "WHERE row_key=? AND attempts=? AND state='intent'", [(now, k, a) for k, a in rows],
+                       "mark_submitted")
             c.executemany("INSERT OR IGNORE INTO runs(run_id, batch, cursor, created_at, state) "
                           "VALUES (?, ?, ?, ?, 'waiting')", [(r, batch, cursor or "", now) for r in run_ids])
 
@@ -419,8 +484,8 @@ class Journal:
         """intent|unknown -> submitted for rows found in the group listing: (row_key, attempt, run_id, cursor).
         Here the pairing is proven: the listing showed the run with this row's metadata."""
         with self.tx() as c:
-            self._move(c, "UPDATE rows SET state='submitted', run_id=?, submitted_at=?, retries=0 WHERE row_key=? "
-                          "AND attempts=? AND state IN ('intent', 'unknown')",
+            self._move(c, "UPDATE rows SET state='submitted', run_id=?, submitted_at=?, retries=0, rung=run_processor "
+                          "WHERE row_key=? AND attempts=? AND state IN ('intent', 'unknown')",
                        [(rid, now, k, a) for k, a, rid, _ in found], "adopt")
             c.executemany("INSERT OR IGNORE INTO runs(run_id, batch, cursor, created_at, state) "
                           "SELECT ?, COALESCE(batch, 0), ?, ?, 'waiting' FROM rows WHERE row_key=?",
@@ -444,12 +509,22 @@ class Journal:
                                   "LIMIT 1", (key,)).fetchone()
                 c.execute("INSERT INTO spend(at, row_key, micros, reason) VALUES (?, ?, ?, 'release')",
                           (now, key, -(price[0] if price else 0)))
+                self._ledger_refund(c, key)
                 state = "failed" if hit[0] + inc >= max_retries else "pending"
                 if state == "failed":
                     failed.append(key)
                 c.execute("UPDATE rows SET state=?, retries=retries+?, next_at=?, solo=MAX(solo, ?), error=?, "
                           "finished_at=? WHERE row_key=?", (state, inc, next_at, int(solo), error, now, key))
         return failed
+
+    def _ledger_refund(self, c: sqlite3.Connection, key: str) -> None:
+        if self._ledger_db is None:
+            return
+        res = c.execute(f"SELECT day, micros FROM {self._ledger_db}.ledger WHERE job=? AND row_key=? AND micros>0 "
+                        "ORDER BY id DESC LIMIT 1", (self._ledger_job, key)).fetchone()
+        if res:
+            c.execute(f"INSERT INTO {self._ledger_db}.ledger(day, job, row_key, micros) VALUES (?, ?, ?, ?)",
+                      (res[0], self._ledger_job, key, -res[1]))
 
     def mark_unknown(self, rows: list[tuple[str, int]], error: str) -> None:
         """intent -> unknown: the add-runs outcome is ambiguous; reconciliation decides."""
@@ -532,7 +607,102 @@ class Journal:
             self._move(c, "UPDATE rows SET state='unknown', error=? WHERE row_key=? AND attempts=? AND "
                           "state='submitted'", [(error, k, a) for k, a in rows], "unknown_from_submitted")
 
+    # ---- decisions: escalation and human review ---------------------------------------------
+    def decided_rows(self, epoch: int, ladder: list[str], chunk: int = 2_000) -> Iterator[list[tuple[Any, ...]]]:
+        """(id, row_key, state, processor, rung, [(processor, run_id, result_json)]) of done rows and of
+        failed rows that have a result on the ladder, in input order: what the escalation pass decides on."""
+        last = -1
+        while True:
+            rows = self.conn.execute("SELECT id, ordinal, row_key, state, processor, rung, input_hash, spec_hash FROM "
+                                     "rows WHERE epoch=? AND ordinal>? AND state IN ('done', 'failed') ORDER BY "
+                                     "ordinal LIMIT ?", (epoch, last, chunk)).fetchall()
+            if not rows:
+                return
+            last = rows[-1][1]
+            found = self._results_for([(r[6], r[7]) for r in rows], ladder)
+            out = [(r[0], r[2], r[3], r[4], r[5], found.get((r[6], r[7]), [])) for r in rows]
+            yield [o for o in out if o[2] == "done" or o[5]]
+
+    def _results_for(self, pairs: list[tuple[str, str]], ladder: list[str]) -> dict[tuple[str, str], list[Any]]:
+        """(input_hash, spec_hash) -> [(processor, run_id, result_json)] for ladder processors (latest per one)."""
+        found: dict[tuple[str, str], dict[str, tuple[str, str, str]]] = {}
+        procs = ",".join("?" * len(ladder))
+        for part in _chunks(sorted({p[0] for p in pairs}), 500):
+            marks = ",".join("?" * len(part))
+            for in_h, spec_h, proc, rid, res in self.conn.execute(
+                    f"SELECT input_hash, spec_hash, processor, run_id, result_json FROM results WHERE input_hash IN "
+                    f"({marks}) AND processor IN ({procs}) ORDER BY completed_at", (*part, *ladder)):
+                found.setdefault((in_h, spec_h), {})[proc] = (proc, rid, res)
+        return {k: list(v.values()) for k, v in found.items()}
+
+    def climb(self, moves: list[tuple[int, str]], now: float) -> None:
+        """done|failed -> pending on a stronger processor (escalation): the next run is a normal claim."""
+        with self.tx() as c:
+            self._move(c, "UPDATE rows SET state='pending', processor=?, next_at=NULL, error=NULL, finished_at=? "
+                          "WHERE id=? AND state IN ('done', 'failed')", [(p, now, i) for i, p in moves], "climb")
+
+    def fall_back(self, items: list[tuple[int, str]], now: float) -> None:
+        """failed -> done for an escalation run that failed: the row keeps its best earlier result (run_id)."""
+        with self.tx() as c:
+            self._move(c, "UPDATE rows SET state='done', run_id=?, error=NULL, finished_at=? WHERE id=? AND "
+                          "state='failed'", [(r, now, i) for i, r in items], "fall_back")
+
+    def escalated_count(self, epoch: int, base: str) -> int:
+        return self.conn.execute("SELECT COUNT(*) FROM rows WHERE epoch=? AND (processor!=? OR rung IS NOT NULL "
+                                 "AND rung!=?)", (epoch, base, base)).fetchone()[0]
+
+    def add_verdicts(self, verdicts: list[tuple[str, str, str, str | None, str, str, str | None, str | None]],
+                     now: float) -> int:
+        """Append reviewer verdicts: (row_key, field, verdict, corrected_json, reviewer, note, run_id,
+        previous_json); each is stamped with the row's current input so a later input change makes it stale."""
+        with self.tx() as c:
+            for v in verdicts:
+                hit = c.execute("SELECT input_hash FROM rows WHERE row_key=?", (v[0],)).fetchone()
+                if hit is None:
+                    raise TransitionError(f"verdict for unknown row {v[0]}")
+                c.execute("INSERT INTO verdicts(at, row_key, field, verdict, corrected_json, reviewer, note, run_id, "
+                          "previous_json, input_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (now, *v, hit[0]))
+        return len(verdicts)
+
+    def verdicts_for(self, row_keys: list[str]) -> dict[str, list[tuple[Any, ...]]]:
+        """row_key -> [(field, verdict, corrected_json, reviewer, note, run_id, input_hash, at)] oldest first."""
+        out: dict[str, list[tuple[Any, ...]]] = {}
+        if self.conn.execute("SELECT 1 FROM verdicts LIMIT 1").fetchone() is None:
+            return out
+        for part in _chunks(row_keys):
+            marks = ",".join("?" * len(part))
+            for r in self.conn.execute(f"SELECT row_key, field, verdict, corrected_json, reviewer, note, run_id, "
+                                       f"input_hash, at FROM verdicts WHERE row_key IN ({marks}) ORDER BY id", part):
+                out.setdefault(r[0], []).append(r[1:])
+        return out
+
     # ---- reading back ----------------------------------------------------------------------
+    def iter_results(self, epoch: int, ladder: list[str], chunk: int = 2_000) -> Iterator[list[tuple[Any, ...]]]:
+        """(row_key, row_json, state, run_id, error, submitted_at, finished_at, input_hash,
+        [(processor, run_id, result_json)]) in input order; results are the row's, per ladder processor."""
+        last = -1
+        while True:
+            rows = self.conn.execute(
+                "SELECT ordinal, row_key, row_json, state, run_id, error, submitted_at, finished_at, input_hash, "
+                "spec_hash FROM rows WHERE epoch=? AND ordinal>? ORDER BY ordinal LIMIT ?",
+                (epoch, last, chunk)).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            done = [(r[8], r[9]) for r in rows if r[3] == "done"]
+            found = self._results_for(done, ladder) if done else {}
+            extra = {r[4]: r for r in rows if r[3] == "done" and r[4]}
+            if extra:   # a reused result of a processor no longer on the ladder (or a legacy one) still counts
+                marks = ",".join("?" * len(extra))
+                for rid, proc, res in self.conn.execute(f"SELECT run_id, processor, result_json FROM results WHERE "
+                                                        f"run_id IN ({marks})", list(extra)):
+                    r = extra[rid]
+                    lst = found.setdefault((r[8], r[9]), [])
+                    if all(x[1] != rid for x in lst) and all(x[0] != proc for x in lst):
+                        lst.append((proc, rid, res))
+            yield [(*r[1:9], found.get((r[8], r[9]), []) if r[3] == "done" else []) for r in rows]
+
+
     def counts(self, epoch: int | None = None) -> dict[str, int]:
         if epoch is None:
             epoch = self.get("epoch", 0)
@@ -576,6 +746,7 @@ class Journal:
                                   "LIMIT 1", (k,)).fetchone()
                 c.execute("INSERT INTO spend(at, row_key, micros, reason) VALUES (?, ?, ?, 'release')",
                           (time.time(), k, -(price[0] if price else 0)))
+                self._ledger_refund(c, k)
             c.execute("UPDATE rows SET state='pending', run_id=NULL, next_at=NULL "
                       "WHERE state IN ('intent','unknown','submitted')")
             c.execute("DELETE FROM runs WHERE state IN ('waiting', 'timed_out')")
@@ -590,7 +761,10 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending')
 ON CONFLICT(row_key) DO UPDATE SET
   ordinal=excluded.ordinal, line=excluded.line, epoch=excluded.epoch, row_json=excluded.row_json,
   input_json=excluded.input_json, input_hash=excluded.input_hash, spec_hash=excluded.spec_hash,
-  processor=excluded.processor,
+  processor = CASE WHEN rows.state IN ('intent', 'unknown', 'submitted') THEN rows.processor
+                   ELSE excluded.processor END,
+  rung = CASE WHEN rows.input_hash = excluded.input_hash AND rows.spec_hash = excluded.spec_hash THEN rows.rung
+              ELSE NULL END,
   state = CASE
     WHEN rows.state IN ('intent', 'unknown', 'submitted') THEN rows.state
     WHEN rows.state IN ('failed', 'timed_out') AND rows.run_input_hash = excluded.input_hash

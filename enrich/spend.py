@@ -125,3 +125,10 @@ def reserve_today(n: int, unit_micros: int, spent_today_micros: int, daily_budge
     if check.ok or (partial and check.allowed > 0):
         return check.allowed
     raise BudgetExceeded(check.message)
+
+
+def daily_message(spent_today_micros: int, daily_budget_micros: int, now: float | datetime) -> str:
+    """The one-line refusal when today's daily budget is spent, saying when it resets."""
+    reset = next_reset(now)
+    return (f"daily budget reached: {money(spent_today_micros)} of {money(daily_budget_micros)} spent or reserved "
+            f"today (UTC); it resets at {iso_z(reset)}")
