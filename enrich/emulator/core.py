@@ -126,7 +126,8 @@ class Emulator:
         self.knowledge = knowledge or Knowledge.load(config.knowledge, config.knowledge_key)
         self.faults = parse_faults(config.faults)
         self.behaviours = bh.parse_behaviours(config.behaviours)
-        self.quality = Quality(config.seed, config.hard_rate) if config.hard_rate > 0 else None
+        self.quality = (Quality(config.seed, config.hard_rate)
+                        if config.hard_rate > 0 or self.knowledge.tier_columns else None)
         self.endings = "endings" in self.behaviours
         self.eventual = "eventual" in self.behaviours
         self.vary_basis = "basis" in self.behaviours
