@@ -13,8 +13,10 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import ValidationError
 
 from enrich import __version__
+from enrich.config import EmulatorSection
 from enrich.emulator.behaviours import BEHAVIOURS, parse_behaviours
 from enrich.emulator.knowledge import Knowledge, Quality, norm_value
 from tests.conftest import OPENAPI, need_shared
@@ -59,6 +61,11 @@ def test_parse_behaviours() -> None:
     assert parse_behaviours("") == frozenset()
     with pytest.raises(ValueError, match="unknown behaviour 'cuts'"):
         parse_behaviours("cuts")
+    assert EmulatorSection(behaviours="cut,eventual", hard_rate=0.2).behaviours == "cut,eventual"
+    with pytest.raises(ValidationError, match="unknown behaviour"):
+        EmulatorSection(behaviours="cut,nope")
+    with pytest.raises(ValidationError):
+        EmulatorSection(hard_rate=1.5)
 
 
 def test_identity_headers_on_every_response(emulator) -> None:

@@ -431,6 +431,7 @@ class Emulator:
             route, _, status = key.rpartition(" ")
             by_route.setdefault(route, {})[status] = n
         return {"requests": by_route, "total_requests": sum(self.stats.requests.values()),
+                "behaviours": sorted(self.behaviours), "hard_rate": self.config.hard_rate,
                 "faults_injected": dict(self.stats.faults), "creating_posts": self.stats.creating_posts, "runs_created": self.stats.runs_created,
                 "active_runs": self.active, "credit_reserved_usd": self.reserved / 1e6,
                 "credit_charged_usd": self.charged / 1e6}
