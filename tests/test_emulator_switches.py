@@ -391,3 +391,18 @@ def test_hard_rate_lite_low_core_high_and_deterministic(emulator) -> None:
     assert {x["confidence"] for x in _answer(none, "lite", company)["basis"]} <= {"high", "low"}
     ledger = httpx.get(a.base_url + "/_emulator/ledger").json()
     assert {e["processor"] for e in ledger} == {"lite", "core"}
+
+
+def test_behaviours_are_deterministic_per_seed(emulator) -> None:
+    """The same requests to two servers with the same seed get the same ids, order, endings and
+    basis variety; another seed differs."""
+    def observe(seed: int) -> tuple[list[str], list[tuple[str, Any]]]:
+        emu = emulator(behaviours="shuffle,endings,basis", seed=seed)
+        with client(emu) as c:
+            gid, added = group_with(c, 40)
+            listing = events_of(c.get(f"/v1/tasks/groups/{gid}/runs", params={"include_output": "true"}).content)
+        return added["run_ids"], [(e["run"]["status"], e["output"]) for e in listing]
+
+    first = observe(9)
+    assert observe(9) == first
+    assert observe(10) != first
