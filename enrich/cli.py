@@ -71,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
     em.add_argument("--credit-usd", type=float, help="account credit; 402 when it cannot cover new runs")
     em.add_argument("--faults", default="", help='e.g. "429=0.05,500=0.02,503=0.01,drop=0.02,slow=0.01,truncate=0.01"')
     em.add_argument("--api-key", help="accept only this key (default: any non-empty key)")
+    em.add_argument("--behaviours", default="", metavar="LIST",
+                    help="comma-separated server behaviours to switch on: cut, snapshots, eventual, shuffle, "
+                         "framing, basis, connections, endings, or all")
+    em.add_argument("--hard-rate", type=float, default=0.0, metavar="X",
+                    help="share of (row, field) cells that need a stronger processor (weaker ones answer "
+                         "medium/low confidence)")
     return p
 
 
@@ -183,15 +189,23 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_emulator(args: argparse.Namespace) -> int:
     from enrich.emulator import EmulatorConfig, EmulatorServer
+    from enrich.emulator.behaviours import parse_behaviours
     from enrich.emulator.core import parse_faults
 
     try:
         parse_faults(args.faults)
     except ValueError as exc:
         raise ConfigError(f"--faults: {exc}") from None
+    try:
+        parse_behaviours(args.behaviours)
+    except ValueError as exc:
+        raise ConfigError(f"--behaviours: {exc}") from None
+    if not 0 <= args.hard_rate <= 1:
+        raise ConfigError("--hard-rate must be within 0..1")
     cfg = EmulatorConfig(knowledge=args.knowledge, knowledge_key=args.knowledge_key, time_scale=args.time_scale,
                          seed=args.seed, fail_rate=args.fail_rate, rate_limit=args.rate_limit,
-                         credit_usd=args.credit_usd, faults=args.faults, api_key=args.api_key)
+                         credit_usd=args.credit_usd, faults=args.faults, api_key=args.api_key,
+                         behaviours=args.behaviours, hard_rate=args.hard_rate)
     try:
         server = EmulatorServer(cfg, host=args.host, port=args.port)
     except ValueError as exc:

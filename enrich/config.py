@@ -238,6 +238,15 @@ class EmulatorSection(_Strict):
     fail_rate: float = Field(default=0.0, ge=0, le=1)
     rate_limit: int = Field(default=2000, ge=0)
     faults: str = ""
+    behaviours: str = ""          # e.g. "cut,snapshots" or "all" (enrich/emulator/behaviours.py)
+    hard_rate: float = Field(default=0.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _known_behaviours(self) -> EmulatorSection:
+        from enrich.emulator.behaviours import parse_behaviours  # lazy: the emulator package imports uvicorn
+
+        parse_behaviours(self.behaviours)   # ValueError names the unknown behaviour
+        return self
 
 
 class ApiSection(_Strict):

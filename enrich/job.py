@@ -177,7 +177,7 @@ def _start_emulator(cfg: RunConfig) -> Any:
     return EmulatorServer(EmulatorConfig(
         knowledge=str(e.knowledge) if e.knowledge else None, knowledge_key=e.knowledge_key,
         time_scale=e.time_scale, seed=e.seed, fail_rate=e.fail_rate, rate_limit=e.rate_limit,
-        faults=e.faults)).start()
+        faults=e.faults, behaviours=e.behaviours, hard_rate=e.hard_rate)).start()
 
 
 def _execute(cfg: RunConfig, journal: Any, prep: Any, base_url: str, api_key: str, emulated: bool,

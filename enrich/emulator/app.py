@@ -1,12 +1,13 @@
-"""The emulator's ASGI app: routing, auth, rate limit, faults, long-polls and SSE streams.
+"""The emulator's ASGI app: routing, auth, rate limit, faults, long-polls (SSE streams: streams.py).
 
 A plain ASGI callable (no framework): the routes are a dozen regexes, and owning the
 `send` channel lets the fault injector truncate a body or drop a connection exactly the way
-a failing network does. SSE follows the rules the official SDK's decoder needs
-(parallel-task-api.md section 11): `type` inside every `data:` JSON, no `id:` lines, cursors
-in `event_id`, keep-alives as `: ping` comment lines.
+a failing network does.
 
-Emulator-only extensions live under `/_emulator/` (ledger, stats, reset, faults).
+Every response carries `x-enrich-emulator: <enrich version>` (so a client reaching the
+emulator through any base URL can tell it is emulated) and `x-enrich-emulator-instance:
+<uuid>`, fixed for the life of the server (a new value means the emulator restarted and its
+state is gone). Emulator-only extensions live under `/_emulator/` (ledger, stats, reset, faults).
 """
 
 from __future__ import annotations
@@ -21,15 +22,18 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs
 
-from enrich.emulator.core import Emulator, Group, Run, parse_faults
+from enrich import __version__
+from enrich.emulator import behaviours as bh
+from enrich.emulator.core import Emulator, parse_faults
+from enrich.emulator.streams import Streams
 from enrich.emulator.validate import Invalid
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
-KEEPALIVE_S = 10.0
-SSE_CHUNK = 64   # events per write when listing runs
+EMULATOR_HEADER = b"x-enrich-emulator"
+INSTANCE_HEADER = b"x-enrich-emulator-instance"
 
 _ID = r"([A-Za-z0-9_\-]+)"
 ROUTES: list[tuple[str, re.Pattern[str], str, bool]] = [
@@ -54,15 +58,6 @@ def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def _sse(obj: dict[str, Any]) -> bytes:
-    return b"event: " + obj["type"].encode() + b"\ndata: " + _dumps(obj) + b"\n\n"
-
-
-def _flag(query: dict[str, list[str]], name: str, default: bool = False) -> bool:
-    values = query.get(name)
-    return default if not values else values[-1].lower() in ("true", "1", "yes")
-
-
 def _abort(send: Send) -> bool:
     """Close the TCP connection without any response (the lost-response fault).
 
@@ -79,16 +74,19 @@ def _abort(send: Send) -> bool:
 
 
 class Responder:
-    """One request's reply channel, remembering the status for the stats table."""
+    """One request's reply channel, remembering the status for the stats table.
 
-    def __init__(self, send: Send):
-        self.send, self.status = send, 0
+    `headers` go on whichever response is sent (the emulator's identity, `Connection: close`).
+    """
+
+    def __init__(self, send: Send, headers: list[tuple[bytes, bytes]]):
+        self.send, self.status, self.headers = send, 0, headers
 
     async def json(self, status: int, obj: Any, headers: list[tuple[bytes, bytes]] | None = None,
                    truncate: bool = False) -> None:
         body = _dumps(obj)
         self.status = status
-        head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *self.headers]
         await self.send({"type": "http.response.start", "status": status, "headers": head + (headers or [])})
         if truncate:  # 2xx headers, then half the body, then the connection closes
             await self.send({"type": "http.response.body", "body": body[: len(body) // 2], "more_body": True})
@@ -106,7 +104,7 @@ class Responder:
     async def start_sse(self) -> None:
         self.status = 200
         await self.send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]})
+            (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"), *self.headers]})
 
     async def chunk(self, data: bytes) -> None:
         await self.send({"type": "http.response.body", "body": data, "more_body": True})
@@ -115,13 +113,15 @@ class Responder:
         await self.send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-class App:
+class App(Streams):
     """ASGI app over one `Emulator`. Also runs the ticker that advances simulated time."""
 
     def __init__(self, emulator: Emulator):
         self.emu = emulator
         self.ticker: asyncio.Task[None] | None = None
         self.default_slow_s = 35.0
+        self.instance_id = str(uuid.uuid4())
+        self.identity = [(EMULATOR_HEADER, __version__.encode()), (INSTANCE_HEADER, self.instance_id.encode())]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -131,7 +131,7 @@ class App:
             return
         if self.ticker is None:
             self.ticker = asyncio.get_running_loop().create_task(self._tick())
-        out = Responder(send)
+        out = Responder(send, list(self.identity))
         path: str = scope["path"]
         try:
             if path.startswith("/_emulator/"):
@@ -233,6 +233,8 @@ class App:
             if wait is not None:
                 await out.error(429, "Too many requests: creating POSTs are limited per minute.")
                 return
+        if emu.behaviours and "connections" in emu.behaviours and await self._connections(out, send, route, creating):
+            return
         fault = None if route in SSE_ROUTES else emu.draw_fault()
         if fault:
             emu.stats.faults[f"{route} {fault}"] += 1
@@ -267,6 +269,24 @@ class App:
             await out.json(status, obj, truncate=True)
         else:
             await out.json(status, obj)
+
+    async def _connections(self, out: Responder, send: Send, route: str, creating: bool) -> bool:
+        """The `connections` behaviour for one request; True when it has answered it (503/429)."""
+        emu, rng = self.emu, self.emu.brng
+        if rng.random() < bh.CONNECTION_CLOSE_P:
+            out.headers.append((b"connection", b"close"))
+        elif rng.random() < bh.IDLE_DROP_P:
+            bh.drop_when_idle(send, rng.uniform(*bh.IDLE_DROP_S))
+        x = rng.random()
+        if x < bh.P503:
+            emu.stats.faults[f"{route} behaviour-503"] += 1
+            await out.error(503, "Service temporarily unavailable.", [(b"retry-after", bh.RETRY_AFTER_503)])
+            return True
+        if creating and x < bh.P503 + bh.P429:
+            emu.stats.faults[f"{route} behaviour-429"] += 1
+            await out.error(429, "Too many requests: quota temporarily exceeded.")
+            return True
+        return False
 
     @staticmethod
     async def _body(receive: Receive) -> Any:
@@ -310,6 +330,13 @@ class App:
             timeout = float((query.get("timeout") or ["600"])[-1])
         except ValueError:
             raise Invalid(422, "timeout must be an integer number of seconds") from None
+        if emu.behaviours and "connections" in emu.behaviours and emu.brng.random() < bh.RESULT_408_P:
+            # the long-poll ends early: the run is still active, or finished so recently that the
+            # result store has not caught up
+            if not run.done:
+                timeout = min(timeout, emu.brng.uniform(0, 0.5))
+            elif time.monotonic() - run.done_at < bh.RESULT_LAG_S:
+                raise Invalid(408, "Request timed out; run still active.")
         if not run.done and timeout > 0:
             fut = emu.wait_for(run)
             gone = asyncio.ensure_future(self._disconnected(receive))
@@ -320,6 +347,8 @@ class App:
             raise Invalid(408, "Request timed out; run still active.")
         if run.status == "failed":
             raise Invalid(404, "Run failed or run id not found.")
+        if run.status == "cancelled":
+            raise Invalid(404, "Run was cancelled; it has no result.")
         return 200, {"run": emu.run_json(run), "output": emu.output_json(run)}
 
     async def _create_group(self, params, query, body, receive, out):  # type: ignore[no-untyped-def]
@@ -331,132 +360,22 @@ class App:
     async def _add_runs(self, params, query, body, receive, out):  # type: ignore[no-untyped-def]
         emu = self.emu
         group = emu.get_group(params[0])
-        runs, run_cursor, event_cursor = emu.add_runs(group, body, time.monotonic())
-        return 200, {"run_ids": [r.run_id for r in runs], "status": emu.group_status(group),
+        now = time.monotonic()
+        runs, run_cursor, event_cursor = emu.add_runs(group, body, now)
+        run_ids = [r.run_id for r in runs]
+        if emu.behaviours:
+            if "shuffle" in emu.behaviours and len(run_ids) > 1:
+                order = run_ids[:]
+                while order == run_ids:
+                    emu.brng.shuffle(order)
+                run_ids = order
+            if emu.eventual and any(r.visible_at <= now for r in runs):
+                emu.advance()   # announce the runs that finished at once before replying
+                await asyncio.sleep(bh.EARLY_HOLD_S)
+        return 200, {"run_ids": run_ids, "status": emu.group_status(group),
                      "run_cursor": run_cursor, "event_cursor": event_cursor}
 
     @staticmethod
     async def _disconnected(receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
-
-    def _run_event(self, run: Run, event_id: str | None, include_input: bool, include_output: bool) -> dict[str, Any]:
-        return {"type": "task_run.state", "event_id": event_id, "run": self.emu.run_json(run),
-                "input": {**run.body, "task_spec": run.spec} if include_input else None,
-                "output": self.emu.output_json(run) if include_output and run.status == "completed" else None}
-
-    async def _group_runs(self, params, query, body, receive, out):  # type: ignore[no-untyped-def]
-        """List the group's runs from the cursor on, at once, without waiting (the bulk result API)."""
-        emu = self.emu
-        group = emu.get_group(params[0])
-        start = _cursor(query)
-        wanted = (query.get("status") or [None])[-1]
-        inc_in, inc_out = _flag(query, "include_input"), _flag(query, "include_output")
-        end = len(group.runs)
-        await out.start_sse()
-        gone = asyncio.ensure_future(self._disconnected(receive))
-        try:
-            buf: list[bytes] = []
-            for run in group.runs[start:end]:
-                if wanted and run.status != wanted:
-                    continue
-                buf.append(_sse(self._run_event(run, str(run.seq), inc_in, inc_out)))
-                if len(buf) >= SSE_CHUNK:
-                    await out.chunk(b"".join(buf))
-                    buf = []
-                    await asyncio.sleep(0)   # let the disconnect watcher run: clients close listings early
-                    if gone.done():
-                        return 0, None
-            await out.chunk(b"".join(buf))
-            await out.end()
-        finally:
-            gone.cancel()
-        return 0, None
-
-    async def _group_events(self, params, query, body, receive, out):  # type: ignore[no-untyped-def]
-        """Replay the group's event log from the cursor, then follow it while runs are active."""
-        emu = self.emu
-        group = emu.get_group(params[0])
-        pos = _cursor(query)
-        try:
-            timeout = float((query.get("timeout") or ["3600"])[-1])
-        except ValueError:
-            raise Invalid(422, "timeout must be a number of seconds") from None
-        deadline = time.monotonic() + timeout
-        await out.start_sse()
-        gone = asyncio.ensure_future(self._disconnected(receive))
-        try:
-            while not gone.done():
-                emu.advance()
-                pos = await self._send_events(group, pos, out)
-                remaining = deadline - time.monotonic()
-                if not emu.group_status(group)["is_active"] or remaining <= 0:
-                    break
-                changed = asyncio.ensure_future(group.changed.wait())
-                done, _ = await asyncio.wait([changed, gone], timeout=min(remaining, KEEPALIVE_S),
-                                             return_when=asyncio.FIRST_COMPLETED)
-                changed.cancel()
-                if not done:
-                    await out.chunk(b": ping\n\n")
-            if not gone.done():
-                await out.end()
-        finally:
-            gone.cancel()
-        return 0, None
-
-    async def _send_events(self, group: Group, pos: int, out: Responder) -> int:
-        events = group.events
-        end = len(events)
-        buf: list[bytes] = []
-        last_status = max((i for i in range(pos, end) if events[i] is None), default=-1)
-        for i in range(pos, end):
-            entry = events[i]
-            if entry is None:
-                if i == last_status:  # older status snapshots are superseded: send only the newest
-                    buf.append(_sse({"type": "task_group_status", "event_id": str(i),
-                                     "status": self.emu.group_status(group)}))
-            else:
-                buf.append(_sse(self._run_event(entry, str(i), False, False)))
-            if len(buf) >= SSE_CHUNK:
-                await out.chunk(b"".join(buf))
-                buf = []
-        if buf:
-            await out.chunk(b"".join(buf))
-        return end
-
-    async def _run_events(self, params, query, body, receive, out):  # type: ignore[no-untyped-def]
-        """State first, progress while it runs, final state (with output) when it ends."""
-        emu = self.emu
-        run = emu.get_run(params[0])
-        await out.start_sse()
-        await out.chunk(_sse(self._run_event(run, None, False, False)))
-        gone = asyncio.ensure_future(self._disconnected(receive))
-        try:
-            if not run.done:
-                await out.chunk(_sse({"type": "task_run.progress_msg.plan", "message": "Looking up the entity.",
-                                      "timestamp": emu.stamp(time.monotonic())}))
-                fut = emu.wait_for(run)
-                while not run.done and not gone.done():
-                    await asyncio.wait([fut, gone], timeout=KEEPALIVE_S, return_when=asyncio.FIRST_COMPLETED)
-                    if not run.done and not gone.done():
-                        await out.chunk(b": ping\n\n")
-            if gone.done():
-                return 0, None
-            await out.chunk(_sse({"type": "task_run.progress_stats", "progress_meter": 100.0,
-                                  "source_stats": {"num_sources_considered": 1, "num_sources_read": 1,
-                                                   "sources_read_sample": []}}))
-            await out.chunk(_sse(self._run_event(run, None, False, True)))
-            await out.end()
-        finally:
-            gone.cancel()
-        return 0, None
-
-
-def _cursor(query: dict[str, list[str]]) -> int:
-    raw = (query.get("last_event_id") or [""])[-1]
-    if not raw:
-        return 0
-    try:
-        return int(raw) + 1
-    except ValueError:
-        raise Invalid(422, f"invalid last_event_id {raw!r}") from None

@@ -5,6 +5,12 @@ locks are needed. Time is lazy and cheap: each run gets a start and a completion
 (seeded draw from its processor's latency band x time_scale) pushed on two heaps; `advance()`
 pops what is due, appends completion events to the group's event log and wakes waiters.
 Nothing is polled per run, so 20,000+ active runs cost only their heap entries.
+
+Switchable behaviours (behaviours.py) that live in the state: `endings` (runs that end failed
+or cancelled), `eventual` (a run's group event waits on a third heap until the run is
+visible; listings stop at the first run not yet visible; some runs of a batch finish at once)
+and `basis` (varied output and run objects). All draws for them come from `brng`, a generator
+of their own, so switching one on does not change the runs, latencies or faults of a seed.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from enrich.emulator.knowledge import Knowledge
+from enrich.emulator import behaviours as bh
+from enrich.emulator.knowledge import Knowledge, Quality
 from enrich.emulator.validate import Invalid, normalize_output_schema, validate_run_input
 from enrich.processors import PROCESSORS
 
@@ -40,6 +47,8 @@ class EmulatorConfig:
     credit_usd: float | None = None       # None = unlimited credit
     faults: str = ""                      # e.g. "429=0.05,500=0.02,drop=0.02,retry_after=2"
     api_key: str | None = None            # accept only this key; None = any non-empty key
+    behaviours: str = ""                  # e.g. "cut,snapshots" or "all" (behaviours.py)
+    hard_rate: float = 0.0                # share of (row, field) cells that need a stronger processor
 
 
 def parse_faults(spec: str) -> dict[str, float]:
@@ -62,30 +71,35 @@ def parse_faults(spec: str) -> dict[str, float]:
 
 
 class Run:
-    __slots__ = ("body", "created", "done", "done_at", "error", "fails", "group", "output_cache",
-                 "price", "processor", "run_id", "seq", "spec", "stamps", "start_at", "started", "warnings")
+    __slots__ = ("body", "created", "done", "done_at", "end", "error", "group", "output_cache", "price",
+                 "processor", "run_id", "seq", "spec", "stale_s", "stamps", "start_at", "started", "visible_at",
+                 "warnings")
 
     def __init__(self, run_id: str, body: dict[str, Any], spec: Any, warnings: list, group: Group | None,
-                 created: float, start_at: float, done_at: float, fails: bool, price: int):
+                 created: float, start_at: float, done_at: float, end: str, price: int):
         self.run_id, self.body, self.spec, self.warnings, self.group = run_id, body, spec, warnings, group
         self.processor: str = body["processor"]
-        self.created, self.start_at, self.done_at, self.fails, self.price = created, start_at, done_at, fails, price
+        self.created, self.start_at, self.done_at, self.end, self.price = created, start_at, done_at, end, price
         self.started = start_at <= created
         self.done = False
         self.error: dict[str, Any] | None = None
         self.output_cache: dict[str, Any] | None = None
         self.stamps: dict[float, str] = {}   # formatted timestamps: strftime is the emulator's hot spot
         self.seq = 0
+        self.visible_at = 0.0   # eventual: when listings and events may show the run
+        self.stale_s = 0.0      # eventual: how long listings keep showing it running after it ended
 
     @property
     def status(self) -> str:
+        """queued, running, then the drawn ending: completed, failed or cancelled."""
         if self.done:
-            return "failed" if self.fails else "completed"
+            return self.end
         return "running" if self.started else "queued"
 
 
 class Group:
-    __slots__ = ("changed", "counts", "created", "events", "metadata", "modified", "runs", "taskgroup_id")
+    __slots__ = ("changed", "counts", "created", "events", "metadata", "modified", "pending", "runs",
+                 "taskgroup_id")
 
     def __init__(self, taskgroup_id: str, metadata: Any, created: float):
         self.taskgroup_id, self.metadata, self.created, self.modified = taskgroup_id, metadata, created, created
@@ -93,6 +107,7 @@ class Group:
         self.events: list[Run | None] = []   # run = task_run.state event; None = task_group_status event
         self.counts: Counter[str] = Counter()
         self.changed = asyncio.Event()
+        self.pending = 0   # eventual: completion events waiting for their run to become visible
 
 
 @dataclass
@@ -110,17 +125,25 @@ class Emulator:
         self.config = config
         self.knowledge = knowledge or Knowledge.load(config.knowledge, config.knowledge_key)
         self.faults = parse_faults(config.faults)
+        self.behaviours = bh.parse_behaviours(config.behaviours)
+        self.quality = (Quality(config.seed, config.hard_rate)
+                        if config.hard_rate > 0 or self.knowledge.tier_columns else None)
+        self.endings = "endings" in self.behaviours
+        self.eventual = "eventual" in self.behaviours
+        self.vary_basis = "basis" in self.behaviours
         self.reset()
 
     # ---- lifecycle -------------------------------------------------------------------
     def reset(self) -> None:
         self.rng = random.Random(self.config.seed)
         self.fault_rng = random.Random(self.config.seed + 1)
+        self.brng = random.Random(self.config.seed + 2)   # behaviours only
         self.runs: dict[str, Run] = {}
         self.groups: dict[str, Group] = {}
         self.ledger: list[dict[str, Any]] = []
         self.starts: list[tuple[float, int, Run]] = []
         self.dones: list[tuple[float, int, Run]] = []
+        self.reveals: list[tuple[float, int, Run]] = []   # eventual: completion events not yet visible
         self.tiebreak = 0
         self.waiters: dict[str, list[asyncio.Future[None]]] = {}
         self.rate_windows: dict[str, deque[float]] = {}
@@ -139,7 +162,7 @@ class Emulator:
 
     # ---- time ------------------------------------------------------------------------
     def next_due(self) -> float | None:
-        heads = [h[0][0] for h in (self.starts, self.dones) if h]
+        heads = [h[0][0] for h in (self.starts, self.dones, self.reveals) if h]
         return min(heads) if heads else None
 
     def advance(self, now: float | None = None) -> None:
@@ -154,28 +177,39 @@ class Emulator:
         touched: set[Group] = set()
         while self.dones and self.dones[0][0] <= now:
             run = heapq.heappop(self.dones)[2]
-            self._finish(run)
+            self._finish(run, now)
             if run.group:
                 touched.add(run.group)
+        while self.reveals and self.reveals[0][0] <= now:
+            run = heapq.heappop(self.reveals)[2]
+            run.group.pending -= 1   # type: ignore[union-attr]
+            run.group.events.append(run)   # type: ignore[union-attr]
+            touched.add(run.group)   # type: ignore[arg-type]
         for group in touched:
             group.modified = now
             group.events.append(None)  # one coalesced task_group_status event per tick
             group.changed.set()
             group.changed = asyncio.Event()
 
-    def _finish(self, run: Run) -> None:
+    def _finish(self, run: Run, now: float) -> None:
         run.started = run.done = True
         self.active -= 1
         self.reserved -= run.price
-        self.charged += run.price
-        if run.fails:
-            run.error = {"ref_id": str(uuid.uuid4()), "message": "The task run failed: emulated failure (--fail-rate).",
+        self.charged += run.price   # failed and cancelled runs are billed too: the work was done
+        if run.end == "failed":
+            why = "--behaviours endings" if self.endings and not self.config.fail_rate else "--fail-rate"
+            run.error = {"ref_id": str(uuid.uuid4()), "message": f"The task run failed: emulated failure ({why}).",
                          "detail": None}
         if run.group:
             group = run.group
             group.counts["running"] -= 1
-            group.counts[run.status] += 1
-            group.events.append(run)
+            group.counts[run.end] += 1
+            if run.visible_at > now:   # eventual: the event waits until the run is visible
+                group.pending += 1
+                self.tiebreak += 1
+                heapq.heappush(self.reveals, (run.visible_at, self.tiebreak, run))
+            else:
+                group.events.append(run)
         for fut in self.waiters.pop(run.run_id, ()):
             if not fut.done():
                 fut.set_result(None)
@@ -212,13 +246,19 @@ class Emulator:
         return None
 
     # ---- creation --------------------------------------------------------------------
-    def _new_run(self, body: dict[str, Any], spec: Any, warnings: list, group: Group | None, now: float) -> Run:
+    def _new_run(self, body: dict[str, Any], spec: Any, warnings: list, group: Group | None, now: float,
+                 instant: bool = False) -> Run:
         proc = PROCESSORS[body["processor"]]
         lo, hi = proc.latency_s
         latency = self.rng.uniform(lo, hi) * self.config.time_scale
-        fails = self.config.fail_rate > 0 and self.rng.random() < self.config.fail_rate
+        end = "failed" if self.config.fail_rate > 0 and self.rng.random() < self.config.fail_rate else "completed"
+        if self.endings and end == "completed":
+            x = self.brng.random()
+            end = "failed" if x < bh.FAILED_P else "cancelled" if x < bh.FAILED_P + bh.CANCELLED_P else end
+        if instant:
+            latency = 0.0
         run_id = "trun_" + uuid.UUID(int=self.rng.getrandbits(128)).hex
-        run = Run(run_id, body, spec, warnings, group, now, now + latency * 0.1, now + latency, fails,
+        run = Run(run_id, body, spec, warnings, group, now, now + latency * 0.1, now + latency, end,
                   proc.price_micros)
         self.runs[run_id] = run
         self.active += 1
@@ -278,6 +318,8 @@ class Emulator:
         self.check_credit(sum(PROCESSORS[item["processor"]].price_micros for item, _, _ in checked))
         run_cursor = str(len(group.runs) - 1) if group.runs else None
         event_cursor = str(len(group.events) - 1) if group.events else None
+        if self.eventual:
+            return self._add_runs_eventually(group, checked, now), run_cursor, event_cursor
         runs = []
         for item, spec, warnings in checked:
             run = self._new_run(item, spec, warnings, group, now)
@@ -292,6 +334,41 @@ class Emulator:
             group.changed = asyncio.Event()
         return runs, run_cursor, event_cursor
 
+    def _add_runs_eventually(self, group: Group, checked: list, now: float) -> list[Run]:
+        """add-runs under `eventual`: each run becomes visible up to VISIBLE_DELAY_S later, in
+        input order (so cursors stay valid); EARLY_SHARE of the batch finishes at once and is
+        visible at once (the app holds the reply so their events can go out first)."""
+        rng = self.brng
+        last = group.runs[-1].visible_at if group.runs else now
+        delays = sorted(rng.uniform(0, bh.VISIBLE_DELAY_S) for _ in checked)
+        runs = []
+        for (item, spec, warnings), delay in zip(checked, delays, strict=True):
+            early = rng.random() < bh.EARLY_SHARE
+            run = self._new_run(item, spec, warnings, group, now, instant=early)
+            run.seq = len(group.runs)
+            last = max(last, now + delay)
+            run.visible_at = now if early else last
+            run.stale_s = rng.uniform(0, bh.STALE_S)
+            group.runs.append(run)
+            group.counts[run.status] += 1
+            runs.append(run)
+        group.modified = now
+        if runs:
+            group.events.append(None)
+            group.changed.set()
+            group.changed = asyncio.Event()
+        return runs
+
+    def visible_runs(self, group: Group, start: int, now: float) -> list[Run]:
+        """The group's runs from `start` that a listing shows now (eventual: up to the first not yet visible)."""
+        runs = group.runs[start:]
+        if not self.eventual:
+            return runs
+        for i, run in enumerate(runs):
+            if run.visible_at > now:
+                return runs[:i]
+        return runs
+
     def get_run(self, run_id: str) -> Run:
         run = self.runs.get(run_id)
         if run is None:
@@ -305,6 +382,11 @@ class Emulator:
 
     # ---- representations -------------------------------------------------------------
     def run_json(self, run: Run) -> dict[str, Any]:
+        """The TaskRun object; metadata is always echoed (clients match results to rows by it)."""
+        out = self._run_json(run)
+        return bh.vary_run(out) if self.vary_basis else out
+
+    def _run_json(self, run: Run) -> dict[str, Any]:
         modified = run.done_at if run.done else (run.start_at if run.started else run.created)
         stamps = run.stamps
         if run.created not in stamps:
@@ -322,7 +404,10 @@ class Emulator:
     def output_json(self, run: Run) -> dict[str, Any]:
         if run.output_cache is None:
             spec = normalize_output_schema(run.spec)
-            run.output_cache = self.knowledge.answer(run.body["input"], spec)
+            out = self.knowledge.answer(run.body["input"], spec, run.processor, self.quality)
+            if self.vary_basis:
+                out = bh.vary_output(out, random.Random(f"{self.config.seed}:{run.run_id}"))
+            run.output_cache = out
         return run.output_cache
 
     def group_status(self, group: Group) -> dict[str, Any]:
@@ -346,6 +431,7 @@ class Emulator:
             route, _, status = key.rpartition(" ")
             by_route.setdefault(route, {})[status] = n
         return {"requests": by_route, "total_requests": sum(self.stats.requests.values()),
+                "behaviours": sorted(self.behaviours), "hard_rate": self.config.hard_rate,
                 "faults_injected": dict(self.stats.faults), "creating_posts": self.stats.creating_posts, "runs_created": self.stats.runs_created,
                 "active_runs": self.active, "credit_reserved_usd": self.reserved / 1e6,
                 "credit_charged_usd": self.charged / 1e6}

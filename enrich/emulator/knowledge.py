@@ -6,10 +6,26 @@ filled from the column with the same normalised name ("Headquarters Location" <-
 `headquarters_location`), coerced to the property's type, with a basis entry that cites the
 row's `source_url` (or a stable `.invalid` URL naming the entity, so emulated evidence can
 never be mistaken for a real web page).
+
+Processor-dependent quality. Some (row, field) cells are *hard*: they need at least a given
+processor tier (lite < base < core < core2x < pro < ultra < ultra2x < ultra4x < ultra8x; a
+`-fast` variant has its base tier). A cell is hard when
+
+- the table names its tier in a column `<field>__tier` (e.g. `founded_year__tier` = `core`;
+  `lite` marks a cell as easy for every processor; an empty cell falls through), or
+- `--hard-rate X` draws it: a share X of (row, field) pairs, picked by a hash of
+  (seed, row key, field), each with a required tier drawn the same way (mostly base or core,
+  some pro, a few ultra).
+
+A processor at or above the required tier answers `high`. One tier short answers `medium`
+(sometimes `low`); two or more tiers short answer `low`, and half of those cells come back
+null. Every draw is a hash of the seed and the cell, so the same row gets the same grade from
+the same processor in any run, any order. `<field>__tier` columns are never answered as fields.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from typing import Any
@@ -18,6 +34,53 @@ _NON_ALNUM = re.compile(r"[^0-9a-z]+")
 _INT = re.compile(r"-?\d+")
 _NUM = re.compile(r"-?\d+(?:\.\d+)?")
 DEFAULT_KNOWLEDGE = Path(__file__).resolve().parent.parent / "data" / "companies_knowledge.csv"
+TIERS = ("lite", "base", "core", "core2x", "pro", "ultra", "ultra2x", "ultra4x", "ultra8x")
+TIER_SUFFIX = "__tier"
+HARD_TIERS = (("base", 0.4), ("core", 0.35), ("pro", 0.2), ("ultra", 0.05))  # required tier of a drawn hard cell
+
+
+def tier_rank(processor: str) -> int:
+    """Rank of a processor's tier: `tier_rank("core-fast")` -> 2 (lite is 0)."""
+    return TIERS.index(processor.removesuffix("-fast"))
+
+
+def _unit(*parts: object) -> float:
+    """A uniform draw in [0, 1) that depends only on `parts` (stable across runs and processes)."""
+    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+class Quality:
+    """Which (row, field) cells are hard, and the confidence a processor earns on them."""
+
+    def __init__(self, seed: int, hard_rate: float):
+        if not 0 <= hard_rate <= 1:
+            raise ValueError("hard rate must be within 0..1")
+        self.seed, self.hard_rate = seed, hard_rate
+
+    def required(self, row_id: str, field: str, cell_tier: str | None) -> int | None:
+        """The tier rank a cell needs, or None when any processor answers it well."""
+        if cell_tier:
+            return tier_rank(cell_tier.strip().lower()) or None
+        if self.hard_rate <= 0 or _unit(self.seed, "hard", row_id, field) >= self.hard_rate:
+            return None
+        x = _unit(self.seed, "tier", row_id, field)
+        for name, weight in HARD_TIERS:
+            if x < weight:
+                return TIERS.index(name)
+            x -= weight
+        return TIERS.index(HARD_TIERS[-1][0])
+
+    def grade(self, required: int, processor: str, row_id: str, field: str) -> tuple[str, bool]:
+        """(confidence, whether the value is kept) for a processor answering a hard cell."""
+        rank = tier_rank(processor)
+        gap = required - rank
+        if gap <= 0:
+            return "high", True
+        u = _unit(self.seed, "grade", row_id, field, TIERS[rank])
+        if gap == 1:
+            return ("medium" if u < 0.7 else "low"), True
+        return "low", u >= 0.5
 
 
 def norm_value(value: Any) -> str:
@@ -41,9 +104,13 @@ class Knowledge:
         self.key = key
         self.rows: dict[str, dict[str, str]] = {}
         self.columns: dict[str, str] = {}  # normalised name -> column name
+        self.tier_columns: dict[str, str] = {}  # normalised field name -> its `<field>__tier` column
         for row in rows:
             for col in row:
-                self.columns.setdefault(norm_name(col), col)
+                if col.endswith(TIER_SUFFIX):
+                    self.tier_columns.setdefault(norm_name(col[: -len(TIER_SUFFIX)]), col)
+                else:
+                    self.columns.setdefault(norm_name(col), col)
             value = row.get(key)
             if value is not None and norm_value(value):
                 self.rows.setdefault(norm_value(value), row)
@@ -61,6 +128,12 @@ class Knowledge:
             frame = pl.read_csv(path, infer_schema=False, encoding="utf8-lossy")
         if key not in frame.columns:
             raise ValueError(f"{path}: knowledge key column {key!r} not found (columns: {frame.columns})")
+        for col in frame.columns:
+            if col.endswith(TIER_SUFFIX):
+                bad = {v for v in frame[col].drop_nulls().to_list()
+                       if v.strip() and v.strip().lower().removesuffix("-fast") not in TIERS}
+                if bad:
+                    raise ValueError(f"{path}: column {col!r} holds {sorted(bad)[:3]}; expected tiers {', '.join(TIERS)}")
         return cls(frame.to_dicts(), key)
 
     def match(self, run_input: str | dict[str, Any]) -> dict[str, str] | None:
@@ -88,19 +161,25 @@ class Knowledge:
         url = row.get(self.columns.get("source_url", ""), "") or f"https://knowledge.emulator.invalid/{_slug(entity)}"
         return {"url": url, "title": f"{entity} (emulator knowledge table)", "excerpts": [f"{column}: {row[column]}"]}
 
-    def answer(self, run_input: str | dict[str, Any], output_schema: dict[str, Any]) -> dict[str, Any]:
-        """Build a TaskRunJsonOutput / TaskRunTextOutput for this input and normalised output schema."""
+    def answer(self, run_input: str | dict[str, Any], output_schema: dict[str, Any], processor: str = "pro",
+               quality: Quality | None = None) -> dict[str, Any]:
+        """Build a TaskRunJsonOutput / TaskRunTextOutput for this input and normalised output schema.
+
+        With `quality`, hard cells (module docstring) are graded for `processor`.
+        """
         row = self.match(run_input)
         entity = self.entity(run_input, row)
         kind = output_schema["type"]
+        grader = (quality, processor) if quality is not None and row is not None else None
         if kind == "json":
-            return self._json_answer(entity, row, output_schema["json_schema"])
+            return self._json_answer(entity, row, output_schema["json_schema"], grader)
         if kind == "auto" and row is not None:
             schema = {
                 "type": "object",
-                "properties": {norm_name(c): {"type": "string"} for c in row if c != "source_url"},
+                "properties": {norm_name(c): {"type": "string"} for c in row
+                               if c != "source_url" and not c.endswith(TIER_SUFFIX)},
             }
-            out = self._json_answer(entity, row, schema)
+            out = self._json_answer(entity, row, schema, grader)
             out["output_schema"] = schema
             return out
         return self._text_answer(entity, row)
@@ -113,7 +192,8 @@ class Knowledge:
                 "basis": [{"field": "output", "citations": [], "confidence": "low",
                            "reasoning": f"No knowledge-table entry matches {entity!r}."}],
             }
-        facts = [f"{c}: {v}" for c, v in row.items() if v and c not in (self.key, "source_url")]
+        facts = [f"{c}: {v}" for c, v in row.items()
+                 if v and c not in (self.key, "source_url") and not c.endswith(TIER_SUFFIX)]
         content = f"{entity}. " + "; ".join(facts[:6]) + "."
         return {
             "type": "text",
@@ -122,11 +202,19 @@ class Knowledge:
                        "confidence": "high", "reasoning": f"Summarised from the knowledge-table row for {entity!r}."}],
         }
 
-    def _json_answer(self, entity: str, row: dict[str, str] | None, schema: dict[str, Any]) -> dict[str, Any]:
+    def _json_answer(self, entity: str, row: dict[str, str] | None, schema: dict[str, Any],
+                     grader: tuple[Quality, str] | None = None) -> dict[str, Any]:
         content: dict[str, Any] = {}
         basis: list[dict[str, Any]] = []
         for prop, sub in (schema.get("properties") or {}).items():
             value, column = self._fill(row, prop, sub if isinstance(sub, dict) else {})
+            if grader is not None and row is not None and value is not None and column is not None:
+                graded = self._grade(entity, row, prop, column, grader)
+                if graded is not None:
+                    entry, keep = graded
+                    content[prop] = value if keep else None
+                    basis.append(entry)
+                    continue
             content[prop] = value
             if row is None:
                 basis.append({"field": prop, "citations": [], "confidence": "low",
@@ -138,6 +226,29 @@ class Knowledge:
                 basis.append({"field": prop, "citations": [self._citation(entity, row, column)], "confidence": "high",
                               "reasoning": f"The knowledge-table row for {entity!r} gives {column} = {row[column]!r}."})
         return {"type": "json", "content": content, "basis": basis}
+
+    def _grade(self, entity: str, row: dict[str, str], prop: str, column: str,
+               grader: tuple[Quality, str]) -> tuple[dict[str, Any], bool] | None:
+        """(basis entry, keep the value?) for a hard cell answered by `processor`; None when it is easy."""
+        quality, processor = grader
+        row_id = norm_value(row[self.key])
+        field = norm_name(prop)
+        tier_col = self.tier_columns.get(field)
+        required = quality.required(row_id, field, row.get(tier_col) if tier_col else None)
+        if required is None:
+            return None
+        confidence, keep = quality.grade(required, processor, row_id, field)
+        if confidence == "high":
+            reasoning = f"The knowledge-table row for {entity!r} gives {column} = {row[column]!r}."
+        elif keep:
+            reasoning = (f"Hard to establish for {entity!r} ({TIERS[required]} tier or above needed); "
+                         f"the best source found suggests {row[column]!r}.")
+        else:
+            return {"field": prop, "citations": [], "confidence": "low",
+                    "reasoning": f"{processor} could not establish {prop!r} for {entity!r} "
+                                 f"({TIERS[required]} tier or above needed)."}, False
+        return {"field": prop, "citations": [self._citation(entity, row, column)], "confidence": confidence,
+                "reasoning": reasoning}, True
 
     def _fill(self, row: dict[str, str] | None, prop: str, schema: dict[str, Any]) -> tuple[Any, str | None]:
         """(value coerced to the schema type, source column) for one property."""

@@ -75,7 +75,9 @@ class EmulatorServer:
         """Serve in the foreground until SIGINT/SIGTERM (the `enrich emulator` command)."""
         self._server = self._make_server()
         print(f"enrich emulator listening on {self.base_url} "
-              f"(time scale {self.config.time_scale}, rate limit {self.config.rate_limit}/min)",
+              f"(time scale {self.config.time_scale}, rate limit {self.config.rate_limit}/min"
+              f"{', behaviours ' + self.config.behaviours if self.config.behaviours else ''}"
+              f"{f', hard rate {self.config.hard_rate}' if self.config.hard_rate else ''})",
               file=sys.stderr, flush=True)
         self._server.run(sockets=[self.sock])
 
