@@ -196,6 +196,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                               formula_guard=cfg.output.formula_guard, emulated=emulated,
                               budget_exhausted=state.budget_exhausted,
                               extra={"processor": cfg.task.processor, "journal": str(cfg.journal_path),
+                                     "budget_usd": cfg.limits.budget_usd,
                                      "interrupted": interrupted, "runs_created_this_invocation": state.submitted,
                                      "http_requests_this_invocation": state.requests,
                                      "elapsed_s": round(time.monotonic() - state.started, 3),
