@@ -6,8 +6,8 @@ same Arrow schema the Parquet reader records). Row numbers in errors are the one
 (`companies.xlsx [Sheet1] row 57: ...`), found from the sheet XML because calamine trims
 leading empty rows.
 
-Writing uses polars' `write_excel` (xlsxwriter) for the typed table, then decorates it:
-frozen header, auto-filter, column widths, colour-coded confidence and decision cells,
+Writing uses xlsxwriter (polars' `write_excel` backend; see write_workbook for why not
+`write_excel` itself): typed cells, frozen header, auto-filter, column widths, colour-coded confidence and decision cells,
 citations as links (http/https only; never `javascript:`), and a "Run summary" sheet.
 Researched text is never a formula: the workbook is created with `strings_to_formulas`
 off, and with the formula guard on, text that a spreadsheet would run gets the same `'`
@@ -215,34 +215,47 @@ def _width(df: Any, name: str) -> int:
 
 
 def write_workbook(fp: Any, df: Any, coloured: list[str], citations: list[str], summary: list[tuple[str, Any]]) -> int:
-    """Write the data sheet and the "Run summary" sheet to the binary file `fp`; return the links written."""
+    """Write the data sheet and the "Run summary" sheet to the binary file `fp`; return the links written.
+
+    Cells are written with xlsxwriter directly rather than through polars' `write_excel`:
+    that always makes an Excel *table*, whose headers must be unique ignoring case, and an
+    input column `Founded` beside the output column `founded` is legal here (xlsxwriter would
+    drop the whole table with only a warning). A plain range with an auto-filter has no such rule.
+    """
+    import polars as pl
     import xlsxwriter
 
     wb = xlsxwriter.Workbook(fp, {"strings_to_formulas": False, "strings_to_urls": False,
-                                  "strings_to_numbers": False, "nan_inf_to_errors": True,
-                                  "default_date_format": "yyyy-mm-dd", "in_memory": True})
+                                  "strings_to_numbers": False, "nan_inf_to_errors": True, "in_memory": True})
     ws = wb.add_worksheet("Enriched")
-    df.write_excel(wb, ws, table_style="Table Style Light 1", autofilter=True, freeze_panes=(1, 0),
-                   column_widths={c: 7 * _width(df, c) for c in df.columns},  # pixels, float_precision=6,
-                   header_format={"bold": True, "text_wrap": False})
+    head = wb.add_format({"bold": True, "bg_color": "#DDEBF7", "bottom": 1})
+    date = wb.add_format({"num_format": "yyyy-mm-dd"})
+    stamp = wb.add_format({"num_format": "yyyy-mm-dd hh:mm:ss"})
     fills = {c: wb.add_format({"bg_color": c}) for c in (GREEN, AMBER, RED)}
     link = wb.add_format({"font_color": "#0563C1", "underline": 1})
-    col_of = {c: i for i, c in enumerate(df.columns)}
-    for name in coloured:
-        j = col_of[name]
-        for i, v in enumerate(df.get_column(name).to_list(), 1):
-            if (c := colour_for(v)) is not None:
-                ws.write_string(i, j, str(v), fills[c])
+    coloured_set, citation_set = set(coloured), set(citations)
     links = 0
-    for name in citations:
-        j = col_of[name]
-        for i, text in enumerate(df.get_column(name).to_list(), 1):
-            if not text:
+    for j, name in enumerate(df.columns):
+        ws.write_string(0, j, name, head)
+        series = df.get_column(name)
+        fmt = date if series.dtype == pl.Date else stamp if series.dtype == pl.Datetime else None
+        ws.set_column(j, j, _width(df, name), fmt)
+        for i, v in enumerate(series.to_list(), 1):
+            if v is None:
                 continue
-            first = text.split("\n", 1)[0]
-            if links < EXCEL_MAX_URLS and (url := link_target(first)) is not None:
-                ws.write_url(i, j, url, link, string=text, tip="first citation")
+            if name in coloured_set and (c := colour_for(v)) is not None:
+                ws.write_string(i, j, str(v), fills[c])
+            elif name in citation_set and links < EXCEL_MAX_URLS and (url := link_target(v.split("\n", 1)[0])):
+                ws.write_url(i, j, url, link, string=v, tip="first citation")
                 links += 1
+            elif isinstance(v, str):
+                ws.write_string(i, j, v)
+            elif fmt is not None:
+                ws.write_datetime(i, j, v, fmt)
+            else:
+                ws.write(i, j, v)
+    ws.freeze_panes(1, 0)
+    ws.autofilter(0, 0, max(df.height, 1), max(df.width - 1, 0))
     _summary_sheet(wb, summary)
     wb.close()
     return links
