@@ -78,11 +78,12 @@ def _table(rows: list[tuple[str, str]], head: tuple[str, str] | None = None) -> 
 
 
 def _bars(values: list[dict[str, Any]], x: str, y: str, colour: str | None = None, domain: dict[str, str] | None = None,
-          title_x: str = "", stack: bool = False) -> Any:
+          title_x: str = "", stack: bool = False, x_domain: list[float] | None = None) -> Any:
     import altair as alt
 
     enc: dict[str, Any] = {
-        "x": alt.X(f"{x}:Q", title=title_x, stack="zero" if stack else None),
+        "x": alt.X(f"{x}:Q", title=title_x, stack="zero" if stack else None,
+                   scale=alt.Scale(domain=x_domain) if x_domain else alt.Undefined),
         "y": alt.Y(f"{y}:N", title=None, sort=None),
         "tooltip": alt.value(None),
     }
@@ -191,7 +192,7 @@ def render_html(report: dict[str, Any]) -> str:
     fill_vals = [{"field": label(f), "rate": v, "o": 0} for f, v in fill.items() if v is not None]
     cards.append(_figure("fill", "Hit rate and fill rate per field", _bars(
         [{"field": "(any field: hit rate)", "rate": report.get("hit_rate") or 0, "o": 0}, *fill_vals], "rate", "field",
-        title_x="share of all rows") if fill_vals else None,
+        title_x="share of all rows", x_domain=[0, 1]) if fill_vals else None,
         _table([("rows with an answer", num("rows_with_answer", report.get("rows_with_answer"))),
                 ("hit rate", num("hit_rate", report.get("hit_rate"))),
                 *((f"fill rate: {f}", num(f"fill_rate.{f}", v)) for f, v in fill.items())])))
