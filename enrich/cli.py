@@ -22,17 +22,42 @@ from enrich.config import DEFAULT_BASE_URL, load_config
 from enrich.errors import ConfigError, EnrichError, JournalError, redact
 from enrich.job import EXIT_INTERRUPTED, EXIT_OK
 
+EXIT_CODES_HELP = ("exit codes: 0 all rows completed, 2 usage/config/input error, 3 finished with failed rows, "
+                   "4 budget exhausted, 5 auth or payment error, 69 API unreachable (resumable), "
+                   "75 interrupted (run the same command again)")
+_EPILOGS = {
+    "run": "example:\n  enrich run configs/companies.toml --emulator\n\n" + EXIT_CODES_HELP,
+    "plan": "example:\n  enrich plan configs/companies.toml --processor core\n\n"
+            "exit codes: 0 plan printed, 2 usage/config/input error",
+    "status": "example:\n  enrich status out/companies.journal.sqlite --json\n\n"
+              "exit codes: 0 status printed, 2 no such journal or unreadable",
+    "export": "example:\n  enrich export out/companies.journal.sqlite --output out/companies.xlsx\n\n"
+              "exit codes: 0 written, 2 usage/journal error or unsupported output extension",
+    "emulator": "example:\n  enrich emulator --port 8765 --faults 429=0.05\n\n"
+                "exit codes: 0 stopped, 2 bad option or the port is taken",
+    "init": "example:\n  enrich init data/companies.xlsx --config configs/mine.toml\n\n"
+            "exit codes: 0 config written, 2 the config exists already or the data file is unusable",
+}
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="enrich", description="Turn a spreadsheet into a researched one with "
-                                "Parallel's Task API: resumable, budgeted, with evidence per field.")
+                                "Parallel's Task API: resumable, budgeted, with evidence per field.",
+                                epilog="example:\n  enrich init data/companies.csv && enrich run companies.toml "
+                                "--emulator\n\n" + EXIT_CODES_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"enrich {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=help_text, epilog=_EPILOGS[name],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
     def job_flags(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("config", help="job config (TOML)")
-        sp.add_argument("--input", help="input CSV/Parquet (overrides input.path)")
-        sp.add_argument("--output", help="output CSV/Parquet (overrides output.path)")
+        sp.add_argument("--input", help="input .csv, .parquet or .xlsx (overrides input.path)")
+        sp.add_argument("--output", help="output .csv, .parquet or .xlsx (overrides output.path); reports "
+                        "<output>.report.json and <stem>.report.html go beside it")
         sp.add_argument("--journal", help="journal file (default: beside the output)")
         sp.add_argument("--processor", help="processor, e.g. lite-fast, base, core (overrides task.processor)")
         sp.add_argument("--budget", type=float, metavar="USD", help="spend cap for this journal, in USD")
@@ -43,29 +68,29 @@ def _parser() -> argparse.ArgumentParser:
                         "no cost; outputs are marked as emulated)")
         sp.add_argument("--retry-failed", action="store_true", help="research failed and timed-out rows again")
 
-    run = sub.add_parser("run", help="enrich the input (continues an interrupted job)")
+    run = add("run", "enrich the input (continues an interrupted job)")
     job_flags(run)
     run.add_argument("--dry-run", action="store_true", help="print the plan and exit (no API calls)")
     run.add_argument("--adopt", action="store_true", help="take over a journal recorded for another job "
                      "(different output, task spec, key columns or API key)")
     run.add_argument("--fresh", action="store_true", help="start over: delete the journal (its results are lost; "
                      "rows are paid for again)")
-    plan = sub.add_parser("plan", help="rows, cost and duration estimate; no API calls")
+    plan = add("plan", "rows, cost and duration estimate; no API calls")
     job_flags(plan)
-    st = sub.add_parser("status", help="counts by state, spend, last error (works while a run is live)")
-    st.add_argument("journal")
+    st = add("status", "counts by state, spend, last error (works while a run is live)")
+    st.add_argument("journal", help="the job's journal file (*.journal.sqlite, beside the output by default)")
     st.add_argument("--json", action="store_true", help="machine-readable output")
-    ex = sub.add_parser("export", help="rewrite the output from the journal alone (no API calls)")
-    ex.add_argument("journal")
-    ex.add_argument("--output", required=True)
+    ex = add("export", "rewrite the output from the journal alone (no API calls)")
+    ex.add_argument("journal", help="the job's journal file (*.journal.sqlite)")
+    ex.add_argument("--output", required=True, help="file to write: .csv, .parquet or .xlsx (by extension)")
     ex.add_argument("--config", help="job config, for the output fields (default: the one recorded)")
-    em = sub.add_parser("emulator", help="serve the API-compatible emulator on loopback")
-    em.add_argument("--host", default="127.0.0.1")
-    em.add_argument("--port", type=int, default=8765)
+    em = add("emulator", "serve the API-compatible emulator on loopback")
+    em.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    em.add_argument("--port", type=int, default=8765, help="port to listen on; 0 picks a free one (default: 8765)")
     em.add_argument("--knowledge", help="CSV/Parquet knowledge table (default: bundled companies)")
     em.add_argument("--knowledge-key", default="company", help="column matched against run inputs")
     em.add_argument("--time-scale", type=float, default=1.0, help="latency multiplier (0 = instant)")
-    em.add_argument("--seed", type=int, default=0)
+    em.add_argument("--seed", type=int, default=0, help="random seed for latencies and faults (default: 0)")
     em.add_argument("--fail-rate", type=float, default=0.0, help="share of runs that fail")
     em.add_argument("--rate-limit", type=int, default=2000, help="creating POSTs per minute per key (0 = off)")
     em.add_argument("--credit-usd", type=float, help="account credit; 402 when it cannot cover new runs")
@@ -77,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     em.add_argument("--hard-rate", type=float, default=0.0, metavar="X",
                     help="share of (row, field) cells that need a stronger processor (weaker ones answer "
                          "medium/low confidence)")
+    ini = add("init", "write a commented starter config from a data file's columns (asks nothing)")
+    ini.add_argument("data", help="the data file: .csv, .parquet or .xlsx (first sheet)")
+    ini.add_argument("--config", help="config file to write (default: <data stem>.toml here; never overwritten)")
     return p
 
 
@@ -216,7 +244,17 @@ def cmd_emulator(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"run": cmd_run, "plan": cmd_plan, "status": cmd_status, "export": cmd_export, "emulator": cmd_emulator}
+def cmd_init(args: argparse.Namespace) -> int:
+    from enrich.init import init_config
+
+    path, commands = init_config(args.data, args.config)
+    print(f"wrote {path}; try next:")
+    for c in commands:
+        print(f"  {c}")
+    return EXIT_OK
+
+
+COMMANDS = {"init": cmd_init, "run": cmd_run, "plan": cmd_plan, "status": cmd_status, "export": cmd_export, "emulator": cmd_emulator}
 
 
 def main(argv: list[str] | None = None) -> int:

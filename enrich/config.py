@@ -22,6 +22,20 @@ from enrich.processors import PROCESSORS, tier
 
 FieldType = Literal["string", "integer", "number", "boolean", "array", "object"]
 DEFAULT_BASE_URL = "https://api.parallel.ai"
+XLSX_SUFFIXES = (".xlsx",)
+OUTPUT_SUFFIXES = (".csv", ".parquet", ".pq", *XLSX_SUFFIXES)
+
+
+def output_format_problem(path: Path) -> str | None:
+    """Why `path` cannot be an output file, or None: `output_format_problem(Path('a.json'))` -> '... .json ...'.
+
+    The format follows the extension; anything else is refused rather than silently written as CSV.
+    """
+    suffix = path.suffix.lower()
+    if suffix in OUTPUT_SUFFIXES:
+        return None
+    return (f"unsupported output extension {suffix or '(none)'!r} in {path.name}; "
+            f"use one of {', '.join(OUTPUT_SUFFIXES)}")
 
 
 class _Strict(BaseModel):
@@ -47,6 +61,7 @@ class FieldSpec(_Strict):
 class InputConfig(_Strict):
     path: Path
     key: list[str] = Field(min_length=1)
+    sheet: str | int | None = None            # .xlsx only: sheet name, or 1-based position; default the first
     columns: list[str] | None = None          # sent as the task input; default: the key columns
     encoding: str = "utf-8"
     max_cell_bytes: int = Field(default=1 << 20, gt=0)
@@ -54,6 +69,14 @@ class InputConfig(_Strict):
     @property
     def input_columns(self) -> list[str]:
         return self.columns or list(self.key)
+
+    @model_validator(mode="after")
+    def _sheet(self) -> InputConfig:
+        if isinstance(self.sheet, int) and (isinstance(self.sheet, bool) or self.sheet < 1):
+            raise ValueError("sheet is a sheet name or a 1-based position (1 = the first sheet)")
+        if self.sheet is not None and self.path.suffix.lower() not in XLSX_SUFFIXES:
+            raise ValueError(f"sheet is only meaningful for .xlsx input, not {self.path.name}")
+        return self
 
 
 class TaskConfig(_Strict):
@@ -79,6 +102,13 @@ class OutputConfig(_Strict):
     path: Path
     reasoning: bool = False
     formula_guard: bool = True
+
+    @model_validator(mode="after")
+    def _format(self) -> OutputConfig:
+        # refused here, at config load, so an unknown extension stops the job before anything is sent
+        if (problem := output_format_problem(self.path)) is not None:
+            raise ValueError(problem)
+        return self
 
 
 class LimitsConfig(_Strict):

@@ -33,10 +33,18 @@ class ConfigError(EnrichError):
     exit_code = 2
 
 
+class SheetPath(str):
+    """A location inside a workbook, `file [sheet]`: InputError then says `row N` (as the spreadsheet shows it).
+
+    A plain `str` everywhere else (journal metadata, messages), so code that passes paths along needs no change.
+    """
+
+
 class InputError(EnrichError):
     """The input file cannot be used; raised before any API call.
 
-    The message always starts with `file:line[:column]:` so editors and CI logs link to it.
+    The message always starts with `file:line[:column]:` so editors and CI logs link to it; for a
+    workbook sheet (`SheetPath`) it starts with `file [sheet] row N:`.
     """
 
     exit_code = 2
@@ -45,7 +53,7 @@ class InputError(EnrichError):
         self.path, self.reason, self.line, self.column = path, reason, line, column
         where = path
         if line is not None:
-            where += f":{line}"
+            where += f" row {line}" if isinstance(path, SheetPath) else f":{line}"
         if column is not None:
             where += f": column {column!s}"
         super().__init__(f"{where}: {reason}")

@@ -249,6 +249,7 @@ def _finish(cfg: RunConfig, journal: Any, jpath: Path, prep: Any, state: Any, in
                           formula_guard=cfg.output.formula_guard, emulated=emulated,
                           budget_exhausted=state.budget_exhausted,
                           extra={"processor": cfg.task.processor, "journal": str(jpath),
+                                 "budget_usd": cfg.limits.budget_usd,
                                  "interrupted": interrupted, "runs_created_this_invocation": state.submitted,
                                  "http_requests_this_invocation": state.requests,
                                  "stopped_because": why,

@@ -86,7 +86,7 @@ def prepare(cfg: RunConfig, journal: Journal, retry_failed: bool = False, dry: b
     forbidden = {c[0] for c in output_columns(fields, True)}
     key_cols, in_cols = cfg.input.key, cfg.input.input_columns
     info, batches = open_table(cfg.input.path, list(dict.fromkeys([*key_cols, *in_cols])), forbidden,
-                               cfg.input.encoding, cfg.input.max_cell_bytes)
+                               cfg.input.encoding, cfg.input.max_cell_bytes, sheet=cfg.input.sheet)
     pos = {c: i for i, c in enumerate(info.columns)}
     kidx, iidx = [pos[c] for c in key_cols], [(c, pos[c]) for c in in_cols]
     path = info.path
@@ -144,7 +144,8 @@ def _input_fingerprint(cfg: RunConfig, spec_hash: str) -> str | None:
     except OSError:
         return None
     return digest([str(cfg.input.path.resolve()), st.st_size, st.st_mtime_ns, h.hexdigest(), cfg.input.key,
-                   cfg.input.input_columns, cfg.input.encoding, cfg.input.max_cell_bytes, spec_hash])
+                   cfg.input.input_columns, cfg.input.encoding, cfg.input.max_cell_bytes, spec_hash,
+                   *([cfg.input.sheet] if cfg.input.sheet is not None else [])])
 
 
 def plan_summary(cfg: RunConfig, prep: Prepared, journal: Journal) -> dict[str, Any]:

@@ -26,7 +26,7 @@ RESERVED_PREFIX = "_enrich_"
 
 @dataclass
 class Row:
-    line: int                 # 1-based line (CSV: where the record starts) or row number (Parquet)
+    line: int                 # 1-based line (CSV: where the record starts), row number (Parquet) or Excel row
     values: list[Any]         # in `TableInfo.columns` order
 
 
@@ -224,13 +224,18 @@ def read_parquet(path: Path | str, required: list[str], forbidden: set[str] = fr
 
 
 def open_table(path: Path | str, required: list[str], forbidden: set[str] = frozenset(), encoding: str = "utf-8",
-               max_cell_bytes: int = 1 << 20, batch_rows: int = BATCH_ROWS) -> tuple[TableInfo, Iterator[list[Row]]]:
-    """Dispatch on the extension: .parquet/.pq -> Parquet, anything else -> CSV."""
+               max_cell_bytes: int = 1 << 20, batch_rows: int = BATCH_ROWS,
+               sheet: str | int | None = None) -> tuple[TableInfo, Iterator[list[Row]]]:
+    """Dispatch on the extension: .parquet/.pq -> Parquet, .xlsx -> one sheet (`sheet`), anything else -> CSV."""
     p = Path(path)
     if p.is_dir():
         raise InputError(str(p), "is a directory, not a file")
     if p.suffix.lower() in (".parquet", ".pq"):
         return read_parquet(p, required, forbidden, batch_rows)
+    if p.suffix.lower() == ".xlsx":
+        from enrich.xlsx import read_xlsx
+
+        return read_xlsx(p, required, forbidden, sheet, batch_rows)
     return read_csv(p, required, forbidden, encoding, max_cell_bytes, batch_rows=batch_rows)
 
 

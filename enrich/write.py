@@ -2,11 +2,13 @@
 
 Every row of the current input appears exactly once, in input order, with all input
 columns unchanged, then the output columns (flatten.py), then `_enrich_status`,
-`_enrich_error`, `_enrich_run_id`. The file is written to a temp file in the same
+`_enrich_error`, `_enrich_run_id`, `_enrich_latency_s`. The file is written to a temp file in the same
 directory (mode 0600), fsynced and renamed over the target, so a reader never sees half an
 output. CSV output neutralises spreadsheet formulas; Parquet output is typed (list columns
-stay lists) and carries the report in its key-value metadata. The output is a rebuildable
-projection: `enrich export` rewrites it from the journal alone.
+stay lists) and carries the report in its key-value metadata; .xlsx output is typed and
+formatted (xlsx.py). The output is a rebuildable projection: `enrich export` rewrites it
+from the journal alone. Beside it go `<output>.report.json` and `<output stem>.report.html`
+(report.py collects the numbers, report_html.py draws them).
 """
 
 from __future__ import annotations
@@ -16,22 +18,22 @@ import contextlib
 import csv
 import json
 import os
-import random
 import re
-import statistics
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from enrich import failpoints
+from enrich.config import output_format_problem
+from enrich.errors import ConfigError
 from enrich.flatten import Column, flatten, output_columns
 from enrich.journal import Journal
+from enrich.report import RunStats
 
 STATUS = {"done": "completed", "failed": "failed", "timed_out": "timed_out", "intent": "unknown",
           "unknown": "unknown", "submitted": "pending", "pending": "pending"}
-META_COLUMNS = ("_enrich_status", "_enrich_error", "_enrich_run_id")
-DURATION_SAMPLE = 20_000
+META_COLUMNS = ("_enrich_status", "_enrich_error", "_enrich_run_id", "_enrich_latency_s")
 WRITE_CHUNK = 2_000   # rows per read from the journal and per Parquet row group
 _NUMERIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\x00")
@@ -110,18 +112,8 @@ class Projection:
         self.input_columns: list[str] = journal.get("columns", [])
         self.statuses: Counter[str] = Counter()
         self.confidence: dict[str, Counter[str]] = {f: Counter() for f in fields}
-        self.durations: list[float] = []     # a bounded uniform sample: memory stays flat on huge inputs
-        self.timed = 0
-        self._rand = random.Random(0)
+        self.stats = RunStats(fields, self.columns, str(journal.get("processor") or ""))
         self.rows = 0
-
-    def _sample(self, value: float) -> None:
-        """Reservoir sampling (exact up to DURATION_SAMPLE rows)."""
-        self.timed += 1
-        if len(self.durations) < DURATION_SAMPLE:
-            self.durations.append(value)
-        elif (j := self._rand.randrange(self.timed)) < DURATION_SAMPLE:
-            self.durations[j] = value
 
     def header(self) -> list[str]:
         return [*self.input_columns, *(c[0] for c in self.columns), *META_COLUMNS]
@@ -139,10 +131,9 @@ class Projection:
                 if state == "done":
                     for f in self.fields:
                         self.confidence[f][str(flat.get(f"{f}__confidence"))] += 1
-                    if submitted_at and finished_at:
-                        self._sample(finished_at - submitted_at)
+                latency = self.stats.add(state, flat, result, submitted_at, finished_at)
                 show_run = run_id if state in ("done", "failed", "timed_out", "submitted") else None
-                records.append((values, flat, status, error if state != "done" else None, show_run))
+                records.append((values, flat, status, error if state != "done" else None, show_run, latency))
             self.rows += len(records)
             yield records
 
@@ -165,16 +156,16 @@ def write_csv(proj: Projection, fp: Any, guard: bool) -> None:
         return neutralize(v) if guard else v
 
     for records in proj.chunks():
-        for values, flat, status, error, run_id in records:
+        for values, flat, status, error, run_id, latency in records:
             w.writerow([*(cell(v) for v in values), *(cell(flat[n]) for n in names), status, cell(error),
-                        run_id or ""])
+                        run_id or "", "" if latency is None else latency])
     text.flush()
     text.detach()
 
 
-def write_parquet(proj: Projection, fp: Any, metadata: dict[str, str]) -> None:
+def arrow_schema(proj: Projection, metadata: dict[str, str] | None = None) -> Any:
+    """The typed output schema: input columns keep their recorded types, output columns their JSON types."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     schema_b64 = proj.journal.get("arrow_schema")
     in_types = {}
@@ -183,27 +174,88 @@ def write_parquet(proj: Projection, fp: Any, metadata: dict[str, str]) -> None:
         in_types = {f.name: f.type for f in in_schema}
     fields = [pa.field(c, in_types.get(c, pa.string())) for c in proj.input_columns]
     fields += [pa.field(c[0], _arrow_type(c[1], c[2])) for c in proj.columns]
-    fields += [pa.field(c, pa.string()) for c in META_COLUMNS]
-    schema = pa.schema(fields, metadata={k.encode(): v.encode() for k, v in metadata.items()})
+    fields += [pa.field(c, pa.float64() if c == "_enrich_latency_s" else pa.string()) for c in META_COLUMNS]
+    return pa.schema(fields, metadata={k.encode(): v.encode() for k, v in (metadata or {}).items()})
+
+
+def arrow_tables(proj: Projection, schema: Any) -> Any:
+    """Yield one typed Arrow table per journal chunk, in input order."""
+    import pyarrow as pa
+
     n_in = len(proj.input_columns)
     names = [c[0] for c in proj.columns]
+    for records in proj.chunks():
+        cols: list[list[Any]] = [[] for _ in schema]
+        for values, flat, status, error, run_id, latency in records:
+            for i in range(n_in):
+                cols[i].append(values[i])
+            for j, n in enumerate(names):
+                cols[n_in + j].append(flat[n])
+            base = n_in + len(names)
+            cols[base].append(status)
+            cols[base + 1].append(error)
+            cols[base + 2].append(run_id)
+            cols[base + 3].append(latency)
+        arrays = [_array(col, f.type) for col, f in zip(cols, schema, strict=True)]
+        yield pa.Table.from_arrays(arrays, schema=schema)
+        del arrays, cols
+
+
+def write_parquet(proj: Projection, fp: Any, metadata: dict[str, str]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = arrow_schema(proj, metadata)
     pool = pa.default_memory_pool()
     with pq.ParquetWriter(fp, schema, compression="zstd", memory_pool=pool) as writer:
-        for records in proj.chunks():
-            cols: list[list[Any]] = [[] for _ in fields]
-            for values, flat, status, error, run_id in records:
-                for i in range(n_in):
-                    cols[i].append(values[i])
-                for j, n in enumerate(names):
-                    cols[n_in + j].append(flat[n])
-                base = n_in + len(names)
-                cols[base].append(status)
-                cols[base + 1].append(error)
-                cols[base + 2].append(run_id)
-            arrays = [_array(col, f.type) for col, f in zip(cols, fields, strict=True)]
-            writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
-            del arrays, cols
+        for table in arrow_tables(proj, schema):
+            writer.write_table(table)
+            del table
             pool.release_unused()   # hand Arrow's freed buffers back: memory stays flat on huge outputs
+
+
+def collect_xlsx(proj: Projection, guard: bool) -> Any:
+    """The whole output as a polars frame ready for Excel (an .xlsx is built in memory anyway)."""
+    import pyarrow as pa
+
+    from enrich.xlsx import EXCEL_MAX_ROWS, to_frame
+
+    schema = arrow_schema(proj)
+    tables = list(arrow_tables(proj, schema))
+    table = pa.concat_tables(tables) if tables else schema.empty_table()
+    if table.num_rows >= EXCEL_MAX_ROWS:
+        raise ConfigError(f"{table.num_rows:,} rows do not fit one Excel sheet ({EXCEL_MAX_ROWS - 1:,} at most); "
+                          "the journal keeps every result: `enrich export JOURNAL --output out.parquet`")
+    kinds = {c[0]: ("citations" if c[1] == "citations" else "array" if c[1] == "array" else "text")
+             for c in proj.columns}
+    kinds["_enrich_error"] = "text"
+    return to_frame(table, kinds, neutralize if guard else (lambda v: v))
+
+
+def _summary_rows(report: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The "Run summary" sheet: the report's numbers as (label, value); value None = a section title."""
+    lat = report.get("latency_s") or {}
+    rows: list[tuple[str, Any]] = [
+        ("EMULATED: values come from the local emulator, not web research" if report.get("emulated")
+         else "Live run against the Task API", ""),
+        ("Rows", report["rows"]),
+        ("Rows by status", None),
+        *((f"  {k}", v) for k, v in sorted(report["status_counts"].items())),
+        ("Money (USD)", None), ("  spend", report["spend_usd"]), ("  budget", report.get("budget_usd")),
+        ("  estimate (all rows at list price)", report.get("estimated_cost_usd")),
+        ("  cost per 1,000 completed rows (CPM)", report.get("cpm_usd")),
+        ("Latency per run, submit to completion (s)", None),
+        *((f"  {k}", lat.get(k)) for k in ("count", "mean", "p50", "p90", "p95", "p99", "max")),
+        ("Answers", None), ("  rows with an answer", report.get("rows_with_answer")),
+        ("  hit rate", report.get("hit_rate")),
+        *((f"  fill rate: {f}", v) for f, v in (report.get("fill_rate") or {}).items()),
+        ("Confidence", None),
+        *((f"  {f}: {k}", v) for f, c in report["confidence_counts"].items() for k, v in sorted(c.items())),
+        ("Top cited domains", None), *((f"  {d}", n) for d, n in report.get("top_cited_domains") or []),
+    ]
+    for col, counts in (report.get("decision_counts") or {}).items():
+        rows += [(f"Decisions: {col}", None), *((f"  {k}", v) for k, v in sorted(counts.items()))]
+    return rows
 
 
 def _array(values: list[Any], typ: Any) -> Any:
@@ -229,43 +281,61 @@ def write_output(journal: Journal, path: Path, fields: dict[str, dict[str, Any]]
     report_path = path.with_name(path.name + ".report.json")
     last = journal.get("last_output")
     if (last and last.get("state") == state_key and path.exists() and report_path.exists()
+            and html_report_path(path).exists()
             and last.get("file") == _file_id(path)):
         report = json.loads(report_path.read_text())
         report.update(extra)
         report["output_unchanged"] = True
         return report
+    if (problem := output_format_problem(path)) is not None:
+        raise ConfigError(problem)
     proj = Projection(journal, fields, reasoning, budget_exhausted)
     report: dict[str, Any] = {"output": str(path), "emulated": emulated}
-    if path.suffix.lower() in (".parquet", ".pq"):
+    suffix = path.suffix.lower()
+    frame = None
+    if suffix in (".parquet", ".pq"):
         meta = {"enrich.emulated": "true" if emulated else "false",
                 "enrich.journal": str(journal.path), "enrich.job_id": str(journal.get("job_id", ""))}
         atomic_write(path, lambda fp: write_parquet(proj, fp, meta))
+    elif suffix == ".xlsx":
+        frame = collect_xlsx(proj, formula_guard)   # written below: its summary sheet needs the report
     else:
         atomic_write(path, lambda fp: write_csv(proj, fp, formula_guard))
     spent = journal.spent_micros()
-    durations = sorted(proj.durations)
     report.update({
         "rows": proj.rows,
         "status_counts": dict(proj.statuses),
         "spend_usd": round(spent / 1e6, 6),
         "confidence_counts": {f: dict(c) for f, c in proj.confidence.items()},
-        "run_duration_s": {
-            "p50": round(statistics.median(durations), 3) if durations else None,
-            "p95": round(durations[int(0.95 * (len(durations) - 1))], 3) if durations else None,
-            "max": round(durations[-1], 3) if durations else None,
-        },
-        "write_s": round(time.monotonic() - started, 3),
+        **proj.stats.numbers(proj.rows, spent, proj.statuses.get("completed", 0), extra.get("budget_usd")),
         **extra,
     })
+    if frame is not None:
+        from enrich.xlsx import write_workbook
+
+        coloured = [c[0] for c in proj.columns if c[4] == "confidence" or c[0] in proj.stats.decision_cols]
+        citations = [c[0] for c in proj.columns if c[4] == "citations"]
+        summary = _summary_rows(report)
+        atomic_write(path, lambda fp: write_workbook(fp, frame, coloured, citations, summary))
+    report["write_s"] = round(time.monotonic() - started, 3)
     if proj.statuses.get("timed_out"):
         report["timed_out_note"] = ("timed-out runs cannot be cancelled (the API has no cancel endpoint); "
                                     "they may still finish and be billed")
     if emulated:
         report["warning"] = "EMULATED: these values come from the local emulator's knowledge table, not web research"
     atomic_write(report_path, lambda fp: fp.write(json.dumps(report, indent=2, sort_keys=True).encode()))
+    from enrich.report_html import render_html
+
+    html_path = html_report_path(path)
+    atomic_write(html_path, lambda fp: fp.write(render_html(report).encode()))
     if not journal.readonly:
         journal.set("last_output", {"state": state_key, "file": _file_id(path)})
     return report
+
+
+def html_report_path(path: Path) -> Path:
+    """`out/companies.enriched.parquet` -> `out/companies.enriched.report.html`."""
+    return path.with_name(path.stem + ".report.html")
 
 
 def _trim_heap() -> None:

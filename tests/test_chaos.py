@@ -48,7 +48,7 @@ def golden(rows50: Path, tmp_path_factory) -> pl.DataFrame:
         assert run_enrich("run", str(cfg), "--base-url", emu.base_url).returncode == 0
     finally:
         emu.stop()
-    return pl.read_csv(d / "out.csv", infer_schema=False).drop("_enrich_run_id")
+    return pl.read_csv(d / "out.csv", infer_schema=False).drop("_enrich_run_id", "_enrich_latency_s")
 
 
 def _config(d: Path, src: Path, limits: str = "", out: str = "out.csv") -> Path:
@@ -82,7 +82,7 @@ def check_oracle(d: Path, emu, golden: pl.DataFrame | None, budget_usd: float | 
     if budget_usd is not None:
         assert cost <= budget_usd * 1e6
     if golden is not None:
-        assert out.drop("_enrich_run_id").equals(golden)
+        assert out.drop("_enrich_run_id", "_enrich_latency_s").equals(golden)
     assert_no_canary(d)
 
 

@@ -115,8 +115,8 @@ def test_sigkill_mid_run_then_resume(tmp_path: Path, sp500: Path, emulator_proce
     gold_dir.mkdir()
     cfg2 = sp500_config(gold_dir, sp500, out_name="out.csv")
     assert run_enrich("run", str(cfg2), "--base-url", emu2.base_url).returncode == 0
-    a = pl.read_csv(tmp_path / "out.csv", infer_schema=False).drop("_enrich_run_id")
-    b = pl.read_csv(gold_dir / "out.csv", infer_schema=False).drop("_enrich_run_id")
+    a = pl.read_csv(tmp_path / "out.csv", infer_schema=False).drop("_enrich_run_id", "_enrich_latency_s")
+    b = pl.read_csv(gold_dir / "out.csv", infer_schema=False).drop("_enrich_run_id", "_enrich_latency_s")
     assert a.equals(b)
 
 

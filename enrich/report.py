@@ -1,0 +1,189 @@
+"""Run statistics for the JSON report (and, rendered from that report alone, the HTML one).
+
+`RunStats` sees every output row once while the writer streams the journal, so memory
+stays flat: latencies go to a bounded reservoir (exact percentiles up to LATENCY_SAMPLE
+rows) and to fixed 1-2-5 histogram bins (exact counts at any size); domains, fills and
+decisions are counters. `numbers()` turns it into plain JSON values. The HTML report draws
+only what is in the JSON report, so the two can never disagree.
+
+Definitions (also printed in the HTML):
+    latency      finished_at - submitted_at of a run (journal clock), completed or failed rows
+    hit rate     rows with at least one non-empty value / all rows
+    fill rate    rows with a non-empty value for the field / all rows
+    CPM          spend / completed rows x 1,000 (what 1,000 answered rows actually cost)
+    estimate     all rows x the processor's list price (the plan's figure for a fresh job)
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections import Counter
+from typing import Any
+from urllib.parse import urlsplit
+
+from enrich.processors import PROCESSORS
+
+LATENCY_SAMPLE = 20_000
+TOP_DOMAINS = 15
+MAX_DOMAINS = 50_000                    # distinct domains tracked; later new ones count as "(other)"
+_EDGES = [0.0] + [m * 10.0 ** e for e in range(-2, 5) for m in (1, 2, 5)]   # 0, 0.01, 0.02, ... 50000 s
+_HOST = re.compile(r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*$")
+
+
+def domain_of(url: Any) -> str:
+    """The citation's host without `www.`, or '(invalid)': `domain_of('https://www.Example.com/a')` -> 'example.com'.
+
+    Only plain host names come back, so nothing from the web reaches the report verbatim.
+    """
+    try:
+        host = (urlsplit(str(url)).hostname or "").rstrip(".")
+    except ValueError:
+        return "(invalid)"
+    host = host.removeprefix("www.")
+    return host if host and len(host) <= 253 and _HOST.match(host) else "(invalid)"
+
+
+def percentiles(sorted_values: list[float]) -> dict[str, float | int | None]:
+    """count, mean, p50/p90/p95/p99 (nearest rank below) and max of sorted seconds, rounded to ms."""
+    n = len(sorted_values)
+    if not n:
+        return {"count": 0, "mean": None, "p50": None, "p90": None, "p95": None, "p99": None, "max": None}
+
+    def at(q: float) -> float:
+        return round(sorted_values[int(q * (n - 1))], 3)
+
+    return {"count": n, "mean": round(math.fsum(sorted_values) / n, 3), "p50": at(0.5), "p90": at(0.9),
+            "p95": at(0.95), "p99": at(0.99), "max": round(sorted_values[-1], 3)}
+
+
+def _bin(value: float) -> int:
+    lo, hi = 0, len(_EDGES) - 1
+    if value >= _EDGES[-1]:
+        return len(_EDGES) - 1
+    while lo < hi - 1:          # _EDGES[lo] <= value < _EDGES[hi]
+        mid = (lo + hi) // 2
+        if _EDGES[mid] <= value:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+class _Latencies:
+    def __init__(self, rand: random.Random):
+        self.sample: list[float] = []
+        self.seen = 0
+        self.bins = [0] * len(_EDGES)
+        self._rand = rand
+        self.total = 0.0
+
+    def add(self, value: float) -> None:
+        self.seen += 1
+        self.total += value
+        self.bins[_bin(value)] += 1
+        if len(self.sample) < LATENCY_SAMPLE:
+            self.sample.append(value)
+        elif (j := self._rand.randrange(self.seen)) < LATENCY_SAMPLE:
+            self.sample[j] = value
+
+    def summary(self) -> dict[str, Any]:
+        out = percentiles(sorted(self.sample))
+        out["count"] = self.seen                       # exact, even when percentiles come from a sample
+        out["mean"] = round(self.total / self.seen, 3) if self.seen else None
+        used = [i for i, c in enumerate(self.bins) if c]
+        if used:
+            lo, hi = used[0], used[-1]
+            out["histogram"] = {"edges_s": [_EDGES[i] for i in range(lo, hi + 1)] + [_edge_after(hi)],
+                                "counts": self.bins[lo:hi + 1]}
+        else:
+            out["histogram"] = {"edges_s": [], "counts": []}
+        return out
+
+
+def _edge_after(i: int) -> float | None:
+    return _EDGES[i + 1] if i + 1 < len(_EDGES) else None
+
+
+class RunStats:
+    """Per-row accumulator; `add()` once per output row, `numbers()` at the end."""
+
+    def __init__(self, fields: dict[str, Any], columns: list[tuple[str, str, Any, str, str]], processor: str):
+        self.fields = list(fields)
+        self.value_cols = {f: [c[0] for c in columns if c[3] == f and c[4] == "value"] for f in fields}
+        self.citation_cols = [c[0] for c in columns if c[4] == "citations"]
+        self.decision_cols = [c[0] for c in columns if c[0].endswith("__decision") or c[0] == "_enrich_decision"]
+        self.processor = processor
+        rand = random.Random(0)
+        self.all = _Latencies(rand)
+        self.by_proc: dict[str, _Latencies] = {}
+        self._rand = rand
+        self.runs_by_proc: Counter[str] = Counter()
+        self.filled: Counter[str] = Counter()
+        self.answered = 0
+        self.domains: Counter[str] = Counter()
+        self.citations = 0
+        self.decisions: dict[str, Counter[str]] = {c: Counter() for c in self.decision_cols}
+
+    def add(self, state: str, flat: dict[str, Any], result: dict[str, Any] | None,
+            submitted_at: float | None, finished_at: float | None) -> float | None:
+        """Count one row; return its latency in seconds (None while it has no finished run)."""
+        latency = None
+        proc = self.processor
+        run = result.get("run") if isinstance(result, dict) else None
+        if isinstance(run, dict) and isinstance(run.get("processor"), str) and run["processor"] in PROCESSORS:
+            proc = run["processor"]
+        if submitted_at and finished_at and state in ("done", "failed"):
+            latency = round(max(0.0, finished_at - submitted_at), 3)
+            self.all.add(latency)
+            self.by_proc.setdefault(proc, _Latencies(self._rand)).add(latency)
+        if state == "done":
+            self.runs_by_proc[proc] += 1
+            any_value = False
+            for f, cols in self.value_cols.items():
+                if any(_present(flat.get(c)) for c in cols):
+                    self.filled[f] += 1
+                    any_value = True
+            self.answered += any_value
+            for c in self.citation_cols:
+                for url in flat.get(c) or ():
+                    self.citations += 1
+                    d = domain_of(url)
+                    if d in self.domains or len(self.domains) < MAX_DOMAINS:
+                        self.domains[d] += 1
+                    else:
+                        self.domains["(other)"] += 1
+        for c in self.decision_cols:
+            if (v := flat.get(c)) is not None:
+                self.decisions[c][str(v)] += 1
+        return latency
+
+    def numbers(self, rows: int, spend_micros: int, completed: int, budget_usd: float | None) -> dict[str, Any]:
+        """The report entries this module owns, as JSON values."""
+        price = PROCESSORS[self.processor].price_micros if self.processor in PROCESSORS else 0
+        latency = self.all.summary()
+        out: dict[str, Any] = {
+            "latency_s": {**latency, "by_processor": {p: lat.summary() for p, lat in sorted(self.by_proc.items())}},
+            "run_duration_s": {k: latency[k] for k in ("p50", "p95", "max")},   # kept for older readers
+            "budget_usd": budget_usd,
+            "estimated_cost_usd": round(rows * price / 1e6, 6),
+            "cpm_usd": round(spend_micros / completed * 1000 / 1e6, 6) if completed else None,
+            "cost_by_processor": {
+                p: {"completed_runs": n, "usd_per_1000_runs": PROCESSORS[p].usd_per_1000,
+                    "list_cost_usd": round(n * PROCESSORS[p].price_micros / 1e6, 6)}
+                for p, n in sorted(self.runs_by_proc.items())},
+            "rows_with_answer": self.answered,
+            "hit_rate": round(self.answered / rows, 4) if rows else None,
+            "fill_counts": {f: self.filled[f] for f in self.fields},
+            "fill_rate": {f: round(self.filled[f] / rows, 4) if rows else None for f in self.fields},
+            "citations": self.citations,
+            "top_cited_domains": [[d, n] for d, n in self.domains.most_common(TOP_DOMAINS)],
+        }
+        if self.decision_cols:
+            out["decision_counts"] = {c: dict(v) for c, v in self.decisions.items()}
+        return out
+
+
+def _present(v: Any) -> bool:
+    return v is not None and v != "" and v != []
