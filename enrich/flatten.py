@@ -44,6 +44,8 @@ def output_columns(fields: dict[str, dict[str, Any]], reasoning: bool) -> list[C
         cols.append((f"{name}__citations", "citations", None, name, "citations"))
         if reasoning:
             cols.append((f"{name}__reasoning", "string", None, name, "reasoning"))
+        cols.append((f"{name}__decision", "string", None, name, "decision"))     # decide.py: the gate's verdict
+        cols.append((f"{name}__processor", "string", None, name, "processor"))   # whose answer is kept, or human
     return cols
 
 
@@ -117,7 +119,7 @@ def flatten(result: dict[str, Any] | None, fields: dict[str, dict[str, Any]], re
             out[col] = coerce(_dig(content, col), kind, schema)
             continue
         entry = basis.get(field)
-        if entry is None:
+        if entry is None or role in ("decision", "processor"):
             continue
         if role == "confidence":
             conf = entry.get("confidence")

@@ -150,6 +150,8 @@ def run_job(cfg: RunConfig, *, api_key: str, emulated: bool = False, retry_faile
             raise JournalError(f"{jpath}: this journal holds {'emulated' if mode else 'real'} results; "
                                f"use another --journal for {'emulated' if emulated else 'real'} runs")
         journal.check_identity(identity, adopt)
+        if cfg.limits.daily_budget_usd is not None or cfg.limits.spend_ledger is not None:
+            journal.attach_ledger(cfg.limits.spend_ledger, str(journal.path))
         from enrich.pipeline import prepare
 
         prep = prepare(cfg, journal, retry_failed=retry_failed)
@@ -247,10 +249,11 @@ def _finish(cfg: RunConfig, journal: Any, jpath: Path, prep: Any, state: Any, in
     why = _why_stopped(state, interrupted, api_key)
     report = write_output(journal, cfg.output.path, prep.fields, reasoning=cfg.output.reasoning,
                           formula_guard=cfg.output.formula_guard, emulated=emulated,
-                          budget_exhausted=state.budget_exhausted,
+                          budget_exhausted=state.budget_exhausted, cfg=cfg,
                           extra={"processor": cfg.task.processor, "journal": str(jpath),
                                  "budget_usd": cfg.limits.budget_usd,
                                  "interrupted": interrupted, "runs_created_this_invocation": state.submitted,
+                                 "rows_escalated_this_invocation": state.escalated, "ladder": cfg.ladder,
                                  "http_requests_this_invocation": state.requests,
                                  "stopped_because": why,
                                  "elapsed_s": round(time.monotonic() - state.started, 3),
@@ -273,8 +276,8 @@ def _finish(cfg: RunConfig, journal: Any, jpath: Path, prep: Any, state: Any, in
         result.exit_code, result.message = EXIT_UNAVAILABLE, f"{summary}\nstopped: {why}"
     elif counts.get("pending", 0) and state.budget_exhausted:
         result.exit_code = EXIT_BUDGET
-        result.message = (f"{summary}\nbudget exhausted: {counts['pending']} rows skipped (skipped_budget); raise "
-                          "--budget and run again to finish them")
+        result.message = (f"{summary}\n{state.budget_message or 'budget exhausted'}: {counts['pending']} rows "
+                          "skipped (skipped_budget); raise the budget (or wait for the daily reset) and run again")
     elif any(counts.get(s, 0) for s in ("failed", "timed_out", "unknown", "intent", "pending", "submitted")):
         result.exit_code = EXIT_FAILED_ROWS
     return result

@@ -609,7 +609,7 @@ class Journal:
 
     # ---- decisions: escalation and human review ---------------------------------------------
     def decided_rows(self, epoch: int, ladder: list[str], chunk: int = 2_000) -> Iterator[list[tuple[Any, ...]]]:
-        """(id, row_key, state, processor, rung, [(processor, run_id, result_json)]) of done rows and of
+        """(id, row_key, state, processor, rung, input_hash, [(processor, run_id, result_json)]) of done rows and of
         failed rows that have a result on the ladder, in input order: what the escalation pass decides on."""
         last = -1
         while True:
@@ -620,8 +620,8 @@ class Journal:
                 return
             last = rows[-1][1]
             found = self._results_for([(r[6], r[7]) for r in rows], ladder)
-            out = [(r[0], r[2], r[3], r[4], r[5], found.get((r[6], r[7]), [])) for r in rows]
-            yield [o for o in out if o[2] == "done" or o[5]]
+            out = [(r[0], r[2], r[3], r[4], r[5], r[6], found.get((r[6], r[7]), [])) for r in rows]
+            yield [o for o in out if o[2] == "done" or o[6]]
 
     def _results_for(self, pairs: list[tuple[str, str]], ladder: list[str]) -> dict[tuple[str, str], list[Any]]:
         """(input_hash, spec_hash) -> [(processor, run_id, result_json)] for ladder processors (latest per one)."""

@@ -31,6 +31,7 @@ from enrich.config import (
     output_fields,
     spec_fingerprint,
 )
+from enrich.decide import escalate_pass
 from enrich.errors import ApiError, ApiUnavailable, InputError, PermanentApiError, TransientApiError
 from enrich.flatten import output_columns
 from enrich.journal import IN_FLIGHT, DuplicateKey, Journal
@@ -280,6 +281,10 @@ async def execute(cfg: RunConfig, journal: Journal, client: TaskClient, prep: Pr
     state.total = prep.total
     state.done_before = sum(counts.get(s, 0) for s in ("done", "failed", "timed_out"))
     state.spent_micros = journal.spent_micros()
+    names = list(prep.fields)
+    if cfg.escalate is not None:   # finished rows whose fields still need a stronger processor climb first
+        state.escalated += escalate_pass(journal, cfg, prep.epoch, names)["climbed"]
+        counts = journal.counts(prep.epoch)
     in_flight = journal.in_flight_count()
     if counts.get("pending", 0) == 0 and in_flight == 0:
         return state   # nothing to do: no request at all
@@ -303,7 +308,8 @@ async def execute(cfg: RunConfig, journal: Journal, client: TaskClient, prep: Pr
                           user_metadata=t.metadata, batch_size=limits.batch_size,
                           requests_per_minute=limits.requests_per_minute, request_timeout_s=limits.request_timeout_s,
                           max_retries=limits.max_attempts, outage_give_up_s=limits.outage_give_up_s,
-                          breaker=CircuitBreaker(), governor=governor)
+                          breaker=CircuitBreaker(), governor=governor,
+                          daily_budget_micros=limits.daily_budget_micros)
     poller = Poller(journal, client, state, taskgroup_id=gid, job_tag=prep.job_tag, row_timeout_s=limits.row_timeout_s,
                     recheck_s=limits.recheck_s)
     if journal.unresolved():
@@ -324,14 +330,22 @@ async def execute(cfg: RunConfig, journal: Journal, client: TaskClient, prep: Pr
     for task in background:
         task.add_done_callback(crashed)
     try:
-        await submitter.run()
-        # submission is over (all sent, budget spent, or stopped): let in-flight rows finish
-        while not state.stop.is_set():
-            live = journal.in_flight_count(("submitted",) if state.reconcile_failed else IN_FLIGHT)
-            if live == 0:
+        while True:
+            await submitter.run()
+            # submission is over (all sent, budget spent, or stopped): let in-flight rows finish
+            while not state.stop.is_set():
+                live = journal.in_flight_count(("submitted",) if state.reconcile_failed else IN_FLIGHT)
+                if live == 0:
+                    break
+                state.waiting_on = f"{live} runs to finish at the API"
+                await state.backlog.wait_change(0.5)
+            if state.stop.is_set() or cfg.escalate is None or state.budget_exhausted:
                 break
-            state.waiting_on = f"{live} runs to finish at the API"
-            await state.backlog.wait_change(0.5)
+            climbed = escalate_pass(journal, cfg, prep.epoch, names)["climbed"]   # the next rung of the ladder
+            if not climbed:
+                break
+            state.escalated += climbed
+            state.submitter_done = False
     finally:
         state.stop.set()
         for task in background:

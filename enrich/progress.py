@@ -33,6 +33,8 @@ class JobState:
     spent_micros: int = 0
     submitter_done: bool = False
     budget_exhausted: bool = False
+    budget_message: str = ""         # which budget ran out (job or daily), and when a daily one resets
+    escalated: int = 0               # rows moved up the processor ladder by this invocation
     requests: int = 0                # HTTP requests made by this invocation
     reconcile_failed: bool = False   # the group could not be listed: rows in doubt stay unknown this run
     unreachable: str | None = None   # the API could not be reached for long: why the job stopped

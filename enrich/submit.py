@@ -66,7 +66,8 @@ class Submitter:
                  run_options: dict[str, Any], user_metadata: dict[str, Any] | None, batch_size: int,
                  requests_per_minute: int, request_timeout_s: float, max_retries: int,
                  outage_give_up_s: float = 300.0, breaker: CircuitBreaker | None = None,
-                 rand: random.Random | None = None, governor: Governor | None = None):
+                 rand: random.Random | None = None, governor: Governor | None = None,
+                 daily_budget_micros: int | None = None):
         self.journal, self.client, self.state = journal, client, state
         self.taskgroup_id, self.job_tag, self.epoch = taskgroup_id, job_tag, epoch
         self.prices, self.budget = prices, budget_micros
@@ -87,6 +88,7 @@ class Submitter:
         self.batch_seq = journal.get("batch_seq", 0)
         self.posts = 0
         self.governor = governor
+        self.daily = daily_budget_micros
         self.leased = journal.spent_micros()   # with a governor: what this partition may have reserved
 
     def _input(self, c: Claimed) -> dict[str, Any]:
@@ -177,9 +179,11 @@ class Submitter:
                 budget = await self._leased_budget(limit)
             self.batch_seq += 1
             try:
-                claimed = journal.claim(self.epoch, limit, self.prices, budget, time.time(), self.batch_seq)
+                claimed = journal.claim(self.epoch, limit, self.prices, budget, time.time(), self.batch_seq,
+                                        daily_budget=self.daily)
             except BudgetExceeded as exc:
                 state.budget_exhausted = True
+                state.budget_message = str(exc)
                 journal.log("warning", str(exc))
                 return
             if not claimed:

@@ -105,8 +105,15 @@ def _arrow_type(kind: str, schema: dict[str, Any] | None) -> Any:
 class Projection:
     """Turns journal rows into output records and collects the report's statistics."""
 
-    def __init__(self, journal: Journal, fields: dict[str, dict[str, Any]], reasoning: bool, budget_exhausted: bool):
+    def __init__(self, journal: Journal, fields: dict[str, dict[str, Any]], reasoning: bool, budget_exhausted: bool,
+                 cfg: Any = None):
+        from enrich.config import GateConfig
+
         self.journal = journal
+        self.cfg = cfg
+        self.gate = cfg.gate if cfg is not None else GateConfig()
+        self.ladder: list[str] = cfg.ladder if cfg is not None else [str(journal.get("processor") or "")]
+        self.review: list[Any] = []   # merged rows with a field in review or rejected (the review file)
         self.fields, self.reasoning, self.budget_exhausted = fields, reasoning, budget_exhausted
         self.columns: list[Column] = output_columns(fields, reasoning)
         self.input_columns: list[str] = journal.get("columns", [])
@@ -118,14 +125,41 @@ class Projection:
     def header(self) -> list[str]:
         return [*self.input_columns, *(c[0] for c in self.columns), *META_COLUMNS]
 
+    def _decide(self, row_key: str, results: list[Any], verdicts: list[Any] | None, input_hash: str,
+                run_id: str | None) -> tuple[dict[str, Any] | None, Any]:
+        """The row's answers merged across tiers and human verdicts, as one result for flatten()."""
+        from enrich.decide import decided
+
+        names = list(self.fields)
+        key = tuple(str(v) for v in json.loads(row_key))
+        if self.cfg is None:   # export without a config: gate defaults over what is stored
+            merged = _default_decided(results, names, self.gate, key)
+        else:
+            merged = decided(results, names, self.cfg, key, verdicts, input_hash)
+        run = next((json.loads(r)["run"] for _p, rid, r in results if rid == run_id), None) if results else None
+        content = {n: (None if a.decision == "human_rejected" else a.value) for n, a in merged.fields.items()}
+        basis = [a.basis for a in merged.fields.values() if a.basis and a.decision != "human_corrected"]
+        basis += [e for a in merged.fields.values() for e in a.elements]
+        return {"run": run or {}, "output": {"type": "json", "content": content, "basis": basis}}, merged
+
     def chunks(self) -> Any:
         epoch = self.journal.get("epoch", 0)
-        for chunk in self.journal.iter_rows(epoch, chunk=WRITE_CHUNK):
+        for chunk in self.journal.iter_results(epoch, self.ladder, chunk=WRITE_CHUNK):
             records = []
-            for row_json, state, run_id, result_json, error, submitted_at, finished_at in chunk:
+            verdicts = self.journal.verdicts_for([r[0] for r in chunk if r[2] == "done"])
+            for row_key, row_json, state, run_id, error, submitted_at, finished_at, input_hash, results in chunk:
                 values = json.loads(row_json)
-                result = json.loads(result_json) if result_json and state == "done" else None
+                result, merged = (self._decide(row_key, results, verdicts.get(row_key), input_hash, run_id)
+                                  if state == "done" and results else (None, None))
                 flat = flatten(result, self.fields, self.reasoning, self.columns)
+                if merged is not None:
+                    for name, a in merged.fields.items():
+                        flat[f"{name}__decision"] = a.decision
+                        flat[f"{name}__processor"] = a.processor
+                        if a.decision == "human_corrected":
+                            flat[f"{name}__confidence"] = "human"
+                    if any(a.decision in ("review", "rejected") for a in merged.fields.values()):
+                        self.review.append(merged)
                 status = output_status(state, self.budget_exhausted)
                 self.statuses[status] += 1
                 if state == "done":
@@ -268,8 +302,15 @@ def _array(values: list[Any], typ: Any) -> Any:
         return pa.array([None if v is None else str(v) for v in values], type=pa.string()).cast(typ)
 
 
+def _default_decided(results: list[Any], names: list[str], gate: Any, key: tuple[str, ...]) -> Any:
+    from enrich.gate import merge
+
+    return merge([(p, json.loads(r)) for p, _rid, r in results], names, gate, key=key)
+
+
 def write_output(journal: Journal, path: Path, fields: dict[str, dict[str, Any]], *, reasoning: bool,
-                 formula_guard: bool, emulated: bool, budget_exhausted: bool, extra: dict[str, Any]) -> dict[str, Any]:
+                 formula_guard: bool, emulated: bool, budget_exhausted: bool, extra: dict[str, Any],
+                 cfg: Any = None) -> dict[str, Any]:
     """Write the output file and `<output>.report.json`; return the report.
 
     When neither the journal nor the output settings changed since the last write and the
@@ -289,7 +330,7 @@ def write_output(journal: Journal, path: Path, fields: dict[str, dict[str, Any]]
         return report
     if (problem := output_format_problem(path)) is not None:
         raise ConfigError(problem)
-    proj = Projection(journal, fields, reasoning, budget_exhausted)
+    proj = Projection(journal, fields, reasoning, budget_exhausted, cfg)
     report: dict[str, Any] = {"output": str(path), "emulated": emulated}
     suffix = path.suffix.lower()
     frame = None
@@ -317,6 +358,12 @@ def write_output(journal: Journal, path: Path, fields: dict[str, dict[str, Any]]
         citations = [c[0] for c in proj.columns if c[4] == "citations"]
         summary = _summary_rows(report)
         atomic_write(path, lambda fp: write_workbook(fp, frame, coloured, citations, summary))
+    if cfg is not None:
+        from enrich.review import review_path, write_review
+
+        report["review_file"] = str(review_path(path))
+        report["review_lines"] = write_review(review_path(path), proj.review, list(cfg.input.key),
+                                              formula_guard=formula_guard)
     report["write_s"] = round(time.monotonic() - started, 3)
     if proj.statuses.get("timed_out"):
         report["timed_out_note"] = ("timed-out runs cannot be cancelled (the API has no cancel endpoint); "

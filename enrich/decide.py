@@ -1,0 +1,89 @@
+"""Stage 5, decide: gate each field, escalate rows up the processor ladder, apply human verdicts.
+
+Everything here reads the journal and is pure otherwise (the decisions themselves are in
+gate.py). Two entry points:
+
+- `decided(...)` turns one row's stored results (one per processor on the ladder) and its
+  reviewer verdicts into a `gate.MergedRow`: per field, the best answer across tiers, then
+  human verdicts on top (final; stale when the row's input changed since).
+- `escalate_pass(...)` moves every finished row that still has a field whose decision is in
+  `[escalate] on` one step up the ladder (done -> pending on the next processor), within
+  `max_rows`. The next run is an ordinary journaled claim, so a step is paid for exactly once
+  per (row, processor) across crashes: a processor counts as tried when a result exists for it
+  or a run was ever created on it (`rung`), and nothing tried is tried again. A step whose run
+  failed falls back to the best earlier answer (the row stays completed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from enrich.config import RunConfig
+from enrich.gate import MergedRow, Verdict, apply_verdicts, merge, needs_escalation, next_processor
+from enrich.journal import Journal
+
+
+def verdicts_of(rows: Iterable[tuple[Any, ...]], key: tuple[str, ...], input_hash: str) -> list[Verdict]:
+    """Journal verdict rows (oldest first) -> the verdicts still valid for the row's current input."""
+    out: dict[str, Verdict] = {}
+    for field, verdict, corrected, reviewer, note, run_id, v_hash, _at in rows:
+        if v_hash != input_hash:
+            continue   # stale: kept in the history, the field goes back through the gate
+        value = json.loads(corrected) if corrected is not None else None
+        out[field] = Verdict(key=key, field=field, verdict=verdict, corrected_value=value, reviewer=reviewer,
+                             note=note, run_id=run_id)
+    return list(out.values())
+
+
+def decided(results: list[tuple[str, str, str]], fields: list[str], cfg: RunConfig, key: tuple[str, ...],
+            verdict_rows: list[tuple[Any, ...]] | None = None, input_hash: str = "") -> MergedRow:
+    """Merge (processor, run_id, result_json) across tiers, then apply valid human verdicts."""
+    parsed = [(proc, json.loads(res)) for proc, _rid, res in results]
+    merged = merge(parsed, fields, cfg.gate, key=key)
+    if verdict_rows:
+        merged = apply_verdicts(merged, [v for v in verdicts_of(verdict_rows, key, input_hash) if v.field in fields])
+    return merged
+
+
+def escalate_pass(journal: Journal, cfg: RunConfig, epoch: int, fields: list[str], *, dry: bool = False) -> dict[str, int]:
+    """One pass over finished rows; returns counts {climbed, fell_back, would_climb, checked}."""
+    esc = cfg.escalate
+    counts = {"climbed": 0, "fell_back": 0, "would_climb": 0, "checked": 0}
+    ladder = cfg.ladder
+    room = math.inf
+    if esc is not None and esc.max_rows is not None:
+        room = max(0, esc.max_rows - journal.escalated_count(epoch, ladder[0]))
+    moves: list[tuple[int, str]] = []
+    falls: list[tuple[int, str]] = []
+    for chunk in journal.decided_rows(epoch, ladder):
+        verdicts = journal.verdicts_for([r[1] for r in chunk])
+        for row_id, row_key, state, _proc, rung, input_hash, results in chunk:
+            counts["checked"] += 1
+            if state == "failed":   # an escalation step failed: keep the best earlier answer
+                falls.append((row_id, results[-1][1]))
+            if esc is None:
+                continue
+            key = tuple(str(v) for v in json.loads(row_key))
+            merged = decided(results, fields, cfg, key, verdicts.get(row_key), input_hash)
+            if not needs_escalation(merged.decisions, esc.on):
+                continue
+            tried = [p for p, _, _ in results] + ([rung] if rung else [])
+            nxt = next_processor(ladder, tried)
+            if nxt is None:
+                continue
+            counts["would_climb"] += 1
+            if len(moves) < room:
+                moves.append((row_id, nxt))
+    if not dry:
+        now = time.time()
+        if falls:
+            journal.fall_back(falls, now)
+            journal.log("warning", f"{len(falls)} escalation run(s) failed; those rows keep their best earlier answer")
+        if moves:
+            journal.climb(moves, now)
+    counts["climbed"], counts["fell_back"] = len(moves), len(falls)
+    return counts
