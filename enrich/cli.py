@@ -29,9 +29,12 @@ _EPILOGS = {
     "run": "example:\n  enrich run configs/companies.toml --emulator\n\n" + EXIT_CODES_HELP,
     "plan": "example:\n  enrich plan configs/companies.toml --processor core\n\n"
             "exit codes: 0 plan printed, 2 usage/config/input error",
-    "status": "example:\n  enrich status out/companies.journal.sqlite --json\n\n"
+    "status": "example:\n  enrich status out/companies.enriched.parquet.journal.sqlite --json\n\n"
               "exit codes: 0 status printed, 2 no such journal or unreadable",
-    "export": "example:\n  enrich export out/companies.journal.sqlite --output out/companies.xlsx\n\n"
+    "review": "example:\n  enrich review apply configs/companies.toml out/companies.enriched.review.csv\n\n"
+              "exit codes: 0 applied, 2 bad review file (nothing applied; names line and problem)",
+    "export": "example:\n  enrich export out/companies.enriched.parquet.journal.sqlite --output out/companies.xlsx "
+              "--basis out/evidence.parquet\n\n"
               "exit codes: 0 written, 2 usage/journal error or unsupported output extension",
     "emulator": "example:\n  enrich emulator --port 8765 --faults 429=0.05\n\n"
                 "exit codes: 0 stopped, 2 bad option or the port is taken",
@@ -82,7 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="machine-readable output")
     ex = add("export", "rewrite the output from the journal alone (no API calls)")
     ex.add_argument("journal", help="the job's journal file (*.journal.sqlite)")
-    ex.add_argument("--output", required=True, help="file to write: .csv, .parquet or .xlsx (by extension)")
+    ex.add_argument("--output", help="file to write: .csv, .parquet or .xlsx (by extension)")
+    ex.add_argument("--basis", metavar="PATH", help="also write the evidence, one line per (row, field, citation): "
+                    ".parquet or .csv")
     ex.add_argument("--config", help="job config, for the output fields (default: the one recorded)")
     em = add("emulator", "serve the API-compatible emulator on loopback")
     em.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
@@ -102,6 +107,11 @@ def _parser() -> argparse.ArgumentParser:
     em.add_argument("--hard-rate", type=float, default=0.0, metavar="X",
                     help="share of (row, field) cells that need a stronger processor (weaker ones answer "
                          "medium/low confidence)")
+    rv = add("review", "human review round trip: apply a filled-in <output>.review.csv")
+    rv.add_argument("action", choices=["apply"], help="apply: record the verdicts and rewrite the output")
+    rv.add_argument("config", help="the job's config (TOML)")
+    rv.add_argument("reviewed", help="the review file with verdict (accept|correct|reject), corrected_value, "
+                    "reviewer and note filled in")
     ini = add("init", "write a commented starter config from a data file's columns (asks nothing)")
     ini.add_argument("data", help="the data file: .csv, .parquet or .xlsx (first sheet)")
     ini.add_argument("--config", help="config file to write (default: <data stem>.toml here; never overwritten)")
@@ -192,26 +202,48 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from enrich.config import output_fields
+    from enrich.config import build_task_spec, output_fields
     from enrich.journal import Journal
-    from enrich.write import write_output
+    from enrich.write import export_basis, write_output
 
+    if not args.output and not args.basis:
+        raise ConfigError("export: give --output FILE, --basis FILE, or both")
+    cfg = load_config(args.config) if args.config else None
     journal = Journal.open(args.journal, readonly=True)
     try:
         recorded = journal.get("config") or {}
-        if "task_spec" not in recorded:
+        if cfg is None and "task_spec" not in recorded:
             raise JournalError(f"{args.journal}: journal has no recorded task spec; run the job first")
-        out = Path(args.output)
-        if out.resolve() == Path(args.journal).resolve():
-            raise ConfigError("output path is the journal file")
-        report = write_output(journal, out, output_fields(recorded["task_spec"]),
-                              reasoning=bool(recorded.get("reasoning")),
-                              formula_guard=recorded.get("formula_guard", True),
-                              emulated=bool(journal.get("emulated")), budget_exhausted=False,
-                              extra={"exported_from": args.journal})
+        fields = output_fields(build_task_spec(cfg) if cfg else recorded["task_spec"])
+        inp = journal.get("input_path")
+        for flag, target in (("--output", args.output), ("--basis", args.basis)):
+            if not target:
+                continue
+            t = Path(target).resolve()
+            if t == Path(args.journal).resolve() or (inp and t == Path(inp).resolve()):
+                raise ConfigError(f"{flag}: {target} is the journal or the input file; choose another path")
+        guard = cfg.output.formula_guard if cfg else recorded.get("formula_guard", True)
+        if args.output:
+            report = write_output(journal, Path(args.output), fields,
+                                  reasoning=cfg.output.reasoning if cfg else bool(recorded.get("reasoning")),
+                                  formula_guard=guard, emulated=bool(journal.get("emulated")), budget_exhausted=False,
+                                  extra={"exported_from": args.journal}, cfg=cfg)
+            print(f"enrich: exported {report['rows']} rows to {args.output}", file=sys.stderr)
+        if args.basis:
+            keys = (list(cfg.input.key) if cfg else (journal.get("identity") or {}).get("key_columns")) or ["key"]
+            n = export_basis(journal, Path(args.basis), fields, cfg, keys, formula_guard=guard)
+            print(f"enrich: exported {n} evidence lines to {args.basis}", file=sys.stderr)
     finally:
         journal.close()
-    print(f"enrich: exported {report['rows']} rows to {out}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    from enrich.decide import apply_review
+
+    cfg = load_config(args.config)
+    n, report = apply_review(cfg, Path(args.reviewed))
+    print(f"enrich: applied {n} verdicts; rewrote {report['output']} ({report['rows']} rows)", file=sys.stderr)
     return EXIT_OK
 
 
@@ -254,7 +286,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"init": cmd_init, "run": cmd_run, "plan": cmd_plan, "status": cmd_status, "export": cmd_export, "emulator": cmd_emulator}
+COMMANDS = {"init": cmd_init, "run": cmd_run, "plan": cmd_plan, "status": cmd_status, "export": cmd_export,
+            "review": cmd_review, "emulator": cmd_emulator}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ from enrich.errors import ApiError, ConfigError, OutcomeUnknown, TransientApiErr
 from enrich.retry import classify_failure, classify_status, parse_retry_after
 
 STREAM_READ_TIMEOUT = 75.0   # > the servers' keep-alive interval on SSE streams
+FIELD_BASIS_BETA = "field-basis-2025-11-25"   # per-element basis entries for array fields (sent on add-runs)
 EMULATOR_HEADER = "x-enrich-emulator"   # every emulator response carries it: outputs are marked emulated
 
 
@@ -118,8 +119,9 @@ class TaskClient:
         payload: dict[str, Any] = {"inputs": inputs}
         if default_task_spec is not None:
             payload["default_task_spec"] = default_task_spec
+        headers = {"parallel-beta": FIELD_BASIS_BETA} if has_array_fields(default_task_spec) else None
         _, body = await self._json("POST", f"/v1/tasks/groups/{taskgroup_id}/runs", "add runs", creating=True,
-                                   json=payload)
+                                   json=payload, headers=headers)
         run_ids = body.get("run_ids") if isinstance(body, dict) else None
         if not isinstance(run_ids, list) or len(run_ids) != len(inputs) or not all(isinstance(r, str) for r in run_ids):
             raise OutcomeUnknown(f"add runs: reply lists {len(run_ids) if isinstance(run_ids, list) else 'no'} "
@@ -180,6 +182,16 @@ class TaskClient:
         if last_event_id:
             params["last_event_id"] = last_event_id
         return self.stream(f"/v1/tasks/groups/{taskgroup_id}/events", "group events", params)
+
+
+def has_array_fields(task_spec: dict[str, Any] | None) -> bool:
+    """Does the spec's output have a top-level array field? Then element-level basis is asked for."""
+    try:
+        props = task_spec["output_schema"]["json_schema"]["properties"]   # type: ignore[index]
+    except (KeyError, TypeError):
+        return False
+    return any("array" in (p.get("type") if isinstance(p.get("type"), list) else [p.get("type")])
+               for p in props.values() if isinstance(p, dict))
 
 
 def _failure_kind(exc: Exception) -> str:

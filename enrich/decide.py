@@ -20,9 +20,11 @@ import json
 import math
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from enrich.config import RunConfig
+from enrich.errors import JournalError
 from enrich.gate import MergedRow, Verdict, apply_verdicts, merge, needs_escalation, next_processor
 from enrich.journal import Journal
 
@@ -87,3 +89,30 @@ def escalate_pass(journal: Journal, cfg: RunConfig, epoch: int, fields: list[str
             journal.climb(moves, now)
     counts["climbed"], counts["fell_back"] = len(moves), len(falls)
     return counts
+
+
+def apply_review(cfg: RunConfig, reviewed: Path) -> tuple[int, dict[str, Any]]:
+    """`enrich review apply`: validate a filled-in review file (all or nothing), append its verdicts to
+    the journal with who/when/previous value, and rewrite the output. Returns (verdicts, report)."""
+    from enrich.config import build_task_spec, canonical, output_fields
+    from enrich.job import journal_path_for
+    from enrich.review import read_review
+    from enrich.write import write_output
+
+    fields = output_fields(build_task_spec(cfg))
+    jpath = journal_path_for(cfg)
+    if not jpath.is_file():
+        raise JournalError(f"{jpath}: no journal for this job; run it first")
+    journal = Journal.open(jpath)
+    try:
+        keys = {tuple(str(v) for v in json.loads(k)): k for k in journal.row_keys(journal.get("epoch", 0))}
+        verdicts = read_review(reviewed, list(cfg.input.key), fields, keys)
+        journal.add_verdicts([(keys[v.key], v.field, v.verdict,
+                               None if v.corrected_value is None else canonical(v.corrected_value),
+                               v.reviewer, v.note, v.run_id, None) for v in verdicts], time.time())
+        report = write_output(journal, cfg.output.path, fields, reasoning=cfg.output.reasoning,
+                              formula_guard=cfg.output.formula_guard, emulated=bool(journal.get("emulated")),
+                              budget_exhausted=False, extra={"review_applied": str(reviewed)}, cfg=cfg)
+    finally:
+        journal.close()
+    return len(verdicts), report

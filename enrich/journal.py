@@ -651,6 +651,9 @@ class Journal:
         return self.conn.execute("SELECT COUNT(*) FROM rows WHERE epoch=? AND (processor!=? OR rung IS NOT NULL "
                                  "AND rung!=?)", (epoch, base, base)).fetchone()[0]
 
+    def row_keys(self, epoch: int) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT row_key FROM rows WHERE epoch=?", (epoch,))]
+
     def add_verdicts(self, verdicts: list[tuple[str, str, str, str | None, str, str, str | None, str | None]],
                      now: float) -> int:
         """Append reviewer verdicts: (row_key, field, verdict, corrected_json, reviewer, note, run_id,
@@ -719,7 +722,8 @@ class Journal:
         epoch = self.get("epoch", 0)
         row = self.conn.execute("SELECT COUNT(*), MAX(intent_at), MAX(submitted_at), MAX(finished_at), SUM(attempts) "
                                 "FROM rows WHERE epoch=?", (epoch,)).fetchone()
-        return [epoch, *row]
+        verdicts = self.conn.execute("SELECT COUNT(*) FROM verdicts").fetchone()[0]
+        return [epoch, *row, verdicts]
 
     def iter_rows(self, epoch: int, chunk: int = 10_000) -> Iterator[list[tuple[Any, ...]]]:
         """(row_json, state, run_id, result_json, error, submitted_at, finished_at) in input order."""

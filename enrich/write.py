@@ -302,6 +302,28 @@ def _array(values: list[Any], typ: Any) -> Any:
         return pa.array([None if v is None else str(v) for v in values], type=pa.string()).cast(typ)
 
 
+def export_basis(journal: Journal, path: Path, fields: dict[str, dict[str, Any]], cfg: Any,
+                 key_columns: list[str], formula_guard: bool = True) -> int:
+    """The audit export: one line per (row key, field, citation) with value, confidence, decision,
+    processor, run id, reasoning, url, title and excerpts (audit.py), streamed from the journal."""
+    from enrich.audit import basis_rows, write_basis
+
+    proj = Projection(journal, fields, False, False, cfg)
+    epoch = journal.get("epoch", 0)
+
+    def lines() -> Any:
+        for chunk in journal.iter_results(epoch, proj.ladder, chunk=WRITE_CHUNK):
+            verdicts = journal.verdicts_for([r[0] for r in chunk if r[2] == "done"])
+            for row_key, _row_json, state, run_id, _e, _s, _f, input_hash, results in chunk:
+                if state != "done" or not results:
+                    continue
+                _, merged = proj._decide(row_key, results, verdicts.get(row_key), input_hash, run_id)
+                key_vals = dict(zip(key_columns, json.loads(row_key), strict=False))
+                yield from basis_rows(key_vals, merged, gate_cfg=proj.gate)
+
+    return write_basis(path, lines(), key_columns, formula_guard=formula_guard)
+
+
 def _default_decided(results: list[Any], names: list[str], gate: Any, key: tuple[str, ...]) -> Any:
     from enrich.gate import merge
 
