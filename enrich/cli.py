@@ -226,8 +226,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         if args.output:
             report = write_output(journal, Path(args.output), fields,
                                   reasoning=cfg.output.reasoning if cfg else bool(recorded.get("reasoning")),
-                                  formula_guard=guard, emulated=bool(journal.get("emulated")), budget_exhausted=False,
-                                  extra={"exported_from": args.journal}, cfg=cfg)
+                                  formula_guard=guard, emulated=bool(journal.get("emulated") or journal.get("emulator_seen")),
+                                  budget_exhausted=False, extra={"exported_from": args.journal}, cfg=cfg)
             print(f"enrich: exported {report['rows']} rows to {args.output}", file=sys.stderr)
         if args.basis:
             keys = (list(cfg.input.key) if cfg else (journal.get("identity") or {}).get("key_columns")) or ["key"]

@@ -111,7 +111,7 @@ def apply_review(cfg: RunConfig, reviewed: Path) -> tuple[int, dict[str, Any]]:
                                None if v.corrected_value is None else canonical(v.corrected_value),
                                v.reviewer, v.note, v.run_id, None) for v in verdicts], time.time())
         report = write_output(journal, cfg.output.path, fields, reasoning=cfg.output.reasoning,
-                              formula_guard=cfg.output.formula_guard, emulated=bool(journal.get("emulated")),
+                              formula_guard=cfg.output.formula_guard, emulated=bool(journal.get("emulated") or journal.get("emulator_seen")),
                               budget_exhausted=False, extra={"review_applied": str(reviewed)}, cfg=cfg)
     finally:
         journal.close()

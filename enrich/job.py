@@ -222,7 +222,7 @@ def _execute(cfg: RunConfig, journal: Any, prep: Any, base_url: str, api_key: st
         finally:
             await client.aclose()
             if client.emulator_seen and not emulated:
-                journal.set("emulated", True)   # reached an emulator through --base-url: mark the output
+                journal.set("emulator_seen", True)   # reached an emulator through --base-url: mark the output
 
     _run_coroutine(main())
     return state, interrupted
@@ -244,7 +244,7 @@ def _finish(cfg: RunConfig, journal: Any, jpath: Path, prep: Any, state: Any, in
             api_key: str, cpu0: float) -> JobResult:
     from enrich.write import write_output
 
-    emulated = emulated or bool(journal.get("emulated"))
+    emulated = emulated or bool(journal.get("emulated")) or bool(journal.get("emulator_seen"))
     counts = journal.counts(prep.epoch)
     why = _why_stopped(state, interrupted, api_key)
     report = write_output(journal, cfg.output.path, prep.fields, reasoning=cfg.output.reasoning,

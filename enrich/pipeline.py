@@ -145,7 +145,7 @@ def _input_fingerprint(cfg: RunConfig, spec_hash: str) -> str | None:
     except OSError:
         return None
     return digest([str(cfg.input.path.resolve()), st.st_size, st.st_mtime_ns, h.hexdigest(), cfg.input.key,
-                   cfg.input.input_columns, cfg.input.encoding, cfg.input.max_cell_bytes, spec_hash,
+                   cfg.input.input_columns, cfg.input.encoding, cfg.input.max_cell_bytes, spec_hash, cfg.ladder,
                    *([cfg.input.sheet] if cfg.input.sheet is not None else [])])
 
 

@@ -1,0 +1,206 @@
+"""From evidence to decisions, end to end over loopback HTTP: gate, escalation, review, reuse, daily budget."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+import polars as pl
+import pytest
+
+from enrich.config import load_config
+from enrich.job import EXIT_BUDGET, EXIT_OK, run_job
+from enrich.journal import DailyBudgetExceeded, Journal
+from tests.conftest import ROOT, run_enrich, write_config
+
+FIELDS = {"headquarters_location": "string", "founded_year": "integer"}     # the bundled companies table
+SP_FIELDS = {"headquarters_location": "string", "founded": "string"}         # S&P 500 columns
+ESCALATE = '[escalate]\nprocessors = ["base", "core"]\non = ["rejected"]\n'
+
+
+def ledger(emu: Any) -> list[dict[str, Any]]:
+    return httpx.get(emu.base_url + "/_emulator/ledger", timeout=30).json()
+
+
+def per_row_processor(entries: list[dict[str, Any]]) -> Counter[tuple[str, str]]:
+    return Counter((e["metadata"]["enrich_row"], e["processor"]) for e in entries)
+
+
+def job(tmp_path: Path, src: Path, *, extra: str = "", processor: str = "lite-fast", limits: str = "",
+        out: str = "out.parquet", name: str = "job.toml") -> Path:
+    cfg = write_config(tmp_path / name, input_path=src, output=tmp_path / out, key=["Symbol"] if "sp500" in
+                       str(src) else ["company"], columns=["Security"] if "sp500" in str(src) else ["company", "website"],
+                       fields=SP_FIELDS if "sp500" in str(src) else FIELDS, processor=processor, limits=limits)
+    cfg.write_text(cfg.read_text() + "\n" + extra)
+    return cfg
+
+
+def go(cfg: Path, base_url: str, **kw: Any) -> Any:
+    return run_job(load_config(cfg, {"api.base_url": base_url}), api_key="sk-test-key-1234", install_signals=False,
+                   **kw)
+
+
+@pytest.fixture
+def sp_emulator(emulator, sp500: Path) -> Any:
+    return emulator(knowledge=str(sp500), knowledge_key="Security", hard_rate=0.3, seed=7)
+
+
+def test_escalation_on_sp500(tmp_path: Path, sp500: Path, sp_emulator: Any) -> None:
+    """lite-fast then base, core: accepted rows run once, others at most once per processor, more accepted."""
+    lite = go(job(tmp_path, sp500, out="lite.parquet", name="lite.toml"), sp_emulator.base_url)
+    lite_df = pl.read_parquet(tmp_path / "lite.parquet")
+    lite_runs = len(ledger(sp_emulator))
+    assert lite.exit_code == EXIT_OK and lite_runs == 503
+
+    budget = 'budget_usd = 60'
+    cfg = job(tmp_path, sp500, extra=ESCALATE, limits=budget)
+    result = go(cfg, sp_emulator.base_url)
+    assert result.exit_code == EXIT_OK, result.message
+    entries = ledger(sp_emulator)[lite_runs:]
+    df = pl.read_parquet(tmp_path / "out.parquet")
+    assert df["Symbol"].to_list() == lite_df["Symbol"].to_list()   # every row once, in order
+    by_row = per_row_processor(entries)
+    assert max(by_row.values()) == 1                                # at most one run per (row, processor)
+    decisions = [f"{f}__decision" for f in SP_FIELDS]
+    all_accepted_on_lite = lite_df.filter(pl.all_horizontal(pl.col(c) == "accepted" for c in decisions))
+    refs = {e["input"]["Security"]: e["metadata"]["enrich_row"] for e in entries}
+    runs_of = Counter(e["input"]["Security"] for e in entries)
+    for sec in all_accepted_on_lite["Security"].to_list():
+        assert runs_of[sec] == 1, sec                              # exactly one run: lite
+    assert len(refs) == 503 and sum(runs_of.values()) > 503
+    assert set(df["headquarters_location__processor"].unique().to_list()) >= {"lite-fast", "base"}
+
+    def accepted_share(frame: pl.DataFrame) -> float:
+        return sum((frame[c] == "accepted").sum() for c in decisions) / (len(frame) * len(decisions))
+
+    assert accepted_share(df) > accepted_share(lite_df)
+    spend = sum(e["price_micros"] for e in entries)
+    assert result.report["spend_usd"] == pytest.approx(spend / 1e6) and spend <= 60_000_000
+
+    again = go(cfg, sp_emulator.base_url)                         # a second run pays for nothing
+    assert again.exit_code == EXIT_OK and len(ledger(sp_emulator)) == lite_runs + len(entries)
+
+
+def test_escalation_survives_kills_without_duplicates(tmp_path: Path, sp500: Path, emulator_process) -> None:
+    """SIGKILL at failpoints during escalation rounds, then resume: 0 duplicate runs per (row, processor)."""
+    emu = emulator_process("--knowledge", str(sp500), "--knowledge-key", "Security", "--hard-rate", "0.4",
+                           "--time-scale", "0", "--seed", "3")
+    src = tmp_path / "sp500_head.csv"
+    lines = sp500.read_text(encoding="utf-8").splitlines()[:121]
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    cfg = job(tmp_path, src, extra=ESCALATE, limits="batch_size = 20")
+    for point in ("after_intent_commit:9", "after_response_before_commit:8", "after_result_commit:9",
+                  "after_send_before_response:10"):
+        r = run_enrich("run", str(cfg), "--base-url", emu.base_url, env={"ENRICH_FAILPOINT": point})
+        assert r.returncode in (-9, 0, 3), r.stderr[-500:]
+    r = run_enrich("run", str(cfg), "--base-url", emu.base_url)
+    assert r.returncode == 0, r.stderr[-800:]
+    by_row = per_row_processor(emu.ledger())
+    assert max(by_row.values()) == 1, [k for k, v in by_row.items() if v > 1][:5]
+    assert len({k[0] for k in by_row}) == 120
+    assert {k[1] for k in by_row} >= {"lite-fast", "base"}
+
+
+def test_review_round_trip(tmp_path: Path, emulator) -> None:
+    """Review file lists review/rejected fields; one of each verdict shows human_* decisions and survives a
+    re-run; a changed input makes the verdict stale; a bad review file exits 2 and applies nothing."""
+    emu = emulator(hard_rate=0.5, seed=11, time_scale=0.0)
+    src = tmp_path / "in.csv"
+    src.write_text((ROOT / "data/companies.csv").read_text(encoding="utf-8"), encoding="utf-8")
+    cfg = job(tmp_path, src, out="out.csv")
+    cfg.write_text(cfg.read_text().replace("[emulator]", f'[api]\nbase_url = "{emu.base_url}"\n\n[emulator]'))
+    assert run_enrich("run", str(cfg)).returncode == 0
+    out = pl.read_csv(tmp_path / "out.csv", infer_schema=False)
+    review_file = tmp_path / "out.review.csv"
+    with review_file.open(encoding="utf-8", newline="") as f:
+        lines = list(csv.DictReader(f))
+    expect = {(r["company"], fld) for r in out.iter_rows(named=True) for fld in FIELDS
+              if r[f"{fld}__decision"] in ("review", "rejected")}
+    assert {(r["company"], r["field"]) for r in lines} == expect and len(lines) >= 3
+
+    def write(rows: list[dict[str, str]], path: Path) -> Path:
+        with path.open("w", encoding="utf-8", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(lines[0]))
+            w.writeheader()
+            w.writerows(rows)
+        return path
+
+    year = next(r for r in lines if r["field"] == "founded_year")
+    others = [r for r in lines if r is not year][:2]
+    filled = [dict(year, verdict="correct", corrected_value="1901", reviewer="ana"),
+              dict(others[0], verdict="accept", reviewer="ana"), dict(others[1], verdict="reject", reviewer="bo")]
+    bad_cases = {
+        "verdict": [dict(filled[0], verdict="maybe")],
+        "type": [dict(filled[0], corrected_value="nineteen-oh-one")],
+        "key": [dict(filled[0], company="No Such Company")],
+        "field": [dict(filled[0], field="ceo")],
+    }
+    for name, rows in bad_cases.items():
+        r = run_enrich("review", "apply", str(cfg), str(write(rows, tmp_path / f"bad-{name}.csv")))
+        assert r.returncode == 2 and ".csv:2:" in r.stderr and "Traceback" not in r.stderr, (name, r.stderr)
+    assert pl.read_csv(tmp_path / "out.csv", infer_schema=False).equals(out)   # nothing applied
+
+    r = run_enrich("review", "apply", str(cfg), str(write(filled, tmp_path / "reviewed.csv")))
+    assert r.returncode == 0, r.stderr
+
+    def decisions() -> dict[tuple[str, str], tuple[str, str]]:
+        df = pl.read_csv(tmp_path / "out.csv", infer_schema=False)
+        return {(row["company"], fld): (row[f"{fld}__decision"], row[fld] or "") for row in df.iter_rows(named=True)
+                for fld in FIELDS}
+
+    got = decisions()
+    assert got[(year["company"], "founded_year")] == ("human_corrected", "1901")
+    assert got[(others[0]["company"], others[0]["field"])][0] == "human_accepted"
+    assert got[(others[1]["company"], others[1]["field"])] == ("human_rejected", "")
+    runs = len(ledger(emu))
+    assert run_enrich("run", str(cfg)).returncode == 0 and decisions() == got and len(ledger(emu)) == runs
+
+    text = src.read_text(encoding="utf-8")   # change that row's input: the verdict goes stale
+    row_line = next(ln for ln in text.splitlines() if ln.startswith(year["company"] + ","))
+    changed = row_line.replace("https://", "https://new.", 1)
+    assert changed != row_line
+    src.write_text(text.replace(row_line, changed), encoding="utf-8")
+    assert run_enrich("run", str(cfg)).returncode == 0
+    assert decisions()[(year["company"], "founded_year")][0] in ("accepted", "review", "rejected")
+    j = Journal.open(tmp_path / "out.csv.journal.sqlite", readonly=True)
+    history = j.verdicts_for([json.dumps([year["company"]])]).get(json.dumps([year["company"]]), [])
+    assert any(v[0] == "founded_year" and v[1] == "correct" for v in history)   # kept in the history
+    j.close()
+
+
+def test_lite_base_lite_reuses_what_was_paid(tmp_path: Path, emulator) -> None:
+    """Switching the processor back reuses the stored results: the third run creates 0 runs."""
+    emu = emulator(time_scale=0.0)
+    cfg = job(tmp_path, ROOT / "data/companies.csv", out="demo.parquet")
+    counts = []
+    for proc in ("lite-fast", "base", "lite-fast"):
+        r = run_job(load_config(cfg, {"api.base_url": emu.base_url, "task.processor": proc}), api_key="sk-test-1234",
+                    install_signals=False)
+        assert r.exit_code == EXIT_OK
+        counts.append(len(ledger(emu)))
+    assert counts == [55, 110, 110]
+
+
+def test_daily_budget_shared_by_two_jobs(tmp_path: Path, emulator) -> None:
+    """Two jobs on one spend ledger never exceed the daily budget together; the next UTC day allows more."""
+    emu = emulator(time_scale=0.0)
+    shared = tmp_path / "spend.sqlite"
+    limits = f'daily_budget_usd = 0.2\nspend_ledger = "{shared}"'   # lite-fast is $0.005: 40 runs a day
+    a = go(job(tmp_path, ROOT / "data/companies.csv", out="a.csv", name="a.toml", limits=limits), emu.base_url)
+    b = go(job(tmp_path, ROOT / "data/companies.csv", out="b.csv", name="b.toml", limits=limits), emu.base_url)
+    assert a.exit_code == EXIT_BUDGET and b.exit_code == EXIT_BUDGET and "resets at" in b.message
+    assert len(ledger(emu)) == 40
+    assert a.counts.get("done", 0) + b.counts.get("done", 0) == 40
+
+    j = Journal.open(tmp_path / "b.csv.journal.sqlite")
+    j.attach_ledger(shared, "b")
+    epoch = j.get("epoch")
+    with pytest.raises(DailyBudgetExceeded):
+        j.claim(epoch, 5, {"lite-fast": 5000}, None, now=__import__("time").time(), batch=999, daily_budget=200_000)
+    tomorrow = __import__("time").time() + 86_400
+    assert len(j.claim(epoch, 5, {"lite-fast": 5000}, None, now=tomorrow, batch=999, daily_budget=200_000)) == 5
+    j.close()
