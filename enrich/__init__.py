@@ -23,6 +23,21 @@ from enrich.errors import (
 
 __version__ = "0.1.0"
 
+
+def enrich_frame(*args, **kwargs):  # type: ignore[no-untyped-def]
+    """Enrich a polars or pandas DataFrame (see enrich.notebook.enrich_frame)."""
+    from enrich.notebook import enrich_frame as impl
+
+    return impl(*args, **kwargs)
+
+
+def run_job(*args, **kwargs):  # type: ignore[no-untyped-def]
+    """Run one job to its end (see enrich.job.run_job): what the CLI, notebooks and partitions call."""
+    from enrich.job import run_job as impl
+
+    return impl(*args, **kwargs)
+
+
 __all__ = [
     "ApiError",
     "ApiUnavailable",
@@ -37,4 +52,6 @@ __all__ = [
     "PermanentApiError",
     "TransientApiError",
     "__version__",
+    "enrich_frame",
+    "run_job",
 ]

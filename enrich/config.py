@@ -345,6 +345,16 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
         raise ConfigError(f"{path}: config file not found") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return config_from_mapping(data, overrides, str(path))
+
+
+def config_from_mapping(data: dict[str, Any], overrides: dict[str, Any] | None = None,
+                        source: str = "<config>") -> RunConfig:
+    """Validate a config given as a mapping (the notebook API); same rules and messages as a file."""
+    import copy
+
+    path = source
+    data = copy.deepcopy(dict(data))
     if (where := _find_api_key(data)) is not None:
         raise ConfigError(f"{path}: {where}: API keys never go in config files; set PARALLEL_API_KEY instead")
     for dotted, value in (overrides or {}).items():

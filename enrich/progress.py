@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from tqdm import tqdm
+from tqdm.auto import tqdm  # a widget in Jupyter, text elsewhere
 
 from enrich.processors import usd
 from enrich.slots import Slots
@@ -60,7 +60,7 @@ class JobState:
 
 async def show_progress(state: JobState, interval_s: float = 5.0) -> None:
     """Refresh a tqdm bar (TTY) or log a status line every `interval_s` (non-TTY) until cancelled."""
-    tty = sys.stderr.isatty()
+    tty = sys.stderr.isatty() or "ipykernel" in sys.modules   # a notebook shows a widget
     bar = tqdm(total=state.total, initial=state.done_before, unit="row", file=sys.stderr, disable=not tty,
                dynamic_ncols=True, smoothing=0.1)
     last_log = 0.0

@@ -1,0 +1,93 @@
+"""The notebook / Python API: `enrich_frame(df, config) -> DataFrame`.
+
+Same pipeline and journal semantics as `enrich run` (it calls `job.run_job`): resume after an
+interruption without paying again, budget, exactly-once. The frame is written to a Parquet
+file beside the journal (types kept through Arrow), the job runs, and the output is read back
+as the same kind of frame (polars in, polars out; pandas in, pandas out). Works inside a
+running event loop (Jupyter runs the job on a worker thread); progress uses `tqdm.auto`.
+Errors raise the error tree's exceptions (errors.py), never `SystemExit`.
+
+    import polars as pl, enrich
+    df = pl.DataFrame({"company": ["Apple", "Microsoft"]})
+    out = enrich.enrich_frame(df, "configs/companies.toml", emulator=True)
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from enrich.config import RunConfig, config_from_mapping, digest
+from enrich.errors import ApiError, AuthError, ConfigError, PaymentRequired
+
+DEFAULT_DIR = Path(".enrich")   # where a frame's journal lives when none is given (stable across calls)
+
+
+def _config(config: Any, overrides: dict[str, Any]) -> RunConfig:
+    """A path, a mapping or a RunConfig; `[input] path` and `[output]` may be left out."""
+    if isinstance(config, RunConfig):
+        data = config.model_dump(mode="json", exclude_none=True)
+        data.pop("source", None)
+        return config_from_mapping(data, overrides, str(config.source or "<RunConfig>"))
+    if isinstance(config, str | os.PathLike):
+        import tomllib
+
+        path = Path(config)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        return config_from_mapping(data, overrides, str(path))
+    if isinstance(config, dict):
+        return config_from_mapping(config, overrides, "<dict>")
+    raise ConfigError(f"config must be a path, a dict or a RunConfig, not {type(config).__name__}")
+
+
+def enrich_frame(df: Any, config: Any, *, journal: str | Path | None = None, base_url: str | None = None,
+                 emulator: bool = False, api_key: str | None = None, budget_usd: float | None = None) -> Any:
+    """Enrich the rows of a polars or pandas DataFrame; return the enriched frame of the same kind.
+
+    `journal` defaults to `.enrich/<job>.journal.sqlite` in the current directory, derived from the
+    key columns and the task, so calling again with the same frame resumes instead of paying again.
+    """
+    import polars as pl
+
+    from enrich.job import EXIT_AUTH, EXIT_UNAVAILABLE, run_job
+
+    is_pandas = type(df).__module__.startswith("pandas")
+    frame = pl.from_pandas(df) if is_pandas else df
+    if not isinstance(frame, pl.DataFrame):
+        raise ConfigError(f"enrich_frame needs a polars or pandas DataFrame, not {type(df).__name__}")
+    probe = _config(config, {"input.path": "in.parquet", "output.path": "out.parquet"})
+    job_id = digest([probe.input.key, probe.task.model_dump(mode="json")], 16)
+    jpath = Path(journal) if journal else DEFAULT_DIR / f"{job_id}.journal.sqlite"
+    jpath.parent.mkdir(parents=True, exist_ok=True)
+    src = jpath.with_name(jpath.name + ".input.parquet")
+    out = jpath.with_name(jpath.name + ".output.parquet")
+    fd, tmp = tempfile.mkstemp(dir=src.parent, prefix=".input-", suffix=".parquet")
+    os.close(fd)
+    try:
+        frame.write_parquet(tmp)
+        os.replace(tmp, src)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    overrides: dict[str, Any] = {"input.path": str(src), "output.path": str(out), "journal": str(jpath),
+                                 "api.base_url": base_url, "limits.budget_usd": budget_usd}
+    cfg = _config(config, overrides)
+    if emulator:
+        key = "emulator-local-key"
+    else:
+        from enrich.cli import _api_key
+
+        key = api_key or _api_key(False)
+    result = run_job(cfg, api_key=key, emulated=emulator, install_signals=False)
+    if result.exit_code in (EXIT_AUTH, EXIT_UNAVAILABLE):
+        cls = AuthError if "401" in result.message or "403" in result.message else (
+            PaymentRequired if "402" in result.message else ApiError)
+        raise cls(result.message.splitlines()[-1])
+    enriched = pl.read_parquet(out)
+    return enriched.to_pandas() if is_pandas else enriched
