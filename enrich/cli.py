@@ -14,6 +14,7 @@ import os
 import shlex
 import stat
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     run = add("run", "enrich the input (continues an interrupted job)")
     job_flags(run)
     run.add_argument("--dry-run", action="store_true", help="print the plan and exit (no API calls)")
+    run.add_argument("--detach", action="store_true", help="submit every pending row (rate limit and budget "
+                     "apply), then exit 0; the same command without --detach later collects and writes")
     run.add_argument("--adopt", action="store_true", help="take over a journal recorded for another job "
                      "(different output, task spec, key columns or API key)")
     run.add_argument("--fresh", action="store_true", help="start over: delete the journal (its results are lost; "
@@ -165,7 +168,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _overrides(args))
     emulated = bool(args.emulator)
     result = run_job(cfg, api_key=_api_key(emulated), emulated=emulated, retry_failed=args.retry_failed,
-                     adopt=args.adopt, fresh=args.fresh)
+                     adopt=args.adopt, fresh=args.fresh, detach=args.detach)
     for line in result.message.splitlines():
         print(f"enrich: {line}", file=sys.stderr)
     if result.exit_code == EXIT_INTERRUPTED:
@@ -181,10 +184,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         epoch = journal.get("epoch", 0)
         counts = journal.counts(epoch)
+        live = journal.get("live")
+        if not (isinstance(live, dict) and time.time() - live.get("at", 0) < 15 and _alive(live.get("pid"))):
+            live = None
         info = {"journal": args.journal, "rows": sum(counts.values()), "counts": counts,
                 "in_flight": sum(counts.get(s, 0) for s in ("intent", "unknown", "submitted")),
                 "spent_usd": journal.spent_micros() / 1e6, "taskgroup_id": journal.get("taskgroup_id"),
-                "emulated": journal.get("emulated"), "last_error": journal.last_error()}
+                "emulated": bool(journal.get("emulated") or journal.get("emulator_seen")),
+                "last_error": journal.last_error(), "live": live}
     finally:
         journal.close()
     if args.json:
@@ -195,10 +202,23 @@ def cmd_status(args: argparse.Namespace) -> int:
         for state_name in ("done", "failed", "timed_out", "pending", "intent", "unknown", "submitted"):
             if counts.get(state_name):
                 print(f"  {state_name:<10} {counts[state_name]:,}")
-        print(f"in flight    {info['in_flight']:,}")
+        print(f"in flight    {info['in_flight']:,}  (rows sent, results not yet recorded)")
         print(f"spent        ${info['spent_usd']:,.4f}")
         print(f"last error   {info['last_error'] or '-'}")
+        if live:
+            print(f"live         pid {live['pid']}: {min(live['active_runs'], live['cap']):,} runs active at the API "
+                  f"(cap {live['cap']:,}); waiting on: {live['waiting_on'] or 'results'}")
+        else:
+            print("live         no enrich process is running this job")
     return EXIT_OK
+
+
+def _alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, TypeError, ValueError):
+        return False
+    return True
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -122,11 +122,13 @@ def _identity(cfg: RunConfig, task_spec: dict[str, Any], api_key: str) -> dict[s
 
 def run_job(cfg: RunConfig, *, api_key: str, emulated: bool = False, retry_failed: bool = False,
             adopt: bool = False, fresh: bool = False, on_interrupt: Callable[[], None] | None = None,
-            install_signals: bool = True, transport: Any = None, governor: Any = None) -> JobResult:
+            install_signals: bool = True, transport: Any = None, governor: Any = None,
+            detach: bool = False) -> JobResult:
     """Run (or resume) one job to its end and write its output. See the module docstring.
 
     `transport` is the client's seam (an httpx transport) for tests that play server behaviours;
-    `governor` (submit.Governor) enforces limits shared with other partitions of the same job."""
+    `governor` (submit.Governor) enforces limits shared with other partitions of the same job;
+    `detach` submits everything and returns without waiting for results (collect with a later run)."""
     from enrich.config import build_task_spec
     from enrich.journal import Journal
 
@@ -163,9 +165,18 @@ def run_job(cfg: RunConfig, *, api_key: str, emulated: bool = False, retry_faile
             base_url = server.base_url
         else:
             base_url = base_url_for(cfg)
+        if detach and emulated:
+            raise ConfigError("--detach needs a server that outlives this process; with --emulator, start "
+                              "`enrich emulator` separately and pass --base-url")
         state, interrupted = _execute(cfg, journal, prep, base_url, api_key, emulated, on_interrupt, install_signals,
-                                      transport, governor)
-        return _finish(cfg, journal, jpath, prep, state, interrupted, emulated, api_key, cpu0)
+                                      transport, governor, detach)
+        result = _finish(cfg, journal, jpath, prep, state, interrupted, emulated, api_key, cpu0)
+        if detach and result.exit_code in (EXIT_OK, EXIT_FAILED_ROWS) and not journal.unresolved():
+            n = journal.in_flight_count()
+            result.exit_code = EXIT_OK
+            result.message = (f"detached: {n} runs are at the API ({state.submitted} sent now); collect the results "
+                              "later with the same command without --detach")
+        return result
     finally:
         if server is not None:
             server.stop()
@@ -184,7 +195,7 @@ def _start_emulator(cfg: RunConfig) -> Any:
 
 def _execute(cfg: RunConfig, journal: Any, prep: Any, base_url: str, api_key: str, emulated: bool,
              on_interrupt: Callable[[], None] | None, install_signals: bool, transport: Any,
-             governor: Any) -> tuple[Any, bool]:
+             governor: Any, detach: bool = False) -> tuple[Any, bool]:
     from enrich.client import TaskClient
     from enrich.pipeline import execute
     from enrich.progress import JobState
@@ -218,7 +229,8 @@ def _execute(cfg: RunConfig, journal: Any, prep: Any, base_url: str, api_key: st
         client = TaskClient(base_url, api_key, timeout_s=cfg.limits.request_timeout_s, on_response=on_response,
                             transport=transport)
         try:
-            return await execute(cfg, journal, client, prep, emulated=emulated, state=state, governor=governor)
+            return await execute(cfg, journal, client, prep, emulated=emulated, state=state, governor=governor,
+                                 detach=detach)
         finally:
             await client.aclose()
             if client.emulator_seen and not emulated:
@@ -260,6 +272,7 @@ def _finish(cfg: RunConfig, journal: Any, jpath: Path, prep: Any, state: Any, in
                                  "cpu_s": round(time.process_time() - cpu0, 3)})
     if why:
         journal.log("error", why)
+    journal.set("live", None)
     sc = report["status_counts"]
     summary = (f"wrote {report['rows']} rows to {cfg.output.path} "
                f"({', '.join(f'{v} {k}' for k, v in sorted(sc.items()))}); spent ${report['spend_usd']:.4f}"

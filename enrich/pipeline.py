@@ -273,9 +273,25 @@ async def _reconciler(journal: Journal, client: TaskClient, state: JobState, gid
             await asyncio.sleep(0.5)   # rows in doubt whose POST is still in flight
 
 
+async def _heartbeat(journal: Journal, state: JobState, every_s: float = 2.0) -> None:
+    """Record what the live job is doing, for `enrich status` in another terminal."""
+    import os
+
+    while True:
+        journal.set("live", {"pid": os.getpid(), "at": time.time(), "waiting_on": state.waiting_on,
+                             "active_runs": state.active.used, "unrecorded_runs": state.backlog.used,
+                             "cap": state.active.capacity, "submitted": state.submitted,
+                             "completed": state.completed, "failed": state.failed})
+        await asyncio.sleep(every_s)
+
+
 async def execute(cfg: RunConfig, journal: Journal, client: TaskClient, prep: Prepared, *, emulated: bool,
-                  state: JobState | None = None, governor: Governor | None = None) -> JobState:
-    """Run the job until every row is finished, the budget is spent, or `state.stop` is set."""
+                  state: JobState | None = None, governor: Governor | None = None, detach: bool = False) -> JobState:
+    """Run the job until every row is finished, the budget is spent, or `state.stop` is set.
+
+    With `detach`, only submit: every pending row is sent (rate limit and budget apply; the
+    in-flight cap does not, since nothing waits on the runs), rows in doubt are settled, and the
+    job returns; a later run without `detach` collects the results."""
     counts = journal.counts(prep.epoch)
     state = state or JobState()
     state.total = prep.total
@@ -294,8 +310,9 @@ async def execute(cfg: RunConfig, journal: Journal, client: TaskClient, prep: Pr
         raise ApiUnavailable(f"cannot reach the API at {client.base_url} ({exc}); check --base-url and the "
                              "network, or use --emulator. Nothing was sent; run the same command again") from None
     limits = cfg.limits
-    state.active = Slots(limits.max_in_flight)
-    state.backlog = Slots(limits.max_in_flight + limits.batch_size)
+    cap = 10**9 if detach else limits.max_in_flight
+    state.active = Slots(cap)
+    state.backlog = Slots(cap + limits.batch_size)
     in_flight = journal.in_flight_count()
     state.active.preload(in_flight)
     state.backlog.preload(in_flight)
@@ -315,11 +332,13 @@ async def execute(cfg: RunConfig, journal: Journal, client: TaskClient, prep: Pr
     if journal.unresolved():
         state.unresolved.set()
     background = [
-        asyncio.ensure_future(poller.run()),
         asyncio.ensure_future(_reconciler(journal, client, state, gid, prep.job_tag, limits.reconcile_grace_s,
                                           limits.max_attempts)),
         asyncio.ensure_future(show_progress(state)),
+        asyncio.ensure_future(_heartbeat(journal, state)),
     ]
+    if not detach:
+        background.append(asyncio.ensure_future(poller.run()))
 
     def crashed(task: asyncio.Future[Any]) -> None:
         """A stage that dies unexpectedly stops the job (its state is in the journal) instead of hanging it."""
@@ -332,6 +351,11 @@ async def execute(cfg: RunConfig, journal: Journal, client: TaskClient, prep: Pr
     try:
         while True:
             await submitter.run()
+            if detach:   # settle rows in doubt, then leave the runs to the API
+                while not state.stop.is_set() and not state.reconcile_failed and journal.unresolved():
+                    state.waiting_on = "settling rows in doubt before detaching"
+                    await asyncio.sleep(0.5)
+                break
             # submission is over (all sent, budget spent, or stopped): let in-flight rows finish
             while not state.stop.is_set():
                 live = journal.in_flight_count(("submitted",) if state.reconcile_failed else IN_FLIGHT)
