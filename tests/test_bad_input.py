@@ -44,8 +44,25 @@ def _config(tmp_path: Path, src: Path) -> Path:
                         columns=["company", "website"])
 
 
-def test_there_are_at_least_20_fixtures() -> None:
-    assert len(CASES) >= 20
+EXPECTED = {   # fixture -> (line or None, what the one-line message must say)
+    "binary_png.csv": (1, "invalid utf-8 byte 0x89"), "corrupt.parquet": (None, "not a valid Parquet file"),
+    "cp1252.csv": (3, "cp1252"), "duplicate_columns.parquet": (None, "duplicate column name 'website'"),
+    "duplicate_header.csv": (1, "duplicate column name 'company'"), "duplicate_key.csv": (4, "duplicate key"),
+    "empty.csv": (1, "the file is empty"), "empty_header_name.csv": (1, "empty name"),
+    "empty_key.csv": (3, "empty key"), "header_only.csv": (2, "no data rows"),
+    "input_too_large.csv": (2, "exceeds the API's 25,000"), "missing_input_column.csv": (1, "missing column(s) ['website']"),
+    "missing_key_column.csv": (1, "missing column(s) ['company']"), "no_rows.parquet": (None, "has no rows"),
+    "nul_byte.csv": (2, "NUL byte"), "output_column_collision.csv": (1, "collides with"),
+    "ragged_fewer_fields.csv": (3, "row has 2 fields"), "ragged_more_fields.csv": (2, "row has 4 fields"),
+    "reserved_column.csv": (1, "'_enrich_status' collides"), "truncated.parquet": (None, "not a valid Parquet file"),
+    "unbalanced_quote.csv": (3, "unbalanced quote"), "utf16be.csv": (1, "UTF-16"), "utf16le.csv": (1, "UTF-16"),
+    "whitespace_key.csv": (3, "empty key"),
+}
+
+
+def test_every_fixture_has_its_expected_message() -> None:
+    """Each bad-input fixture is listed with the line and reason its error must name (none unlisted)."""
+    assert sorted(EXPECTED) == CASES
 
 
 @pytest.mark.parametrize("name", [*CASES, "five_mb_cell.csv", "does_not_exist.csv"])
@@ -63,6 +80,10 @@ def test_bad_input_exits_2_naming_file_and_line(name: str, tmp_path: Path, share
     journal.close()
     message = str(info.value)
     assert message.startswith(str(src))
+    if name in EXPECTED:
+        line, reason = EXPECTED[name]
+        assert reason in message, message
+        assert line is None or message.startswith(f"{src}:{line}:"), message
     if name not in ("corrupt.parquet", "truncated.parquet", "no_rows.parquet", "does_not_exist.csv"):
         assert re.match(re.escape(str(src)) + r"(:\d+|: column)", message), message
     # the CLI: exit 2, one line on stderr, nothing sent

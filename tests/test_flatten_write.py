@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from enrich.flatten import coerce, flatten, output_columns
-from enrich.write import _FORMULA_START, _NUMERIC, neutralize
+from enrich.write import neutralize
 
 FIELDS = {
     "hq": {"type": ["string", "null"]},
@@ -23,10 +23,10 @@ def result(content, basis):
 
 def test_columns_in_order_with_nested_objects() -> None:
     names = [c[0] for c in output_columns(FIELDS, reasoning=True)]
-    assert names == ["hq", "hq__confidence", "hq__citations", "hq__reasoning", "year", "year__confidence",
-                     "year__citations", "year__reasoning", "founders", "founders__confidence", "founders__citations",
-                     "founders__reasoning", "ceo.name", "ceo.since", "ceo__confidence", "ceo__citations",
-                     "ceo__reasoning"]
+    evidence = ["__confidence", "__citations", "__reasoning", "__decision", "__processor"]
+    assert names == ["hq", *("hq" + e for e in evidence), "year", *("year" + e for e in evidence),
+                     "founders", *("founders" + e for e in evidence), "ceo.name", "ceo.since",
+                     *("ceo" + e for e in evidence)]
 
 
 def test_flatten_values_and_basis() -> None:
@@ -53,7 +53,8 @@ def test_text_output_maps_to_output_column() -> None:
     flat = flatten({"output": {"type": "text", "content": "A company.", "basis": [
         {"field": "output", "confidence": "high", "reasoning": "r", "citations": []}]}},
         {"output": {"type": "string"}}, reasoning=False)
-    assert flat == {"output": "A company.", "output__confidence": "high", "output__citations": []}
+    assert flat == {"output": "A company.", "output__confidence": "high", "output__citations": [],
+                    "output__decision": None, "output__processor": None}   # decided by write.py, not here
 
 
 @given(st.dictionaries(st.sampled_from(list(FIELDS)), st.one_of(st.none(), st.text(), st.integers(), st.floats(),
@@ -70,12 +71,27 @@ def test_coerce() -> None:
     assert coerce({"a": 1}, "string") == '{"a": 1}'
 
 
-@given(st.text())
+def _plain_number(s: str) -> bool:
+    """An independent oracle: a decimal a spreadsheet shows as a number (no letters but an exponent)."""
+    if not s or s != s.strip() or any(c.isalpha() and c not in "eE" for c in s) or "_" in s:
+        return False
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+@given(st.text() | st.sampled_from(["-2", "+3.5", "-1e5", "=1+1", "@SUM(A1)", "-x", "\tcmd", "+", "-", "-inf"]))
 def test_formula_guard(s: str) -> None:
+    """Text a spreadsheet would evaluate always gets a leading quote; plain numbers stay as they are."""
     out = neutralize(s)
     assert out in (s, "'" + s)
-    if out == s and s.startswith(_FORMULA_START):
-        assert _NUMERIC.match(s)   # only numbers like -2 or +3.5 keep a leading sign
+    dangerous = s[:1] in ("=", "+", "-", "@", "\t", "\r", "\x00")
+    if dangerous and not _plain_number(s):
+        assert out == "'" + s
+    if not dangerous:
+        assert out == s
 
 
 def test_formula_guard_cases() -> None:

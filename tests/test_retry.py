@@ -20,8 +20,21 @@ CLASSES = {TransientApiError, PermanentApiError, OutcomeUnknown, AuthError, Paym
 
 
 @given(st.integers(100, 599), st.booleans())
-def test_every_status_maps_to_exactly_one_class(status: int, creating: bool) -> None:
-    assert classify_status(status, creating) in CLASSES
+def test_status_classes_keep_the_money_rules(status: int, creating: bool) -> None:
+    """Properties from reliability.md 4: a GET is never 'outcome unknown'; a create that may have reached
+    the server (5xx) is never 'safe to retry'; 401/403 end the run; 402 pauses it; other 4xx are final."""
+    cls = classify_status(status, creating)
+    assert cls in CLASSES
+    if not creating:
+        assert cls is not OutcomeUnknown
+    if creating and status >= 500:
+        assert cls is OutcomeUnknown
+    if status in (401, 403):
+        assert cls is AuthError
+    if status == 402:
+        assert cls is PaymentRequired
+    if 400 <= status < 500 and status not in (401, 402, 403, 408, 409, 429):
+        assert cls is PermanentApiError
 
 
 @pytest.mark.parametrize("status,creating,cls", [
