@@ -4,6 +4,7 @@
     ├── ConfigError                  2   bad config file, flag or environment
     ├── InputError                   2   bad input file: names file, line/column and problem
     ├── JournalError                 2   journal unusable, locked by another run, or drifted
+    ├── OutputError                  2   the output cannot be written (results are safe in the journal)
     ├── BudgetExceeded               4   the next run would cross the budget
     └── ApiError
         ├── TransientApiError        -   safe to retry: the request created nothing
@@ -61,6 +62,12 @@ class InputError(EnrichError):
 
 class JournalError(EnrichError):
     """The journal is locked by another run, corrupt, or belongs to a different job."""
+
+    exit_code = 2
+
+
+class OutputError(EnrichError):
+    """Writing the output failed (folder gone read-only, disk full); every result is in the journal."""
 
     exit_code = 2
 

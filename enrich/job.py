@@ -23,7 +23,7 @@ from typing import Any
 
 from enrich import failpoints
 from enrich.config import DEFAULT_BASE_URL, RunConfig, digest
-from enrich.errors import AuthError, ConfigError, JournalError, PaymentRequired, redact
+from enrich.errors import AuthError, ConfigError, JournalError, OutputError, PaymentRequired, redact
 
 EXIT_OK, EXIT_USAGE, EXIT_FAILED_ROWS, EXIT_BUDGET, EXIT_AUTH, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = \
     0, 2, 3, 4, 5, 69, 75
@@ -141,6 +141,9 @@ def run_job(cfg: RunConfig, *, api_key: str, emulated: bool = False, retry_faile
         for suffix in ("", "-wal", "-shm"):
             Path(f"{jpath}{suffix}").unlink(missing_ok=True)
     journal = Journal.open(jpath)
+    from enrich.write import remove_stale_temps
+
+    remove_stale_temps(cfg.output.path)
     server = None
     try:
         if journal.is_empty() and not fresh and output_has_run_ids(cfg.output.path):
@@ -259,17 +262,22 @@ def _finish(cfg: RunConfig, journal: Any, jpath: Path, prep: Any, state: Any, in
     emulated = emulated or bool(journal.get("emulated")) or bool(journal.get("emulator_seen"))
     counts = journal.counts(prep.epoch)
     why = _why_stopped(state, interrupted, api_key)
-    report = write_output(journal, cfg.output.path, prep.fields, reasoning=cfg.output.reasoning,
-                          formula_guard=cfg.output.formula_guard, emulated=emulated,
-                          budget_exhausted=state.budget_exhausted, cfg=cfg,
-                          extra={"processor": cfg.task.processor, "journal": str(jpath),
-                                 "budget_usd": cfg.limits.budget_usd,
-                                 "interrupted": interrupted, "runs_created_this_invocation": state.submitted,
-                                 "rows_escalated_this_invocation": state.escalated, "ladder": cfg.ladder,
-                                 "http_requests_this_invocation": state.requests,
-                                 "stopped_because": why,
-                                 "elapsed_s": round(time.monotonic() - state.started, 3),
-                                 "cpu_s": round(time.process_time() - cpu0, 3)})
+    try:
+        report = write_output(journal, cfg.output.path, prep.fields, reasoning=cfg.output.reasoning,
+                              formula_guard=cfg.output.formula_guard, emulated=emulated,
+                              budget_exhausted=state.budget_exhausted, cfg=cfg,
+                              extra={"processor": cfg.task.processor, "journal": str(jpath),
+                                     "budget_usd": cfg.limits.budget_usd,
+                                     "interrupted": interrupted, "runs_created_this_invocation": state.submitted,
+                                     "rows_escalated_this_invocation": state.escalated, "ladder": cfg.ladder,
+                                     "http_requests_this_invocation": state.requests,
+                                     "stopped_because": why,
+                                     "elapsed_s": round(time.monotonic() - state.started, 3),
+                                     "cpu_s": round(time.process_time() - cpu0, 3)})
+    except OSError as exc:
+        raise OutputError(f"cannot write {cfg.output.path}: {exc.strerror or exc}; every result is safe in {jpath}: "
+                          f"fix the folder, then run the same command again (or enrich export {jpath} --output "
+                          "FILE)") from None
     if why:
         journal.log("error", why)
     journal.set("live", None)

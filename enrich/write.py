@@ -82,6 +82,31 @@ def atomic_write(path: Path, write: Any) -> None:
     _fsync_dir(path.parent)
 
 
+def remove_stale_temps(path: Path) -> int:
+    """Delete temp files a killed write or export left beside `path` (their process is gone)."""
+    removed = 0
+    if not path.parent.is_dir():
+        return 0
+    for tmp in path.parent.glob(".*.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+            removed += 1
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _arrow_type(kind: str, schema: dict[str, Any] | None) -> Any:
     import pyarrow as pa
 
@@ -114,6 +139,7 @@ class Projection:
         self.gate = cfg.gate if cfg is not None else GateConfig()
         self.ladder: list[str] = cfg.ladder if cfg is not None else [str(journal.get("processor") or "")]
         self.review: list[Any] = []   # merged rows with a field in review or rejected (the review file)
+        self.pending_reason: str | None = None   # why rows are still pending (the job stopped early)
         self.fields, self.reasoning, self.budget_exhausted = fields, reasoning, budget_exhausted
         self.columns: list[Column] = output_columns(fields, reasoning)
         self.input_columns: list[str] = journal.get("columns", [])
@@ -167,7 +193,11 @@ class Projection:
                         self.confidence[f][str(flat.get(f"{f}__confidence"))] += 1
                 latency = self.stats.add(state, flat, result, submitted_at, finished_at)
                 show_run = run_id if state in ("done", "failed", "timed_out", "submitted") else None
-                records.append((values, flat, status, error if state != "done" else None, show_run, latency))
+                if state == "done":
+                    error = None
+                elif status in ("pending", "unknown") and self.pending_reason and not error:
+                    error = f"not finished: the job stopped ({self.pending_reason})"
+                records.append((values, flat, status, error, show_run, latency))
             self.rows += len(records)
             yield records
 
@@ -353,6 +383,7 @@ def write_output(journal: Journal, path: Path, fields: dict[str, dict[str, Any]]
     if (problem := output_format_problem(path)) is not None:
         raise ConfigError(problem)
     proj = Projection(journal, fields, reasoning, budget_exhausted, cfg)
+    proj.pending_reason = extra.get("stopped_because")
     report: dict[str, Any] = {"output": str(path), "emulated": emulated}
     suffix = path.suffix.lower()
     frame = None

@@ -247,7 +247,9 @@ def test_auth_error_while_polling_stops_at_once_with_exit_5(tmp_path: Path, emul
 
     result, _ = run(tmp_path, emu.base_url, edit, rows=5, limits="row_timeout_s = 3600", watchdog_s=30)
     assert result.exit_code == EXIT_AUTH and "key revoked" in result.message
-    assert {r["_enrich_status"] for r in output_rows(tmp_path)} <= {"pending", "unknown", "completed"}
+    rows = output_rows(tmp_path)
+    assert {r["_enrich_status"] for r in rows} <= {"pending", "unknown", "completed"}
+    assert all("key revoked" in r["_enrich_error"] for r in rows if r["_enrich_status"] != "completed")
 
 
 def test_short_grace_is_refused(tmp_path: Path) -> None:
@@ -312,3 +314,27 @@ def test_journal_refuses_another_jobs_identity(tmp_path: Path, emulator) -> None
         run_job(other, api_key="sk-test-key-1234", install_signals=False)
     assert run_job(other, api_key="sk-test-key-1234", install_signals=False, adopt=True).exit_code == EXIT_OK
     assert len(ledger(emu)) == 3   # adopted: the results are reused, nothing paid again
+
+
+def test_unwritable_output_is_one_line_and_loses_nothing(tmp_path: Path, emulator) -> None:
+    """The output path turns unwritable mid-run: OutputError (exit 2), results kept; the rerun pays nothing."""
+    from enrich.errors import OutputError
+
+    emu = emulator(time_scale=0.0)
+    out = tmp_path / "out.csv"
+
+    async def block(request: httpx.Request, inner: httpx.AsyncHTTPTransport) -> httpx.Response:
+        resp = await inner.handle_async_request(request)
+        if _kind(request) == "add_runs":
+            out.mkdir(exist_ok=True)   # the writer's rename onto it will fail
+        return resp
+
+    (tmp_path / ".out.csv.tmp-999999999").write_text("left by a killed write")
+    with pytest.raises(OutputError, match="safe in") as info:
+        run(tmp_path, emu.base_url, block, rows=5)
+    assert info.value.exit_code == EXIT_USAGE and "\n" not in str(info.value)
+    assert not (tmp_path / ".out.csv.tmp-999999999").exists()   # stale temp files are removed at start
+    out.rmdir()
+    result, _ = run(tmp_path, emu.base_url, rows=5)
+    assert result.exit_code == EXIT_OK and len(ledger(emu)) == 5
+    own_facts(output_rows(tmp_path))
