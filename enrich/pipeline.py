@@ -161,7 +161,25 @@ def plan_summary(cfg: RunConfig, prep: Prepared, journal: Journal) -> dict[str, 
     pacing = posts * 60.0 / cfg.limits.requests_per_minute
     spent = journal.spent_micros()
     budget = cfg.budget_micros
-    return {
+    ladder = cfg.ladder
+    prices = [PROCESSORS[p].price_micros for p in ladder]
+    ladder_info: dict[str, Any] = {}
+    if len(ladder) > 1:
+        seen = escalate_pass(journal, cfg, journal.get("epoch", 0), list(prep.fields), dry=True) \
+            if str(journal.path) != ":memory:" else {"checked": 0, "would_climb": 0}
+        share = seen["would_climb"] / seen["checked"] if seen["checked"] else None
+        worst = to_submit * sum(prices) + seen["would_climb"] * sum(prices[1:])
+        est = None
+        if share is not None:
+            est = to_submit * prices[0] + seen["would_climb"] * prices[1]
+            climbing = to_submit * share
+            for p in prices[1:]:
+                est += climbing * p
+                climbing *= share
+        ladder_info = {"ladder": ladder, "ladder_worst_case_usd": round(worst / 1e6, 6),
+                       "escalation_share": None if share is None else round(share, 4),
+                       "ladder_estimate_usd": None if est is None else round(est / 1e6, 6)}
+    return {**ladder_info,
         "rows": prep.total, "done_or_cached": c.get("done", 0), "failed_kept": c.get("failed", 0) + c.get("timed_out", 0),
         "in_flight": in_flight, "to_submit": to_submit, "processor": proc.name,
         "price_per_run_usd": proc.price_micros / 1e6, "estimated_cost_usd": round(to_submit * proc.price_micros / 1e6, 6),
@@ -183,6 +201,11 @@ def format_plan(plan: dict[str, Any]) -> str:
     ]
     if plan["budget_usd"] is not None:
         lines.append(f"budget               ${plan['budget_usd']:,.2f}  (room for {plan['runs_within_budget']:,} runs)")
+    if plan.get("ladder"):
+        share = plan["escalation_share"]
+        lines.append(f"escalation ladder    {' -> '.join(plan['ladder'])}: worst case ${plan['ladder_worst_case_usd']:,.2f}"
+                     + (f"; estimate ${plan['ladder_estimate_usd']:,.2f} ({share:.0%} of finished rows would climb)"
+                        if share is not None else "; no finished rows yet to estimate the share that climbs"))
     lo, hi = plan["duration_s"]
     lines.append(f"expected duration    {_human(lo)} - {_human(hi)}")
     return "\n".join(lines)
