@@ -21,10 +21,16 @@ test: install
 
 demo: install
 	$(ENRICH) run configs/companies.toml --emulator
-	@$(PY) -c "import polars as pl; pl.Config.set_tbl_cols(6); pl.Config.set_fmt_str_lengths(40); \
+	@$(PY) -c "import polars as pl, json; pl.Config.set_tbl_cols(7); pl.Config.set_fmt_str_lengths(28); pl.Config.set_tbl_width_chars(170); \
 	df = pl.read_parquet('out/companies.enriched.parquet'); \
-	print(df.select(['company', 'headquarters_location', 'headquarters_location__confidence', 'founded_year', 'founders', '_enrich_status']).head(8)); \
-	print('output: out/companies.enriched.parquet (EMULATED data)  report: out/companies.enriched.parquet.report.json')"
+	print(df.select(['company', 'headquarters_location', 'headquarters_location__confidence', \
+	'headquarters_location__decision', 'headquarters_location__processor', 'founded_year', '_enrich_status']).head(8)); \
+	r = json.load(open('out/companies.enriched.parquet.report.json')); \
+	print('decisions:', {k.split('__')[0]: v for k, v in r.get('decision_counts', {}).items()}); \
+	print('escalated to', r['ladder'][1:], ':', r.get('rows_escalated_this_invocation'), 'rows; runs created:', \
+	r.get('runs_created_this_invocation'), '; spent USD', r['spend_usd']); \
+	print('output: out/companies.enriched.parquet (EMULATED data)  report: out/companies.enriched.report.html  ' \
+	'review: out/companies.enriched.review.csv')"
 
 # Against the real API; exits with the run's exit code (0 done, 3 failed rows, 4 budget, 5 auth, 75 interrupted).
 nightly: install
