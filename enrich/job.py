@@ -285,6 +285,10 @@ def _finish(cfg: RunConfig, journal: Any, jpath: Path, prep: Any, state: Any, in
     summary = (f"wrote {report['rows']} rows to {cfg.output.path} "
                f"({', '.join(f'{v} {k}' for k, v in sorted(sc.items()))}); spent ${report['spend_usd']:.4f}"
                f"{' [EMULATED]' if emulated else ''}")
+    if emulated and report.get("rows_with_answer") == 0 and report.get("status_counts", {}).get("completed"):
+        summary += (f"\nwarning: no input row matched the emulator's knowledge table on column "
+                    f"{cfg.emulator.knowledge_key!r}, so every answer is empty; set [emulator] knowledge and "
+                    "knowledge_key (see README, The emulator)")
     result = JobResult(EXIT_OK, summary, report, counts, cfg.output.path, jpath)
     if isinstance(state.fatal, AuthError | PaymentRequired):
         result.exit_code, result.message = EXIT_AUTH, f"{summary}\nstopped: {why}"
