@@ -195,6 +195,45 @@ def scenario_p4(big: int, small: int) -> dict[str, Any]:
             "big_wall_s": big_wall}, "ratio_big_to_small": rss_big / rss_small}
 
 
+def run_measured(cfg: Path, url: str) -> dict[str, Any]:
+    """One enrich run in its own watcher process: wall, peak RSS (ru_maxrss of that run alone), report."""
+    env = {**os.environ, "PARALLEL_API_KEY": "bench-key"}
+    code = ("import resource,subprocess,sys,time;t=time.monotonic();"
+            f"r=subprocess.run([{PY!r},'-m','enrich','run',{str(cfg)!r},'--base-url',{url!r}],capture_output=True);"
+            "print(time.monotonic()-t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024, r.returncode)")
+    out = subprocess.run([PY, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True).stdout.split()
+    if out[2] != "0":
+        raise RuntimeError("enrich run failed")
+    report = json.loads((cfg.parent / "out.parquet.report.json").read_text())
+    return {"wall_s": float(out[0]), "max_rss_mb": float(out[1]), "pipeline_s": report["elapsed_s"]}
+
+
+def vm_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def scenario_p7(small: int, big: int) -> dict[str, Any]:
+    """Cost grows linearly: rows/s and peak RSS of a big job against a small one, same zero-latency emulator,
+    limits off, run side by side; and the emulator's memory holding every finished run of the big job."""
+    limits = "max_in_flight = 5000\nrequests_per_minute = 100000"
+    out: dict[str, Any] = {"rows_small": small, "rows_big": big}
+    for label, n in (("small", small), ("big", big)):
+        emu = Emulator("--time-scale", "0", "--rate-limit", "0")
+        try:
+            r = run_measured(config(n, f"p7_{label}", limits), emu.url)
+            r["rows_per_s"] = n / r["wall_s"]
+            r["emulator_rss_mb"] = vm_rss_mb(emu.proc.pid)
+        finally:
+            emu.stop()
+        out[label] = r
+    out["ratio_rows_per_s"] = out["big"]["rows_per_s"] / out["small"]["rows_per_s"]
+    out["ratio_rss"] = out["big"]["max_rss_mb"] / out["small"]["max_rss_mb"]
+    return out
+
+
 def scenario_p5(rows: int) -> dict[str, Any]:
     """No-op resume: re-running a finished job makes no creating request."""
     emu = Emulator("--time-scale", "0", "--rate-limit", "0")
@@ -268,8 +307,11 @@ def scenario_e0() -> dict[str, Any]:
 def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     quick = os.environ.get("BENCH_QUICK") == "1"
-    results: dict[str, Any] = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
-                                           "platform": platform.platform()}, "started": time.time()}
+    results: dict[str, Any] = {}
+    if os.environ.get("BENCH_ONLY") and RESULTS.exists():   # one scenario: keep the others' last figures
+        results = json.loads(RESULTS.read_text())
+    results.update({"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
+                                "platform": platform.platform()}, "started": time.time()})
     plan = [
         ("E0_emulator_capacity", scenario_e0),
         ("P1_limits_off", lambda: scenario_p1(2000 if quick else 20000, 0, 500)),
@@ -279,6 +321,7 @@ def main() -> None:
         ("P4_memory", lambda: scenario_p4(50_000 if quick else 1_000_000, 10_000)),
         ("P5_noop_resume", lambda: scenario_p5(10_000 if quick else 100_000)),
         ("P6_20000_in_flight", lambda: scenario_p6(2000 if quick else 20000)),
+        ("P7_linear", lambda: scenario_p7(2000 if quick else 20_000, 100_000 if quick else 1_000_000)),
     ]
     only = os.environ.get("BENCH_ONLY")
     for name, fn in plan:
@@ -330,6 +373,13 @@ def table(r: dict[str, Any]) -> str:
         row("P5_noop_resume", f"re-run of {p['rows']:,} rows: creating POSTs", p["enrich"]["rerun_creating_posts"],
             p["baseline"]["rerun_creating_posts"], None, "0")
         row("P5_noop_resume", "re-run wall s", p["enrich"]["rerun_wall_s"], None, None, "<= 3 s")
+    p = r.get("P7_linear", {})
+    if "big" in p:
+        row("P7_linear", f"rows/s, {p['rows_big']:,} vs {p['rows_small']:,} rows", p["big"]["rows_per_s"],
+            p["small"]["rows_per_s"], p["ratio_rows_per_s"], ">= 0.8x")
+        row("P7_linear", "peak RSS MB, big vs small", p["big"]["max_rss_mb"], p["small"]["max_rss_mb"],
+            p["ratio_rss"], "<= 1.5x and <= 300 MB")
+        row("P7_linear", "emulator RSS MB holding every run", p["big"]["emulator_rss_mb"], None, None, "<= 1 GB")
     p = r.get("E0_emulator_capacity", {})
     if "emulator" in p:
         e = p["emulator"]
