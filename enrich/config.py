@@ -235,7 +235,7 @@ class GateConfig(GateRule):
 
     def rule(self, field: str) -> GateRule:
         """The resolved rule for `field`; element entries (`founders.0`) use their array's rule."""
-        rules = self._rules
+        rules = self.__pydantic_private__["_rules"]   # plain dict access: this runs per field per row
         return rules.get(field) or rules.get(field.split(".", 1)[0]) or rules[""]
 
 

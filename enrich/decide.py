@@ -41,10 +41,10 @@ def verdicts_of(rows: Iterable[tuple[Any, ...]], key: tuple[str, ...], input_has
     return list(out.values())
 
 
-def decided(results: list[tuple[str, str, str]], fields: list[str], cfg: RunConfig, key: tuple[str, ...],
+def decided(results: list[tuple[str, str, Any]], fields: list[str], cfg: RunConfig, key: tuple[str, ...],
             verdict_rows: list[tuple[Any, ...]] | None = None, input_hash: str = "") -> MergedRow:
-    """Merge (processor, run_id, result_json) across tiers, then apply valid human verdicts."""
-    parsed = [(proc, json.loads(res)) for proc, _rid, res in results]
+    """Merge (processor, run_id, result JSON or parsed dict) across tiers, then apply valid human verdicts."""
+    parsed = [(proc, json.loads(res) if isinstance(res, str) else res) for proc, _rid, res in results]
     merged = merge(parsed, fields, cfg.gate, key=key)
     if verdict_rows:
         merged = apply_verdicts(merged, [v for v in verdicts_of(verdict_rows, key, input_hash) if v.field in fields])

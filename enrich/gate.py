@@ -88,6 +88,8 @@ def output_of(result: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[st
 def element_entries(basis: Mapping[str, dict[str, Any]], field: str) -> list[dict[str, Any]]:
     """Element-level basis entries (`field.0`, `field.1`, …; field-basis beta) in index order."""
     prefix = field + "."
+    if len(basis) <= 1 and field in basis:   # the usual shape: no element entries at all
+        return []
     found = [(int(name[len(prefix):]), entry) for name, entry in basis.items()
              if name.startswith(prefix) and name[len(prefix):].isdigit()]
     return [entry for _, entry in sorted(found, key=lambda pair: pair[0])]
@@ -104,7 +106,10 @@ def confidence_of(result: Mapping[str, Any] | None, field: str) -> Confidence:
     >>> confidence_of(r, "f"), confidence_of(r, "f.0"), confidence_of(r, "g")
     ('low', 'high', 'none')
     """
-    _, basis = output_of(result)
+    return _confidence_in(output_of(result)[1], field)
+
+
+def _confidence_in(basis: Mapping[str, dict[str, Any]], field: str) -> Confidence:
     if field in basis:
         return normalize_confidence(basis[field].get("confidence"))
     elements = element_entries(basis, field)
@@ -134,7 +139,8 @@ def decide(field: str, confidence: Confidence, gate_cfg: GateConfig | GateRule) 
 
 def decide_row(result: Mapping[str, Any] | None, fields: Iterable[str], gate_cfg: GateConfig) -> dict[str, str]:
     """Decision per field for one result: `{"founded_year": "accepted", "hq_city": "review"}`."""
-    return {f: decide(f, confidence_of(result, f), gate_cfg) for f in fields}
+    basis = output_of(result)[1]
+    return {f: decide(f, _confidence_in(basis, f), gate_cfg) for f in fields}
 
 
 def needs_escalation(decisions: Mapping[str, str], on: Iterable[str]) -> bool:
@@ -224,7 +230,7 @@ def answer_of(result: Mapping[str, Any] | None, field_name: str, processor: str 
               gate_cfg: GateConfig) -> FieldAnswer:
     """One field's answer in one raw result, gated."""
     content, basis = output_of(result)
-    conf = confidence_of(result, field_name)
+    conf = _confidence_in(basis, field_name)
     return FieldAnswer(value=content.get(field_name), confidence=conf, decision=decide(field_name, conf, gate_cfg),
                        processor=processor, run_id=_run_id(result), basis=basis.get(field_name),
                        elements=tuple(element_entries(basis, field_name)))

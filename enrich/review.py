@@ -132,6 +132,14 @@ def write_review(path: Path, rows: Iterable[MergedRow], key_columns: Sequence[st
 
     Raises ConfigError when a key column clashes with a review column name.
     """
+    n = len(key_columns)
+    return write_review_cells(path, (cells for row in rows for cells in review_lines(row, n)), key_columns,
+                              formula_guard=formula_guard)
+
+
+def write_review_cells(path: Path, lines: Iterable[list[str]], key_columns: Sequence[str], *,
+                       formula_guard: bool = True) -> int:
+    """Write already-built review lines (from `review_lines`) atomically; return how many."""
     from enrich.write import atomic_write
 
     header = review_columns(key_columns)
@@ -142,10 +150,9 @@ def write_review(path: Path, rows: Iterable[MergedRow], key_columns: Sequence[st
         text = io.TextIOWrapper(fp, encoding="utf-8", newline="")
         out = csv.writer(text, lineterminator="\r\n")   # RFC 4180; with "\n" a lone \r in a cell is left unquoted
         out.writerow([guard(h) if formula_guard else h for h in header])
-        for row in rows:
-            for cells in review_lines(row, len(key_columns)):
-                out.writerow([guard(c) if formula_guard else c for c in cells])
-                count += 1
+        for cells in lines:
+            out.writerow([guard(c) if formula_guard else c for c in cells])
+            count += 1
         text.flush()
         text.detach()
 

@@ -28,6 +28,7 @@ from enrich import failpoints
 from enrich.config import output_format_problem
 from enrich.errors import ConfigError
 from enrich.flatten import Column, flatten, output_columns
+from enrich.gate import decide_row
 from enrich.journal import Journal
 from enrich.report import RunStats
 
@@ -127,6 +128,27 @@ def _arrow_type(kind: str, schema: dict[str, Any] | None) -> Any:
     return pa.string()
 
 
+class _Spill:
+    """Review lines collected while projecting, kept in an anonymous temp file (one JSON list per line)."""
+
+    def __init__(self) -> None:
+        import tempfile
+
+        self.file = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115 (closed after lines())
+
+    def add(self, merged: Any) -> None:
+        from enrich.review import review_lines
+
+        for cells in review_lines(merged, len(merged.key)):
+            self.file.write(json.dumps(cells, ensure_ascii=False) + "\n")
+
+    def lines(self) -> Any:
+        self.file.seek(0)
+        for line in self.file:
+            yield json.loads(line)
+        self.file.close()
+
+
 class Projection:
     """Turns journal rows into output records and collects the report's statistics."""
 
@@ -138,8 +160,9 @@ class Projection:
         self.cfg = cfg
         self.gate = cfg.gate if cfg is not None else GateConfig()
         self.ladder: list[str] = cfg.ladder if cfg is not None else [str(journal.get("processor") or "")]
-        self.review: list[Any] = []   # merged rows with a field in review or rejected (the review file)
+        self.review = _Spill()   # review-file lines, spilled to a temp file: memory stays flat
         self.pending_reason: str | None = None   # why rows are still pending (the job stopped early)
+        self.names = list(fields)
         self.fields, self.reasoning, self.budget_exhausted = fields, reasoning, budget_exhausted
         self.columns: list[Column] = output_columns(fields, reasoning)
         self.input_columns: list[str] = journal.get("columns", [])
@@ -162,7 +185,8 @@ class Projection:
             merged = _default_decided(results, names, self.gate, key)
         else:
             merged = decided(results, names, self.cfg, key, verdicts, input_hash)
-        run = next((json.loads(r)["run"] for _p, rid, r in results if rid == run_id), None) if results else None
+        run = next((r for _p, rid, r in results if rid == run_id), None)
+        run = (json.loads(run) if isinstance(run, str) else run).get("run") if run else None
         content = {n: (None if a.decision == "human_rejected" else a.value) for n, a in merged.fields.items()}
         basis = [a.basis for a in merged.fields.values() if a.basis and a.decision != "human_corrected"]
         basis += [e for a in merged.fields.values() for e in a.elements]
@@ -175,9 +199,23 @@ class Projection:
             verdicts = self.journal.verdicts_for([r[0] for r in chunk if r[2] == "done"])
             for row_key, row_json, state, run_id, error, submitted_at, finished_at, input_hash, results in chunk:
                 values = json.loads(row_json)
-                result, merged = (self._decide(row_key, results, verdicts.get(row_key), input_hash, run_id)
-                                  if state == "done" and results else (None, None))
-                flat = flatten(result, self.fields, self.reasoning, self.columns)
+                result, merged = None, None
+                if state == "done" and len(results) == 1 and not verdicts.get(row_key):
+                    # the common case: one answer, no reviewer: gate it without merging anything
+                    result = json.loads(results[0][2])
+                    decisions = decide_row(result, self.names, self.gate)
+                    flat = flatten(result, self.fields, self.reasoning, self.columns)
+                    for name, d in decisions.items():
+                        flat[f"{name}__decision"] = d
+                        flat[f"{name}__processor"] = results[0][0]
+                    if any(d in ("review", "rejected") for d in decisions.values()):
+                        parsed = [(results[0][0], results[0][1], result)]
+                        self.review.add(self._decide(row_key, parsed, None, input_hash, run_id)[1])
+                elif state == "done" and results:
+                    result, merged = self._decide(row_key, results, verdicts.get(row_key), input_hash, run_id)
+                    flat = flatten(result, self.fields, self.reasoning, self.columns)
+                else:
+                    flat = flatten(None, self.fields, self.reasoning, self.columns)
                 if merged is not None:
                     for name, a in merged.fields.items():
                         flat[f"{name}__decision"] = a.decision
@@ -185,7 +223,7 @@ class Projection:
                         if a.decision == "human_corrected":
                             flat[f"{name}__confidence"] = "human"
                     if any(a.decision in ("review", "rejected") for a in merged.fields.values()):
-                        self.review.append(merged)
+                        self.review.add(merged)
                 status = output_status(state, self.budget_exhausted)
                 self.statuses[status] += 1
                 if state == "done":
@@ -412,11 +450,11 @@ def write_output(journal: Journal, path: Path, fields: dict[str, dict[str, Any]]
         summary = _summary_rows(report)
         atomic_write(path, lambda fp: write_workbook(fp, frame, coloured, citations, summary))
     if cfg is not None:
-        from enrich.review import review_path, write_review
+        from enrich.review import review_path, write_review_cells
 
         report["review_file"] = str(review_path(path))
-        report["review_lines"] = write_review(review_path(path), proj.review, list(cfg.input.key),
-                                              formula_guard=formula_guard)
+        report["review_lines"] = write_review_cells(review_path(path), proj.review.lines(), list(cfg.input.key),
+                                                    formula_guard=formula_guard)
     report["write_s"] = round(time.monotonic() - started, 3)
     if proj.statuses.get("timed_out"):
         report["timed_out_note"] = ("timed-out runs cannot be cancelled (the API has no cancel endpoint); "
