@@ -146,6 +146,8 @@ class _Spill:
         self.file.seek(0)
         for line in self.file:
             yield json.loads(line)
+
+    def close(self) -> None:
         self.file.close()
 
 
@@ -377,6 +379,7 @@ def export_basis(journal: Journal, path: Path, fields: dict[str, dict[str, Any]]
     from enrich.audit import basis_rows, write_basis
 
     proj = Projection(journal, fields, False, False, cfg)
+    proj.review.close()   # the audit export writes no review file
     epoch = journal.get("epoch", 0)
 
     def lines() -> Any:
@@ -422,6 +425,14 @@ def write_output(journal: Journal, path: Path, fields: dict[str, dict[str, Any]]
         raise ConfigError(problem)
     proj = Projection(journal, fields, reasoning, budget_exhausted, cfg)
     proj.pending_reason = extra.get("stopped_because")
+    try:
+        return _write(journal, path, proj, report_path, state_key, formula_guard, emulated, extra, cfg, started)
+    finally:
+        proj.review.close()
+
+
+def _write(journal: Journal, path: Path, proj: Projection, report_path: Path, state_key: str, formula_guard: bool,
+           emulated: bool, extra: dict[str, Any], cfg: Any, started: float) -> dict[str, Any]:
     report: dict[str, Any] = {"output": str(path), "emulated": emulated}
     suffix = path.suffix.lower()
     frame = None
