@@ -230,3 +230,24 @@ def render_html(report: dict[str, Any]) -> str:
             f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
             f"<meta name=viewport content='width=device-width,initial-scale=1'><title>{esc(title)}</title>"
             f"<style>{CSS}</style></head><body>" + "".join(parts) + "</body></html>\n")
+
+
+def render_isolated(report: dict[str, Any]) -> str:
+    """render_html in a child process: the chart renderer (a JavaScript engine inside vl-convert) costs
+    ~135 MB that the job's own process never has to hold. Raises OSError if the child fails."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "enrich.report_html"], input=json.dumps(report).encode(),
+                          capture_output=True, timeout=300)
+    if proc.returncode != 0:
+        raise OSError(f"the report renderer failed: {proc.stderr.decode(errors='replace').strip()[-300:]}")
+    return proc.stdout.decode()
+
+
+if __name__ == "__main__":   # the child of render_isolated: report JSON on stdin, HTML on stdout
+    import json
+    import sys
+
+    sys.stdout.write(render_html(json.load(sys.stdin)))

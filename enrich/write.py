@@ -473,10 +473,11 @@ def _write(journal: Journal, path: Path, proj: Projection, report_path: Path, st
     if emulated:
         report["warning"] = "EMULATED: these values come from the local emulator's knowledge table, not web research"
     atomic_write(report_path, lambda fp: fp.write(json.dumps(report, indent=2, sort_keys=True).encode()))
-    from enrich.report_html import render_html
+    from enrich.report_html import render_isolated
 
     html_path = html_report_path(path)
-    atomic_write(html_path, lambda fp: fp.write(render_html(report).encode()))
+    html = render_isolated(report)
+    atomic_write(html_path, lambda fp: fp.write(html.encode()))
     if not journal.readonly:
         journal.set("last_output", {"state": state_key, "file": _file_id(path)})
     return report
