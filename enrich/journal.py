@@ -109,6 +109,7 @@ CREATE TABLE IF NOT EXISTS spend (
   micros INTEGER NOT NULL,            -- +price reserved, -price released
   reason TEXT NOT NULL                -- reserve | release
 );
+CREATE INDEX IF NOT EXISTS spend_row ON spend(row_key, id);   -- a release finds its reservation at once
 CREATE TABLE IF NOT EXISTS log (id INTEGER PRIMARY KEY, at REAL NOT NULL, level TEXT NOT NULL, message TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS verdicts (  -- append-only human review history
   id INTEGER PRIMARY KEY, at REAL NOT NULL, row_key TEXT NOT NULL, field TEXT NOT NULL,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import json
 import random
 import time
 import uuid
@@ -71,23 +72,34 @@ def parse_faults(spec: str) -> dict[str, float]:
 
 
 class Run:
-    __slots__ = ("body", "created", "done", "done_at", "end", "error", "group", "output_cache", "price",
-                 "processor", "run_id", "seq", "spec", "stale_s", "stamps", "start_at", "started", "visible_at",
+    """One run, kept compact (a million finished runs fit in well under 1 GB): its request body as
+    compact JSON bytes, two formatted timestamps instead of a cache, and no stored output (answers
+    are regenerated on demand; they are deterministic per seed)."""
+
+    __slots__ = ("_body", "created", "created_s", "done", "done_at", "end", "error", "group", "modified_s",
+                 "price", "processor", "run_id", "seq", "spec", "stale_s", "start_at", "started", "visible_at",
                  "warnings")
 
     def __init__(self, run_id: str, body: dict[str, Any], spec: Any, warnings: list, group: Group | None,
                  created: float, start_at: float, done_at: float, end: str, price: int):
-        self.run_id, self.body, self.spec, self.warnings, self.group = run_id, body, spec, warnings, group
+        self.run_id, self.spec, self.warnings, self.group = run_id, spec, warnings or None, group
+        self._body = json.dumps({k: v for k, v in body.items() if k != "task_spec"}, separators=(",", ":"),
+                                ensure_ascii=False).encode()
         self.processor: str = body["processor"]
         self.created, self.start_at, self.done_at, self.end, self.price = created, start_at, done_at, end, price
         self.started = start_at <= created
         self.done = False
         self.error: dict[str, Any] | None = None
-        self.output_cache: dict[str, Any] | None = None
-        self.stamps: dict[float, str] = {}   # formatted timestamps: strftime is the emulator's hot spot
+        self.created_s = ""    # formatted timestamps: strftime is the emulator's hot spot
+        self.modified_s: tuple[float, str] | None = None
         self.seq = 0
         self.visible_at = 0.0   # eventual: when listings and events may show the run
         self.stale_s = 0.0      # eventual: how long listings keep showing it running after it ended
+
+    @property
+    def body(self) -> dict[str, Any]:
+        """The run's request body (input, processor, metadata, ...; the task spec is `spec`)."""
+        return json.loads(self._body)
 
     @property
     def status(self) -> str:
@@ -140,7 +152,8 @@ class Emulator:
         self.brng = random.Random(self.config.seed + 2)   # behaviours only
         self.runs: dict[str, Run] = {}
         self.groups: dict[str, Group] = {}
-        self.ledger: list[dict[str, Any]] = []
+        self.ledger: list[Run] = []
+        self._spec_cache: dict[int, tuple[Any, Any]] = {}
         self.starts: list[tuple[float, int, Run]] = []
         self.dones: list[tuple[float, int, Run]] = []
         self.reveals: list[tuple[float, int, Run]] = []   # eventual: completion events not yet visible
@@ -268,11 +281,7 @@ class Emulator:
             heapq.heappush(self.starts, (run.start_at, self.tiebreak, run))
         heapq.heappush(self.dones, (run.done_at, self.tiebreak, run))
         self.stats.runs_created += 1
-        self.ledger.append({
-            "run_id": run_id, "taskgroup_id": group.taskgroup_id if group else None, "processor": run.processor,
-            "input": body["input"], "metadata": body.get("metadata"), "created_at": self.stamp(now),
-            "price": proc.price_micros / 1_000_000, "price_micros": proc.price_micros,
-        })
+        self.ledger.append(run)   # the entry is built when the ledger is read
         self.wake.set()
         return run
 
@@ -388,27 +397,36 @@ class Emulator:
 
     def _run_json(self, run: Run) -> dict[str, Any]:
         modified = run.done_at if run.done else (run.start_at if run.started else run.created)
-        stamps = run.stamps
-        if run.created not in stamps:
-            stamps[run.created] = self.stamp(run.created)
-        if modified not in stamps:
-            stamps[modified] = self.stamp(modified)
+        if not run.created_s:
+            run.created_s = self.stamp(run.created)
+        if run.modified_s is None or run.modified_s[0] != modified:
+            run.modified_s = (modified, self.stamp(modified))
         return {
             "run_id": run.run_id, "interaction_id": run.run_id, "status": run.status,
             "is_active": not run.done, "warnings": run.warnings or None, "error": run.error,
             "processor": run.processor, "metadata": run.body.get("metadata"),
             "taskgroup_id": run.group.taskgroup_id if run.group else None,
-            "created_at": stamps[run.created], "modified_at": stamps[modified],
+            "created_at": run.created_s, "modified_at": run.modified_s[1],
         }
 
     def output_json(self, run: Run) -> dict[str, Any]:
-        if run.output_cache is None:
-            spec = normalize_output_schema(run.spec)
-            out = self.knowledge.answer(run.body["input"], spec, run.processor, self.quality)
-            if self.vary_basis:
-                out = bh.vary_output(out, random.Random(f"{self.config.seed}:{run.run_id}"))
-            run.output_cache = out
-        return run.output_cache
+        """The run's output, generated on demand (deterministic): nothing per run is kept for it."""
+        spec = self._normalized(run.spec)
+        out = self.knowledge.answer(run.body["input"], spec, run.processor, self.quality)
+        if self.vary_basis:
+            out = bh.vary_output(out, random.Random(f"{self.config.seed}:{run.run_id}"))
+        return out
+
+    def _normalized(self, spec: Any) -> Any:
+        """normalize_output_schema, memoised per spec object (runs of one batch share theirs)."""
+        key = id(spec)
+        hit = self._spec_cache.get(key)
+        if hit is None or hit[0] is not spec:
+            hit = (spec, normalize_output_schema(spec))
+            if len(self._spec_cache) > 256:
+                self._spec_cache.clear()
+            self._spec_cache[key] = hit
+        return hit[1]
 
     def group_status(self, group: Group) -> dict[str, Any]:
         counts = {k: v for k, v in group.counts.items() if v > 0}
@@ -423,7 +441,14 @@ class Emulator:
                 "status": self.group_status(group), "created_at": self.stamp(group.created)}
 
     def ledger_json(self) -> list[dict[str, Any]]:
-        return self.ledger
+        out = []
+        for run in self.ledger:
+            body = run.body
+            out.append({"run_id": run.run_id, "taskgroup_id": run.group.taskgroup_id if run.group else None,
+                        "processor": run.processor, "input": body["input"], "metadata": body.get("metadata"),
+                        "created_at": self.stamp(run.created), "price": run.price / 1_000_000,
+                        "price_micros": run.price})
+        return out
 
     def stats_json(self) -> dict[str, Any]:
         by_route: dict[str, dict[str, int]] = {}
