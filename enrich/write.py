@@ -27,6 +27,7 @@ from typing import Any
 from enrich import failpoints
 from enrich.flatten import Column, flatten, output_columns
 from enrich.journal import Journal
+from enrich.spec import main_type
 
 STATUS = {"done": "completed", "failed": "failed", "timed_out": "timed_out", "intent": "unknown",
           "unknown": "unknown", "submitted": "pending", "pending": "pending"}
@@ -92,10 +93,7 @@ def _arrow_type(kind: str, schema: dict[str, Any] | None) -> Any:
     if kind == "citations":
         return pa.list_(pa.string())
     if kind == "array":
-        items = (schema or {}).get("items") or {}
-        ik = items.get("type", "string") if isinstance(items, dict) else "string"
-        if isinstance(ik, list):
-            ik = next((k for k in ik if k != "null"), "string")
+        ik = main_type((schema or {}).get("items"))
         return pa.list_(_arrow_type(ik if ik in ("integer", "number", "boolean") else "string", None))
     return pa.string()
 
