@@ -13,21 +13,27 @@ import json
 import os
 import shlex
 import signal
-import stat
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from enrich import __version__, failpoints
+from enrich import __version__, failpoints, preflight
 from enrich.config import DEFAULT_BASE_URL, RunConfig, load_config
 from enrich.errors import AuthError, ConfigError, EnrichError, JournalError, PaymentRequired, redact
 
 EXIT_OK, EXIT_USAGE, EXIT_FAILED_ROWS, EXIT_BUDGET, EXIT_AUTH, EXIT_INTERRUPTED = 0, 2, 3, 4, 5, 75
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors as the same single line every other error uses (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"enrich: error: {message.removeprefix('argument ')} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="enrich", description="Turn a spreadsheet into a researched one with "
+    p = _Parser(prog="enrich", description="Turn a spreadsheet into a researched one with "
                                 "Parallel's Task API: resumable, budgeted, with evidence per field.")
     p.add_argument("--version", action="version", version=f"enrich {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -38,8 +44,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--output", help="output CSV/Parquet (overrides output.path)")
         sp.add_argument("--journal", help="journal file (default: beside the output)")
         sp.add_argument("--processor", help="processor, e.g. lite-fast, base, core (overrides task.processor)")
-        sp.add_argument("--budget", type=float, metavar="USD", help="spend cap for this journal, in USD")
-        sp.add_argument("--max-in-flight", type=int, metavar="N", help="runs submitted but not finished")
+        sp.add_argument("--budget", type=preflight.finite_nonneg, metavar="USD", help="spend cap for this journal, in USD")
+        sp.add_argument("--max-in-flight", type=preflight.positive_int, metavar="N", help="runs submitted but not finished")
         sp.add_argument("--base-url", help="API base URL (default: config, $PARALLEL_BASE_URL, "
                         f"{DEFAULT_BASE_URL})")
         sp.add_argument("--emulator", action="store_true", help="run against the bundled emulator (no key, "
@@ -60,17 +66,26 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--config", help="job config, for the output fields (default: the one recorded)")
     em = sub.add_parser("emulator", help="serve the API-compatible emulator on loopback")
     em.add_argument("--host", default="127.0.0.1")
-    em.add_argument("--port", type=int, default=8765)
+    em.add_argument("--port", type=preflight.port, default=8765)
     em.add_argument("--knowledge", help="CSV/Parquet knowledge table (default: bundled companies)")
     em.add_argument("--knowledge-key", default="company", help="column matched against run inputs")
-    em.add_argument("--time-scale", type=float, default=1.0, help="latency multiplier (0 = instant)")
+    em.add_argument("--time-scale", type=preflight.finite_nonneg, default=1.0, help="latency multiplier (0 = instant)")
     em.add_argument("--seed", type=int, default=0)
-    em.add_argument("--fail-rate", type=float, default=0.0, help="share of runs that fail")
-    em.add_argument("--rate-limit", type=int, default=2000, help="creating POSTs per minute per key (0 = off)")
-    em.add_argument("--credit-usd", type=float, help="account credit; 402 when it cannot cover new runs")
+    em.add_argument("--fail-rate", type=preflight.fraction, default=0.0, help="share of runs that fail")
+    em.add_argument("--rate-limit", type=preflight.nonneg_int, default=2000, help="creating POSTs per minute per key (0 = off)")
+    em.add_argument("--credit-usd", type=preflight.finite_nonneg, help="account credit; 402 when it cannot cover new runs")
     em.add_argument("--faults", default="", help='e.g. "429=0.05,500=0.02,503=0.01,drop=0.02,slow=0.01,truncate=0.01"')
     em.add_argument("--api-key", help="accept only this key (default: any non-empty key)")
     return p
+
+
+# config key -> the flag that overrides it, so a bad value is reported under the flag's name
+_FLAGS = {"input.path": "--input", "output.path": "--output", "journal": "--journal", "task.processor": "--processor",
+          "limits.budget_usd": "--budget", "limits.max_in_flight": "--max-in-flight", "api.base_url": "--base-url"}
+
+
+def _load(args: argparse.Namespace) -> RunConfig:
+    return load_config(args.config, _overrides(args), flags=_FLAGS)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -80,41 +95,19 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _api_key(emulated: bool) -> str:
-    if emulated:
-        return "emulator-local-key"
-    key = os.environ.get("PARALLEL_API_KEY", "").strip()
-    key_file = os.environ.get("PARALLEL_API_KEY_FILE")
-    if not key and key_file:
-        mode = os.stat(key_file).st_mode
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise ConfigError(f"{key_file}: key file must be readable by its owner only (chmod 600)")
-        key = Path(key_file).read_text().strip()
-    if not key:
-        raise ConfigError("PARALLEL_API_KEY is not set; export it, or add --emulator to run against the "
-                          "bundled emulator (no key, no cost)")
-    return key
+    return preflight.resolve_api_key(os.environ, emulated)
 
 
 def _base_url(cfg: RunConfig) -> str:
     return cfg.api.base_url or os.environ.get("PARALLEL_BASE_URL") or DEFAULT_BASE_URL
 
 
-def _check_paths(cfg: RunConfig) -> None:
-    inp, out, jour = cfg.input.path.resolve(), cfg.output.path.resolve(), cfg.journal_path.resolve()
-    if out == inp or (out.exists() and inp.exists() and os.path.samefile(out, inp)):
-        raise ConfigError(f"output {cfg.output.path} is the input file; choose another output path")
-    if out == jour:
-        raise ConfigError(f"output {cfg.output.path} is the journal file; choose another output path")
-    if jour == inp:
-        raise ConfigError(f"journal {cfg.journal_path} is the input file")
-
-
 def cmd_plan(args: argparse.Namespace) -> int:
     from enrich.journal import Journal
     from enrich.pipeline import format_plan, plan_summary, prepare
 
-    cfg = load_config(args.config, _overrides(args))
-    _check_paths(cfg)
+    cfg = _load(args)
+    preflight.check_job(cfg, api_key=None, emulated=bool(args.emulator))
     path = cfg.journal_path
     journal = Journal.open(path, readonly=False) if path.exists() else Journal.open(":memory:")
     try:
@@ -135,10 +128,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from enrich.write import write_output
 
     cpu0 = time.process_time()
-    cfg = load_config(args.config, _overrides(args))
-    _check_paths(cfg)
+    cfg = _load(args)
     emulated = bool(args.emulator)
     key = _api_key(emulated)
+    preflight.check_job(cfg, api_key=key, emulated=emulated)
     journal = Journal.open(cfg.journal_path)
     server = None
     try:
@@ -230,6 +223,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from enrich.journal import Journal
 
+    preflight.check_journal_file(args.journal)
     journal = Journal.open(args.journal, readonly=True)
     try:
         epoch = journal.get("epoch", 0)
@@ -259,14 +253,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     from enrich.journal import Journal
     from enrich.write import write_output
 
+    preflight.check_journal_file(args.journal)
     journal = Journal.open(args.journal, readonly=True)
     try:
         recorded = journal.get("config") or {}
         if "task_spec" not in recorded:
             raise JournalError(f"{args.journal}: journal has no recorded task spec; run the job first")
         out = Path(args.output)
-        if out.resolve() == Path(args.journal).resolve():
-            raise ConfigError("output path is the journal file")
+        preflight.check_output_path(out, input_path=journal.get("input_path"), journal_path=args.journal,
+                                    flag="--output")
         report = write_output(journal, out, output_fields(recorded["task_spec"]),
                               reasoning=bool(recorded.get("reasoning")),
                               formula_guard=recorded.get("formula_guard", True),
@@ -286,6 +281,7 @@ def cmd_emulator(args: argparse.Namespace) -> int:
         parse_faults(args.faults)
     except ValueError as exc:
         raise ConfigError(f"--faults: {exc}") from None
+    preflight.check_knowledge(args.knowledge, args.knowledge_key, where="--knowledge")
     cfg = EmulatorConfig(knowledge=args.knowledge, knowledge_key=args.knowledge_key, time_scale=args.time_scale,
                          seed=args.seed, fail_rate=args.fail_rate, rate_limit=args.rate_limit,
                          credit_usd=args.credit_usd, faults=args.faults, api_key=args.api_key)
@@ -306,7 +302,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     secret = os.environ.get("PARALLEL_API_KEY")
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()   # a closed pipe (`enrich plan | head -1`) surfaces here, not at exit
+        return code
+    except BrokenPipeError:
+        # the reader of stdout went away: say nothing more, and keep Python from complaining at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK if args.command in ("plan", "status") else EXIT_INTERRUPTED
     except EnrichError as exc:
         print(f"enrich: error: {redact(str(exc), secret)}", file=sys.stderr)
         return exc.exit_code

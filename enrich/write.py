@@ -25,13 +25,17 @@ from pathlib import Path
 from typing import Any
 
 from enrich import failpoints
+from enrich.errors import ConfigError
 from enrich.flatten import Column, flatten, output_columns
 from enrich.journal import Journal
+from enrich.read import from_json_values
 from enrich.spec import main_type
 
 STATUS = {"done": "completed", "failed": "failed", "timed_out": "timed_out", "intent": "unknown",
           "unknown": "unknown", "submitted": "pending", "pending": "pending"}
 META_COLUMNS = ("_enrich_status", "_enrich_error", "_enrich_run_id")
+# Output file extension -> format: the one list of what `write_output` can produce (preflight checks it).
+OUTPUT_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 DURATION_SAMPLE = 20_000
 WRITE_CHUNK = 2_000   # rows per read from the journal and per Parquet row group
 _NUMERIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
@@ -198,7 +202,8 @@ def write_parquet(proj: Projection, fp: Any, metadata: dict[str, str]) -> None:
                 cols[base].append(status)
                 cols[base + 1].append(error)
                 cols[base + 2].append(run_id)
-            arrays = [_array(col, f.type) for col, f in zip(cols, fields, strict=True)]
+            arrays = [from_json_values(col, f.type) if i < n_in else _array(col, f.type)
+                      for i, (col, f) in enumerate(zip(cols, fields, strict=True))]
             writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
             del arrays, cols
             pool.release_unused()   # hand Arrow's freed buffers back: memory stays flat on huge outputs
@@ -234,7 +239,11 @@ def write_output(journal: Journal, path: Path, fields: dict[str, dict[str, Any]]
         return report
     proj = Projection(journal, fields, reasoning, budget_exhausted)
     report: dict[str, Any] = {"output": str(path), "emulated": emulated}
-    if path.suffix.lower() in (".parquet", ".pq"):
+    fmt = OUTPUT_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ConfigError(f"output {path}: unsupported extension {path.suffix!r}; use one of "
+                          f"{', '.join(sorted(OUTPUT_FORMATS))}")
+    if fmt == "parquet":
         meta = {"enrich.emulated": "true" if emulated else "false",
                 "enrich.journal": str(journal.path), "enrich.job_id": str(journal.get("job_id", ""))}
         atomic_write(path, lambda fp: write_parquet(proj, fp, meta))
