@@ -346,13 +346,15 @@ def test_plan_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
 @pytest.mark.parametrize("args,needle", [
     (["emulator", "--port", "99999"], "--port: must be a port number"),
     (["emulator", "--fail-rate", "2"], "--fail-rate: must be between 0 and 1"),
+    (["emulator", "--time-scale", "nan"], "--time-scale: must be a finite number"),
     (["run"], "the following arguments are required"),
     (["frobnicate"], "invalid choice"),
 ])
-def test_usage_errors_are_one_line(capsys, args: list[str], needle: str) -> None:
-    """argparse's usage errors follow the same one-line format."""
-    code, err = cli(capsys, *args)
-    assert_refused(code, err, needle)
+def test_usage_errors_are_one_line(args: list[str], needle: str) -> None:
+    """argparse's usage errors follow the same one-line format (a subprocess: `emulator` would serve)."""
+    proc = subprocess.run([sys.executable, "-m", "enrich", *args], capture_output=True, text=True, timeout=60,
+                          cwd=ROOT)
+    assert_refused(proc.returncode, proc.stderr, needle)
 
 
 # ---- pure helpers ------------------------------------------------------------------------------
