@@ -3,6 +3,7 @@ and the emulator's ledger shows that no paid run was created."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -364,3 +365,17 @@ def test_usage_errors_are_one_line(args: list[str], needle: str) -> None:
 def test_api_key_problem(key: str, ok: bool) -> None:
     """Only printable ASCII without spaces can be sent as a key."""
     assert (preflight.api_key_problem(key) is None) is ok
+
+
+@pytest.mark.xfail(strict=True, reason="needs Journal.open(readonly=True) to probe its tables (journal.py is "
+                                       "being rewritten; only journal.py may import sqlite3)")
+def test_status_on_a_foreign_sqlite_database(tmp_path: Path, capsys) -> None:
+    """An SQLite file that is not a journal: one line, exit 2 (today: sqlite3 traceback)."""
+    import sqlite3
+
+    path = tmp_path / "other.db"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("CREATE TABLE t (x)")
+        conn.commit()
+    code, err = cli(capsys, "status", str(path))
+    assert_refused(code, err, "journal")
