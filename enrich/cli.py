@@ -12,16 +12,15 @@ import argparse
 import json
 import os
 import shlex
-import stat
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from enrich import __version__
-from enrich.config import DEFAULT_BASE_URL, load_config
+from enrich import __version__, preflight
+from enrich.config import DEFAULT_BASE_URL, RunConfig, load_config
 from enrich.errors import ConfigError, EnrichError, JournalError, redact
-from enrich.job import EXIT_INTERRUPTED, EXIT_OK
+from enrich.job import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 
 EXIT_CODES_HELP = ("exit codes: 0 all rows completed, 2 usage/config/input error, 3 finished with failed rows, "
                    "4 budget exhausted, 5 auth or payment error, 69 API unreachable (resumable), "
@@ -44,12 +43,19 @@ _EPILOGS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors as the same single line every other error uses (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"enrich: error: {message.removeprefix('argument ')} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="enrich", description="Turn a spreadsheet into a researched one with "
-                                "Parallel's Task API: resumable, budgeted, with evidence per field.",
-                                epilog="example:\n  enrich init data/companies.csv && enrich run companies.toml "
-                                "--emulator\n\n" + EXIT_CODES_HELP,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="enrich", description="Turn a spreadsheet into a researched one with "
+                "Parallel's Task API: resumable, budgeted, with evidence per field.",
+                epilog="example:\n  enrich init data/companies.csv && enrich run companies.toml "
+                "--emulator\n\n" + EXIT_CODES_HELP,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"enrich {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -64,8 +70,8 @@ def _parser() -> argparse.ArgumentParser:
                         "<output>.report.json and <stem>.report.html go beside it")
         sp.add_argument("--journal", help="journal file (default: beside the output)")
         sp.add_argument("--processor", help="processor, e.g. lite-fast, base, core (overrides task.processor)")
-        sp.add_argument("--budget", type=float, metavar="USD", help="spend cap for this journal, in USD")
-        sp.add_argument("--max-in-flight", type=int, metavar="N", help="runs submitted but not finished")
+        sp.add_argument("--budget", type=preflight.finite_nonneg, metavar="USD", help="spend cap for this journal, in USD")
+        sp.add_argument("--max-in-flight", type=preflight.positive_int, metavar="N", help="runs submitted but not finished")
         sp.add_argument("--base-url", help="API base URL (default: config, $PARALLEL_BASE_URL, "
                         f"{DEFAULT_BASE_URL})")
         sp.add_argument("--emulator", action="store_true", help="run against the bundled emulator (no key, "
@@ -94,14 +100,17 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--config", help="job config, for the output fields (default: the one recorded)")
     em = add("emulator", "serve the API-compatible emulator on loopback")
     em.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    em.add_argument("--port", type=int, default=8765, help="port to listen on; 0 picks a free one (default: 8765)")
+    em.add_argument("--port", type=preflight.port, default=8765,
+                    help="port to listen on; 0 picks a free one (default: 8765)")
     em.add_argument("--knowledge", help="CSV/Parquet knowledge table (default: bundled companies)")
     em.add_argument("--knowledge-key", default="company", help="column matched against run inputs")
-    em.add_argument("--time-scale", type=float, default=1.0, help="latency multiplier (0 = instant)")
+    em.add_argument("--time-scale", type=preflight.finite_nonneg, default=1.0, help="latency multiplier (0 = instant)")
     em.add_argument("--seed", type=int, default=0, help="random seed for latencies and faults (default: 0)")
-    em.add_argument("--fail-rate", type=float, default=0.0, help="share of runs that fail")
-    em.add_argument("--rate-limit", type=int, default=2000, help="creating POSTs per minute per key (0 = off)")
-    em.add_argument("--credit-usd", type=float, help="account credit; 402 when it cannot cover new runs")
+    em.add_argument("--fail-rate", type=preflight.fraction, default=0.0, help="share of runs that fail")
+    em.add_argument("--rate-limit", type=preflight.nonneg_int, default=2000,
+                    help="creating POSTs per minute per key (0 = off)")
+    em.add_argument("--credit-usd", type=preflight.finite_nonneg,
+                    help="account credit; 402 when it cannot cover new runs")
     em.add_argument("--faults", default="", help='e.g. "429=0.05,500=0.02,503=0.01,drop=0.02,slow=0.01,truncate=0.01"')
     em.add_argument("--api-key", help="accept only this key (default: any non-empty key)")
     em.add_argument("--behaviours", default="", metavar="LIST",
@@ -121,6 +130,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# config key -> the flag that overrides it, so a bad value is reported under the flag's name
+_FLAGS = {"input.path": "--input", "output.path": "--output", "journal": "--journal", "task.processor": "--processor",
+          "limits.budget_usd": "--budget", "limits.max_in_flight": "--max-in-flight", "api.base_url": "--base-url"}
+
+
+def _load(args: argparse.Namespace) -> RunConfig:
+    return load_config(args.config, _overrides(args), flags=_FLAGS)
+
+
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"input.path": args.input, "output.path": args.output, "journal": args.journal,
             "task.processor": args.processor, "limits.budget_usd": args.budget,
@@ -128,19 +146,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _api_key(emulated: bool) -> str:
-    if emulated:
-        return "emulator-local-key"
-    key = os.environ.get("PARALLEL_API_KEY", "").strip()
-    key_file = os.environ.get("PARALLEL_API_KEY_FILE")
-    if not key and key_file:
-        mode = os.stat(key_file).st_mode
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise ConfigError(f"{key_file}: key file must be readable by its owner only (chmod 600)")
-        key = Path(key_file).read_text().strip()
-    if not key:
-        raise ConfigError("PARALLEL_API_KEY is not set; export it, or add --emulator to run against the "
-                          "bundled emulator (no key, no cost)")
-    return key
+    return preflight.resolve_api_key(os.environ, emulated)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -148,9 +154,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from enrich.journal import Journal
     from enrich.pipeline import format_plan, plan_summary, prepare
 
-    cfg = load_config(args.config, _overrides(args))
+    cfg = _load(args)
     path = journal_path_for(cfg)
     check_paths(cfg, path)
+    preflight.check_job(cfg, api_key=None, emulated=bool(args.emulator), journal_path=path)
     journal = Journal.open(path, readonly=False) if path.exists() else Journal.open(":memory:")
     try:
         prep = prepare(cfg, journal, retry_failed=args.retry_failed, dry=True)
@@ -165,7 +172,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return cmd_plan(args)
     from enrich.job import run_job
 
-    cfg = load_config(args.config, _overrides(args))
+    cfg = _load(args)
     emulated = bool(args.emulator)
     result = run_job(cfg, api_key=_api_key(emulated), emulated=emulated, retry_failed=args.retry_failed,
                      adopt=args.adopt, fresh=args.fresh, detach=args.detach)
@@ -180,6 +187,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from enrich.journal import Journal
 
+    preflight.check_journal_file(args.journal)
     journal = Journal.open(args.journal, readonly=True)
     try:
         epoch = journal.get("epoch", 0)
@@ -228,6 +236,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if not args.output and not args.basis:
         raise ConfigError("export: give --output FILE, --basis FILE, or both")
+    preflight.check_journal_file(args.journal)
     cfg = load_config(args.config) if args.config else None
     journal = Journal.open(args.journal, readonly=True)
     try:
@@ -239,6 +248,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         for flag, target in (("--output", args.output), ("--basis", args.basis)):
             if not target:
                 continue
+            if flag == "--output":
+                preflight.check_output_path(Path(target), input_path=inp, journal_path=args.journal, flag=flag)
             t = Path(target).resolve()
             if t == Path(args.journal).resolve() or (inp and t == Path(inp).resolve()):
                 raise ConfigError(f"{flag}: {target} is the journal or the input file; choose another path")
@@ -282,6 +293,7 @@ def cmd_emulator(args: argparse.Namespace) -> int:
         raise ConfigError(f"--behaviours: {exc}") from None
     if not 0 <= args.hard_rate <= 1:
         raise ConfigError("--hard-rate must be within 0..1")
+    preflight.check_knowledge(args.knowledge, args.knowledge_key, where="--knowledge")
     cfg = EmulatorConfig(knowledge=args.knowledge, knowledge_key=args.knowledge_key, time_scale=args.time_scale,
                          seed=args.seed, fail_rate=args.fail_rate, rate_limit=args.rate_limit,
                          credit_usd=args.credit_usd, faults=args.faults, api_key=args.api_key,
@@ -314,7 +326,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     secret = os.environ.get("PARALLEL_API_KEY")
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()   # a closed pipe (`enrich plan | head -1`) surfaces here, not at exit
+        return code
+    except BrokenPipeError:
+        # the reader of stdout went away: say nothing more, and keep Python from complaining at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK if args.command in ("plan", "status") else EXIT_INTERRUPTED
     except EnrichError as exc:
         print(f"enrich: error: {redact(str(exc), secret)}", file=sys.stderr)
         return exc.exit_code

@@ -12,15 +12,25 @@ import hashlib
 import itertools
 import json
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
 
 from enrich.errors import ConfigError
 from enrich.processors import PROCESSORS, tier
+from enrich.spec import FieldType, schema_problem
 
-FieldType = Literal["string", "integer", "number", "boolean", "array", "object"]
 DEFAULT_BASE_URL = "https://api.parallel.ai"
 XLSX_SUFFIXES = (".xlsx",)
 OUTPUT_SUFFIXES = (".csv", ".parquet", ".pq", *XLSX_SUFFIXES)
@@ -39,7 +49,8 @@ def output_format_problem(path: Path) -> str | None:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # inf/nan are never meaningful settings (`--budget inf` would disable the budget silently)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class FieldSpec(_Strict):
@@ -89,10 +100,15 @@ class TaskConfig(_Strict):
     previous_interaction_id: str | None = None
     refresh_after_days: float | None = Field(default=None, gt=0)
 
+    @field_validator("processor")
+    @classmethod
+    def _known_processor(cls, value: str) -> str:
+        if value not in PROCESSORS:
+            raise ValueError(f"unknown processor {value!r}; choose one of {', '.join(PROCESSORS)}")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> TaskConfig:
-        if self.processor not in PROCESSORS:
-            raise ValueError(f"unknown processor {self.processor!r}; choose one of {', '.join(PROCESSORS)}")
         if bool(self.output) == bool(self.output_schema):
             raise ValueError("give exactly one of [task.output.<field>] tables or task.output_schema")
         return self
@@ -333,23 +349,71 @@ def _find_api_key(node: Any, path: str = "") -> str | None:
     return None
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+def _shown(value: Any) -> str:
+    """A short rendering of a rejected value for a message."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def plain_message(err: ErrorDetails) -> str:
+    """Say what a setting must be, in enrich's words rather than pydantic's ("Input should be...").
+
+    >>> plain_message({"type": "greater_than", "loc": ("x",), "msg": "", "input": 0, "ctx": {"gt": 0}})
+    'must be greater than 0 (got 0)'
+    """
+    kind, ctx, got = err["type"], err.get("ctx") or {}, _shown(err.get("input"))
+    fixed = {
+        "missing": "is required",
+        "extra_forbidden": "is not a known setting (check the spelling)",
+        "finite_number": f"must be a finite number (got {got})",
+        "int_type": f"must be an integer (got {got})", "int_parsing": f"must be an integer (got {got})",
+        "int_from_float": f"must be a whole number (got {got})",
+        "float_type": f"must be a number (got {got})", "float_parsing": f"must be a number (got {got})",
+        "bool_type": f"must be true or false (got {got})", "bool_parsing": f"must be true or false (got {got})",
+        "string_type": f"must be a string (got {got})", "path_type": f"must be a path string (got {got})",
+        "list_type": f"must be a list (got {got})", "too_short": "must not be empty",
+        "dict_type": f"must be a table (got {got})", "model_type": f"must be a table (got {got})",
+        "model_attributes_type": f"must be a table (got {got})",
+    }
+    if kind in fixed:
+        return fixed[kind]
+    bounds = {"greater_than": ("greater than", "gt"), "greater_than_equal": ("at least", "ge"),
+              "less_than": ("less than", "lt"), "less_than_equal": ("at most", "le")}
+    if kind in bounds:
+        words, key = bounds[kind]
+        return f"must be {words} {ctx.get(key)} (got {got})"
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')} (got {got})"
+    if kind == "value_error" and "error" in ctx:
+        return str(ctx["error"])
+    msg = str(err.get("msg", "is invalid"))
+    return msg.replace("Input should be", "must be").replace("Value error, ", "")
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None,
+                flags: Mapping[str, str] | None = None) -> RunConfig:
     """Read and validate a TOML config; `overrides` maps dotted keys ('limits.budget_usd') to values.
 
-    Raises ConfigError naming the file and the key path of the first problem.
+    `flags` maps the same dotted keys to the command-line flag that set them ('--budget'), so a
+    bad flag value is reported under the flag's name, not the config file's. Raises ConfigError
+    naming the file (or flag) and the key path of the first problem.
     """
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return config_from_mapping(data, overrides, str(path))
+    return config_from_mapping(data, overrides, str(path), flags)
 
 
 def config_from_mapping(data: dict[str, Any], overrides: dict[str, Any] | None = None,
-                        source: str = "<config>") -> RunConfig:
+                        source: str = "<config>", flags: Mapping[str, str] | None = None) -> RunConfig:
     """Validate a config given as a mapping (the notebook API); same rules and messages as a file."""
     import copy
 
@@ -357,6 +421,7 @@ def config_from_mapping(data: dict[str, Any], overrides: dict[str, Any] | None =
     data = copy.deepcopy(dict(data))
     if (where := _find_api_key(data)) is not None:
         raise ConfigError(f"{path}: {where}: API keys never go in config files; set PARALLEL_API_KEY instead")
+    given: dict[str, str] = {}
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
@@ -364,14 +429,18 @@ def config_from_mapping(data: dict[str, Any], overrides: dict[str, Any] | None =
         *parents, leaf = dotted.split(".")
         for p in parents:
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{path}: {p}: must be a table")
         node[leaf] = value
+        given[dotted] = (flags or {}).get(dotted, dotted)
     data["source"] = str(path)
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"]) or "(root)"
-        raise ConfigError(f"{path}: {loc}: {err['msg']}") from None
+        flag = next((f for dotted, f in given.items() if loc == dotted or loc.startswith(dotted + ".")), None)
+        raise ConfigError(f"{flag or f'{path}: {loc}'}: {plain_message(err)}") from None
     check_max_processor(cfg)
     check_gate_fields(cfg, output_fields(build_task_spec(cfg)))  # also validates an output_schema file early
     return cfg
@@ -421,8 +490,6 @@ def _field_schema(spec: FieldSpec, nullable: bool = True) -> dict[str, Any]:
 
 def build_task_spec(cfg: RunConfig) -> dict[str, Any]:
     """The `task_spec` sent with every run (a json output schema obeying the API's rules)."""
-    from enrich.emulator.validate import Invalid, validate_json_schema
-
     task = cfg.task
     if task.output_schema is not None:
         try:
@@ -442,10 +509,9 @@ def build_task_spec(cfg: RunConfig) -> dict[str, Any]:
             "required": list(props),
             "additionalProperties": False,
         }
-    try:
-        validate_json_schema(schema)
-    except Invalid as exc:
-        raise ConfigError(f"{cfg.source}: task output schema: {exc.message}") from None
+    if (problem := schema_problem(schema)) is not None:
+        where = f"task.output_schema ({task.output_schema})" if task.output_schema else "task.output"
+        raise ConfigError(f"{cfg.source}: {where}: {problem}")
     return {"output_schema": {"type": "json", "json_schema": schema}}
 
 

@@ -10,17 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-
-def _kind(schema: dict[str, Any]) -> str:
-    kind = schema.get("type", "string")
-    if isinstance(kind, list):
-        kind = next((k for k in kind if k != "null"), "string")
-    return str(kind)
+from enrich.spec import main_type
 
 
 def value_columns(name: str, schema: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """(column, schema) for a field's value; objects expand to `name.child` columns."""
-    if _kind(schema) == "object" and isinstance(schema.get("properties"), dict):
+    if main_type(schema) == "object" and isinstance(schema.get("properties"), dict):
         out = []
         for child, sub in schema["properties"].items():
             out.extend(value_columns(f"{name}.{child}", sub if isinstance(sub, dict) else {}))
@@ -39,7 +34,7 @@ def output_columns(fields: dict[str, dict[str, Any]], reasoning: bool) -> list[C
     cols: list[Column] = []
     for name, schema in fields.items():
         for col, sub in value_columns(name, schema):
-            cols.append((col, _kind(sub), sub, name, "value"))
+            cols.append((col, main_type(sub), sub, name, "value"))
         cols.append((f"{name}__confidence", "string", None, name, "confidence"))
         cols.append((f"{name}__citations", "citations", None, name, "citations"))
         if reasoning:
@@ -75,7 +70,7 @@ def coerce(value: Any, kind: str, schema: dict[str, Any] | None = None) -> Any:
             items = (schema or {}).get("items") or {}
             if not isinstance(value, list):
                 return None
-            ik = _kind(items) if isinstance(items, dict) else "string"
+            ik = main_type(items)
             if ik == "object":
                 import json
 

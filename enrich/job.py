@@ -133,8 +133,11 @@ def run_job(cfg: RunConfig, *, api_key: str, emulated: bool = False, retry_faile
     from enrich.journal import Journal
 
     cpu0 = time.process_time()
+    from enrich import preflight
+
     jpath = journal_path_for(cfg)
     check_paths(cfg, jpath)
+    preflight.check_job(cfg, api_key=api_key, emulated=emulated, journal_path=jpath)   # before anything is paid
     task_spec = build_task_spec(cfg)
     identity = _identity(cfg, task_spec, api_key)
     if fresh:

@@ -42,9 +42,9 @@ from enrich.read import key_problem, open_table
 from enrich.reconcile import reconcile
 from enrich.retry import CircuitBreaker, backoff
 from enrich.slots import Slots
+from enrich.spec import MAX_SPEC_AND_INPUT_CHARS
 from enrich.submit import Governor, Submitter
 
-MAX_SPEC_AND_INPUT_CHARS = 25_000
 RECONCILE_GIVE_UP_S = 300.0   # listings failing this long (an outage) leave rows in doubt `unknown` for this run
 
 

@@ -10,9 +10,11 @@ the first occurrence.
 
 from __future__ import annotations
 
+import base64
 import codecs
 import csv
 import io
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,6 +189,172 @@ def read_csv(source: BinaryIO | Path | str, required: list[str], forbidden: set[
     return TableInfo(path, header, None), batches()
 
 
+# ---- Parquet values <-> JSON ------------------------------------------------------------
+# Input rows travel through the journal as JSON, and the Parquet writer rebuilds each input
+# column with its original Arrow type. Most types survive that trip as Python values; the
+# ones below do not (nanosecond precision, durations, times of day, bytes, maps, and any
+# nested type holding one), so they are carried in an exact JSON form instead:
+#   timestamp[ms|ns], time32/64 -> their ISO text     duration -> integer count of its unit
+#   binary                      -> base64 text         map      -> [{"key": k, "value": v}, ...]
+# `to_json_values` and `from_json_values` are inverses; read_parquet checks that on the first
+# batch of every non-plain column and refuses the file (naming the column) if they are not.
+
+
+def _binary_like(t: Any) -> bool:
+    import pyarrow as pa
+
+    return bool(pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t))
+
+
+def _list_like(t: Any) -> bool:
+    import pyarrow as pa
+
+    return bool(pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t))
+
+
+def _needs_codec(t: Any) -> bool:
+    """True if a column of type `t` does not survive to_pylist -> JSON -> pa.array unchanged."""
+    import pyarrow as pa
+
+    if pa.types.is_timestamp(t):
+        return t.unit in ("ms", "ns")       # s and us round-trip through datetime and its text
+    if pa.types.is_time(t) or pa.types.is_duration(t) or _binary_like(t) or pa.types.is_map(t):
+        return True
+    if pa.types.is_dictionary(t):
+        return _needs_codec(t.value_type)
+    if _list_like(t):
+        return _needs_codec(t.value_type)
+    if pa.types.is_struct(t):
+        return any(_needs_codec(f.type) for f in t)
+    return False
+
+
+def unsupported_type(t: Any) -> bool:
+    """True for Arrow types enrich cannot carry through the journal at all (unions, views, extensions)."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(t):
+        return unsupported_type(t.value_type)
+    if _list_like(t):
+        return unsupported_type(t.value_type)
+    if pa.types.is_map(t):
+        return unsupported_type(t.key_type) or unsupported_type(t.item_type)
+    if pa.types.is_struct(t):
+        return any(unsupported_type(f.type) for f in t)
+    plain = (pa.types.is_null, pa.types.is_boolean, pa.types.is_integer, pa.types.is_floating, pa.types.is_decimal,
+             pa.types.is_date, pa.types.is_timestamp, pa.types.is_time, pa.types.is_duration, pa.types.is_string,
+             pa.types.is_large_string, _binary_like)
+    return isinstance(t, pa.ExtensionType) or not any(check(t) for check in plain)
+
+
+def _encode(arr: Any) -> Any:
+    """An Arrow array whose `to_pylist()` is JSON-exact for `arr` (see the table above)."""
+    import pyarrow as pa
+
+    t = arr.type
+    if not _needs_codec(t):
+        return arr
+    if arr.offset:
+        arr = pa.concat_arrays([arr])   # children below are addressed from offset 0
+    if pa.types.is_dictionary(t):
+        return _encode(arr.dictionary_decode())
+    if pa.types.is_timestamp(t) or pa.types.is_time(t):
+        return arr.cast(pa.string())
+    if pa.types.is_duration(t):
+        return arr.cast(pa.int64())
+    if _binary_like(t):
+        return pa.array([None if v is None else base64.b64encode(v).decode("ascii") for v in arr.to_pylist()],
+                        pa.string())
+    mask = arr.is_null()
+    if pa.types.is_fixed_size_list(t):
+        arr = arr.cast(pa.list_(t.value_field))
+    if _list_like(arr.type):
+        cls = pa.LargeListArray if pa.types.is_large_list(arr.type) else pa.ListArray
+        return cls.from_arrays(arr.offsets, _encode(arr.values), mask=mask)
+    if pa.types.is_struct(t):
+        children = [_encode(arr.field(i)) for i in range(t.num_fields)]
+        return pa.StructArray.from_arrays(children, fields=[pa.field(f.name, c.type) for f, c in zip(t, children,
+                                          strict=True)], mask=mask)
+    entries = pa.StructArray.from_arrays([_encode(arr.keys), _encode(arr.items)], names=["key", "value"])
+    return pa.ListArray.from_arrays(arr.offsets, entries, mask=mask)
+
+
+def to_json_values(arr: Any) -> list[Any]:
+    """The Python values of an Arrow column, in a form JSON carries exactly (see `from_json_values`)."""
+    return list(_encode(arr).to_pylist())
+
+
+def _leaf(values: list[Any], t: Any) -> Any:
+    """A column of a plain type; values that went through JSON as text (dates, decimals) are cast back."""
+    import pyarrow as pa
+
+    try:
+        return pa.array(values, type=t)
+    except (pa.ArrowException, TypeError, ValueError):
+        return pa.array([None if v is None else str(v) for v in values], type=pa.string()).cast(t)
+
+
+def _offsets(values: list[Any]) -> tuple[list[int], list[Any], Any]:
+    """(offsets, flattened items, null mask) of a column of lists."""
+    import pyarrow as pa
+
+    offsets, flat = [0], []
+    for v in values:
+        flat.extend(v or ())
+        offsets.append(len(flat))
+    return offsets, flat, pa.array([v is None for v in values], pa.bool_())
+
+
+def from_json_values(values: list[Any], t: Any) -> Any:
+    """Rebuild an Arrow column of type `t` from `to_json_values` output that went through JSON.
+
+    Raises pyarrow errors for values that do not fit `t` (never for the output of to_json_values).
+    """
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(t):
+        return from_json_values(values, t.value_type).dictionary_encode().cast(t)
+    if pa.types.is_timestamp(t) and t.unit in ("ms", "ns"):
+        return pa.array(values, pa.string()).cast(t)
+    if pa.types.is_time(t):
+        stamp = pa.timestamp("s" if t.unit == "s" else t.unit)
+        text = [None if v is None else f"1970-01-01 {v}" for v in values]
+        return pa.array(text, pa.string()).cast(stamp).cast(t)
+    if pa.types.is_duration(t):
+        return pa.array(values, pa.int64()).cast(t)
+    if _binary_like(t):
+        return pa.array([None if v is None else base64.b64decode(v) for v in values], t)
+    if _list_like(t) or pa.types.is_map(t):
+        offsets, flat, mask = _offsets(values)
+        if pa.types.is_map(t):
+            keys = from_json_values([e["key"] for e in flat], t.key_type)
+            items = from_json_values([e["value"] for e in flat], t.item_type)
+            return pa.MapArray.from_arrays(pa.array(offsets, pa.int32()), keys, items, type=t, mask=mask)
+        if pa.types.is_fixed_size_list(t):
+            padded = [v if v is not None else [None] * t.list_size for v in values]
+            child = from_json_values([x for v in padded for x in v], t.value_type)
+            return pa.FixedSizeListArray.from_arrays(child, type=t, mask=mask)
+        child = from_json_values(flat, t.value_type)
+        cls, width = (pa.LargeListArray, pa.int64()) if pa.types.is_large_list(t) else (pa.ListArray, pa.int32())
+        return cls.from_arrays(pa.array(offsets, width), child, type=t, mask=mask)
+    if pa.types.is_struct(t):
+        mask = pa.array([v is None for v in values], pa.bool_())
+        children = [from_json_values([None if v is None else v.get(f.name) for v in values], f.type) for f in t]
+        return pa.StructArray.from_arrays(children, fields=list(t), mask=mask)
+    return _leaf(values, t)
+
+
+def _round_trip_problem(arr: Any) -> str | None:
+    """Why a column would not be written back unchanged (checked on a sample before any API call)."""
+    import pyarrow as pa
+
+    try:
+        back = from_json_values(json.loads(json.dumps(to_json_values(arr), default=str)), arr.type)
+    except (pa.ArrowException, TypeError, ValueError, KeyError, AttributeError) as exc:
+        return str(exc).splitlines()[0][:120]
+    return None if back.equals(arr) else "values change on the way through the journal"
+
+
 def read_parquet(path: Path | str, required: list[str], forbidden: set[str] = frozenset(),
                  batch_rows: int = BATCH_ROWS) -> tuple[TableInfo, Iterator[list[Row]]]:
     """Open a Parquet file and stream its rows; reject unreadable or ambiguous files."""
@@ -206,6 +374,15 @@ def read_parquet(path: Path | str, required: list[str], forbidden: set[str] = fr
         if f.name in names[:i]:
             raise InputError(spath, f"duplicate column name {f.name!r}", column=f.name)
     check_columns(spath, names, required, set(forbidden))
+    for f in schema:
+        if unsupported_type(f.type):
+            raise InputError(spath, f"column {f.name!r} has type {f.type}, which enrich cannot write back "
+                                    "unchanged; cast it to a plain type first", column=f.name)
+        if f.name in required and (_binary_like(f.type) or pa.types.is_map(f.type)):
+            raise InputError(spath, f"column {f.name!r} has type {f.type}, which cannot be sent to the API as "
+                                    "task input; cast it to string or leave it out of input.key/input.columns",
+                             column=f.name)
+    checked = {f.name for f in schema if not _needs_codec(f.type) and not pa.types.is_nested(f.type)}
 
     def batches() -> Iterator[list[Row]]:
         n = 0
@@ -213,7 +390,14 @@ def read_parquet(path: Path | str, required: list[str], forbidden: set[str] = fr
             raise InputError(spath, "the file has no rows")
         try:
             for rb in pf.iter_batches(batch_size=batch_rows):
-                cols = [c.to_pylist() for c in rb.columns]
+                for name, col in zip(names, rb.columns, strict=True):
+                    if name not in checked:   # the first batch is the sample: before any row is seeded
+                        if (problem := _round_trip_problem(col)) is not None:
+                            raise InputError(spath, f"column {name!r} ({col.type}) cannot be carried through "
+                                                    f"unchanged ({problem}); cast it to a plain type first",
+                                             column=name)
+                        checked.add(name)
+                cols = [to_json_values(c) for c in rb.columns]
                 rows = [Row(n + i + 1, list(vals)) for i, vals in enumerate(zip(*cols, strict=True))]
                 n += len(rows)
                 yield rows

@@ -30,11 +30,15 @@ from enrich.errors import ConfigError
 from enrich.flatten import Column, flatten, output_columns
 from enrich.gate import decide_row
 from enrich.journal import Journal
+from enrich.read import from_json_values
 from enrich.report import RunStats
+from enrich.spec import main_type
 
 STATUS = {"done": "completed", "failed": "failed", "timed_out": "timed_out", "intent": "unknown",
           "unknown": "unknown", "submitted": "pending", "pending": "pending"}
 META_COLUMNS = ("_enrich_status", "_enrich_error", "_enrich_run_id", "_enrich_latency_s")
+# Output file extension -> format: the one list of what `write_output` can produce (preflight checks it).
+OUTPUT_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".xlsx": "xlsx"}
 WRITE_CHUNK = 2_000   # rows per read from the journal and per Parquet row group
 _NUMERIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\x00")
@@ -120,10 +124,7 @@ def _arrow_type(kind: str, schema: dict[str, Any] | None) -> Any:
     if kind == "citations":
         return pa.list_(pa.string())
     if kind == "array":
-        items = (schema or {}).get("items") or {}
-        ik = items.get("type", "string") if isinstance(items, dict) else "string"
-        if isinstance(ik, list):
-            ik = next((k for k in ik if k != "null"), "string")
+        ik = main_type((schema or {}).get("items"))
         return pa.list_(_arrow_type(ik if ik in ("integer", "number", "boolean") else "string", None))
     return pa.string()
 
@@ -300,7 +301,8 @@ def arrow_tables(proj: Projection, schema: Any) -> Any:
             cols[base + 1].append(error)
             cols[base + 2].append(run_id)
             cols[base + 3].append(latency)
-        arrays = [_array(col, f.type) for col, f in zip(cols, schema, strict=True)]
+        arrays = [from_json_values(col, f.type) if i < n_in else _array(col, f.type)
+                  for i, (col, f) in enumerate(zip(cols, schema, strict=True))]
         yield pa.Table.from_arrays(arrays, schema=schema)
         del arrays, cols
 

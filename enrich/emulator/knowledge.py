@@ -30,6 +30,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from enrich.spec import main_type
+
 _NON_ALNUM = re.compile(r"[^0-9a-z]+")
 _INT = re.compile(r"-?\d+")
 _NUM = re.compile(r"-?\d+(?:\.\d+)?")
@@ -254,7 +256,7 @@ class Knowledge:
         """(value coerced to the schema type, source column) for one property."""
         if row is None:
             return None, None
-        kind = _main_type(schema)
+        kind = main_type(schema)
         if kind == "object" and isinstance(schema.get("properties"), dict):
             nested = {}
             used = None
@@ -272,16 +274,6 @@ class Knowledge:
         return value, (column if value is not None else None)
 
 
-def _main_type(schema: dict[str, Any]) -> str:
-    kind = schema.get("type", "string")
-    if isinstance(kind, list):
-        kind = next((k for k in kind if k != "null"), "null")
-    if "anyOf" in schema:
-        kinds = [_main_type(s) for s in schema["anyOf"] if isinstance(s, dict)]
-        kind = next((k for k in kinds if k != "null"), "string")
-    return str(kind)
-
-
 def coerce(raw: str, schema: dict[str, Any]) -> Any:
     """Coerce a table cell to a JSON Schema type; None when it cannot be.
 
@@ -290,7 +282,7 @@ def coerce(raw: str, schema: dict[str, Any]) -> Any:
     >>> coerce("a; b", {"type": "array", "items": {"type": "string"}})
     ['a', 'b']
     """
-    kind = _main_type(schema)
+    kind = main_type(schema)
     text = str(raw).strip()
     if kind == "integer":
         m = _INT.search(text.replace(",", ""))

@@ -1,39 +1,25 @@
-"""Request validation rules of the real Task API (parallel-task-api.md sections 3.1 and 4).
+"""Request validation of the emulated Task API (parallel-task-api.md sections 3.1 and 4).
 
-Each check raises `Invalid(status, message)`; warnings that the real service reports on the
-run (not as errors) are returned as `Warning` dicts.
+The rules themselves live in `enrich/spec.py`, shared with the config loader; this module
+turns a broken rule into the HTTP answer the real service gives. Each check raises
+`Invalid(status, message)`; warnings that the real service reports on the run (not as
+errors) are returned as `Warning` dicts.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from enrich import spec as rules
 from enrich.processors import PROCESSORS
-
-UNSUPPORTED_KEYWORDS = frozenset(
-    ["contains", "format", "maxContains", "maxItems", "maxLength", "maxProperties", "maximum", "minContains", "minItems", "minLength", "minimum", "minProperties", "multipleOf", "pattern", "patternProperties", "propertyNames", "uniqueItems", "unevaluatedItems", "unevaluatedProperties"]
-)
-RESERVED_FIELD_NAMES = frozenset(
-    ["citations", "confidence", "evidence", "reasoning", "source", "sources", "source_urls"]
-)
-MAX_DEPTH = 5
-MAX_PROPERTIES = 100
-MAX_ENUM_VALUES = 500
-MAX_SPEC_CHARS = 15_000
-MAX_SPEC_AND_INPUT_CHARS = 25_000
-MAX_METADATA_KEY = 16
-MAX_METADATA_VALUE = 512
 
 
 class Invalid(Exception):
+    """An API error answer: HTTP `status`, the message, and the request location (`loc`)."""
+
     def __init__(self, status: int, message: str, loc: list[Any] | None = None):
         super().__init__(message)
         self.status, self.message, self.loc = status, message, loc or ["body"]
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 def normalize_output_schema(spec: dict[str, Any] | None) -> dict[str, Any]:
@@ -51,57 +37,11 @@ def normalize_output_schema(spec: dict[str, Any] | None) -> dict[str, Any]:
     return {**out, "type": kind}
 
 
-def _walk(node: Any, depth: int, counts: dict[str, int], path: str) -> None:
-    if not isinstance(node, dict):
-        return
-    bad = UNSUPPORTED_KEYWORDS.intersection(node)
-    if bad:
-        raise Invalid(422, f"unsupported JSON Schema keyword(s) {sorted(bad)} at {path or 'root'}")
-    if "enum" in node:
-        values = node["enum"] if isinstance(node["enum"], list) else []
-        if len(values) > MAX_ENUM_VALUES:
-            raise Invalid(422, f"enum at {path} has {len(values)} values (max {MAX_ENUM_VALUES})")
-        if len(values) > 250 and sum(len(str(v)) for v in values) > 7_500:
-            raise Invalid(422, f"enum at {path}: total string length over 7,500 characters")
-    props = node.get("properties")
-    if isinstance(props, dict):
-        if depth > MAX_DEPTH:
-            raise Invalid(422, f"schema nesting deeper than {MAX_DEPTH} levels at {path}")
-        counts["properties"] += len(props)
-        for name, child in props.items():
-            _walk(child, depth + 1, counts, f"{path}.{name}" if path else name)
-    if isinstance(node.get("items"), dict):
-        _walk(node["items"], depth, counts, f"{path}[]")
-    for key in ("anyOf", "oneOf", "allOf"):
-        for child in node.get(key) or []:
-            _walk(child, depth, counts, path)
-    for child in (node.get("$defs") or node.get("definitions") or {}).values():
-        _walk(child, depth, counts, path)
-
-
 def validate_json_schema(schema: Any) -> list[dict[str, Any]]:
-    """Check a json output schema; return the run warnings the real service would attach."""
-    if not isinstance(schema, dict):
-        raise Invalid(422, "json_schema must be an object")
-    if "anyOf" in schema:
-        raise Invalid(422, "the root of json_schema cannot be anyOf")
-    if schema.get("type") != "object" or not isinstance(schema.get("properties"), dict):
-        raise Invalid(422, "the root of json_schema must be type 'object' with 'properties'")
-    counts = {"properties": 0}
-    _walk(schema, 1, counts, "")
-    if counts["properties"] > MAX_PROPERTIES:
-        raise Invalid(422, f"json_schema has {counts['properties']} properties (max {MAX_PROPERTIES})")
-    warnings = []
-    props = schema["properties"]
-    missing = sorted(set(props) - set(schema.get("required") or []))
-    if missing:
-        warnings.append(_warning(f"properties not in 'required': {missing}; use ['type','null'] for optional"))
-    if schema.get("additionalProperties", True) is not False:
-        warnings.append(_warning("additionalProperties should be false"))
-    reserved = sorted(RESERVED_FIELD_NAMES.intersection(props))
-    if reserved:
-        warnings.append(_warning(f"field names {reserved} duplicate the basis; rename them"))
-    return warnings
+    """Check a json output schema (422 if the API would refuse it); return the run warnings."""
+    if (problem := rules.schema_problem(schema)) is not None:
+        raise Invalid(422, problem)
+    return [_warning(text) for text in rules.schema_warnings(schema)]
 
 
 def _warning(message: str) -> dict[str, Any]:
@@ -109,19 +49,9 @@ def _warning(message: str) -> dict[str, Any]:
 
 
 def validate_metadata(metadata: Any) -> None:
-    if metadata is None:
-        return
-    if not isinstance(metadata, dict):
-        raise Invalid(422, "metadata must be an object", ["body", "metadata"])
-    for key, value in metadata.items():
-        if len(key) > MAX_METADATA_KEY:
-            raise Invalid(422, f"metadata key {key[:20]!r} longer than {MAX_METADATA_KEY} characters")
-        if isinstance(value, bool | int | float):
-            continue
-        if not isinstance(value, str):
-            raise Invalid(422, f"metadata value for {key!r} must be a string, number or boolean")
-        if len(value) > MAX_METADATA_VALUE:
-            raise Invalid(422, f"metadata value for {key!r} longer than {MAX_METADATA_VALUE} characters")
+    """422 for run or group metadata the API would refuse."""
+    if (problem := rules.metadata_problem(metadata)) is not None:
+        raise Invalid(422, problem, ["body", "metadata"] if not isinstance(metadata, dict) else None)
 
 
 def validate_run_input(body: Any, default_spec: dict[str, Any] | None = None) -> tuple[dict[str, Any], list]:
@@ -147,10 +77,7 @@ def validate_run_input(body: Any, default_spec: dict[str, Any] | None = None) ->
         out = normalize_output_schema(spec)
         if out["type"] == "json":
             warnings = validate_json_schema(out.get("json_schema"))
-        spec_chars = len(_dumps(spec))
-        if spec_chars > MAX_SPEC_CHARS:
-            raise Invalid(422, f"task spec is {spec_chars} characters (max {MAX_SPEC_CHARS})")
-        total = spec_chars + len(_dumps(body["input"]))
-        if total > MAX_SPEC_AND_INPUT_CHARS:
-            raise Invalid(422, f"task spec + input is {total} characters (max {MAX_SPEC_AND_INPUT_CHARS})")
+        problem = rules.size_problem(rules.json_chars(spec), rules.json_chars(body["input"]))
+        if problem is not None:
+            raise Invalid(422, problem)
     return spec, warnings
