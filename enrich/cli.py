@@ -150,13 +150,12 @@ def _api_key(emulated: bool) -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from enrich.job import check_paths, journal_path_for
+    from enrich.job import journal_path_for
     from enrich.journal import Journal
     from enrich.pipeline import format_plan, plan_summary, prepare
 
     cfg = _load(args)
     path = journal_path_for(cfg)
-    check_paths(cfg, path)
     preflight.check_job(cfg, api_key=None, emulated=bool(args.emulator), journal_path=path)
     journal = Journal.open(path, readonly=False) if path.exists() else Journal.open(":memory:")
     try:

@@ -77,16 +77,6 @@ def journal_path_for(cfg: RunConfig) -> Path:
     return path
 
 
-def check_paths(cfg: RunConfig, journal: Path) -> None:
-    inp, out, jour = cfg.input.path.resolve(), cfg.output.path.resolve(), journal.resolve()
-    if out == inp or (out.exists() and inp.exists() and os.path.samefile(out, inp)):
-        raise ConfigError(f"output {cfg.output.path} is the input file; choose another output path")
-    if out == jour:
-        raise ConfigError(f"output {cfg.output.path} is the journal file; choose another output path")
-    if jour == inp:
-        raise ConfigError(f"journal {journal} is the input file")
-
-
 def output_has_run_ids(path: Path) -> bool:
     """Does an existing output hold completed results with run ids (so a journal existed for it)?"""
     if not path.is_file():
@@ -136,7 +126,6 @@ def run_job(cfg: RunConfig, *, api_key: str, emulated: bool = False, retry_faile
     from enrich import preflight
 
     jpath = journal_path_for(cfg)
-    check_paths(cfg, jpath)
     preflight.check_job(cfg, api_key=api_key, emulated=emulated, journal_path=jpath)   # before anything is paid
     task_spec = build_task_spec(cfg)
     identity = _identity(cfg, task_spec, api_key)

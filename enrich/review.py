@@ -160,11 +160,12 @@ def write_review_cells(path: Path, lines: Iterable[list[str]], key_columns: Sequ
     return count
 
 
-def _kind(schema: Mapping[str, Any]) -> tuple[str, bool]:
+def _kind_nullable(schema: Mapping[str, Any]) -> tuple[str, bool]:
+    """(spec.main_type, may it be null?) of a field schema."""
+    from enrich.spec import main_type
+
     kind = schema.get("type", "string")
-    if isinstance(kind, list):
-        return next((k for k in kind if k != "null"), "string"), "null" in kind
-    return str(kind), kind == "null"
+    return main_type(dict(schema)), kind == "null" or (isinstance(kind, list) and "null" in kind)
 
 
 def fits(value: Any, schema: Mapping[str, Any], where: str = "value") -> str | None:
@@ -173,7 +174,7 @@ def fits(value: Any, schema: Mapping[str, Any], where: str = "value") -> str | N
     >>> fits([1, "x"], {"type": "array", "items": {"type": "integer"}})
     'value[1] is not an integer'
     """
-    kind, nullable = _kind(schema)
+    kind, nullable = _kind_nullable(schema)
     if value is None:
         return None if nullable else f"{where} is null"
     checks = {"string": lambda v: isinstance(v, str), "boolean": lambda v: isinstance(v, bool),
@@ -207,7 +208,7 @@ def parse_value(text: str, schema: Mapping[str, Any]) -> Any:
     >>> parse_value("1998", {"type": ["integer", "null"]}), parse_value('["a"]', {"type": "array"})
     (1998, ['a'])
     """
-    kind, _ = _kind(schema)
+    kind, _ = _kind_nullable(schema)
     if kind == "string":
         value: Any = text
     elif kind == "integer" and re.fullmatch(r"\s*[+-]?\d+\s*", text):

@@ -400,7 +400,7 @@ def export_basis(journal: Journal, path: Path, fields: dict[str, dict[str, Any]]
 def _default_decided(results: list[Any], names: list[str], gate: Any, key: tuple[str, ...]) -> Any:
     from enrich.gate import merge
 
-    return merge([(p, json.loads(r)) for p, _rid, r in results], names, gate, key=key)
+    return merge([(p, json.loads(r) if isinstance(r, str) else r) for p, _rid, r in results], names, gate, key=key)
 
 
 def write_output(journal: Journal, path: Path, fields: dict[str, dict[str, Any]], *, reasoning: bool,

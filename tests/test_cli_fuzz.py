@@ -93,7 +93,7 @@ def _config_text(tmp: Path, src: str, out: str, fields: list[tuple[str, Any]], p
         "input": f'[input]\npath = {json.dumps(str(tmp / src))}\nkey = ["company"]\n',
         "task": f'[task]\nprocessor = {json.dumps(processor or "lite-fast")}\n',
         "output": f'[output]\npath = {json.dumps(out if out.startswith("/") else str(tmp / out))}\n',
-        "limits": "[limits]\nreconcile_grace_s = 0.5\nrequest_timeout_s = 5\n",
+        "limits": "[limits]\nreconcile_grace_s = 6\nrequest_timeout_s = 5\n",
     }
     for name, typ in fields:
         sections["task"] += f"\n[task.output.{json.dumps(name)}]\ntype = {json.dumps(typ)}\n"
