@@ -169,11 +169,21 @@ def _count_and_check(cfg: RunConfig, files: list[Path]) -> tuple[list[str], list
 
 
 def _pieces(counts: list[int], partitions: int | None) -> list[int]:
-    """How many partitions each file is cut into: `partitions` in all (at least one per file), else one
-    per ROWS_PER_PARTITION rows."""
+    """How many partitions each file is cut into: `partitions` in all (apportioned by rows, at least one
+    per file, at most one per row), else one per ROWS_PER_PARTITION rows."""
+    if not partitions:
+        return [max(1, math.ceil(n / ROWS_PER_PARTITION)) for n in counts]
     total = sum(counts)
-    per = math.ceil(total / partitions) if partitions else ROWS_PER_PARTITION
-    return [max(1, min(n, math.ceil(n / max(per, 1)))) for n in counts]
+    want = min(max(partitions, len(counts)), total)
+    quota = [n * want / total for n in counts]
+    pieces = [max(1, min(n, math.floor(q))) for n, q in zip(counts, quota, strict=True)]
+    while sum(pieces) < want:   # largest remainder first
+        i = max((i for i in range(len(counts)) if pieces[i] < counts[i]), key=lambda i: quota[i] - pieces[i])
+        pieces[i] += 1
+    while sum(pieces) > want:
+        i = min((i for i in range(len(counts)) if pieces[i] > 1), key=lambda i: quota[i] - pieces[i])
+        pieces[i] -= 1
+    return pieces
 
 
 def _sizes(n: int, k: int) -> list[int]:

@@ -43,7 +43,7 @@ from enrich.job import (
 from enrich.processors import PROCESSORS
 from enrich.scale.governor import ActorGovernor, GovernorState, journal_spend
 from enrich.scale.merge import copy_into_dataset, is_dataset, merge_files, read_manifest, write_manifest
-from enrich.scale.partition import Partition, PartitionPlan, atomic_json, cut, parts_dir_for
+from enrich.scale.partition import Partition, PartitionPlan, atomic_json, cut, load_plan, parts_dir_for
 
 PARTITION_CPUS = 0.5          # Ray CPUs per partition task: 2 cores run 4 partitions (they mostly wait on I/O)
 TASK_RETRIES = 3              # Ray re-runs a partition whose worker or node died; it resumes the same journal
@@ -158,6 +158,7 @@ def run_partition(pcfg: RunConfig, part: str, governor: Any, *, api_key: str, em
         out = {"exit_code": exc.exit_code, "message": str(exc), "rows": 0, "output": None}
     _ray().get(governor.settle.remote(part, journal_spend(pcfg.journal)))
     out["creating_posts"] = adapter.posts
+    out["node"] = _ray().get_runtime_context().get_node_id()
     return out
 
 
@@ -250,8 +251,9 @@ def _run(cfg: RunConfig, jpath: Path, dataset: bool, partitions: int | None, api
         shutil.rmtree(parts, ignore_errors=True)
         if dataset:
             shutil.rmtree(cfg.output.path, ignore_errors=True)
+    reused = load_plan(parts) is not None
     plan = cut(cfg, parts, partitions)
-    if partitions is not None and partitions != len(plan.partitions):
+    if reused and partitions is not None and partitions != len(plan.partitions):
         print(f"enrich: keeping the existing cut of {len(plan.partitions)} partitions ({parts}); --fresh cuts again",
               file=sys.stderr)
     fingerprint = _fingerprint(cfg)
