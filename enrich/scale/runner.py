@@ -136,8 +136,8 @@ def _wait_for_lock(path: Path, timeout: float = 60.0) -> None:
         os.close(fd)
 
 
-def run_partition(pcfg: RunConfig, part: str, governor: Any, *, api_key: str, emulated: bool, retry_failed: bool,
-                  adopt: bool) -> dict[str, Any]:
+def run_partition(pcfg: RunConfig, part: str, governor: Any, *, rows: int, api_key: str, emulated: bool,
+                  retry_failed: bool, adopt: bool) -> dict[str, Any]:
     """Body of one partition's Ray task: register with the governor, run_job, settle. Returns a summary."""
     from enrich.job import run_job
 
@@ -146,7 +146,8 @@ def run_partition(pcfg: RunConfig, part: str, governor: Any, *, api_key: str, em
     baseline = journal_spend(pcfg.journal)
     _ray().get(governor.register.remote(part, baseline))
     price = max(PROCESSORS[p].price_micros for p in pcfg.ladder)
-    adapter = ActorGovernor(governor, part, baseline, max_ask=price * pcfg.limits.batch_size)
+    # ask for at most one batch (and never for more runs than the partition has rows)
+    adapter = ActorGovernor(governor, part, baseline, max_ask=price * min(pcfg.limits.batch_size, rows))
     try:
         result = run_job(pcfg, api_key=api_key, emulated=emulated, retry_failed=retry_failed, adopt=adopt,
                          install_signals=False, governor=adapter)
@@ -278,7 +279,7 @@ def _run(cfg: RunConfig, jpath: Path, dataset: bool, partitions: int | None, api
             while queue and len(running) < k:
                 p = queue.pop(0)
                 pcfg = partition_config(cfg, plan, p, share, dataset)
-                ref = task.remote(pcfg, p.name, governor, api_key=api_key, emulated=emulated,
+                ref = task.remote(pcfg, p.name, governor, rows=p.rows, api_key=api_key, emulated=emulated,
                                   retry_failed=retry_failed, adopt=adopt)
                 running[ref] = p
             done, _ = ray.wait(list(running), num_returns=1)
