@@ -87,6 +87,10 @@ def _parser() -> argparse.ArgumentParser:
                      "(different output, task spec, key columns or API key)")
     run.add_argument("--fresh", action="store_true", help="start over: delete the journal (its results are lost; "
                      "rows are paid for again)")
+    run.add_argument("--ray", nargs="?", const="", metavar="ADDRESS", help="run as partitions on Ray: no ADDRESS "
+                     "starts a local Ray, `auto` or ray://HOST:PORT joins a cluster (see README, Scaling out)")
+    run.add_argument("--partitions", type=int, metavar="N", help="with --ray: partitions to cut the input into "
+                     "(default: one per 50,000 rows; an input directory: at least one per file)")
     plan = add("plan", "rows, cost and duration estimate; no API calls")
     job_flags(plan)
     st = add("status", "counts by state, spend, last error (works while a run is live)")
@@ -157,6 +161,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cfg = _load(args)
     path = journal_path_for(cfg)
     preflight.check_job(cfg, api_key=None, emulated=bool(args.emulator), journal_path=path)
+    from enrich.scale import status as scaled
+
+    if (info := scaled.plan(cfg, path)) is not None:   # a partitioned job (--ray)
+        print(scaled.format_plan(info))
+        return EXIT_OK
     journal = Journal.open(path, readonly=False) if path.exists() else Journal.open(":memory:")
     try:
         prep = prepare(cfg, journal, retry_failed=args.retry_failed, dry=True)
@@ -173,8 +182,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     emulated = bool(args.emulator)
-    result = run_job(cfg, api_key=_api_key(emulated), emulated=emulated, retry_failed=args.retry_failed,
-                     adopt=args.adopt, fresh=args.fresh, detach=args.detach)
+    if args.ray is not None or args.partitions is not None:
+        if args.ray is None:
+            raise ConfigError("--partitions needs --ray")
+        from enrich.scale.runner import run_partitioned
+
+        result = run_partitioned(cfg, address=args.ray or None, partitions=args.partitions,
+                                 api_key=_api_key(emulated), emulated=emulated, retry_failed=args.retry_failed,
+                                 adopt=args.adopt, fresh=args.fresh)
+    else:
+        result = run_job(cfg, api_key=_api_key(emulated), emulated=emulated, retry_failed=args.retry_failed,
+                         adopt=args.adopt, fresh=args.fresh, detach=args.detach)
     for line in result.message.splitlines():
         print(f"enrich: {line}", file=sys.stderr)
     if result.exit_code == EXIT_INTERRUPTED:
@@ -185,7 +203,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from enrich.journal import Journal
+    from enrich.scale import status as scaled
 
+    if (cut := scaled.partition_plan(args.journal)) is not None:   # a partitioned job (--ray)
+        info = scaled.status(args.journal, cut)
+        print(json.dumps(info, indent=2) if args.json else scaled.format_status(info))
+        return EXIT_OK
     preflight.check_journal_file(args.journal)
     journal = Journal.open(args.journal, readonly=True)
     try:

@@ -277,6 +277,46 @@ def scenario_p6(rows: int) -> dict[str, Any]:
             "peak_active_runs_possible": rows}}
 
 
+def scenario_p8(rows: int, rpm: int = 1800) -> dict[str, Any]:
+    """Scale-out: the same job with `--ray --partitions 2` (two partition workers on a local Ray) vs one
+    process, on one emulator that enforces the API's 2,000 creating POSTs/min: wall ratio, and the
+    global POST rate (max in any 60 s window, 429s) held across the workers."""
+    import shutil
+
+    limits = f"max_in_flight = 5000\nrequests_per_minute = {rpm}"
+    for name in ("p8_single", "p8_ray"):
+        shutil.rmtree(WORK / name / "out.parquet.journal.sqlite.parts", ignore_errors=True)
+    emu = Emulator("--time-scale", "0", "--rate-limit", "2000")
+    out: dict[str, Any] = {"rows": rows, "requests_per_minute": rpm}
+    try:
+        env = {**os.environ, "PARALLEL_API_KEY": "bench-key"}
+        for name, extra in (("single", []), ("ray", ["--ray", "--partitions", "2"])):
+            cfg = config(rows, f"p8_{name}", limits)
+            t0 = time.monotonic()
+            r = subprocess.run([PY, "-m", "enrich", "run", str(cfg), "--base-url", emu.url, *extra], cwd=ROOT,
+                               env=env, capture_output=True, text=True)
+            wall = time.monotonic() - t0
+            if r.returncode != 0:
+                raise RuntimeError(f"enrich {name} failed ({r.returncode}): {r.stderr[-2000:]}")
+            report = json.loads((cfg.parent / "out.parquet.report.json").read_text())
+            log = httpx.get(emu.url + "/_emulator/requests", timeout=60).json()
+            posts = sorted(t for t, method, route, _status in log if method == "POST" and route == "add_runs")
+            j = best = 0
+            for i, t in enumerate(posts):
+                while posts[j] < t - 60:
+                    j += 1
+                best = max(best, i - j + 1)
+            out[name] = {"wall_s": wall, "pipeline_s": report["elapsed_s"], "creating_posts": len(posts),
+                         "max_posts_in_60s": best, "http_429": sum(1 for *_x, status in log if status == 429),
+                         "rows_completed": report["status_counts"].get("completed", 0)}
+            httpx.post(emu.url + "/_emulator/reset")
+    finally:
+        emu.stop()
+    out["ratio_wall"] = out["ray"]["wall_s"] / out["single"]["wall_s"]
+    out["ratio_pipeline"] = out["ray"]["pipeline_s"] / out["single"]["pipeline_s"]
+    return out
+
+
 def scenario_e0() -> dict[str, Any]:
     """Emulator capacity: creates/s, 20,000 active runs held, GETs/s, listing events/s (one client)."""
     emu = Emulator("--time-scale", "10", "--rate-limit", "0")
@@ -322,6 +362,7 @@ def main() -> None:
         ("P5_noop_resume", lambda: scenario_p5(10_000 if quick else 100_000)),
         ("P6_20000_in_flight", lambda: scenario_p6(2000 if quick else 20000)),
         ("P7_linear", lambda: scenario_p7(2000 if quick else 20_000, 100_000 if quick else 1_000_000)),
+        ("P8_ray_2_workers", lambda: scenario_p8(20_000 if quick else 200_000)),
     ]
     only = os.environ.get("BENCH_ONLY")
     for name, fn in plan:
@@ -390,6 +431,13 @@ def table(r: dict[str, Any]) -> str:
     p = r.get("P6_20000_in_flight", {})
     if "enrich" in p:
         row("P6_20000_in_flight", "completion lag p95 s", p["enrich"]["lag_p95_s"], None, None, "<= 2 s")
+    p = r.get("P8_ray_2_workers", {})
+    if "ray" in p:
+        row("P8_ray_2_workers", f"wall s, {p['rows']:,} rows (ray / one process)", p["ray"]["wall_s"],
+            p["single"]["wall_s"], p["ratio_wall"], "<= 1.5x")
+        row("P8_ray_2_workers", f"max creating POSTs in 60 s (limit {p['requests_per_minute']})",
+            p["ray"]["max_posts_in_60s"], p["single"]["max_posts_in_60s"], None, "<= limit, 0 x 429")
+        row("P8_ray_2_workers", "HTTP 429s", p["ray"]["http_429"], p["single"]["http_429"], None, "0")
     for k, v in r.items():
         if isinstance(v, dict) and "error" in v:
             lines.append(f"| {k} | ERROR | {v['error'][-200:]} | | | |")
