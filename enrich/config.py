@@ -398,9 +398,14 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None,
     bad flag value is reported under the flag's name, not the config file's. Raises ConfigError
     naming the file (or flag) and the key path of the first problem.
     """
+    return config_from_mapping(read_config_file(path), overrides, str(path), flags)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The TOML file as a mapping; ConfigError (one line, naming the file) when it cannot be read."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except IsADirectoryError:
@@ -409,7 +414,6 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None,
         raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return config_from_mapping(data, overrides, str(path), flags)
 
 
 def config_from_mapping(data: dict[str, Any], overrides: dict[str, Any] | None = None,

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from enrich.config import RunConfig, config_from_mapping, digest
+from enrich.config import RunConfig, config_from_mapping, digest, read_config_file
 from enrich.errors import ApiError, AuthError, ConfigError, PaymentRequired
 
 DEFAULT_DIR = Path(".enrich")   # where a frame's journal lives when none is given (stable across calls)
@@ -32,16 +32,7 @@ def _config(config: Any, overrides: dict[str, Any]) -> RunConfig:
         data.pop("source", None)
         return config_from_mapping(data, overrides, str(config.source or "<RunConfig>"))
     if isinstance(config, str | os.PathLike):
-        import tomllib
-
-        path = Path(config)
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-        return config_from_mapping(data, overrides, str(path))
+        return config_from_mapping(read_config_file(config), overrides, str(config))
     if isinstance(config, dict):
         return config_from_mapping(config, overrides, "<dict>")
     raise ConfigError(f"config must be a path, a dict or a RunConfig, not {type(config).__name__}")

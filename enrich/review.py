@@ -39,7 +39,6 @@ REQUIRED_COLUMNS = ("field", "verdict", "corrected_value")   # reviewers may del
 VERDICTS = ("accept", "correct", "reject")
 TO_REVIEW = ("review", "rejected")
 _NUMERIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
-_GUARDED_START = ("=", "+", "-", "@", "\t", "\r", "\x00", "'")
 
 
 def review_path(output: Path) -> Path:
@@ -53,9 +52,9 @@ def guard(cell: str) -> str:
     >>> guard("=SUM(A1)"), guard("-2"), guard("'quoted"), guard("plain")
     ("'=SUM(A1)", '-2', "''quoted", 'plain')
     """
-    if cell.startswith(_GUARDED_START) and not _NUMERIC.match(cell):
-        return "'" + cell
-    return cell
+    from enrich.write import neutralize
+
+    return "'" + cell if cell.startswith("'") else neutralize(cell)   # a leading ' too, so unguard is exact
 
 
 def unguard(cell: str) -> str:

@@ -329,19 +329,22 @@ class Emulator:
         event_cursor = str(len(group.events) - 1) if group.events else None
         if self.eventual:
             return self._add_runs_eventually(group, checked, now), run_cursor, event_cursor
-        runs = []
-        for item, spec, warnings in checked:
-            run = self._new_run(item, spec, warnings, group, now)
+        runs = [self._new_run(item, spec, warnings, group, now) for item, spec, warnings in checked]
+        self._append(group, runs, now)
+        return runs, run_cursor, event_cursor
+
+    @staticmethod
+    def _append(group: Group, runs: list[Run], now: float) -> None:
+        """Add new runs to their group in order, with one status event for the batch."""
+        for run in runs:
             run.seq = len(group.runs)
             group.runs.append(run)
             group.counts[run.status] += 1
-            runs.append(run)
         group.modified = now
         if runs:
             group.events.append(None)
             group.changed.set()
             group.changed = asyncio.Event()
-        return runs, run_cursor, event_cursor
 
     def _add_runs_eventually(self, group: Group, checked: list, now: float) -> list[Run]:
         """add-runs under `eventual`: each run becomes visible up to VISIBLE_DELAY_S later, in
@@ -354,18 +357,11 @@ class Emulator:
         for (item, spec, warnings), delay in zip(checked, delays, strict=True):
             early = rng.random() < bh.EARLY_SHARE
             run = self._new_run(item, spec, warnings, group, now, instant=early)
-            run.seq = len(group.runs)
             last = max(last, now + delay)
             run.visible_at = now if early else last
             run.stale_s = rng.uniform(0, bh.STALE_S)
-            group.runs.append(run)
-            group.counts[run.status] += 1
             runs.append(run)
-        group.modified = now
-        if runs:
-            group.events.append(None)
-            group.changed.set()
-            group.changed = asyncio.Event()
+        self._append(group, runs, now)
         return runs
 
     def visible_runs(self, group: Group, start: int, now: float) -> list[Run]:
