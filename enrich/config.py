@@ -121,8 +121,9 @@ class OutputConfig(_Strict):
 
     @model_validator(mode="after")
     def _format(self) -> OutputConfig:
-        # refused here, at config load, so an unknown extension stops the job before anything is sent
-        if (problem := output_format_problem(self.path)) is not None:
+        # refused here, at config load, so an unknown extension stops the job before anything is sent;
+        # a path without one names a folder (a Parquet dataset, with --ray), which preflight checks per mode
+        if self.path.suffix and (problem := output_format_problem(self.path)) is not None:
             raise ValueError(problem)
         return self
 

@@ -139,8 +139,9 @@ def check_output_path(output: Path, *, input_path: Path | str | None = None,
 
     output = Path(output)
     if output.suffix.lower() not in OUTPUT_FORMATS:
-        raise ConfigError(f"{flag} {output}: unsupported extension {output.suffix or '(none)'!r}; "
-                          f"use one of {', '.join(sorted(OUTPUT_FORMATS))}")
+        hint = " (a folder output is a Parquet dataset, written with --ray)" if not output.suffix else ""
+        raise ConfigError(f"{flag} {output}: unsupported output extension {output.suffix or '(none)'!r}; "
+                          f"use one of {', '.join(sorted(OUTPUT_FORMATS))}{hint}")
     if output.is_dir():
         raise ConfigError(f"{flag} {output}: is a directory; give a file name")
     if input_path is not None and _same_file(output, Path(input_path)):

@@ -68,14 +68,14 @@ def config(d: Path, name: str, inp: Path, output: Path, limits: str = "", budget
 
 
 def frame(path: Path) -> pl.DataFrame:
-    """An output without its run ids (they differ between runs by construction)."""
+    """An output without its run ids and latencies (they differ between runs by construction)."""
     if path.is_dir():
         df = pl.read_parquet(sorted(path.glob("part-*.parquet")))
     elif path.suffix == ".parquet":
         df = pl.read_parquet(path)
     else:
         df = pl.read_csv(path, infer_schema=False)
-    return df.drop("_enrich_run_id")
+    return df.drop("_enrich_run_id", "_enrich_latency_s")   # both differ between runs by construction
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from enrich import preflight
 from enrich.config import RunConfig, build_task_spec, digest, spec_fingerprint
 from enrich.errors import ConfigError, EnrichError, JournalError
 from enrich.job import (
@@ -38,7 +39,6 @@ from enrich.job import (
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
     JobResult,
-    check_paths,
 )
 from enrich.processors import PROCESSORS
 from enrich.scale.governor import ActorGovernor, GovernorState, journal_spend
@@ -226,8 +226,11 @@ def run_partitioned(cfg: RunConfig, *, address: str | None, partitions: int | No
     if partitions is not None and partitions < 1:
         raise ConfigError("--partitions must be at least 1")
     jpath = Path(os.path.abspath(cfg.journal_path))
-    check_paths(cfg, jpath)
     dataset = is_dataset(cfg.output.path)
+    if not dataset:   # a file output gets every single-machine check; a dataset folder is made here
+        preflight.check_job(cfg, api_key=api_key, emulated=emulated, journal_path=jpath)
+    elif jpath.resolve() == cfg.input.path.resolve():
+        raise ConfigError(f"journal {jpath} is the input file; choose another journal path")
     if dataset and cfg.output.path.exists() and not cfg.output.path.is_dir():
         raise ConfigError(f"output {cfg.output.path} is a file; a dataset output must be a directory")
     started, multi = connect(address)
