@@ -4,8 +4,11 @@
     ├── ConfigError                  2   bad config file, flag or environment
     ├── InputError                   2   bad input file: names file, line/column and problem
     ├── JournalError                 2   journal unusable, locked by another run, or drifted
+    │   ├── TransitionError              a row was not where a transition starts (a bug or a second writer)
+    │   └── DuplicateKey                 the same key twice in one input
     ├── OutputError                  2   the output cannot be written (results are safe in the journal)
     ├── BudgetExceeded               4   the next run would cross the budget
+    │   └── DailyBudgetExceeded          ... or today's (UTC) daily budget on the spend ledger
     └── ApiError
         ├── TransientApiError        -   safe to retry: the request created nothing
         ├── PermanentApiError        3   this request/row is bad (400/404/422): retrying cannot help
@@ -117,6 +120,22 @@ class ApiUnavailable(ApiError):
     """The API cannot be reached at all (nothing listening, outage): the job stops, resumable."""
 
     exit_code = 69
+
+
+class DailyBudgetExceeded(BudgetExceeded):
+    """Today's (UTC) daily budget, shared by every job on the same spend ledger, is spent."""
+
+
+class TransitionError(JournalError):
+    """A row was not in a state the transition starts from: a bug or a second writer, never ignored."""
+
+
+class DuplicateKey(JournalError):
+    """The same key appears twice in one input file."""
+
+    def __init__(self, key: str, first_line: int, line: int):
+        super().__init__(f"duplicate key {key} (first at line {first_line})")
+        self.key, self.first_line, self.line = key, first_line, line
 
 
 def redact(text: str, secret: str | None) -> str:

@@ -47,106 +47,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from enrich.errors import BudgetExceeded, JournalError
+from enrich.errors import BudgetExceeded, DailyBudgetExceeded, DuplicateKey, JournalError, TransitionError
+from enrich.journal_decisions import DecisionStore
+from enrich.journal_sql import (
+    IN_FLIGHT,
+    LEDGER_SCHEMA,
+    REUSE_SQL,
+    SCHEMA,
+    SCHEMA_VERSION,
+    SEED_SQL,
+    TERMINAL,
+    chunks,
+    migrate_v1,
+)
 from enrich.spend import daily_message, utc_day
 
-SCHEMA_VERSION = 2
-IN_FLIGHT = ("intent", "unknown", "submitted")
-TERMINAL = ("done", "failed", "timed_out")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS rows (
-  id             INTEGER PRIMARY KEY,
-  row_key        TEXT NOT NULL UNIQUE,   -- canonical JSON array of the key column values
-  row_ref        TEXT NOT NULL UNIQUE,   -- sha256(job_id, row_key)[:24], sent as run metadata enrich_row
-  ordinal        INTEGER NOT NULL,   -- 0-based position in the latest input
-  line           INTEGER NOT NULL,   -- line (CSV) or row number (Parquet) in the latest input
-  epoch          INTEGER NOT NULL,   -- seeding generation that last saw this row
-  row_json       TEXT NOT NULL,      -- every input column, JSON array in meta 'columns' order
-  input_json     TEXT NOT NULL,      -- the task input object (configured columns only)
-  input_hash     TEXT NOT NULL,
-  spec_hash      TEXT NOT NULL,      -- task spec and run options (not the processor)
-  processor      TEXT NOT NULL,      -- processor of the row's next run
-  state          TEXT NOT NULL,      -- pending | intent | unknown | submitted | done | failed | timed_out
-  attempts       INTEGER NOT NULL DEFAULT 0,  -- runs ever intended for this row: metadata enrich_try
-  retries        INTEGER NOT NULL DEFAULT 0,  -- rejections of this row itself (not of the API)
-  batch          INTEGER,            -- submission batch of the current attempt
-  run_id         TEXT,               -- the run proven (by its metadata) to belong to this attempt
-  run_input_hash TEXT,               -- input_hash, spec_hash and processor the current run was made from
-  run_spec_hash  TEXT,
-  run_processor  TEXT,
-  next_at        REAL,               -- not before this time (backoff after a safe failure)
-  solo           INTEGER NOT NULL DEFAULT 0,  -- 1 = submit alone (its batch got a 422)
-  intent_at      REAL,
-  submitted_at   REAL,
-  finished_at    REAL,
-  rung           TEXT,               -- strongest processor a run was created on for this input/spec (escalation)
-  error          TEXT
-);
-CREATE INDEX IF NOT EXISTS rows_queue ON rows(epoch, state, solo, ordinal);   -- claim: next pending rows in order
-CREATE INDEX IF NOT EXISTS rows_order ON rows(epoch, ordinal);
-CREATE INDEX IF NOT EXISTS rows_state ON rows(state);
-CREATE TABLE IF NOT EXISTS runs (
-  run_id       TEXT PRIMARY KEY,     -- every run an add-runs reply or a listing showed us
-  batch        INTEGER NOT NULL,
-  cursor       TEXT NOT NULL,        -- runs-stream cursor before its batch ('' = group start)
-  created_at   REAL NOT NULL,
-  state        TEXT NOT NULL         -- waiting | recorded | timed_out
-);
-CREATE INDEX IF NOT EXISTS runs_state ON runs(state);
-CREATE TABLE IF NOT EXISTS results (
-  run_id       TEXT PRIMARY KEY,
-  input_hash   TEXT NOT NULL,
-  spec_hash    TEXT NOT NULL,
-  processor    TEXT NOT NULL,
-  completed_at REAL NOT NULL,
-  result_json  TEXT NOT NULL         -- raw {run, output} JSON as the API sent it
-);
-CREATE INDEX IF NOT EXISTS results_lookup ON results(input_hash, spec_hash, processor, completed_at);
-CREATE TABLE IF NOT EXISTS spend (
-  id INTEGER PRIMARY KEY, at REAL NOT NULL, row_key TEXT NOT NULL,
-  micros INTEGER NOT NULL,            -- +price reserved, -price released
-  reason TEXT NOT NULL                -- reserve | release
-);
-CREATE INDEX IF NOT EXISTS spend_row ON spend(row_key, id);   -- a release finds its reservation at once
-CREATE TABLE IF NOT EXISTS log (id INTEGER PRIMARY KEY, at REAL NOT NULL, level TEXT NOT NULL, message TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS verdicts (  -- append-only human review history
-  id INTEGER PRIMARY KEY, at REAL NOT NULL, row_key TEXT NOT NULL, field TEXT NOT NULL,
-  verdict TEXT NOT NULL,              -- accept | correct | reject
-  corrected_json TEXT,                -- the reviewer's value (JSON), for correct
-  reviewer TEXT NOT NULL, note TEXT NOT NULL,
-  run_id TEXT,                        -- the run whose answer was reviewed
-  input_hash TEXT NOT NULL,           -- the row's input then: a changed input makes the verdict stale
-  previous_json TEXT                  -- the value shown to the reviewer
-);
-CREATE INDEX IF NOT EXISTS verdicts_row ON verdicts(row_key, id);
-"""
-
-LEDGER_SCHEMA = """
-CREATE TABLE IF NOT EXISTS {db}.ledger (  -- spend per UTC day, shared by the jobs that name this ledger
-  id INTEGER PRIMARY KEY, day TEXT NOT NULL, job TEXT NOT NULL, row_key TEXT NOT NULL,
-  micros INTEGER NOT NULL             -- +price reserved, -price released (on the reservation's day)
-);
-CREATE INDEX IF NOT EXISTS {db}.ledger_day ON ledger(day);
-"""
-
-
-class DailyBudgetExceeded(BudgetExceeded):
-    """Today's (UTC) daily budget, shared by every job on the same spend ledger, is spent."""
-
-
-class TransitionError(JournalError):
-    """A row was not in a state the transition starts from: a bug or a second writer, never ignored."""
-
-
-class DuplicateKey(JournalError):
-    """The same key appears twice in one input file."""
-
-    def __init__(self, key: str, first_line: int, line: int):
-        super().__init__(f"duplicate key {key} (first at line {first_line})")
-        self.key, self.first_line, self.line = key, first_line, line
-
+__all__ = ["IN_FLIGHT", "LEDGER_SCHEMA", "SCHEMA", "SCHEMA_VERSION", "TERMINAL", "Claimed", "DailyBudgetExceeded",
+           "DuplicateKey", "Finished", "Journal", "TransitionError", "Unresolved"]
 
 @dataclass
 class Claimed:
@@ -177,12 +94,7 @@ class Finished:
     error: str | None = None         # failed / cancelled
 
 
-def _chunks(items: list[Any], n: int = 900) -> Iterator[list[Any]]:
-    for i in range(0, len(items), n):
-        yield items[i:i + n]
-
-
-class Journal:
+class Journal(DecisionStore):
     """A job journal. Open with `Journal.open(path)`; a read-only view with `readonly=True`."""
 
     def __init__(self, conn: sqlite3.Connection, path: Path, lock_fd: int | None):
@@ -240,7 +152,7 @@ class Journal:
             if version > SCHEMA_VERSION:
                 raise JournalError(f"{path}: journal was written by a newer enrich (schema {version})")
             if version == 1:
-                _migrate_v1(conn)
+                migrate_v1(conn)
             conn.executescript(SCHEMA)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
@@ -338,18 +250,18 @@ class Journal:
                         if r[0] in seen:
                             raise DuplicateKey(r[0], seen[r[0]], r[3])
                         seen[r[0]] = r[3]
-                for chunk in _chunks(keys):
+                for chunk in chunks(keys):
                     marks = ",".join("?" * len(chunk))
                     hit = conn.execute(f"SELECT row_key, line FROM rows WHERE epoch=? AND row_key IN ({marks}) LIMIT 1",
                                        (epoch, *chunk)).fetchone()
                     if hit:
                         line2 = next(r[3] for r in batch if r[0] == hit[0])
                         raise DuplicateKey(hit[0], hit[1], line2)
-                conn.executemany(_SEED_SQL, [(*r, epoch, int(retry_failed)) for r in batch])
+                conn.executemany(SEED_SQL, [(*r, epoch, int(retry_failed)) for r in batch])
             if retry_failed:   # a timed-out run may have finished since: ask for it before paying again
                 conn.execute("UPDATE runs SET state='waiting' WHERE state='timed_out' AND run_id IN "
                              "(SELECT run_id FROM rows WHERE epoch=? AND state='submitted')", (epoch,))
-            conn.execute(_REUSE_SQL, {"epoch": epoch, "fresh": refresh_before})
+            conn.execute(REUSE_SQL, {"epoch": epoch, "fresh": refresh_before})
             self.set("epoch", epoch, conn)
             for k, v in (meta or {}).items():
                 self.set(k, v, conn)
@@ -400,15 +312,6 @@ class Journal:
             self._ledger_db = "spendledger"
         self.conn.executescript(LEDGER_SCHEMA.format(db=self._ledger_db))
 
-    _ledger_db: str | None = None
-    _ledger_job = ""
-
-    def spent_on_day(self, day: str) -> int:
-        """Micro-dollars reserved on UTC `day` in the spend ledger (every job sharing it)."""
-        if self._ledger_db is None:
-            return 0
-        return self.conn.execute(f"SELECT COALESCE(SUM(micros), 0) FROM {self._ledger_db}.ledger WHERE day=?",
-                                 (day,)).fetchone()[0]
 
     def claim(self, epoch: int, limit: int, prices: dict[str, int], budget: int | None, now: float,
               batch: int, daily_budget: int | None = None) -> list[Claimed]:
@@ -447,7 +350,7 @@ class Journal:
                           "run_input_hash=input_hash, run_spec_hash=spec_hash, run_processor=processor, error=NULL "
                           "WHERE id=? AND state='pending'", [(batch, now, i) for i in ids])
             out: list[Claimed] = []
-            for chunk in _chunks(ids):
+            for chunk in chunks(ids):
                 marks = ",".join("?" * len(chunk))
                 rows = c.execute(f"SELECT id, row_key, row_ref, attempts, input_json FROM rows WHERE id IN ({marks}) "
                                  "AND state='intent'", chunk).fetchall()
@@ -517,15 +420,6 @@ class Journal:
                 c.execute("UPDATE rows SET state=?, retries=retries+?, next_at=?, solo=MAX(solo, ?), error=?, "
                           "finished_at=? WHERE row_key=?", (state, inc, next_at, int(solo), error, now, key))
         return failed
-
-    def _ledger_refund(self, c: sqlite3.Connection, key: str) -> None:
-        if self._ledger_db is None:
-            return
-        res = c.execute(f"SELECT day, micros FROM {self._ledger_db}.ledger WHERE job=? AND row_key=? AND micros>0 "
-                        "ORDER BY id DESC LIMIT 1", (self._ledger_job, key)).fetchone()
-        if res:
-            c.execute(f"INSERT INTO {self._ledger_db}.ledger(day, job, row_key, micros) VALUES (?, ?, ?, ?)",
-                      (res[0], self._ledger_job, key, -res[1]))
 
     def mark_unknown(self, rows: list[tuple[str, int]], error: str) -> None:
         """intent -> unknown: the add-runs outcome is ambiguous; reconciliation decides."""
@@ -602,105 +496,7 @@ class Journal:
             self._move(c, "UPDATE rows SET state='unknown', error=? WHERE row_key=? AND attempts=? AND "
                           "state='submitted'", [(error, k, a) for k, a in rows], "unknown_from_submitted")
 
-    # ---- decisions: escalation and human review ---------------------------------------------
-    def decided_rows(self, epoch: int, ladder: list[str], chunk: int = 2_000) -> Iterator[list[tuple[Any, ...]]]:
-        """(id, row_key, state, processor, rung, input_hash, [(processor, run_id, result_json)]) of done rows and of
-        failed rows that have a result on the ladder, in input order: what the escalation pass decides on."""
-        last = -1
-        while True:
-            rows = self.conn.execute("SELECT id, ordinal, row_key, state, processor, rung, input_hash, spec_hash FROM "
-                                     "rows WHERE epoch=? AND ordinal>? AND state IN ('done', 'failed') ORDER BY "
-                                     "ordinal LIMIT ?", (epoch, last, chunk)).fetchall()
-            if not rows:
-                return
-            last = rows[-1][1]
-            found = self._results_for([(r[6], r[7]) for r in rows], ladder)
-            out = [(r[0], r[2], r[3], r[4], r[5], r[6], found.get((r[6], r[7]), [])) for r in rows]
-            yield [o for o in out if o[2] == "done" or o[6]]
-
-    def _results_for(self, pairs: list[tuple[str, str]], ladder: list[str]) -> dict[tuple[str, str], list[Any]]:
-        """(input_hash, spec_hash) -> [(processor, run_id, result_json)] for ladder processors (latest per one)."""
-        found: dict[tuple[str, str], dict[str, tuple[str, str, str]]] = {}
-        procs = ",".join("?" * len(ladder))
-        for part in _chunks(sorted({p[0] for p in pairs}), 500):
-            marks = ",".join("?" * len(part))
-            for in_h, spec_h, proc, rid, res in self.conn.execute(
-                    f"SELECT input_hash, spec_hash, processor, run_id, result_json FROM results WHERE input_hash IN "
-                    f"({marks}) AND processor IN ({procs}) ORDER BY completed_at", (*part, *ladder)):
-                found.setdefault((in_h, spec_h), {})[proc] = (proc, rid, res)
-        return {k: list(v.values()) for k, v in found.items()}
-
-    def climb(self, moves: list[tuple[int, str]], now: float) -> None:
-        """done|failed -> pending on a stronger processor (escalation): the next run is a normal claim."""
-        with self.tx() as c:
-            self._move(c, "UPDATE rows SET state='pending', processor=?, next_at=NULL, error=NULL, finished_at=? "
-                          "WHERE id=? AND state IN ('done', 'failed')", [(p, now, i) for i, p in moves], "climb")
-
-    def fall_back(self, items: list[tuple[int, str]], now: float) -> None:
-        """failed -> done for an escalation run that failed: the row keeps its best earlier result (run_id)."""
-        with self.tx() as c:
-            self._move(c, "UPDATE rows SET state='done', run_id=?, error=NULL, finished_at=? WHERE id=? AND "
-                          "state='failed'", [(r, now, i) for i, r in items], "fall_back")
-
-    def escalated_count(self, epoch: int, base: str) -> int:
-        return self.conn.execute("SELECT COUNT(*) FROM rows WHERE epoch=? AND (processor!=? OR rung IS NOT NULL "
-                                 "AND rung!=?)", (epoch, base, base)).fetchone()[0]
-
-    def row_keys(self, epoch: int) -> list[str]:
-        return [r[0] for r in self.conn.execute("SELECT row_key FROM rows WHERE epoch=?", (epoch,))]
-
-    def add_verdicts(self, verdicts: list[tuple[str, str, str, str | None, str, str, str | None, str | None]],
-                     now: float) -> int:
-        """Append reviewer verdicts: (row_key, field, verdict, corrected_json, reviewer, note, run_id,
-        previous_json); each is stamped with the row's current input so a later input change makes it stale."""
-        with self.tx() as c:
-            for v in verdicts:
-                hit = c.execute("SELECT input_hash FROM rows WHERE row_key=?", (v[0],)).fetchone()
-                if hit is None:
-                    raise TransitionError(f"verdict for unknown row {v[0]}")
-                c.execute("INSERT INTO verdicts(at, row_key, field, verdict, corrected_json, reviewer, note, run_id, "
-                          "previous_json, input_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (now, *v, hit[0]))
-        return len(verdicts)
-
-    def verdicts_for(self, row_keys: list[str]) -> dict[str, list[tuple[Any, ...]]]:
-        """row_key -> [(field, verdict, corrected_json, reviewer, note, run_id, input_hash, at)] oldest first."""
-        out: dict[str, list[tuple[Any, ...]]] = {}
-        if self.conn.execute("SELECT 1 FROM verdicts LIMIT 1").fetchone() is None:
-            return out
-        for part in _chunks(row_keys):
-            marks = ",".join("?" * len(part))
-            for r in self.conn.execute(f"SELECT row_key, field, verdict, corrected_json, reviewer, note, run_id, "
-                                       f"input_hash, at FROM verdicts WHERE row_key IN ({marks}) ORDER BY id", part):
-                out.setdefault(r[0], []).append(r[1:])
-        return out
-
     # ---- reading back ----------------------------------------------------------------------
-    def iter_results(self, epoch: int, ladder: list[str], chunk: int = 2_000) -> Iterator[list[tuple[Any, ...]]]:
-        """(row_key, row_json, state, run_id, error, submitted_at, finished_at, input_hash,
-        [(processor, run_id, result_json)]) in input order; results are the row's, per ladder processor."""
-        last = -1
-        while True:
-            rows = self.conn.execute(
-                "SELECT ordinal, row_key, row_json, state, run_id, error, submitted_at, finished_at, input_hash, "
-                "spec_hash FROM rows WHERE epoch=? AND ordinal>? ORDER BY ordinal LIMIT ?",
-                (epoch, last, chunk)).fetchall()
-            if not rows:
-                return
-            last = rows[-1][0]
-            done = [(r[8], r[9]) for r in rows if r[3] == "done"]
-            found = self._results_for(done, ladder) if done else {}
-            extra = {r[4]: r for r in rows if r[3] == "done" and r[4]}
-            if extra:   # a reused result of a processor no longer on the ladder (or a legacy one) still counts
-                marks = ",".join("?" * len(extra))
-                for rid, proc, res in self.conn.execute(f"SELECT run_id, processor, result_json FROM results WHERE "
-                                                        f"run_id IN ({marks})", list(extra)):
-                    r = extra[rid]
-                    lst = found.setdefault((r[8], r[9]), [])
-                    if all(x[1] != rid for x in lst) and all(x[0] != proc for x in lst):
-                        lst.append((proc, rid, res))
-            yield [(*r[1:9], found.get((r[8], r[9]), []) if r[3] == "done" else []) for r in rows]
-
-
     def counts(self, epoch: int | None = None) -> dict[str, int]:
         if epoch is None:
             epoch = self.get("epoch", 0)
@@ -751,73 +547,3 @@ class Journal:
             c.execute("DELETE FROM runs WHERE state IN ('waiting', 'timed_out')")
             c.execute("DELETE FROM meta WHERE k IN ('taskgroup_id', 'events_cursor')")
         return len(keys)
-
-
-_SEED_SQL = """
-INSERT INTO rows (row_key, row_ref, ordinal, line, row_json, input_json, input_hash, spec_hash, processor, epoch,
-                  state)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending')
-ON CONFLICT(row_key) DO UPDATE SET
-  ordinal=excluded.ordinal, line=excluded.line, epoch=excluded.epoch, row_json=excluded.row_json,
-  input_json=excluded.input_json, input_hash=excluded.input_hash, spec_hash=excluded.spec_hash,
-  processor = CASE WHEN rows.state IN ('intent', 'unknown', 'submitted') THEN rows.processor
-                   ELSE excluded.processor END,
-  rung = CASE WHEN rows.input_hash = excluded.input_hash AND rows.spec_hash = excluded.spec_hash THEN rows.rung
-              ELSE NULL END,
-  state = CASE
-    WHEN rows.state IN ('intent', 'unknown', 'submitted') THEN rows.state
-    WHEN rows.state IN ('failed', 'timed_out') AND rows.run_input_hash = excluded.input_hash
-         AND rows.run_spec_hash = excluded.spec_hash AND rows.run_processor = excluded.processor THEN
-         CASE WHEN ?11 = 0 THEN rows.state
-              WHEN rows.state = 'timed_out' AND rows.run_id IS NOT NULL THEN 'submitted'
-              ELSE 'pending' END
-    ELSE 'pending' END,
-  retries = CASE WHEN rows.state IN ('intent', 'unknown', 'submitted') THEN rows.retries ELSE 0 END,
-  solo = 0, next_at = NULL
-"""
-
-# pending rows whose (input, spec, processor) already has a result: done, no new run
-_REUSE_SQL = """
-UPDATE rows SET state='done', error=NULL, run_input_hash=input_hash, run_spec_hash=spec_hash, run_processor=processor,
-  run_id=(SELECT s.run_id FROM results s WHERE s.input_hash=rows.input_hash AND s.spec_hash=rows.spec_hash
-          AND s.processor=rows.processor AND (:fresh IS NULL OR s.completed_at >= :fresh)
-          ORDER BY s.completed_at DESC LIMIT 1)
-WHERE epoch=:epoch AND state='pending' AND EXISTS (SELECT 1 FROM results s WHERE s.input_hash=rows.input_hash
-  AND s.spec_hash=rows.spec_hash AND s.processor=rows.processor AND (:fresh IS NULL OR s.completed_at >= :fresh))
-"""
-
-
-def _migrate_v1(conn: sqlite3.Connection) -> None:
-    """Schema 1 -> 2: results move to their own table, runs get a table, rows an integer id and a processor.
-
-    Spec hashes of schema 1 included the processor; `pipeline.prepare` renames them on first use
-    (meta `legacy_spec_hash`), so nothing already paid for runs again."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        proc_row = conn.execute("SELECT v FROM meta WHERE k='processor'").fetchone()
-        proc = json.loads(proc_row[0]) if proc_row else "lite-fast"
-        conn.execute("ALTER TABLE rows RENAME TO rows_v1")
-        for idx in ("rows_state", "rows_queue", "rows_order", "rows_run"):
-            conn.execute(f"DROP INDEX IF EXISTS {idx}")
-        conn.executescript(SCHEMA.replace("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);", ""))
-        conn.execute(
-            "INSERT INTO rows(row_key, row_ref, ordinal, line, epoch, row_json, input_json, input_hash, spec_hash, "
-            "processor, state, attempts, retries, batch, run_id, run_input_hash, run_spec_hash, run_processor, next_at, "
-            "solo, intent_at, submitted_at, finished_at, error) SELECT row_key, row_ref, ordinal, line, epoch, row_json, "
-            "input_json, input_hash, spec_hash, ?, state, attempts, retries, batch, run_id, run_input_hash, "
-            "run_spec_hash, ?, next_at, solo, intent_at, submitted_at, finished_at, error FROM rows_v1 ORDER BY ordinal",
-            (proc, proc))
-        conn.execute("INSERT OR IGNORE INTO results(run_id, input_hash, spec_hash, processor, completed_at, result_json) "
-                     "SELECT run_id, run_input_hash, run_spec_hash, ?, COALESCE(finished_at, 0), result_json "
-                     "FROM rows_v1 WHERE run_id IS NOT NULL AND result_json IS NOT NULL", (proc,))
-        conn.execute("INSERT OR IGNORE INTO runs(run_id, batch, cursor, created_at, state) SELECT run_id, "
-                     "COALESCE(batch, 0), COALESCE(run_cursor, ''), COALESCE(submitted_at, 0), 'waiting' FROM rows_v1 "
-                     "WHERE state='submitted' AND run_id IS NOT NULL")
-        conn.execute("UPDATE rows SET run_id=NULL WHERE state='submitted'")   # v1 paired them by position
-        conn.execute("DROP TABLE rows_v1")
-        conn.execute("INSERT OR REPLACE INTO meta(k, v) VALUES ('legacy_schema', '1')")
-        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")

@@ -1,0 +1,168 @@
+"""The journal's SQL: schema, seeding statements and migrations (run by journal.py, the one sqlite3 user).
+
+Kept apart so journal.py reads as its transitions. Nothing here opens a database: every function
+takes the connection journal.py owns.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+SCHEMA_VERSION = 2
+IN_FLIGHT = ("intent", "unknown", "submitted")
+TERMINAL = ("done", "failed", "timed_out")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS rows (
+  id             INTEGER PRIMARY KEY,
+  row_key        TEXT NOT NULL UNIQUE,   -- canonical JSON array of the key column values
+  row_ref        TEXT NOT NULL UNIQUE,   -- sha256(job_id, row_key)[:24], sent as run metadata enrich_row
+  ordinal        INTEGER NOT NULL,   -- 0-based position in the latest input
+  line           INTEGER NOT NULL,   -- line (CSV) or row number (Parquet) in the latest input
+  epoch          INTEGER NOT NULL,   -- seeding generation that last saw this row
+  row_json       TEXT NOT NULL,      -- every input column, JSON array in meta 'columns' order
+  input_json     TEXT NOT NULL,      -- the task input object (configured columns only)
+  input_hash     TEXT NOT NULL,
+  spec_hash      TEXT NOT NULL,      -- task spec and run options (not the processor)
+  processor      TEXT NOT NULL,      -- processor of the row's next run
+  state          TEXT NOT NULL,      -- pending | intent | unknown | submitted | done | failed | timed_out
+  attempts       INTEGER NOT NULL DEFAULT 0,  -- runs ever intended for this row: metadata enrich_try
+  retries        INTEGER NOT NULL DEFAULT 0,  -- rejections of this row itself (not of the API)
+  batch          INTEGER,            -- submission batch of the current attempt
+  run_id         TEXT,               -- the run proven (by its metadata) to belong to this attempt
+  run_input_hash TEXT,               -- input_hash, spec_hash and processor the current run was made from
+  run_spec_hash  TEXT,
+  run_processor  TEXT,
+  next_at        REAL,               -- not before this time (backoff after a safe failure)
+  solo           INTEGER NOT NULL DEFAULT 0,  -- 1 = submit alone (its batch got a 422)
+  intent_at      REAL,
+  submitted_at   REAL,
+  finished_at    REAL,
+  rung           TEXT,               -- strongest processor a run was created on for this input/spec (escalation)
+  error          TEXT
+);
+CREATE INDEX IF NOT EXISTS rows_queue ON rows(epoch, state, solo, ordinal);   -- claim: next pending rows in order
+CREATE INDEX IF NOT EXISTS rows_order ON rows(epoch, ordinal);
+CREATE INDEX IF NOT EXISTS rows_state ON rows(state);
+CREATE TABLE IF NOT EXISTS runs (
+  run_id       TEXT PRIMARY KEY,     -- every run an add-runs reply or a listing showed us
+  batch        INTEGER NOT NULL,
+  cursor       TEXT NOT NULL,        -- runs-stream cursor before its batch ('' = group start)
+  created_at   REAL NOT NULL,
+  state        TEXT NOT NULL         -- waiting | recorded | timed_out
+);
+CREATE INDEX IF NOT EXISTS runs_state ON runs(state);
+CREATE TABLE IF NOT EXISTS results (
+  run_id       TEXT PRIMARY KEY,
+  input_hash   TEXT NOT NULL,
+  spec_hash    TEXT NOT NULL,
+  processor    TEXT NOT NULL,
+  completed_at REAL NOT NULL,
+  result_json  TEXT NOT NULL         -- raw {run, output} JSON as the API sent it
+);
+CREATE INDEX IF NOT EXISTS results_lookup ON results(input_hash, spec_hash, processor, completed_at);
+CREATE TABLE IF NOT EXISTS spend (
+  id INTEGER PRIMARY KEY, at REAL NOT NULL, row_key TEXT NOT NULL,
+  micros INTEGER NOT NULL,            -- +price reserved, -price released
+  reason TEXT NOT NULL                -- reserve | release
+);
+CREATE INDEX IF NOT EXISTS spend_row ON spend(row_key, id);   -- a release finds its reservation at once
+CREATE TABLE IF NOT EXISTS log (id INTEGER PRIMARY KEY, at REAL NOT NULL, level TEXT NOT NULL, message TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS verdicts (  -- append-only human review history
+  id INTEGER PRIMARY KEY, at REAL NOT NULL, row_key TEXT NOT NULL, field TEXT NOT NULL,
+  verdict TEXT NOT NULL,              -- accept | correct | reject
+  corrected_json TEXT,                -- the reviewer's value (JSON), for correct
+  reviewer TEXT NOT NULL, note TEXT NOT NULL,
+  run_id TEXT,                        -- the run whose answer was reviewed
+  input_hash TEXT NOT NULL,           -- the row's input then: a changed input makes the verdict stale
+  previous_json TEXT                  -- the value shown to the reviewer
+);
+CREATE INDEX IF NOT EXISTS verdicts_row ON verdicts(row_key, id);
+"""
+
+LEDGER_SCHEMA = """
+CREATE TABLE IF NOT EXISTS {db}.ledger (  -- spend per UTC day, shared by the jobs that name this ledger
+  id INTEGER PRIMARY KEY, day TEXT NOT NULL, job TEXT NOT NULL, row_key TEXT NOT NULL,
+  micros INTEGER NOT NULL             -- +price reserved, -price released (on the reservation's day)
+);
+CREATE INDEX IF NOT EXISTS {db}.ledger_day ON ledger(day);
+"""
+
+
+
+SEED_SQL = """
+INSERT INTO rows (row_key, row_ref, ordinal, line, row_json, input_json, input_hash, spec_hash, processor, epoch,
+                  state)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending')
+ON CONFLICT(row_key) DO UPDATE SET
+  ordinal=excluded.ordinal, line=excluded.line, epoch=excluded.epoch, row_json=excluded.row_json,
+  input_json=excluded.input_json, input_hash=excluded.input_hash, spec_hash=excluded.spec_hash,
+  processor = CASE WHEN rows.state IN ('intent', 'unknown', 'submitted') THEN rows.processor
+                   ELSE excluded.processor END,
+  rung = CASE WHEN rows.input_hash = excluded.input_hash AND rows.spec_hash = excluded.spec_hash THEN rows.rung
+              ELSE NULL END,
+  state = CASE
+    WHEN rows.state IN ('intent', 'unknown', 'submitted') THEN rows.state
+    WHEN rows.state IN ('failed', 'timed_out') AND rows.run_input_hash = excluded.input_hash
+         AND rows.run_spec_hash = excluded.spec_hash AND rows.run_processor = excluded.processor THEN
+         CASE WHEN ?11 = 0 THEN rows.state
+              WHEN rows.state = 'timed_out' AND rows.run_id IS NOT NULL THEN 'submitted'
+              ELSE 'pending' END
+    ELSE 'pending' END,
+  retries = CASE WHEN rows.state IN ('intent', 'unknown', 'submitted') THEN rows.retries ELSE 0 END,
+  solo = 0, next_at = NULL
+"""
+
+# pending rows whose (input, spec, processor) already has a result: done, no new run
+REUSE_SQL = """
+UPDATE rows SET state='done', error=NULL, run_input_hash=input_hash, run_spec_hash=spec_hash, run_processor=processor,
+  run_id=(SELECT s.run_id FROM results s WHERE s.input_hash=rows.input_hash AND s.spec_hash=rows.spec_hash
+          AND s.processor=rows.processor AND (:fresh IS NULL OR s.completed_at >= :fresh)
+          ORDER BY s.completed_at DESC LIMIT 1)
+WHERE epoch=:epoch AND state='pending' AND EXISTS (SELECT 1 FROM results s WHERE s.input_hash=rows.input_hash
+  AND s.spec_hash=rows.spec_hash AND s.processor=rows.processor AND (:fresh IS NULL OR s.completed_at >= :fresh))
+"""
+
+
+def migrate_v1(conn: Any) -> None:
+    """Schema 1 -> 2: results move to their own table, runs get a table, rows an integer id and a processor.
+
+    Spec hashes of schema 1 included the processor; `pipeline.prepare` renames them on first use
+    (meta `legacy_spec_hash`), so nothing already paid for runs again."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        proc_row = conn.execute("SELECT v FROM meta WHERE k='processor'").fetchone()
+        proc = json.loads(proc_row[0]) if proc_row else "lite-fast"
+        conn.execute("ALTER TABLE rows RENAME TO rows_v1")
+        for idx in ("rows_state", "rows_queue", "rows_order", "rows_run"):
+            conn.execute(f"DROP INDEX IF EXISTS {idx}")
+        conn.executescript(SCHEMA.replace("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);", ""))
+        conn.execute(
+            "INSERT INTO rows(row_key, row_ref, ordinal, line, epoch, row_json, input_json, input_hash, spec_hash, "
+            "processor, state, attempts, retries, batch, run_id, run_input_hash, run_spec_hash, run_processor, next_at, "
+            "solo, intent_at, submitted_at, finished_at, error) SELECT row_key, row_ref, ordinal, line, epoch, row_json, "
+            "input_json, input_hash, spec_hash, ?, state, attempts, retries, batch, run_id, run_input_hash, "
+            "run_spec_hash, ?, next_at, solo, intent_at, submitted_at, finished_at, error FROM rows_v1 ORDER BY ordinal",
+            (proc, proc))
+        conn.execute("INSERT OR IGNORE INTO results(run_id, input_hash, spec_hash, processor, completed_at, result_json) "
+                     "SELECT run_id, run_input_hash, run_spec_hash, ?, COALESCE(finished_at, 0), result_json "
+                     "FROM rows_v1 WHERE run_id IS NOT NULL AND result_json IS NOT NULL", (proc,))
+        conn.execute("INSERT OR IGNORE INTO runs(run_id, batch, cursor, created_at, state) SELECT run_id, "
+                     "COALESCE(batch, 0), COALESCE(run_cursor, ''), COALESCE(submitted_at, 0), 'waiting' FROM rows_v1 "
+                     "WHERE state='submitted' AND run_id IS NOT NULL")
+        conn.execute("UPDATE rows SET run_id=NULL WHERE state='submitted'")   # v1 paired them by position
+        conn.execute("DROP TABLE rows_v1")
+        conn.execute("INSERT OR REPLACE INTO meta(k, v) VALUES ('legacy_schema', '1')")
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def chunks(items: list[Any], n: int = 900) -> Iterator[list[Any]]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
