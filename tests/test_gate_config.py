@@ -35,7 +35,7 @@ def test_defaults_and_full_sections(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("extra,where", [
-    ('[gate]\naccept=["high"]\nreview=["high","medium"]\n', "gate: Value error, confidence 'high' is in both"),
+    ('[gate]\naccept=["high"]\nreview=["high","medium"]\n', "gate: confidence 'high' is in both"),
     ('[gate]\nreject=["low"]\n', "'none' is in none of accept, review, reject"),
     ('[gate]\naccept=["medium"]\nreview=["high"]\n', "accept must only hold confidences above those in review"),
     ('[gate]\naccept=["high","low"]\nreview=["medium"]\nreject=["none"]\n', "accept must only hold"),

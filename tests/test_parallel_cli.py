@@ -34,5 +34,5 @@ def test_parallel_cli_enrich_run(tmp_path: Path, emulator) -> None:
         rows = {row["company"]: row for row in csv.DictReader(f)}
     assert rows["3M"]["headquarters_location"] == "Saint Paul, Minnesota, United States"
     assert rows["NVIDIA"]["headquarters_location"].startswith("Santa Clara")
-    ledger = emu.emulator.ledger
+    ledger = emu.emulator.ledger_json()
     assert len(ledger) == 3 and all(x["taskgroup_id"] for x in ledger)

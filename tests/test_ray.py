@@ -46,7 +46,8 @@ ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::ResourceWarning",
                                         "ignore::pytest.PytestUnraisableExceptionWarning")
 
-KNOWN = [r["company"] for r in csv.DictReader((ROOT / "enrich" / "data" / "companies_knowledge.csv").open())]
+with (ROOT / "enrich" / "data" / "companies_knowledge.csv").open(encoding="utf-8") as _f:
+    KNOWN = [r["company"] for r in csv.DictReader(_f)]
 FIELDS = {"headquarters_location": "string", "founded_year": "integer"}
 PRICE = 0.005   # lite-fast, USD per run
 
