@@ -147,3 +147,26 @@ def wait_for(predicate: Any, timeout: float = 30, interval: float = 0.05) -> Any
             return value
         time.sleep(interval)
     raise AssertionError("condition not met in time")
+
+
+def with_watchdog(call: Any, seconds: float, what: str) -> Any:
+    """Run `call()` on a thread; fail the test (never hang it) when it has not returned within `seconds`.
+
+    This is how liveness is asserted: a bound on the whole job, never a wait for row_timeout_s."""
+    import threading
+
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = call()
+        except BaseException as exc:   # surfaced in the test's thread
+            box["error"] = exc
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"liveness: {what} did not finish within {seconds} s"
+    if "error" in box:
+        raise box["error"]
+    return box["result"]

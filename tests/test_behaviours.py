@@ -10,7 +10,6 @@ order, each with its own facts (never another row's), failed/cancelled runs repo
 from __future__ import annotations
 
 import csv
-import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import pytest
 
 from enrich.config import load_config
 from enrich.job import EXIT_FAILED_ROWS, EXIT_OK, run_job
-from tests.conftest import write_config
+from tests.conftest import with_watchdog, write_config
 
 BEHAVIOURS = ("cut", "snapshots", "eventual", "shuffle", "framing", "basis", "connections", "endings")
 LIVENESS_S = 120   # a whole small job, including the liveness bound after its last run finished
@@ -42,21 +41,8 @@ def run_under(tmp_path: Path, sp500: Path, emulator: Any, behaviours: str, seed:
     cfg_path = write_config(tmp_path / "job.toml", input_path=src, output=tmp_path / "out.csv", key=["Symbol"],
                             columns=["Security"], limits="batch_size = 40\nrecheck_s = 2")
     cfg = load_config(cfg_path, {"api.base_url": emu.base_url})
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["r"] = run_job(cfg, api_key="sk-test-key-1234", install_signals=False)
-        except BaseException as exc:
-            box["e"] = exc
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(LIVENESS_S)
-    assert not t.is_alive(), f"liveness: the job under {behaviours!r} did not finish within {LIVENESS_S} s"
-    if "e" in box:
-        raise box["e"]
-    result = box["r"]
+    result = with_watchdog(lambda: run_job(cfg, api_key="sk-test-key-1234", install_signals=False), LIVENESS_S,
+                           f"the job under {behaviours!r}")
     with (tmp_path / "out.csv").open(encoding="utf-8", newline="") as f:
         out = list(csv.DictReader(f))
     assert [r["Symbol"] for r in out] == list(truth)                       # every row once, in order

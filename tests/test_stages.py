@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
-import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import pytest
 
 from enrich.config import load_config
 from enrich.job import EXIT_AUTH, EXIT_OK, EXIT_USAGE, JobResult, run_job
-from tests.conftest import ROOT, write_config
+from tests.conftest import ROOT, with_watchdog, write_config
 
 Edit = Callable[[httpx.Request, httpx.AsyncHTTPTransport], Awaitable[httpx.Response]]
 with (ROOT / "enrich/data/companies_knowledge.csv").open(encoding="utf-8") as _f:
@@ -109,21 +108,9 @@ def run(tmp_path: Path, base_url: str, edit: Edit = passthrough, limits: str = "
     """run_job in a thread under a watchdog: a hung job fails the test instead of hanging it."""
     cfg = load_config(_job(tmp_path, limits, rows), {"api.base_url": base_url})
     tamper = Tamper(edit)
-    out: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            out["result"] = run_job(cfg, api_key="sk-test-key-1234", install_signals=False, transport=tamper, **kw)
-        except BaseException as exc:   # surfaced below
-            out["error"] = exc
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(watchdog_s)
-    assert not t.is_alive(), f"liveness: the job did not finish within {watchdog_s} s (calls: {tamper.calls})"
-    if "error" in out:
-        raise out["error"]
-    return out["result"], tamper
+    result = with_watchdog(lambda: run_job(cfg, api_key="sk-test-key-1234", install_signals=False, transport=tamper,
+                                           **kw), watchdog_s, f"the job (calls: {tamper.calls})")
+    return result, tamper
 
 
 def output_rows(tmp_path: Path) -> list[dict[str, str]]:

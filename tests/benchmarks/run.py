@@ -104,14 +104,7 @@ def run_enrich(cfg: Path, url: str) -> dict[str, Any]:
 
 def run_rss(cfg: Path, url: str) -> float:
     """Peak RSS of one enrich run, measured on its own (ru_maxrss of children is a running max)."""
-    env = {**os.environ, "PARALLEL_API_KEY": "bench-key"}
-    code = ("import resource,subprocess,sys;"
-            f"r=subprocess.run([{PY!r},'-m','enrich','run',{str(cfg)!r},'--base-url',{url!r}],capture_output=True);"
-            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024, r.returncode)")
-    out = subprocess.run([PY, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True).stdout.split()
-    if out[1] != "0":
-        raise RuntimeError("enrich run failed")
-    return float(out[0])
+    return float(run_measured(cfg, url)["max_rss_mb"])
 
 
 BASELINE_MAX_ROWS = 1000   # the per-row SDK pattern manages ~20-25 rows/s here: rows/s is compared, not totals
