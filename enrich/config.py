@@ -119,13 +119,14 @@ class OutputConfig(_Strict):
     reasoning: bool = False
     formula_guard: bool = True
 
-    @model_validator(mode="after")
-    def _format(self) -> OutputConfig:
+    @field_validator("path")
+    @classmethod
+    def _format(cls, path: Path) -> Path:
         # refused here, at config load, so an unknown extension stops the job before anything is sent;
         # a path without one names a folder (a Parquet dataset, with --ray), which preflight checks per mode
-        if self.path.suffix and (problem := output_format_problem(self.path)) is not None:
+        if path.suffix and (problem := output_format_problem(path)) is not None:
             raise ValueError(problem)
-        return self
+        return path
 
 
 class LimitsConfig(_Strict):

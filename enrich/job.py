@@ -129,6 +129,9 @@ def run_job(cfg: RunConfig, *, api_key: str, emulated: bool = False, retry_faile
     preflight.check_job(cfg, api_key=api_key, emulated=emulated, journal_path=jpath)   # before anything is paid
     task_spec = build_task_spec(cfg)
     identity = _identity(cfg, task_spec, api_key)
+    if detach and emulated:
+        raise ConfigError("--detach needs a server that outlives this process; with --emulator, start "
+                          "`enrich emulator` separately and pass --base-url (any PARALLEL_API_KEY, e.g. 'local')")
     if fresh:
         for suffix in ("", "-wal", "-shm"):
             Path(f"{jpath}{suffix}").unlink(missing_ok=True)
@@ -160,9 +163,6 @@ def run_job(cfg: RunConfig, *, api_key: str, emulated: bool = False, retry_faile
             base_url = server.base_url
         else:
             base_url = base_url_for(cfg)
-        if detach and emulated:
-            raise ConfigError("--detach needs a server that outlives this process; with --emulator, start "
-                              "`enrich emulator` separately and pass --base-url")
         state, interrupted = _execute(cfg, journal, prep, base_url, api_key, emulated, on_interrupt, install_signals,
                                       transport, governor, detach)
         result = _finish(cfg, journal, jpath, prep, state, interrupted, emulated, api_key, cpu0)
@@ -232,6 +232,9 @@ def _execute(cfg: RunConfig, journal: Any, prep: Any, base_url: str, api_key: st
                 journal.set("emulator_seen", True)   # reached an emulator through --base-url: mark the output
 
     _run_coroutine(main())
+    if interrupted and install_signals:   # "Ctrl-C again to leave at once" holds while the output is written too
+        with contextlib.suppress(ValueError):
+            signal.signal(signal.SIGINT, lambda *_: os._exit(EXIT_INTERRUPTED))
     return state, interrupted
 
 
@@ -278,9 +281,9 @@ def _finish(cfg: RunConfig, journal: Any, jpath: Path, prep: Any, state: Any, in
                f"({', '.join(f'{v} {k}' for k, v in sorted(sc.items()))}); spent ${report['spend_usd']:.4f}"
                f"{' [EMULATED]' if emulated else ''}")
     if emulated and report.get("rows_with_answer") == 0 and report.get("status_counts", {}).get("completed"):
-        summary += (f"\nwarning: no input row matched the emulator's knowledge table on column "
-                    f"{cfg.emulator.knowledge_key!r}, so every answer is empty; set [emulator] knowledge and "
-                    "knowledge_key (see README, The emulator)")
+        summary += (f"\nwarning: the emulator answered no field for any row: either no input row matches its "
+                    f"knowledge table on column {cfg.emulator.knowledge_key!r}, or the table has no column named "
+                    "like the output fields; set [emulator] knowledge and knowledge_key (README, The emulator)")
     result = JobResult(EXIT_OK, summary, report, counts, cfg.output.path, jpath)
     if isinstance(state.fatal, AuthError | PaymentRequired):
         result.exit_code, result.message = EXIT_AUTH, f"{summary}\nstopped: {why}"
@@ -288,7 +291,7 @@ def _finish(cfg: RunConfig, journal: Any, jpath: Path, prep: Any, state: Any, in
         result.exit_code, result.message = EXIT_FAILED_ROWS, f"{summary}\nstopped: {why}"
     elif interrupted:
         result.exit_code = EXIT_INTERRUPTED
-        result.message = f"{summary}\ninterrupted; progress is saved in {jpath}. Resume with the same command"
+        result.message = f"{summary}\ninterrupted; progress is saved in {jpath}"
     elif state.unreachable:
         result.exit_code, result.message = EXIT_UNAVAILABLE, f"{summary}\nstopped: {why}"
     elif counts.get("pending", 0) and state.budget_exhausted:

@@ -110,7 +110,8 @@ class DecisionStore:
 
     def iter_results(self, epoch: int, ladder: list[str], chunk: int = 2_000) -> Iterator[list[tuple[Any, ...]]]:
         """(row_key, row_json, state, run_id, error, submitted_at, finished_at, input_hash,
-        [(processor, run_id, result_json)]) in input order; results are the row's, per ladder processor."""
+        [(processor, run_id, result_json)]) in input order; results are those of the row's current input
+        and task spec, one per ladder processor (also while a stronger processor's run is pending)."""
         last = -1
         while True:
             rows = self.conn.execute(
@@ -120,8 +121,8 @@ class DecisionStore:
             if not rows:
                 return
             last = rows[-1][0]
-            done = [(r[8], r[9]) for r in rows if r[3] == "done"]
-            found = self._results_for(done, ladder) if done else {}
+            # every row's results, not only done rows': a row climbing the ladder keeps showing its best answer
+            found = self._results_for([(r[8], r[9]) for r in rows], ladder)
             extra = {r[4]: r for r in rows if r[3] == "done" and r[4]}
             if extra:   # a reused result of a processor no longer on the ladder (or a legacy one) still counts
                 marks = ",".join("?" * len(extra))
@@ -131,4 +132,4 @@ class DecisionStore:
                     lst = found.setdefault((r[8], r[9]), [])
                     if all(x[1] != rid for x in lst) and all(x[0] != proc for x in lst):
                         lst.append((proc, rid, res))
-            yield [(*r[1:9], found.get((r[8], r[9]), []) if r[3] == "done" else []) for r in rows]
+            yield [(*r[1:9], found.get((r[8], r[9]), [])) for r in rows]

@@ -55,7 +55,8 @@ class JobState:
         return self.backlog.used
 
     def finished_rows(self) -> int:
-        return self.done_before + self.completed + self.failed
+        """Rows finished so far (escalation re-finishes rows: never shown above the total)."""
+        return min(self.total, self.done_before + self.completed + self.failed)
 
 
 async def show_progress(state: JobState, interval_s: float = 5.0) -> None:
@@ -76,7 +77,7 @@ async def show_progress(state: JobState, interval_s: float = 5.0) -> None:
                 last_log = now
                 rate = state.completed / max(now - state.started, 1e-9)
                 left = state.total - done
-                eta = f"{left / rate:.0f}s" if rate > 0 else "?"
+                eta = f"{max(left, 0) / rate:.0f}s" if rate > 0 else "?"
                 print(f"enrich: {done}/{state.total} rows finished, {state.in_flight} in flight, "
                       f"{state.failed} failed, spent {usd(state.spent_micros)}, ETA {eta}", file=sys.stderr, flush=True)
             await asyncio.sleep(0.5 if tty else 1.0)

@@ -30,6 +30,7 @@ from enrich.errors import ConfigError
 from enrich.flatten import Column, flatten, output_columns
 from enrich.gate import decide_row
 from enrich.journal import Journal
+from enrich.processors import strength
 from enrich.read import from_json_values
 from enrich.report import RunStats
 from enrich.spec import main_type
@@ -214,11 +215,13 @@ class Projection:
                     if any(d in ("review", "rejected") for d in decisions.values()):
                         parsed = [(results[0][0], results[0][1], result)]
                         self.review.add(self._decide(row_key, parsed, None, input_hash, run_id)[1])
-                elif state == "done" and results:
+                elif results:   # several tiers, reviewer verdicts, or a stronger tier still pending
                     result, merged = self._decide(row_key, results, verdicts.get(row_key), input_hash, run_id)
                     flat = flatten(result, self.fields, self.reasoning, self.columns)
                 else:
                     flat = flatten(None, self.fields, self.reasoning, self.columns)
+                if len(results) > 1:   # the run of the strongest tier tried: stable across re-runs
+                    run_id = max(results, key=lambda r: strength(r[0]))[1]
                 if merged is not None:
                     for name, a in merged.fields.items():
                         flat[f"{name}__decision"] = a.decision
@@ -228,15 +231,21 @@ class Projection:
                     if any(a.decision in ("review", "rejected") for a in merged.fields.values()):
                         self.review.add(merged)
                 status = output_status(state, self.budget_exhausted)
+                climbing = state != "done" and bool(results)
+                if climbing:   # an answer was paid for; a stronger processor's run has not finished
+                    error = ("kept the best answer so far; the stronger processor's run is not finished"
+                             + (f" ({self.pending_reason})" if self.pending_reason else
+                                " (budget)" if status == "skipped_budget" else ""))
+                    status, state = "completed", "done"
                 self.statuses[status] += 1
                 if state == "done":
                     for f in self.fields:
                         self.confidence[f][str(flat.get(f"{f}__confidence"))] += 1
                 latency = self.stats.add(state, flat, result, submitted_at, finished_at)
                 show_run = run_id if state in ("done", "failed", "timed_out", "submitted") else None
-                if state == "done":
+                if state == "done" and not climbing:
                     error = None
-                elif status in ("pending", "unknown") and self.pending_reason and not error:
+                elif not climbing and status in ("pending", "unknown") and self.pending_reason and not error:
                     error = f"not finished: the job stopped ({self.pending_reason})"
                 records.append((values, flat, status, error, show_run, latency))
             self.rows += len(records)

@@ -204,3 +204,27 @@ def test_daily_budget_shared_by_two_jobs(tmp_path: Path, emulator) -> None:
     tomorrow = __import__("time").time() + 86_400
     assert len(j.claim(epoch, 5, {"lite-fast": 5000}, None, now=tomorrow, batch=999, daily_budget=200_000)) == 5
     j.close()
+
+
+def test_budget_stop_during_escalation_costs_nothing_extra(tmp_path: Path, emulator) -> None:
+    """Stopped by the budget mid-ladder, re-run without budget, then with: same runs as one uninterrupted job,
+    answers already paid for stay in the output meanwhile, and run ids are stable on a re-run."""
+    emu = emulator(hard_rate=0.25, time_scale=0.0)
+    src = ROOT / "data/companies.csv"
+    whole = job(tmp_path, src, extra='[escalate]\nprocessors = ["base"]\n', out="whole.csv", name="whole.toml")
+    assert go(whole, emu.base_url).exit_code == EXIT_OK
+    uninterrupted = len(ledger(emu))
+    cfg = job(tmp_path, src, extra='[escalate]\nprocessors = ["base"]\n', out="part.csv", name="part.toml")
+    first = run_job(load_config(cfg, {"api.base_url": emu.base_url, "limits.budget_usd": 0.1}),
+                    api_key="sk-test-key-1234", install_signals=False)
+    again = run_job(load_config(cfg, {"api.base_url": emu.base_url, "limits.budget_usd": 0.1}),
+                    api_key="sk-test-key-1234", install_signals=False)
+    assert first.exit_code == again.exit_code == EXIT_BUDGET
+    assert again.report["status_counts"]["completed"] == first.report["status_counts"]["completed"] == 20
+    done = go(cfg, emu.base_url)
+    assert done.exit_code == EXIT_OK and len(ledger(emu)) - uninterrupted == uninterrupted
+    a = pl.read_csv(tmp_path / "part.csv", infer_schema=False)
+    b = pl.read_csv(tmp_path / "whole.csv", infer_schema=False)
+    assert a.drop("_enrich_run_id", "_enrich_latency_s").equals(b.drop("_enrich_run_id", "_enrich_latency_s"))
+    go(cfg, emu.base_url)
+    assert pl.read_csv(tmp_path / "part.csv", infer_schema=False)["_enrich_run_id"].equals(a["_enrich_run_id"])

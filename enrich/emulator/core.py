@@ -150,6 +150,10 @@ class Emulator:
         self.rng = random.Random(self.config.seed)
         self.fault_rng = random.Random(self.config.seed + 1)
         self.brng = random.Random(self.config.seed + 2)   # behaviours only
+        # ids like the real API's: unique across emulator processes and resets (a client that keeps a
+        # journal across an emulator restart must never see a run id again), drawn apart from `rng` so
+        # latencies and faults stay a function of the seed alone
+        self.id_rng = random.Random(uuid.uuid4().int)
         self.runs: dict[str, Run] = {}
         self.groups: dict[str, Group] = {}
         self.ledger: list[Run] = []
@@ -270,7 +274,7 @@ class Emulator:
             end = "failed" if x < bh.FAILED_P else "cancelled" if x < bh.FAILED_P + bh.CANCELLED_P else end
         if instant:
             latency = 0.0
-        run_id = "trun_" + uuid.UUID(int=self.rng.getrandbits(128)).hex
+        run_id = "trun_" + uuid.UUID(int=self.id_rng.getrandbits(128)).hex
         run = Run(run_id, body, spec, warnings, group, now, now + latency * 0.1, now + latency, end,
                   proc.price_micros)
         self.runs[run_id] = run
@@ -297,7 +301,7 @@ class Emulator:
         from enrich.emulator.validate import validate_metadata
 
         validate_metadata(metadata)
-        group = Group("tgrp_" + uuid.UUID(int=self.rng.getrandbits(128)).hex, metadata, now)
+        group = Group("tgrp_" + uuid.UUID(int=self.id_rng.getrandbits(128)).hex, metadata, now)
         self.groups[group.taskgroup_id] = group
         return group
 
@@ -410,7 +414,7 @@ class Emulator:
         spec = self._normalized(run.spec)
         out = self.knowledge.answer(run.body["input"], spec, run.processor, self.quality)
         if self.vary_basis:
-            out = bh.vary_output(out, random.Random(f"{self.config.seed}:{run.run_id}"))
+            out = bh.vary_output(out, random.Random(f"{self.config.seed}:{run.seq}:{run.processor}"))
         return out
 
     def _normalized(self, spec: Any) -> Any:
