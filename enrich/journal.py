@@ -504,12 +504,6 @@ class Journal(DecisionStore):
             epoch = self.get("epoch", 0)
         return dict(self.conn.execute("SELECT state, COUNT(*) FROM rows WHERE epoch=? GROUP BY state", (epoch,)))
 
-    def run_count(self) -> int:
-        return self.conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
-
-    def has_runs(self) -> bool:
-        return self.conn.execute("SELECT 1 FROM runs LIMIT 1").fetchone() is not None
-
     def write_state(self) -> list[Any]:
         """A cheap summary that changes whenever anything the output shows changes."""
         epoch = self.get("epoch", 0)
@@ -517,19 +511,6 @@ class Journal(DecisionStore):
                                 "FROM rows WHERE epoch=?", (epoch,)).fetchone()
         verdicts = self.conn.execute("SELECT COUNT(*) FROM verdicts").fetchone()[0]
         return [epoch, *row, verdicts]
-
-    def iter_rows(self, epoch: int, chunk: int = 10_000) -> Iterator[list[tuple[Any, ...]]]:
-        """(row_json, state, run_id, result_json, error, submitted_at, finished_at) in input order."""
-        last = -1
-        while True:
-            rows = self.conn.execute(
-                "SELECT r.ordinal, r.row_json, r.state, r.run_id, s.result_json, r.error, r.submitted_at, "
-                "r.finished_at FROM rows r LEFT JOIN results s ON s.run_id=r.run_id AND r.state='done' "
-                "WHERE r.epoch=? AND r.ordinal>? ORDER BY r.ordinal LIMIT ?", (epoch, last, chunk)).fetchall()
-            if not rows:
-                return
-            last = rows[-1][0]
-            yield [r[1:] for r in rows]
 
     def forget_remote(self) -> int:
         """The task group is gone (a fresh emulator): rows that were in flight there go back to pending.

@@ -59,7 +59,6 @@ class Poller:
         self.failed: list[Finished] = []
         self.wake = asyncio.Event()
         self.cursor: str | None = journal.get("events_cursor")
-        self.refused = 0
         self._load()
 
     def _load(self) -> None:
@@ -293,7 +292,6 @@ class Poller:
         _, refused = self.journal.record(finished, time.time())
         failpoints.hit("after_result_commit")
         for rid in refused:
-            self.refused += 1
             self.journal.log("error", f"run {rid}: its metadata names no row of this job; result not used")
         self._forget([f.run_id for f in finished])
         self.state.completed += sum(1 for f in finished if f.result_json is not None and f.run_id not in refused)

@@ -135,13 +135,12 @@ def _check_writable_folder(path: Path, what: str) -> None:
 def check_output_path(output: Path, *, input_path: Path | str | None = None,
                       journal_path: Path | str | None = None, flag: str = "output") -> None:
     """Refuse an output path the writer would fail on, or that would overwrite the input or journal."""
-    from enrich.write import OUTPUT_FORMATS
+    from enrich.config import output_format_problem
 
     output = Path(output)
-    if output.suffix.lower() not in OUTPUT_FORMATS:
+    if (problem := output_format_problem(output)) is not None:
         hint = " (a folder output is a Parquet dataset, written with --ray)" if not output.suffix else ""
-        raise ConfigError(f"{flag} {output}: unsupported output extension {output.suffix or '(none)'!r}; "
-                          f"use one of {', '.join(sorted(OUTPUT_FORMATS))}{hint}")
+        raise ConfigError(f"{flag} {output}: {problem}{hint}")
     if output.is_dir():
         raise ConfigError(f"{flag} {output}: is a directory; give a file name")
     if input_path is not None and _same_file(output, Path(input_path)):

@@ -86,7 +86,6 @@ class Submitter:
         self.breaker = breaker or CircuitBreaker()
         self.rand = rand or random.Random()
         self.batch_seq = journal.get("batch_seq", 0)
-        self.posts = 0
         self.governor = governor
         self.daily = daily_budget_micros
         self.leased = journal.spent_micros()   # with a governor: what this partition may have reserved
@@ -231,7 +230,6 @@ class Submitter:
         rows = [(c.row_key, c.attempt) for c in claimed]
         keys = [c.row_key for c in claimed]
         inputs = [self._input(c) for c in claimed]
-        self.posts += 1
         state.posting.update(keys)
         try:
             reply = await self._post(inputs)

@@ -38,8 +38,6 @@ from enrich.spec import main_type
 STATUS = {"done": "completed", "failed": "failed", "timed_out": "timed_out", "intent": "unknown",
           "unknown": "unknown", "submitted": "pending", "pending": "pending"}
 META_COLUMNS = ("_enrich_status", "_enrich_error", "_enrich_run_id", "_enrich_latency_s")
-# Output file extension -> format: the one list of what `write_output` can produce (preflight checks it).
-OUTPUT_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".xlsx": "xlsx"}
 WRITE_CHUNK = 2_000   # rows per read from the journal and per Parquet row group
 _NUMERIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\x00")

@@ -146,7 +146,7 @@ def test_results_are_matched_by_metadata_not_position(j: Journal) -> None:
     n, refused = j.record([done("refa", 1, "trun_1", '{"v": "A"}'), done("refb", 1, "trun_2", '{"v": "B"}'),
                            done("nobody", 1, "trun_9")], 2.0)
     assert n == 2 and refused == ["trun_9"]
-    got = {json.loads(r[0])[0]: (r[2], r[3]) for chunk in j.iter_rows(1) for r in chunk}
+    got = {json.loads(r[0])[0]: (r[3], r[8][0][2]) for chunk in j.iter_results(1, ["lite"]) for r in chunk}
     assert got == {"a": ("trun_1", '{"v": "A"}'), "b": ("trun_2", '{"v": "B"}')}
     assert j.waiting_runs() == []
 

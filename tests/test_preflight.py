@@ -152,7 +152,7 @@ def test_output_folder_is_not_writable(tmp_path: Path, capsys, keyed, api) -> No
 
 @pytest.mark.parametrize("name", ["out.txt", "out.json", "out", "out.csv.bak"])
 def test_output_extension_unsupported(tmp_path: Path, capsys, keyed, api, name: str) -> None:
-    """Only the extensions in write.OUTPUT_FORMATS are accepted (".txt" used to become CSV silently)."""
+    """Only the extensions in config.OUTPUT_SUFFIXES are accepted (".txt" used to become CSV silently)."""
     code, err = cli(capsys, "run", str(job(tmp_path, out=name)), "--journal", str(tmp_path / "j.sqlite"),
                     "--base-url", api.base_url)
     assert_refused(code, err, "unsupported output extension")

@@ -12,6 +12,9 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,7 @@ import pytest
 
 from enrich.config import load_config
 from enrich.job import EXIT_AUTH, EXIT_OK, EXIT_USAGE, JobResult, run_job
-from tests.conftest import ROOT, with_watchdog, write_config
+from tests.conftest import ROOT, run_enrich, wait_for, with_watchdog, write_config
 
 Edit = Callable[[httpx.Request, httpx.AsyncHTTPTransport], Awaitable[httpx.Response]]
 with (ROOT / "enrich/data/companies_knowledge.csv").open(encoding="utf-8") as _f:
@@ -325,3 +328,42 @@ def test_unwritable_output_is_one_line_and_loses_nothing(tmp_path: Path, emulato
     result, _ = run(tmp_path, emu.base_url, rows=5)
     assert result.exit_code == EXIT_OK and len(ledger(emu)) == 5
     own_facts(output_rows(tmp_path))
+
+
+def test_nothing_listening_is_exit_69_with_the_url(tmp_path: Path) -> None:
+    """No server at the base URL: exit 69 (not 3) naming the URL, nothing recorded as sent."""
+    import socket
+
+    with socket.socket() as s:   # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    cfg = _job(tmp_path, rows=3)
+    r = run_enrich("run", str(cfg), "--base-url", url)
+    assert r.returncode == 69 and url in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_an_outage_longer_than_outage_give_up_s_stops_with_69(tmp_path: Path, emulator_process) -> None:
+    """The API goes away mid-job: creating requests fail for outage_give_up_s, the job stops with exit 69
+    (resumable), and a rerun against a live (restarted) emulator finishes the job."""
+    emu = emulator_process("--time-scale", "0")
+    cfg = _job(tmp_path, limits="batch_size = 5\nrequests_per_minute = 60\noutage_give_up_s = 3")
+    proc = subprocess.Popen([sys.executable, "-m", "enrich", "run", str(cfg), "--base-url", emu.base_url],
+                            cwd=ROOT, env={**os.environ, "PARALLEL_API_KEY": "sk-test-key-1234"},
+                            stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: len(emu.ledger()) >= 5, timeout=60)
+    emu.stop()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 69 and "Traceback" not in err and "no creating request succeeded" in err, err
+    fresh = emulator_process("--time-scale", "0")
+    r = run_enrich("run", str(cfg), "--base-url", fresh.base_url, key="sk-test-key-1234")
+    assert r.returncode == 0, r.stderr
+
+
+def test_detach_with_the_embedded_emulator_is_refused_before_a_journal_exists(tmp_path: Path) -> None:
+    """--detach --emulator cannot work (the emulator dies with the process): exit 2, one line, no journal."""
+    cfg = _job(tmp_path, rows=3)
+    r = run_enrich("run", str(cfg), "--emulator", "--detach")
+    assert r.returncode == 2 and "--detach needs a server" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out.csv.journal.sqlite").exists()
