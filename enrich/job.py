@@ -119,25 +119,22 @@ def run_job(cfg: RunConfig, *, api_key: str, emulated: bool = False, retry_faile
     `transport` is the client's seam (an httpx transport) for tests that play server behaviours;
     `governor` (submit.Governor) enforces limits shared with other partitions of the same job;
     `detach` submits everything and returns without waiting for results (collect with a later run)."""
+    from enrich import preflight
     from enrich.config import build_task_spec
     from enrich.journal import Journal
+    from enrich.write import remove_stale_temps
 
     cpu0 = time.process_time()
-    from enrich import preflight
-
-    jpath = journal_path_for(cfg)
-    preflight.check_job(cfg, api_key=api_key, emulated=emulated, journal_path=jpath)   # before anything is paid
-    task_spec = build_task_spec(cfg)
-    identity = _identity(cfg, task_spec, api_key)
     if detach and emulated:
         raise ConfigError("--detach needs a server that outlives this process; with --emulator, start "
                           "`enrich emulator` separately and pass --base-url (any PARALLEL_API_KEY, e.g. 'local')")
+    jpath = journal_path_for(cfg)
+    preflight.check_job(cfg, api_key=api_key, emulated=emulated, journal_path=jpath)   # before anything is paid
+    identity = _identity(cfg, build_task_spec(cfg), api_key)
     if fresh:
         for suffix in ("", "-wal", "-shm"):
             Path(f"{jpath}{suffix}").unlink(missing_ok=True)
     journal = Journal.open(jpath)
-    from enrich.write import remove_stale_temps
-
     remove_stale_temps(cfg.output.path)
     server = None
     try:

@@ -296,6 +296,17 @@ async def _reconciler(journal: Journal, client: TaskClient, state: JobState, gid
             await asyncio.sleep(0.5)   # rows in doubt whose POST is still in flight
 
 
+def _escalate(journal: Journal, cfg: RunConfig, epoch: int, names: list[str]) -> int:
+    """One escalation pass, skipped when nothing it reads changed since the last one (a no-op resume of a
+    finished million-row job must not re-merge every row); returns the rows climbed."""
+    gate = [cfg.ladder, cfg.gate.model_dump(mode="json"), cfg.escalate.model_dump(mode="json") if cfg.escalate else None]
+    if journal.get("escalation_checked") == digest([journal.write_state(), gate]):
+        return 0
+    climbed = escalate_pass(journal, cfg, epoch, names)["climbed"]
+    journal.set("escalation_checked", digest([journal.write_state(), gate]))
+    return int(climbed)
+
+
 async def _heartbeat(journal: Journal, state: JobState, every_s: float = 2.0) -> None:
     """Record what the live job is doing, for `enrich status` in another terminal."""
     import os
@@ -322,7 +333,7 @@ async def execute(cfg: RunConfig, journal: Journal, client: TaskClient, prep: Pr
     state.spent_micros = journal.spent_micros()
     names = list(prep.fields)
     if cfg.escalate is not None:   # finished rows whose fields still need a stronger processor climb first
-        state.escalated += escalate_pass(journal, cfg, prep.epoch, names)["climbed"]
+        state.escalated += _escalate(journal, cfg, prep.epoch, names)
         counts = journal.counts(prep.epoch)
     in_flight = journal.in_flight_count()
     if counts.get("pending", 0) == 0 and in_flight == 0:
@@ -388,7 +399,7 @@ async def execute(cfg: RunConfig, journal: Journal, client: TaskClient, prep: Pr
                 await state.backlog.wait_change(0.5)
             if state.stop.is_set() or cfg.escalate is None or state.budget_exhausted:
                 break
-            climbed = escalate_pass(journal, cfg, prep.epoch, names)["climbed"]   # the next rung of the ladder
+            climbed = _escalate(journal, cfg, prep.epoch, names)   # the next rung of the ladder
             if not climbed:
                 break
             state.escalated += climbed
