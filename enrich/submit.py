@@ -82,7 +82,7 @@ class Submitter:
         self.slowdown = 1.0
         self.pause_until = 0.0
         self.last_send = 0.0
-        self.last_ok = time.monotonic()
+        self.failing_since: float | None = None   # first creating request that failed since the API last answered
         self.breaker = breaker or CircuitBreaker()
         self.rand = rand or random.Random()
         self.batch_seq = journal.get("batch_seq", 0)
@@ -133,7 +133,7 @@ class Submitter:
         while not state.stop.is_set():
             if self.breaker.state == "dead":
                 return
-            if time.monotonic() - self.last_ok > self.outage_give_up_s:
+            if self.failing_since is not None and time.monotonic() - self.failing_since > self.outage_give_up_s:
                 state.unreachable = (f"no creating request succeeded for {self.outage_give_up_s:.0f} s "
                                      f"({journal.last_error() or 'API unreachable'})")
                 state.stop.set()
@@ -146,7 +146,6 @@ class Submitter:
                 state.waiting_on = "in-flight limit: waiting for runs to finish"
                 await state.active.wait_free(1.0)
                 await state.backlog.wait_free(1.0)
-                self.last_ok = max(self.last_ok, time.monotonic() - 1.0)   # waiting on slots is not an outage
                 continue
             now = time.time()
             if not journal.has_pending(self.epoch, now):
@@ -155,7 +154,6 @@ class Submitter:
                         return
                     state.waiting_on = "rows in doubt: waiting for reconciliation"
                     await self._sleep(1.0)   # rows in doubt may come back to pending after reconciliation
-                    self.last_ok = time.monotonic()
                     continue
                 nxt = journal.next_retry_at(self.epoch) or now + 1
                 await self._sleep(min(nxt - now, 1.0))
@@ -213,6 +211,16 @@ class Submitter:
                 return
             await self.state.backlog.wait_change(left)
 
+    def _failed(self) -> None:
+        """A creating request failed in a way that says nothing about its rows (outage, lost reply)."""
+        self.breaker.failure()
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
+
+    def _answered(self) -> None:
+        self.breaker.success()
+        self.failing_since = None
+
     def _give(self, n: int) -> None:
         self.state.active.give(n)
         self.state.backlog.give(n)
@@ -245,7 +253,7 @@ class Submitter:
             failpoints.hit("after_response_before_commit")
             journal.mark_unknown(rows, str(exc))
             journal.log("error", str(exc))
-            self.breaker.failure()
+            self._failed()
             state.unresolved.set()
             return
         except TransientApiError as exc:
@@ -255,14 +263,13 @@ class Submitter:
             journal.release(rows, time.time(), time.time() + wait, str(exc), self.max_retries)
             journal.log("error", str(exc))
             self._give(len(rows))
-            if exc.status != 429:
-                self.breaker.failure()
+            if exc.status == 429:
+                self.failing_since = None   # the API answered: rate limiting is not an outage
             else:
-                self.last_ok = time.monotonic()   # the API answered: rate limiting is not an outage
+                self._failed()
             return
         except PermanentApiError as exc:
             failpoints.hit("after_response_before_commit")
-            self.last_ok = time.monotonic()
             if len(rows) > 1:   # find the bad row(s): resend each row alone
                 journal.release(rows, time.time(), None, str(exc), self.max_retries, solo=True)
             else:               # rejected alone: this row is the problem
@@ -270,7 +277,7 @@ class Submitter:
                 state.failed += 1
             journal.log("error", str(exc))
             self._give(len(rows))
-            self.breaker.success()
+            self._answered()
             return
         except ApiError as exc:  # any other class is treated as "may have been created"
             journal.mark_unknown(rows, str(exc))
@@ -284,8 +291,7 @@ class Submitter:
         run_ids = list(reply["run_ids"])
         journal.mark_submitted(rows, run_ids, self.batch_seq, cursor, now)
         state.handoff.extend((run_id, self.batch_seq, cursor, now) for run_id in run_ids)
-        self.breaker.success()
-        self.last_ok = time.monotonic()
+        self._answered()
         self.slowdown = max(1.0, self.slowdown / 1.1)
         state.submitted += len(rows)
         state.new_runs.set()
