@@ -27,9 +27,20 @@ from enrich.errors import ConfigError
 from enrich.gate import FieldAnswer, MergedRow, answer_of, decide, normalize_confidence
 from enrich.review import encode_value, guard
 
-BASIS_COLUMNS = ("field", "value", "confidence", "decision", "processor", "run_id", "reasoning", "citation",
-                 "url", "title", "excerpts")
-BASIS_CHUNK = 5_000   # lines per Parquet row group / per batch: memory stays flat on any input size
+BASIS_COLUMNS = (
+    "field",
+    "value",
+    "confidence",
+    "decision",
+    "processor",
+    "run_id",
+    "reasoning",
+    "citation",
+    "url",
+    "title",
+    "excerpts",
+)
+BASIS_CHUNK = 5_000  # lines per Parquet row group / per batch: memory stays flat on any input size
 
 
 def basis_path(output: Path) -> Path:
@@ -46,39 +57,63 @@ def _entry_lines(head: dict[str, Any], entry: Mapping[str, Any] | None) -> Itera
         yield {**head, "citation": None, "url": None, "title": None, "excerpts": None}
     for i, c in enumerate(cites):
         excerpts = c.get("excerpts")
-        yield {**head, "citation": i, "url": None if c.get("url") is None else str(c["url"]),
-               "title": None if c.get("title") is None else str(c["title"]),
-               "excerpts": [str(e) for e in excerpts] if isinstance(excerpts, list) else None}
+        yield {
+            **head,
+            "citation": i,
+            "url": None if c.get("url") is None else str(c["url"]),
+            "title": None if c.get("title") is None else str(c["title"]),
+            "excerpts": [str(e) for e in excerpts] if isinstance(excerpts, list) else None,
+        }
 
 
 def _conf_text(confidence: Any) -> str:
     return confidence if isinstance(confidence, str) else repr(float(confidence))
 
 
-def answer_lines(key: Mapping[str, Any], name: str, answer: FieldAnswer,
-                 gate_cfg: GateConfig | None = None) -> Iterator[dict[str, Any]]:
+def answer_lines(
+    key: Mapping[str, Any], name: str, answer: FieldAnswer, gate_cfg: GateConfig | None = None
+) -> Iterator[dict[str, Any]]:
     """The lines of one field: its own entry's citations, then each element entry's.
 
     Element decisions use the field's rule when `gate_cfg` is given, else the field's decision.
     """
     base = {**key, "processor": answer.processor, "run_id": answer.run_id}
-    yield from _entry_lines({**base, "field": name, "value": encode_value(answer.value),
-                             "confidence": _conf_text(answer.confidence), "decision": answer.decision},
-                            answer.basis)
+    yield from _entry_lines(
+        {
+            **base,
+            "field": name,
+            "value": encode_value(answer.value),
+            "confidence": _conf_text(answer.confidence),
+            "decision": answer.decision,
+        },
+        answer.basis,
+    )
     for element in answer.elements:
         ename = str(element.get("field"))
         index = int(ename.rsplit(".", 1)[1])
         items = answer.value if isinstance(answer.value, list) else []
         conf = normalize_confidence(element.get("confidence"))
         decision = decide(ename, conf, gate_cfg) if gate_cfg is not None else answer.decision
-        yield from _entry_lines({**base, "field": ename,
-                                 "value": encode_value(items[index] if index < len(items) else None),
-                                 "confidence": _conf_text(conf), "decision": decision}, element)
+        yield from _entry_lines(
+            {
+                **base,
+                "field": ename,
+                "value": encode_value(items[index] if index < len(items) else None),
+                "confidence": _conf_text(conf),
+                "decision": decision,
+            },
+            element,
+        )
 
 
-def basis_rows(row_key_values: Mapping[str, Any], merged_or_result: MergedRow | Mapping[str, Any] | None,
-               decisions: Mapping[str, str] | None = None, processor: str | None = None,
-               run_id: str | None = None, gate_cfg: GateConfig | None = None) -> Iterator[dict[str, Any]]:
+def basis_rows(
+    row_key_values: Mapping[str, Any],
+    merged_or_result: MergedRow | Mapping[str, Any] | None,
+    decisions: Mapping[str, str] | None = None,
+    processor: str | None = None,
+    run_id: str | None = None,
+    gate_cfg: GateConfig | None = None,
+) -> Iterator[dict[str, Any]]:
     """Long-format evidence lines for one row, from a merged row or from one raw result.
 
     For a raw result, `decisions` (field -> decision) names the fields and their decisions;
@@ -97,11 +132,18 @@ def basis_rows(row_key_values: Mapping[str, Any], merged_or_result: MergedRow | 
         return
     run = (merged_or_result or {}).get("run") or {}
     processor = processor if processor is not None else run.get("processor")
-    scratch = GateConfig()   # only to build the answer; the decision comes from `decisions`
+    scratch = GateConfig()  # only to build the answer; the decision comes from `decisions`
     for name, decision in (decisions or {}).items():
         answer = answer_of(merged_or_result, name, processor, scratch)
-        answer = FieldAnswer(answer.value, answer.confidence, decision, processor,
-                             run_id if run_id is not None else answer.run_id, answer.basis, answer.elements)
+        answer = FieldAnswer(
+            answer.value,
+            answer.confidence,
+            decision,
+            processor,
+            run_id if run_id is not None else answer.run_id,
+            answer.basis,
+            answer.elements,
+        )
         yield from answer_lines(key, name, answer, gate_cfg)
 
 
@@ -121,8 +163,9 @@ def _csv_cell(value: Any, formula_guard: bool) -> Any:
     return value
 
 
-def write_basis(path: Path, rows: Iterable[dict[str, Any]], key_columns: Sequence[str], *,
-                formula_guard: bool = True) -> int:
+def write_basis(
+    path: Path, rows: Iterable[dict[str, Any]], key_columns: Sequence[str], *, formula_guard: bool = True
+) -> int:
     """Stream `rows` (from basis_rows) into `path` (.parquet/.pq or .csv) atomically; return the line count.
 
     Memory is bounded by BASIS_CHUNK lines. Raises ConfigError for another extension or a
@@ -156,10 +199,11 @@ def write_basis(path: Path, rows: Iterable[dict[str, Any]], key_columns: Sequenc
                     writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
                     count += len(chunk)
     elif suffix == ".csv":
+
         def write(fp: Any) -> None:
             nonlocal count
             text = io.TextIOWrapper(fp, encoding="utf-8", newline="")
-            out = csv.writer(text, lineterminator="\r\n")   # RFC 4180; "\n" leaves a lone \r unquoted
+            out = csv.writer(text, lineterminator="\r\n")  # RFC 4180; "\n" leaves a lone \r unquoted
             out.writerow([_csv_cell(c, formula_guard) for c in columns])
             for chunk in _chunks(rows):
                 out.writerows([_csv_cell(r.get(c), formula_guard) for c in columns] for r in chunk)

@@ -22,24 +22,26 @@ from enrich.config import DEFAULT_BASE_URL, RunConfig, load_config
 from enrich.errors import ConfigError, EnrichError, JournalError, redact
 from enrich.job import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 
-EXIT_CODES_HELP = ("exit codes: 0 all rows completed, 2 usage/config/input error, 3 finished with failed rows, "
-                   "4 budget exhausted, 5 auth or payment error, 69 API unreachable (resumable), "
-                   "75 interrupted (run the same command again)")
+EXIT_CODES_HELP = (
+    "exit codes: 0 all rows completed, 2 usage/config/input error, 3 finished with failed rows, "
+    "4 budget exhausted, 5 auth or payment error, 69 API unreachable (resumable), "
+    "75 interrupted (run the same command again)"
+)
 _EPILOGS = {
     "run": "example:\n  enrich run configs/companies.toml --emulator\n\n" + EXIT_CODES_HELP,
     "plan": "example:\n  enrich plan configs/companies.toml --processor core\n\n"
-            "exit codes: 0 plan printed, 2 usage/config/input error",
+    "exit codes: 0 plan printed, 2 usage/config/input error",
     "status": "example:\n  enrich status out/companies.enriched.parquet.journal.sqlite --json\n\n"
-              "exit codes: 0 status printed, 2 no such journal or unreadable",
+    "exit codes: 0 status printed, 2 no such journal or unreadable",
     "review": "example:\n  enrich review apply configs/companies.toml out/companies.enriched.review.csv\n\n"
-              "exit codes: 0 applied, 2 bad review file (nothing applied; names line and problem)",
+    "exit codes: 0 applied, 2 bad review file (nothing applied; names line and problem)",
     "export": "example:\n  enrich export out/companies.enriched.parquet.journal.sqlite --output out/companies.xlsx "
-              "--basis out/evidence.parquet\n\n"
-              "exit codes: 0 written, 2 usage/journal error or unsupported output extension",
+    "--basis out/evidence.parquet\n\n"
+    "exit codes: 0 written, 2 usage/journal error or unsupported output extension",
     "emulator": "example:\n  enrich emulator --port 8765 --faults 429=0.05\n\n"
-                "exit codes: 0 stopped, 2 bad option or the port is taken",
+    "exit codes: 0 stopped, 2 bad option or the port is taken",
     "init": "example:\n  enrich init data/companies.xlsx --config configs/mine.toml\n\n"
-            "exit codes: 0 config written, 2 the config exists already or the data file is unusable",
+    "exit codes: 0 config written, 2 the config exists already or the data file is unusable",
 }
 
 
@@ -51,46 +53,84 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="enrich", description="Turn a spreadsheet into a researched one with "
-                "Parallel's Task API: resumable, budgeted, with evidence per field.",
-                epilog="example:\n  enrich init data/companies.csv && enrich run companies.toml "
-                "--emulator\n\n" + EXIT_CODES_HELP,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(
+        prog="enrich",
+        description="Turn a spreadsheet into a researched one with "
+        "Parallel's Task API: resumable, budgeted, with evidence per field.",
+        epilog="example:\n  enrich init data/companies.csv && enrich run companies.toml "
+        "--emulator\n\n" + EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--version", action="version", version=f"enrich {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help_text, description=help_text, epilog=_EPILOGS[name],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+        return sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=_EPILOGS[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
 
     def job_flags(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("config", help="job config (TOML)")
         sp.add_argument("--input", help="input .csv, .parquet or .xlsx (overrides input.path)")
-        sp.add_argument("--output", help="output .csv, .parquet or .xlsx (overrides output.path); reports "
-                        "<output>.report.json and <stem>.report.html go beside it")
+        sp.add_argument(
+            "--output",
+            help="output .csv, .parquet or .xlsx (overrides output.path); reports "
+            "<output>.report.json and <stem>.report.html go beside it",
+        )
         sp.add_argument("--journal", help="journal file (default: beside the output)")
         sp.add_argument("--processor", help="processor, e.g. lite-fast, base, core (overrides task.processor)")
-        sp.add_argument("--budget", type=preflight.finite_nonneg, metavar="USD", help="spend cap for this journal, in USD")
-        sp.add_argument("--max-in-flight", type=preflight.positive_int, metavar="N", help="runs submitted but not finished")
-        sp.add_argument("--base-url", help="API base URL (default: config, $PARALLEL_BASE_URL, "
-                        f"{DEFAULT_BASE_URL})")
-        sp.add_argument("--emulator", action="store_true", help="run against the bundled emulator (no key, "
-                        "no cost; outputs are marked as emulated)")
+        sp.add_argument(
+            "--budget", type=preflight.finite_nonneg, metavar="USD", help="spend cap for this journal, in USD"
+        )
+        sp.add_argument(
+            "--max-in-flight", type=preflight.positive_int, metavar="N", help="runs submitted but not finished"
+        )
+        sp.add_argument("--base-url", help=f"API base URL (default: config, $PARALLEL_BASE_URL, {DEFAULT_BASE_URL})")
+        sp.add_argument(
+            "--emulator",
+            action="store_true",
+            help="run against the bundled emulator (no key, no cost; outputs are marked as emulated)",
+        )
         sp.add_argument("--retry-failed", action="store_true", help="research failed and timed-out rows again")
 
     run = add("run", "enrich the input (continues an interrupted job)")
     job_flags(run)
     run.add_argument("--dry-run", action="store_true", help="print the plan and exit (no API calls)")
-    run.add_argument("--detach", action="store_true", help="submit every pending row (rate limit and budget "
-                     "apply), then exit 0; the same command without --detach later collects and writes")
-    run.add_argument("--adopt", action="store_true", help="take over a journal recorded for another job "
-                     "(different output, task spec, key columns or API key)")
-    run.add_argument("--fresh", action="store_true", help="start over: delete the journal (its results are lost; "
-                     "rows are paid for again)")
-    run.add_argument("--ray", nargs="?", const="", metavar="ADDRESS", help="run as partitions on Ray: no ADDRESS "
-                     "starts a local Ray, `auto` or ray://HOST:PORT joins a cluster (see README, Scaling out)")
-    run.add_argument("--partitions", type=int, metavar="N", help="with --ray: partitions to cut the input into "
-                     "(default: one per 50,000 rows; an input directory: at least one per file)")
+    run.add_argument(
+        "--detach",
+        action="store_true",
+        help="submit every pending row (rate limit and budget "
+        "apply), then exit 0; the same command without --detach later collects and writes",
+    )
+    run.add_argument(
+        "--adopt",
+        action="store_true",
+        help="take over a journal recorded for another job (different output, task spec, key columns or API key)",
+    )
+    run.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start over: delete the journal (its results are lost; rows are paid for again)",
+    )
+    run.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="run as partitions on Ray: no ADDRESS "
+        "starts a local Ray, `auto` or ray://HOST:PORT joins a cluster (see README, Scaling out)",
+    )
+    run.add_argument(
+        "--partitions",
+        type=int,
+        metavar="N",
+        help="with --ray: partitions to cut the input into "
+        "(default: one per 50,000 rows; an input directory: at least one per file)",
+    )
     plan = add("plan", "rows, cost and duration estimate; no API calls")
     job_flags(plan)
     st = add("status", "counts by state, spend, last error (works while a run is live)")
@@ -99,35 +139,49 @@ def _parser() -> argparse.ArgumentParser:
     ex = add("export", "rewrite the output from the journal alone (no API calls)")
     ex.add_argument("journal", help="the job's journal file (*.journal.sqlite)")
     ex.add_argument("--output", help="file to write: .csv, .parquet or .xlsx (by extension)")
-    ex.add_argument("--basis", metavar="PATH", help="also write the evidence, one line per (row, field, citation): "
-                    ".parquet or .csv")
+    ex.add_argument(
+        "--basis", metavar="PATH", help="also write the evidence, one line per (row, field, citation): .parquet or .csv"
+    )
     ex.add_argument("--config", help="job config, for the output fields (default: the one recorded)")
     em = add("emulator", "serve the API-compatible emulator on loopback")
     em.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    em.add_argument("--port", type=preflight.port, default=8765,
-                    help="port to listen on; 0 picks a free one (default: 8765)")
+    em.add_argument(
+        "--port", type=preflight.port, default=8765, help="port to listen on; 0 picks a free one (default: 8765)"
+    )
     em.add_argument("--knowledge", help="CSV/Parquet knowledge table (default: bundled companies)")
     em.add_argument("--knowledge-key", default="company", help="column matched against run inputs")
     em.add_argument("--time-scale", type=preflight.finite_nonneg, default=1.0, help="latency multiplier (0 = instant)")
     em.add_argument("--seed", type=int, default=0, help="random seed for latencies and faults (default: 0)")
     em.add_argument("--fail-rate", type=preflight.fraction, default=0.0, help="share of runs that fail")
-    em.add_argument("--rate-limit", type=preflight.nonneg_int, default=2000,
-                    help="creating POSTs per minute per key (0 = off)")
-    em.add_argument("--credit-usd", type=preflight.finite_nonneg,
-                    help="account credit; 402 when it cannot cover new runs")
+    em.add_argument(
+        "--rate-limit", type=preflight.nonneg_int, default=2000, help="creating POSTs per minute per key (0 = off)"
+    )
+    em.add_argument(
+        "--credit-usd", type=preflight.finite_nonneg, help="account credit; 402 when it cannot cover new runs"
+    )
     em.add_argument("--faults", default="", help='e.g. "429=0.05,500=0.02,503=0.01,drop=0.02,slow=0.01,truncate=0.01"')
     em.add_argument("--api-key", help="accept only this key (default: any non-empty key)")
-    em.add_argument("--behaviours", default="", metavar="LIST",
-                    help="comma-separated server behaviours to switch on: cut, snapshots, eventual, shuffle, "
-                         "framing, basis, connections, endings, or all")
-    em.add_argument("--hard-rate", type=float, default=0.0, metavar="X",
-                    help="share of (row, field) cells that need a stronger processor (weaker ones answer "
-                         "medium/low confidence)")
+    em.add_argument(
+        "--behaviours",
+        default="",
+        metavar="LIST",
+        help="comma-separated server behaviours to switch on: cut, snapshots, eventual, shuffle, "
+        "framing, basis, connections, endings, or all",
+    )
+    em.add_argument(
+        "--hard-rate",
+        type=float,
+        default=0.0,
+        metavar="X",
+        help="share of (row, field) cells that need a stronger processor (weaker ones answer medium/low confidence)",
+    )
     rv = add("review", "human review round trip: apply a filled-in <output>.review.csv")
     rv.add_argument("action", choices=["apply"], help="apply: record the verdicts and rewrite the output")
     rv.add_argument("config", help="the job's config (TOML)")
-    rv.add_argument("reviewed", help="the review file with verdict (accept|correct|reject), corrected_value, "
-                    "reviewer and note filled in")
+    rv.add_argument(
+        "reviewed",
+        help="the review file with verdict (accept|correct|reject), corrected_value, reviewer and note filled in",
+    )
     ini = add("init", "write a commented starter config from a data file's columns (asks nothing)")
     ini.add_argument("data", help="the data file: .csv, .parquet or .xlsx (first sheet)")
     ini.add_argument("--config", help="config file to write (default: <data stem>.toml here; never overwritten)")
@@ -135,8 +189,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # config key -> the flag that overrides it, so a bad value is reported under the flag's name
-_FLAGS = {"input.path": "--input", "output.path": "--output", "journal": "--journal", "task.processor": "--processor",
-          "limits.budget_usd": "--budget", "limits.max_in_flight": "--max-in-flight", "api.base_url": "--base-url"}
+_FLAGS = {
+    "input.path": "--input",
+    "output.path": "--output",
+    "journal": "--journal",
+    "task.processor": "--processor",
+    "limits.budget_usd": "--budget",
+    "limits.max_in_flight": "--max-in-flight",
+    "api.base_url": "--base-url",
+}
 
 
 def _load(args: argparse.Namespace) -> RunConfig:
@@ -144,9 +205,15 @@ def _load(args: argparse.Namespace) -> RunConfig:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {"input.path": args.input, "output.path": args.output, "journal": args.journal,
-            "task.processor": args.processor, "limits.budget_usd": args.budget,
-            "limits.max_in_flight": args.max_in_flight, "api.base_url": args.base_url}
+    return {
+        "input.path": args.input,
+        "output.path": args.output,
+        "journal": args.journal,
+        "task.processor": args.processor,
+        "limits.budget_usd": args.budget,
+        "limits.max_in_flight": args.max_in_flight,
+        "api.base_url": args.base_url,
+    }
 
 
 def _api_key(emulated: bool) -> str:
@@ -163,7 +230,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     preflight.check_job(cfg, api_key=None, emulated=bool(args.emulator), journal_path=path)
     from enrich.scale import status as scaled
 
-    if (info := scaled.plan(cfg, path)) is not None:   # a partitioned job (--ray)
+    if (info := scaled.plan(cfg, path)) is not None:  # a partitioned job (--ray)
         print(scaled.format_plan(info))
         return EXIT_OK
     journal = Journal.open(path, readonly=False) if path.exists() else Journal.open(":memory:")
@@ -187,12 +254,26 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError("--partitions needs --ray")
         from enrich.scale.runner import run_partitioned
 
-        result = run_partitioned(cfg, address=args.ray or None, partitions=args.partitions,
-                                 api_key=_api_key(emulated), emulated=emulated, retry_failed=args.retry_failed,
-                                 adopt=args.adopt, fresh=args.fresh)
+        result = run_partitioned(
+            cfg,
+            address=args.ray or None,
+            partitions=args.partitions,
+            api_key=_api_key(emulated),
+            emulated=emulated,
+            retry_failed=args.retry_failed,
+            adopt=args.adopt,
+            fresh=args.fresh,
+        )
     else:
-        result = run_job(cfg, api_key=_api_key(emulated), emulated=emulated, retry_failed=args.retry_failed,
-                         adopt=args.adopt, fresh=args.fresh, detach=args.detach)
+        result = run_job(
+            cfg,
+            api_key=_api_key(emulated),
+            emulated=emulated,
+            retry_failed=args.retry_failed,
+            adopt=args.adopt,
+            fresh=args.fresh,
+            detach=args.detach,
+        )
     for line in result.message.splitlines():
         print(f"enrich: {line}", file=sys.stderr)
     if result.exit_code == EXIT_INTERRUPTED:
@@ -205,7 +286,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from enrich.journal import Journal
     from enrich.scale import status as scaled
 
-    if (cut := scaled.partition_plan(args.journal)) is not None:   # a partitioned job (--ray)
+    if (cut := scaled.partition_plan(args.journal)) is not None:  # a partitioned job (--ray)
         info = scaled.status(args.journal, cut)
         print(json.dumps(info, indent=2) if args.json else scaled.format_status(info))
         return EXIT_OK
@@ -217,11 +298,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         live = journal.get("live")
         if not (isinstance(live, dict) and time.time() - live.get("at", 0) < 15 and _alive(live.get("pid"))):
             live = None
-        info = {"journal": args.journal, "rows": sum(counts.values()), "counts": counts,
-                "in_flight": sum(counts.get(s, 0) for s in ("intent", "unknown", "submitted")),
-                "spent_usd": journal.spent_micros() / 1e6, "taskgroup_id": journal.get("taskgroup_id"),
-                "emulated": bool(journal.get("emulated") or journal.get("emulator_seen")),
-                "last_error": journal.last_error(), "live": live}
+        info = {
+            "journal": args.journal,
+            "rows": sum(counts.values()),
+            "counts": counts,
+            "in_flight": sum(counts.get(s, 0) for s in ("intent", "unknown", "submitted")),
+            "spent_usd": journal.spent_micros() / 1e6,
+            "taskgroup_id": journal.get("taskgroup_id"),
+            "emulated": bool(journal.get("emulated") or journal.get("emulator_seen")),
+            "last_error": journal.last_error(),
+            "live": live,
+        }
     finally:
         journal.close()
     if args.json:
@@ -236,8 +323,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"spent        ${info['spent_usd']:,.4f}")
         print(f"last error   {info['last_error'] or '-'}")
         if live:
-            print(f"live         pid {live['pid']}: {min(live['active_runs'], live['cap']):,} runs active at the API "
-                  f"(cap {live['cap']:,}); waiting on: {live['waiting_on'] or 'results'}")
+            print(
+                f"live         pid {live['pid']}: {min(live['active_runs'], live['cap']):,} runs active at the API "
+                f"(cap {live['cap']:,}); waiting on: {live['waiting_on'] or 'results'}"
+            )
         else:
             print("live         no enrich process is running this job")
     return EXIT_OK
@@ -277,10 +366,17 @@ def cmd_export(args: argparse.Namespace) -> int:
                 raise ConfigError(f"{flag}: {target} is the journal or the input file; choose another path")
         guard = cfg.output.formula_guard if cfg else recorded.get("formula_guard", True)
         if args.output:
-            report = write_output(journal, Path(args.output), fields,
-                                  reasoning=cfg.output.reasoning if cfg else bool(recorded.get("reasoning")),
-                                  formula_guard=guard, emulated=bool(journal.get("emulated") or journal.get("emulator_seen")),
-                                  budget_exhausted=False, extra={"exported_from": args.journal}, cfg=cfg)
+            report = write_output(
+                journal,
+                Path(args.output),
+                fields,
+                reasoning=cfg.output.reasoning if cfg else bool(recorded.get("reasoning")),
+                formula_guard=guard,
+                emulated=bool(journal.get("emulated") or journal.get("emulator_seen")),
+                budget_exhausted=False,
+                extra={"exported_from": args.journal},
+                cfg=cfg,
+            )
             print(f"enrich: exported {report['rows']} rows to {args.output}", file=sys.stderr)
         if args.basis:
             keys = (list(cfg.input.key) if cfg else (journal.get("identity") or {}).get("key_columns")) or ["key"]
@@ -316,10 +412,19 @@ def cmd_emulator(args: argparse.Namespace) -> int:
     if not 0 <= args.hard_rate <= 1:
         raise ConfigError("--hard-rate must be within 0..1")
     preflight.check_knowledge(args.knowledge, args.knowledge_key, where="--knowledge")
-    cfg = EmulatorConfig(knowledge=args.knowledge, knowledge_key=args.knowledge_key, time_scale=args.time_scale,
-                         seed=args.seed, fail_rate=args.fail_rate, rate_limit=args.rate_limit,
-                         credit_usd=args.credit_usd, faults=args.faults, api_key=args.api_key,
-                         behaviours=args.behaviours, hard_rate=args.hard_rate)
+    cfg = EmulatorConfig(
+        knowledge=args.knowledge,
+        knowledge_key=args.knowledge_key,
+        time_scale=args.time_scale,
+        seed=args.seed,
+        fail_rate=args.fail_rate,
+        rate_limit=args.rate_limit,
+        credit_usd=args.credit_usd,
+        faults=args.faults,
+        api_key=args.api_key,
+        behaviours=args.behaviours,
+        hard_rate=args.hard_rate,
+    )
     try:
         server = EmulatorServer(cfg, host=args.host, port=args.port)
     except ValueError as exc:
@@ -340,8 +445,15 @@ def cmd_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"init": cmd_init, "run": cmd_run, "plan": cmd_plan, "status": cmd_status, "export": cmd_export,
-            "review": cmd_review, "emulator": cmd_emulator}
+COMMANDS = {
+    "init": cmd_init,
+    "run": cmd_run,
+    "plan": cmd_plan,
+    "status": cmd_status,
+    "export": cmd_export,
+    "review": cmd_review,
+    "emulator": cmd_emulator,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     secret = os.environ.get("PARALLEL_API_KEY")
     try:
         code = COMMANDS[args.command](args)
-        sys.stdout.flush()   # a closed pipe (`enrich plan | head -1`) surfaces here, not at exit
+        sys.stdout.flush()  # a closed pipe (`enrich plan | head -1`) surfaces here, not at exit
         return code
     except BrokenPipeError:
         # the reader of stdout went away: say nothing more, and keep Python from complaining at exit

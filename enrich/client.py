@@ -23,9 +23,9 @@ from enrich import __version__
 from enrich.errors import ApiError, ConfigError, OutcomeUnknown, TransientApiError, redact
 from enrich.retry import classify_failure, classify_status, parse_retry_after
 
-STREAM_READ_TIMEOUT = 75.0   # > the servers' keep-alive interval on SSE streams
-FIELD_BASIS_BETA = "field-basis-2025-11-25"   # per-element basis entries for array fields (sent on add-runs)
-EMULATOR_HEADER = "x-enrich-emulator"   # every emulator response carries it: outputs are marked emulated
+STREAM_READ_TIMEOUT = 75.0  # > the servers' keep-alive interval on SSE streams
+FIELD_BASIS_BETA = "field-basis-2025-11-25"  # per-element basis entries for array fields (sent on add-runs)
+EMULATOR_HEADER = "x-enrich-emulator"  # every emulator response carries it: outputs are marked emulated
 
 
 def check_base_url(url: str) -> str:
@@ -50,15 +50,22 @@ class TaskClient:
     each response before its body is read (used by the `after_send_before_response` failpoint).
     """
 
-    def __init__(self, base_url: str, api_key: str, timeout_s: float = 30.0,
-                 transport: httpx.AsyncBaseTransport | None = None,
-                 on_response: Callable[[httpx.Response], Any] | None = None):
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        timeout_s: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+        on_response: Callable[[httpx.Response], Any] | None = None,
+    ):
         self.base_url = check_base_url(base_url)
         self._key = api_key
         hooks: dict[str, list[Any]] = {"response": [self._note_server, *([on_response] if on_response else [])]}
         self.emulator_seen = False
         self._http = httpx.AsyncClient(
-            base_url=self.base_url, transport=transport, follow_redirects=False,
+            base_url=self.base_url,
+            transport=transport,
+            follow_redirects=False,
             timeout=httpx.Timeout(connect=5.0, read=timeout_s, write=10.0, pool=10.0),
             limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
             headers={"x-api-key": api_key, "user-agent": f"enrich/{__version__}"},
@@ -85,8 +92,9 @@ class TaskClient:
         detail = str(exc) or type(exc).__name__
         return cls(redact(f"{what}: {type(exc).__name__}: {detail}"[:500], self._key))
 
-    async def _json(self, method: str, path: str, what: str, creating: bool = False,
-                    ok: tuple[int, ...] = (200, 202), **kw: Any) -> tuple[int, Any]:
+    async def _json(
+        self, method: str, path: str, what: str, creating: bool = False, ok: tuple[int, ...] = (200, 202), **kw: Any
+    ) -> tuple[int, Any]:
         self.requests += 1
         try:
             resp = await self._http.request(method, path, **kw)
@@ -98,13 +106,15 @@ class TaskClient:
             return resp.status_code, resp.json()
         except ValueError:
             cls = OutcomeUnknown if creating else TransientApiError
-            raise cls(f"{what}: HTTP {resp.status_code} with a body that is not JSON",
-                      status=resp.status_code) from None
+            raise cls(
+                f"{what}: HTTP {resp.status_code} with a body that is not JSON", status=resp.status_code
+            ) from None
 
     # ---- endpoints -----------------------------------------------------------------------
     async def create_group(self, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
-        _, body = await self._json("POST", "/v1/tasks/groups", "create task group",
-                                   json={"metadata": metadata} if metadata else {})
+        _, body = await self._json(
+            "POST", "/v1/tasks/groups", "create task group", json={"metadata": metadata} if metadata else {}
+        )
         if not isinstance(body, dict) or not isinstance(body.get("taskgroup_id"), str):
             raise TransientApiError("create task group: reply without taskgroup_id")
         return body
@@ -113,19 +123,23 @@ class TaskClient:
         _, body = await self._json("GET", f"/v1/tasks/groups/{taskgroup_id}", "get task group")
         return body
 
-    async def add_runs(self, taskgroup_id: str, inputs: list[dict[str, Any]],
-                       default_task_spec: dict[str, Any] | None) -> dict[str, Any]:
+    async def add_runs(
+        self, taskgroup_id: str, inputs: list[dict[str, Any]], default_task_spec: dict[str, Any] | None
+    ) -> dict[str, Any]:
         """POST up to 1,000 runs. Any doubt about whether they were created raises OutcomeUnknown."""
         payload: dict[str, Any] = {"inputs": inputs}
         if default_task_spec is not None:
             payload["default_task_spec"] = default_task_spec
         headers = {"parallel-beta": FIELD_BASIS_BETA} if has_array_fields(default_task_spec) else None
-        _, body = await self._json("POST", f"/v1/tasks/groups/{taskgroup_id}/runs", "add runs", creating=True,
-                                   json=payload, headers=headers)
+        _, body = await self._json(
+            "POST", f"/v1/tasks/groups/{taskgroup_id}/runs", "add runs", creating=True, json=payload, headers=headers
+        )
         run_ids = body.get("run_ids") if isinstance(body, dict) else None
         if not isinstance(run_ids, list) or len(run_ids) != len(inputs) or not all(isinstance(r, str) for r in run_ids):
-            raise OutcomeUnknown(f"add runs: reply lists {len(run_ids) if isinstance(run_ids, list) else 'no'} "
-                                 f"run ids for {len(inputs)} inputs")
+            raise OutcomeUnknown(
+                f"add runs: reply lists {len(run_ids) if isinstance(run_ids, list) else 'no'} "
+                f"run ids for {len(inputs)} inputs"
+            )
         return body
 
     async def get_run(self, run_id: str) -> dict[str, Any]:
@@ -135,9 +149,14 @@ class TaskClient:
     async def result(self, run_id: str, timeout_s: int = 0) -> dict[str, Any] | None:
         """The run's {run, output}; None while it is still active (408)."""
         try:
-            _, body = await self._json("GET", f"/v1/tasks/runs/{run_id}/result", "get result",
-                                       params={"timeout": timeout_s}, ok=(200,),
-                                       timeout=httpx.Timeout(connect=5.0, read=timeout_s + 30.0, write=10.0, pool=10.0))
+            _, body = await self._json(
+                "GET",
+                f"/v1/tasks/runs/{run_id}/result",
+                "get result",
+                params={"timeout": timeout_s},
+                ok=(200,),
+                timeout=httpx.Timeout(connect=5.0, read=timeout_s + 30.0, write=10.0, pool=10.0),
+            )
         except ApiError as exc:
             if exc.status == 408:
                 return None
@@ -166,18 +185,27 @@ class TaskClient:
         except (httpx.HTTPError, OSError, SSEError) as exc:
             raise self._exc(exc, False, what) from None
 
-    def group_runs(self, taskgroup_id: str, last_event_id: str | None = None, status: str | None = None,
-                   include_output: bool = False, include_input: bool = False) -> AsyncIterator[dict[str, Any]]:
-        params: dict[str, Any] = {"include_output": str(include_output).lower(),
-                                  "include_input": str(include_input).lower()}
+    def group_runs(
+        self,
+        taskgroup_id: str,
+        last_event_id: str | None = None,
+        status: str | None = None,
+        include_output: bool = False,
+        include_input: bool = False,
+    ) -> AsyncIterator[dict[str, Any]]:
+        params: dict[str, Any] = {
+            "include_output": str(include_output).lower(),
+            "include_input": str(include_input).lower(),
+        }
         if last_event_id:
             params["last_event_id"] = last_event_id
         if status:
             params["status"] = status
         return self.stream(f"/v1/tasks/groups/{taskgroup_id}/runs", "list group runs", params)
 
-    def group_events(self, taskgroup_id: str, last_event_id: str | None = None,
-                     timeout_s: float = 60) -> AsyncIterator[dict[str, Any]]:
+    def group_events(
+        self, taskgroup_id: str, last_event_id: str | None = None, timeout_s: float = 60
+    ) -> AsyncIterator[dict[str, Any]]:
         params: dict[str, Any] = {"timeout": timeout_s}
         if last_event_id:
             params["last_event_id"] = last_event_id
@@ -187,11 +215,14 @@ class TaskClient:
 def has_array_fields(task_spec: dict[str, Any] | None) -> bool:
     """Does the spec's output have a top-level array field? Then element-level basis is asked for."""
     try:
-        props = task_spec["output_schema"]["json_schema"]["properties"]   # type: ignore[index]
+        props = task_spec["output_schema"]["json_schema"]["properties"]  # type: ignore[index]
     except (KeyError, TypeError):
         return False
-    return any("array" in (p.get("type") if isinstance(p.get("type"), list) else [p.get("type")])
-               for p in props.values() if isinstance(p, dict))
+    return any(
+        "array" in (p.get("type") if isinstance(p.get("type"), list) else [p.get("type")])
+        for p in props.values()
+        if isinstance(p, dict)
+    )
 
 
 def _failure_kind(exc: Exception) -> str:

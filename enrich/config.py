@@ -44,8 +44,9 @@ def output_format_problem(path: Path) -> str | None:
     suffix = path.suffix.lower()
     if suffix in OUTPUT_SUFFIXES:
         return None
-    return (f"unsupported output extension {suffix or '(none)'!r} in {path.name}; "
-            f"use one of {', '.join(OUTPUT_SUFFIXES)}")
+    return (
+        f"unsupported output extension {suffix or '(none)'!r} in {path.name}; use one of {', '.join(OUTPUT_SUFFIXES)}"
+    )
 
 
 class _Strict(BaseModel):
@@ -72,8 +73,8 @@ class FieldSpec(_Strict):
 class InputConfig(_Strict):
     path: Path
     key: list[str] = Field(min_length=1)
-    sheet: str | int | None = None            # .xlsx only: sheet name, or 1-based position; default the first
-    columns: list[str] | None = None          # sent as the task input; default: the key columns
+    sheet: str | int | None = None  # .xlsx only: sheet name, or 1-based position; default the first
+    columns: list[str] | None = None  # sent as the task input; default: the key columns
     encoding: str = "utf-8"
     max_cell_bytes: int = Field(default=1 << 20, gt=0)
 
@@ -135,24 +136,27 @@ class LimitsConfig(_Strict):
     budget_usd: float | None = Field(default=None, ge=0)
     row_timeout_s: float = Field(default=3600, gt=0)
     batch_size: int = Field(default=1000, gt=0, le=1000)
-    request_timeout_s: float = Field(default=30, gt=0)   # total deadline of a creating POST
-    reconcile_grace_s: float = Field(default=60, gt=0)   # must exceed request_timeout_s
-    max_attempts: int = Field(default=6, gt=0)           # rejections of a row itself before it is failed
-    recheck_s: float = Field(default=5, gt=0, le=60)     # liveness watchdog period
-    outage_give_up_s: float = Field(default=300, gt=0)   # no creating request succeeds this long: stop (exit 69)
-    daily_budget_usd: float | None = Field(default=None, ge=0)   # per UTC day, across jobs sharing the ledger
-    spend_ledger: Path | None = None       # file recording spend per UTC day (shared between jobs)
-    max_processor: str | None = None       # refuse any processor (task or ladder) on a higher price tier
+    request_timeout_s: float = Field(default=30, gt=0)  # total deadline of a creating POST
+    reconcile_grace_s: float = Field(default=60, gt=0)  # must exceed request_timeout_s
+    max_attempts: int = Field(default=6, gt=0)  # rejections of a row itself before it is failed
+    recheck_s: float = Field(default=5, gt=0, le=60)  # liveness watchdog period
+    outage_give_up_s: float = Field(default=300, gt=0)  # no creating request succeeds this long: stop (exit 69)
+    daily_budget_usd: float | None = Field(default=None, ge=0)  # per UTC day, across jobs sharing the ledger
+    spend_ledger: Path | None = None  # file recording spend per UTC day (shared between jobs)
+    max_processor: str | None = None  # refuse any processor (task or ladder) on a higher price tier
 
     @model_validator(mode="after")
     def _check_limits(self) -> LimitsConfig:
         if self.reconcile_grace_s <= self.request_timeout_s:
-            raise ValueError(f"reconcile_grace_s ({self.reconcile_grace_s:g}) must be longer than request_timeout_s "
-                             f"({self.request_timeout_s:g}): a request still on its way could otherwise create a "
-                             "run after its row was declared never created")
+            raise ValueError(
+                f"reconcile_grace_s ({self.reconcile_grace_s:g}) must be longer than request_timeout_s "
+                f"({self.request_timeout_s:g}): a request still on its way could otherwise create a "
+                "run after its row was declared never created"
+            )
         if self.max_processor is not None and self.max_processor not in PROCESSORS:
-            raise ValueError(f"max_processor: unknown processor {self.max_processor!r}; "
-                             f"choose one of {', '.join(PROCESSORS)}")
+            raise ValueError(
+                f"max_processor: unknown processor {self.max_processor!r}; choose one of {', '.join(PROCESSORS)}"
+            )
         return self
 
     @property
@@ -162,7 +166,7 @@ class LimitsConfig(_Strict):
 
 
 Level = Literal["high", "medium", "low", "none"]
-LEVELS: tuple[Level, ...] = ("high", "medium", "low", "none")   # best first; "none" = null, "" or no basis
+LEVELS: tuple[Level, ...] = ("high", "medium", "low", "none")  # best first; "none" = null, "" or no basis
 _LEVEL_RANK = {"high": 3, "medium": 2, "low": 1, "none": 0}
 _LISTS = ("accept", "review", "reject")
 
@@ -197,9 +201,11 @@ class GateRule(_Strict):
         if missing := [lv for lv in LEVELS if lv not in seen]:
             raise ValueError(f"confidence {', '.join(map(repr, missing))} is in none of accept, review, reject")
         ranks = [[_LEVEL_RANK[lv] for lv in getattr(self, n)] for n in _LISTS]
-        for (hi_name, hi), (lo_name, lo) in (((_LISTS[0], ranks[0]), (_LISTS[1], ranks[1])),
-                                             ((_LISTS[1], ranks[1]), (_LISTS[2], ranks[2])),
-                                             ((_LISTS[0], ranks[0]), (_LISTS[2], ranks[2]))):
+        for (hi_name, hi), (lo_name, lo) in (
+            ((_LISTS[0], ranks[0]), (_LISTS[1], ranks[1])),
+            ((_LISTS[1], ranks[1]), (_LISTS[2], ranks[2])),
+            ((_LISTS[0], ranks[0]), (_LISTS[2], ranks[2])),
+        ):
             if hi and lo and min(hi) <= max(lo):
                 raise ValueError(f"{hi_name} must only hold confidences above those in {lo_name}")
         if self.accept_at is not None and self.review_at is not None and self.review_at > self.accept_at:
@@ -253,7 +259,7 @@ class GateConfig(GateRule):
 
     def rule(self, field: str) -> GateRule:
         """The resolved rule for `field`; element entries (`founders.0`) use their array's rule."""
-        rules = self.__pydantic_private__["_rules"]   # plain dict access: this runs per field per row
+        rules = self.__pydantic_private__["_rules"]  # plain dict access: this runs per field per row
         return rules.get(field) or rules.get(field.split(".", 1)[0]) or rules[""]
 
 
@@ -286,14 +292,14 @@ class EmulatorSection(_Strict):
     fail_rate: float = Field(default=0.0, ge=0, le=1)
     rate_limit: int = Field(default=2000, ge=0)
     faults: str = ""
-    behaviours: str = ""          # e.g. "cut,snapshots" or "all" (enrich/emulator/behaviours.py)
+    behaviours: str = ""  # e.g. "cut,snapshots" or "all" (enrich/emulator/behaviours.py)
     hard_rate: float = Field(default=0.0, ge=0, le=1)
 
     @model_validator(mode="after")
     def _known_behaviours(self) -> EmulatorSection:
         from enrich.emulator.behaviours import parse_behaviours  # lazy: the emulator package imports uvicorn
 
-        parse_behaviours(self.behaviours)   # ValueError names the unknown behaviour
+        parse_behaviours(self.behaviours)  # ValueError names the unknown behaviour
         return self
 
 
@@ -311,15 +317,17 @@ class RunConfig(_Strict):
     gate: GateConfig = GateConfig()
     escalate: EscalateConfig | None = None
     journal: Path | None = None
-    source: Path | None = None   # the config file, for messages
+    source: Path | None = None  # the config file, for messages
 
     @model_validator(mode="after")
     def _check_ladder(self) -> RunConfig:
         ladder = self.ladder
         for i, (lower, upper) in enumerate(itertools.pairwise(ladder)):
             if tier(upper) <= tier(lower):
-                raise ValueError(f"escalate.processors[{i}]: {upper!r} is not on a higher price tier than {lower!r}; "
-                                 "each step must be stronger than the one before")
+                raise ValueError(
+                    f"escalate.processors[{i}]: {upper!r} is not on a higher price tier than {lower!r}; "
+                    "each step must be stronger than the one before"
+                )
         return self
 
     @property
@@ -332,7 +340,7 @@ class RunConfig(_Strict):
         if self.journal:
             return self.journal
         out = self.output.path
-        return out.with_name(out.name + ".journal.sqlite")   # one per output: x.lite.csv and x.base.csv differ
+        return out.with_name(out.name + ".journal.sqlite")  # one per output: x.lite.csv and x.base.csv differ
 
     @property
     def budget_micros(self) -> int | None:
@@ -368,19 +376,29 @@ def plain_message(err: ErrorDetails) -> str:
         "missing": "is required",
         "extra_forbidden": "is not a known setting (check the spelling)",
         "finite_number": f"must be a finite number (got {got})",
-        "int_type": f"must be an integer (got {got})", "int_parsing": f"must be an integer (got {got})",
+        "int_type": f"must be an integer (got {got})",
+        "int_parsing": f"must be an integer (got {got})",
         "int_from_float": f"must be a whole number (got {got})",
-        "float_type": f"must be a number (got {got})", "float_parsing": f"must be a number (got {got})",
-        "bool_type": f"must be true or false (got {got})", "bool_parsing": f"must be true or false (got {got})",
-        "string_type": f"must be a string (got {got})", "path_type": f"must be a path string (got {got})",
-        "list_type": f"must be a list (got {got})", "too_short": "must not be empty",
-        "dict_type": f"must be a table (got {got})", "model_type": f"must be a table (got {got})",
+        "float_type": f"must be a number (got {got})",
+        "float_parsing": f"must be a number (got {got})",
+        "bool_type": f"must be true or false (got {got})",
+        "bool_parsing": f"must be true or false (got {got})",
+        "string_type": f"must be a string (got {got})",
+        "path_type": f"must be a path string (got {got})",
+        "list_type": f"must be a list (got {got})",
+        "too_short": "must not be empty",
+        "dict_type": f"must be a table (got {got})",
+        "model_type": f"must be a table (got {got})",
         "model_attributes_type": f"must be a table (got {got})",
     }
     if kind in fixed:
         return fixed[kind]
-    bounds = {"greater_than": ("greater than", "gt"), "greater_than_equal": ("at least", "ge"),
-              "less_than": ("less than", "lt"), "less_than_equal": ("at most", "le")}
+    bounds = {
+        "greater_than": ("greater than", "gt"),
+        "greater_than_equal": ("at least", "ge"),
+        "less_than": ("less than", "lt"),
+        "less_than_equal": ("at most", "le"),
+    }
     if kind in bounds:
         words, key = bounds[kind]
         return f"must be {words} {ctx.get(key)} (got {got})"
@@ -392,8 +410,9 @@ def plain_message(err: ErrorDetails) -> str:
     return msg.replace("Input should be", "must be").replace("Value error, ", "")
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None,
-                flags: Mapping[str, str] | None = None) -> RunConfig:
+def load_config(
+    path: str | Path, overrides: dict[str, Any] | None = None, flags: Mapping[str, str] | None = None
+) -> RunConfig:
     """Read and validate a TOML config; `overrides` maps dotted keys ('limits.budget_usd') to values.
 
     `flags` maps the same dotted keys to the command-line flag that set them ('--budget'), so a
@@ -418,8 +437,12 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
-def config_from_mapping(data: dict[str, Any], overrides: dict[str, Any] | None = None,
-                        source: str = "<config>", flags: Mapping[str, str] | None = None) -> RunConfig:
+def config_from_mapping(
+    data: dict[str, Any],
+    overrides: dict[str, Any] | None = None,
+    source: str = "<config>",
+    flags: Mapping[str, str] | None = None,
+) -> RunConfig:
     """Validate a config given as a mapping (the notebook API); same rules and messages as a file."""
     import copy
 
@@ -474,8 +497,10 @@ def check_gate_fields(cfg: RunConfig, fields: dict[str, Any]) -> None:
     """
     for name in cfg.gate.fields:
         if name not in fields:
-            raise ConfigError(f"{cfg.source}: gate.fields.{name}: not an output field; "
-                              f"output fields are {', '.join(fields) or '(none)'}")
+            raise ConfigError(
+                f"{cfg.source}: gate.fields.{name}: not an output field; "
+                f"output fields are {', '.join(fields) or '(none)'}"
+            )
 
 
 def _field_schema(spec: FieldSpec, nullable: bool = True) -> dict[str, Any]:

@@ -34,15 +34,22 @@ def verdicts_of(rows: Iterable[tuple[Any, ...]], key: tuple[str, ...], input_has
     out: dict[str, Verdict] = {}
     for field, verdict, corrected, reviewer, note, run_id, v_hash, _at in rows:
         if v_hash != input_hash:
-            continue   # stale: kept in the history, the field goes back through the gate
+            continue  # stale: kept in the history, the field goes back through the gate
         value = json.loads(corrected) if corrected is not None else None
-        out[field] = Verdict(key=key, field=field, verdict=verdict, corrected_value=value, reviewer=reviewer,
-                             note=note, run_id=run_id)
+        out[field] = Verdict(
+            key=key, field=field, verdict=verdict, corrected_value=value, reviewer=reviewer, note=note, run_id=run_id
+        )
     return list(out.values())
 
 
-def decided(results: list[tuple[str, str, Any]], fields: list[str], cfg: RunConfig, key: tuple[str, ...],
-            verdict_rows: list[tuple[Any, ...]] | None = None, input_hash: str = "") -> MergedRow:
+def decided(
+    results: list[tuple[str, str, Any]],
+    fields: list[str],
+    cfg: RunConfig,
+    key: tuple[str, ...],
+    verdict_rows: list[tuple[Any, ...]] | None = None,
+    input_hash: str = "",
+) -> MergedRow:
     """Merge (processor, run_id, result JSON or parsed dict) across tiers, then apply valid human verdicts."""
     parsed = [(proc, json.loads(res) if isinstance(res, str) else res) for proc, _rid, res in results]
     merged = merge(parsed, fields, cfg.gate, key=key)
@@ -51,7 +58,9 @@ def decided(results: list[tuple[str, str, Any]], fields: list[str], cfg: RunConf
     return merged
 
 
-def escalate_pass(journal: Journal, cfg: RunConfig, epoch: int, fields: list[str], *, dry: bool = False) -> dict[str, int]:
+def escalate_pass(
+    journal: Journal, cfg: RunConfig, epoch: int, fields: list[str], *, dry: bool = False
+) -> dict[str, int]:
     """One pass over finished rows; returns counts {climbed, fell_back, would_climb, checked}."""
     esc = cfg.escalate
     counts = {"climbed": 0, "fell_back": 0, "would_climb": 0, "checked": 0}
@@ -65,7 +74,7 @@ def escalate_pass(journal: Journal, cfg: RunConfig, epoch: int, fields: list[str
         verdicts = journal.verdicts_for([r[1] for r in chunk])
         for row_id, row_key, state, _proc, rung, input_hash, results in chunk:
             counts["checked"] += 1
-            if state == "failed":   # an escalation step failed: keep the best earlier answer
+            if state == "failed":  # an escalation step failed: keep the best earlier answer
                 falls.append((row_id, results[-1][1]))
             if esc is None:
                 continue
@@ -107,12 +116,33 @@ def apply_review(cfg: RunConfig, reviewed: Path) -> tuple[int, dict[str, Any]]:
     try:
         keys = {tuple(str(v) for v in json.loads(k)): k for k in journal.row_keys(journal.get("epoch", 0))}
         verdicts = read_review(reviewed, list(cfg.input.key), fields, keys)
-        journal.add_verdicts([(keys[v.key], v.field, v.verdict,
-                               None if v.corrected_value is None else canonical(v.corrected_value),
-                               v.reviewer, v.note, v.run_id, None) for v in verdicts], time.time())
-        report = write_output(journal, cfg.output.path, fields, reasoning=cfg.output.reasoning,
-                              formula_guard=cfg.output.formula_guard, emulated=bool(journal.get("emulated") or journal.get("emulator_seen")),
-                              budget_exhausted=False, extra={"review_applied": str(reviewed)}, cfg=cfg)
+        journal.add_verdicts(
+            [
+                (
+                    keys[v.key],
+                    v.field,
+                    v.verdict,
+                    None if v.corrected_value is None else canonical(v.corrected_value),
+                    v.reviewer,
+                    v.note,
+                    v.run_id,
+                    None,
+                )
+                for v in verdicts
+            ],
+            time.time(),
+        )
+        report = write_output(
+            journal,
+            cfg.output.path,
+            fields,
+            reasoning=cfg.output.reasoning,
+            formula_guard=cfg.output.formula_guard,
+            emulated=bool(journal.get("emulated") or journal.get("emulator_seen")),
+            budget_exhausted=False,
+            extra={"review_applied": str(reviewed)},
+            cfg=cfg,
+        )
     finally:
         journal.close()
     return len(verdicts), report

@@ -10,8 +10,14 @@ from __future__ import annotations
 import os
 import signal
 
-POINTS = ("after_intent_commit", "after_send_before_response", "after_response_before_commit",
-          "mid_poll", "after_result_commit", "mid_write")
+POINTS = (
+    "after_intent_commit",
+    "after_send_before_response",
+    "after_response_before_commit",
+    "mid_poll",
+    "after_result_commit",
+    "mid_write",
+)
 
 
 def _parse(spec: str) -> dict[str, int]:

@@ -23,7 +23,7 @@ def value_columns(name: str, schema: dict[str, Any]) -> list[tuple[str, dict[str
     return [(name, schema)]
 
 
-Column = tuple[str, str, Any, str, str]   # (name, kind, schema, field, role)
+Column = tuple[str, str, Any, str, str]  # (name, kind, schema, field, role)
 
 
 def output_columns(fields: dict[str, dict[str, Any]], reasoning: bool) -> list[Column]:
@@ -39,8 +39,8 @@ def output_columns(fields: dict[str, dict[str, Any]], reasoning: bool) -> list[C
         cols.append((f"{name}__citations", "citations", None, name, "citations"))
         if reasoning:
             cols.append((f"{name}__reasoning", "string", None, name, "reasoning"))
-        cols.append((f"{name}__decision", "string", None, name, "decision"))     # decide.py: the gate's verdict
-        cols.append((f"{name}__processor", "string", None, name, "processor"))   # whose answer is kept, or human
+        cols.append((f"{name}__decision", "string", None, name, "decision"))  # decide.py: the gate's verdict
+        cols.append((f"{name}__processor", "string", None, name, "processor"))  # whose answer is kept, or human
     return cols
 
 
@@ -94,8 +94,12 @@ def _dig(content: Any, dotted: str) -> Any:
     return node
 
 
-def flatten(result: dict[str, Any] | None, fields: dict[str, dict[str, Any]], reasoning: bool,
-            columns: list[Column] | None = None) -> dict[str, Any]:
+def flatten(
+    result: dict[str, Any] | None,
+    fields: dict[str, dict[str, Any]],
+    reasoning: bool,
+    columns: list[Column] | None = None,
+) -> dict[str, Any]:
     """Flat column -> value for one row (all columns present; None where there is nothing)."""
     columns = columns if columns is not None else output_columns(fields, reasoning)
     out: dict[str, Any] = dict.fromkeys(c[0] for c in columns)

@@ -25,12 +25,12 @@ from typing import Any, Literal
 from enrich.config import GateConfig, GateRule
 from enrich.processors import strength
 
-Confidence = str | float   # "high" | "medium" | "low" | "none" | a number
+Confidence = str | float  # "high" | "medium" | "low" | "none" | a number
 GateDecision = Literal["accepted", "review", "rejected"]
 HUMAN_DECISIONS = ("human_accepted", "human_corrected", "human_rejected")
 _DECISION_RANK = {"rejected": 0, "review": 1, "accepted": 2}
 _LABEL_ORDINAL = {"none": 0.0, "low": 1 / 3, "medium": 2 / 3, "high": 1.0}
-HUMAN = "human"   # processor (and confidence) of a human-corrected value
+HUMAN = "human"  # processor (and confidence) of a human-corrected value
 
 
 def normalize_confidence(raw: Any) -> Confidence:
@@ -81,17 +81,20 @@ def output_of(result: Mapping[str, Any] | None) -> tuple[dict[str, Any], dict[st
     basis: dict[str, dict[str, Any]] = {}
     for entry in output.get("basis") or []:
         if isinstance(entry, Mapping) and isinstance(entry.get("field"), str):
-            basis.setdefault(entry["field"], dict(entry))   # the first entry of a field wins
+            basis.setdefault(entry["field"], dict(entry))  # the first entry of a field wins
     return (dict(content) if isinstance(content, Mapping) else {}), basis
 
 
 def element_entries(basis: Mapping[str, dict[str, Any]], field: str) -> list[dict[str, Any]]:
     """Element-level basis entries (`field.0`, `field.1`, …; field-basis beta) in index order."""
     prefix = field + "."
-    if len(basis) <= 1 and field in basis:   # the usual shape: no element entries at all
+    if len(basis) <= 1 and field in basis:  # the usual shape: no element entries at all
         return []
-    found = [(int(name[len(prefix):]), entry) for name, entry in basis.items()
-             if name.startswith(prefix) and name[len(prefix):].isdigit()]
+    found = [
+        (int(name[len(prefix) :]), entry)
+        for name, entry in basis.items()
+        if name.startswith(prefix) and name[len(prefix) :].isdigit()
+    ]
     return [entry for _, entry in sorted(found, key=lambda pair: pair[0])]
 
 
@@ -128,13 +131,13 @@ def decide(field: str, confidence: Confidence, gate_cfg: GateConfig | GateRule) 
     rule = gate_cfg.rule(field) if isinstance(gate_cfg, GateConfig) else gate_cfg
     if isinstance(confidence, float | int) and not isinstance(confidence, bool):
         if rule.accept_at is None and rule.review_at is None:
-            return rule.decision_of_level("none")   # type: ignore[return-value]
+            return rule.decision_of_level("none")  # type: ignore[return-value]
         if rule.accept_at is not None and confidence >= rule.accept_at:
             return "accepted"
         if rule.review_at is not None and confidence >= rule.review_at:
             return "review"
         return "rejected"
-    return rule.decision_of_level(normalize_confidence(confidence))   # type: ignore[return-value]
+    return rule.decision_of_level(normalize_confidence(confidence))  # type: ignore[return-value]
 
 
 def decide_row(result: Mapping[str, Any] | None, fields: Iterable[str], gate_cfg: GateConfig) -> dict[str, str]:
@@ -226,14 +229,21 @@ def _run_id(result: Mapping[str, Any] | None) -> str | None:
     return rid if isinstance(rid, str) else None
 
 
-def answer_of(result: Mapping[str, Any] | None, field_name: str, processor: str | None,
-              gate_cfg: GateConfig) -> FieldAnswer:
+def answer_of(
+    result: Mapping[str, Any] | None, field_name: str, processor: str | None, gate_cfg: GateConfig
+) -> FieldAnswer:
     """One field's answer in one raw result, gated."""
     content, basis = output_of(result)
     conf = _confidence_in(basis, field_name)
-    return FieldAnswer(value=content.get(field_name), confidence=conf, decision=decide(field_name, conf, gate_cfg),
-                       processor=processor, run_id=_run_id(result), basis=basis.get(field_name),
-                       elements=tuple(element_entries(basis, field_name)))
+    return FieldAnswer(
+        value=content.get(field_name),
+        confidence=conf,
+        decision=decide(field_name, conf, gate_cfg),
+        processor=processor,
+        run_id=_run_id(result),
+        basis=basis.get(field_name),
+        elements=tuple(element_entries(basis, field_name)),
+    )
 
 
 def _rank(a: FieldAnswer) -> tuple[int, float, tuple[int, int], str]:
@@ -242,8 +252,12 @@ def _rank(a: FieldAnswer) -> tuple[int, float, tuple[int, int], str]:
     return (_DECISION_RANK.get(a.decision, -1), ordinal(a.confidence), strength(a.processor or ""), a.run_id or "")
 
 
-def merge(results_by_processor: Iterable[tuple[str, Mapping[str, Any] | None]], fields: Iterable[str],
-          gate_cfg: GateConfig, key: tuple[str, ...] = ()) -> MergedRow:
+def merge(
+    results_by_processor: Iterable[tuple[str, Mapping[str, Any] | None]],
+    fields: Iterable[str],
+    gate_cfg: GateConfig,
+    key: tuple[str, ...] = (),
+) -> MergedRow:
     """Per field, keep the best answer among the row's results (one per processor tried).
 
     Best = better decision, then better confidence, then the stronger processor. With no
@@ -283,8 +297,14 @@ def apply_verdicts(merged: MergedRow, verdicts: Iterable[Verdict]) -> MergedRow:
         answer = fields[v.field]
         if v.verdict == "correct":
             base = answer.previous if answer.decision == "human_corrected" else answer
-            fields[v.field] = FieldAnswer(value=v.corrected_value, confidence=HUMAN, decision="human_corrected",
-                                          processor=HUMAN, run_id=None, previous=base)
+            fields[v.field] = FieldAnswer(
+                value=v.corrected_value,
+                confidence=HUMAN,
+                decision="human_corrected",
+                processor=HUMAN,
+                run_id=None,
+                previous=base,
+            )
         elif v.run_id and v.run_id != answer.run_id:
             stale.append(v)
         else:

@@ -21,10 +21,40 @@ from enrich.processors import PROCESSORS
 from enrich.read import RESERVED_PREFIX, key_problem, open_table
 
 DEFAULT_PROCESSOR = "lite-fast"
-_KEY_HINTS = ("id", "key", "ticker", "symbol", "isin", "cik", "lei", "domain", "website", "url", "company",
-              "organization", "organisation", "name", "title")
-_CONTEXT_HINTS = ("website", "domain", "url", "homepage", "country", "city", "location", "sector", "industry",
-                  "company", "name", "ticker", "symbol", "exchange", "description")
+_KEY_HINTS = (
+    "id",
+    "key",
+    "ticker",
+    "symbol",
+    "isin",
+    "cik",
+    "lei",
+    "domain",
+    "website",
+    "url",
+    "company",
+    "organization",
+    "organisation",
+    "name",
+    "title",
+)
+_CONTEXT_HINTS = (
+    "website",
+    "domain",
+    "url",
+    "homepage",
+    "country",
+    "city",
+    "location",
+    "sector",
+    "industry",
+    "company",
+    "name",
+    "ticker",
+    "symbol",
+    "exchange",
+    "description",
+)
 
 
 def _rank(column: str, hints: tuple[str, ...]) -> int:
@@ -71,17 +101,23 @@ def starter_config(data: Path, columns: list[str], rows: list[list[Any]], sheet:
     """The TOML text of a starter config for `data` (pure: no file access)."""
     key = guess_key(columns, rows)
     if key is None:
-        raise InputError(str(data), "no column is unique and non-empty in every row, so none can be the key; "
-                                    "add an id column and run `enrich init` again")
+        raise InputError(
+            str(data),
+            "no column is unique and non-empty in every row, so none can be the key; "
+            "add an id column and run `enrich init` again",
+        )
     context = [c for c in columns if c != key and _rank(c, _CONTEXT_HINTS) < len(_CONTEXT_HINTS)][:3]
     sent = [key, *context]
     others = [c for c in columns if c not in sent]
-    field = next(f for f in ("summary", "research_summary", "enrich_summary_text")
-                 if not any(c == f or c.startswith(f"{f}__") for c in columns))
+    field = next(
+        f
+        for f in ("summary", "research_summary", "enrich_summary_text")
+        if not any(c == f or c.startswith(f"{f}__") for c in columns)
+    )
     suffix = data.suffix.lower() if data.suffix.lower() in (".csv", ".parquet", ".pq", *XLSX_SUFFIXES) else ".csv"
     out = Path("out") / f"{data.stem}.enriched{suffix}"
     price = PROCESSORS[DEFAULT_PROCESSOR].price_micros
-    budget = max(1.0, math.ceil(len(rows) * price * 1.5 / 1e4) / 100)   # list price x 1.5, rounded up to cents
+    budget = max(1.0, math.ceil(len(rows) * price * 1.5 / 1e4) / 100)  # list price x 1.5, rounded up to cents
     q = json.dumps
     lines = [
         f"# Starter config written by `enrich init {_rel(data)}`. Edit freely; every option is explained in README.md.",
@@ -90,8 +126,11 @@ def starter_config(data: Path, columns: list[str], rows: list[list[Any]], sheet:
         "",
         "[input]",
         f"path = {q(_rel(data))}",
-        *([f"sheet = {q(sheet)}                # the workbook sheet to read (name, or 1-based position)"]
-          if sheet is not None else []),
+        *(
+            [f"sheet = {q(sheet)}                # the workbook sheet to read (name, or 1-based position)"]
+            if sheet is not None
+            else []
+        ),
         f"key = [{q(key)}]{' ' * 8}# guessed: unique and non-empty in all {len(rows):,} rows; identifies a row across runs",
         f"columns = {q(sent)}   # ONLY these are sent to the API as the task input",
         *([f"# not sent: {', '.join(others)}"] if others else []),
@@ -137,7 +176,7 @@ def init_config(data: str | Path, config: str | Path | None = None) -> tuple[Pat
     sheet = str(info.path).rsplit(" [", 1)[1][:-1] if data.suffix.lower() in XLSX_SUFFIXES else None
     text = starter_config(data, columns, rows, sheet)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)   # O_EXCL: never clobber, even in a race
+    fd = os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)  # O_EXCL: never clobber, even in a race
     with os.fdopen(fd, "w", encoding="utf-8") as fp:
         fp.write(text)
     shown = _rel(target)

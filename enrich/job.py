@@ -25,8 +25,15 @@ from enrich import failpoints
 from enrich.config import DEFAULT_BASE_URL, RunConfig, digest
 from enrich.errors import AuthError, ConfigError, JournalError, OutputError, PaymentRequired, redact
 
-EXIT_OK, EXIT_USAGE, EXIT_FAILED_ROWS, EXIT_BUDGET, EXIT_AUTH, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = \
-    0, 2, 3, 4, 5, 69, 75
+EXIT_OK, EXIT_USAGE, EXIT_FAILED_ROWS, EXIT_BUDGET, EXIT_AUTH, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = (
+    0,
+    2,
+    3,
+    4,
+    5,
+    69,
+    75,
+)
 EXIT_CODES = {
     EXIT_OK: "all rows completed",
     EXIT_USAGE: "usage, config or input error (nothing was sent)",
@@ -98,7 +105,7 @@ def output_has_run_ids(path: Path) -> bool:
                     return False
                 i = header.index("_enrich_run_id")
                 return any(len(r) > i and r[i] for r in reader)
-    except Exception:   # an unreadable output says nothing about a journal; the writer replaces it
+    except Exception:  # an unreadable output says nothing about a journal; the writer replaces it
         return False
     return False
 
@@ -106,14 +113,28 @@ def output_has_run_ids(path: Path) -> bool:
 def _identity(cfg: RunConfig, task_spec: dict[str, Any], api_key: str) -> dict[str, Any]:
     from enrich.config import spec_fingerprint
 
-    return {"output": str(cfg.output.path.resolve()), "task_spec": spec_fingerprint(cfg, task_spec),
-            "key_columns": list(cfg.input.key), "api_key": digest(["enrich-key", api_key], 16)}
+    return {
+        "output": str(cfg.output.path.resolve()),
+        "task_spec": spec_fingerprint(cfg, task_spec),
+        "key_columns": list(cfg.input.key),
+        "api_key": digest(["enrich-key", api_key], 16),
+    }
 
 
-def run_job(cfg: RunConfig, *, api_key: str, emulated: bool = False, retry_failed: bool = False,
-            adopt: bool = False, fresh: bool = False, on_interrupt: Callable[[], None] | None = None,
-            install_signals: bool = True, transport: Any = None, governor: Any = None,
-            detach: bool = False) -> JobResult:
+def run_job(
+    cfg: RunConfig,
+    *,
+    api_key: str,
+    emulated: bool = False,
+    retry_failed: bool = False,
+    adopt: bool = False,
+    fresh: bool = False,
+    on_interrupt: Callable[[], None] | None = None,
+    install_signals: bool = True,
+    transport: Any = None,
+    governor: Any = None,
+    detach: bool = False,
+) -> JobResult:
     """Run (or resume) one job to its end and write its output. See the module docstring.
 
     `transport` is the client's seam (an httpx transport) for tests that play server behaviours;
@@ -126,10 +147,12 @@ def run_job(cfg: RunConfig, *, api_key: str, emulated: bool = False, retry_faile
 
     cpu0 = time.process_time()
     if detach and emulated:
-        raise ConfigError("--detach needs a server that outlives this process; with --emulator, start "
-                          "`enrich emulator` separately and pass --base-url (any PARALLEL_API_KEY, e.g. 'local')")
+        raise ConfigError(
+            "--detach needs a server that outlives this process; with --emulator, start "
+            "`enrich emulator` separately and pass --base-url (any PARALLEL_API_KEY, e.g. 'local')"
+        )
     jpath = journal_path_for(cfg)
-    preflight.check_job(cfg, api_key=api_key, emulated=emulated, journal_path=jpath)   # before anything is paid
+    preflight.check_job(cfg, api_key=api_key, emulated=emulated, journal_path=jpath)  # before anything is paid
     identity = _identity(cfg, build_task_spec(cfg), api_key)
     if fresh:
         for suffix in ("", "-wal", "-shm"):
@@ -139,13 +162,17 @@ def run_job(cfg: RunConfig, *, api_key: str, emulated: bool = False, retry_faile
     server = None
     try:
         if journal.is_empty() and not fresh and output_has_run_ids(cfg.output.path):
-            raise JournalError(f"{jpath}: journal is missing or empty, but {cfg.output.path} holds researched rows "
-                               "with run ids; running now would pay for them again. Restore the journal, or pass "
-                               "--fresh to start over")
+            raise JournalError(
+                f"{jpath}: journal is missing or empty, but {cfg.output.path} holds researched rows "
+                "with run ids; running now would pay for them again. Restore the journal, or pass "
+                "--fresh to start over"
+            )
         mode = journal.get("emulated")
         if mode is not None and mode != emulated and journal.get("taskgroup_id"):
-            raise JournalError(f"{jpath}: this journal holds {'emulated' if mode else 'real'} results; "
-                               f"use another --journal for {'emulated' if emulated else 'real'} runs")
+            raise JournalError(
+                f"{jpath}: this journal holds {'emulated' if mode else 'real'} results; "
+                f"use another --journal for {'emulated' if emulated else 'real'} runs"
+            )
         journal.check_identity(identity, adopt)
         if cfg.limits.daily_budget_usd is not None or cfg.limits.spend_ledger is not None:
             journal.attach_ledger(cfg.limits.spend_ledger, str(journal.path))
@@ -153,21 +180,32 @@ def run_job(cfg: RunConfig, *, api_key: str, emulated: bool = False, retry_faile
 
         prep = prepare(cfg, journal, retry_failed=retry_failed)
         journal.set("emulated", emulated)
-        journal.set("config", {"path": str(cfg.source), "output": str(cfg.output.path), "reasoning": cfg.output.reasoning,
-                               "formula_guard": cfg.output.formula_guard, "task_spec": prep.task_spec})
+        journal.set(
+            "config",
+            {
+                "path": str(cfg.source),
+                "output": str(cfg.output.path),
+                "reasoning": cfg.output.reasoning,
+                "formula_guard": cfg.output.formula_guard,
+                "task_spec": prep.task_spec,
+            },
+        )
         if emulated:
             server = _start_emulator(cfg)
             base_url = server.base_url
         else:
             base_url = base_url_for(cfg)
-        state, interrupted = _execute(cfg, journal, prep, base_url, api_key, emulated, on_interrupt, install_signals,
-                                      transport, governor, detach)
+        state, interrupted = _execute(
+            cfg, journal, prep, base_url, api_key, emulated, on_interrupt, install_signals, transport, governor, detach
+        )
         result = _finish(cfg, journal, jpath, prep, state, interrupted, emulated, api_key, cpu0)
         if detach and result.exit_code in (EXIT_OK, EXIT_FAILED_ROWS) and not journal.unresolved():
             n = journal.in_flight_count()
             result.exit_code = EXIT_OK
-            result.message = (f"detached: {n} runs are at the API ({state.submitted} sent now); collect the results "
-                              "later with the same command without --detach")
+            result.message = (
+                f"detached: {n} runs are at the API ({state.submitted} sent now); collect the results "
+                "later with the same command without --detach"
+            )
         return result
     finally:
         if server is not None:
@@ -179,15 +217,34 @@ def _start_emulator(cfg: RunConfig) -> Any:
     from enrich.emulator import EmulatorConfig, EmulatorServer
 
     e = cfg.emulator
-    return EmulatorServer(EmulatorConfig(
-        knowledge=str(e.knowledge) if e.knowledge else None, knowledge_key=e.knowledge_key,
-        time_scale=e.time_scale, seed=e.seed, fail_rate=e.fail_rate, rate_limit=e.rate_limit,
-        faults=e.faults, behaviours=e.behaviours, hard_rate=e.hard_rate)).start()
+    return EmulatorServer(
+        EmulatorConfig(
+            knowledge=str(e.knowledge) if e.knowledge else None,
+            knowledge_key=e.knowledge_key,
+            time_scale=e.time_scale,
+            seed=e.seed,
+            fail_rate=e.fail_rate,
+            rate_limit=e.rate_limit,
+            faults=e.faults,
+            behaviours=e.behaviours,
+            hard_rate=e.hard_rate,
+        )
+    ).start()
 
 
-def _execute(cfg: RunConfig, journal: Any, prep: Any, base_url: str, api_key: str, emulated: bool,
-             on_interrupt: Callable[[], None] | None, install_signals: bool, transport: Any,
-             governor: Any, detach: bool = False) -> tuple[Any, bool]:
+def _execute(
+    cfg: RunConfig,
+    journal: Any,
+    prep: Any,
+    base_url: str,
+    api_key: str,
+    emulated: bool,
+    on_interrupt: Callable[[], None] | None,
+    install_signals: bool,
+    transport: Any,
+    governor: Any,
+    detach: bool = False,
+) -> tuple[Any, bool]:
     from enrich.client import TaskClient
     from enrich.pipeline import execute
     from enrich.progress import JobState
@@ -205,7 +262,7 @@ def _execute(cfg: RunConfig, journal: Any, prep: Any, base_url: str, api_key: st
 
         def stop() -> None:
             nonlocal interrupted
-            if interrupted:   # a second Ctrl-C: leave now; every commit already made is durable
+            if interrupted:  # a second Ctrl-C: leave now; every commit already made is durable
                 print("enrich: interrupted again; exiting at once (the journal is intact)", file=sys.stderr)
                 os._exit(EXIT_INTERRUPTED)
             interrupted = True
@@ -218,18 +275,20 @@ def _execute(cfg: RunConfig, journal: Any, prep: Any, base_url: str, api_key: st
             for sig in (signal.SIGINT, signal.SIGTERM):
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                     loop.add_signal_handler(sig, stop)
-        client = TaskClient(base_url, api_key, timeout_s=cfg.limits.request_timeout_s, on_response=on_response,
-                            transport=transport)
+        client = TaskClient(
+            base_url, api_key, timeout_s=cfg.limits.request_timeout_s, on_response=on_response, transport=transport
+        )
         try:
-            return await execute(cfg, journal, client, prep, emulated=emulated, state=state, governor=governor,
-                                 detach=detach)
+            return await execute(
+                cfg, journal, client, prep, emulated=emulated, state=state, governor=governor, detach=detach
+            )
         finally:
             await client.aclose()
             if client.emulator_seen and not emulated:
-                journal.set("emulator_seen", True)   # reached an emulator through --base-url: mark the output
+                journal.set("emulator_seen", True)  # reached an emulator through --base-url: mark the output
 
     _run_coroutine(main())
-    if interrupted and install_signals:   # "Ctrl-C again to leave at once" holds while the output is written too
+    if interrupted and install_signals:  # "Ctrl-C again to leave at once" holds while the output is written too
         with contextlib.suppress(ValueError):
             signal.signal(signal.SIGINT, lambda *_: os._exit(EXIT_INTERRUPTED))
     return state, interrupted
@@ -247,40 +306,67 @@ def _run_coroutine(coro: Any) -> Any:
         return pool.submit(asyncio.run, coro).result()
 
 
-def _finish(cfg: RunConfig, journal: Any, jpath: Path, prep: Any, state: Any, interrupted: bool, emulated: bool,
-            api_key: str, cpu0: float) -> JobResult:
+def _finish(
+    cfg: RunConfig,
+    journal: Any,
+    jpath: Path,
+    prep: Any,
+    state: Any,
+    interrupted: bool,
+    emulated: bool,
+    api_key: str,
+    cpu0: float,
+) -> JobResult:
     from enrich.write import write_output
 
     emulated = emulated or bool(journal.get("emulated")) or bool(journal.get("emulator_seen"))
     counts = journal.counts(prep.epoch)
     why = _why_stopped(state, interrupted, api_key)
     try:
-        report = write_output(journal, cfg.output.path, prep.fields, reasoning=cfg.output.reasoning,
-                              formula_guard=cfg.output.formula_guard, emulated=emulated,
-                              budget_exhausted=state.budget_exhausted, cfg=cfg,
-                              extra={"processor": cfg.task.processor, "journal": str(jpath),
-                                     "budget_usd": cfg.limits.budget_usd,
-                                     "interrupted": interrupted, "runs_created_this_invocation": state.submitted,
-                                     "rows_escalated_this_invocation": state.escalated, "ladder": cfg.ladder,
-                                     "http_requests_this_invocation": state.requests,
-                                     "stopped_because": why,
-                                     "elapsed_s": round(time.monotonic() - state.started, 3),
-                                     "cpu_s": round(time.process_time() - cpu0, 3)})
+        report = write_output(
+            journal,
+            cfg.output.path,
+            prep.fields,
+            reasoning=cfg.output.reasoning,
+            formula_guard=cfg.output.formula_guard,
+            emulated=emulated,
+            budget_exhausted=state.budget_exhausted,
+            cfg=cfg,
+            extra={
+                "processor": cfg.task.processor,
+                "journal": str(jpath),
+                "budget_usd": cfg.limits.budget_usd,
+                "interrupted": interrupted,
+                "runs_created_this_invocation": state.submitted,
+                "rows_escalated_this_invocation": state.escalated,
+                "ladder": cfg.ladder,
+                "http_requests_this_invocation": state.requests,
+                "stopped_because": why,
+                "elapsed_s": round(time.monotonic() - state.started, 3),
+                "cpu_s": round(time.process_time() - cpu0, 3),
+            },
+        )
     except OSError as exc:
-        raise OutputError(f"cannot write {cfg.output.path}: {exc.strerror or exc}; every result is safe in {jpath}: "
-                          f"fix the folder, then run the same command again (or enrich export {jpath} --output "
-                          "FILE)") from None
+        raise OutputError(
+            f"cannot write {cfg.output.path}: {exc.strerror or exc}; every result is safe in {jpath}: "
+            f"fix the folder, then run the same command again (or enrich export {jpath} --output "
+            "FILE)"
+        ) from None
     if why:
         journal.log("error", why)
     journal.set("live", None)
     sc = report["status_counts"]
-    summary = (f"wrote {report['rows']} rows to {cfg.output.path} "
-               f"({', '.join(f'{v} {k}' for k, v in sorted(sc.items()))}); spent ${report['spend_usd']:.4f}"
-               f"{' [EMULATED]' if emulated else ''}")
+    summary = (
+        f"wrote {report['rows']} rows to {cfg.output.path} "
+        f"({', '.join(f'{v} {k}' for k, v in sorted(sc.items()))}); spent ${report['spend_usd']:.4f}"
+        f"{' [EMULATED]' if emulated else ''}"
+    )
     if emulated and report.get("rows_with_answer") == 0 and report.get("status_counts", {}).get("completed"):
-        summary += (f"\nwarning: the emulator answered no field for any row: either no input row matches its "
-                    f"knowledge table on column {cfg.emulator.knowledge_key!r}, or the table has no column named "
-                    "like the output fields; set [emulator] knowledge and knowledge_key (README, The emulator)")
+        summary += (
+            f"\nwarning: the emulator answered no field for any row: either no input row matches its "
+            f"knowledge table on column {cfg.emulator.knowledge_key!r}, or the table has no column named "
+            "like the output fields; set [emulator] knowledge and knowledge_key (README, The emulator)"
+        )
     result = JobResult(EXIT_OK, summary, report, counts, cfg.output.path, jpath)
     if isinstance(state.fatal, AuthError | PaymentRequired):
         result.exit_code, result.message = EXIT_AUTH, f"{summary}\nstopped: {why}"
@@ -293,8 +379,10 @@ def _finish(cfg: RunConfig, journal: Any, jpath: Path, prep: Any, state: Any, in
         result.exit_code, result.message = EXIT_UNAVAILABLE, f"{summary}\nstopped: {why}"
     elif counts.get("pending", 0) and state.budget_exhausted:
         result.exit_code = EXIT_BUDGET
-        result.message = (f"{summary}\n{state.budget_message or 'budget exhausted'}: {counts['pending']} rows "
-                          "skipped (skipped_budget); raise the budget (or wait for the daily reset) and run again")
+        result.message = (
+            f"{summary}\n{state.budget_message or 'budget exhausted'}: {counts['pending']} rows "
+            "skipped (skipped_budget); raise the budget (or wait for the daily reset) and run again"
+        )
     elif any(counts.get(s, 0) for s in ("failed", "timed_out", "unknown", "intent", "pending", "submitted")):
         result.exit_code = EXIT_FAILED_ROWS
     return result

@@ -62,8 +62,21 @@ from enrich.journal_sql import (
 )
 from enrich.spend import daily_message, utc_day
 
-__all__ = ["IN_FLIGHT", "LEDGER_SCHEMA", "SCHEMA", "SCHEMA_VERSION", "TERMINAL", "Claimed", "DailyBudgetExceeded",
-           "DuplicateKey", "Finished", "Journal", "TransitionError", "Unresolved"]
+__all__ = [
+    "IN_FLIGHT",
+    "LEDGER_SCHEMA",
+    "SCHEMA",
+    "SCHEMA_VERSION",
+    "TERMINAL",
+    "Claimed",
+    "DailyBudgetExceeded",
+    "DuplicateKey",
+    "Finished",
+    "Journal",
+    "TransitionError",
+    "Unresolved",
+]
+
 
 @dataclass
 class Claimed:
@@ -90,8 +103,8 @@ class Finished:
     run_id: str
     row_ref: str | None
     attempt: int | None
-    result_json: str | None = None   # completed
-    error: str | None = None         # failed / cancelled
+    result_json: str | None = None  # completed
+    error: str | None = None  # failed / cancelled
 
 
 class Journal(DecisionStore):
@@ -106,11 +119,11 @@ class Journal(DecisionStore):
     @classmethod
     def open(cls, path: str | Path, readonly: bool = False) -> Journal:
         """Open (creating) a journal and take its lock; JournalError if another process holds it."""
-        if str(path) == ":memory:":   # scratch journal for `enrich plan` on a new job
+        if str(path) == ":memory:":  # scratch journal for `enrich plan` on a new job
             conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
             conn.executescript(SCHEMA)
             return cls(conn, Path(":memory:"), None)
-        path = Path(os.path.realpath(path))   # SQLite names the -wal file after the path: use one path
+        path = Path(os.path.realpath(path))  # SQLite names the -wal file after the path: use one path
         if readonly:
             if not path.is_file():
                 raise JournalError(f"{path}: no such journal")
@@ -136,18 +149,22 @@ class Journal(DecisionStore):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise JournalError(f"{path}: journal is in use by another enrich process; "
-                               "wait for it to finish or stop it (its progress is kept)") from None
+            raise JournalError(
+                f"{path}: journal is in use by another enrich process; "
+                "wait for it to finish or stop it (its progress is kept)"
+            ) from None
         if os.fstat(fd).st_nlink > 1:
             os.close(fd)
-            raise JournalError(f"{path}: journal has {os.stat(path).st_nlink} hard links; SQLite keeps its "
-                               "write-ahead log beside one name only, so use a single name (remove the extra links)")
+            raise JournalError(
+                f"{path}: journal has {os.stat(path).st_nlink} hard links; SQLite keeps its "
+                "write-ahead log beside one name only, so use a single name (remove the extra links)"
+            )
         try:
             conn = sqlite3.connect(str(path), isolation_level=None, timeout=5, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA busy_timeout=5000")
-            conn.execute("PRAGMA cache_size=-32768")   # 32 MiB: keeps big journals' B-trees in memory
+            conn.execute("PRAGMA cache_size=-32768")  # 32 MiB: keeps big journals' B-trees in memory
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise JournalError(f"{path}: journal was written by a newer enrich (schema {version})")
@@ -209,12 +226,14 @@ class Journal(DecisionStore):
         """Refuse a job whose identity (output, task spec, key columns, API key hash) differs from the
         one this journal holds, unless `adopt`; record it otherwise. Raises JournalError (exit 2)."""
         held = self.get("identity")
-        if held and not self.get("taskgroup_id"):   # nothing was created yet: the API key is not bound
+        if held and not self.get("taskgroup_id"):  # nothing was created yet: the API key is not bound
             held = {**held, "api_key": identity.get("api_key")}
         if held and held != identity and not adopt:
             diff = ", ".join(sorted(k for k in identity if held.get(k) != identity.get(k)))
-            raise JournalError(f"{self.path}: this journal belongs to another job (different {diff}); use another "
-                               "--journal, or pass --adopt to take it over for this job")
+            raise JournalError(
+                f"{self.path}: this journal belongs to another job (different {diff}); use another "
+                "--journal, or pass --adopt to take it over for this job"
+            )
         if held != identity:
             self.set("identity", identity)
 
@@ -227,9 +246,15 @@ class Journal(DecisionStore):
         return n
 
     # ---- seeding -------------------------------------------------------------------------
-    def seed(self, batches: Iterable[list[tuple[str, str, int, int, str, str, str, str, str]]], epoch: int,
-             refresh_before: float | None, retry_failed: bool, dry: bool = False,
-             meta: dict[str, Any] | None = None) -> None:
+    def seed(
+        self,
+        batches: Iterable[list[tuple[str, str, int, int, str, str, str, str, str]]],
+        epoch: int,
+        refresh_before: float | None,
+        retry_failed: bool,
+        dry: bool = False,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
         """Record the current input: one transaction for the whole file, rolled back on any error.
 
         Each item is (row_key, row_ref, ordinal, line, row_json, input_json, input_hash, spec_hash,
@@ -254,21 +279,27 @@ class Journal(DecisionStore):
                     marks = ",".join("?" * len(chunk))
                     # `+epoch`: look each key up in its unique index; an index on epoch would scan the
                     # whole input so far for every batch (quadratic: 1,000,000 rows took minutes)
-                    hit = conn.execute(f"SELECT row_key, line FROM rows WHERE row_key IN ({marks}) AND +epoch=? LIMIT 1",
-                                       (*chunk, epoch)).fetchone()
+                    hit = conn.execute(
+                        f"SELECT row_key, line FROM rows WHERE row_key IN ({marks}) AND +epoch=? LIMIT 1",
+                        (*chunk, epoch),
+                    ).fetchone()
                     if hit:
                         line2 = next(r[3] for r in batch if r[0] == hit[0])
                         raise DuplicateKey(hit[0], hit[1], line2)
                 conn.executemany(SEED_SQL, [(*r, epoch, int(retry_failed)) for r in batch])
-            if retry_failed:   # a timed-out run may have finished since: ask for it before paying again
-                conn.execute("UPDATE runs SET state='waiting' WHERE state='timed_out' AND run_id IN "
-                             "(SELECT run_id FROM rows WHERE epoch=? AND state='submitted')", (epoch,))
+            if retry_failed:  # a timed-out run may have finished since: ask for it before paying again
+                conn.execute(
+                    "UPDATE runs SET state='waiting' WHERE state='timed_out' AND run_id IN "
+                    "(SELECT run_id FROM rows WHERE epoch=? AND state='submitted')",
+                    (epoch,),
+                )
             conn.execute(REUSE_SQL, {"epoch": epoch, "fresh": refresh_before})
             self.set("epoch", epoch, conn)
             for k, v in (meta or {}).items():
                 self.set(k, v, conn)
-            self.last_seed_counts = dict(conn.execute(
-                "SELECT state, COUNT(*) FROM rows WHERE epoch=? GROUP BY state", (epoch,)))
+            self.last_seed_counts = dict(
+                conn.execute("SELECT state, COUNT(*) FROM rows WHERE epoch=? GROUP BY state", (epoch,))
+            )
         except BaseException:
             conn.execute("ROLLBACK")
             raise
@@ -292,8 +323,9 @@ class Journal(DecisionStore):
         return self.conn.execute(f"SELECT COUNT(*) FROM rows WHERE state IN ({marks})", states).fetchone()[0]
 
     def next_retry_at(self, epoch: int) -> float | None:
-        return self.conn.execute("SELECT MIN(next_at) FROM rows WHERE epoch=? AND state='pending'",
-                                 (epoch,)).fetchone()[0]
+        return self.conn.execute(
+            "SELECT MIN(next_at) FROM rows WHERE epoch=? AND state='pending'", (epoch,)
+        ).fetchone()[0]
 
     def attach_ledger(self, path: Path | None, job: str) -> None:
         """Record spend per UTC day in `path` (a ledger shared by several jobs) or, with None, in this journal.
@@ -314,31 +346,44 @@ class Journal(DecisionStore):
             self._ledger_db = "spendledger"
         self.conn.executescript(LEDGER_SCHEMA.format(db=self._ledger_db))
 
-
-    def claim(self, epoch: int, limit: int, prices: dict[str, int], budget: int | None, now: float,
-              batch: int, daily_budget: int | None = None) -> list[Claimed]:
+    def claim(
+        self,
+        epoch: int,
+        limit: int,
+        prices: dict[str, int],
+        budget: int | None,
+        now: float,
+        batch: int,
+        daily_budget: int | None = None,
+    ) -> list[Claimed]:
         """pending -> intent for up to `limit` rows of one processor, with their budget reserved, committed
         before any send. Solo rows (their batch was rejected) are claimed one at a time. Raises
         BudgetExceeded when not even one more run fits in the budget (or in today's daily budget,
         counted in the attached spend ledger across every job that shares it)."""
         with self.tx() as c:
-            picked = c.execute("SELECT id, processor FROM rows WHERE epoch=? AND state='pending' AND solo=1 AND "
-                               "(next_at IS NULL OR next_at<=?) ORDER BY ordinal LIMIT 1", (epoch, now)).fetchall()
+            picked = c.execute(
+                "SELECT id, processor FROM rows WHERE epoch=? AND state='pending' AND solo=1 AND "
+                "(next_at IS NULL OR next_at<=?) ORDER BY ordinal LIMIT 1",
+                (epoch, now),
+            ).fetchall()
             if not picked:
-                picked = c.execute("SELECT id, processor FROM rows WHERE epoch=? AND state='pending' AND solo=0 AND "
-                                   "(next_at IS NULL OR next_at<=?) ORDER BY ordinal LIMIT ?",
-                                   (epoch, now, limit)).fetchall()
+                picked = c.execute(
+                    "SELECT id, processor FROM rows WHERE epoch=? AND state='pending' AND solo=0 AND "
+                    "(next_at IS NULL OR next_at<=?) ORDER BY ordinal LIMIT ?",
+                    (epoch, now, limit),
+                ).fetchall()
             if not picked:
                 return []
             processor = picked[0][1]
-            picked = [p for p in picked if p[1] == processor]   # one batch, one processor
+            picked = [p for p in picked if p[1] == processor]  # one batch, one processor
             price = prices[processor]
             if budget is not None:
                 spent = c.execute("SELECT COALESCE(SUM(micros), 0) FROM spend").fetchone()[0]
                 affordable = (budget - spent) // price if price else len(picked)
                 if affordable <= 0:
-                    raise BudgetExceeded(f"budget reached: {spent / 1e6:.4f} USD of {budget / 1e6:.4f} USD "
-                                         "spent or reserved")
+                    raise BudgetExceeded(
+                        f"budget reached: {spent / 1e6:.4f} USD of {budget / 1e6:.4f} USD spent or reserved"
+                    )
                 picked = picked[:affordable]
             day = utc_day(now)
             if daily_budget is not None:
@@ -348,24 +393,35 @@ class Journal(DecisionStore):
                     raise DailyBudgetExceeded(daily_message(today, daily_budget, now))
                 picked = picked[:affordable]
             ids = [p[0] for p in picked]
-            c.executemany("UPDATE rows SET state='intent', attempts=attempts+1, batch=?, intent_at=?, run_id=NULL, "
-                          "run_input_hash=input_hash, run_spec_hash=spec_hash, run_processor=processor, error=NULL "
-                          "WHERE id=? AND state='pending'", [(batch, now, i) for i in ids])
+            c.executemany(
+                "UPDATE rows SET state='intent', attempts=attempts+1, batch=?, intent_at=?, run_id=NULL, "
+                "run_input_hash=input_hash, run_spec_hash=spec_hash, run_processor=processor, error=NULL "
+                "WHERE id=? AND state='pending'",
+                [(batch, now, i) for i in ids],
+            )
             out: list[Claimed] = []
             for chunk in chunks(ids):
                 marks = ",".join("?" * len(chunk))
-                rows = c.execute(f"SELECT id, row_key, row_ref, attempts, input_json FROM rows WHERE id IN ({marks}) "
-                                 "AND state='intent'", chunk).fetchall()
+                rows = c.execute(
+                    f"SELECT id, row_key, row_ref, attempts, input_json FROM rows WHERE id IN ({marks}) "
+                    "AND state='intent'",
+                    chunk,
+                ).fetchall()
                 by_id = {r[0]: r for r in rows}
                 if len(by_id) != len(chunk):
                     raise TransitionError("claim: a row left `pending` during its own claim")
-                out.extend(Claimed(by_id[i][1], by_id[i][2], by_id[i][3], json.loads(by_id[i][4]), processor)
-                           for i in chunk)
-            c.executemany("INSERT INTO spend(at, row_key, micros, reason) VALUES (?, ?, ?, 'reserve')",
-                          [(now, cl.row_key, price) for cl in out])
+                out.extend(
+                    Claimed(by_id[i][1], by_id[i][2], by_id[i][3], json.loads(by_id[i][4]), processor) for i in chunk
+                )
+            c.executemany(
+                "INSERT INTO spend(at, row_key, micros, reason) VALUES (?, ?, ?, 'reserve')",
+                [(now, cl.row_key, price) for cl in out],
+            )
             if self._ledger_db is not None:
-                c.executemany(f"INSERT INTO {self._ledger_db}.ledger(day, job, row_key, micros) VALUES (?, ?, ?, ?)",
-                              [(day, self._ledger_job, cl.row_key, price) for cl in out])
+                c.executemany(
+                    f"INSERT INTO {self._ledger_db}.ledger(day, job, row_key, micros) VALUES (?, ?, ?, ?)",
+                    [(day, self._ledger_job, cl.row_key, price) for cl in out],
+                )
             self.set("batch_seq", batch, c)
             return out
 
@@ -375,30 +431,51 @@ class Journal(DecisionStore):
             if c.execute(sql, p).rowcount != 1:
                 raise TransitionError(f"{what}: row {p[-2] if len(p) > 1 else p[0]} is not in the expected state")
 
-    def mark_submitted(self, rows: list[tuple[str, int]], run_ids: list[str], batch: int, cursor: str | None,
-                       now: float) -> None:
+    def mark_submitted(
+        self, rows: list[tuple[str, int]], run_ids: list[str], batch: int, cursor: str | None, now: float
+    ) -> None:
         """intent -> submitted for an add-runs reply: the rows (row_key, attempt) and the run ids the reply
         listed, in whatever order; which run is whose is learned from each run's metadata later."""
         with self.tx() as c:
-            self._move(c, "UPDATE rows SET state='submitted', submitted_at=?, retries=0, rung=run_processor "
-                          "WHERE row_key=? AND attempts=? AND state='intent'", [(now, k, a) for k, a in rows],
-                       "mark_submitted")
-            c.executemany("INSERT OR IGNORE INTO runs(run_id, batch, cursor, created_at, state) "
-                          "VALUES (?, ?, ?, ?, 'waiting')", [(r, batch, cursor or "", now) for r in run_ids])
+            self._move(
+                c,
+                "UPDATE rows SET state='submitted', submitted_at=?, retries=0, rung=run_processor "
+                "WHERE row_key=? AND attempts=? AND state='intent'",
+                [(now, k, a) for k, a in rows],
+                "mark_submitted",
+            )
+            c.executemany(
+                "INSERT OR IGNORE INTO runs(run_id, batch, cursor, created_at, state) VALUES (?, ?, ?, ?, 'waiting')",
+                [(r, batch, cursor or "", now) for r in run_ids],
+            )
 
     def adopt(self, found: list[tuple[str, int, str, str]], now: float) -> None:
         """intent|unknown -> submitted for rows found in the group listing: (row_key, attempt, run_id, cursor).
         Here the pairing is proven: the listing showed the run with this row's metadata."""
         with self.tx() as c:
-            self._move(c, "UPDATE rows SET state='submitted', run_id=?, submitted_at=?, retries=0, rung=run_processor "
-                          "WHERE row_key=? AND attempts=? AND state IN ('intent', 'unknown')",
-                       [(rid, now, k, a) for k, a, rid, _ in found], "adopt")
-            c.executemany("INSERT OR IGNORE INTO runs(run_id, batch, cursor, created_at, state) "
-                          "SELECT ?, COALESCE(batch, 0), ?, ?, 'waiting' FROM rows WHERE row_key=?",
-                          [(rid, cur, now, k) for k, _, rid, cur in found])
+            self._move(
+                c,
+                "UPDATE rows SET state='submitted', run_id=?, submitted_at=?, retries=0, rung=run_processor "
+                "WHERE row_key=? AND attempts=? AND state IN ('intent', 'unknown')",
+                [(rid, now, k, a) for k, a, rid, _ in found],
+                "adopt",
+            )
+            c.executemany(
+                "INSERT OR IGNORE INTO runs(run_id, batch, cursor, created_at, state) "
+                "SELECT ?, COALESCE(batch, 0), ?, ?, 'waiting' FROM rows WHERE row_key=?",
+                [(rid, cur, now, k) for k, _, rid, cur in found],
+            )
 
-    def release(self, rows: list[tuple[str, int]], now: float, next_at: float | None, error: str,
-                max_retries: int, solo: bool = False, count_retry: bool = False) -> list[str]:
+    def release(
+        self,
+        rows: list[tuple[str, int]],
+        now: float,
+        next_at: float | None,
+        error: str,
+        max_retries: int,
+        solo: bool = False,
+        count_retry: bool = False,
+    ) -> list[str]:
         """intent|unknown -> pending (or failed): no run was created for this attempt of these rows.
         Refunds the reservation. Only rows still at the given attempt move (a stale decision about an
         older attempt changes nothing). `count_retry` only for rejections of the row itself; a row
@@ -407,31 +484,45 @@ class Journal(DecisionStore):
         failed: list[str] = []
         with self.tx() as c:
             for key, attempt in rows:
-                hit = c.execute("SELECT retries FROM rows WHERE row_key=? AND attempts=? AND "
-                                "state IN ('intent', 'unknown')", (key, attempt)).fetchone()
+                hit = c.execute(
+                    "SELECT retries FROM rows WHERE row_key=? AND attempts=? AND state IN ('intent', 'unknown')",
+                    (key, attempt),
+                ).fetchone()
                 if hit is None:
                     raise TransitionError(f"release: row {key} attempt {attempt} is no longer in doubt")
-                price = c.execute("SELECT micros FROM spend WHERE row_key=? AND reason='reserve' ORDER BY id DESC "
-                                  "LIMIT 1", (key,)).fetchone()
-                c.execute("INSERT INTO spend(at, row_key, micros, reason) VALUES (?, ?, ?, 'release')",
-                          (now, key, -(price[0] if price else 0)))
+                price = c.execute(
+                    "SELECT micros FROM spend WHERE row_key=? AND reason='reserve' ORDER BY id DESC LIMIT 1", (key,)
+                ).fetchone()
+                c.execute(
+                    "INSERT INTO spend(at, row_key, micros, reason) VALUES (?, ?, ?, 'release')",
+                    (now, key, -(price[0] if price else 0)),
+                )
                 self._ledger_refund(c, key)
                 state = "failed" if hit[0] + inc >= max_retries else "pending"
                 if state == "failed":
                     failed.append(key)
-                c.execute("UPDATE rows SET state=?, retries=retries+?, next_at=?, solo=MAX(solo, ?), error=?, "
-                          "finished_at=? WHERE row_key=?", (state, inc, next_at, int(solo), error, now, key))
+                c.execute(
+                    "UPDATE rows SET state=?, retries=retries+?, next_at=?, solo=MAX(solo, ?), error=?, "
+                    "finished_at=? WHERE row_key=?",
+                    (state, inc, next_at, int(solo), error, now, key),
+                )
         return failed
 
     def mark_unknown(self, rows: list[tuple[str, int]], error: str) -> None:
         """intent -> unknown: the add-runs outcome is ambiguous; reconciliation decides."""
         with self.tx() as c:
-            self._move(c, "UPDATE rows SET state='unknown', error=? WHERE row_key=? AND attempts=? AND state='intent'",
-                       [(error, k, a) for k, a in rows], "mark_unknown")
+            self._move(
+                c,
+                "UPDATE rows SET state='unknown', error=? WHERE row_key=? AND attempts=? AND state='intent'",
+                [(error, k, a) for k, a in rows],
+                "mark_unknown",
+            )
 
     def unresolved(self) -> list[Unresolved]:
-        rows = self.conn.execute("SELECT row_key, row_ref, attempts, intent_at, batch FROM rows "
-                                 "WHERE state IN ('intent', 'unknown') ORDER BY ordinal").fetchall()
+        rows = self.conn.execute(
+            "SELECT row_key, row_ref, attempts, intent_at, batch FROM rows "
+            "WHERE state IN ('intent', 'unknown') ORDER BY ordinal"
+        ).fetchall()
         return [Unresolved(*r) for r in rows]
 
     # ---- polling ---------------------------------------------------------------------------
@@ -447,28 +538,42 @@ class Journal(DecisionStore):
         refused because their metadata names no row of this journal). Recording twice is harmless."""
         with self.tx() as c:
             # set-based: a batch of a thousand results is a handful of statements, not four per run
-            c.execute("CREATE TEMP TABLE IF NOT EXISTS fin (run_id TEXT, row_ref TEXT, attempt INTEGER, "
-                      "result_json TEXT, error TEXT)")
+            c.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS fin (run_id TEXT, row_ref TEXT, attempt INTEGER, "
+                "result_json TEXT, error TEXT)"
+            )
             c.execute("DELETE FROM temp.fin")
-            c.executemany("INSERT INTO temp.fin VALUES (?, ?, ?, ?, ?)",
-                          [(f.run_id, f.row_ref, f.attempt, f.result_json, f.error) for f in finished])
-            refused = [r[0] for r in c.execute(
-                "SELECT run_id FROM temp.fin WHERE row_ref IS NULL OR NOT EXISTS "
-                "(SELECT 1 FROM rows WHERE rows.row_ref=fin.row_ref)")]
-            c.execute("INSERT OR IGNORE INTO results(run_id, input_hash, spec_hash, processor, completed_at, result_json) "
-                      "SELECT f.run_id, r.run_input_hash, r.run_spec_hash, r.run_processor, ?, f.result_json "
-                      "FROM temp.fin f JOIN rows r ON r.row_ref=f.row_ref AND r.attempts=f.attempt "
-                      "WHERE f.result_json IS NOT NULL", (now,))
+            c.executemany(
+                "INSERT INTO temp.fin VALUES (?, ?, ?, ?, ?)",
+                [(f.run_id, f.row_ref, f.attempt, f.result_json, f.error) for f in finished],
+            )
+            refused = [
+                r[0]
+                for r in c.execute(
+                    "SELECT run_id FROM temp.fin WHERE row_ref IS NULL OR NOT EXISTS "
+                    "(SELECT 1 FROM rows WHERE rows.row_ref=fin.row_ref)"
+                )
+            ]
+            c.execute(
+                "INSERT OR IGNORE INTO results(run_id, input_hash, spec_hash, processor, completed_at, result_json) "
+                "SELECT f.run_id, r.run_input_hash, r.run_spec_hash, r.run_processor, ?, f.result_json "
+                "FROM temp.fin f JOIN rows r ON r.row_ref=f.row_ref AND r.attempts=f.attempt "
+                "WHERE f.result_json IS NOT NULL",
+                (now,),
+            )
             c.execute("UPDATE runs SET state='recorded' WHERE run_id IN (SELECT run_id FROM temp.fin)")
             before = c.total_changes
             # the first result per row wins (a repeated event or listing changes nothing)
-            c.execute("UPDATE rows SET state=CASE WHEN f.result_json IS NULL THEN 'failed' "
-                      "WHEN rows.run_input_hash=rows.input_hash AND rows.run_spec_hash=rows.spec_hash AND "
-                      "rows.run_processor=rows.processor THEN 'done' ELSE 'pending' END, run_id=f.run_id, "
-                      "error=f.error, finished_at=? FROM (SELECT row_ref, attempt, MIN(rowid) AS k FROM temp.fin "
-                      "GROUP BY row_ref, attempt) g JOIN temp.fin f ON f.rowid=g.k "
-                      "WHERE rows.row_ref=g.row_ref AND rows.attempts=g.attempt AND rows.state IN ('submitted', "
-                      "'timed_out')", (now,))
+            c.execute(
+                "UPDATE rows SET state=CASE WHEN f.result_json IS NULL THEN 'failed' "
+                "WHEN rows.run_input_hash=rows.input_hash AND rows.run_spec_hash=rows.spec_hash AND "
+                "rows.run_processor=rows.processor THEN 'done' ELSE 'pending' END, run_id=f.run_id, "
+                "error=f.error, finished_at=? FROM (SELECT row_ref, attempt, MIN(rowid) AS k FROM temp.fin "
+                "GROUP BY row_ref, attempt) g JOIN temp.fin f ON f.rowid=g.k "
+                "WHERE rows.row_ref=g.row_ref AND rows.attempts=g.attempt AND rows.state IN ('submitted', "
+                "'timed_out')",
+                (now,),
+            )
             updated = c.total_changes - before
             c.execute("DELETE FROM temp.fin")
         return updated, refused
@@ -480,10 +585,13 @@ class Journal(DecisionStore):
             c.execute("UPDATE runs SET state='timed_out' WHERE run_id=? AND state='waiting'", (run_id,))
             if row_ref is None or attempt is None:
                 return False
-            n = c.execute("UPDATE rows SET state='timed_out', run_id=?, finished_at=?, error='still running at the "
-                          "API after row_timeout_s; the run may still finish and be billed (the API has no cancel): "
-                          "--retry-failed collects it without paying again' WHERE row_ref=? AND attempts=? AND "
-                          "state='submitted'", (run_id, now, row_ref, attempt)).rowcount
+            n = c.execute(
+                "UPDATE rows SET state='timed_out', run_id=?, finished_at=?, error='still running at the "
+                "API after row_timeout_s; the run may still finish and be billed (the API has no cancel): "
+                "--retry-failed collects it without paying again' WHERE row_ref=? AND attempts=? AND "
+                "state='submitted'",
+                (run_id, now, row_ref, attempt),
+            ).rowcount
         return n == 1
 
     def orphaned_submitted(self) -> list[tuple[str, int]]:
@@ -495,8 +603,12 @@ class Journal(DecisionStore):
     def unknown_from_submitted(self, rows: list[tuple[str, int]], error: str) -> None:
         """submitted -> unknown: no run can be shown to be this row's; reconciliation looks for it by metadata."""
         with self.tx() as c:
-            self._move(c, "UPDATE rows SET state='unknown', error=? WHERE row_key=? AND attempts=? AND "
-                          "state='submitted'", [(error, k, a) for k, a in rows], "unknown_from_submitted")
+            self._move(
+                c,
+                "UPDATE rows SET state='unknown', error=? WHERE row_key=? AND attempts=? AND state='submitted'",
+                [(error, k, a) for k, a in rows],
+                "unknown_from_submitted",
+            )
 
     # ---- reading back ----------------------------------------------------------------------
     def counts(self, epoch: int | None = None) -> dict[str, int]:
@@ -507,8 +619,11 @@ class Journal(DecisionStore):
     def write_state(self) -> list[Any]:
         """A cheap summary that changes whenever anything the output shows changes."""
         epoch = self.get("epoch", 0)
-        row = self.conn.execute("SELECT COUNT(*), MAX(intent_at), MAX(submitted_at), MAX(finished_at), SUM(attempts) "
-                                "FROM rows WHERE epoch=?", (epoch,)).fetchone()
+        row = self.conn.execute(
+            "SELECT COUNT(*), MAX(intent_at), MAX(submitted_at), MAX(finished_at), SUM(attempts) "
+            "FROM rows WHERE epoch=?",
+            (epoch,),
+        ).fetchone()
         verdicts = self.conn.execute("SELECT COUNT(*) FROM verdicts").fetchone()[0]
         return [epoch, *row, verdicts]
 
@@ -520,13 +635,18 @@ class Journal(DecisionStore):
         with self.tx() as c:
             keys = [r[0] for r in c.execute("SELECT row_key FROM rows WHERE state IN ('intent','unknown','submitted')")]
             for k in keys:
-                price = c.execute("SELECT micros FROM spend WHERE row_key=? AND reason='reserve' ORDER BY id DESC "
-                                  "LIMIT 1", (k,)).fetchone()
-                c.execute("INSERT INTO spend(at, row_key, micros, reason) VALUES (?, ?, ?, 'release')",
-                          (time.time(), k, -(price[0] if price else 0)))
+                price = c.execute(
+                    "SELECT micros FROM spend WHERE row_key=? AND reason='reserve' ORDER BY id DESC LIMIT 1", (k,)
+                ).fetchone()
+                c.execute(
+                    "INSERT INTO spend(at, row_key, micros, reason) VALUES (?, ?, ?, 'release')",
+                    (time.time(), k, -(price[0] if price else 0)),
+                )
                 self._ledger_refund(c, k)
-            c.execute("UPDATE rows SET state='pending', run_id=NULL, next_at=NULL "
-                      "WHERE state IN ('intent','unknown','submitted')")
+            c.execute(
+                "UPDATE rows SET state='pending', run_id=NULL, next_at=NULL "
+                "WHERE state IN ('intent','unknown','submitted')"
+            )
             c.execute("DELETE FROM runs WHERE state IN ('waiting', 'timed_out')")
             c.execute("DELETE FROM meta WHERE k IN ('taskgroup_id', 'events_cursor')")
         return len(keys)

@@ -25,26 +25,35 @@ class DecisionStore:
         """Micro-dollars reserved on UTC `day` in the spend ledger (every job sharing it)."""
         if self._ledger_db is None:
             return 0
-        return self.conn.execute(f"SELECT COALESCE(SUM(micros), 0) FROM {self._ledger_db}.ledger WHERE day=?",
-                                 (day,)).fetchone()[0]
+        return self.conn.execute(
+            f"SELECT COALESCE(SUM(micros), 0) FROM {self._ledger_db}.ledger WHERE day=?", (day,)
+        ).fetchone()[0]
 
     def _ledger_refund(self, c: Any, key: str) -> None:
         if self._ledger_db is None:
             return
-        res = c.execute(f"SELECT day, micros FROM {self._ledger_db}.ledger WHERE job=? AND row_key=? AND micros>0 "
-                        "ORDER BY id DESC LIMIT 1", (self._ledger_job, key)).fetchone()
+        res = c.execute(
+            f"SELECT day, micros FROM {self._ledger_db}.ledger WHERE job=? AND row_key=? AND micros>0 "
+            "ORDER BY id DESC LIMIT 1",
+            (self._ledger_job, key),
+        ).fetchone()
         if res:
-            c.execute(f"INSERT INTO {self._ledger_db}.ledger(day, job, row_key, micros) VALUES (?, ?, ?, ?)",
-                      (res[0], self._ledger_job, key, -res[1]))
+            c.execute(
+                f"INSERT INTO {self._ledger_db}.ledger(day, job, row_key, micros) VALUES (?, ?, ?, ?)",
+                (res[0], self._ledger_job, key, -res[1]),
+            )
 
     def decided_rows(self, epoch: int, ladder: list[str], chunk: int = 2_000) -> Iterator[list[tuple[Any, ...]]]:
         """(id, row_key, state, processor, rung, input_hash, [(processor, run_id, result_json)]) of done rows and of
         failed rows that have a result on the ladder, in input order: what the escalation pass decides on."""
         last = -1
         while True:
-            rows = self.conn.execute("SELECT id, ordinal, row_key, state, processor, rung, input_hash, spec_hash FROM "
-                                     "rows WHERE epoch=? AND ordinal>? AND state IN ('done', 'failed') ORDER BY "
-                                     "ordinal LIMIT ?", (epoch, last, chunk)).fetchall()
+            rows = self.conn.execute(
+                "SELECT id, ordinal, row_key, state, processor, rung, input_hash, spec_hash FROM "
+                "rows WHERE epoch=? AND ordinal>? AND state IN ('done', 'failed') ORDER BY "
+                "ordinal LIMIT ?",
+                (epoch, last, chunk),
+            ).fetchall()
             if not rows:
                 return
             last = rows[-1][1]
@@ -59,32 +68,46 @@ class DecisionStore:
         for part in chunks(sorted({p[0] for p in pairs}), 500):
             marks = ",".join("?" * len(part))
             for in_h, spec_h, proc, rid, res in self.conn.execute(
-                    f"SELECT input_hash, spec_hash, processor, run_id, result_json FROM results WHERE input_hash IN "
-                    f"({marks}) AND processor IN ({procs}) ORDER BY completed_at", (*part, *ladder)):
+                f"SELECT input_hash, spec_hash, processor, run_id, result_json FROM results WHERE input_hash IN "
+                f"({marks}) AND processor IN ({procs}) ORDER BY completed_at",
+                (*part, *ladder),
+            ):
                 found.setdefault((in_h, spec_h), {})[proc] = (proc, rid, res)
         return {k: list(v.values()) for k, v in found.items()}
 
     def climb(self, moves: list[tuple[int, str]], now: float) -> None:
         """done|failed -> pending on a stronger processor (escalation): the next run is a normal claim."""
         with self.tx() as c:
-            self._move(c, "UPDATE rows SET state='pending', processor=?, next_at=NULL, error=NULL, finished_at=? "
-                          "WHERE id=? AND state IN ('done', 'failed')", [(p, now, i) for i, p in moves], "climb")
+            self._move(
+                c,
+                "UPDATE rows SET state='pending', processor=?, next_at=NULL, error=NULL, finished_at=? "
+                "WHERE id=? AND state IN ('done', 'failed')",
+                [(p, now, i) for i, p in moves],
+                "climb",
+            )
 
     def fall_back(self, items: list[tuple[int, str]], now: float) -> None:
         """failed -> done for an escalation run that failed: the row keeps its best earlier result (run_id)."""
         with self.tx() as c:
-            self._move(c, "UPDATE rows SET state='done', run_id=?, error=NULL, finished_at=? WHERE id=? AND "
-                          "state='failed'", [(r, now, i) for i, r in items], "fall_back")
+            self._move(
+                c,
+                "UPDATE rows SET state='done', run_id=?, error=NULL, finished_at=? WHERE id=? AND state='failed'",
+                [(r, now, i) for i, r in items],
+                "fall_back",
+            )
 
     def escalated_count(self, epoch: int, base: str) -> int:
-        return self.conn.execute("SELECT COUNT(*) FROM rows WHERE epoch=? AND (processor!=? OR rung IS NOT NULL "
-                                 "AND rung!=?)", (epoch, base, base)).fetchone()[0]
+        return self.conn.execute(
+            "SELECT COUNT(*) FROM rows WHERE epoch=? AND (processor!=? OR rung IS NOT NULL AND rung!=?)",
+            (epoch, base, base),
+        ).fetchone()[0]
 
     def row_keys(self, epoch: int) -> list[str]:
         return [r[0] for r in self.conn.execute("SELECT row_key FROM rows WHERE epoch=?", (epoch,))]
 
-    def add_verdicts(self, verdicts: list[tuple[str, str, str, str | None, str, str, str | None, str | None]],
-                     now: float) -> int:
+    def add_verdicts(
+        self, verdicts: list[tuple[str, str, str, str | None, str, str, str | None, str | None]], now: float
+    ) -> int:
         """Append reviewer verdicts: (row_key, field, verdict, corrected_json, reviewer, note, run_id,
         previous_json); each is stamped with the row's current input so a later input change makes it stale."""
         with self.tx() as c:
@@ -92,8 +115,11 @@ class DecisionStore:
                 hit = c.execute("SELECT input_hash FROM rows WHERE row_key=?", (v[0],)).fetchone()
                 if hit is None:
                     raise TransitionError(f"verdict for unknown row {v[0]}")
-                c.execute("INSERT INTO verdicts(at, row_key, field, verdict, corrected_json, reviewer, note, run_id, "
-                          "previous_json, input_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (now, *v, hit[0]))
+                c.execute(
+                    "INSERT INTO verdicts(at, row_key, field, verdict, corrected_json, reviewer, note, run_id, "
+                    "previous_json, input_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (now, *v, hit[0]),
+                )
         return len(verdicts)
 
     def verdicts_for(self, row_keys: list[str]) -> dict[str, list[tuple[Any, ...]]]:
@@ -103,8 +129,11 @@ class DecisionStore:
             return out
         for part in chunks(row_keys):
             marks = ",".join("?" * len(part))
-            for r in self.conn.execute(f"SELECT row_key, field, verdict, corrected_json, reviewer, note, run_id, "
-                                       f"input_hash, at FROM verdicts WHERE row_key IN ({marks}) ORDER BY id", part):
+            for r in self.conn.execute(
+                f"SELECT row_key, field, verdict, corrected_json, reviewer, note, run_id, "
+                f"input_hash, at FROM verdicts WHERE row_key IN ({marks}) ORDER BY id",
+                part,
+            ):
                 out.setdefault(r[0], []).append(r[1:])
         return out
 
@@ -117,17 +146,19 @@ class DecisionStore:
             rows = self.conn.execute(
                 "SELECT ordinal, row_key, row_json, state, run_id, error, submitted_at, finished_at, input_hash, "
                 "spec_hash FROM rows WHERE epoch=? AND ordinal>? ORDER BY ordinal LIMIT ?",
-                (epoch, last, chunk)).fetchall()
+                (epoch, last, chunk),
+            ).fetchall()
             if not rows:
                 return
             last = rows[-1][0]
             # every row's results, not only done rows': a row climbing the ladder keeps showing its best answer
             found = self._results_for([(r[8], r[9]) for r in rows], ladder)
             extra = {r[4]: r for r in rows if r[3] == "done" and r[4]}
-            if extra:   # a reused result of a processor no longer on the ladder (or a legacy one) still counts
+            if extra:  # a reused result of a processor no longer on the ladder (or a legacy one) still counts
                 marks = ",".join("?" * len(extra))
-                for rid, proc, res in self.conn.execute(f"SELECT run_id, processor, result_json FROM results WHERE "
-                                                        f"run_id IN ({marks})", list(extra)):
+                for rid, proc, res in self.conn.execute(
+                    f"SELECT run_id, processor, result_json FROM results WHERE run_id IN ({marks})", list(extra)
+                ):
                     r = extra[rid]
                     lst = found.setdefault((r[8], r[9]), [])
                     if all(x[1] != rid for x in lst) and all(x[0] != proc for x in lst):

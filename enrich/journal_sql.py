@@ -92,7 +92,6 @@ CREATE INDEX IF NOT EXISTS {db}.ledger_day ON ledger(day);
 """
 
 
-
 SEED_SQL = """
 INSERT INTO rows (row_key, row_ref, ordinal, line, row_json, input_json, input_hash, spec_hash, processor, epoch,
                   state)
@@ -146,14 +145,20 @@ def migrate_v1(conn: Any) -> None:
             "solo, intent_at, submitted_at, finished_at, error) SELECT row_key, row_ref, ordinal, line, epoch, row_json, "
             "input_json, input_hash, spec_hash, ?, state, attempts, retries, batch, run_id, run_input_hash, "
             "run_spec_hash, ?, next_at, solo, intent_at, submitted_at, finished_at, error FROM rows_v1 ORDER BY ordinal",
-            (proc, proc))
-        conn.execute("INSERT OR IGNORE INTO results(run_id, input_hash, spec_hash, processor, completed_at, result_json) "
-                     "SELECT run_id, run_input_hash, run_spec_hash, ?, COALESCE(finished_at, 0), result_json "
-                     "FROM rows_v1 WHERE run_id IS NOT NULL AND result_json IS NOT NULL", (proc,))
-        conn.execute("INSERT OR IGNORE INTO runs(run_id, batch, cursor, created_at, state) SELECT run_id, "
-                     "COALESCE(batch, 0), COALESCE(run_cursor, ''), COALESCE(submitted_at, 0), 'waiting' FROM rows_v1 "
-                     "WHERE state='submitted' AND run_id IS NOT NULL")
-        conn.execute("UPDATE rows SET run_id=NULL WHERE state='submitted'")   # v1 paired them by position
+            (proc, proc),
+        )
+        conn.execute(
+            "INSERT OR IGNORE INTO results(run_id, input_hash, spec_hash, processor, completed_at, result_json) "
+            "SELECT run_id, run_input_hash, run_spec_hash, ?, COALESCE(finished_at, 0), result_json "
+            "FROM rows_v1 WHERE run_id IS NOT NULL AND result_json IS NOT NULL",
+            (proc,),
+        )
+        conn.execute(
+            "INSERT OR IGNORE INTO runs(run_id, batch, cursor, created_at, state) SELECT run_id, "
+            "COALESCE(batch, 0), COALESCE(run_cursor, ''), COALESCE(submitted_at, 0), 'waiting' FROM rows_v1 "
+            "WHERE state='submitted' AND run_id IS NOT NULL"
+        )
+        conn.execute("UPDATE rows SET run_id=NULL WHERE state='submitted'")  # v1 paired them by position
         conn.execute("DROP TABLE rows_v1")
         conn.execute("INSERT OR REPLACE INTO meta(k, v) VALUES ('legacy_schema', '1')")
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -165,4 +170,4 @@ def migrate_v1(conn: Any) -> None:
 
 def chunks(items: list[Any], n: int = 900) -> Iterator[list[Any]]:
     for i in range(0, len(items), n):
-        yield items[i:i + n]
+        yield items[i : i + n]

@@ -22,7 +22,7 @@ from typing import Any
 from enrich.config import RunConfig, config_from_mapping, digest, read_config_file
 from enrich.errors import ApiError, AuthError, ConfigError, PaymentRequired
 
-DEFAULT_DIR = Path(".enrich")   # where a frame's journal lives when none is given (stable across calls)
+DEFAULT_DIR = Path(".enrich")  # where a frame's journal lives when none is given (stable across calls)
 
 
 def _config(config: Any, overrides: dict[str, Any]) -> RunConfig:
@@ -38,8 +38,16 @@ def _config(config: Any, overrides: dict[str, Any]) -> RunConfig:
     raise ConfigError(f"config must be a path, a dict or a RunConfig, not {type(config).__name__}")
 
 
-def enrich_frame(df: Any, config: Any, *, journal: str | Path | None = None, base_url: str | None = None,
-                 emulator: bool = False, api_key: str | None = None, budget_usd: float | None = None) -> Any:
+def enrich_frame(
+    df: Any,
+    config: Any,
+    *,
+    journal: str | Path | None = None,
+    base_url: str | None = None,
+    emulator: bool = False,
+    api_key: str | None = None,
+    budget_usd: float | None = None,
+) -> Any:
     """Enrich the rows of a polars or pandas DataFrame; return the enriched frame of the same kind.
 
     `journal` defaults to `.enrich/<job>.journal.sqlite` in the current directory, derived from the
@@ -66,8 +74,13 @@ def enrich_frame(df: Any, config: Any, *, journal: str | Path | None = None, bas
         os.replace(tmp, src)
     finally:
         Path(tmp).unlink(missing_ok=True)
-    overrides: dict[str, Any] = {"input.path": str(src), "output.path": str(out), "journal": str(jpath),
-                                 "api.base_url": base_url, "limits.budget_usd": budget_usd}
+    overrides: dict[str, Any] = {
+        "input.path": str(src),
+        "output.path": str(out),
+        "journal": str(jpath),
+        "api.base_url": base_url,
+        "limits.budget_usd": budget_usd,
+    }
     cfg = _config(config, overrides)
     if emulator:
         key = "emulator-local-key"
@@ -77,8 +90,11 @@ def enrich_frame(df: Any, config: Any, *, journal: str | Path | None = None, bas
         key = api_key or _api_key(False)
     result = run_job(cfg, api_key=key, emulated=emulator, install_signals=False)
     if result.exit_code in (EXIT_AUTH, EXIT_UNAVAILABLE):
-        cls = AuthError if "401" in result.message or "403" in result.message else (
-            PaymentRequired if "402" in result.message else ApiError)
+        cls = (
+            AuthError
+            if "401" in result.message or "403" in result.message
+            else (PaymentRequired if "402" in result.message else ApiError)
+        )
         raise cls(result.message.splitlines()[-1])
     enriched = pl.read_parquet(out)
     return enriched.to_pandas() if is_pandas else enriched

@@ -45,7 +45,7 @@ from enrich.slots import Slots
 from enrich.spec import MAX_SPEC_AND_INPUT_CHARS
 from enrich.submit import Governor, Submitter
 
-RECONCILE_GIVE_UP_S = 300.0   # listings failing this long (an outage) leave rows in doubt `unknown` for this run
+RECONCILE_GIVE_UP_S = 300.0  # listings failing this long (an outage) leave rows in doubt `unknown` for this run
 
 
 @dataclass
@@ -71,23 +71,34 @@ def prepare(cfg: RunConfig, journal: Journal, retry_failed: bool = False, dry: b
     task_spec = build_task_spec(cfg)
     fields = output_fields(task_spec)
     spec_hash = spec_fingerprint(cfg, task_spec)
-    if journal.get("legacy_schema") and not dry:   # schema-1 hashes included the processor: rename, never re-run
+    if journal.get("legacy_schema") and not dry:  # schema-1 hashes included the processor: rename, never re-run
         journal.rehash_spec(legacy_spec_fingerprint(cfg, task_spec), spec_hash)
         journal.set("legacy_schema", None)
     processor = cfg.task.processor
     spec_chars = len(canonical(task_spec))
     job_id = journal.get("job_id") or str(uuid.uuid4())
     fingerprint = _input_fingerprint(cfg, spec_hash)
-    if (not dry and not retry_failed and cfg.task.refresh_after_days is None and fingerprint is not None
-            and journal.get("seed_fingerprint") == fingerprint):
+    if (
+        not dry
+        and not retry_failed
+        and cfg.task.refresh_after_days is None
+        and fingerprint is not None
+        and journal.get("seed_fingerprint") == fingerprint
+    ):
         # the same file and job as the last completed seeding: nothing to re-read (a no-op resume)
         epoch = journal.get("epoch", 0)
         counts = journal.counts(epoch)
         return Prepared(epoch, sum(counts.values()), counts, task_spec, fields, job_id)
     forbidden = {c[0] for c in output_columns(fields, True)}
     key_cols, in_cols = cfg.input.key, cfg.input.input_columns
-    info, batches = open_table(cfg.input.path, list(dict.fromkeys([*key_cols, *in_cols])), forbidden,
-                               cfg.input.encoding, cfg.input.max_cell_bytes, sheet=cfg.input.sheet)
+    info, batches = open_table(
+        cfg.input.path,
+        list(dict.fromkeys([*key_cols, *in_cols])),
+        forbidden,
+        cfg.input.encoding,
+        cfg.input.max_cell_bytes,
+        sheet=cfg.input.sheet,
+    )
     pos = {c: i for i, c in enumerate(info.columns)}
     kidx, iidx = [pos[c] for c in key_cols], [(c, pos[c]) for c in in_cols]
     path = info.path
@@ -106,26 +117,52 @@ def prepare(cfg: RunConfig, journal: Journal, retry_failed: bool = False, dry: b
                 task_input = {c: row.values[i] for c, i in iidx}
                 input_json = canonical(task_input)
                 if len(input_json) + spec_chars > MAX_SPEC_AND_INPUT_CHARS:
-                    raise InputError(path, f"task input is {len(input_json):,} characters; with the task spec "
-                                           f"({spec_chars:,}) it exceeds the API's {MAX_SPEC_AND_INPUT_CHARS:,}",
-                                     line=row.line)
-                out.append((row_key, digest([job_id, row_key], 24), total, row.line,
-                            json.dumps(row.values, ensure_ascii=False, default=str), input_json,
-                            digest(input_json), spec_hash, processor))
+                    raise InputError(
+                        path,
+                        f"task input is {len(input_json):,} characters; with the task spec "
+                        f"({spec_chars:,}) it exceeds the API's {MAX_SPEC_AND_INPUT_CHARS:,}",
+                        line=row.line,
+                    )
+                out.append(
+                    (
+                        row_key,
+                        digest([job_id, row_key], 24),
+                        total,
+                        row.line,
+                        json.dumps(row.values, ensure_ascii=False, default=str),
+                        input_json,
+                        digest(input_json),
+                        spec_hash,
+                        processor,
+                    )
+                )
                 total += 1
             yield out
 
     refresh = cfg.task.refresh_after_days
     refresh_before = time.time() - refresh * 86400 if refresh else None
     try:
-        journal.seed(tuples(), epoch, refresh_before, retry_failed, dry=dry,
-                     meta={"job_id": job_id, "columns": info.columns, "input_path": path,
-                           "seed_fingerprint": fingerprint,
-                           "arrow_schema": base64.b64encode(info.arrow_schema).decode() if info.arrow_schema else None,
-                           "processor": cfg.task.processor})
+        journal.seed(
+            tuples(),
+            epoch,
+            refresh_before,
+            retry_failed,
+            dry=dry,
+            meta={
+                "job_id": job_id,
+                "columns": info.columns,
+                "input_path": path,
+                "seed_fingerprint": fingerprint,
+                "arrow_schema": base64.b64encode(info.arrow_schema).decode() if info.arrow_schema else None,
+                "processor": cfg.task.processor,
+            },
+        )
     except DuplicateKey as exc:
-        raise InputError(path, f"duplicate key {exc.key} in column(s) {key_cols} (first at line {exc.first_line}); "
-                               "keys must be unique", line=exc.line) from None
+        raise InputError(
+            path,
+            f"duplicate key {exc.key} in column(s) {key_cols} (first at line {exc.first_line}); keys must be unique",
+            line=exc.line,
+        ) from None
     finally:
         batches.close()  # type: ignore[attr-defined]  # closes the file if seeding stopped early
     counts = journal.last_seed_counts
@@ -144,9 +181,21 @@ def _input_fingerprint(cfg: RunConfig, spec_hash: str) -> str | None:
                 h.update(chunk)
     except OSError:
         return None
-    return digest([str(cfg.input.path.resolve()), st.st_size, st.st_mtime_ns, h.hexdigest(), cfg.input.key,
-                   cfg.input.input_columns, cfg.input.encoding, cfg.input.max_cell_bytes, spec_hash, cfg.ladder,
-                   *([cfg.input.sheet] if cfg.input.sheet is not None else [])])
+    return digest(
+        [
+            str(cfg.input.path.resolve()),
+            st.st_size,
+            st.st_mtime_ns,
+            h.hexdigest(),
+            cfg.input.key,
+            cfg.input.input_columns,
+            cfg.input.encoding,
+            cfg.input.max_cell_bytes,
+            spec_hash,
+            cfg.ladder,
+            *([cfg.input.sheet] if cfg.input.sheet is not None else []),
+        ]
+    )
 
 
 def plan_summary(cfg: RunConfig, prep: Prepared, journal: Journal) -> dict[str, Any]:
@@ -165,8 +214,11 @@ def plan_summary(cfg: RunConfig, prep: Prepared, journal: Journal) -> dict[str, 
     prices = [PROCESSORS[p].price_micros for p in ladder]
     ladder_info: dict[str, Any] = {}
     if len(ladder) > 1:
-        seen = escalate_pass(journal, cfg, journal.get("epoch", 0), list(prep.fields), dry=True) \
-            if str(journal.path) != ":memory:" else {"checked": 0, "would_climb": 0}
+        seen = (
+            escalate_pass(journal, cfg, journal.get("epoch", 0), list(prep.fields), dry=True)
+            if str(journal.path) != ":memory:"
+            else {"checked": 0, "would_climb": 0}
+        )
         share = seen["would_climb"] / seen["checked"] if seen["checked"] else None
         worst = to_submit * sum(prices) + seen["would_climb"] * sum(prices[1:])
         est = None
@@ -176,13 +228,22 @@ def plan_summary(cfg: RunConfig, prep: Prepared, journal: Journal) -> dict[str, 
             for p in prices[1:]:
                 est += climbing * p
                 climbing *= share
-        ladder_info = {"ladder": ladder, "ladder_worst_case_usd": round(worst / 1e6, 6),
-                       "escalation_share": None if share is None else round(share, 4),
-                       "ladder_estimate_usd": None if est is None else round(est / 1e6, 6)}
-    return {**ladder_info,
-        "rows": prep.total, "done_or_cached": c.get("done", 0), "failed_kept": c.get("failed", 0) + c.get("timed_out", 0),
-        "in_flight": in_flight, "to_submit": to_submit, "processor": proc.name,
-        "price_per_run_usd": proc.price_micros / 1e6, "estimated_cost_usd": round(to_submit * proc.price_micros / 1e6, 6),
+        ladder_info = {
+            "ladder": ladder,
+            "ladder_worst_case_usd": round(worst / 1e6, 6),
+            "escalation_share": None if share is None else round(share, 4),
+            "ladder_estimate_usd": None if est is None else round(est / 1e6, 6),
+        }
+    return {
+        **ladder_info,
+        "rows": prep.total,
+        "done_or_cached": c.get("done", 0),
+        "failed_kept": c.get("failed", 0) + c.get("timed_out", 0),
+        "in_flight": in_flight,
+        "to_submit": to_submit,
+        "processor": proc.name,
+        "price_per_run_usd": proc.price_micros / 1e6,
+        "estimated_cost_usd": round(to_submit * proc.price_micros / 1e6, 6),
         "spent_so_far_usd": round(spent / 1e6, 6),
         "budget_usd": None if budget is None else budget / 1e6,
         "runs_within_budget": None if budget is None else max(0, (budget - spent) // proc.price_micros),
@@ -203,9 +264,14 @@ def format_plan(plan: dict[str, Any]) -> str:
         lines.append(f"budget               ${plan['budget_usd']:,.2f}  (room for {plan['runs_within_budget']:,} runs)")
     if plan.get("ladder"):
         share = plan["escalation_share"]
-        lines.append(f"escalation ladder    {' -> '.join(plan['ladder'])}: worst case ${plan['ladder_worst_case_usd']:,.2f}"
-                     + (f"; estimate ${plan['ladder_estimate_usd']:,.2f} ({share:.0%} of finished rows would climb)"
-                        if share is not None else "; no finished rows yet to estimate the share that climbs"))
+        lines.append(
+            f"escalation ladder    {' -> '.join(plan['ladder'])}: worst case ${plan['ladder_worst_case_usd']:,.2f}"
+            + (
+                f"; estimate ${plan['ladder_estimate_usd']:,.2f} ({share:.0%} of finished rows would climb)"
+                if share is not None
+                else "; no finished rows yet to estimate the share that climbs"
+            )
+        )
     lo, hi = plan["duration_s"]
     lines.append(f"expected duration    {_human(lo)} - {_human(hi)}")
     return "\n".join(lines)
@@ -244,7 +310,7 @@ async def ensure_group(journal: Journal, client: TaskClient, job_tag: str, emula
         except PermanentApiError as exc:
             if exc.status != 404 or not (emulated or journal.get("emulated") or client.emulator_seen):
                 raise
-            n = journal.forget_remote()   # a new emulator process does not know the old group
+            n = journal.forget_remote()  # a new emulator process does not know the old group
             journal.log("warning", f"emulator restarted: {n} in-flight rows will run again in the new emulator")
     group = await _retry_safe(lambda: client.create_group({"enrich_job": job_tag}))
     gid = group["taskgroup_id"]
@@ -252,8 +318,9 @@ async def ensure_group(journal: Journal, client: TaskClient, job_tag: str, emula
     return str(gid)
 
 
-async def _reconciler(journal: Journal, client: TaskClient, state: JobState, gid: str, job_tag: str,
-                      grace_s: float, max_retries: int) -> None:
+async def _reconciler(
+    journal: Journal, client: TaskClient, state: JobState, gid: str, job_tag: str, grace_s: float, max_retries: int
+) -> None:
     """Settle rows in doubt until the job ends. Only transient errors are retried (for at most
     RECONCILE_GIVE_UP_S); anything else stops the job at once."""
     attempt = 0
@@ -273,8 +340,11 @@ async def _reconciler(journal: Journal, client: TaskClient, state: JobState, gid
             if time.monotonic() - failing_since >= RECONCILE_GIVE_UP_S:
                 # never resubmit blindly: these rows stay `unknown` (reported) until a later run can list the group
                 state.reconcile_failed = True
-                journal.log("error", f"cannot list the task group to settle rows in doubt: {exc}; they are reported "
-                                     "as unknown and will be reconciled on the next run")
+                journal.log(
+                    "error",
+                    f"cannot list the task group to settle rows in doubt: {exc}; they are reported "
+                    "as unknown and will be reconciled on the next run",
+                )
                 return
             journal.log("warning", f"reconciliation: {exc}")
             await asyncio.sleep(backoff(attempt, 0.5, exc.retry_after, cap=10))
@@ -287,19 +357,23 @@ async def _reconciler(journal: Journal, client: TaskClient, state: JobState, gid
         if out.adopted:
             state.reload_runs = True
             state.new_runs.set()
-        if out.missing:   # released: their slots are free again
+        if out.missing:  # released: their slots are free again
             state.active.give(out.missing)
             state.backlog.give(out.missing)
         if out.next_check is not None:
             await asyncio.sleep(max(0.05, out.next_check - time.time()))
         elif not out.adopted and not out.missing:
-            await asyncio.sleep(0.5)   # rows in doubt whose POST is still in flight
+            await asyncio.sleep(0.5)  # rows in doubt whose POST is still in flight
 
 
 def _escalate(journal: Journal, cfg: RunConfig, epoch: int, names: list[str]) -> int:
     """One escalation pass, skipped when nothing it reads changed since the last one (a no-op resume of a
     finished million-row job must not re-merge every row); returns the rows climbed."""
-    gate = [cfg.ladder, cfg.gate.model_dump(mode="json"), cfg.escalate.model_dump(mode="json") if cfg.escalate else None]
+    gate = [
+        cfg.ladder,
+        cfg.gate.model_dump(mode="json"),
+        cfg.escalate.model_dump(mode="json") if cfg.escalate else None,
+    ]
     if journal.get("escalation_checked") == digest([journal.write_state(), gate]):
         return 0
     climbed = escalate_pass(journal, cfg, epoch, names)["climbed"]
@@ -312,15 +386,34 @@ async def _heartbeat(journal: Journal, state: JobState, every_s: float = 2.0) ->
     import os
 
     while True:
-        journal.set("live", {"pid": os.getpid(), "at": time.time(), "waiting_on": state.waiting_on,
-                             "active_runs": state.active.used, "unrecorded_runs": state.backlog.used,
-                             "cap": state.active.capacity, "submitted": state.submitted,
-                             "completed": state.completed, "failed": state.failed})
+        journal.set(
+            "live",
+            {
+                "pid": os.getpid(),
+                "at": time.time(),
+                "waiting_on": state.waiting_on,
+                "active_runs": state.active.used,
+                "unrecorded_runs": state.backlog.used,
+                "cap": state.active.capacity,
+                "submitted": state.submitted,
+                "completed": state.completed,
+                "failed": state.failed,
+            },
+        )
         await asyncio.sleep(every_s)
 
 
-async def execute(cfg: RunConfig, journal: Journal, client: TaskClient, prep: Prepared, *, emulated: bool,
-                  state: JobState | None = None, governor: Governor | None = None, detach: bool = False) -> JobState:
+async def execute(
+    cfg: RunConfig,
+    journal: Journal,
+    client: TaskClient,
+    prep: Prepared,
+    *,
+    emulated: bool,
+    state: JobState | None = None,
+    governor: Governor | None = None,
+    detach: bool = False,
+) -> JobState:
     """Run the job until every row is finished, the budget is spent, or `state.stop` is set.
 
     With `detach`, only submit: every pending row is sent (rate limit and budget apply; the
@@ -332,17 +425,19 @@ async def execute(cfg: RunConfig, journal: Journal, client: TaskClient, prep: Pr
     state.done_before = sum(counts.get(s, 0) for s in ("done", "failed", "timed_out"))
     state.spent_micros = journal.spent_micros()
     names = list(prep.fields)
-    if cfg.escalate is not None:   # finished rows whose fields still need a stronger processor climb first
+    if cfg.escalate is not None:  # finished rows whose fields still need a stronger processor climb first
         state.escalated += _escalate(journal, cfg, prep.epoch, names)
         counts = journal.counts(prep.epoch)
     in_flight = journal.in_flight_count()
     if counts.get("pending", 0) == 0 and in_flight == 0:
-        return state   # nothing to do: no request at all
+        return state  # nothing to do: no request at all
     try:
         gid = await ensure_group(journal, client, prep.job_tag, emulated)
     except TransientApiError as exc:
-        raise ApiUnavailable(f"cannot reach the API at {client.base_url} ({exc}); check --base-url and the "
-                             "network, or use --emulator. Nothing was sent; run the same command again") from None
+        raise ApiUnavailable(
+            f"cannot reach the API at {client.base_url} ({exc}); check --base-url and the "
+            "network, or use --emulator. Nothing was sent; run the same command again"
+        ) from None
     limits = cfg.limits
     cap = 10**9 if detach else limits.max_in_flight
     state.active = Slots(cap)
@@ -351,23 +446,47 @@ async def execute(cfg: RunConfig, journal: Journal, client: TaskClient, prep: Pr
     state.active.preload(in_flight)
     state.backlog.preload(in_flight)
     t = cfg.task
-    options = {k: v for k, v in (("source_policy", t.source_policy),
-                                 ("previous_interaction_id", t.previous_interaction_id)) if v is not None}
-    submitter = Submitter(journal, client, state, taskgroup_id=gid, job_tag=prep.job_tag, epoch=prep.epoch,
-                          prices={name: p.price_micros for name, p in PROCESSORS.items()},
-                          budget_micros=cfg.budget_micros, task_spec=prep.task_spec, run_options=options,
-                          user_metadata=t.metadata, batch_size=limits.batch_size,
-                          requests_per_minute=limits.requests_per_minute, request_timeout_s=limits.request_timeout_s,
-                          max_retries=limits.max_attempts, outage_give_up_s=limits.outage_give_up_s,
-                          breaker=CircuitBreaker(), governor=governor,
-                          daily_budget_micros=limits.daily_budget_micros)
-    poller = Poller(journal, client, state, taskgroup_id=gid, job_tag=prep.job_tag, row_timeout_s=limits.row_timeout_s,
-                    recheck_s=limits.recheck_s)
+    options = {
+        k: v
+        for k, v in (("source_policy", t.source_policy), ("previous_interaction_id", t.previous_interaction_id))
+        if v is not None
+    }
+    submitter = Submitter(
+        journal,
+        client,
+        state,
+        taskgroup_id=gid,
+        job_tag=prep.job_tag,
+        epoch=prep.epoch,
+        prices={name: p.price_micros for name, p in PROCESSORS.items()},
+        budget_micros=cfg.budget_micros,
+        task_spec=prep.task_spec,
+        run_options=options,
+        user_metadata=t.metadata,
+        batch_size=limits.batch_size,
+        requests_per_minute=limits.requests_per_minute,
+        request_timeout_s=limits.request_timeout_s,
+        max_retries=limits.max_attempts,
+        outage_give_up_s=limits.outage_give_up_s,
+        breaker=CircuitBreaker(),
+        governor=governor,
+        daily_budget_micros=limits.daily_budget_micros,
+    )
+    poller = Poller(
+        journal,
+        client,
+        state,
+        taskgroup_id=gid,
+        job_tag=prep.job_tag,
+        row_timeout_s=limits.row_timeout_s,
+        recheck_s=limits.recheck_s,
+    )
     if journal.unresolved():
         state.unresolved.set()
     background = [
-        asyncio.ensure_future(_reconciler(journal, client, state, gid, prep.job_tag, limits.reconcile_grace_s,
-                                          limits.max_attempts)),
+        asyncio.ensure_future(
+            _reconciler(journal, client, state, gid, prep.job_tag, limits.reconcile_grace_s, limits.max_attempts)
+        ),
         asyncio.ensure_future(show_progress(state)),
         asyncio.ensure_future(_heartbeat(journal, state)),
     ]
@@ -385,7 +504,7 @@ async def execute(cfg: RunConfig, journal: Journal, client: TaskClient, prep: Pr
     try:
         while True:
             await submitter.run()
-            if detach:   # settle rows in doubt, then leave the runs to the API
+            if detach:  # settle rows in doubt, then leave the runs to the API
                 while not state.stop.is_set() and not state.reconcile_failed and journal.unresolved():
                     state.waiting_on = "settling rows in doubt before detaching"
                     await asyncio.sleep(0.5)
@@ -399,7 +518,7 @@ async def execute(cfg: RunConfig, journal: Journal, client: TaskClient, prep: Pr
                 await state.backlog.wait_change(0.5)
             if state.stop.is_set() or cfg.escalate is None or state.budget_exhausted:
                 break
-            climbed = _escalate(journal, cfg, prep.epoch, names)   # the next rung of the ladder
+            climbed = _escalate(journal, cfg, prep.epoch, names)  # the next rung of the ladder
             if not climbed:
                 break
             state.escalated += climbed

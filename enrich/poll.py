@@ -35,27 +35,37 @@ from enrich.journal import Finished, Journal
 from enrich.progress import JobState
 from enrich.retry import backoff
 
-FETCH_MIN_RUNS = 100        # fetch once this many completions wait...
-FETCH_MAX_WAIT_S = 0.25     # ...or the oldest has waited this long
-SMALL_FETCH = 8             # up to this many: one GET /result each
-SEGMENT_GAP = 2             # batches this close share one listing
-STALE_RETRY_S = 0.5         # a run reported finished but listed running: ask again after this
-MIN_CONNECTION_S = 1.0      # an events connection shorter than this waits before reconnecting
+FETCH_MIN_RUNS = 100  # fetch once this many completions wait...
+FETCH_MAX_WAIT_S = 0.25  # ...or the oldest has waited this long
+SMALL_FETCH = 8  # up to this many: one GET /result each
+SEGMENT_GAP = 2  # batches this close share one listing
+STALE_RETRY_S = 0.5  # a run reported finished but listed running: ask again after this
+MIN_CONNECTION_S = 1.0  # an events connection shorter than this waits before reconnecting
 TERMINAL = ("completed", "failed", "cancelled")
 
 
 class Poller:
-    def __init__(self, journal: Journal, client: TaskClient, state: JobState, *, taskgroup_id: str, job_tag: str,
-                 row_timeout_s: float, recheck_s: float = 5.0, sweep_s: float = 30.0,
-                 rand: random.Random | None = None):
+    def __init__(
+        self,
+        journal: Journal,
+        client: TaskClient,
+        state: JobState,
+        *,
+        taskgroup_id: str,
+        job_tag: str,
+        row_timeout_s: float,
+        recheck_s: float = 5.0,
+        sweep_s: float = 30.0,
+        rand: random.Random | None = None,
+    ):
         self.journal, self.client, self.state = journal, client, state
         self.taskgroup_id, self.job_tag, self.row_timeout_s = taskgroup_id, job_tag, row_timeout_s
         self.recheck_s, self.sweep_s = recheck_s, sweep_s
         self.rand = rand or random.Random()
-        self.waiting: dict[str, tuple[int, str, float]] = {}   # run_id -> (batch, cursor, created_at wall time)
-        self.wanted: dict[str, float] = {}                      # run_id to fetch -> not before (monotonic)
-        self.ended: set[str] = set()                            # the API said these runs finished (slot given)
-        self.checked: dict[str, float] = {}                     # run_id -> last time a fetch looked at it
+        self.waiting: dict[str, tuple[int, str, float]] = {}  # run_id -> (batch, cursor, created_at wall time)
+        self.wanted: dict[str, float] = {}  # run_id to fetch -> not before (monotonic)
+        self.ended: set[str] = set()  # the API said these runs finished (slot given)
+        self.checked: dict[str, float] = {}  # run_id -> last time a fetch looked at it
         self.failed: list[Finished] = []
         self.wake = asyncio.Event()
         self.cursor: str | None = journal.get("events_cursor")
@@ -83,8 +93,11 @@ class Poller:
 
     async def run(self) -> None:
         """Follow events, fetch results and watch liveness and timeouts until told to stop."""
-        tasks = [asyncio.ensure_future(self._follow()), asyncio.ensure_future(self._fetch_loop()),
-                 asyncio.ensure_future(self._watch())]
+        tasks = [
+            asyncio.ensure_future(self._follow()),
+            asyncio.ensure_future(self._fetch_loop()),
+            asyncio.ensure_future(self._watch()),
+        ]
         try:
             await self.state.stop.wait()
         finally:
@@ -208,7 +221,7 @@ class Poller:
     async def _timeouts(self) -> None:
         limit = time.time() - self.row_timeout_s
         overdue = [rid for rid, (_, _, at) in self.waiting.items() if at < limit and rid not in self.ended]
-        for rid in overdue[:50]:   # bounded per round; a paused laptop wakes up to many
+        for rid in overdue[:50]:  # bounded per round; a paused laptop wakes up to many
             try:
                 run = await self.client.get_run(rid)
             except PermanentApiError as exc:
@@ -216,7 +229,7 @@ class Poller:
                     continue
                 raise
             if run.get("status") in TERMINAL:
-                self.wanted.setdefault(rid, time.monotonic())   # it finished: fetch, never time out
+                self.wanted.setdefault(rid, time.monotonic())  # it finished: fetch, never time out
                 self.wake.set()
                 continue
             f = self._finished(run)
@@ -229,8 +242,9 @@ class Poller:
         """Submitted rows none of whose runs is waiting any more go to reconciliation (by metadata)."""
         orphans = self.journal.orphaned_submitted()
         if orphans:
-            self.journal.unknown_from_submitted(orphans, "no run of the group was attributed to this row; "
-                                                         "looking for it by metadata")
+            self.journal.unknown_from_submitted(
+                orphans, "no run of the group was attributed to this row; looking for it by metadata"
+            )
             self.state.unresolved.set()
 
     # ---- result fetching --------------------------------------------------------------------
@@ -279,9 +293,9 @@ class Poller:
         finally:
             now = time.monotonic()
             for rid in running:
-                if rid in self.ended:   # an event said finished: the listing is stale, ask again soon
+                if rid in self.ended:  # an event said finished: the listing is stale, ask again soon
                     self.wanted[rid] = now + STALE_RETRY_S
-                else:                   # still running: its completion event (or the watchdog) will come
+                else:  # still running: its completion event (or the watchdog) will come
                     self.wanted.pop(rid, None)
             failpoints.hit("mid_poll")
             self._record(got)
@@ -319,8 +333,9 @@ class Poller:
                 singles.extend(need)
                 continue
             start = min(self.waiting[rid][1] for rid in by_batch[seg[0]])
-            async for event in self.client.group_runs(self.taskgroup_id, last_event_id=start or None,
-                                                      include_output=True):
+            async for event in self.client.group_runs(
+                self.taskgroup_id, last_event_id=start or None, include_output=True
+            ):
                 run = event.get("run") or {}
                 rid = run.get("run_id")
                 if rid not in need:
@@ -329,7 +344,7 @@ class Poller:
                 self._classify(run, event.get("output"), got, running)
                 if not need:
                     break
-            singles.extend(need)   # not listed yet (eventual consistency): ask for each
+            singles.extend(need)  # not listed yet (eventual consistency): ask for each
         return singles
 
     def _classify(self, run: dict[str, Any], output: Any, got: list[Finished], running: list[str]) -> None:
@@ -353,7 +368,7 @@ class Poller:
             if exc.status != 404:
                 raise
             try:
-                run = await self.client.get_run(rid)   # 404 on /result: failed, cancelled, or not visible yet
+                run = await self.client.get_run(rid)  # 404 on /result: failed, cancelled, or not visible yet
             except PermanentApiError as exc2:
                 if exc2.status != 404:
                     raise

@@ -31,11 +31,12 @@ from typing import Any
 from enrich.errors import ConfigError, JournalError
 
 EMULATOR_KEY = "emulator-local-key"
-RESERVED_PREFIX = "_enrich_"     # generated columns (status, error, run id) and any added later
+RESERVED_PREFIX = "_enrich_"  # generated columns (status, error, run id) and any added later
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
 # ---- API key -------------------------------------------------------------------------------
+
 
 def api_key_problem(key: str) -> str | None:
     """What is wrong with an API key, without quoting it; None if it can go in a header.
@@ -93,8 +94,10 @@ def resolve_api_key(env: Mapping[str, str], emulated: bool) -> str:
     if not key:
         if raw:
             raise ConfigError("PARALLEL_API_KEY is set but holds only whitespace")
-        raise ConfigError("PARALLEL_API_KEY is not set; export it, or add --emulator to run against the "
-                          "bundled emulator (no key, no cost)")
+        raise ConfigError(
+            "PARALLEL_API_KEY is not set; export it, or add --emulator to run against the "
+            "bundled emulator (no key, no cost)"
+        )
     check_api_key(key, source)
     return key
 
@@ -106,6 +109,7 @@ def check_api_key(key: str, source: str = "the API key") -> None:
 
 
 # ---- paths ---------------------------------------------------------------------------------
+
 
 def _same_file(a: Path, b: Path) -> bool:
     if a.resolve() == b.resolve():
@@ -119,21 +123,22 @@ def _same_file(a: Path, b: Path) -> bool:
 def _check_writable_folder(path: Path, what: str) -> None:
     """Refuse unless a file can be created beside `path` (its folder, created if missing)."""
     folder = path.parent
-    while not folder.exists():        # atomic_write creates missing folders: test the first existing one
+    while not folder.exists():  # atomic_write creates missing folders: test the first existing one
         if folder.parent == folder:
             break
         folder = folder.parent
     if not folder.is_dir():
         raise ConfigError(f"{what} {path}: {folder} is not a folder")
-    try:   # os.access() says yes to root even on read-only or virtual file systems: really try
+    try:  # os.access() says yes to root even on read-only or virtual file systems: really try
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".enrich-preflight-"):
             pass
     except OSError as exc:
         raise ConfigError(f"{what} {path}: cannot write in {folder} ({exc.strerror or exc})") from None
 
 
-def check_output_path(output: Path, *, input_path: Path | str | None = None,
-                      journal_path: Path | str | None = None, flag: str = "output") -> None:
+def check_output_path(
+    output: Path, *, input_path: Path | str | None = None, journal_path: Path | str | None = None, flag: str = "output"
+) -> None:
     """Refuse an output path the writer would fail on, or that would overwrite the input or journal."""
     from enrich.config import output_format_problem
 
@@ -173,6 +178,7 @@ def check_journal_file(path: Path | str) -> None:
 
 # ---- output columns ------------------------------------------------------------------------
 
+
 def column_collision(fields: dict[str, dict[str, Any]]) -> str | None:
     """Why the output fields' generated columns would clash, or None.
 
@@ -191,13 +197,13 @@ def column_collision(fields: dict[str, dict[str, Any]]) -> str | None:
     for col, _kind, _schema, field, role in output_columns(fields, reasoning=True):
         if col in seen:
             other, other_role = seen[col]
-            return (f"column {col!r} would come from both field {other!r} ({other_role}) "
-                    f"and field {field!r} ({role})")
+            return f"column {col!r} would come from both field {other!r} ({other_role}) and field {field!r} ({role})"
         seen[col] = (field, role)
     return None
 
 
 # ---- emulator ------------------------------------------------------------------------------
+
 
 def check_knowledge(path: Path | str | None, key: str, where: str = "[emulator] knowledge") -> None:
     """Refuse a knowledge table that is missing, unreadable, or has no `key` column."""
@@ -214,7 +220,7 @@ def check_knowledge(path: Path | str | None, key: str, where: str = "[emulator] 
         else:
             with path.open(encoding="utf-8", errors="replace", newline="") as fp:
                 columns = next(csv.reader(fp), [])
-    except (OSError, ValueError, csv.Error) as exc:   # pyarrow's ArrowInvalid is a ValueError
+    except (OSError, ValueError, csv.Error) as exc:  # pyarrow's ArrowInvalid is a ValueError
         raise ConfigError(f"{where}: {path}: cannot read ({(str(exc).splitlines() or [''])[0][:120]})") from None
     columns = [c.lstrip("\ufeff") for c in columns]
     if key not in columns:
@@ -222,6 +228,7 @@ def check_knowledge(path: Path | str | None, key: str, where: str = "[emulator] 
 
 
 # ---- the job -------------------------------------------------------------------------------
+
 
 def check_job(cfg: Any, *, api_key: str | None, emulated: bool, journal_path: Path | None = None) -> None:
     """Every check that can fail before money is spent; raises ConfigError naming what to fix.
@@ -248,6 +255,7 @@ def check_job(cfg: Any, *, api_key: str | None, emulated: bool, journal_path: Pa
 
 
 # ---- flag types (argparse) -----------------------------------------------------------------
+
 
 def finite_nonneg(text: str) -> float:
     """argparse type: a finite number >= 0 (`--budget inf` must not switch the budget off)."""

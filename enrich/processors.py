@@ -14,7 +14,7 @@ MICROS_PER_USD = 1_000_000
 class Processor:
     name: str
     usd_per_1000: int
-    latency_s: tuple[float, float]   # published band for this variant (standard or -fast)
+    latency_s: tuple[float, float]  # published band for this variant (standard or -fast)
 
     @property
     def price_micros(self) -> int:

@@ -26,28 +26,28 @@ class JobState:
     """
 
     total: int = 0
-    done_before: int = 0          # rows already finished when this invocation started
-    submitted: int = 0            # runs created by this invocation
+    done_before: int = 0  # rows already finished when this invocation started
+    submitted: int = 0  # runs created by this invocation
     completed: int = 0
     failed: int = 0
     spent_micros: int = 0
     submitter_done: bool = False
     budget_exhausted: bool = False
-    budget_message: str = ""         # which budget ran out (job or daily), and when a daily one resets
-    escalated: int = 0               # rows moved up the processor ladder by this invocation
-    requests: int = 0                # HTTP requests made by this invocation
-    reconcile_failed: bool = False   # the group could not be listed: rows in doubt stay unknown this run
-    unreachable: str | None = None   # the API could not be reached for long: why the job stopped
+    budget_message: str = ""  # which budget ran out (job or daily), and when a daily one resets
+    escalated: int = 0  # rows moved up the processor ladder by this invocation
+    requests: int = 0  # HTTP requests made by this invocation
+    reconcile_failed: bool = False  # the group could not be listed: rows in doubt stay unknown this run
+    unreachable: str | None = None  # the API could not be reached for long: why the job stopped
     fatal: BaseException | None = None
-    waiting_on: str = ""             # what the job is waiting for right now (shown by `enrich status`)
+    waiting_on: str = ""  # what the job is waiting for right now (shown by `enrich status`)
     active: Slots = field(default_factory=lambda: Slots(1))
     backlog: Slots = field(default_factory=lambda: Slots(1))
     stop: asyncio.Event = field(default_factory=asyncio.Event)
-    new_runs: asyncio.Event = field(default_factory=asyncio.Event)    # runs were submitted or adopted
+    new_runs: asyncio.Event = field(default_factory=asyncio.Event)  # runs were submitted or adopted
     unresolved: asyncio.Event = field(default_factory=asyncio.Event)  # rows need reconciliation
     handoff: list[tuple[str, int, str, float]] = field(default_factory=list)  # new runs for the poller
-    reload_runs: bool = False     # reconciliation adopted runs: the poller re-reads the journal
-    posting: set[str] = field(default_factory=set)   # row keys whose creating POST is in flight
+    reload_runs: bool = False  # reconciliation adopted runs: the poller re-reads the journal
+    posting: set[str] = field(default_factory=set)  # row keys whose creating POST is in flight
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -61,16 +61,26 @@ class JobState:
 
 async def show_progress(state: JobState, interval_s: float = 5.0) -> None:
     """Refresh a tqdm bar (TTY) or log a status line every `interval_s` (non-TTY) until cancelled."""
-    tty = sys.stderr.isatty() or "ipykernel" in sys.modules   # a notebook shows a widget
-    bar = tqdm(total=state.total, initial=state.done_before, unit="row", file=sys.stderr, disable=not tty,
-               dynamic_ncols=True, smoothing=0.1)
+    tty = sys.stderr.isatty() or "ipykernel" in sys.modules  # a notebook shows a widget
+    bar = tqdm(
+        total=state.total,
+        initial=state.done_before,
+        unit="row",
+        file=sys.stderr,
+        disable=not tty,
+        dynamic_ncols=True,
+        smoothing=0.1,
+    )
     last_log = 0.0
     try:
         while True:
             done = state.finished_rows()
             bar.n = done
-            bar.set_postfix_str(f"submitted {state.submitted} in-flight {state.in_flight} failed {state.failed} "
-                                f"spent {usd(state.spent_micros)}", refresh=False)
+            bar.set_postfix_str(
+                f"submitted {state.submitted} in-flight {state.in_flight} failed {state.failed} "
+                f"spent {usd(state.spent_micros)}",
+                refresh=False,
+            )
             bar.refresh()
             now = time.monotonic()
             if not tty and now - last_log >= interval_s:
@@ -78,8 +88,12 @@ async def show_progress(state: JobState, interval_s: float = 5.0) -> None:
                 rate = state.completed / max(now - state.started, 1e-9)
                 left = state.total - done
                 eta = f"{max(left, 0) / rate:.0f}s" if rate > 0 else "?"
-                print(f"enrich: {done}/{state.total} rows finished, {state.in_flight} in flight, "
-                      f"{state.failed} failed, spent {usd(state.spent_micros)}, ETA {eta}", file=sys.stderr, flush=True)
+                print(
+                    f"enrich: {done}/{state.total} rows finished, {state.in_flight} in flight, "
+                    f"{state.failed} failed, spent {usd(state.spent_micros)}, ETA {eta}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             await asyncio.sleep(0.5 if tty else 1.0)
     finally:
         bar.n = state.finished_rows()

@@ -28,15 +28,15 @@ RESERVED_PREFIX = "_enrich_"
 
 @dataclass
 class Row:
-    line: int                 # 1-based line (CSV: where the record starts), row number (Parquet) or Excel row
-    values: list[Any]         # in `TableInfo.columns` order
+    line: int  # 1-based line (CSV: where the record starts), row number (Parquet) or Excel row
+    values: list[Any]  # in `TableInfo.columns` order
 
 
 @dataclass
 class TableInfo:
     path: str
     columns: list[str]
-    arrow_schema: bytes | None   # serialized pyarrow schema for Parquet input (kept for Parquet output)
+    arrow_schema: bytes | None  # serialized pyarrow schema for Parquet input (kept for Parquet output)
 
 
 def _bom_encoding(head: bytes) -> str | None:
@@ -83,16 +83,23 @@ def check_columns(path: str, header: list[str], required: list[str], forbidden: 
             raise InputError(path, f"duplicate column name {name!r} (columns {seen[name]} and {i})", line=1, column=i)
         seen[name] = i
         if name.startswith(RESERVED_PREFIX) or name in forbidden:
-            raise InputError(path, f"input column {name!r} collides with an output column; rename it", line=1,
-                             column=name)
+            raise InputError(
+                path, f"input column {name!r} collides with an output column; rename it", line=1, column=name
+            )
     missing = [c for c in required if c not in seen]
     if missing:
         raise InputError(path, f"missing column(s) {missing}; the file has {header}", line=1)
 
 
-def read_csv(source: BinaryIO | Path | str, required: list[str], forbidden: set[str] = frozenset(),
-             encoding: str = "utf-8", max_cell_bytes: int = 1 << 20, name: str | None = None,
-             batch_rows: int = BATCH_ROWS) -> tuple[TableInfo, Iterator[list[Row]]]:
+def read_csv(
+    source: BinaryIO | Path | str,
+    required: list[str],
+    forbidden: set[str] = frozenset(),
+    encoding: str = "utf-8",
+    max_cell_bytes: int = 1 << 20,
+    name: str | None = None,
+    batch_rows: int = BATCH_ROWS,
+) -> tuple[TableInfo, Iterator[list[Row]]]:
     """Open a CSV: validate the header now, stream validated rows in batches.
 
     Raises InputError (here for the header, or from the iterator for a row) naming file and line.
@@ -109,8 +116,9 @@ def read_csv(source: BinaryIO | Path | str, required: list[str], forbidden: set[
     fp.seek(0)
     if (bom := _bom_encoding(head)) is not None:
         fp.close()
-        raise InputError(path, f"file is {bom}-encoded (it starts with a {bom} byte-order mark); "
-                               "save it as UTF-8 CSV", line=1)
+        raise InputError(
+            path, f"file is {bom}-encoded (it starts with a {bom} byte-order mark); save it as UTF-8 CSV", line=1
+        )
     enc = "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
     text = io.TextIOWrapper(fp, encoding=enc, errors="strict", newline="")
     lines = _Lines(text)
@@ -138,8 +146,9 @@ def read_csv(source: BinaryIO | Path | str, required: list[str], forbidden: set[
         except csv.Error as exc:
             msg = str(exc)
             if "field larger than field limit" in msg:
-                raise fail(f"a cell is larger than the limit of {max_cell_bytes:,} bytes "
-                           "(input.max_cell_bytes)", start) from None
+                raise fail(
+                    f"a cell is larger than the limit of {max_cell_bytes:,} bytes (input.max_cell_bytes)", start
+                ) from None
             if "unexpected end of data" in msg or "EOF" in msg:
                 raise fail("unbalanced quote: a quoted field starting here is never closed", start) from None
             raise fail(f"malformed CSV: {msg}", start) from None
@@ -217,7 +226,7 @@ def _needs_codec(t: Any) -> bool:
     import pyarrow as pa
 
     if pa.types.is_timestamp(t):
-        return t.unit in ("ms", "ns")       # s and us round-trip through datetime and its text
+        return t.unit in ("ms", "ns")  # s and us round-trip through datetime and its text
     if pa.types.is_time(t) or pa.types.is_duration(t) or _binary_like(t) or pa.types.is_map(t):
         return True
     if pa.types.is_dictionary(t):
@@ -241,9 +250,20 @@ def unsupported_type(t: Any) -> bool:
         return unsupported_type(t.key_type) or unsupported_type(t.item_type)
     if pa.types.is_struct(t):
         return any(unsupported_type(f.type) for f in t)
-    plain = (pa.types.is_null, pa.types.is_boolean, pa.types.is_integer, pa.types.is_floating, pa.types.is_decimal,
-             pa.types.is_date, pa.types.is_timestamp, pa.types.is_time, pa.types.is_duration, pa.types.is_string,
-             pa.types.is_large_string, _binary_like)
+    plain = (
+        pa.types.is_null,
+        pa.types.is_boolean,
+        pa.types.is_integer,
+        pa.types.is_floating,
+        pa.types.is_decimal,
+        pa.types.is_date,
+        pa.types.is_timestamp,
+        pa.types.is_time,
+        pa.types.is_duration,
+        pa.types.is_string,
+        pa.types.is_large_string,
+        _binary_like,
+    )
     return isinstance(t, pa.ExtensionType) or not any(check(t) for check in plain)
 
 
@@ -255,7 +275,7 @@ def _encode(arr: Any) -> Any:
     if not _needs_codec(t):
         return arr
     if arr.offset:
-        arr = pa.concat_arrays([arr])   # children below are addressed from offset 0
+        arr = pa.concat_arrays([arr])  # children below are addressed from offset 0
     if pa.types.is_dictionary(t):
         return _encode(arr.dictionary_decode())
     if pa.types.is_timestamp(t) or pa.types.is_time(t):
@@ -263,8 +283,9 @@ def _encode(arr: Any) -> Any:
     if pa.types.is_duration(t):
         return arr.cast(pa.int64())
     if _binary_like(t):
-        return pa.array([None if v is None else base64.b64encode(v).decode("ascii") for v in arr.to_pylist()],
-                        pa.string())
+        return pa.array(
+            [None if v is None else base64.b64encode(v).decode("ascii") for v in arr.to_pylist()], pa.string()
+        )
     mask = arr.is_null()
     if pa.types.is_fixed_size_list(t):
         arr = arr.cast(pa.list_(t.value_field))
@@ -273,8 +294,9 @@ def _encode(arr: Any) -> Any:
         return cls.from_arrays(arr.offsets, _encode(arr.values), mask=mask)
     if pa.types.is_struct(t):
         children = [_encode(arr.field(i)) for i in range(t.num_fields)]
-        return pa.StructArray.from_arrays(children, fields=[pa.field(f.name, c.type) for f, c in zip(t, children,
-                                          strict=True)], mask=mask)
+        return pa.StructArray.from_arrays(
+            children, fields=[pa.field(f.name, c.type) for f, c in zip(t, children, strict=True)], mask=mask
+        )
     entries = pa.StructArray.from_arrays([_encode(arr.keys), _encode(arr.items)], names=["key", "value"])
     return pa.ListArray.from_arrays(arr.offsets, entries, mask=mask)
 
@@ -355,8 +377,9 @@ def _round_trip_problem(arr: Any) -> str | None:
     return None if back.equals(arr) else "values change on the way through the journal"
 
 
-def read_parquet(path: Path | str, required: list[str], forbidden: set[str] = frozenset(),
-                 batch_rows: int = BATCH_ROWS) -> tuple[TableInfo, Iterator[list[Row]]]:
+def read_parquet(
+    path: Path | str, required: list[str], forbidden: set[str] = frozenset(), batch_rows: int = BATCH_ROWS
+) -> tuple[TableInfo, Iterator[list[Row]]]:
     """Open a Parquet file and stream its rows; reject unreadable or ambiguous files."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -376,12 +399,19 @@ def read_parquet(path: Path | str, required: list[str], forbidden: set[str] = fr
     check_columns(spath, names, required, set(forbidden))
     for f in schema:
         if unsupported_type(f.type):
-            raise InputError(spath, f"column {f.name!r} has type {f.type}, which enrich cannot write back "
-                                    "unchanged; cast it to a plain type first", column=f.name)
+            raise InputError(
+                spath,
+                f"column {f.name!r} has type {f.type}, which enrich cannot write back "
+                "unchanged; cast it to a plain type first",
+                column=f.name,
+            )
         if f.name in required and (_binary_like(f.type) or pa.types.is_map(f.type)):
-            raise InputError(spath, f"column {f.name!r} has type {f.type}, which cannot be sent to the API as "
-                                    "task input; cast it to string or leave it out of input.key/input.columns",
-                             column=f.name)
+            raise InputError(
+                spath,
+                f"column {f.name!r} has type {f.type}, which cannot be sent to the API as "
+                "task input; cast it to string or leave it out of input.key/input.columns",
+                column=f.name,
+            )
     checked = {f.name for f in schema if not _needs_codec(f.type) and not pa.types.is_nested(f.type)}
 
     def batches() -> Iterator[list[Row]]:
@@ -391,11 +421,14 @@ def read_parquet(path: Path | str, required: list[str], forbidden: set[str] = fr
         try:
             for rb in pf.iter_batches(batch_size=batch_rows):
                 for name, col in zip(names, rb.columns, strict=True):
-                    if name not in checked:   # the first batch is the sample: before any row is seeded
+                    if name not in checked:  # the first batch is the sample: before any row is seeded
                         if (problem := _round_trip_problem(col)) is not None:
-                            raise InputError(spath, f"column {name!r} ({col.type}) cannot be carried through "
-                                                    f"unchanged ({problem}); cast it to a plain type first",
-                                             column=name)
+                            raise InputError(
+                                spath,
+                                f"column {name!r} ({col.type}) cannot be carried through "
+                                f"unchanged ({problem}); cast it to a plain type first",
+                                column=name,
+                            )
                         checked.add(name)
                 cols = [to_json_values(c) for c in rb.columns]
                 rows = [Row(n + i + 1, list(vals)) for i, vals in enumerate(zip(*cols, strict=True))]
@@ -407,9 +440,15 @@ def read_parquet(path: Path | str, required: list[str], forbidden: set[str] = fr
     return TableInfo(spath, names, schema.serialize().to_pybytes()), batches()
 
 
-def open_table(path: Path | str, required: list[str], forbidden: set[str] = frozenset(), encoding: str = "utf-8",
-               max_cell_bytes: int = 1 << 20, batch_rows: int = BATCH_ROWS,
-               sheet: str | int | None = None) -> tuple[TableInfo, Iterator[list[Row]]]:
+def open_table(
+    path: Path | str,
+    required: list[str],
+    forbidden: set[str] = frozenset(),
+    encoding: str = "utf-8",
+    max_cell_bytes: int = 1 << 20,
+    batch_rows: int = BATCH_ROWS,
+    sheet: str | int | None = None,
+) -> tuple[TableInfo, Iterator[list[Row]]]:
     """Dispatch on the extension: .parquet/.pq -> Parquet, .xlsx -> one sheet (`sheet`), anything else -> CSV."""
     p = Path(path)
     if p.is_dir():

@@ -23,11 +23,12 @@ class Outcome:
     adopted: int = 0
     missing: int = 0
     waiting: int = 0
-    next_check: float | None = None   # wall time when waiting rows pass the grace period
+    next_check: float | None = None  # wall time when waiting rows pass the grace period
 
 
-async def list_refs(client: TaskClient, taskgroup_id: str, job_tag: str,
-                    since: str | None = None) -> dict[tuple[str, int], tuple[str, str]]:
+async def list_refs(
+    client: TaskClient, taskgroup_id: str, job_tag: str, since: str | None = None
+) -> dict[tuple[str, int], tuple[str, str]]:
     """(enrich_row, enrich_try) -> (run_id, cursor before that run) for this job's runs in the group."""
     found: dict[tuple[str, int], tuple[str, str]] = {}
     prev = since or ""
@@ -47,8 +48,16 @@ async def list_refs(client: TaskClient, taskgroup_id: str, job_tag: str,
     return found
 
 
-async def reconcile(journal: Journal, client: TaskClient, taskgroup_id: str, job_tag: str, grace_s: float,
-                    max_retries: int, now: float | None = None, posting: set[str] | None = None) -> Outcome:
+async def reconcile(
+    journal: Journal,
+    client: TaskClient,
+    taskgroup_id: str,
+    job_tag: str,
+    grace_s: float,
+    max_retries: int,
+    now: float | None = None,
+    posting: set[str] | None = None,
+) -> Outcome:
     """Adopt listed runs, release rows proven missing, and report rows still inside the grace period."""
     posting = posting if posting is not None else set()
     rows = [r for r in journal.unresolved() if r.row_key not in posting]
@@ -60,14 +69,20 @@ async def reconcile(journal: Journal, client: TaskClient, taskgroup_id: str, job
     out.adopted = _adopt(journal, rows, found)
     candidates = [r for r in rows if (r.row_ref, r.attempt) not in found and now - r.intent_at >= grace_s]
     if candidates:
-        again = await list_refs(client, taskgroup_id, job_tag)   # the second, confirming listing
+        again = await list_refs(client, taskgroup_id, job_tag)  # the second, confirming listing
         candidates = [r for r in candidates if r.row_key not in posting]
         out.adopted += _adopt(journal, candidates, again)
         missing = [(r.row_key, r.attempt) for r in candidates if (r.row_ref, r.attempt) not in again]
         if missing:
             # a lost request says nothing about the row: it does not count toward the row's retry limit
-            journal.release(missing, time.time(), None, "the run was never created (confirmed by two listings)",
-                            max_retries, count_retry=False)
+            journal.release(
+                missing,
+                time.time(),
+                None,
+                "the run was never created (confirmed by two listings)",
+                max_retries,
+                count_retry=False,
+            )
         out.missing = len(missing)
     waiting = [r for r in rows if (r.row_ref, r.attempt) not in found and now - r.intent_at < grace_s]
     out.waiting = len(waiting)

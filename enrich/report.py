@@ -27,8 +27,8 @@ from enrich.processors import PROCESSORS
 
 LATENCY_SAMPLE = 20_000
 TOP_DOMAINS = 15
-MAX_DOMAINS = 50_000                    # distinct domains tracked; later new ones count as "(other)"
-_EDGES = [0.0] + [m * 10.0 ** e for e in range(-2, 5) for m in (1, 2, 5)]   # 0, 0.01, 0.02, ... 50000 s
+MAX_DOMAINS = 50_000  # distinct domains tracked; later new ones count as "(other)"
+_EDGES = [0.0] + [m * 10.0**e for e in range(-2, 5) for m in (1, 2, 5)]  # 0, 0.01, 0.02, ... 50000 s
 _HOST = re.compile(r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*$")
 
 
@@ -54,15 +54,22 @@ def percentiles(sorted_values: list[float]) -> dict[str, float | int | None]:
     def at(q: float) -> float:
         return round(sorted_values[int(q * (n - 1))], 3)
 
-    return {"count": n, "mean": round(math.fsum(sorted_values) / n, 3), "p50": at(0.5), "p90": at(0.9),
-            "p95": at(0.95), "p99": at(0.99), "max": round(sorted_values[-1], 3)}
+    return {
+        "count": n,
+        "mean": round(math.fsum(sorted_values) / n, 3),
+        "p50": at(0.5),
+        "p90": at(0.9),
+        "p95": at(0.95),
+        "p99": at(0.99),
+        "max": round(sorted_values[-1], 3),
+    }
 
 
 def _bin(value: float) -> int:
     lo, hi = 0, len(_EDGES) - 1
     if value >= _EDGES[-1]:
         return len(_EDGES) - 1
-    while lo < hi - 1:          # _EDGES[lo] <= value < _EDGES[hi]
+    while lo < hi - 1:  # _EDGES[lo] <= value < _EDGES[hi]
         mid = (lo + hi) // 2
         if _EDGES[mid] <= value:
             lo = mid
@@ -90,13 +97,15 @@ class _Latencies:
 
     def summary(self) -> dict[str, Any]:
         out = percentiles(sorted(self.sample))
-        out["count"] = self.seen                       # exact, even when percentiles come from a sample
+        out["count"] = self.seen  # exact, even when percentiles come from a sample
         out["mean"] = round(self.total / self.seen, 3) if self.seen else None
         used = [i for i, c in enumerate(self.bins) if c]
         if used:
             lo, hi = used[0], used[-1]
-            out["histogram"] = {"edges_s": [_EDGES[i] for i in range(lo, hi + 1)] + [_edge_after(hi)],
-                                "counts": self.bins[lo:hi + 1]}
+            out["histogram"] = {
+                "edges_s": [_EDGES[i] for i in range(lo, hi + 1)] + [_edge_after(hi)],
+                "counts": self.bins[lo : hi + 1],
+            }
         else:
             out["histogram"] = {"edges_s": [], "counts": []}
         return out
@@ -126,8 +135,14 @@ class RunStats:
         self.citations = 0
         self.decisions: dict[str, Counter[str]] = {c: Counter() for c in self.decision_cols}
 
-    def add(self, state: str, flat: dict[str, Any], result: dict[str, Any] | None,
-            submitted_at: float | None, finished_at: float | None) -> float | None:
+    def add(
+        self,
+        state: str,
+        flat: dict[str, Any],
+        result: dict[str, Any] | None,
+        submitted_at: float | None,
+        finished_at: float | None,
+    ) -> float | None:
         """Count one row; return its latency in seconds (None while it has no finished run)."""
         latency = None
         proc = self.processor
@@ -165,14 +180,18 @@ class RunStats:
         latency = self.all.summary()
         out: dict[str, Any] = {
             "latency_s": {**latency, "by_processor": {p: lat.summary() for p, lat in sorted(self.by_proc.items())}},
-            "run_duration_s": {k: latency[k] for k in ("p50", "p95", "max")},   # kept for older readers
+            "run_duration_s": {k: latency[k] for k in ("p50", "p95", "max")},  # kept for older readers
             "budget_usd": budget_usd,
             "estimated_cost_usd": round(rows * price / 1e6, 6),
             "cpm_usd": round(spend_micros / completed * 1000 / 1e6, 6) if completed else None,
             "cost_by_processor": {
-                p: {"completed_runs": n, "usd_per_1000_runs": PROCESSORS[p].usd_per_1000,
-                    "list_cost_usd": round(n * PROCESSORS[p].price_micros / 1e6, 6)}
-                for p, n in sorted(self.runs_by_proc.items())},
+                p: {
+                    "completed_runs": n,
+                    "usd_per_1000_runs": PROCESSORS[p].usd_per_1000,
+                    "list_cost_usd": round(n * PROCESSORS[p].price_micros / 1e6, 6),
+                }
+                for p, n in sorted(self.runs_by_proc.items())
+            },
             "rows_with_answer": self.answered,
             "hit_rate": round(self.answered / rows, 4) if rows else None,
             "fill_counts": {f: self.filled[f] for f in self.fields},

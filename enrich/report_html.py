@@ -19,8 +19,14 @@ import re
 from typing import Any
 
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
-STATUS_COLOURS = {"completed": "#2e7d32", "failed": "#c62828", "timed_out": "#ef6c00", "unknown": "#6d4c41",
-                  "pending": "#9e9e9e", "skipped_budget": "#5e35b1"}
+STATUS_COLOURS = {
+    "completed": "#2e7d32",
+    "failed": "#c62828",
+    "timed_out": "#ef6c00",
+    "unknown": "#6d4c41",
+    "pending": "#9e9e9e",
+    "skipped_budget": "#5e35b1",
+}
 CONF_COLOURS = {"high": "#2e7d32", "medium": "#f9a825", "low": "#c62828", "None": "#bdbdbd"}
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f<>&\"'`]")
 WIDTH = 520
@@ -49,7 +55,7 @@ def esc(value: Any) -> str:
 def label(value: Any, limit: int = 48) -> str:
     """A chart label: printable characters only, bounded: `label('<script>x')` -> 'scriptx'."""
     text = _UNPRINTABLE.sub("", str(value))
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def num(key: str, value: Any, unit: str = "") -> str:
@@ -62,14 +68,19 @@ def _svg(chart: Any) -> str:
     import vl_convert as vlc
 
     spec = chart.to_dict()
-    spec.setdefault("config", {})["aria"] = False   # no aria-label attributes: smaller, and no data in attributes
+    spec.setdefault("config", {})["aria"] = False  # no aria-label attributes: smaller, and no data in attributes
     return vlc.vegalite_to_svg(spec)
 
 
 def _figure(chart_id: str, title: str, chart: Any | None, table: str = "", note: str = "") -> str:
-    body = (f'<figure class="chart" id="chart-{chart_id}" data-chart="{chart_id}">{_svg(chart)}</figure>'
-            if chart is not None else f'<p class="note" id="chart-{chart_id}" data-chart="{chart_id}">no data</p>')
-    return f'<div class="card"><h3>{esc(title)}</h3>{body}{table}{f"<p class=note>{esc(note)}</p>" if note else ""}</div>'
+    body = (
+        f'<figure class="chart" id="chart-{chart_id}" data-chart="{chart_id}">{_svg(chart)}</figure>'
+        if chart is not None
+        else f'<p class="note" id="chart-{chart_id}" data-chart="{chart_id}">no data</p>'
+    )
+    return (
+        f'<div class="card"><h3>{esc(title)}</h3>{body}{table}{f"<p class=note>{esc(note)}</p>" if note else ""}</div>'
+    )
 
 
 def _table(rows: list[tuple[str, str]], head: tuple[str, str] | None = None) -> str:
@@ -77,13 +88,25 @@ def _table(rows: list[tuple[str, str]], head: tuple[str, str] | None = None) -> 
     return "<table>" + h + "".join(f'<tr><td>{esc(k)}</td><td class="n">{v}</td></tr>' for k, v in rows) + "</table>"
 
 
-def _bars(values: list[dict[str, Any]], x: str, y: str, colour: str | None = None, domain: dict[str, str] | None = None,
-          title_x: str = "", stack: bool = False, x_domain: list[float] | None = None) -> Any:
+def _bars(
+    values: list[dict[str, Any]],
+    x: str,
+    y: str,
+    colour: str | None = None,
+    domain: dict[str, str] | None = None,
+    title_x: str = "",
+    stack: bool = False,
+    x_domain: list[float] | None = None,
+) -> Any:
     import altair as alt
 
     enc: dict[str, Any] = {
-        "x": alt.X(f"{x}:Q", title=title_x, stack="zero" if stack else None,
-                   scale=alt.Scale(domain=x_domain) if x_domain else alt.Undefined),
+        "x": alt.X(
+            f"{x}:Q",
+            title=title_x,
+            stack="zero" if stack else None,
+            scale=alt.Scale(domain=x_domain) if x_domain else alt.Undefined,
+        ),
         "y": alt.Y(f"{y}:N", title=None, sort=None),
         "tooltip": alt.value(None),
     }
@@ -105,49 +128,103 @@ def render_html(report: dict[str, Any]) -> str:
     sc = report.get("status_counts") or {}
     lat = report.get("latency_s") or {}
     out_name = str(report.get("output", "")).rsplit("/", 1)[-1]
-    parts.append(f"<h1>enrich run report{' — EMULATED' if emulated else ''}</h1>"
-                 f"<p class=sub>output {esc(out_name)} · processor {esc(report.get('processor', '–'))}"
-                 f" · journal {esc(str(report.get('journal', '–')).rsplit('/', 1)[-1])}</p>")
+    parts.append(
+        f"<h1>enrich run report{' — EMULATED' if emulated else ''}</h1>"
+        f"<p class=sub>output {esc(out_name)} · processor {esc(report.get('processor', '–'))}"
+        f" · journal {esc(str(report.get('journal', '–')).rsplit('/', 1)[-1])}</p>"
+    )
     if emulated:
-        parts.append('<div class="emulated" id="emulated">EMULATED RUN: every value comes from the local emulator\'s '
-                     'knowledge table, not web research. Do not use these results.</div>')
-    kpis = [("rows", num("rows", rows)), ("completed", num("status_counts.completed", sc.get("completed", 0))),
-            ("spend", num("spend_usd", report.get("spend_usd"), "$")),
-            ("hit rate", num("hit_rate", report.get("hit_rate"))),
-            ("latency p50 (s)", num("latency_s.p50", lat.get("p50"))),
-            ("latency p95 (s)", num("latency_s.p95", lat.get("p95")))]
-    parts.append('<div class="kpis">' + "".join(f"<div class=kpi><b>{v}</b><span>{esc(k)}</span></div>"
-                                                for k, v in kpis) + "</div>")
+        parts.append(
+            '<div class="emulated" id="emulated">EMULATED RUN: every value comes from the local emulator\'s '
+            "knowledge table, not web research. Do not use these results.</div>"
+        )
+    kpis = [
+        ("rows", num("rows", rows)),
+        ("completed", num("status_counts.completed", sc.get("completed", 0))),
+        ("spend", num("spend_usd", report.get("spend_usd"), "$")),
+        ("hit rate", num("hit_rate", report.get("hit_rate"))),
+        ("latency p50 (s)", num("latency_s.p50", lat.get("p50"))),
+        ("latency p95 (s)", num("latency_s.p95", lat.get("p95"))),
+    ]
+    parts.append(
+        '<div class="kpis">'
+        + "".join(f"<div class=kpi><b>{v}</b><span>{esc(k)}</span></div>" for k, v in kpis)
+        + "</div>"
+    )
     cards: list[str] = []
 
     # rows by status
     status_vals = [{"status": label(k), "rows": v, "o": i} for i, (k, v) in enumerate(sorted(sc.items()))]
-    cards.append(_figure("status", "Rows by status", _bars(status_vals, "rows", "status", "status", {
-        label(k): STATUS_COLOURS.get(k, "#607d8b") for k in sorted(sc)}, "rows") if status_vals else None,
-        _table([(k, num(f"status_counts.{k}", v)) for k, v in sorted(sc.items())])))
+    cards.append(
+        _figure(
+            "status",
+            "Rows by status",
+            _bars(
+                status_vals,
+                "rows",
+                "status",
+                "status",
+                {label(k): STATUS_COLOURS.get(k, "#607d8b") for k in sorted(sc)},
+                "rows",
+            )
+            if status_vals
+            else None,
+            _table([(k, num(f"status_counts.{k}", v)) for k, v in sorted(sc.items())]),
+        )
+    )
 
     # money
-    money = [("spend", report.get("spend_usd")), ("budget", report.get("budget_usd")),
-             ("estimate", report.get("estimated_cost_usd"))]
+    money = [
+        ("spend", report.get("spend_usd")),
+        ("budget", report.get("budget_usd")),
+        ("estimate", report.get("estimated_cost_usd")),
+    ]
     money_vals = [{"what": k, "usd": v, "o": i} for i, (k, v) in enumerate(money) if v is not None]
-    cards.append(_figure("money", "Spend vs budget vs estimate (USD)",
-                         _bars(money_vals, "usd", "what", "what", {"spend": "#1565c0", "budget": "#90a4ae",
-                                                                   "estimate": "#ffb300"}, "USD")
-                         if money_vals else None,
-                         _table([("spend", num("spend_usd", report.get("spend_usd"), "$")),
-                                 ("budget", num("budget_usd", report.get("budget_usd"), "$")),
-                                 ("estimate (all rows at list price)",
-                                  num("estimated_cost_usd", report.get("estimated_cost_usd"), "$")),
-                                 ("CPM: spend per 1,000 completed rows", num("cpm_usd", report.get("cpm_usd"), "$"))])))
+    cards.append(
+        _figure(
+            "money",
+            "Spend vs budget vs estimate (USD)",
+            _bars(
+                money_vals,
+                "usd",
+                "what",
+                "what",
+                {"spend": "#1565c0", "budget": "#90a4ae", "estimate": "#ffb300"},
+                "USD",
+            )
+            if money_vals
+            else None,
+            _table(
+                [
+                    ("spend", num("spend_usd", report.get("spend_usd"), "$")),
+                    ("budget", num("budget_usd", report.get("budget_usd"), "$")),
+                    (
+                        "estimate (all rows at list price)",
+                        num("estimated_cost_usd", report.get("estimated_cost_usd"), "$"),
+                    ),
+                    ("CPM: spend per 1,000 completed rows", num("cpm_usd", report.get("cpm_usd"), "$")),
+                ]
+            ),
+        )
+    )
     cbp = report.get("cost_by_processor") or {}
     proc_vals = [{"processor": label(p), "usd": d["list_cost_usd"], "o": 0} for p, d in cbp.items()]
-    cards.append(_figure("processors", "Cost per processor (list price, completed runs)",
-                         _bars(proc_vals, "usd", "processor", title_x="USD") if proc_vals else None,
-                         "<table><tr><th>processor</th><th>runs</th><th>USD</th><th>USD / 1,000 runs</th></tr>" + "".join(
-                             f"<tr><td>{esc(p)}</td><td class=n>{num(f'cost_by_processor.{p}.completed_runs', d['completed_runs'])}"
-                             f"</td><td class=n>{num(f'cost_by_processor.{p}.list_cost_usd', d['list_cost_usd'], '$')}</td>"
-                             f"<td class=n>{num(f'cost_by_processor.{p}.usd_per_1000_runs', d['usd_per_1000_runs'], '$')}"
-                             "</td></tr>" for p, d in cbp.items()) + "</table>"))
+    cards.append(
+        _figure(
+            "processors",
+            "Cost per processor (list price, completed runs)",
+            _bars(proc_vals, "usd", "processor", title_x="USD") if proc_vals else None,
+            "<table><tr><th>processor</th><th>runs</th><th>USD</th><th>USD / 1,000 runs</th></tr>"
+            + "".join(
+                f"<tr><td>{esc(p)}</td><td class=n>{num(f'cost_by_processor.{p}.completed_runs', d['completed_runs'])}"
+                f"</td><td class=n>{num(f'cost_by_processor.{p}.list_cost_usd', d['list_cost_usd'], '$')}</td>"
+                f"<td class=n>{num(f'cost_by_processor.{p}.usd_per_1000_runs', d['usd_per_1000_runs'], '$')}"
+                "</td></tr>"
+                for p, d in cbp.items()
+            )
+            + "</table>",
+        )
+    )
 
     # latency
     byp = lat.get("by_processor") or {}
@@ -157,64 +234,168 @@ def render_html(report: dict[str, Any]) -> str:
         edges, counts = h.get("edges_s") or [], h.get("counts") or []
         for i, c in enumerate(counts):
             hi = edges[i + 1] if i + 1 < len(edges) and edges[i + 1] is not None else None
-            hist_vals.append({"bin": f"{edges[i]:g}–{hi:g} s" if hi is not None else f"≥{edges[i]:g} s",
-                              "lo": edges[i], "runs": c, "processor": label(p)})
+            hist_vals.append(
+                {
+                    "bin": f"{edges[i]:g}–{hi:g} s" if hi is not None else f"≥{edges[i]:g} s",
+                    "lo": edges[i],
+                    "runs": c,
+                    "processor": label(p),
+                }
+            )
     hist = None
     if hist_vals:
         order = [b for _, b in sorted({(v["lo"], v["bin"]) for v in hist_vals})]
-        hist = alt.Chart(alt.Data(values=hist_vals)).mark_bar().encode(
-            x=alt.X("bin:N", sort=order, title="submit → completion", axis=alt.Axis(labelAngle=-30)),
-            y=alt.Y("runs:Q", title="runs", stack="zero"), color=alt.Color("processor:N", title="processor"),
-        ).properties(width=WIDTH - 150, height=180)
+        hist = (
+            alt.Chart(alt.Data(values=hist_vals))
+            .mark_bar()
+            .encode(
+                x=alt.X("bin:N", sort=order, title="submit → completion", axis=alt.Axis(labelAngle=-30)),
+                y=alt.Y("runs:Q", title="runs", stack="zero"),
+                color=alt.Color("processor:N", title="processor"),
+            )
+            .properties(width=WIDTH - 150, height=180)
+        )
     keys = ("count", "mean", "p50", "p90", "p95", "p99", "max")
-    lat_table = ("<table><tr><th></th>" + "".join(f"<th>{k}</th>" for k in keys) + "</tr><tr><td>all</td>"
-                 + "".join(f"<td class=n>{num(f'latency_s.{k}', lat.get(k))}</td>" for k in keys) + "</tr>"
-                 + "".join(f"<tr><td>{esc(p)}</td>" + "".join(
-                     f"<td class=n>{num(f'latency_s.by_processor.{p}.{k}', d.get(k))}</td>" for k in keys) + "</tr>"
-                     for p, d in byp.items()) + "</table>")
-    cards.append(_figure("latency", "Latency per run (seconds)", hist, lat_table,
-                         "finished_at − submitted_at from the journal; percentiles are nearest-rank."))
+    lat_table = (
+        "<table><tr><th></th>"
+        + "".join(f"<th>{k}</th>" for k in keys)
+        + "</tr><tr><td>all</td>"
+        + "".join(f"<td class=n>{num(f'latency_s.{k}', lat.get(k))}</td>" for k in keys)
+        + "</tr>"
+        + "".join(
+            f"<tr><td>{esc(p)}</td>"
+            + "".join(f"<td class=n>{num(f'latency_s.by_processor.{p}.{k}', d.get(k))}</td>" for k in keys)
+            + "</tr>"
+            for p, d in byp.items()
+        )
+        + "</table>"
+    )
+    cards.append(
+        _figure(
+            "latency",
+            "Latency per run (seconds)",
+            hist,
+            lat_table,
+            "finished_at − submitted_at from the journal; percentiles are nearest-rank.",
+        )
+    )
 
     # confidence
     conf = report.get("confidence_counts") or {}
-    conf_vals = [{"field": label(f), "confidence": label(k), "rows": v, "o": ["high", "medium", "low"].index(k)
-                  if k in ("high", "medium", "low") else 3} for f, c in conf.items() for k, v in sorted(c.items())]
+    conf_vals = [
+        {
+            "field": label(f),
+            "confidence": label(k),
+            "rows": v,
+            "o": ["high", "medium", "low"].index(k) if k in ("high", "medium", "low") else 3,
+        }
+        for f, c in conf.items()
+        for k, v in sorted(c.items())
+    ]
     levels = sorted({v["confidence"] for v in conf_vals}, key=lambda k: (["high", "medium", "low", k].index(k), k))
-    cards.append(_figure("confidence", "Confidence per field (completed rows)",
-                         _bars(conf_vals, "rows", "field", "confidence",
-                               {k: CONF_COLOURS.get(k, "#8d6e63") for k in levels}, "rows", stack=True)
-                         if conf_vals else None,
-                         _table([(f"{f}: {k}", num(f"confidence_counts.{f}.{k}", v))
-                                 for f, c in conf.items() for k, v in sorted(c.items())])))
+    cards.append(
+        _figure(
+            "confidence",
+            "Confidence per field (completed rows)",
+            _bars(
+                conf_vals,
+                "rows",
+                "field",
+                "confidence",
+                {k: CONF_COLOURS.get(k, "#8d6e63") for k in levels},
+                "rows",
+                stack=True,
+            )
+            if conf_vals
+            else None,
+            _table(
+                [
+                    (f"{f}: {k}", num(f"confidence_counts.{f}.{k}", v))
+                    for f, c in conf.items()
+                    for k, v in sorted(c.items())
+                ]
+            ),
+        )
+    )
 
     # hit and fill rates
     fill = report.get("fill_rate") or {}
     fill_vals = [{"field": label(f), "rate": v, "o": 0} for f, v in fill.items() if v is not None]
-    cards.append(_figure("fill", "Hit rate and fill rate per field", _bars(
-        [{"field": "(any field: hit rate)", "rate": report.get("hit_rate") or 0, "o": 0}, *fill_vals], "rate", "field",
-        title_x="share of all rows", x_domain=[0, 1]) if fill_vals else None,
-        _table([("rows with an answer", num("rows_with_answer", report.get("rows_with_answer"))),
-                ("hit rate", num("hit_rate", report.get("hit_rate"))),
-                *((f"fill rate: {f}", num(f"fill_rate.{f}", v)) for f, v in fill.items())])))
+    cards.append(
+        _figure(
+            "fill",
+            "Hit rate and fill rate per field",
+            _bars(
+                [{"field": "(any field: hit rate)", "rate": report.get("hit_rate") or 0, "o": 0}, *fill_vals],
+                "rate",
+                "field",
+                title_x="share of all rows",
+                x_domain=[0, 1],
+            )
+            if fill_vals
+            else None,
+            _table(
+                [
+                    ("rows with an answer", num("rows_with_answer", report.get("rows_with_answer"))),
+                    ("hit rate", num("hit_rate", report.get("hit_rate"))),
+                    *((f"fill rate: {f}", num(f"fill_rate.{f}", v)) for f, v in fill.items()),
+                ]
+            ),
+        )
+    )
 
     # domains
     doms = report.get("top_cited_domains") or []
-    cards.append(_figure("domains", "Top cited domains", _bars(
-        [{"domain": label(d), "citations": n, "o": 0} for d, n in doms], "citations", "domain", title_x="citations")
-        if doms else None,
-        _table([(d, num(f"top_cited_domains.{i}", n)) for i, (d, n) in enumerate(doms)]),
-        f"{report.get('citations', 0)} citation URLs in total"))
+    cards.append(
+        _figure(
+            "domains",
+            "Top cited domains",
+            _bars(
+                [{"domain": label(d), "citations": n, "o": 0} for d, n in doms],
+                "citations",
+                "domain",
+                title_x="citations",
+            )
+            if doms
+            else None,
+            _table([(d, num(f"top_cited_domains.{i}", n)) for i, (d, n) in enumerate(doms)]),
+            f"{report.get('citations', 0)} citation URLs in total",
+        )
+    )
 
     # decisions (when a confidence gate produced them)
     dec = report.get("decision_counts") or {}
     if dec:
-        dec_vals = [{"column": label(col), "decision": label(k), "rows": v, "o": 0}
-                    for col, c in dec.items() for k, v in sorted(c.items())]
-        cards.append(_figure("decisions", "Decisions", _bars(dec_vals, "rows", "column", "decision", {
-            label(k): {"accepted": "#2e7d32", "review": "#f9a825", "rejected": "#c62828"}.get(k, "#607d8b")
-            for k in sorted({k for c in dec.values() for k in c})}, "rows", stack=True),
-            _table([(f"{col}: {k}", num(f"decision_counts.{col}.{k}", v))
-                    for col, c in dec.items() for k, v in sorted(c.items())])))
+        dec_vals = [
+            {"column": label(col), "decision": label(k), "rows": v, "o": 0}
+            for col, c in dec.items()
+            for k, v in sorted(c.items())
+        ]
+        cards.append(
+            _figure(
+                "decisions",
+                "Decisions",
+                _bars(
+                    dec_vals,
+                    "rows",
+                    "column",
+                    "decision",
+                    {
+                        label(k): {"accepted": "#2e7d32", "review": "#f9a825", "rejected": "#c62828"}.get(k, "#607d8b")
+                        for k in sorted({k for c in dec.values() for k in c})
+                    },
+                    "rows",
+                    stack=True,
+                ),
+                _table(
+                    [
+                        (f"{col}: {k}", num(f"decision_counts.{col}.{k}", v))
+                        for col, c in dec.items()
+                        for k, v in sorted(c.items())
+                    ]
+                ),
+            )
+        )
     esc_rows = [(k, num(k, v)) for k, v in sorted(report.items()) if "escalat" in k and isinstance(v, int | float)]
     if esc_rows:
         cards.append(f'<div class="card"><h3>Escalation</h3>{_table(esc_rows)}</div>')
@@ -222,14 +403,18 @@ def render_html(report: dict[str, Any]) -> str:
     parts.append('<div class="grid">' + "".join(cards) + "</div>")
     if report.get("timed_out_note"):
         parts.append(f"<p class=note>{esc(report['timed_out_note'])}</p>")
-    parts.append("<p class=note>Hit rate: rows with at least one non-empty value ÷ all rows. Fill rate: rows with a "
-                 "value for the field ÷ all rows. Estimate: all rows × the processor's list price. Every figure here is "
-                 "copied from the JSON report beside this file.</p>")
+    parts.append(
+        "<p class=note>Hit rate: rows with at least one non-empty value ÷ all rows. Fill rate: rows with a "
+        "value for the field ÷ all rows. Estimate: all rows × the processor's list price. Every figure here is "
+        "copied from the JSON report beside this file.</p>"
+    )
     title = f"enrich report: {out_name}{' (EMULATED)' if emulated else ''}"
-    return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
-            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
-            f"<meta name=viewport content='width=device-width,initial-scale=1'><title>{esc(title)}</title>"
-            f"<style>{CSS}</style></head><body>" + "".join(parts) + "</body></html>\n")
+    return (
+        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+        f"<meta name=viewport content='width=device-width,initial-scale=1'><title>{esc(title)}</title>"
+        f"<style>{CSS}</style></head><body>" + "".join(parts) + "</body></html>\n"
+    )
 
 
 def render_isolated(report: dict[str, Any]) -> str:
@@ -239,14 +424,18 @@ def render_isolated(report: dict[str, Any]) -> str:
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "enrich.report_html"], input=json.dumps(report).encode(),
-                          capture_output=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "enrich.report_html"],
+        input=json.dumps(report).encode(),
+        capture_output=True,
+        timeout=300,
+    )
     if proc.returncode != 0:
         raise OSError(f"the report renderer failed: {proc.stderr.decode(errors='replace').strip()[-300:]}")
     return proc.stdout.decode()
 
 
-if __name__ == "__main__":   # the child of render_isolated: report JSON on stdin, HTML on stdout
+if __name__ == "__main__":  # the child of render_isolated: report JSON on stdin, HTML on stdout
     import json
     import sys
 

@@ -80,8 +80,9 @@ def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> f
     return min(max(when - now, 0.0), RETRY_AFTER_CAP_S)
 
 
-def backoff(attempt: int, rand: float, retry_after: float | None = None, base: float = BASE_S,
-            cap: float = CAP_S) -> float:
+def backoff(
+    attempt: int, rand: float, retry_after: float | None = None, base: float = BASE_S, cap: float = CAP_S
+) -> float:
     """Seconds before retry number `attempt` (1-based): full jitter U(0, min(cap, base*2^(n-1))).
 
     A server's Retry-After is a floor, never shortened by jitter. `rand` is in [0, 1).
@@ -102,8 +103,13 @@ class CircuitBreaker:
     `trip_forever()` is for 401/402/403: nothing more is sent.
     """
 
-    def __init__(self, threshold: int = 5, cooldown: float = 2.0, max_cooldown: float = 60.0,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        threshold: int = 5,
+        cooldown: float = 2.0,
+        max_cooldown: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.threshold, self.base_cooldown, self.max_cooldown, self.clock = threshold, cooldown, max_cooldown, clock
         self.cooldown = cooldown
         self.failures = 0

@@ -35,7 +35,7 @@ from enrich.gate import FieldAnswer, MergedRow, Verdict
 
 EVIDENCE_COLUMNS = ("field", "value", "confidence", "processor", "reasoning", "citations", "run_id")
 VERDICT_COLUMNS = ("verdict", "corrected_value", "reviewer", "note")
-REQUIRED_COLUMNS = ("field", "verdict", "corrected_value")   # reviewers may delete the others
+REQUIRED_COLUMNS = ("field", "verdict", "corrected_value")  # reviewers may delete the others
 VERDICTS = ("accept", "correct", "reject")
 TO_REVIEW = ("review", "rejected")
 _NUMERIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
@@ -54,7 +54,7 @@ def guard(cell: str) -> str:
     """
     from enrich.write import neutralize
 
-    return "'" + cell if cell.startswith("'") else neutralize(cell)   # a leading ' too, so unguard is exact
+    return "'" + cell if cell.startswith("'") else neutralize(cell)  # a leading ' too, so unguard is exact
 
 
 def unguard(cell: str) -> str:
@@ -99,8 +99,9 @@ def encode_citations(entries: Iterable[Mapping[str, Any] | None]) -> str:
             if isinstance(c, Mapping) and c.get("url"):
                 excerpts = c.get("excerpts") or []
                 first = excerpts[0] if isinstance(excerpts, list) and excerpts else None
-                items.append(json.dumps({"url": str(c["url"]), "title": c.get("title"), "excerpt": first},
-                                        ensure_ascii=False))
+                items.append(
+                    json.dumps({"url": str(c["url"]), "title": c.get("title"), "excerpt": first}, ensure_ascii=False)
+                )
     return "[" + ",\n".join(items) + "]" if items else ""
 
 
@@ -122,22 +123,38 @@ def review_lines(row: MergedRow, n_keys: int) -> Iterator[list[str]]:
             continue
         reasoning, citations = _evidence(answer)
         conf = answer.confidence if isinstance(answer.confidence, str) else repr(answer.confidence)
-        yield [*row.key, name, encode_value(answer.value), conf, answer.processor or "", reasoning, citations,
-               answer.run_id or "", "", "", "", ""]
+        yield [
+            *row.key,
+            name,
+            encode_value(answer.value),
+            conf,
+            answer.processor or "",
+            reasoning,
+            citations,
+            answer.run_id or "",
+            "",
+            "",
+            "",
+            "",
+        ]
 
 
-def write_review(path: Path, rows: Iterable[MergedRow], key_columns: Sequence[str], *, formula_guard: bool = True) -> int:
+def write_review(
+    path: Path, rows: Iterable[MergedRow], key_columns: Sequence[str], *, formula_guard: bool = True
+) -> int:
     """Write the review file atomically (UTF-8, streamed row by row); return the number of lines.
 
     Raises ConfigError when a key column clashes with a review column name.
     """
     n = len(key_columns)
-    return write_review_cells(path, (cells for row in rows for cells in review_lines(row, n)), key_columns,
-                              formula_guard=formula_guard)
+    return write_review_cells(
+        path, (cells for row in rows for cells in review_lines(row, n)), key_columns, formula_guard=formula_guard
+    )
 
 
-def write_review_cells(path: Path, lines: Iterable[list[str]], key_columns: Sequence[str], *,
-                       formula_guard: bool = True) -> int:
+def write_review_cells(
+    path: Path, lines: Iterable[list[str]], key_columns: Sequence[str], *, formula_guard: bool = True
+) -> int:
     """Write already-built review lines (from `review_lines`) atomically; return how many."""
     from enrich.write import atomic_write
 
@@ -147,7 +164,7 @@ def write_review_cells(path: Path, lines: Iterable[list[str]], key_columns: Sequ
     def write(fp: Any) -> None:
         nonlocal count
         text = io.TextIOWrapper(fp, encoding="utf-8", newline="")
-        out = csv.writer(text, lineterminator="\r\n")   # RFC 4180; with "\n" a lone \r in a cell is left unquoted
+        out = csv.writer(text, lineterminator="\r\n")  # RFC 4180; with "\n" a lone \r in a cell is left unquoted
         out.writerow([guard(h) if formula_guard else h for h in header])
         for cells in lines:
             out.writerow([guard(c) if formula_guard else c for c in cells])
@@ -176,10 +193,14 @@ def fits(value: Any, schema: Mapping[str, Any], where: str = "value") -> str | N
     kind, nullable = _kind_nullable(schema)
     if value is None:
         return None if nullable else f"{where} is null"
-    checks = {"string": lambda v: isinstance(v, str), "boolean": lambda v: isinstance(v, bool),
-              "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
-              "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v),
-              "array": lambda v: isinstance(v, list), "object": lambda v: isinstance(v, dict)}
+    checks = {
+        "string": lambda v: isinstance(v, str),
+        "boolean": lambda v: isinstance(v, bool),
+        "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v),
+        "array": lambda v: isinstance(v, list),
+        "object": lambda v: isinstance(v, dict),
+    }
     if not checks.get(kind, lambda v: True)(value):
         return f"{where} is not {'an' if kind[0] in 'aeiou' else 'a'} {kind}"
     enum = schema.get("enum")
@@ -228,8 +249,12 @@ def parse_value(text: str, schema: Mapping[str, Any]) -> Any:
     return value
 
 
-def read_review(path: Path, key_columns: Sequence[str], fields_schema: Mapping[str, Mapping[str, Any]],
-                known_keys: Container[tuple[str, ...]]) -> list[Verdict]:
+def read_review(
+    path: Path,
+    key_columns: Sequence[str],
+    fields_schema: Mapping[str, Mapping[str, Any]],
+    known_keys: Container[tuple[str, ...]],
+) -> list[Verdict]:
     """The verdicts of a filled-in review file, in file order; lines with a blank verdict are skipped.
 
     Checks: header has the key columns and field/verdict/corrected_value; every reviewed line
@@ -285,8 +310,14 @@ def read_review(path: Path, key_columns: Sequence[str], fields_schema: Mapping[s
     return verdicts
 
 
-def _check_line(cell: Mapping[str, str], key_columns: Sequence[str], fields_schema: Mapping[str, Mapping[str, Any]],
-                known_keys: Container[tuple[str, ...]], verdict_text: str, line: int) -> tuple[str | None, Verdict | None]:
+def _check_line(
+    cell: Mapping[str, str],
+    key_columns: Sequence[str],
+    fields_schema: Mapping[str, Mapping[str, Any]],
+    known_keys: Container[tuple[str, ...]],
+    verdict_text: str,
+    line: int,
+) -> tuple[str | None, Verdict | None]:
     key = tuple(cell[k] for k in key_columns)
     if key not in known_keys:
         shown = ", ".join(f"{k}={v!r}" for k, v in zip(key_columns, key, strict=True))
@@ -307,6 +338,13 @@ def _check_line(cell: Mapping[str, str], key_columns: Sequence[str], fields_sche
             return f"field {field!r}: {exc}", None
     elif cell["corrected_value"] != "":
         return f"corrected_value given but verdict is {verdict_text!r}; use correct", None
-    return None, Verdict(key=key, field=field, verdict=verdict_text, corrected_value=corrected,  # type: ignore[arg-type]
-                         reviewer=cell.get("reviewer", "").strip(), note=cell.get("note", ""),
-                         run_id=cell.get("run_id", "").strip() or None, line=line)
+    return None, Verdict(
+        key=key,
+        field=field,
+        verdict=verdict_text,
+        corrected_value=corrected,  # type: ignore[arg-type]
+        reviewer=cell.get("reviewer", "").strip(),
+        note=cell.get("note", ""),
+        run_id=cell.get("run_id", "").strip() or None,
+        line=line,
+    )

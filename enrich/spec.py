@@ -20,19 +20,38 @@ JSON_TYPES = frozenset(["string", "integer", "number", "boolean", "array", "obje
 # What a `[task.output.<field>]` table may declare; nullability is added by config.py.
 FieldType = Literal["string", "integer", "number", "boolean", "array", "object"]
 
-UNSUPPORTED_KEYWORDS = frozenset([
-    "contains", "format", "maxContains", "maxItems", "maxLength", "maxProperties", "maximum", "minContains",
-    "minItems", "minLength", "minimum", "minProperties", "multipleOf", "pattern", "patternProperties",
-    "propertyNames", "uniqueItems", "unevaluatedItems", "unevaluatedProperties",
-])
+UNSUPPORTED_KEYWORDS = frozenset(
+    [
+        "contains",
+        "format",
+        "maxContains",
+        "maxItems",
+        "maxLength",
+        "maxProperties",
+        "maximum",
+        "minContains",
+        "minItems",
+        "minLength",
+        "minimum",
+        "minProperties",
+        "multipleOf",
+        "pattern",
+        "patternProperties",
+        "propertyNames",
+        "uniqueItems",
+        "unevaluatedItems",
+        "unevaluatedProperties",
+    ]
+)
 # Field names the basis already covers: the API accepts them with a warning.
-RESERVED_FIELD_NAMES = frozenset(["citations", "confidence", "evidence", "reasoning", "source", "sources",
-                                  "source_urls"])
+RESERVED_FIELD_NAMES = frozenset(
+    ["citations", "confidence", "evidence", "reasoning", "source", "sources", "source_urls"]
+)
 MAX_DEPTH = 5
 MAX_PROPERTIES = 100
 MAX_ENUM_VALUES = 500
-LONG_ENUM_VALUES = 250          # above this many values, the enum's total string length is capped...
-MAX_LONG_ENUM_CHARS = 7_500     # ...at this many characters
+LONG_ENUM_VALUES = 250  # above this many values, the enum's total string length is capped...
+MAX_LONG_ENUM_CHARS = 7_500  # ...at this many characters
 MAX_SPEC_CHARS = 15_000
 MAX_SPEC_AND_INPUT_CHARS = 25_000
 MAX_METADATA_KEY = 16
@@ -74,10 +93,12 @@ def _type_problem(kind: Any, where: str, in_union: bool) -> str | None:
         return f"{where}: 'type' must be a type name or a list of them"
     unknown = [n for n in names if n not in JSON_TYPES]
     if unknown:
-        return (f"{where}: unknown type {unknown[0]!r}; use one of "
-                f"{', '.join(sorted(JSON_TYPES - {'null'}))} (add 'null' in a list for optional values)")
+        return (
+            f"{where}: unknown type {unknown[0]!r}; use one of "
+            f"{', '.join(sorted(JSON_TYPES - {'null'}))} (add 'null' in a list for optional values)"
+        )
     if not in_union and all(n == "null" for n in names):
-        return f"{where}: a property cannot be only 'null'; use [\"<type>\", \"null\"] for an optional value"
+        return f'{where}: a property cannot be only \'null\'; use ["<type>", "null"] for an optional value'
     return None
 
 

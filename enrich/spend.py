@@ -90,14 +90,17 @@ class DailyCheck:
         """One line for people: what was spent, what would be needed, when the day resets."""
         left = self.resets_at - self.now
         hours, rest = divmod(int(left.total_seconds()), 3600)
-        return (f"daily budget {money(self.budget_micros)} (limits.daily_budget_usd) for UTC day {self.day}: "
-                f"{money(self.spent_micros)} spent; {self.requested} more run(s) at {money(self.unit_micros)} "
-                f"need {money(self.requested * self.unit_micros)}, {self.allowed} fit; "
-                f"resets at {iso_z(self.resets_at)} (in {hours}h {rest // 60:02d}m)")
+        return (
+            f"daily budget {money(self.budget_micros)} (limits.daily_budget_usd) for UTC day {self.day}: "
+            f"{money(self.spent_micros)} spent; {self.requested} more run(s) at {money(self.unit_micros)} "
+            f"need {money(self.requested * self.unit_micros)}, {self.allowed} fit; "
+            f"resets at {iso_z(self.resets_at)} (in {hours}h {rest // 60:02d}m)"
+        )
 
 
-def check_daily(n: int, unit_micros: int, spent_today_micros: int, daily_budget_micros: int,
-                now: float | datetime) -> DailyCheck:
+def check_daily(
+    n: int, unit_micros: int, spent_today_micros: int, daily_budget_micros: int, now: float | datetime
+) -> DailyCheck:
     """Whether `n` runs at `unit_micros` fit in today's remaining daily budget.
 
     `spent_today_micros` is the ledger's total for `utc_day(now)` (reserved runs included).
@@ -110,13 +113,27 @@ def check_daily(n: int, unit_micros: int, spent_today_micros: int, daily_budget_
         raise ValueError("cannot reserve a negative number of runs")
     moment = _as_utc(now)
     allowed = min(n, runs_that_fit(unit_micros, spent_today_micros, daily_budget_micros))
-    return DailyCheck(requested=n, allowed=allowed, day=utc_day(moment), spent_micros=spent_today_micros,
-                      budget_micros=daily_budget_micros, unit_micros=unit_micros, resets_at=next_reset(moment),
-                      now=moment)
+    return DailyCheck(
+        requested=n,
+        allowed=allowed,
+        day=utc_day(moment),
+        spent_micros=spent_today_micros,
+        budget_micros=daily_budget_micros,
+        unit_micros=unit_micros,
+        resets_at=next_reset(moment),
+        now=moment,
+    )
 
 
-def reserve_today(n: int, unit_micros: int, spent_today_micros: int, daily_budget_micros: int,
-                  now: float | datetime, *, partial: bool = False) -> int:
+def reserve_today(
+    n: int,
+    unit_micros: int,
+    spent_today_micros: int,
+    daily_budget_micros: int,
+    now: float | datetime,
+    *,
+    partial: bool = False,
+) -> int:
     """How many of `n` runs to reserve now; raises BudgetExceeded (with the reset time) when none may be.
 
     Without `partial` it is all or nothing; with it, as many as fit (at least one, or the error).
@@ -130,5 +147,7 @@ def reserve_today(n: int, unit_micros: int, spent_today_micros: int, daily_budge
 def daily_message(spent_today_micros: int, daily_budget_micros: int, now: float | datetime) -> str:
     """The one-line refusal when today's daily budget is spent, saying when it resets."""
     reset = next_reset(now)
-    return (f"daily budget reached: {money(spent_today_micros)} of {money(daily_budget_micros)} spent or reserved "
-            f"today (UTC); it resets at {iso_z(reset)}")
+    return (
+        f"daily budget reached: {money(spent_today_micros)} of {money(daily_budget_micros)} spent or reserved "
+        f"today (UTC); it resets at {iso_z(reset)}"
+    )

@@ -46,15 +46,18 @@ class StatusClass:
     known: bool = True
 
 
-STATUSES: dict[str, StatusClass] = {s.status: s for s in (
-    StatusClass("queued", terminal=False, active=True, action="wait", retriable=False),
-    StatusClass("running", terminal=False, active=True, action="wait", retriable=False),
-    StatusClass("action_required", terminal=False, active=False, action="wait", retriable=False),
-    StatusClass("cancelling", terminal=False, active=True, action="wait", retriable=False),
-    StatusClass("completed", terminal=True, active=False, action="store", retriable=False),
-    StatusClass("failed", terminal=True, active=False, action="fail", retriable=False),
-    StatusClass("cancelled", terminal=True, active=False, action="requeue", retriable=True),
-)}
+STATUSES: dict[str, StatusClass] = {
+    s.status: s
+    for s in (
+        StatusClass("queued", terminal=False, active=True, action="wait", retriable=False),
+        StatusClass("running", terminal=False, active=True, action="wait", retriable=False),
+        StatusClass("action_required", terminal=False, active=False, action="wait", retriable=False),
+        StatusClass("cancelling", terminal=False, active=True, action="wait", retriable=False),
+        StatusClass("completed", terminal=True, active=False, action="store", retriable=False),
+        StatusClass("failed", terminal=True, active=False, action="fail", retriable=False),
+        StatusClass("cancelled", terminal=True, active=False, action="requeue", retriable=True),
+    )
+}
 
 
 def classify_status(status: str | None) -> StatusClass:

@@ -61,13 +61,30 @@ class Governor(Protocol):
 
 
 class Submitter:
-    def __init__(self, journal: Journal, client: TaskClient, state: JobState, *, taskgroup_id: str, job_tag: str,
-                 epoch: int, prices: dict[str, int], budget_micros: int | None, task_spec: dict[str, Any],
-                 run_options: dict[str, Any], user_metadata: dict[str, Any] | None, batch_size: int,
-                 requests_per_minute: int, request_timeout_s: float, max_retries: int,
-                 outage_give_up_s: float = 300.0, breaker: CircuitBreaker | None = None,
-                 rand: random.Random | None = None, governor: Governor | None = None,
-                 daily_budget_micros: int | None = None):
+    def __init__(
+        self,
+        journal: Journal,
+        client: TaskClient,
+        state: JobState,
+        *,
+        taskgroup_id: str,
+        job_tag: str,
+        epoch: int,
+        prices: dict[str, int],
+        budget_micros: int | None,
+        task_spec: dict[str, Any],
+        run_options: dict[str, Any],
+        user_metadata: dict[str, Any] | None,
+        batch_size: int,
+        requests_per_minute: int,
+        request_timeout_s: float,
+        max_retries: int,
+        outage_give_up_s: float = 300.0,
+        breaker: CircuitBreaker | None = None,
+        rand: random.Random | None = None,
+        governor: Governor | None = None,
+        daily_budget_micros: int | None = None,
+    ):
         self.journal, self.client, self.state = journal, client, state
         self.taskgroup_id, self.job_tag, self.epoch = taskgroup_id, job_tag, epoch
         self.prices, self.budget = prices, budget_micros
@@ -82,18 +99,25 @@ class Submitter:
         self.slowdown = 1.0
         self.pause_until = 0.0
         self.last_send = 0.0
-        self.failing_since: float | None = None   # first creating request that failed since the API last answered
+        self.failing_since: float | None = None  # first creating request that failed since the API last answered
         self.breaker = breaker or CircuitBreaker()
         self.rand = rand or random.Random()
         self.batch_seq = journal.get("batch_seq", 0)
         self.governor = governor
         self.daily = daily_budget_micros
-        self.leased = journal.spent_micros()   # with a governor: what this partition may have reserved
+        self.leased = journal.spent_micros()  # with a governor: what this partition may have reserved
 
     def _input(self, c: Claimed) -> dict[str, Any]:
-        body: dict[str, Any] = {"input": c.input, "processor": c.processor,
-                                "metadata": {**self.user_metadata, "enrich_job": self.job_tag,
-                                             "enrich_row": c.row_ref, "enrich_try": c.attempt}}
+        body: dict[str, Any] = {
+            "input": c.input,
+            "processor": c.processor,
+            "metadata": {
+                **self.user_metadata,
+                "enrich_job": self.job_tag,
+                "enrich_row": c.row_ref,
+                "enrich_try": c.attempt,
+            },
+        }
         body.update(self.run_options)
         return body
 
@@ -134,8 +158,10 @@ class Submitter:
             if self.breaker.state == "dead":
                 return
             if self.failing_since is not None and time.monotonic() - self.failing_since > self.outage_give_up_s:
-                state.unreachable = (f"no creating request succeeded for {self.outage_give_up_s:.0f} s "
-                                     f"({journal.last_error() or 'API unreachable'})")
+                state.unreachable = (
+                    f"no creating request succeeded for {self.outage_give_up_s:.0f} s "
+                    f"({journal.last_error() or 'API unreachable'})"
+                )
                 state.stop.set()
                 return
             if self.breaker.state != "closed" and self.breaker.wait_time() > 0:
@@ -153,7 +179,7 @@ class Submitter:
                     if state.reconcile_failed or not journal.unresolved():
                         return
                     state.waiting_on = "rows in doubt: waiting for reconciliation"
-                    await self._sleep(1.0)   # rows in doubt may come back to pending after reconciliation
+                    await self._sleep(1.0)  # rows in doubt may come back to pending after reconciliation
                     continue
                 nxt = journal.next_retry_at(self.epoch) or now + 1
                 await self._sleep(min(nxt - now, 1.0))
@@ -162,7 +188,7 @@ class Submitter:
                 await self._sleep(min(max(self.breaker.wait_time(), 0.05), 1.0))
                 continue
             state.waiting_on = "rate limit: pacing creating requests"
-            await self._pace()            # take the rate slot first, so the batch is as full as it can be
+            await self._pace()  # take the rate slot first, so the batch is as full as it can be
             await self._linger()
             if state.stop.is_set():
                 return
@@ -176,8 +202,9 @@ class Submitter:
                 budget = await self._leased_budget(limit)
             self.batch_seq += 1
             try:
-                claimed = journal.claim(self.epoch, limit, self.prices, budget, time.time(), self.batch_seq,
-                                        daily_budget=self.daily)
+                claimed = journal.claim(
+                    self.epoch, limit, self.prices, budget, time.time(), self.batch_seq, daily_budget=self.daily
+                )
             except BudgetExceeded as exc:
                 state.budget_exhausted = True
                 state.budget_message = str(exc)
@@ -258,21 +285,24 @@ class Submitter:
             return
         except TransientApiError as exc:
             failpoints.hit("after_response_before_commit")
-            wait = self._throttle(exc.retry_after) if exc.status == 429 else backoff(
-                1 + self.breaker.failures, self.rand.random(), exc.retry_after)
+            wait = (
+                self._throttle(exc.retry_after)
+                if exc.status == 429
+                else backoff(1 + self.breaker.failures, self.rand.random(), exc.retry_after)
+            )
             journal.release(rows, time.time(), time.time() + wait, str(exc), self.max_retries)
             journal.log("error", str(exc))
             self._give(len(rows))
             if exc.status == 429:
-                self.failing_since = None   # the API answered: rate limiting is not an outage
+                self.failing_since = None  # the API answered: rate limiting is not an outage
             else:
                 self._failed()
             return
         except PermanentApiError as exc:
             failpoints.hit("after_response_before_commit")
-            if len(rows) > 1:   # find the bad row(s): resend each row alone
+            if len(rows) > 1:  # find the bad row(s): resend each row alone
                 journal.release(rows, time.time(), None, str(exc), self.max_retries, solo=True)
-            else:               # rejected alone: this row is the problem
+            else:  # rejected alone: this row is the problem
                 journal.release(rows, time.time(), None, str(exc), 1, count_retry=True)
                 state.failed += 1
             journal.log("error", str(exc))

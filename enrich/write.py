@@ -35,10 +35,17 @@ from enrich.read import from_json_values
 from enrich.report import RunStats
 from enrich.spec import main_type
 
-STATUS = {"done": "completed", "failed": "failed", "timed_out": "timed_out", "intent": "unknown",
-          "unknown": "unknown", "submitted": "pending", "pending": "pending"}
+STATUS = {
+    "done": "completed",
+    "failed": "failed",
+    "timed_out": "timed_out",
+    "intent": "unknown",
+    "unknown": "unknown",
+    "submitted": "pending",
+    "pending": "pending",
+}
 META_COLUMNS = ("_enrich_status", "_enrich_error", "_enrich_run_id", "_enrich_latency_s")
-WRITE_CHUNK = 2_000   # rows per read from the journal and per Parquet row group
+WRITE_CHUNK = 2_000  # rows per read from the journal and per Parquet row group
 _NUMERIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\x00")
 
@@ -154,16 +161,22 @@ class _Spill:
 class Projection:
     """Turns journal rows into output records and collects the report's statistics."""
 
-    def __init__(self, journal: Journal, fields: dict[str, dict[str, Any]], reasoning: bool, budget_exhausted: bool,
-                 cfg: Any = None):
+    def __init__(
+        self,
+        journal: Journal,
+        fields: dict[str, dict[str, Any]],
+        reasoning: bool,
+        budget_exhausted: bool,
+        cfg: Any = None,
+    ):
         from enrich.config import GateConfig
 
         self.journal = journal
         self.cfg = cfg
         self.gate = cfg.gate if cfg is not None else GateConfig()
         self.ladder: list[str] = cfg.ladder if cfg is not None else [str(journal.get("processor") or "")]
-        self.review = _Spill()   # review-file lines, spilled to a temp file: memory stays flat
-        self.pending_reason: str | None = None   # why rows are still pending (the job stopped early)
+        self.review = _Spill()  # review-file lines, spilled to a temp file: memory stays flat
+        self.pending_reason: str | None = None  # why rows are still pending (the job stopped early)
         self.names = list(fields)
         self.fields, self.reasoning, self.budget_exhausted = fields, reasoning, budget_exhausted
         self.columns: list[Column] = output_columns(fields, reasoning)
@@ -176,14 +189,15 @@ class Projection:
     def header(self) -> list[str]:
         return [*self.input_columns, *(c[0] for c in self.columns), *META_COLUMNS]
 
-    def _decide(self, row_key: str, results: list[Any], verdicts: list[Any] | None, input_hash: str,
-                run_id: str | None) -> tuple[dict[str, Any] | None, Any]:
+    def _decide(
+        self, row_key: str, results: list[Any], verdicts: list[Any] | None, input_hash: str, run_id: str | None
+    ) -> tuple[dict[str, Any] | None, Any]:
         """The row's answers merged across tiers and human verdicts, as one result for flatten()."""
         from enrich.decide import decided
 
         names = list(self.fields)
         key = tuple(str(v) for v in json.loads(row_key))
-        if self.cfg is None:   # export without a config: gate defaults over what is stored
+        if self.cfg is None:  # export without a config: gate defaults over what is stored
             merged = _default_decided(results, names, self.gate, key)
         else:
             merged = decided(results, names, self.cfg, key, verdicts, input_hash)
@@ -213,12 +227,12 @@ class Projection:
                     if any(d in ("review", "rejected") for d in decisions.values()):
                         parsed = [(results[0][0], results[0][1], result)]
                         self.review.add(self._decide(row_key, parsed, None, input_hash, run_id)[1])
-                elif results:   # several tiers, reviewer verdicts, or a stronger tier still pending
+                elif results:  # several tiers, reviewer verdicts, or a stronger tier still pending
                     result, merged = self._decide(row_key, results, verdicts.get(row_key), input_hash, run_id)
                     flat = flatten(result, self.fields, self.reasoning, self.columns)
                 else:
                     flat = flatten(None, self.fields, self.reasoning, self.columns)
-                if len(results) > 1:   # the run of the strongest tier tried: stable across re-runs
+                if len(results) > 1:  # the run of the strongest tier tried: stable across re-runs
                     run_id = max(results, key=lambda r: strength(r[0]))[1]
                 if merged is not None:
                     for name, a in merged.fields.items():
@@ -230,10 +244,14 @@ class Projection:
                         self.review.add(merged)
                 status = output_status(state, self.budget_exhausted)
                 climbing = state != "done" and bool(results)
-                if climbing:   # an answer was paid for; a stronger processor's run has not finished
-                    error = ("kept the best answer so far; the stronger processor's run is not finished"
-                             + (f" ({self.pending_reason})" if self.pending_reason else
-                                " (budget)" if status == "skipped_budget" else ""))
+                if climbing:  # an answer was paid for; a stronger processor's run has not finished
+                    error = "kept the best answer so far; the stronger processor's run is not finished" + (
+                        f" ({self.pending_reason})"
+                        if self.pending_reason
+                        else " (budget)"
+                        if status == "skipped_budget"
+                        else ""
+                    )
                     status, state = "completed", "done"
                 self.statuses[status] += 1
                 if state == "done":
@@ -269,8 +287,16 @@ def write_csv(proj: Projection, fp: Any, guard: bool) -> None:
 
     for records in proj.chunks():
         for values, flat, status, error, run_id, latency in records:
-            w.writerow([*(cell(v) for v in values), *(cell(flat[n]) for n in names), status, cell(error),
-                        run_id or "", "" if latency is None else latency])
+            w.writerow(
+                [
+                    *(cell(v) for v in values),
+                    *(cell(flat[n]) for n in names),
+                    status,
+                    cell(error),
+                    run_id or "",
+                    "" if latency is None else latency,
+                ]
+            )
     text.flush()
     text.detach()
 
@@ -308,8 +334,10 @@ def arrow_tables(proj: Projection, schema: Any) -> Any:
             cols[base + 1].append(error)
             cols[base + 2].append(run_id)
             cols[base + 3].append(latency)
-        arrays = [from_json_values(col, f.type) if i < n_in else _array(col, f.type)
-                  for i, (col, f) in enumerate(zip(cols, schema, strict=True))]
+        arrays = [
+            from_json_values(col, f.type) if i < n_in else _array(col, f.type)
+            for i, (col, f) in enumerate(zip(cols, schema, strict=True))
+        ]
         yield pa.Table.from_arrays(arrays, schema=schema)
         del arrays, cols
 
@@ -324,7 +352,7 @@ def write_parquet(proj: Projection, fp: Any, metadata: dict[str, str]) -> None:
         for table in arrow_tables(proj, schema):
             writer.write_table(table)
             del table
-            pool.release_unused()   # hand Arrow's freed buffers back: memory stays flat on huge outputs
+            pool.release_unused()  # hand Arrow's freed buffers back: memory stays flat on huge outputs
 
 
 def collect_xlsx(proj: Projection, guard: bool) -> Any:
@@ -337,10 +365,13 @@ def collect_xlsx(proj: Projection, guard: bool) -> Any:
     tables = list(arrow_tables(proj, schema))
     table = pa.concat_tables(tables) if tables else schema.empty_table()
     if table.num_rows >= EXCEL_MAX_ROWS:
-        raise ConfigError(f"{table.num_rows:,} rows do not fit one Excel sheet ({EXCEL_MAX_ROWS - 1:,} at most); "
-                          "the journal keeps every result: `enrich export JOURNAL --output out.parquet`")
-    kinds = {c[0]: ("citations" if c[1] == "citations" else "array" if c[1] == "array" else "text")
-             for c in proj.columns}
+        raise ConfigError(
+            f"{table.num_rows:,} rows do not fit one Excel sheet ({EXCEL_MAX_ROWS - 1:,} at most); "
+            "the journal keeps every result: `enrich export JOURNAL --output out.parquet`"
+        )
+    kinds = {
+        c[0]: ("citations" if c[1] == "citations" else "array" if c[1] == "array" else "text") for c in proj.columns
+    }
     kinds["_enrich_error"] = "text"
     return to_frame(table, kinds, neutralize if guard else (lambda v: v))
 
@@ -349,22 +380,30 @@ def _summary_rows(report: dict[str, Any]) -> list[tuple[str, Any]]:
     """The "Run summary" sheet: the report's numbers as (label, value); value None = a section title."""
     lat = report.get("latency_s") or {}
     rows: list[tuple[str, Any]] = [
-        ("EMULATED: values come from the local emulator, not web research" if report.get("emulated")
-         else "Live run against the Task API", ""),
+        (
+            "EMULATED: values come from the local emulator, not web research"
+            if report.get("emulated")
+            else "Live run against the Task API",
+            "",
+        ),
         ("Rows", report["rows"]),
         ("Rows by status", None),
         *((f"  {k}", v) for k, v in sorted(report["status_counts"].items())),
-        ("Money (USD)", None), ("  spend", report["spend_usd"]), ("  budget", report.get("budget_usd")),
+        ("Money (USD)", None),
+        ("  spend", report["spend_usd"]),
+        ("  budget", report.get("budget_usd")),
         ("  estimate (all rows at list price)", report.get("estimated_cost_usd")),
         ("  cost per 1,000 completed rows (CPM)", report.get("cpm_usd")),
         ("Latency per run, submit to completion (s)", None),
         *((f"  {k}", lat.get(k)) for k in ("count", "mean", "p50", "p90", "p95", "p99", "max")),
-        ("Answers", None), ("  rows with an answer", report.get("rows_with_answer")),
+        ("Answers", None),
+        ("  rows with an answer", report.get("rows_with_answer")),
         ("  hit rate", report.get("hit_rate")),
         *((f"  fill rate: {f}", v) for f, v in (report.get("fill_rate") or {}).items()),
         ("Confidence", None),
         *((f"  {f}: {k}", v) for f, c in report["confidence_counts"].items() for k, v in sorted(c.items())),
-        ("Top cited domains", None), *((f"  {d}", n) for d, n in report.get("top_cited_domains") or []),
+        ("Top cited domains", None),
+        *((f"  {d}", n) for d, n in report.get("top_cited_domains") or []),
     ]
     for col, counts in (report.get("decision_counts") or {}).items():
         rows += [(f"Decisions: {col}", None), *((f"  {k}", v) for k, v in sorted(counts.items()))]
@@ -381,14 +420,20 @@ def _array(values: list[Any], typ: Any) -> Any:
         return pa.array([None if v is None else str(v) for v in values], type=pa.string()).cast(typ)
 
 
-def export_basis(journal: Journal, path: Path, fields: dict[str, dict[str, Any]], cfg: Any,
-                 key_columns: list[str], formula_guard: bool = True) -> int:
+def export_basis(
+    journal: Journal,
+    path: Path,
+    fields: dict[str, dict[str, Any]],
+    cfg: Any,
+    key_columns: list[str],
+    formula_guard: bool = True,
+) -> int:
     """The audit export: one line per (row key, field, citation) with value, confidence, decision,
     processor, run id, reasoning, url, title and excerpts (audit.py), streamed from the journal."""
     from enrich.audit import basis_rows, write_basis
 
     proj = Projection(journal, fields, False, False, cfg)
-    proj.review.close()   # the audit export writes no review file
+    proj.review.close()  # the audit export writes no review file
     epoch = journal.get("epoch", 0)
 
     def lines() -> Any:
@@ -410,9 +455,18 @@ def _default_decided(results: list[Any], names: list[str], gate: Any, key: tuple
     return merge([(p, json.loads(r) if isinstance(r, str) else r) for p, _rid, r in results], names, gate, key=key)
 
 
-def write_output(journal: Journal, path: Path, fields: dict[str, dict[str, Any]], *, reasoning: bool,
-                 formula_guard: bool, emulated: bool, budget_exhausted: bool, extra: dict[str, Any],
-                 cfg: Any = None) -> dict[str, Any]:
+def write_output(
+    journal: Journal,
+    path: Path,
+    fields: dict[str, dict[str, Any]],
+    *,
+    reasoning: bool,
+    formula_guard: bool,
+    emulated: bool,
+    budget_exhausted: bool,
+    extra: dict[str, Any],
+    cfg: Any = None,
+) -> dict[str, Any]:
     """Write the output file and `<output>.report.json`; return the report.
 
     When neither the journal nor the output settings changed since the last write and the
@@ -423,9 +477,14 @@ def write_output(journal: Journal, path: Path, fields: dict[str, dict[str, Any]]
     state_key = _state_key(journal, path, fields, reasoning, formula_guard, emulated, budget_exhausted)
     report_path = path.with_name(path.name + ".report.json")
     last = journal.get("last_output")
-    if (last and last.get("state") == state_key and path.exists() and report_path.exists()
-            and html_report_path(path).exists()
-            and last.get("file") == _file_id(path)):
+    if (
+        last
+        and last.get("state") == state_key
+        and path.exists()
+        and report_path.exists()
+        and html_report_path(path).exists()
+        and last.get("file") == _file_id(path)
+    ):
         report = json.loads(report_path.read_text())
         report.update(extra)
         report["output_unchanged"] = True
@@ -440,28 +499,43 @@ def write_output(journal: Journal, path: Path, fields: dict[str, dict[str, Any]]
         proj.review.close()
 
 
-def _write(journal: Journal, path: Path, proj: Projection, report_path: Path, state_key: str, formula_guard: bool,
-           emulated: bool, extra: dict[str, Any], cfg: Any, started: float) -> dict[str, Any]:
+def _write(
+    journal: Journal,
+    path: Path,
+    proj: Projection,
+    report_path: Path,
+    state_key: str,
+    formula_guard: bool,
+    emulated: bool,
+    extra: dict[str, Any],
+    cfg: Any,
+    started: float,
+) -> dict[str, Any]:
     report: dict[str, Any] = {"output": str(path), "emulated": emulated}
     suffix = path.suffix.lower()
     frame = None
     if suffix in (".parquet", ".pq"):
-        meta = {"enrich.emulated": "true" if emulated else "false",
-                "enrich.journal": str(journal.path), "enrich.job_id": str(journal.get("job_id", ""))}
+        meta = {
+            "enrich.emulated": "true" if emulated else "false",
+            "enrich.journal": str(journal.path),
+            "enrich.job_id": str(journal.get("job_id", "")),
+        }
         atomic_write(path, lambda fp: write_parquet(proj, fp, meta))
     elif suffix == ".xlsx":
-        frame = collect_xlsx(proj, formula_guard)   # written below: its summary sheet needs the report
+        frame = collect_xlsx(proj, formula_guard)  # written below: its summary sheet needs the report
     else:
         atomic_write(path, lambda fp: write_csv(proj, fp, formula_guard))
     spent = journal.spent_micros()
-    report.update({
-        "rows": proj.rows,
-        "status_counts": dict(proj.statuses),
-        "spend_usd": round(spent / 1e6, 6),
-        "confidence_counts": {f: dict(c) for f, c in proj.confidence.items()},
-        **proj.stats.numbers(proj.rows, spent, proj.statuses.get("completed", 0), extra.get("budget_usd")),
-        **extra,
-    })
+    report.update(
+        {
+            "rows": proj.rows,
+            "status_counts": dict(proj.statuses),
+            "spend_usd": round(spent / 1e6, 6),
+            "confidence_counts": {f: dict(c) for f, c in proj.confidence.items()},
+            **proj.stats.numbers(proj.rows, spent, proj.statuses.get("completed", 0), extra.get("budget_usd")),
+            **extra,
+        }
+    )
     if frame is not None:
         from enrich.xlsx import write_workbook
 
@@ -473,12 +547,14 @@ def _write(journal: Journal, path: Path, proj: Projection, report_path: Path, st
         from enrich.review import review_path, write_review_cells
 
         report["review_file"] = str(review_path(path))
-        report["review_lines"] = write_review_cells(review_path(path), proj.review.lines(), list(cfg.input.key),
-                                                    formula_guard=formula_guard)
+        report["review_lines"] = write_review_cells(
+            review_path(path), proj.review.lines(), list(cfg.input.key), formula_guard=formula_guard
+        )
     report["write_s"] = round(time.monotonic() - started, 3)
     if proj.statuses.get("timed_out"):
-        report["timed_out_note"] = ("timed-out runs cannot be cancelled (the API has no cancel endpoint); "
-                                    "they may still finish and be billed")
+        report["timed_out_note"] = (
+            "timed-out runs cannot be cancelled (the API has no cancel endpoint); they may still finish and be billed"
+        )
     if emulated:
         report["warning"] = "EMULATED: these values come from the local emulator's knowledge table, not web research"
     atomic_write(report_path, lambda fp: fp.write(json.dumps(report, indent=2, sort_keys=True).encode()))
@@ -516,5 +592,4 @@ def _state_key(journal: Journal, path: Path, fields: Any, *flags: Any) -> str:
     """Changes whenever any row changes state (every transition stamps a time or moves a count)."""
     from enrich.config import digest
 
-    return digest([str(path.resolve()), fields, flags, journal.write_state(), journal.counts(),
-                   journal.spent_micros()])
+    return digest([str(path.resolve()), fields, flags, journal.write_state(), journal.counts(), journal.spent_micros()])

@@ -27,14 +27,16 @@ from xml.etree import ElementTree
 
 from enrich.errors import InputError, SheetPath
 
-EXCEL_MAX_ROWS = 1_048_576          # including the header row
+EXCEL_MAX_ROWS = 1_048_576  # including the header row
 EXCEL_MAX_CELL_CHARS = 32_767
 EXCEL_MAX_URL_CHARS = 2_079
-EXCEL_MAX_URLS = 65_530             # per worksheet; xlsxwriter drops (and warns about) any more
+EXCEL_MAX_URLS = 65_530  # per worksheet; xlsxwriter drops (and warns about) any more
 _KEPT_TYPES = ("Int64", "Float64", "Boolean", "Date", "Datetime", "String")
-_NS = {"m": "http://schemas.openxmlformats.org/spreadsheetml/2006/main",
-       "r": "http://schemas.openxmlformats.org/officeDocument/2006/relationships",
-       "p": "http://schemas.openxmlformats.org/package/2006/relationships"}
+_NS = {
+    "m": "http://schemas.openxmlformats.org/spreadsheetml/2006/main",
+    "r": "http://schemas.openxmlformats.org/officeDocument/2006/relationships",
+    "p": "http://schemas.openxmlformats.org/package/2006/relationships",
+}
 
 
 def _header_row_number(path: str, sheet: str) -> int:
@@ -42,8 +44,10 @@ def _header_row_number(path: str, sheet: str) -> int:
     try:
         with zipfile.ZipFile(path) as z:
             wb = ElementTree.fromstring(z.read("xl/workbook.xml"))
-            rid = next((s.get(f"{{{_NS['r']}}}id") for s in wb.iterfind("m:sheets/m:sheet", _NS)
-                        if s.get("name") == sheet), None)
+            rid = next(
+                (s.get(f"{{{_NS['r']}}}id") for s in wb.iterfind("m:sheets/m:sheet", _NS) if s.get("name") == sheet),
+                None,
+            )
             rels = ElementTree.fromstring(z.read("xl/_rels/workbook.xml.rels"))
             target = next((r.get("Target") for r in rels.iterfind("p:Relationship", _NS) if r.get("Id") == rid), None)
             if not target:
@@ -52,8 +56,10 @@ def _header_row_number(path: str, sheet: str) -> int:
             with z.open(member) as fp:
                 for _, el in ElementTree.iterparse(fp):
                     if el.tag == f"{{{_NS['m']}}}row":
-                        if any(c.find("m:v", _NS) is not None or c.find("m:is", _NS) is not None
-                               for c in el.iterfind("m:c", _NS)):
+                        if any(
+                            c.find("m:v", _NS) is not None or c.find("m:is", _NS) is not None
+                            for c in el.iterfind("m:c", _NS)
+                        ):
                             return int(el.get("r", "1"))
                         el.clear()
     except (KeyError, OSError, ValueError, zipfile.BadZipFile, ElementTree.ParseError):
@@ -75,8 +81,13 @@ def _pick_sheet(path: str, names: list[str], sheet: str | int | None) -> str:
     return sheet
 
 
-def read_xlsx(path: Path | str, required: list[str], forbidden: set[str] = frozenset(),
-              sheet: str | int | None = None, batch_rows: int = 5_000) -> tuple[Any, Iterator[list[Any]]]:
+def read_xlsx(
+    path: Path | str,
+    required: list[str],
+    forbidden: set[str] = frozenset(),
+    sheet: str | int | None = None,
+    batch_rows: int = 5_000,
+) -> tuple[Any, Iterator[list[Any]]]:
     """Open one sheet of an .xlsx workbook: validate its header now, yield `Row` batches with Excel row numbers.
 
     Blank rows are skipped (as for CSV). Column types come from the cells; a column mixing
@@ -100,8 +111,15 @@ def read_xlsx(path: Path | str, required: list[str], forbidden: set[str] = froze
     top = _header_row_number(spath, name)
     try:
         head = reader.load_sheet(name, header_row=None, n_rows=1, dtypes="string").to_polars()
-        df = pl.read_excel(spath, sheet_name=name, engine="calamine", drop_empty_rows=False,
-                           drop_empty_cols=False, infer_schema_length=None, raise_if_empty=False)
+        df = pl.read_excel(
+            spath,
+            sheet_name=name,
+            engine="calamine",
+            drop_empty_rows=False,
+            drop_empty_cols=False,
+            infer_schema_length=None,
+            raise_if_empty=False,
+        )
     except (fastexcel.FastExcelError, pl.exceptions.PolarsError, OSError, ValueError) as exc:
         first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise InputError(where, f"cannot read the sheet ({first})", line=top) from None
@@ -109,11 +127,12 @@ def read_xlsx(path: Path | str, required: list[str], forbidden: set[str] = froze
         raise InputError(where, "the sheet is empty (no header row)", line=1)
     header = ["" if v is None else str(v) for v in head.row(0)]
     check_columns(where, header, required, set(forbidden))
-    if len(header) != df.width:   # cannot happen with calamine; a mismatch would shift every column
+    if len(header) != df.width:  # cannot happen with calamine; a mismatch would shift every column
         raise InputError(where, f"header has {len(header)} columns but the data has {df.width}", line=top)
     df.columns = header
-    df = df.with_columns(pl.col(c).cast(pl.String) for c, t in df.schema.items() if t.base_type().__name__
-                         not in _KEPT_TYPES)
+    df = df.with_columns(
+        pl.col(c).cast(pl.String) for c, t in df.schema.items() if t.base_type().__name__ not in _KEPT_TYPES
+    )
     schema = df.head(0).to_arrow().schema
 
     def batches() -> Iterator[list[Any]]:
@@ -122,7 +141,7 @@ def read_xlsx(path: Path | str, required: list[str], forbidden: set[str] = froze
         for start in range(0, df.height, batch_rows):
             for i, values in enumerate(df.slice(start, batch_rows).iter_rows(), start):
                 if all(v is None or (isinstance(v, str) and not v.strip()) for v in values):
-                    continue   # a blank row, skipped as for CSV
+                    continue  # a blank row, skipped as for CSV
                 batch.append(Row(top + 1 + i, list(values)))
                 n += 1
             if batch:
@@ -136,9 +155,17 @@ def read_xlsx(path: Path | str, required: list[str], forbidden: set[str] = froze
 
 # ---- output --------------------------------------------------------------------------------------
 
-GREEN, AMBER, RED = "#C6EFCE", "#FFEB9C", "#FFC7CE"   # Excel's own "good / neutral / bad" fills
-_COLOURS = {"high": GREEN, "accepted": GREEN, "accept": GREEN, "medium": AMBER, "review": AMBER,
-            "low": RED, "rejected": RED, "reject": RED}
+GREEN, AMBER, RED = "#C6EFCE", "#FFEB9C", "#FFC7CE"  # Excel's own "good / neutral / bad" fills
+_COLOURS = {
+    "high": GREEN,
+    "accepted": GREEN,
+    "accept": GREEN,
+    "medium": AMBER,
+    "review": AMBER,
+    "low": RED,
+    "rejected": RED,
+    "reject": RED,
+}
 _SAFE_URL = re.compile(r"^[^\x00-\x20\x7f]+$")
 
 
@@ -167,7 +194,7 @@ def colour_for(value: Any) -> str | None:
 def _clip(text: str) -> str:
     if len(text) <= EXCEL_MAX_CELL_CHARS:
         return text
-    return text[:EXCEL_MAX_CELL_CHARS - 20] + " …[truncated]"
+    return text[: EXCEL_MAX_CELL_CHARS - 20] + " …[truncated]"
 
 
 def to_frame(table: Any, kinds: dict[str, str], guard: Any) -> Any:
@@ -187,14 +214,16 @@ def to_frame(table: Any, kinds: dict[str, str], guard: Any) -> Any:
         if kind == "citations":
             exprs.append(col.list.join("\n").alias(name))
         elif kind == "array":
-            exprs.append(col.map_elements(lambda v: json.dumps(list(v), ensure_ascii=False, default=str),
-                                          return_dtype=pl.String).alias(name))
+            exprs.append(
+                col.map_elements(
+                    lambda v: json.dumps(list(v), ensure_ascii=False, default=str), return_dtype=pl.String
+                ).alias(name)
+            )
     if exprs:
         df = df.with_columns(exprs)
     texts = [n for n, k in kinds.items() if n in df.columns and df.schema[n] == pl.String]
     if texts:
-        df = df.with_columns(pl.col(n).map_elements(lambda v: _clip(guard(v)), return_dtype=pl.String)
-                             for n in texts)
+        df = df.with_columns(pl.col(n).map_elements(lambda v: _clip(guard(v)), return_dtype=pl.String) for n in texts)
     return df
 
 
@@ -225,8 +254,16 @@ def write_workbook(fp: Any, df: Any, coloured: list[str], citations: list[str], 
     import polars as pl
     import xlsxwriter
 
-    wb = xlsxwriter.Workbook(fp, {"strings_to_formulas": False, "strings_to_urls": False,
-                                  "strings_to_numbers": False, "nan_inf_to_errors": True, "in_memory": True})
+    wb = xlsxwriter.Workbook(
+        fp,
+        {
+            "strings_to_formulas": False,
+            "strings_to_urls": False,
+            "strings_to_numbers": False,
+            "nan_inf_to_errors": True,
+            "in_memory": True,
+        },
+    )
     ws = wb.add_worksheet("Enriched")
     head = wb.add_format({"bold": True, "bg_color": "#DDEBF7", "bottom": 1})
     date = wb.add_format({"num_format": "yyyy-mm-dd"})

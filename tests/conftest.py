@@ -18,7 +18,7 @@ from hypothesis import settings
 from enrich.emulator import EmulatorConfig, EmulatorServer
 
 settings.register_profile("default", max_examples=300, deadline=None)
-settings.register_profile("fuzz", max_examples=5000, deadline=None)   # make fuzz
+settings.register_profile("fuzz", max_examples=5000, deadline=None)  # make fuzz
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,8 +63,9 @@ class EmulatorProcess:
 
         self.log = log or Path(tempfile.mkstemp(prefix="enrich-emulator-", suffix=".log")[1])
         with self.log.open("w") as err:
-            self.proc = subprocess.Popen([sys.executable, "-m", "enrich", "emulator", "--port", "0", *args],
-                                         stderr=err, cwd=ROOT)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "enrich", "emulator", "--port", "0", *args], stderr=err, cwd=ROOT
+            )
         deadline = time.monotonic() + 30
         line = ""
         while "listening on" not in line:
@@ -111,30 +112,59 @@ def emulator_process() -> Iterator[Any]:
         p.stop()
 
 
-def run_enrich(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT, timeout: float = 300,
-               key: str | None = CANARY_KEY) -> subprocess.CompletedProcess[str]:
+def run_enrich(
+    *args: str, env: dict[str, str] | None = None, cwd: Path = ROOT, timeout: float = 300, key: str | None = CANARY_KEY
+) -> subprocess.CompletedProcess[str]:
     """Run the CLI as a user would (a new process), with only PARALLEL_API_KEY set for the key."""
     full = {k: v for k, v in os.environ.items() if not k.startswith(("PARALLEL_", "ENRICH_"))}
     if key:
         full["PARALLEL_API_KEY"] = key
     full.update(env or {})
-    return subprocess.run([sys.executable, "-m", "enrich", *args], capture_output=True, text=True, cwd=cwd,
-                          env=full, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "enrich", *args], capture_output=True, text=True, cwd=cwd, env=full, timeout=timeout
+    )
 
 
-def write_config(path: Path, *, input_path: Path, output: Path, key: list[str], columns: list[str],
-                 fields: dict[str, str] | None = None, processor: str = "lite-fast", extra: str = "",
-                 limits: str = "", emulator: str = "") -> Path:
+def write_config(
+    path: Path,
+    *,
+    input_path: Path,
+    output: Path,
+    key: list[str],
+    columns: list[str],
+    fields: dict[str, str] | None = None,
+    processor: str = "lite-fast",
+    extra: str = "",
+    limits: str = "",
+    emulator: str = "",
+) -> Path:
     fields = fields or {"headquarters_location": "string"}
     lines = [
-        "[input]", f"path = {json.dumps(str(input_path))}", f"key = {json.dumps(key)}",
-        f"columns = {json.dumps(columns)}", "", "[task]", f'processor = "{processor}"',
-        'instruction = "Research the company."', extra, "",
+        "[input]",
+        f"path = {json.dumps(str(input_path))}",
+        f"key = {json.dumps(key)}",
+        f"columns = {json.dumps(columns)}",
+        "",
+        "[task]",
+        f'processor = "{processor}"',
+        'instruction = "Research the company."',
+        extra,
+        "",
     ]
     for name, typ in fields.items():
         lines += [f"[task.output.{name}]", f'type = "{typ}"', ""]
-    lines += ["[output]", f"path = {json.dumps(str(output))}", "", "[limits]",
-              "reconcile_grace_s = 3", "request_timeout_s = 2", limits, "", "[emulator]", emulator]
+    lines += [
+        "[output]",
+        f"path = {json.dumps(str(output))}",
+        "",
+        "[limits]",
+        "reconcile_grace_s = 3",
+        "request_timeout_s = 2",
+        limits,
+        "",
+        "[emulator]",
+        emulator,
+    ]
     path.write_text("\n".join(lines))
     return path
 
@@ -160,7 +190,7 @@ def with_watchdog(call: Any, seconds: float, what: str) -> Any:
     def target() -> None:
         try:
             box["result"] = call()
-        except BaseException as exc:   # surfaced in the test's thread
+        except BaseException as exc:  # surfaced in the test's thread
             box["error"] = exc
 
     t = threading.Thread(target=target, daemon=True)

@@ -18,19 +18,36 @@ from enrich.gate import Verdict, apply_verdicts, merge
 
 
 def result(run_id: str, processor: str, content: dict[str, Any], basis: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"run": {"run_id": run_id, "processor": processor}, "output": {"type": "json", "content": content,
-                                                                          "basis": basis}}
+    return {
+        "run": {"run_id": run_id, "processor": processor},
+        "output": {"type": "json", "content": content, "basis": basis},
+    }
 
 
-RAW = result("trun_1", "base", {"city": "=Austin", "year": 1998, "founders": ["Ann", "Bob"], "ceo": None}, [
-    {"field": "city", "reasoning": "about page", "confidence": "high",
-     "citations": [{"url": "https://a.com", "title": "About", "excerpts": ["HQ Austin", "more"]},
-                   {"url": "https://b.com", "title": None, "excerpts": None}]},
-    {"field": "year", "reasoning": "history", "confidence": "", "citations": []},
-    {"field": "founders.0", "reasoning": "r0", "confidence": "high",
-     "citations": [{"url": "https://c.com", "excerpts": ["Ann founded"]}]},
-    {"field": "founders.1", "reasoning": "r1", "confidence": "low", "citations": []},
-])
+RAW = result(
+    "trun_1",
+    "base",
+    {"city": "=Austin", "year": 1998, "founders": ["Ann", "Bob"], "ceo": None},
+    [
+        {
+            "field": "city",
+            "reasoning": "about page",
+            "confidence": "high",
+            "citations": [
+                {"url": "https://a.com", "title": "About", "excerpts": ["HQ Austin", "more"]},
+                {"url": "https://b.com", "title": None, "excerpts": None},
+            ],
+        },
+        {"field": "year", "reasoning": "history", "confidence": "", "citations": []},
+        {
+            "field": "founders.0",
+            "reasoning": "r0",
+            "confidence": "high",
+            "citations": [{"url": "https://c.com", "excerpts": ["Ann founded"]}],
+        },
+        {"field": "founders.1", "reasoning": "r1", "confidence": "low", "citations": []},
+    ],
+)
 FIELDS = ["city", "year", "founders", "ceo"]
 
 
@@ -56,7 +73,9 @@ def test_lines_from_a_raw_result() -> None:
     ]
     assert all(x["company"] == "acme" and x["processor"] == "base" and x["run_id"] == "trun_1" for x in lines)
     assert lines[0]["excerpts"] == ["HQ Austin", "more"] and lines[1]["excerpts"] is None
-    assert lines[0]["reasoning"] == "about page" and lines[2]["reasoning"] == "history" and lines[3]["reasoning"] is None
+    assert (
+        lines[0]["reasoning"] == "about page" and lines[2]["reasoning"] == "history" and lines[3]["reasoning"] is None
+    )
     # without a gate, element lines inherit the field's decision
     plain = list(basis_rows({"company": "acme"}, RAW, {"founders": "review"}))
     assert {x["decision"] for x in plain} == {"review"}
@@ -64,8 +83,12 @@ def test_lines_from_a_raw_result() -> None:
 
 def test_lines_from_a_merged_row_with_a_correction() -> None:
     """A merged row reports each field's winning processor; a human correction has one line."""
-    pro = result("trun_2", "pro", {"city": "Dallas", "year": 1999},
-                 [{"field": "year", "reasoning": "filing", "confidence": "high", "citations": []}])
+    pro = result(
+        "trun_2",
+        "pro",
+        {"city": "Dallas", "year": 1999},
+        [{"field": "year", "reasoning": "filing", "confidence": "high", "citations": []}],
+    )
     m = merge([("base", RAW), ("pro", pro)], ["city", "year"], GateConfig(), key=("acme",))
     m = apply_verdicts(m, [Verdict(("acme",), "city", "correct", corrected_value="Houston")])
     lines = list(basis_rows({"company": "acme"}, m))
@@ -118,10 +141,13 @@ def test_write_is_atomic(tmp_path: Path, name: str) -> None:
     assert path.read_bytes() == b"previous" and sorted(p.name for p in tmp_path.iterdir()) == [name]
 
 
-@pytest.mark.parametrize("name,keys,problem", [
-    ("b.json", ["company"], "must end in .parquet"),
-    ("b.csv", ["url"], "key column 'url'"),
-])
+@pytest.mark.parametrize(
+    "name,keys,problem",
+    [
+        ("b.json", ["company"], "must end in .parquet"),
+        ("b.csv", ["url"], "key column 'url'"),
+    ],
+)
 def test_write_refuses(tmp_path: Path, name: str, keys: list[str], problem: str) -> None:
     """Unknown formats and clashing key columns are config errors."""
     with pytest.raises(ConfigError, match=problem):

@@ -40,22 +40,39 @@ def big_cell(tmp_path_factory) -> Path:
 
 
 def _config(tmp_path: Path, src: Path) -> Path:
-    return write_config(tmp_path / "job.toml", input_path=src, output=tmp_path / "out.csv", key=["company"],
-                        columns=["company", "website"])
+    return write_config(
+        tmp_path / "job.toml",
+        input_path=src,
+        output=tmp_path / "out.csv",
+        key=["company"],
+        columns=["company", "website"],
+    )
 
 
-EXPECTED = {   # fixture -> (line or None, what the one-line message must say)
-    "binary_png.csv": (1, "invalid utf-8 byte 0x89"), "corrupt.parquet": (None, "not a valid Parquet file"),
-    "cp1252.csv": (3, "cp1252"), "duplicate_columns.parquet": (None, "duplicate column name 'website'"),
-    "duplicate_header.csv": (1, "duplicate column name 'company'"), "duplicate_key.csv": (4, "duplicate key"),
-    "empty.csv": (1, "the file is empty"), "empty_header_name.csv": (1, "empty name"),
-    "empty_key.csv": (3, "empty key"), "header_only.csv": (2, "no data rows"),
-    "input_too_large.csv": (2, "exceeds the API's 25,000"), "missing_input_column.csv": (1, "missing column(s) ['website']"),
-    "missing_key_column.csv": (1, "missing column(s) ['company']"), "no_rows.parquet": (None, "has no rows"),
-    "nul_byte.csv": (2, "NUL byte"), "output_column_collision.csv": (1, "collides with"),
-    "ragged_fewer_fields.csv": (3, "row has 2 fields"), "ragged_more_fields.csv": (2, "row has 4 fields"),
-    "reserved_column.csv": (1, "'_enrich_status' collides"), "truncated.parquet": (None, "not a valid Parquet file"),
-    "unbalanced_quote.csv": (3, "unbalanced quote"), "utf16be.csv": (1, "UTF-16"), "utf16le.csv": (1, "UTF-16"),
+EXPECTED = {  # fixture -> (line or None, what the one-line message must say)
+    "binary_png.csv": (1, "invalid utf-8 byte 0x89"),
+    "corrupt.parquet": (None, "not a valid Parquet file"),
+    "cp1252.csv": (3, "cp1252"),
+    "duplicate_columns.parquet": (None, "duplicate column name 'website'"),
+    "duplicate_header.csv": (1, "duplicate column name 'company'"),
+    "duplicate_key.csv": (4, "duplicate key"),
+    "empty.csv": (1, "the file is empty"),
+    "empty_header_name.csv": (1, "empty name"),
+    "empty_key.csv": (3, "empty key"),
+    "header_only.csv": (2, "no data rows"),
+    "input_too_large.csv": (2, "exceeds the API's 25,000"),
+    "missing_input_column.csv": (1, "missing column(s) ['website']"),
+    "missing_key_column.csv": (1, "missing column(s) ['company']"),
+    "no_rows.parquet": (None, "has no rows"),
+    "nul_byte.csv": (2, "NUL byte"),
+    "output_column_collision.csv": (1, "collides with"),
+    "ragged_fewer_fields.csv": (3, "row has 2 fields"),
+    "ragged_more_fields.csv": (2, "row has 4 fields"),
+    "reserved_column.csv": (1, "'_enrich_status' collides"),
+    "truncated.parquet": (None, "not a valid Parquet file"),
+    "unbalanced_quote.csv": (3, "unbalanced quote"),
+    "utf16be.csv": (1, "UTF-16"),
+    "utf16le.csv": (1, "UTF-16"),
     "whitespace_key.csv": (3, "empty key"),
 }
 
@@ -76,7 +93,7 @@ def test_bad_input_exits_2_naming_file_and_line(name: str, tmp_path: Path, share
     with pytest.raises(InputError) as info:
         prepare(cfg, journal)
     assert time.process_time() - t0 < 1.0
-    assert journal.counts() == {}      # nothing recorded
+    assert journal.counts() == {}  # nothing recorded
     journal.close()
     message = str(info.value)
     assert message.startswith(str(src))

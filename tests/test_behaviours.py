@@ -22,7 +22,7 @@ from enrich.job import EXIT_FAILED_ROWS, EXIT_OK, run_job
 from tests.conftest import with_watchdog, write_config
 
 BEHAVIOURS = ("cut", "snapshots", "eventual", "shuffle", "framing", "basis", "connections", "endings")
-LIVENESS_S = 120   # a whole small job, including the liveness bound after its last run finished
+LIVENESS_S = 120  # a whole small job, including the liveness bound after its last run finished
 
 
 def sp_rows(sp500: Path, n: int | None, dest: Path) -> tuple[Path, dict[str, str]]:
@@ -38,24 +38,33 @@ def sp_rows(sp500: Path, n: int | None, dest: Path) -> tuple[Path, dict[str, str
 def run_under(tmp_path: Path, sp500: Path, emulator: Any, behaviours: str, seed: int, n: int | None) -> None:
     src, truth = sp_rows(sp500, n, tmp_path / "sp.csv")
     emu = emulator(knowledge=str(src), knowledge_key="Security", behaviours=behaviours, seed=seed, time_scale=0.002)
-    cfg_path = write_config(tmp_path / "job.toml", input_path=src, output=tmp_path / "out.csv", key=["Symbol"],
-                            columns=["Security"], limits="batch_size = 40\nrecheck_s = 2")
+    cfg_path = write_config(
+        tmp_path / "job.toml",
+        input_path=src,
+        output=tmp_path / "out.csv",
+        key=["Symbol"],
+        columns=["Security"],
+        limits="batch_size = 40\nrecheck_s = 2",
+    )
     cfg = load_config(cfg_path, {"api.base_url": emu.base_url})
-    result = with_watchdog(lambda: run_job(cfg, api_key="sk-test-key-1234", install_signals=False), LIVENESS_S,
-                           f"the job under {behaviours!r}")
+    result = with_watchdog(
+        lambda: run_job(cfg, api_key="sk-test-key-1234", install_signals=False),
+        LIVENESS_S,
+        f"the job under {behaviours!r}",
+    )
     with (tmp_path / "out.csv").open(encoding="utf-8", newline="") as f:
         out = list(csv.DictReader(f))
-    assert [r["Symbol"] for r in out] == list(truth)                       # every row once, in order
+    assert [r["Symbol"] for r in out] == list(truth)  # every row once, in order
     statuses = Counter(r["_enrich_status"] for r in out)
     assert set(statuses) <= {"completed", "failed"}, statuses
     for r in out:
         if r["_enrich_status"] == "completed":
-            assert r["headquarters_location"] == truth[r["Symbol"]], r["Symbol"]   # its own facts
+            assert r["headquarters_location"] == truth[r["Symbol"]], r["Symbol"]  # its own facts
         else:
             assert r["_enrich_error"].startswith(("run failed", "run cancelled")), r["_enrich_error"]
     ledger = httpx.get(emu.base_url + "/_emulator/ledger", timeout=30).json()
     per_row = Counter((e["metadata"]["enrich_row"], e["metadata"]["enrich_try"]) for e in ledger)
-    assert len(ledger) == len(truth) and max(per_row.values()) == 1       # 0 duplicate runs
+    assert len(ledger) == len(truth) and max(per_row.values()) == 1  # 0 duplicate runs
     assert result.exit_code == (EXIT_FAILED_ROWS if statuses.get("failed") else EXIT_OK), result.message
 
 

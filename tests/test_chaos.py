@@ -52,10 +52,15 @@ def golden(rows50: Path, tmp_path_factory) -> pl.DataFrame:
 
 
 def _config(d: Path, src: Path, limits: str = "", out: str = "out.csv") -> Path:
-    return write_config(d / "job.toml", input_path=src, output=d / out, key=["company"],
-                        columns=["company", "website"], fields={"headquarters_location": "string",
-                                                                "founded_year": "integer"},
-                        limits=limits or "batch_size = 10\nmax_in_flight = 20")
+    return write_config(
+        d / "job.toml",
+        input_path=src,
+        output=d / out,
+        key=["company"],
+        columns=["company", "website"],
+        fields={"headquarters_location": "string", "founded_year": "integer"},
+        limits=limits or "batch_size = 10\nmax_in_flight = 20",
+    )
 
 
 def _env(failpoint: str | None = None) -> dict[str, str]:
@@ -98,8 +103,12 @@ def kill_at_random(cfg: Path, emu, kills: int, seed: int, lo: float, hi: float, 
     env["PARALLEL_API_KEY"] = CANARY_KEY
     rng = random.Random(seed)
     for _ in range(kills):
-        proc = subprocess.Popen([sys.executable, "-m", "enrich", "run", str(cfg), "--base-url", emu.base_url],
-                                cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "enrich", "run", str(cfg), "--base-url", emu.base_url],
+            cwd=ROOT,
+            env=env,
+            stderr=subprocess.DEVNULL,
+        )
         time.sleep(rng.uniform(lo, hi))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -116,8 +125,15 @@ def resume_until_done(cfg: Path, emu, tries: int = 5, **env: str) -> subprocess.
     raise AssertionError("did not finish")
 
 
-def sweep_point(point: str, ks: list[int] | None, rows50: Path, golden: pl.DataFrame, base: Path, emulator_process,
-                compound: bool = False) -> int:
+def sweep_point(
+    point: str,
+    ks: list[int] | None,
+    rows50: Path,
+    golden: pl.DataFrame,
+    base: Path,
+    emulator_process,
+    compound: bool = False,
+) -> int:
     """Crash at the k-th hit of `point` for each k (all k until the run no longer crashes when ks is None)."""
     emu = emulator_process("--time-scale", "0.001")
     k = 0
@@ -137,8 +153,8 @@ def sweep_point(point: str, ks: list[int] | None, rows50: Path, golden: pl.DataF
         if first.returncode != -signal.SIGKILL:
             assert first.returncode == 0, first.stderr
             check_oracle(d, emu, golden)
-            return cases          # k is past the last hit: the sweep for this point is complete
-        if compound:              # crash again, during the resume itself
+            return cases  # k is past the last hit: the sweep for this point is complete
+        if compound:  # crash again, during the resume itself
             again = run_enrich("run", str(cfg), "--base-url", emu.base_url, env=_env(f"{point}:1"))
             assert again.returncode in (0, -signal.SIGKILL), again.stderr
         r = resume_until_done(cfg, emu)
@@ -147,8 +163,9 @@ def sweep_point(point: str, ks: list[int] | None, rows50: Path, golden: pl.DataF
 
 
 @pytest.mark.parametrize("point", POINTS)
-def test_failpoint_first_and_second_hit(point: str, rows50: Path, golden: pl.DataFrame, tmp_path: Path,
-                                        emulator_process) -> None:
+def test_failpoint_first_and_second_hit(
+    point: str, rows50: Path, golden: pl.DataFrame, tmp_path: Path, emulator_process
+) -> None:
     """Fast subset: SIGKILL at the 1st and 2nd hit of each failpoint, then resume."""
     sweep_point(point, [1, 2], rows50, golden, tmp_path, emulator_process)
 
@@ -160,16 +177,18 @@ def test_failpoint_crash_during_resume(rows50: Path, golden: pl.DataFrame, tmp_p
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point", POINTS)
-def test_failpoint_sweep_every_k(point: str, rows50: Path, golden: pl.DataFrame, tmp_path: Path,
-                                 emulator_process) -> None:
+def test_failpoint_sweep_every_k(
+    point: str, rows50: Path, golden: pl.DataFrame, tmp_path: Path, emulator_process
+) -> None:
     """Exhaustive: every k from 1 until the run completes without the failpoint firing."""
     assert sweep_point(point, None, rows50, golden, tmp_path, emulator_process) >= 2
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point", POINTS)
-def test_failpoint_sweep_compound(point: str, rows50: Path, golden: pl.DataFrame, tmp_path: Path,
-                                  emulator_process) -> None:
+def test_failpoint_sweep_compound(
+    point: str, rows50: Path, golden: pl.DataFrame, tmp_path: Path, emulator_process
+) -> None:
     sweep_point(point, None, rows50, golden, tmp_path, emulator_process, compound=True)
 
 
@@ -184,8 +203,9 @@ def test_lost_and_truncated_responses(rows50: Path, golden: pl.DataFrame, tmp_pa
     check_oracle(tmp_path, emu, golden)
 
 
-def test_429_storm_honours_retry_after_and_rate(rows50: Path, golden: pl.DataFrame, tmp_path: Path,
-                                                emulator_process) -> None:
+def test_429_storm_honours_retry_after_and_rate(
+    rows50: Path, golden: pl.DataFrame, tmp_path: Path, emulator_process
+) -> None:
     """30% 429 with Retry-After: 2 s: completes; no create before its Retry-After; rate <= configured + 10%."""
     emu = emulator_process("--time-scale", "0", "--faults", "429=0.3,retry_after=2", "--seed", "3")
     cfg = _config(tmp_path, rows50, limits="batch_size = 10\nmax_in_flight = 50\nrequests_per_minute = 120")
@@ -216,7 +236,7 @@ def test_auth_error_ends_run_with_exit_5_and_journal_intact(rows50: Path, tmp_pa
 
 
 def test_payment_required_ends_run_with_exit_5(rows50: Path, tmp_path: Path, emulator_process) -> None:
-    emu = emulator_process("--time-scale", "0", "--credit-usd", "0.1")   # 20 lite runs
+    emu = emulator_process("--time-scale", "0", "--credit-usd", "0.1")  # 20 lite runs
     cfg = _config(tmp_path, rows50, limits="batch_size = 10\nmax_in_flight = 50")
     r = run_enrich("run", str(cfg), "--base-url", emu.base_url)
     assert r.returncode == 5, r.stderr
@@ -249,21 +269,26 @@ def test_failed_runs_are_recorded_with_their_error(rows50: Path, tmp_path: Path,
     failed = out.filter(pl.col("_enrich_status") == "failed")
     assert 0 < failed.height < N_ROWS and all("emulated failure" in e for e in failed["_enrich_error"])
     r = run_enrich("run", str(cfg), "--base-url", emu.base_url)
-    assert r.returncode == 3 and len(emu.ledger()) == N_ROWS          # failed rows are kept, not re-paid
+    assert r.returncode == 3 and len(emu.ledger()) == N_ROWS  # failed rows are kept, not re-paid
     r = run_enrich("run", str(cfg), "--base-url", emu.base_url, "--retry-failed")
     assert len(emu.ledger()) > N_ROWS
 
 
 @pytest.mark.parametrize("outage_s", [6, pytest.param(20, marks=pytest.mark.slow)])
-def test_outage_opens_breaker_and_recovers(outage_s: int, rows50: Path, golden: pl.DataFrame, tmp_path: Path,
-                                           emulator_process) -> None:
+def test_outage_opens_breaker_and_recovers(
+    outage_s: int, rows50: Path, golden: pl.DataFrame, tmp_path: Path, emulator_process
+) -> None:
     """100% 503 for a while: the breaker opens, probes at most once per cooldown, and the run completes."""
     emu = emulator_process("--time-scale", "0.005")
     cfg = _config(tmp_path, rows50, limits="batch_size = 2\nmax_in_flight = 4")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PARALLEL_")}
     env["PARALLEL_API_KEY"] = CANARY_KEY
-    proc = subprocess.Popen([sys.executable, "-m", "enrich", "run", str(cfg), "--base-url", emu.base_url],
-                            cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "enrich", "run", str(cfg), "--base-url", emu.base_url],
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.DEVNULL,
+    )
     wait_for(lambda: len(emu.ledger()) >= 6, timeout=30)
     emu.post("/_emulator/faults", {"faults": "503=1"})
     t_start = time.time()
@@ -271,8 +296,9 @@ def test_outage_opens_breaker_and_recovers(outage_s: int, rows50: Path, golden: 
     emu.post("/_emulator/faults", {"faults": ""})
     t_end = time.time()
     assert proc.wait(120) == 0
-    creates = [t for t, m, route, status in emu.get("/_emulator/requests")
-               if route == "add_runs" and t_start <= t < t_end]
+    creates = [
+        t for t, m, route, status in emu.get("/_emulator/requests") if route == "add_runs" and t_start <= t < t_end
+    ]
     # 5 failures open the breaker; then at most one probe per cooldown (2 s, doubling)
     assert len(creates) <= 5 + outage_s / 2 + 1, f"{len(creates)} creating POSTs during a {outage_s} s outage"
     check_oracle(tmp_path, emu, golden)
@@ -284,8 +310,14 @@ def test_random_sigkills_during_2000_row_run(tmp_path: Path, emulator_process) -
     src = tmp_path / "big.csv"
     src.write_text("company,website\n" + "".join(f"Company {i},https://c{i}.example\n" for i in range(2000)))
     emu = emulator_process("--time-scale", "0.0005", "--faults", "429=0.05,500=0.02,drop=0.02", "--seed", "11")
-    cfg = write_config(tmp_path / "job.toml", input_path=src, output=tmp_path / "out.csv", key=["company"],
-                       columns=["company"], limits="batch_size = 50\nmax_in_flight = 200\nbudget_usd = 20")
+    cfg = write_config(
+        tmp_path / "job.toml",
+        input_path=src,
+        output=tmp_path / "out.csv",
+        key=["company"],
+        columns=["company"],
+        limits="batch_size = 50\nmax_in_flight = 200\nbudget_usd = 20",
+    )
     kill_at_random(cfg, emu, kills=20, seed=1, lo=0.3, hi=2.0)
     r = resume_until_done(cfg, emu)
     assert r.returncode == 0, r.stderr
@@ -300,8 +332,15 @@ def test_budget_never_crossed_across_kills(tmp_path: Path, emulator_process) -> 
     src = tmp_path / "in.csv"
     src.write_text("company\n" + "".join(f"Co {i}\n" for i in range(1000)))
     emu = emulator_process("--time-scale", "0.001", "--faults", "drop=0.05", "--seed", "2")
-    cfg = write_config(tmp_path / "job.toml", input_path=src, output=tmp_path / "out.csv", key=["company"],
-                       columns=["company"], limits="batch_size = 20\nmax_in_flight = 60\nbudget_usd = 1.5")
+    cfg = write_config(
+        tmp_path / "job.toml",
+        input_path=src,
+        output=tmp_path / "out.csv",
+        key=["company"],
+        columns=["company"],
+        limits="batch_size = 20\nmax_in_flight = 60\nbudget_usd = 1.5",
+    )
+
     def within_budget() -> None:
         assert sum(x["price_micros"] for x in emu.ledger()) <= 1_500_000
 

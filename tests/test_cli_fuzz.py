@@ -28,7 +28,7 @@ from enrich.cli import main
 from enrich.job import EXIT_CODES
 from tests.conftest import CANARY_KEY
 
-DOCUMENTED_EXIT_CODES = set(EXIT_CODES)   # the README's table; the fuzz may reach any of them but nothing else
+DOCUMENTED_EXIT_CODES = set(EXIT_CODES)  # the README's table; the fuzz may reach any of them but nothing else
 EXAMPLES = int(os.environ.get("ENRICH_CLI_FUZZ_EXAMPLES", "40"))
 
 GOOD_CSV = "company,website\nApple,https://apple.com\nNvidia,https://nvidia.com\n"
@@ -40,9 +40,13 @@ INPUTS: dict[str, Any] = {
     "utf16.csv": GOOD_CSV.encode("utf-16"),
     "ragged.csv": "company,website\nApple\n",
     "dup_key.csv": "company\nApple\nApple\n",
-    "typed.parquet": pa.table({"company": ["Apple", "Nvidia"],
-                               "d": pa.array([1, None], pa.duration("ns")),
-                               "m": pa.array([[("k", 1)], None], pa.map_(pa.string(), pa.int64()))}),
+    "typed.parquet": pa.table(
+        {
+            "company": ["Apple", "Nvidia"],
+            "d": pa.array([1, None], pa.duration("ns")),
+            "m": pa.array([[("k", 1)], None], pa.map_(pa.string(), pa.int64())),
+        }
+    ),
     "binary_key.parquet": pa.table({"company": pa.array([b"Apple"], pa.binary())}),
     "corrupt.parquet": b"PAR1 not really",
     "missing.csv": None,
@@ -50,14 +54,32 @@ INPUTS: dict[str, Any] = {
 }
 FIELD_NAMES = ["hq", "founded_year", "a", "a__confidence", "x.y", "_enrich_status", "citations", "É t", ""]
 FIELD_TYPES = ["string", "integer", "number", "boolean", "array", "object", "strin", "null", 5, ["string", "null"]]
-OUTPUTS = ["out.csv", "out.parquet", "out.txt", "out", "sub/out.csv", "good.csv", "out.journal.sqlite", "adir.csv",
-           "file/out.csv", "/proc/enrich-fuzz.csv"]
+OUTPUTS = [
+    "out.csv",
+    "out.parquet",
+    "out.txt",
+    "out",
+    "sub/out.csv",
+    "good.csv",
+    "out.journal.sqlite",
+    "adir.csv",
+    "file/out.csv",
+    "/proc/enrich-fuzz.csv",
+]
 NUMBERS = [None, "0", "0.01", "100", "inf", "-inf", "nan", "-1", "1e400", "ten", ""]
 COUNTS = [None, "1", "0", "-3", "x", "1.5", "100000"]
 PROCESSORS = [None, "lite-fast", "base", "turbo", ""]
 KEYS = [CANARY_KEY, CANARY_KEY + "\n", "", "   ", "sk-\u200bx", "sk-a\nb", "sk-\x07", "ключ", None]
-EXTRAS = ["", "bogus = 1", "[limits]\nbudget_usd = inf", "api_key = 'x'", "[limits]\nmax_in_flight = 0",
-          "[limits]\nbatch_size = 5000", "this is not toml", "[emulator]\nknowledge = 'nope.csv'"]
+EXTRAS = [
+    "",
+    "bogus = 1",
+    "[limits]\nbudget_usd = inf",
+    "api_key = 'x'",
+    "[limits]\nmax_in_flight = 0",
+    "[limits]\nbatch_size = 5000",
+    "this is not toml",
+    "[emulator]\nknowledge = 'nope.csv'",
+]
 
 
 @pytest.fixture(scope="module")
@@ -88,12 +110,13 @@ def _materialise(tmp: Path) -> None:
     (tmp / "file").write_text("a file, not a folder")
 
 
-def _config_text(tmp: Path, src: str, out: str, fields: list[tuple[str, Any]], processor: str | None,
-                 extra: str, drop: str | None) -> str:
+def _config_text(
+    tmp: Path, src: str, out: str, fields: list[tuple[str, Any]], processor: str | None, extra: str, drop: str | None
+) -> str:
     sections = {
         "input": f'[input]\npath = {json.dumps(str(tmp / src))}\nkey = ["company"]\n',
-        "task": f'[task]\nprocessor = {json.dumps(processor or "lite-fast")}\n',
-        "output": f'[output]\npath = {json.dumps(out if out.startswith("/") else str(tmp / out))}\n',
+        "task": f"[task]\nprocessor = {json.dumps(processor or 'lite-fast')}\n",
+        "output": f"[output]\npath = {json.dumps(out if out.startswith('/') else str(tmp / out))}\n",
         "limits": "[limits]\nreconcile_grace_s = 6\nrequest_timeout_s = 5\n",
     }
     for name, typ in fields:
@@ -109,8 +132,13 @@ def _config_text(tmp: Path, src: str, out: str, fields: list[tuple[str, Any]], p
 DIMENSIONS: dict[str, list[Any]] = {
     "src": list(INPUTS),
     "out": OUTPUTS,
-    "fields": [[("hq", "string")], [], *[[("hq", "string"), (n, t)] for n in FIELD_NAMES for t in FIELD_TYPES[:1]],
-               *[[("hq", t)] for t in FIELD_TYPES], [("x", "object"), ("x.y", "string")]],
+    "fields": [
+        [("hq", "string")],
+        [],
+        *[[("hq", "string"), (n, t)] for n in FIELD_NAMES for t in FIELD_TYPES[:1]],
+        *[[("hq", t)] for t in FIELD_TYPES],
+        [("x", "object"), ("x.y", "string")],
+    ],
     "processor": PROCESSORS,
     "extra": EXTRAS,
     "drop": [None, "input", "task", "output"],
@@ -140,8 +168,11 @@ def _argv(job: dict[str, Any], tmp: Path, cfg: Path, base_url: str) -> list[str]
         out = job["out"] if job["out"].startswith("/") else str(tmp / job["out"])
         return ["export", str(tmp / (job["journal"] or "j.sqlite")), "--output", out]
     argv = [job["command"], str(cfg)]
-    for flag, value in (("--budget", job["budget"]), ("--max-in-flight", job["max_in_flight"]),
-                        ("--processor", job["flag_processor"])):
+    for flag, value in (
+        ("--budget", job["budget"]),
+        ("--max-in-flight", job["max_in_flight"]),
+        ("--processor", job["flag_processor"]),
+    ):
         if value is not None:
             argv += [flag, value]
     if job["journal"]:
@@ -154,13 +185,16 @@ def _argv(job: dict[str, Any], tmp: Path, cfg: Path, base_url: str) -> list[str]
 
 def _invoke(argv: list[str], env: dict[str, str]) -> tuple[int, str]:
     err = io.StringIO()
-    with mock.patch.dict(os.environ, env, clear=True), contextlib.redirect_stderr(err), \
-            contextlib.redirect_stdout(io.StringIO()):
+    with (
+        mock.patch.dict(os.environ, env, clear=True),
+        contextlib.redirect_stderr(err),
+        contextlib.redirect_stdout(io.StringIO()),
+    ):
         try:
             code = main(argv)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 2
-        except BaseException:   # anything escaping main() is a traceback for the user
+        except BaseException:  # anything escaping main() is a traceback for the user
             pytest.fail(f"enrich {argv} raised:\n{traceback.format_exc()}")
     return code, err.getvalue()
 
@@ -173,8 +207,9 @@ def test_cli_exit_codes_are_documented_and_refusals_cost_nothing(api: Any, job: 
         tmp = Path(d)
         _materialise(tmp)
         cfg = tmp / "job.toml"
-        cfg.write_text(_config_text(tmp, job["src"], job["out"], job["fields"], job["processor"], job["extra"],
-                                    job["drop"]))
+        cfg.write_text(
+            _config_text(tmp, job["src"], job["out"], job["fields"], job["processor"], job["extra"], job["drop"])
+        )
         if job["command"] in ("status", "export") and job["journal"] in (None, "j.sqlite"):
             # a real journal to read: from a good run on the emulator
             good = tmp / "good.toml"

@@ -31,13 +31,16 @@ async def _add(client: TaskClient, n: int = 2) -> Any:
         await client.aclose()
 
 
-@pytest.mark.parametrize("status,body,headers", [
-    (502, b"<html><body>Bad Gateway</body></html>", {"content-type": "text/html"}),
-    (200, b'{"run_ids": ["trun_a", "tru', {"content-type": "application/json"}),
-    (200, b'{"status": {}}', {"content-type": "application/json"}),
-    (200, b'{"run_ids": ["trun_a"]}', {"content-type": "application/json"}),
-    (500, b'{"type":"error","error":{"ref_id":"r","message":"boom"}}', {"content-type": "application/json"}),
-])
+@pytest.mark.parametrize(
+    "status,body,headers",
+    [
+        (502, b"<html><body>Bad Gateway</body></html>", {"content-type": "text/html"}),
+        (200, b'{"run_ids": ["trun_a", "tru', {"content-type": "application/json"}),
+        (200, b'{"status": {}}', {"content-type": "application/json"}),
+        (200, b'{"run_ids": ["trun_a"]}', {"content-type": "application/json"}),
+        (500, b'{"type":"error","error":{"ref_id":"r","message":"boom"}}', {"content-type": "application/json"}),
+    ],
+)
 def test_malformed_or_ambiguous_add_runs_replies_are_outcome_unknown(status: int, body: bytes, headers: dict) -> None:
     client = make(lambda req: httpx.Response(status, content=body, headers=headers))
     with pytest.raises(OutcomeUnknown):
@@ -46,8 +49,17 @@ def test_malformed_or_ambiguous_add_runs_replies_are_outcome_unknown(status: int
 
 def test_extra_fields_are_accepted() -> None:
     def handler(req: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, json={"run_ids": ["trun_a", "trun_b"], "status": {}, "run_cursor": None,
-                                         "event_cursor": None, "new_field": {"x": 1}})
+        return httpx.Response(
+            200,
+            json={
+                "run_ids": ["trun_a", "trun_b"],
+                "status": {},
+                "run_cursor": None,
+                "event_cursor": None,
+                "new_field": {"x": 1},
+            },
+        )
+
     reply = run(_add(make(handler)))
     assert reply["new_field"] == {"x": 1}
 
@@ -58,6 +70,7 @@ def test_redirects_are_not_followed() -> None:
     def handler(req: httpx.Request) -> httpx.Response:
         calls.append(str(req.url))
         return httpx.Response(302, headers={"location": "https://evil.example/steal"})
+
     with pytest.raises(PermanentApiError):
         run(_add(make(handler)))
     assert calls == ["http://127.0.0.1:9/v1/tasks/groups/tgrp_x/runs"]
@@ -69,6 +82,7 @@ def test_key_sent_in_header_and_never_in_errors() -> None:
     def handler(req: httpx.Request) -> httpx.Response:
         seen.append(req.headers["x-api-key"])
         return httpx.Response(422, json={"type": "error", "error": {"ref_id": "r", "message": f"bad key {KEY}"}})
+
     with pytest.raises(PermanentApiError) as info:
         run(_add(make(handler)))
     assert seen == [KEY] and KEY not in str(info.value)
@@ -77,6 +91,7 @@ def test_key_sent_in_header_and_never_in_errors() -> None:
 def test_connect_error_on_create_is_safe_to_retry() -> None:
     def handler(req: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("refused", request=req)
+
     with pytest.raises(TransientApiError):
         run(_add(make(handler)))
 
@@ -84,6 +99,7 @@ def test_connect_error_on_create_is_safe_to_retry() -> None:
 def test_read_timeout_on_create_is_outcome_unknown_but_safe_on_get() -> None:
     def handler(req: httpx.Request) -> httpx.Response:
         raise httpx.ReadTimeout("slow", request=req)
+
     with pytest.raises(OutcomeUnknown):
         run(_add(make(handler)))
 
@@ -93,6 +109,7 @@ def test_read_timeout_on_create_is_outcome_unknown_but_safe_on_get() -> None:
             await c.get_run("trun_x")
         finally:
             await c.aclose()
+
     with pytest.raises(TransientApiError):
         run(get())
 
@@ -108,12 +125,16 @@ def test_result_408_means_not_ready() -> None:
             return await c.result("trun_x", 0)
         finally:
             await c.aclose()
+
     assert run(go()) is None
 
 
 def test_sse_stream_parses_events_and_skips_pings() -> None:
-    body = (b": ping\n\nevent: task_run.state\ndata: " + json.dumps({"type": "task_run.state", "event_id": "1",
-            "run": {"run_id": "trun_a"}}).encode() + b"\n\n: ping\n\n")
+    body = (
+        b": ping\n\nevent: task_run.state\ndata: "
+        + json.dumps({"type": "task_run.state", "event_id": "1", "run": {"run_id": "trun_a"}}).encode()
+        + b"\n\n: ping\n\n"
+    )
 
     def handler(req: httpx.Request) -> httpx.Response:
         return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
@@ -124,12 +145,22 @@ def test_sse_stream_parses_events_and_skips_pings() -> None:
             return [e async for e in c.group_runs("tgrp_x")]
         finally:
             await c.aclose()
+
     assert run(go()) == [{"type": "task_run.state", "event_id": "1", "run": {"run_id": "trun_a"}}]
 
 
-@pytest.mark.parametrize("url,ok", [("https://api.parallel.ai", True), ("http://127.0.0.1:8765", True),
-                                    ("http://localhost:1", True), ("http://[::1]:1", True),
-                                    ("http://api.parallel.ai", False), ("http://10.0.0.1", False), ("ftp://x", False)])
+@pytest.mark.parametrize(
+    "url,ok",
+    [
+        ("https://api.parallel.ai", True),
+        ("http://127.0.0.1:8765", True),
+        ("http://localhost:1", True),
+        ("http://[::1]:1", True),
+        ("http://api.parallel.ai", False),
+        ("http://10.0.0.1", False),
+        ("ftp://x", False),
+    ],
+)
 def test_base_url_policy(url: str, ok: bool) -> None:
     if ok:
         assert check_base_url(url) == url

@@ -22,19 +22,35 @@ def test_companies_config_builds_a_spec_without_warnings() -> None:
     assert validate_json_schema(schema) == []
 
 
-@pytest.mark.parametrize("text,where", [
-    ('[input]\npath="a.csv"\nkey=["k"]\n[task]\nprocessor="turbo"\n[task.output.x]\ntype="string"\n[output]\npath="o.csv"\n',
-     "task.processor: unknown processor 'turbo'"),
-    ('[input]\npath="a.csv"\nkey=[]\n[task]\n[task.output.x]\ntype="string"\n[output]\npath="o.csv"\n', "input.key"),
-    ('[input]\npath="a.csv"\nkey=["k"]\n[task]\n[task.output.x]\ntype="strin"\n[output]\npath="o.csv"\n',
-     "task.output.x.type"),
-    ('[input]\npath="a.csv"\nkey=["k"]\n[task]\n[task.output.x]\ntype="string"\n[output]\npath="o.csv"\n'
-     '[limits]\nmax_in_flight=0\n', "limits.max_in_flight"),
-    ('[input]\npath="a.csv"\nkey=["k"]\n[task]\n[task.output.x]\ntype="string"\n[output]\npath="o.csv"\n'
-     '[limits]\nbogus=1\n', "limits.bogus"),
-    ('[input]\npath="a.csv"\nkey=["k"]\n[task]\napi_key="sk-123"\n', "task.api_key: API keys never go in config"),
-    ('[input\n', "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "text,where",
+    [
+        (
+            '[input]\npath="a.csv"\nkey=["k"]\n[task]\nprocessor="turbo"\n[task.output.x]\ntype="string"\n[output]\npath="o.csv"\n',
+            "task.processor: unknown processor 'turbo'",
+        ),
+        (
+            '[input]\npath="a.csv"\nkey=[]\n[task]\n[task.output.x]\ntype="string"\n[output]\npath="o.csv"\n',
+            "input.key",
+        ),
+        (
+            '[input]\npath="a.csv"\nkey=["k"]\n[task]\n[task.output.x]\ntype="strin"\n[output]\npath="o.csv"\n',
+            "task.output.x.type",
+        ),
+        (
+            '[input]\npath="a.csv"\nkey=["k"]\n[task]\n[task.output.x]\ntype="string"\n[output]\npath="o.csv"\n'
+            "[limits]\nmax_in_flight=0\n",
+            "limits.max_in_flight",
+        ),
+        (
+            '[input]\npath="a.csv"\nkey=["k"]\n[task]\n[task.output.x]\ntype="string"\n[output]\npath="o.csv"\n'
+            "[limits]\nbogus=1\n",
+            "limits.bogus",
+        ),
+        ('[input]\npath="a.csv"\nkey=["k"]\n[task]\napi_key="sk-123"\n', "task.api_key: API keys never go in config"),
+        ("[input\n", "not valid TOML"),
+    ],
+)
 def test_errors_name_file_and_key(tmp_path: Path, text: str, where: str) -> None:
     path = tmp_path / "bad.toml"
     path.write_text(text)

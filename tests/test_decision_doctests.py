@@ -8,8 +8,9 @@ import importlib
 import pytest
 
 
-@pytest.mark.parametrize("module", ["enrich.gate", "enrich.status", "enrich.review", "enrich.audit",
-                                    "enrich.spend", "enrich.processors"])
+@pytest.mark.parametrize(
+    "module", ["enrich.gate", "enrich.status", "enrich.review", "enrich.audit", "enrich.spend", "enrich.processors"]
+)
 def test_docstring_examples(module: str) -> None:
     """Every `>>>` example in the module gives the output shown."""
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.NORMALIZE_WHITESPACE)

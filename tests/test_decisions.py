@@ -17,8 +17,8 @@ from enrich.job import EXIT_BUDGET, EXIT_OK, run_job
 from enrich.journal import DailyBudgetExceeded, Journal
 from tests.conftest import ROOT, run_enrich, write_config
 
-FIELDS = {"headquarters_location": "string", "founded_year": "integer"}     # the bundled companies table
-SP_FIELDS = {"headquarters_location": "string", "founded": "string"}         # S&P 500 columns
+FIELDS = {"headquarters_location": "string", "founded_year": "integer"}  # the bundled companies table
+SP_FIELDS = {"headquarters_location": "string", "founded": "string"}  # S&P 500 columns
 ESCALATE = '[escalate]\nprocessors = ["base", "core"]\non = ["rejected"]\n'
 
 
@@ -30,18 +30,34 @@ def per_row_processor(entries: list[dict[str, Any]]) -> Counter[tuple[str, str]]
     return Counter((e["metadata"]["enrich_row"], e["processor"]) for e in entries)
 
 
-def job(tmp_path: Path, src: Path, *, extra: str = "", processor: str = "lite-fast", limits: str = "",
-        out: str = "out.parquet", name: str = "job.toml") -> Path:
-    cfg = write_config(tmp_path / name, input_path=src, output=tmp_path / out, key=["Symbol"] if "sp500" in
-                       str(src) else ["company"], columns=["Security"] if "sp500" in str(src) else ["company", "website"],
-                       fields=SP_FIELDS if "sp500" in str(src) else FIELDS, processor=processor, limits=limits)
+def job(
+    tmp_path: Path,
+    src: Path,
+    *,
+    extra: str = "",
+    processor: str = "lite-fast",
+    limits: str = "",
+    out: str = "out.parquet",
+    name: str = "job.toml",
+) -> Path:
+    cfg = write_config(
+        tmp_path / name,
+        input_path=src,
+        output=tmp_path / out,
+        key=["Symbol"] if "sp500" in str(src) else ["company"],
+        columns=["Security"] if "sp500" in str(src) else ["company", "website"],
+        fields=SP_FIELDS if "sp500" in str(src) else FIELDS,
+        processor=processor,
+        limits=limits,
+    )
     cfg.write_text(cfg.read_text() + "\n" + extra)
     return cfg
 
 
 def go(cfg: Path, base_url: str, **kw: Any) -> Any:
-    return run_job(load_config(cfg, {"api.base_url": base_url}), api_key="sk-test-key-1234", install_signals=False,
-                   **kw)
+    return run_job(
+        load_config(cfg, {"api.base_url": base_url}), api_key="sk-test-key-1234", install_signals=False, **kw
+    )
 
 
 @pytest.fixture
@@ -56,21 +72,21 @@ def test_escalation_on_sp500(tmp_path: Path, sp500: Path, sp_emulator: Any) -> N
     lite_runs = len(ledger(sp_emulator))
     assert lite.exit_code == EXIT_OK and lite_runs == 503
 
-    budget = 'budget_usd = 60'
+    budget = "budget_usd = 60"
     cfg = job(tmp_path, sp500, extra=ESCALATE, limits=budget)
     result = go(cfg, sp_emulator.base_url)
     assert result.exit_code == EXIT_OK, result.message
     entries = ledger(sp_emulator)[lite_runs:]
     df = pl.read_parquet(tmp_path / "out.parquet")
-    assert df["Symbol"].to_list() == lite_df["Symbol"].to_list()   # every row once, in order
+    assert df["Symbol"].to_list() == lite_df["Symbol"].to_list()  # every row once, in order
     by_row = per_row_processor(entries)
-    assert max(by_row.values()) == 1                                # at most one run per (row, processor)
+    assert max(by_row.values()) == 1  # at most one run per (row, processor)
     decisions = [f"{f}__decision" for f in SP_FIELDS]
     all_accepted_on_lite = lite_df.filter(pl.all_horizontal(pl.col(c) == "accepted" for c in decisions))
     refs = {e["input"]["Security"]: e["metadata"]["enrich_row"] for e in entries}
     runs_of = Counter(e["input"]["Security"] for e in entries)
     for sec in all_accepted_on_lite["Security"].to_list():
-        assert runs_of[sec] == 1, sec                              # exactly one run: lite
+        assert runs_of[sec] == 1, sec  # exactly one run: lite
     assert len(refs) == 503 and sum(runs_of.values()) > 503
     assert set(df["headquarters_location__processor"].unique().to_list()) >= {"lite-fast", "base"}
 
@@ -81,20 +97,34 @@ def test_escalation_on_sp500(tmp_path: Path, sp500: Path, sp_emulator: Any) -> N
     spend = sum(e["price_micros"] for e in entries)
     assert result.report["spend_usd"] == pytest.approx(spend / 1e6) and spend <= 60_000_000
 
-    again = go(cfg, sp_emulator.base_url)                         # a second run pays for nothing
+    again = go(cfg, sp_emulator.base_url)  # a second run pays for nothing
     assert again.exit_code == EXIT_OK and len(ledger(sp_emulator)) == lite_runs + len(entries)
 
 
 def test_escalation_survives_kills_without_duplicates(tmp_path: Path, sp500: Path, emulator_process) -> None:
     """SIGKILL at failpoints during escalation rounds, then resume: 0 duplicate runs per (row, processor)."""
-    emu = emulator_process("--knowledge", str(sp500), "--knowledge-key", "Security", "--hard-rate", "0.4",
-                           "--time-scale", "0", "--seed", "3")
+    emu = emulator_process(
+        "--knowledge",
+        str(sp500),
+        "--knowledge-key",
+        "Security",
+        "--hard-rate",
+        "0.4",
+        "--time-scale",
+        "0",
+        "--seed",
+        "3",
+    )
     src = tmp_path / "sp500_head.csv"
     lines = sp500.read_text(encoding="utf-8").splitlines()[:121]
     src.write_text("\n".join(lines) + "\n", encoding="utf-8")
     cfg = job(tmp_path, src, extra=ESCALATE, limits="batch_size = 20")
-    for point in ("after_intent_commit:9", "after_response_before_commit:8", "after_result_commit:9",
-                  "after_send_before_response:10"):
+    for point in (
+        "after_intent_commit:9",
+        "after_response_before_commit:8",
+        "after_result_commit:9",
+        "after_send_before_response:10",
+    ):
         r = run_enrich("run", str(cfg), "--base-url", emu.base_url, env={"ENRICH_FAILPOINT": point})
         assert r.returncode in (-9, 0, 3), r.stderr[-500:]
     r = run_enrich("run", str(cfg), "--base-url", emu.base_url)
@@ -118,8 +148,12 @@ def test_review_round_trip(tmp_path: Path, emulator) -> None:
     review_file = tmp_path / "out.review.csv"
     with review_file.open(encoding="utf-8", newline="") as f:
         lines = list(csv.DictReader(f))
-    expect = {(r["company"], fld) for r in out.iter_rows(named=True) for fld in FIELDS
-              if r[f"{fld}__decision"] in ("review", "rejected")}
+    expect = {
+        (r["company"], fld)
+        for r in out.iter_rows(named=True)
+        for fld in FIELDS
+        if r[f"{fld}__decision"] in ("review", "rejected")
+    }
     assert {(r["company"], r["field"]) for r in lines} == expect and len(lines) >= 3
 
     def write(rows: list[dict[str, str]], path: Path) -> Path:
@@ -131,8 +165,11 @@ def test_review_round_trip(tmp_path: Path, emulator) -> None:
 
     year = next(r for r in lines if r["field"] == "founded_year")
     others = [r for r in lines if r is not year][:2]
-    filled = [dict(year, verdict="correct", corrected_value="1901", reviewer="ana"),
-              dict(others[0], verdict="accept", reviewer="ana"), dict(others[1], verdict="reject", reviewer="bo")]
+    filled = [
+        dict(year, verdict="correct", corrected_value="1901", reviewer="ana"),
+        dict(others[0], verdict="accept", reviewer="ana"),
+        dict(others[1], verdict="reject", reviewer="bo"),
+    ]
     bad_cases = {
         "verdict": [dict(filled[0], verdict="maybe")],
         "type": [dict(filled[0], corrected_value="nineteen-oh-one")],
@@ -142,15 +179,18 @@ def test_review_round_trip(tmp_path: Path, emulator) -> None:
     for name, rows in bad_cases.items():
         r = run_enrich("review", "apply", str(cfg), str(write(rows, tmp_path / f"bad-{name}.csv")))
         assert r.returncode == 2 and ".csv:2:" in r.stderr and "Traceback" not in r.stderr, (name, r.stderr)
-    assert pl.read_csv(tmp_path / "out.csv", infer_schema=False).equals(out)   # nothing applied
+    assert pl.read_csv(tmp_path / "out.csv", infer_schema=False).equals(out)  # nothing applied
 
     r = run_enrich("review", "apply", str(cfg), str(write(filled, tmp_path / "reviewed.csv")))
     assert r.returncode == 0, r.stderr
 
     def decisions() -> dict[tuple[str, str], tuple[str, str]]:
         df = pl.read_csv(tmp_path / "out.csv", infer_schema=False)
-        return {(row["company"], fld): (row[f"{fld}__decision"], row[fld] or "") for row in df.iter_rows(named=True)
-                for fld in FIELDS}
+        return {
+            (row["company"], fld): (row[f"{fld}__decision"], row[fld] or "")
+            for row in df.iter_rows(named=True)
+            for fld in FIELDS
+        }
 
     got = decisions()
     assert got[(year["company"], "founded_year")] == ("human_corrected", "1901")
@@ -159,7 +199,7 @@ def test_review_round_trip(tmp_path: Path, emulator) -> None:
     runs = len(ledger(emu))
     assert run_enrich("run", str(cfg)).returncode == 0 and decisions() == got and len(ledger(emu)) == runs
 
-    text = src.read_text(encoding="utf-8")   # change that row's input: the verdict goes stale
+    text = src.read_text(encoding="utf-8")  # change that row's input: the verdict goes stale
     row_line = next(ln for ln in text.splitlines() if ln.startswith(year["company"] + ","))
     changed = row_line.replace("https://", "https://new.", 1)
     assert changed != row_line
@@ -168,7 +208,7 @@ def test_review_round_trip(tmp_path: Path, emulator) -> None:
     assert decisions()[(year["company"], "founded_year")][0] in ("accepted", "review", "rejected")
     j = Journal.open(tmp_path / "out.csv.journal.sqlite", readonly=True)
     history = j.verdicts_for([json.dumps([year["company"]])]).get(json.dumps([year["company"]]), [])
-    assert any(v[0] == "founded_year" and v[1] == "correct" for v in history)   # kept in the history
+    assert any(v[0] == "founded_year" and v[1] == "correct" for v in history)  # kept in the history
     j.close()
 
 
@@ -178,8 +218,11 @@ def test_lite_base_lite_reuses_what_was_paid(tmp_path: Path, emulator) -> None:
     cfg = job(tmp_path, ROOT / "data/companies.csv", out="demo.parquet")
     counts = []
     for proc in ("lite-fast", "base", "lite-fast"):
-        r = run_job(load_config(cfg, {"api.base_url": emu.base_url, "task.processor": proc}), api_key="sk-test-1234",
-                    install_signals=False)
+        r = run_job(
+            load_config(cfg, {"api.base_url": emu.base_url, "task.processor": proc}),
+            api_key="sk-test-1234",
+            install_signals=False,
+        )
         assert r.exit_code == EXIT_OK
         counts.append(len(ledger(emu)))
     assert counts == [55, 110, 110]
@@ -189,7 +232,7 @@ def test_daily_budget_shared_by_two_jobs(tmp_path: Path, emulator) -> None:
     """Two jobs on one spend ledger never exceed the daily budget together; the next UTC day allows more."""
     emu = emulator(time_scale=0.0)
     shared = tmp_path / "spend.sqlite"
-    limits = f'daily_budget_usd = 0.2\nspend_ledger = "{shared}"'   # lite-fast is $0.005: 40 runs a day
+    limits = f'daily_budget_usd = 0.2\nspend_ledger = "{shared}"'  # lite-fast is $0.005: 40 runs a day
     a = go(job(tmp_path, ROOT / "data/companies.csv", out="a.csv", name="a.toml", limits=limits), emu.base_url)
     b = go(job(tmp_path, ROOT / "data/companies.csv", out="b.csv", name="b.toml", limits=limits), emu.base_url)
     assert a.exit_code == EXIT_BUDGET and b.exit_code == EXIT_BUDGET and "resets at" in b.message
@@ -215,10 +258,16 @@ def test_budget_stop_during_escalation_costs_nothing_extra(tmp_path: Path, emula
     assert go(whole, emu.base_url).exit_code == EXIT_OK
     uninterrupted = len(ledger(emu))
     cfg = job(tmp_path, src, extra='[escalate]\nprocessors = ["base"]\n', out="part.csv", name="part.toml")
-    first = run_job(load_config(cfg, {"api.base_url": emu.base_url, "limits.budget_usd": 0.1}),
-                    api_key="sk-test-key-1234", install_signals=False)
-    again = run_job(load_config(cfg, {"api.base_url": emu.base_url, "limits.budget_usd": 0.1}),
-                    api_key="sk-test-key-1234", install_signals=False)
+    first = run_job(
+        load_config(cfg, {"api.base_url": emu.base_url, "limits.budget_usd": 0.1}),
+        api_key="sk-test-key-1234",
+        install_signals=False,
+    )
+    again = run_job(
+        load_config(cfg, {"api.base_url": emu.base_url, "limits.budget_usd": 0.1}),
+        api_key="sk-test-key-1234",
+        install_signals=False,
+    )
     assert first.exit_code == again.exit_code == EXIT_BUDGET
     assert again.report["status_counts"]["completed"] == first.report["status_counts"]["completed"] == 20
     done = go(cfg, emu.base_url)

@@ -18,16 +18,27 @@ def test_detach_then_collect_equals_one_run(tmp_path: Path, emulator_process) ->
     """--detach submits every row and exits 0; the same command later collects: same output, 0 extra runs."""
     emu = emulator_process("--time-scale", "0.02")
     src = ROOT / "data/companies.csv"
-    cfg = write_config(tmp_path / "job.toml", input_path=src, output=tmp_path / "out.csv", key=["company"],
-                       columns=["company", "website"], limits="max_in_flight = 10")
+    cfg = write_config(
+        tmp_path / "job.toml",
+        input_path=src,
+        output=tmp_path / "out.csv",
+        key=["company"],
+        columns=["company", "website"],
+        limits="max_in_flight = 10",
+    )
     r = run_enrich("run", str(cfg), "--base-url", emu.base_url, "--detach")
     assert r.returncode == 0 and "detached: 55 runs" in r.stderr, r.stderr
-    assert len(emu.ledger()) == 55   # every row sent although max_in_flight is 10: nothing waits on them
+    assert len(emu.ledger()) == 55  # every row sent although max_in_flight is 10: nothing waits on them
     r = run_enrich("run", str(cfg), "--base-url", emu.base_url)
     assert r.returncode == 0, r.stderr
     assert len(emu.ledger()) == 55
-    one = write_config(tmp_path / "one.toml", input_path=src, output=tmp_path / "one.csv", key=["company"],
-                       columns=["company", "website"])
+    one = write_config(
+        tmp_path / "one.toml",
+        input_path=src,
+        output=tmp_path / "one.csv",
+        key=["company"],
+        columns=["company", "website"],
+    )
     assert run_enrich("run", str(one), "--base-url", emu.base_url).returncode == 0
     a = pl.read_csv(tmp_path / "out.csv", infer_schema=False).drop(VOLATILE)
     b = pl.read_csv(tmp_path / "one.csv", infer_schema=False).drop(VOLATILE)
@@ -37,12 +48,22 @@ def test_detach_then_collect_equals_one_run(tmp_path: Path, emulator_process) ->
 def test_status_shows_what_a_live_job_waits_on(tmp_path: Path, emulator_process) -> None:
     """While a run is live, status names its pid, active runs (never above the cap) and what it waits on."""
     emu = emulator_process("--time-scale", "0.3")
-    cfg = write_config(tmp_path / "job.toml", input_path=ROOT / "data/companies.csv", output=tmp_path / "o.csv",
-                       key=["company"], columns=["company"], limits="max_in_flight = 5")
+    cfg = write_config(
+        tmp_path / "job.toml",
+        input_path=ROOT / "data/companies.csv",
+        output=tmp_path / "o.csv",
+        key=["company"],
+        columns=["company"],
+        limits="max_in_flight = 5",
+    )
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("PARALLEL_")}
     env["PARALLEL_API_KEY"] = CANARY_KEY
-    proc = subprocess.Popen([sys.executable, "-m", "enrich", "run", str(cfg), "--base-url", emu.base_url],
-                            cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "enrich", "run", str(cfg), "--base-url", emu.base_url],
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         journal = tmp_path / "o.csv.journal.sqlite"
 

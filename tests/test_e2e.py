@@ -20,8 +20,9 @@ from tests.conftest import CANARY_KEY, ROOT, run_enrich, wait_for, write_config
 
 
 def sp500_config(tmp_path: Path, sp500: Path, out_name: str = "out.parquet", **kw: str) -> Path:
-    return write_config(tmp_path / "job.toml", input_path=sp500, output=tmp_path / out_name, key=["Symbol"],
-                        columns=["Security"], **kw)
+    return write_config(
+        tmp_path / "job.toml", input_path=sp500, output=tmp_path / out_name, key=["Symbol"], columns=["Security"], **kw
+    )
 
 
 def dup_runs(ledger: list[dict]) -> int:
@@ -57,8 +58,9 @@ def test_second_run_is_free_and_identical_then_five_changed_rows(tmp_path: Path,
     emu = emulator_process("--knowledge", str(sp500), "--knowledge-key", "Security", "--time-scale", "0")
     local = tmp_path / "sp.csv"
     local.write_bytes(sp500.read_bytes())
-    cfg = write_config(tmp_path / "job.toml", input_path=local, output=tmp_path / "out.csv", key=["Symbol"],
-                       columns=["Security"])
+    cfg = write_config(
+        tmp_path / "job.toml", input_path=local, output=tmp_path / "out.csv", key=["Symbol"], columns=["Security"]
+    )
     assert run_enrich("run", str(cfg), "--base-url", emu.base_url).returncode == 0
     first = (tmp_path / "out.csv").read_bytes()
     posts = emu.stats()["creating_posts"]
@@ -80,7 +82,7 @@ def test_second_run_is_free_and_identical_then_five_changed_rows(tmp_path: Path,
 def test_budget_stops_at_100_runs_then_finishes(tmp_path: Path, sp500: Path, emulator_process) -> None:
     """Budget for 100 runs: exit 4, <=100 runs, 403 skipped_budget; a larger budget finishes the rest."""
     emu = emulator_process("--knowledge", str(sp500), "--knowledge-key", "Security", "--time-scale", "0")
-    cfg = sp500_config(tmp_path, sp500, limits="budget_usd = 0.5")   # lite-fast: $0.005 per run
+    cfg = sp500_config(tmp_path, sp500, limits="budget_usd = 0.5")  # lite-fast: $0.005 per run
     r = run_enrich("run", str(cfg), "--base-url", emu.base_url)
     assert r.returncode == 4, r.stderr
     assert len(emu.ledger()) == 100
@@ -99,8 +101,12 @@ def test_sigkill_mid_run_then_resume(tmp_path: Path, sp500: Path, emulator_proce
     cfg = sp500_config(tmp_path, sp500, out_name="out.csv", limits="max_in_flight = 50\nbatch_size = 25")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PARALLEL_")}
     env["PARALLEL_API_KEY"] = CANARY_KEY
-    proc = subprocess.Popen([sys.executable, "-m", "enrich", "run", str(cfg), "--base-url", emu.base_url],
-                            cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "enrich", "run", str(cfg), "--base-url", emu.base_url],
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.DEVNULL,
+    )
     wait_for(lambda: len(emu.ledger()) >= 150, timeout=60)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -123,8 +129,16 @@ def test_sigkill_mid_run_then_resume(tmp_path: Path, sp500: Path, emulator_proce
 def test_demo_config_on_embedded_emulator(tmp_path: Path) -> None:
     """The demo job: every row, confidence columns, a report marked as emulated; no key needed."""
     out = tmp_path / "demo.parquet"
-    r = run_enrich("run", "configs/companies.toml", "--emulator", "--output", str(out),
-                   "--journal", str(tmp_path / "demo.journal"), key=None)
+    r = run_enrich(
+        "run",
+        "configs/companies.toml",
+        "--emulator",
+        "--output",
+        str(out),
+        "--journal",
+        str(tmp_path / "demo.journal"),
+        key=None,
+    )
     assert r.returncode == 0, r.stderr
     df = pl.read_parquet(out)
     assert df.height == len((ROOT / "data/companies.csv").read_text().splitlines()) - 1
@@ -144,12 +158,19 @@ def test_no_key_without_emulator_exits_2_with_hint(tmp_path: Path) -> None:
     assert "--emulator" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("processor,price", [("lite", 0.005), ("base-fast", 0.01), ("core", 0.025),
-                                             ("pro", 0.1), ("ultra8x-fast", 2.4)])
+@pytest.mark.parametrize(
+    "processor,price", [("lite", 0.005), ("base-fast", 0.01), ("core", 0.025), ("pro", 0.1), ("ultra8x-fast", 2.4)]
+)
 def test_plan_prices_each_tier_without_requests(tmp_path: Path, processor: str, price: float) -> None:
     """`plan` prints rows x price for the processor and sends nothing (no base URL is reachable)."""
-    cfg = write_config(tmp_path / "job.toml", input_path=ROOT / "data/companies.csv", output=tmp_path / "o.csv",
-                       key=["company"], columns=["company", "website"], processor=processor)
+    cfg = write_config(
+        tmp_path / "job.toml",
+        input_path=ROOT / "data/companies.csv",
+        output=tmp_path / "o.csv",
+        key=["company"],
+        columns=["company", "website"],
+        processor=processor,
+    )
     r = run_enrich("plan", str(cfg), "--base-url", "https://unreachable.invalid")
     assert r.returncode == 0, r.stderr
     rows = len((ROOT / "data/companies.csv").read_text().splitlines()) - 1
@@ -163,8 +184,14 @@ def test_parquet_in_parquet_out_keeps_types(tmp_path: Path, emulator) -> None:
     emu = emulator()
     src = tmp_path / "in.parquet"
     pl.DataFrame({"company": ["Apple", "3M", "Nobody Corp"], "rank": [1, 2, 3]}).write_parquet(src)
-    cfg = write_config(tmp_path / "job.toml", input_path=src, output=tmp_path / "out.parquet", key=["company"],
-                       columns=["company"], fields={"founded_year": "integer", "founders": "array"})
+    cfg = write_config(
+        tmp_path / "job.toml",
+        input_path=src,
+        output=tmp_path / "out.parquet",
+        key=["company"],
+        columns=["company"],
+        fields={"founded_year": "integer", "founders": "array"},
+    )
     r = run_enrich("run", str(cfg), "--base-url", emu.base_url)
     assert r.returncode == 0, r.stderr
     out = pl.read_parquet(tmp_path / "out.parquet")
@@ -178,27 +205,37 @@ def test_csv_in_csv_out_keeps_strings_and_guards_formulas(tmp_path: Path, emulat
     """CSV cells stay strings ("02139"); formula-looking text is neutralised, numbers are not."""
     emu = emulator()
     src = tmp_path / "in.csv"
-    src.write_text("company,zip,note\nApple,02139,=HYPERLINK(\"x\")\n3M,-2,@cmd\n", encoding="utf-8")
-    cfg = write_config(tmp_path / "job.toml", input_path=src, output=tmp_path / "out.csv", key=["company"],
-                       columns=["company"])
+    src.write_text('company,zip,note\nApple,02139,=HYPERLINK("x")\n3M,-2,@cmd\n', encoding="utf-8")
+    cfg = write_config(
+        tmp_path / "job.toml", input_path=src, output=tmp_path / "out.csv", key=["company"], columns=["company"]
+    )
     r = run_enrich("run", str(cfg), "--base-url", emu.base_url)
     assert r.returncode == 0, r.stderr
     with (tmp_path / "out.csv").open(encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
     assert rows[0]["zip"] == "02139" and rows[1]["zip"] == "-2"
-    assert rows[0]["note"] == "'=HYPERLINK(\"x\")" and rows[1]["note"] == "'@cmd"
+    assert rows[0]["note"] == '\'=HYPERLINK("x")' and rows[1]["note"] == "'@cmd"
     assert oct((tmp_path / "out.csv").stat().st_mode & 0o777) == "0o600"
 
 
 def test_second_enrich_on_same_journal_is_refused(tmp_path: Path, emulator_process) -> None:
     """While a run holds the journal, a second one exits at once with 'journal is in use'."""
     emu = emulator_process("--time-scale", "0.05")
-    cfg = write_config(tmp_path / "job.toml", input_path=ROOT / "data/companies.csv", output=tmp_path / "o.csv",
-                       key=["company"], columns=["company"])
+    cfg = write_config(
+        tmp_path / "job.toml",
+        input_path=ROOT / "data/companies.csv",
+        output=tmp_path / "o.csv",
+        key=["company"],
+        columns=["company"],
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PARALLEL_")}
     env["PARALLEL_API_KEY"] = CANARY_KEY
-    first = subprocess.Popen([sys.executable, "-m", "enrich", "run", str(cfg), "--base-url", emu.base_url],
-                             cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "enrich", "run", str(cfg), "--base-url", emu.base_url],
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.DEVNULL,
+    )
     wait_for(lambda: len(emu.ledger()) > 0, timeout=30)
     t0 = time.monotonic()
     second = run_enrich("run", str(cfg), "--base-url", emu.base_url)
@@ -210,14 +247,25 @@ def test_second_enrich_on_same_journal_is_refused(tmp_path: Path, emulator_proce
 def test_ctrl_c_writes_partial_output_and_resumes(tmp_path: Path, emulator_process) -> None:
     """SIGINT: exit 75, a partial output with every row, the resume command; running again finishes."""
     emu = emulator_process("--time-scale", "0.05")
-    cfg = write_config(tmp_path / "job.toml", input_path=ROOT / "data/companies.csv", output=tmp_path / "o.csv",
-                       key=["company"], columns=["company"], limits="batch_size = 5\nmax_in_flight = 10")
+    cfg = write_config(
+        tmp_path / "job.toml",
+        input_path=ROOT / "data/companies.csv",
+        output=tmp_path / "o.csv",
+        key=["company"],
+        columns=["company"],
+        limits="batch_size = 5\nmax_in_flight = 10",
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PARALLEL_")}
     env["PARALLEL_API_KEY"] = CANARY_KEY
-    proc = subprocess.Popen([sys.executable, "-m", "enrich", "run", str(cfg), "--base-url", emu.base_url],
-                            cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "enrich", "run", str(cfg), "--base-url", emu.base_url],
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for(lambda: len(emu.ledger()) >= 10, timeout=30)
-    live = run_enrich("status", str(tmp_path / "o.csv.journal.sqlite"), "--json")   # works while the run is live
+    live = run_enrich("status", str(tmp_path / "o.csv.journal.sqlite"), "--json")  # works while the run is live
     assert live.returncode == 0 and json.loads(live.stdout)["rows"] > 0
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -237,8 +285,14 @@ def test_key_file_must_be_private(tmp_path: Path) -> None:
     key = tmp_path / "key"
     key.write_text(CANARY_KEY)
     key.chmod(0o644)
-    r = run_enrich("run", "configs/companies.toml", "--output", str(tmp_path / "o.csv"), key=None,
-                   env={"PARALLEL_API_KEY_FILE": str(key)})
+    r = run_enrich(
+        "run",
+        "configs/companies.toml",
+        "--output",
+        str(tmp_path / "o.csv"),
+        key=None,
+        env={"PARALLEL_API_KEY_FILE": str(key)},
+    )
     assert r.returncode == 2 and "chmod 600" in r.stderr and CANARY_KEY not in r.stderr
 
 

@@ -11,9 +11,17 @@ from enrich.emulator.core import parse_faults
 from enrich.emulator.knowledge import Knowledge, coerce, norm_name, norm_value
 
 H = {"x-api-key": "k"}
-SCHEMA = {"output_schema": {"type": "json", "json_schema": {
-    "type": "object", "additionalProperties": False, "required": ["headquarters_location"],
-    "properties": {"headquarters_location": {"type": ["string", "null"]}}}}}
+SCHEMA = {
+    "output_schema": {
+        "type": "json",
+        "json_schema": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["headquarters_location"],
+            "properties": {"headquarters_location": {"type": ["string", "null"]}},
+        },
+    }
+}
 
 
 def client(emu, timeout: float = 10) -> httpx.Client:
@@ -60,8 +68,12 @@ def test_rate_limit_counts_creating_posts_only(emulator) -> None:
     emu = emulator(rate_limit=3)
     with client(emu) as c:
         gid = c.post("/v1/tasks/groups", json={}).json()["taskgroup_id"]
-        assert c.post(f"/v1/tasks/groups/{gid}/runs", json={"inputs": [
-            {"input": "a", "processor": "lite"}] * 3}).status_code == 200
+        assert (
+            c.post(
+                f"/v1/tasks/groups/{gid}/runs", json={"inputs": [{"input": "a", "processor": "lite"}] * 3}
+            ).status_code
+            == 200
+        )
         rid = create(c).json()["run_id"]
         for _ in range(5):
             assert c.get(f"/v1/tasks/runs/{rid}").status_code == 200
@@ -73,15 +85,17 @@ def test_rate_limit_counts_creating_posts_only(emulator) -> None:
 
 def test_credit_reservation_402(emulator) -> None:
     """--credit-usd reserves each active run's price; a run it cannot cover gets 402."""
-    emu = emulator(credit_usd=0.012, time_scale=1.0)   # room for two lite runs ($0.005 each)
+    emu = emulator(credit_usd=0.012, time_scale=1.0)  # room for two lite runs ($0.005 each)
     with client(emu) as c:
         assert create(c).status_code == 202
         assert create(c).status_code == 202
         r = create(c)
         assert r.status_code == 402 and "credit" in r.json()["error"]["message"].lower()
         gid = c.post("/v1/tasks/groups", json={}).json()["taskgroup_id"]
-        assert c.post(f"/v1/tasks/groups/{gid}/runs", json={"inputs": [
-            {"input": "a", "processor": "lite"}]}).status_code == 402
+        assert (
+            c.post(f"/v1/tasks/groups/{gid}/runs", json={"inputs": [{"input": "a", "processor": "lite"}]}).status_code
+            == 402
+        )
     assert len(ledger(emu)) == 2
 
 
@@ -149,16 +163,24 @@ def test_ledger_stats_and_reset(emulator) -> None:
 def test_validation_rules(emulator) -> None:
     """Schema keyword, root type, metadata limits, 1,000-input cap, unknown processor."""
     emu = emulator()
-    bad_kw = {"output_schema": {"type": "json", "json_schema": {"type": "object", "properties": {
-        "a": {"type": "string", "pattern": "x"}}}}}
+    bad_kw = {
+        "output_schema": {
+            "type": "json",
+            "json_schema": {"type": "object", "properties": {"a": {"type": "string", "pattern": "x"}}},
+        }
+    }
     with client(emu) as c:
         assert create(c, task_spec=bad_kw).status_code == 422
         assert create(c, task_spec={"output_schema": {"json_schema": {"type": "array"}}}).status_code == 422
         assert create(c, metadata={"k" * 17: "v"}).status_code == 422
         assert create(c, metadata={"k": "v" * 513}).status_code == 422
         assert create(c, processor="lite-turbo").status_code == 403
-        ok = create(c, task_spec={"output_schema": {"json_schema": {"type": "object", "properties": {
-            "sources": {"type": "string"}}}}}).json()
+        ok = create(
+            c,
+            task_spec={
+                "output_schema": {"json_schema": {"type": "object", "properties": {"sources": {"type": "string"}}}}
+            },
+        ).json()
         assert {w["type"] for w in ok["warnings"]} == {"spec_validation_warning"}
         gid = c.post("/v1/tasks/groups", json={}).json()["taskgroup_id"]
         r = c.post(f"/v1/tasks/groups/{gid}/runs", json={"inputs": [{"input": "a", "processor": "lite"}] * 1001})

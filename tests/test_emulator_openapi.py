@@ -19,8 +19,15 @@ from parallel import Parallel
 
 from tests.conftest import OPENAPI, need_shared
 
-SCHEMA = {"type": "json", "json_schema": {"type": "object", "additionalProperties": False, "required": ["industry"],
-                                          "properties": {"industry": {"type": ["string", "null"]}}}}
+SCHEMA = {
+    "type": "json",
+    "json_schema": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["industry"],
+        "properties": {"industry": {"type": ["string", "null"]}},
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +57,7 @@ def parse_sse(raw: bytes) -> list[dict[str, Any]]:
     """Events of an SSE body as the WHATWG event-stream rules read them: any line ending, comments
     skipped, one optional space after the colon, data lines joined with newlines, events without
     data not dispatched, and an unfinished event at the end of the body discarded."""
-    lines = re.split(r"\r\n|\r|\n", raw.decode("utf-8", errors="replace"))[:-1]   # the last piece is unfinished
+    lines = re.split(r"\r\n|\r|\n", raw.decode("utf-8", errors="replace"))[:-1]  # the last piece is unfinished
     events: list[dict[str, Any]] = []
     data: list[str] = []
     kind, last_id = "", None
@@ -73,8 +80,14 @@ def parse_sse(raw: bytes) -> list[dict[str, Any]]:
     return events
 
 
-def check_response(spec: dict[str, Any], resp: httpx.Response, body: bytes | None = None, *,
-                   plain_sse: bool = True, generic: bool = False) -> str:
+def check_response(
+    spec: dict[str, Any],
+    resp: httpx.Response,
+    body: bytes | None = None,
+    *,
+    plain_sse: bool = True,
+    generic: bool = False,
+) -> str:
     """Validate one response (JSON or SSE) against the spec; return the operation's path template.
 
     `body`: the bytes read when the stream ended early (cut). `plain_sse`: also hold the stream to
@@ -110,7 +123,7 @@ def fetch(c: httpx.Client, method: str, path: str, **kw: Any) -> tuple[httpx.Res
                 for chunk in resp.iter_raw():
                     chunks.append(chunk)
             except httpx.TransportError:
-                pass   # cut mid-body: validate what arrived
+                pass  # cut mid-body: validate what arrived
             return resp, b"".join(chunks)
     except httpx.TransportError:
         return None, b""
@@ -135,6 +148,7 @@ def test_every_task_operation_conforms(spec: dict[str, Any], emulator, behaviour
     h = {"x-api-key": "k"}
     plain = not behaviours
     with httpx.Client(base_url=emu.base_url, headers=h, timeout=30) as c:
+
         def call(method: str, path: str, retry_on: tuple[int, ...] = (429, 503), **kw: Any) -> _Reply:
             for _ in range(20):
                 resp, body = fetch(c, method, path, **kw)
@@ -142,22 +156,34 @@ def test_every_task_operation_conforms(spec: dict[str, Any], emulator, behaviour
                     assert not plain, f"{method} {path}: no response"
                     time.sleep(0.05)
                     continue
-                seen.add((method, check_response(spec, resp, body, plain_sse=plain, generic=not plain),
-                          resp.status_code))
+                seen.add(
+                    (method, check_response(spec, resp, body, plain_sse=plain, generic=not plain), resp.status_code)
+                )
                 if plain or resp.status_code not in retry_on:
                     return _Reply(resp, body)
             raise AssertionError(f"{method} {path}: no lasting reply in 20 tries")
 
-        run = call("POST", "/v1/tasks/runs", json={"input": {"company": "Apple"}, "processor": "lite-fast",
-                                                   "task_spec": {"output_schema": SCHEMA}, "metadata": {"a": 1}}).json()
+        run = call(
+            "POST",
+            "/v1/tasks/runs",
+            json={
+                "input": {"company": "Apple"},
+                "processor": "lite-fast",
+                "task_spec": {"output_schema": SCHEMA},
+                "metadata": {"a": 1},
+            },
+        ).json()
         rid = run["run_id"]
         call("GET", f"/v1/tasks/runs/{rid}")
         call("GET", f"/v1/tasks/runs/{rid}/input")
         call("GET", f"/v1/tasks/runs/{rid}/result", params={"timeout": 5})
         call("GET", f"/v1/tasks/runs/{rid}/events")
         call("GET", f"/v1beta/tasks/runs/{rid}/events")
-        text = call("POST", "/v1/tasks/runs", json={"input": "Apple", "processor": "lite",
-                                                    "task_spec": {"output_schema": "A short profile"}}).json()
+        text = call(
+            "POST",
+            "/v1/tasks/runs",
+            json={"input": "Apple", "processor": "lite", "task_spec": {"output_schema": "A short profile"}},
+        ).json()
         call("GET", f"/v1/tasks/runs/{text['run_id']}/result")
         call("GET", "/v1/tasks/runs/trun_nope")
         call("GET", "/v1/tasks/runs/trun_nope/result")
@@ -168,17 +194,29 @@ def test_every_task_operation_conforms(spec: dict[str, Any], emulator, behaviour
         call("GET", f"/v1/tasks/runs/{rid}")
         c.headers["x-api-key"] = "k"
         call("POST", "/v1/tasks/runs", json={"input": "x", "processor": "nope"})
-        call("POST", "/v1/tasks/runs", json={"input": "x", "processor": "lite",
-                                             "task_spec": {"output_schema": {"json_schema": {"type": "string"}}}})
-        call("POST", "/v1/tasks/runs", json={"input": "x", "processor": "lite"})   # the credit is now used up
-        call("POST", "/v1/tasks/runs", json={"input": "x", "processor": "lite"})   # 402
+        call(
+            "POST",
+            "/v1/tasks/runs",
+            json={
+                "input": "x",
+                "processor": "lite",
+                "task_spec": {"output_schema": {"json_schema": {"type": "string"}}},
+            },
+        )
+        call("POST", "/v1/tasks/runs", json={"input": "x", "processor": "lite"})  # the credit is now used up
+        call("POST", "/v1/tasks/runs", json={"input": "x", "processor": "lite"})  # 402
         group = call("POST", "/v1/tasks/groups", json={"metadata": {"job": "x"}}).json()
         gid = group["taskgroup_id"]
         call("GET", f"/v1/tasks/groups/{gid}")
         emu.emulator.credit = None
-        added = call("POST", f"/v1/tasks/groups/{gid}/runs", json={
-            "inputs": [{"input": {"company": "3M"}, "processor": "base"}, {"input": "IBM", "processor": "base"}],
-            "default_task_spec": {"output_schema": SCHEMA}}).json()
+        added = call(
+            "POST",
+            f"/v1/tasks/groups/{gid}/runs",
+            json={
+                "inputs": [{"input": {"company": "3M"}, "processor": "base"}, {"input": "IBM", "processor": "base"}],
+                "default_task_spec": {"output_schema": SCHEMA},
+            },
+        ).json()
         call("POST", f"/v1/tasks/groups/{gid}/runs", json={"inputs": [{"input": "x", "processor": "lite"}] * 1001})
         call("GET", f"/v1/tasks/groups/{gid}/runs", params={"include_output": "true", "include_input": "true"})
         call("GET", f"/v1/tasks/groups/{gid}/runs", params={"status": "completed"})
@@ -219,11 +257,17 @@ def test_requests_from_sdk_and_enrich_conform(spec: dict[str, Any], emulator) ->
             bodies.append((request.method, request.url.path, json.loads(request.content or b"{}")))
 
     sdk = Parallel(api_key="k", base_url=emu.base_url, http_client=httpx.Client(event_hooks={"request": [hook]}))
-    sdk.task_run.create(input={"company": "Apple"}, processor="lite", task_spec={"output_schema": SCHEMA},
-                        metadata={"x": "y"}, source_policy={"include_domains": ["example.com"]})
+    sdk.task_run.create(
+        input={"company": "Apple"},
+        processor="lite",
+        task_spec={"output_schema": SCHEMA},
+        metadata={"x": "y"},
+        source_policy={"include_domains": ["example.com"]},
+    )
     g = sdk.task_group.create(metadata={"a": "b"})
-    sdk.task_group.add_runs(g.taskgroup_id, inputs=[{"input": "x", "processor": "base"}],
-                            default_task_spec={"output_schema": SCHEMA})
+    sdk.task_group.add_runs(
+        g.taskgroup_id, inputs=[{"input": "x", "processor": "base"}], default_task_spec={"output_schema": SCHEMA}
+    )
     sdk.close()
     import asyncio
 
@@ -233,8 +277,11 @@ def test_requests_from_sdk_and_enrich_conform(spec: dict[str, Any], emulator) ->
         client = TaskClient(emu.base_url, "k")
         client._http.event_hooks["request"] = [_async(hook)]
         gid = (await client.create_group({"enrich_job": "j"}))["taskgroup_id"]
-        await client.add_runs(gid, [{"input": {"company": "3M"}, "processor": "lite-fast",
-                                     "metadata": {"enrich_row": "r", "enrich_try": 1}}], {"output_schema": SCHEMA})
+        await client.add_runs(
+            gid,
+            [{"input": {"company": "3M"}, "processor": "lite-fast", "metadata": {"enrich_row": "r", "enrich_try": 1}}],
+            {"output_schema": SCHEMA},
+        )
         await client.aclose()
 
     asyncio.run(ours())
@@ -248,4 +295,5 @@ def test_requests_from_sdk_and_enrich_conform(spec: dict[str, Any], emulator) ->
 def _async(fn: Any) -> Any:
     async def wrapper(request: httpx.Request) -> None:
         fn(request)
+
     return wrapper

@@ -8,17 +8,24 @@ import parallel
 import pytest
 from parallel import Parallel
 
-SCHEMA = {"type": "json", "json_schema": {
-    "type": "object", "additionalProperties": False, "required": ["headquarters_location", "founded"],
-    "properties": {"headquarters_location": {"type": ["string", "null"]}, "founded": {"type": ["integer", "null"]}}}}
+SCHEMA = {
+    "type": "json",
+    "json_schema": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["headquarters_location", "founded"],
+        "properties": {"headquarters_location": {"type": ["string", "null"]}, "founded": {"type": ["integer", "null"]}},
+    },
+}
 
 
 def test_single_run_create_result_retrieve_input_events(emulator, sp500) -> None:
     """create -> result -> retrieve -> retrieve_input -> events; 3M answers from the S&P table."""
     emu = emulator(knowledge=str(sp500), knowledge_key="Security", time_scale=0.001)
     client = Parallel(api_key="test-key", base_url=emu.base_url)
-    run = client.task_run.create(input={"Security": "3M"}, processor="lite-fast", task_spec={"output_schema": SCHEMA},
-                                 metadata={"row": "mmm"})
+    run = client.task_run.create(
+        input={"Security": "3M"}, processor="lite-fast", task_spec={"output_schema": SCHEMA}, metadata={"row": "mmm"}
+    )
     assert run.status == "queued" and run.run_id.startswith("trun_") and len(run.run_id) == 37
     result = client.task_run.result(run.run_id, api_timeout=30)
     assert result.output.content == {"headquarters_location": "Saint Paul, Minnesota", "founded": 1902}
@@ -37,8 +44,9 @@ def test_single_run_create_result_retrieve_input_events(emulator, sp500) -> None
 def test_unknown_company_gets_nulls_and_low_confidence(emulator, sp500) -> None:
     emu = emulator(knowledge=str(sp500), knowledge_key="Security")
     client = Parallel(api_key="k", base_url=emu.base_url)
-    run = client.task_run.create(input={"Security": "Definitely Not A Company"}, processor="base",
-                                 task_spec={"output_schema": SCHEMA})
+    run = client.task_run.create(
+        input={"Security": "Definitely Not A Company"}, processor="base", task_spec={"output_schema": SCHEMA}
+    )
     result = client.task_run.result(run.run_id)
     assert result.output.content == {"headquarters_location": None, "founded": None}
     assert {b.confidence for b in result.output.basis} == {"low"}
@@ -57,7 +65,7 @@ def test_group_of_1000_runs(emulator) -> None:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     events = list(client.task_group.get_runs(group.taskgroup_id, include_output=True))
-    assert [e.run.run_id for e in events] == added.run_ids   # input order
+    assert [e.run.run_id for e in events] == added.run_ids  # input order
     assert [e.run.metadata["i"] for e in events] == list(range(1000))
     assert sum(1 for e in events if e.output is not None and e.run.status == "completed") == 1000
     status_events = [e for e in client.task_group.events(group.taskgroup_id) if e.type == "task_group_status"]
@@ -65,7 +73,7 @@ def test_group_of_1000_runs(emulator) -> None:
     one = client.task_group.retrieve_run(added.run_ids[0], task_group_id=group.taskgroup_id)
     assert one.status == "completed"
     more = client.task_group.add_runs(group.taskgroup_id, inputs=inputs[:2])
-    assert more.run_cursor == events[-1].event_id   # resume the runs stream right after the first batch
+    assert more.run_cursor == events[-1].event_id  # resume the runs stream right after the first batch
     after = list(client.task_group.get_runs(group.taskgroup_id, last_event_id=more.run_cursor))
     assert [e.run.run_id for e in after] == more.run_ids
 
@@ -81,13 +89,21 @@ def test_typed_errors(emulator) -> None:
         client.task_run.create(input="x", processor="turbo")
     with pytest.raises(parallel.NotFoundError):
         client.task_run.retrieve("trun_" + "0" * 32)
-    run = client.task_run.create(input="Apple", processor="ultra")   # minutes long at time_scale 1
+    run = client.task_run.create(input="Apple", processor="ultra")  # minutes long at time_scale 1
     with pytest.raises(parallel.APIStatusError) as info:
         client.task_run.result(run.run_id, api_timeout=0)
     assert info.value.status_code == 408
     with pytest.raises(parallel.UnprocessableEntityError):
-        client.task_run.create(input="x", processor="lite", task_spec={"output_schema": {
-            "type": "json", "json_schema": {"type": "object", "properties": {"a": {"type": "string", "maxLength": 3}}}}})
+        client.task_run.create(
+            input="x",
+            processor="lite",
+            task_spec={
+                "output_schema": {
+                    "type": "json",
+                    "json_schema": {"type": "object", "properties": {"a": {"type": "string", "maxLength": 3}}},
+                }
+            },
+        )
     client.task_run.create(input="x", processor="lite")
     with pytest.raises(parallel.RateLimitError):
         client.task_run.create(input="y", processor="lite")

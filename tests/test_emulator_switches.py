@@ -24,9 +24,17 @@ from tests.test_emulator_openapi import check_response, fetch, parse_sse
 
 H = {"x-api-key": "k"}
 FIELDS = ("headquarters_location", "founded_year", "industry", "founders")
-SCHEMA = {"output_schema": {"type": "json", "json_schema": {
-    "type": "object", "additionalProperties": False, "required": list(FIELDS),
-    "properties": {f: {"type": ["string", "null"]} for f in FIELDS}}}}
+SCHEMA = {
+    "output_schema": {
+        "type": "json",
+        "json_schema": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": list(FIELDS),
+            "properties": {f: {"type": ["string", "null"]} for f in FIELDS},
+        },
+    }
+}
 COMPANIES = ["Apple", "Microsoft", "Alphabet", "Amazon", "Nvidia", "Meta", "Tesla", "IBM", "Intel", "3M"]
 
 
@@ -40,8 +48,14 @@ def client(emu: Any, timeout: float = 10) -> httpx.Client:
 
 
 def inputs(n: int, processor: str = "lite") -> list[dict[str, Any]]:
-    return [{"input": {"company": COMPANIES[i % len(COMPANIES)]}, "processor": processor,
-             "metadata": {"enrich_row": f"r{i}", "enrich_try": 1}} for i in range(n)]
+    return [
+        {
+            "input": {"company": COMPANIES[i % len(COMPANIES)]},
+            "processor": processor,
+            "metadata": {"enrich_row": f"r{i}", "enrich_try": 1},
+        }
+        for i in range(n)
+    ]
 
 
 def group_with(c: httpx.Client, n: int, processor: str = "lite") -> tuple[str, dict[str, Any]]:
@@ -74,9 +88,15 @@ def test_identity_headers_on_every_response(emulator) -> None:
     a, b = emulator(), emulator()
     with client(a) as c:
         rid = c.post("/v1/tasks/runs", json={"input": "Apple", "processor": "lite"}).json()["run_id"]
-        replies = [c.get(f"/v1/tasks/runs/{rid}"), c.get("/v1/tasks/runs/trun_nope"), c.get("/nowhere"),
-                   c.get(f"/v1/tasks/runs/{rid}/events"), c.get("/_emulator/stats"), c.post("/_emulator/reset"),
-                   c.get("/v1/tasks/runs/x", headers={"x-api-key": ""})]
+        replies = [
+            c.get(f"/v1/tasks/runs/{rid}"),
+            c.get("/v1/tasks/runs/trun_nope"),
+            c.get("/nowhere"),
+            c.get(f"/v1/tasks/runs/{rid}/events"),
+            c.get("/_emulator/stats"),
+            c.post("/_emulator/reset"),
+            c.get("/v1/tasks/runs/x", headers={"x-api-key": ""}),
+        ]
     ids = {r.headers["x-enrich-emulator-instance"] for r in replies}
     assert {r.headers["x-enrich-emulator"] for r in replies} == {__version__}
     assert len(ids) == 1
@@ -91,7 +111,7 @@ def test_cut_ends_streams_early_without_terminal_event(spec, emulator) -> None:
     outcomes = set()
 
     def timed(path: str) -> tuple[float, httpx.Response | None, bytes]:
-        with client(emu) as own:   # streams in parallel: each lasts 1-2 s
+        with client(emu) as own:  # streams in parallel: each lasts 1-2 s
             t0 = time.monotonic()
             resp, body = fetch(own, "GET", path)
             return time.monotonic() - t0, resp, body
@@ -103,13 +123,13 @@ def test_cut_ends_streams_early_without_terminal_event(spec, emulator) -> None:
             streams = list(pool.map(timed, paths))
         for path, (took, resp, body) in zip(paths, streams, strict=True):
             assert took < 3.0
-            if resp is None:   # reset before the headers were read
+            if resp is None:  # reset before the headers were read
                 outcomes.add("reset")
                 continue
             check_response(spec, resp, body, plain_sse=False)
             events = events_of(body)
             assert all(e["status"]["is_active"] for e in events if e["type"] == "task_group_status")
-            assert all(e.get("output") is None for e in events)   # a run stream's final state never came
+            assert all(e.get("output") is None for e in events)  # a run stream's final state never came
             if "/groups/" in path:
                 outcomes.add("clean" if body.endswith(b"\n\n") else "partial" if body else "reset")
         listed = []
@@ -149,8 +169,10 @@ def test_eventual_visibility_stale_listings_and_early_completions(spec, emulator
         seen: list[tuple[float, dict[str, Any]]] = []
 
         def follow() -> None:
-            with httpx.Client(base_url=emu.base_url, headers=H, timeout=10) as s, \
-                    s.stream("GET", f"/v1/tasks/groups/{gid}/events", params={"timeout": 3}) as resp:
+            with (
+                httpx.Client(base_url=emu.base_url, headers=H, timeout=10) as s,
+                s.stream("GET", f"/v1/tasks/groups/{gid}/events", params={"timeout": 3}) as resp,
+            ):
                 for line in resp.iter_lines():
                     if line.startswith("data: "):
                         seen.append((time.monotonic(), json.loads(line[6:])))
@@ -172,8 +194,11 @@ def test_eventual_visibility_stale_listings_and_early_completions(spec, emulator
     assert len([e for e in events_of(first.content) if e["run"]["run_id"] in new]) < 60
     listed = [e for e in events_of(later.content) if e["run"]["run_id"] in new]
     assert len(listed) == 60 and all(e["run"]["metadata"]["enrich_row"] for e in listed)
-    stale = [e for e in events_of(first.content) + events_of(later.content) if e["run"]["status"] == "running"
-             and e["run"]["run_id"] in new]
+    stale = [
+        e
+        for e in events_of(first.content) + events_of(later.content)
+        if e["run"]["status"] == "running" and e["run"]["run_id"] in new
+    ]
     assert stale, "no stale running entry was listed"
 
 
@@ -198,8 +223,11 @@ def test_framing_variety_is_still_valid_sse(spec, emulator) -> None:
     split_frames = 0
     with client(emu) as c:
         gid, added = group_with(c, 30)
-        for path in (f"/v1/tasks/groups/{gid}/runs", f"/v1/tasks/groups/{gid}/events",
-                     f"/v1/tasks/runs/{added['run_ids'][0]}/events") * 3:
+        for path in (
+            f"/v1/tasks/groups/{gid}/runs",
+            f"/v1/tasks/groups/{gid}/events",
+            f"/v1/tasks/runs/{added['run_ids'][0]}/events",
+        ) * 3:
             with c.stream("GET", path) as resp:
                 chunks = list(resp.iter_raw())
             split_frames += sum(1 for ch in chunks[:-1] if not ch.endswith((b"\n\n", b"\r\n\r\n")))
@@ -209,10 +237,11 @@ def test_framing_variety_is_still_valid_sse(spec, emulator) -> None:
     everything = b"".join(bodies)
     for marker in (b"\r\n", b"\n: ", b"\nid: ", b"\nretry: ", b"data:{", b"event:task", b"event: emulator.unknown"):
         assert marker in everything, marker
-    assert any(sum(1 for line in body.splitlines() if line.startswith(b"data")) > len(parse_sse(body))
-               for body in bodies), "no event had several data lines"
+    assert any(
+        sum(1 for line in body.splitlines() if line.startswith(b"data")) > len(parse_sse(body)) for body in bodies
+    ), "no event had several data lines"
     assert split_frames > 0
-    assert [len(parse_sse(b)) for b in bodies[:1]] == [30]   # the first listing: every run, once
+    assert [len(parse_sse(b)) for b in bodies[:1]] == [30]  # the first listing: every run, once
 
 
 def test_basis_variety(spec, emulator) -> None:
@@ -243,8 +272,10 @@ def test_connections_misbehave_at_low_rates(spec, emulator) -> None:
     closes = 0
     with client(emu) as c:
         for i in range(150):
-            r = c.post("/v1/tasks/runs", json={"input": COMPANIES[i % 10], "processor": "lite",
-                                               "metadata": {"enrich_row": str(i)}})
+            r = c.post(
+                "/v1/tasks/runs",
+                json={"input": COMPANIES[i % 10], "processor": "lite", "metadata": {"enrich_row": str(i)}},
+            )
             check_response(spec, r, generic=True)
             statuses.append(r.status_code)
             closes += r.headers.get("connection") == "close"
@@ -267,7 +298,9 @@ def _read_response(s: socket.socket) -> bytes:
     while b"\r\n\r\n" not in data:
         data += s.recv(65536)
     head, _, body = data.partition(b"\r\n\r\n")
-    length = int(next(line.split(b":")[1] for line in head.lower().split(b"\r\n") if line.startswith(b"content-length")))
+    length = int(
+        next(line.split(b":")[1] for line in head.lower().split(b"\r\n") if line.startswith(b"content-length"))
+    )
     while len(body) < length:
         body += s.recv(65536)
     return head
@@ -350,23 +383,27 @@ def test_all_behaviours_keep_metadata_everywhere(emulator) -> None:
 # ---- processor-dependent quality ------------------------------------------------------------
 def _answer(emu: Any, processor: str, company: str = "Apple") -> dict[str, Any]:
     with client(emu) as c:
-        rid = c.post("/v1/tasks/runs", json={"input": {"company": company}, "processor": processor,
-                                             "task_spec": SCHEMA}).json()["run_id"]
+        rid = c.post(
+            "/v1/tasks/runs", json={"input": {"company": company}, "processor": processor, "task_spec": SCHEMA}
+        ).json()["run_id"]
         return c.get(f"/v1/tasks/runs/{rid}/result").json()["output"]
 
 
 def test_tier_column_makes_a_cell_hard(tmp_path, emulator) -> None:
     """`founded_year__tier = core`: lite answers it low, core and pro high; other fields stay high."""
     table = tmp_path / "k.csv"
-    table.write_text("company,headquarters_location,founded_year,founded_year__tier\n"
-                     "Apple,Cupertino,1976,core\nIBM,Armonk,1911,\n")
+    table.write_text(
+        "company,headquarters_location,founded_year,founded_year__tier\nApple,Cupertino,1976,core\nIBM,Armonk,1911,\n"
+    )
     emu = emulator(knowledge=str(table))
-    conf = {p: {b["field"]: b["confidence"] for b in _answer(emu, p)["basis"]} for p in ("lite", "base", "core", "pro-fast")}
+    conf = {
+        p: {b["field"]: b["confidence"] for b in _answer(emu, p)["basis"]} for p in ("lite", "base", "core", "pro-fast")
+    }
     assert [conf[p]["founded_year"] for p in ("lite", "core", "pro-fast")] == ["low", "high", "high"]
     assert conf["base"]["founded_year"] in ("medium", "low")
     assert {conf[p]["headquarters_location"] for p in conf} == {"high"}
     ibm = {b["field"]: b["confidence"] for b in _answer(emu, "lite", "IBM")["basis"]}
-    assert ibm["founded_year"] == ibm["headquarters_location"] == "high"   # an empty tier cell: easy
+    assert ibm["founded_year"] == ibm["headquarters_location"] == "high"  # an empty tier cell: easy
     assert "founded_year__tier" not in _answer(emu, "lite")["content"]
 
 
@@ -384,7 +421,7 @@ def test_hard_rate_lite_low_core_high_and_deterministic(emulator) -> None:
     core = {x["field"]: x for x in _answer(a, "core", company)["basis"]}
     assert lite[field]["confidence"] == "low" and core[field]["confidence"] == "high"
     grades = [[x["confidence"] for x in _answer(e, "lite", c)["basis"]] for e in (a, b) for c in rows]
-    assert grades[: len(rows)] == grades[len(rows):]
+    assert grades[: len(rows)] == grades[len(rows) :]
     other = emulator(hard_rate=1.0, seed=12)
     assert [[x["confidence"] for x in _answer(other, "lite", c)["basis"]] for c in rows] != grades[: len(rows)]
     none = emulator(hard_rate=0.0, seed=11)
@@ -396,15 +433,19 @@ def test_hard_rate_lite_low_core_high_and_deterministic(emulator) -> None:
 def test_behaviours_are_deterministic_per_seed(emulator) -> None:
     """The same requests to two servers with the same seed get the same id order, endings and basis
     variety; another seed differs. Run ids themselves are unique per server, like the real API's."""
+
     def observe(seed: int) -> tuple[list[int], list[tuple[str, Any]], set[str]]:
         emu = emulator(behaviours="shuffle,endings,basis", seed=seed)
         with client(emu) as c:
             gid, added = group_with(c, 40)
             listing = events_of(c.get(f"/v1/tasks/groups/{gid}/runs", params={"include_output": "true"}).content)
-        position = {e["run"]["run_id"]: i for i, e in enumerate(listing)}   # the listing is in input order
-        return ([position[r] for r in added["run_ids"]], [(e["run"]["status"], e["output"]) for e in listing],
-                set(position))
+        position = {e["run"]["run_id"]: i for i, e in enumerate(listing)}  # the listing is in input order
+        return (
+            [position[r] for r in added["run_ids"]],
+            [(e["run"]["status"], e["output"]) for e in listing],
+            set(position),
+        )
 
     first, again = observe(9), observe(9)
-    assert again[:2] == first[:2] and not (again[2] & first[2])   # same behaviour, never the same run ids
+    assert again[:2] == first[:2] and not (again[2] & first[2])  # same behaviour, never the same run ids
     assert observe(10)[:2] != first[:2]

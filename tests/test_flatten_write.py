@@ -12,8 +12,10 @@ FIELDS = {
     "hq": {"type": ["string", "null"]},
     "year": {"type": ["integer", "null"]},
     "founders": {"type": ["array", "null"], "items": {"type": "string"}},
-    "ceo": {"type": ["object", "null"], "properties": {"name": {"type": ["string", "null"]},
-                                                      "since": {"type": ["integer", "null"]}}},
+    "ceo": {
+        "type": ["object", "null"],
+        "properties": {"name": {"type": ["string", "null"]}, "since": {"type": ["integer", "null"]}},
+    },
 }
 
 
@@ -24,23 +26,43 @@ def result(content, basis):
 def test_columns_in_order_with_nested_objects() -> None:
     names = [c[0] for c in output_columns(FIELDS, reasoning=True)]
     evidence = ["__confidence", "__citations", "__reasoning", "__decision", "__processor"]
-    assert names == ["hq", *("hq" + e for e in evidence), "year", *("year" + e for e in evidence),
-                     "founders", *("founders" + e for e in evidence), "ceo.name", "ceo.since",
-                     *("ceo" + e for e in evidence)]
+    assert names == [
+        "hq",
+        *("hq" + e for e in evidence),
+        "year",
+        *("year" + e for e in evidence),
+        "founders",
+        *("founders" + e for e in evidence),
+        "ceo.name",
+        "ceo.since",
+        *("ceo" + e for e in evidence),
+    ]
 
 
 def test_flatten_values_and_basis() -> None:
-    flat = flatten(result(
-        {"hq": "Austin", "year": "1998", "founders": ["A", "B"], "ceo": {"name": "X", "since": 2020}, "extra": 1},
-        [{"field": "hq", "confidence": "medium", "reasoning": "r", "citations": [{"url": "https://a"}, {"url": "https://b"}]},
-         {"field": "year", "confidence": "", "reasoning": "r2", "citations": []},
-         {"field": "founders", "confidence": None, "reasoning": "r3"}]), FIELDS, reasoning=True)
+    flat = flatten(
+        result(
+            {"hq": "Austin", "year": "1998", "founders": ["A", "B"], "ceo": {"name": "X", "since": 2020}, "extra": 1},
+            [
+                {
+                    "field": "hq",
+                    "confidence": "medium",
+                    "reasoning": "r",
+                    "citations": [{"url": "https://a"}, {"url": "https://b"}],
+                },
+                {"field": "year", "confidence": "", "reasoning": "r2", "citations": []},
+                {"field": "founders", "confidence": None, "reasoning": "r3"},
+            ],
+        ),
+        FIELDS,
+        reasoning=True,
+    )
     assert flat["hq"] == "Austin" and flat["hq__confidence"] == "medium"
     assert flat["hq__citations"] == ["https://a", "https://b"] and flat["hq__reasoning"] == "r"
-    assert flat["year"] == 1998 and flat["year__confidence"] == ""     # "" kept as the API gave it
+    assert flat["year"] == 1998 and flat["year__confidence"] == ""  # "" kept as the API gave it
     assert flat["founders"] == ["A", "B"] and flat["founders__confidence"] is None
     assert flat["ceo.name"] == "X" and flat["ceo.since"] == 2020
-    assert flat["ceo__confidence"] is None and flat["ceo__citations"] is None   # no basis entry at all
+    assert flat["ceo__confidence"] is None and flat["ceo__citations"] is None  # no basis entry at all
 
 
 def test_flatten_missing_or_malformed_output() -> None:
@@ -50,15 +72,32 @@ def test_flatten_missing_or_malformed_output() -> None:
 
 
 def test_text_output_maps_to_output_column() -> None:
-    flat = flatten({"output": {"type": "text", "content": "A company.", "basis": [
-        {"field": "output", "confidence": "high", "reasoning": "r", "citations": []}]}},
-        {"output": {"type": "string"}}, reasoning=False)
-    assert flat == {"output": "A company.", "output__confidence": "high", "output__citations": [],
-                    "output__decision": None, "output__processor": None}   # decided by write.py, not here
+    flat = flatten(
+        {
+            "output": {
+                "type": "text",
+                "content": "A company.",
+                "basis": [{"field": "output", "confidence": "high", "reasoning": "r", "citations": []}],
+            }
+        },
+        {"output": {"type": "string"}},
+        reasoning=False,
+    )
+    assert flat == {
+        "output": "A company.",
+        "output__confidence": "high",
+        "output__citations": [],
+        "output__decision": None,
+        "output__processor": None,
+    }  # decided by write.py, not here
 
 
-@given(st.dictionaries(st.sampled_from(list(FIELDS)), st.one_of(st.none(), st.text(), st.integers(), st.floats(),
-                                                                  st.lists(st.text()), st.booleans())))
+@given(
+    st.dictionaries(
+        st.sampled_from(list(FIELDS)),
+        st.one_of(st.none(), st.text(), st.integers(), st.floats(), st.lists(st.text()), st.booleans()),
+    )
+)
 def test_flatten_is_total_and_deterministic(content) -> None:
     """Any content shape: every column present, same answer twice, never an exception."""
     a = flatten(result(content, []), FIELDS, reasoning=True)

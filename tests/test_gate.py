@@ -25,21 +25,41 @@ from enrich.gate import (
 from enrich.processors import strength
 
 
-def result(run_id: str, content: dict[str, Any], basis: list[dict[str, Any]], processor: str = "core") -> dict[str, Any]:
-    return {"run": {"run_id": run_id, "processor": processor, "status": "completed"},
-            "output": {"type": "json", "content": content, "basis": basis}}
+def result(
+    run_id: str, content: dict[str, Any], basis: list[dict[str, Any]], processor: str = "core"
+) -> dict[str, Any]:
+    return {
+        "run": {"run_id": run_id, "processor": processor, "status": "completed"},
+        "output": {"type": "json", "content": content, "basis": basis},
+    }
 
 
 def entry(field: str, confidence: Any, url: str = "https://e.com") -> dict[str, Any]:
-    return {"field": field, "reasoning": f"because {field}", "confidence": confidence,
-            "citations": [{"url": url, "title": "T", "excerpts": ["x"]}]}
+    return {
+        "field": field,
+        "reasoning": f"because {field}",
+        "confidence": confidence,
+        "citations": [{"url": url, "title": "T", "excerpts": ["x"]}],
+    }
 
 
-@pytest.mark.parametrize("raw,expected", [
-    ("high", "high"), ("MEDIUM ", "medium"), ("low", "low"), ("", "none"), (None, "none"),
-    ("unsure", "none"), (0.93, 0.93), (1, 1.0), ("0.5", 0.5), (float("nan"), "none"), (True, "none"),
-    ([], "none"),
-])
+@pytest.mark.parametrize(
+    "raw,expected",
+    [
+        ("high", "high"),
+        ("MEDIUM ", "medium"),
+        ("low", "low"),
+        ("", "none"),
+        (None, "none"),
+        ("unsure", "none"),
+        (0.93, 0.93),
+        (1, 1.0),
+        ("0.5", 0.5),
+        (float("nan"), "none"),
+        (True, "none"),
+        ([], "none"),
+    ],
+)
 def test_normalize_confidence(raw: Any, expected: Any) -> None:
     """Labels are case-folded; null, "", unknown labels and booleans are "none"; numbers are floats."""
     assert normalize_confidence(raw) == expected
@@ -47,8 +67,11 @@ def test_normalize_confidence(raw: Any, expected: Any) -> None:
 
 def test_confidence_of_missing_entries_and_elements() -> None:
     """A missing basis entry is "none"; an array without its own entry takes its weakest element."""
-    r = result("r", {"a": 1, "b": [1, 2], "c": 3},
-               [entry("a", "high"), entry("b.1", "low"), entry("b.0", "high"), entry("c", "")])
+    r = result(
+        "r",
+        {"a": 1, "b": [1, 2], "c": 3},
+        [entry("a", "high"), entry("b.1", "low"), entry("b.0", "high"), entry("c", "")],
+    )
     assert confidence_of(r, "a") == "high"
     assert confidence_of(r, "b") == "low"
     assert confidence_of(r, "b.0") == "high"
@@ -65,17 +88,26 @@ def test_text_output_field_is_output() -> None:
     assert merge([("core", r)], ["output"], GateConfig()).fields["output"].value == "md"
 
 
-@pytest.mark.parametrize("conf,expected", [
-    ("high", "accepted"), ("medium", "review"), ("low", "rejected"), ("none", "rejected"), ("", "rejected"),
-    (None, "rejected"), (0.99, "rejected"),   # numbers without thresholds count as "none"
-])
+@pytest.mark.parametrize(
+    "conf,expected",
+    [
+        ("high", "accepted"),
+        ("medium", "review"),
+        ("low", "rejected"),
+        ("none", "rejected"),
+        ("", "rejected"),
+        (None, "rejected"),
+        (0.99, "rejected"),  # numbers without thresholds count as "none"
+    ],
+)
 def test_decide_defaults(conf: Any, expected: str) -> None:
     """Default gate: high accepted, medium review, low/none rejected; never "high" by accident."""
     assert decide("f", conf, GateConfig()) == expected
 
 
-@pytest.mark.parametrize("conf,expected", [(0.95, "accepted"), (0.9, "accepted"), (0.6, "review"),
-                                           (0.59, "rejected"), ("high", "accepted")])
+@pytest.mark.parametrize(
+    "conf,expected", [(0.95, "accepted"), (0.9, "accepted"), (0.6, "review"), (0.59, "rejected"), ("high", "accepted")]
+)
 def test_decide_numeric_thresholds(conf: Any, expected: str) -> None:
     """accept_at / review_at are inclusive lower bounds; labels still use the lists."""
     assert decide("f", conf, GateConfig(accept_at=0.9, review_at=0.6)) == expected
@@ -100,13 +132,16 @@ def test_decide_row_and_escalation() -> None:
     assert not needs_escalation({"a": "human_rejected"}, ["rejected", "review"])
 
 
-@pytest.mark.parametrize("ladder,tried,expected", [
-    (["lite", "core", "pro"], ["lite"], "core"),
-    (["lite", "core", "pro"], ["lite", "core"], "pro"),
-    (["lite", "core", "pro"], ["lite", "core", "pro"], None),
-    (["lite-fast", "base", "core"], [], "lite-fast"),
-    (["lite", "core", "pro"], ["core-fast"], "core"),   # same tier, standard is stronger
-])
+@pytest.mark.parametrize(
+    "ladder,tried,expected",
+    [
+        (["lite", "core", "pro"], ["lite"], "core"),
+        (["lite", "core", "pro"], ["lite", "core"], "pro"),
+        (["lite", "core", "pro"], ["lite", "core", "pro"], None),
+        (["lite-fast", "base", "core"], [], "lite-fast"),
+        (["lite", "core", "pro"], ["core-fast"], "core"),  # same tier, standard is stronger
+    ],
+)
 def test_next_processor(ladder: list[str], tried: list[str], expected: str | None) -> None:
     """The next ladder step is the first one stronger than everything tried."""
     assert next_processor(ladder, tried) == expected
@@ -160,9 +195,14 @@ def runs(draw: Any) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-GATES = st.sampled_from([GateConfig(), GateConfig(accept_at=0.8, review_at=0.5),
-                         GateConfig(accept=["high", "medium"], review=[], reject=["low", "none"], review_at=0.3),
-                         GateConfig(accept=[], review=["high", "medium", "low"], reject=["none"])])
+GATES = st.sampled_from(
+    [
+        GateConfig(),
+        GateConfig(accept_at=0.8, review_at=0.5),
+        GateConfig(accept=["high", "medium"], review=[], reject=["low", "none"], review_at=0.3),
+        GateConfig(accept=[], review=["high", "medium", "low"], reject=["none"]),
+    ]
+)
 
 
 @given(runs(), GATES)
@@ -206,14 +246,23 @@ def _merged() -> Any:
 
 def test_apply_verdicts() -> None:
     """accept/reject keep the value; correct replaces it and records the model answer."""
-    m = apply_verdicts(_merged(), [
-        Verdict(("k1",), "a", "accept", run_id="r1"),
-        Verdict(("k1",), "b", "correct", corrected_value="B2", reviewer="ann"),
-        Verdict(("k1",), "c", "reject"),
-    ])
+    m = apply_verdicts(
+        _merged(),
+        [
+            Verdict(("k1",), "a", "accept", run_id="r1"),
+            Verdict(("k1",), "b", "correct", corrected_value="B2", reviewer="ann"),
+            Verdict(("k1",), "c", "reject"),
+        ],
+    )
     a, b, c = m.fields["a"], m.fields["b"], m.fields["c"]
     assert (a.decision, a.value, a.processor) == ("human_accepted", "A", "core")
-    assert (b.decision, b.value, b.processor, b.run_id, b.confidence) == ("human_corrected", "B2", "human", None, "human")
+    assert (b.decision, b.value, b.processor, b.run_id, b.confidence) == (
+        "human_corrected",
+        "B2",
+        "human",
+        None,
+        "human",
+    )
     assert b.previous is not None and b.previous.value == "B" and b.previous.run_id == "r1"
     assert (c.decision, c.value) == ("human_rejected", "C")
     assert not needs_escalation(m.decisions, ["rejected", "review"])

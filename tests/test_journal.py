@@ -20,8 +20,12 @@ PRICES = {"lite": 5000, "base": 10000}
 
 
 def rows(keys: list[str], inp: str = "x", spec: str = "s", proc: str = "lite") -> list[list[tuple]]:
-    return [[(json.dumps([k]), f"ref{k}", i, i + 2, json.dumps([k]), json.dumps({"c": k + inp}), k + inp, spec, proc)
-             for i, k in enumerate(keys)]]
+    return [
+        [
+            (json.dumps([k]), f"ref{k}", i, i + 2, json.dumps([k]), json.dumps({"c": k + inp}), k + inp, spec, proc)
+            for i, k in enumerate(keys)
+        ]
+    ]
 
 
 def done(ref: str, attempt: int, run_id: str, result: str = '{"output": {}}') -> Finished:
@@ -39,7 +43,7 @@ def test_file_modes_and_pragmas(j: Journal, tmp_path: Path) -> None:
     """Journal is 0600, WAL, synchronous=FULL, and passes integrity_check."""
     assert oct((tmp_path / "j.sqlite").stat().st_mode & 0o777) == "0o600"
     assert j.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert j.conn.execute("PRAGMA synchronous").fetchone()[0] == 2   # FULL
+    assert j.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     assert j.integrity_ok()
 
 
@@ -63,8 +67,10 @@ def test_symlink_lock_holds_across_processes(tmp_path: Path) -> None:
     """Another process opening the journal through a symlink is refused while this one holds it."""
     j = Journal.open(tmp_path / "j.sqlite")
     (tmp_path / "alias.sqlite").symlink_to(tmp_path / "j.sqlite")
-    code = ("import sys\nfrom enrich.journal import Journal\nfrom enrich.errors import JournalError\n"
-            f"try:\n    Journal.open({str(tmp_path / 'alias.sqlite')!r})\nexcept JournalError:\n    sys.exit(7)\n")
+    code = (
+        "import sys\nfrom enrich.journal import Journal\nfrom enrich.errors import JournalError\n"
+        f"try:\n    Journal.open({str(tmp_path / 'alias.sqlite')!r})\nexcept JournalError:\n    sys.exit(7)\n"
+    )
     try:
         assert subprocess.run([sys.executable, "-c", code]).returncode == 7
     finally:
@@ -114,7 +120,7 @@ def test_transitions_raise_when_the_row_is_elsewhere(j: Journal) -> None:
     """A transition from the wrong state or for another attempt raises, and changes nothing."""
     j.seed(rows(["a"]), 1, None, False)
     with pytest.raises(TransitionError):
-        j.mark_unknown([('["a"]', 1)], "x")          # still pending
+        j.mark_unknown([('["a"]', 1)], "x")  # still pending
     j.claim(1, 1, PRICES, None, 0.0, 1)
     with pytest.raises(TransitionError):
         j.release([('["a"]', 2)], 0.0, None, "x", 6)  # a decision about another attempt
@@ -128,7 +134,7 @@ def test_safe_failures_do_not_count_only_row_rejections_do(j: Journal) -> None:
     j.seed(rows(["a"]), 1, None, False)
     for n in range(1, 10):
         c = j.claim(1, 1, PRICES, None, 0.0, n)[0]
-        assert c.attempt == n    # metadata enrich_try never repeats for a row
+        assert c.attempt == n  # metadata enrich_try never repeats for a row
         j.release([(c.row_key, c.attempt)], 0.0, None, "429", max_retries=3)
     assert j.counts(1) == {"pending": 1}
     for n in range(10, 13):
@@ -143,8 +149,10 @@ def test_results_are_matched_by_metadata_not_position(j: Journal) -> None:
     j.claim(1, 10, PRICES, None, 0.0, 1)
     j.mark_submitted([('["a"]', 1), ('["b"]', 1)], ["trun_2", "trun_1"], 1, "", 1.0)
     assert sorted(r[0] for r in j.waiting_runs()) == ["trun_1", "trun_2"]
-    n, refused = j.record([done("refa", 1, "trun_1", '{"v": "A"}'), done("refb", 1, "trun_2", '{"v": "B"}'),
-                           done("nobody", 1, "trun_9")], 2.0)
+    n, refused = j.record(
+        [done("refa", 1, "trun_1", '{"v": "A"}'), done("refb", 1, "trun_2", '{"v": "B"}'), done("nobody", 1, "trun_9")],
+        2.0,
+    )
     assert n == 2 and refused == ["trun_9"]
     got = {json.loads(r[0])[0]: (r[3], r[8][0][2]) for chunk in j.iter_results(1, ["lite"]) for r in chunk}
     assert got == {"a": ("trun_1", '{"v": "A"}'), "b": ("trun_2", '{"v": "B"}')}
@@ -169,19 +177,21 @@ def test_incremental_reseed_and_result_reuse_across_processors(j: Journal) -> No
     j.record([done("refa", 1, "t1"), Finished("t2", "refb", 1, error="run failed")], 2.0)
     j.seed(rows(["a", "b"]), 2, None, False)
     assert j.counts(2) == {"done": 1, "failed": 1}
-    j.seed(rows(["a", "b"], proc="base"), 3, None, False)        # another processor: research again
+    j.seed(rows(["a", "b"], proc="base"), 3, None, False)  # another processor: research again
     assert j.counts(3) == {"pending": 2}
-    j.seed(rows(["a", "b"], proc="lite"), 4, None, False)        # back to lite: a's result is reused
-    assert j.counts(4) == {"done": 1, "pending": 1}              # (a failure is not a result to reuse)
-    j.conn.execute("UPDATE rows SET state='failed', run_processor='lite', run_input_hash=input_hash, "
-                   "run_spec_hash=spec_hash WHERE row_key='[\"b\"]'")
+    j.seed(rows(["a", "b"], proc="lite"), 4, None, False)  # back to lite: a's result is reused
+    assert j.counts(4) == {"done": 1, "pending": 1}  # (a failure is not a result to reuse)
+    j.conn.execute(
+        "UPDATE rows SET state='failed', run_processor='lite', run_input_hash=input_hash, "
+        "run_spec_hash=spec_hash WHERE row_key='[\"b\"]'"
+    )
     j.seed(rows(["a", "b"]), 5, None, False)
     assert j.counts(5) == {"done": 1, "failed": 1}
-    j.seed(rows(["a", "b"]), 6, None, True)                      # --retry-failed
+    j.seed(rows(["a", "b"]), 6, None, True)  # --retry-failed
     assert j.counts(6) == {"done": 1, "pending": 1}
     j.seed(rows(["a", "b"], inp="changed"), 7, None, False)
     assert j.counts(7) == {"pending": 2}
-    j.seed(rows(["a"]), 8, refresh_before=3.0, retry_failed=False)   # stale: refresh due
+    j.seed(rows(["a"]), 8, refresh_before=3.0, retry_failed=False)  # stale: refresh due
     assert j.counts(8) == {"pending": 1}
 
 
@@ -194,7 +204,7 @@ def test_result_for_a_changed_row_goes_back_to_pending(j: Journal) -> None:
     assert j.counts(2) == {"submitted": 1}
     j.record([done("refa", 1, "t1")], 2.0)
     assert j.counts(2) == {"pending": 1}
-    assert j.conn.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 1   # paid for: kept
+    assert j.conn.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 1  # paid for: kept
 
 
 def test_timed_out_run_is_collected_by_retry_failed(j: Journal) -> None:
@@ -225,7 +235,7 @@ def test_identity_is_checked(j: Journal) -> None:
     """A journal refuses another job's identity unless adopted; the API key binds once a group exists."""
     ident = {"output": "/o.csv", "task_spec": "s1", "key_columns": ["k"], "api_key": "h1"}
     j.check_identity(ident, adopt=False)
-    j.check_identity({**ident, "api_key": "h2"}, adopt=False)   # nothing created yet
+    j.check_identity({**ident, "api_key": "h2"}, adopt=False)  # nothing created yet
     j.set("taskgroup_id", "tgrp_1")
     with pytest.raises(JournalError, match="api_key"):
         j.check_identity({**ident, "api_key": "h3"}, adopt=False)
@@ -247,7 +257,7 @@ class JournalMachine(RuleBasedStateMachine):
         self.model = {k: "pending" for k in self.KEYS}
         self.attempt = dict.fromkeys(self.KEYS, 0)
         self.reserved = 0
-        self.runs: dict[str, str] = {}   # run_id -> key
+        self.runs: dict[str, str] = {}  # run_id -> key
         self.seq = 0
 
     def keys_in(self, *states: str) -> list[str]:

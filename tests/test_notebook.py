@@ -16,8 +16,10 @@ from tests.conftest import ROOT
 
 CONFIG = {
     "input": {"key": ["company"], "columns": ["company"]},
-    "task": {"processor": "lite-fast", "output": {"headquarters_location": {"type": "string"},
-                                                  "founded_year": {"type": "integer"}}},
+    "task": {
+        "processor": "lite-fast",
+        "output": {"headquarters_location": {"type": "string"}, "founded_year": {"type": "integer"}},
+    },
     "limits": {"reconcile_grace_s": 3, "request_timeout_s": 2},
 }
 
@@ -34,8 +36,9 @@ def test_polars_in_polars_out_and_resume(tmp_path: Path, emulator) -> None:
     """Right rows and columns; a budget stop then a second call finishes without paying twice."""
     emu = emulator(time_scale=0.0)
     journal = tmp_path / "nb.journal.sqlite"
-    part = enrich.enrich_frame(frame(), CONFIG, journal=journal, base_url=emu.base_url, api_key="sk-nb-1234",
-                               budget_usd=0.1)   # 20 runs
+    part = enrich.enrich_frame(
+        frame(), CONFIG, journal=journal, base_url=emu.base_url, api_key="sk-nb-1234", budget_usd=0.1
+    )  # 20 runs
     assert isinstance(part, pl.DataFrame) and part.height == 55
     assert (part["_enrich_status"] == "completed").sum() == 20 and runs(emu) == 20
     out = enrich.enrich_frame(frame(), CONFIG, journal=journal, base_url=emu.base_url, api_key="sk-nb-1234")
@@ -51,14 +54,16 @@ def test_pandas_in_pandas_out(tmp_path: Path, emulator) -> None:
     """A pandas frame comes back as pandas with the researched columns."""
     pd = pytest.importorskip("pandas")
     emu = emulator(time_scale=0.0)
-    out = enrich.enrich_frame(frame().head(5).to_pandas(), CONFIG, journal=tmp_path / "j.sqlite",
-                              base_url=emu.base_url, api_key="sk-nb-1234")
+    out = enrich.enrich_frame(
+        frame().head(5).to_pandas(), CONFIG, journal=tmp_path / "j.sqlite", base_url=emu.base_url, api_key="sk-nb-1234"
+    )
     assert isinstance(out, pd.DataFrame) and len(out) == 5
     assert "headquarters_location__confidence" in out.columns and list(out["company"]) == list(frame()["company"][:5])
 
 
 def test_inside_a_running_event_loop(tmp_path: Path) -> None:
     """Called from a coroutine (as in Jupyter) with the embedded emulator: no 'event loop is running' error."""
+
     async def cell() -> pl.DataFrame:
         return enrich.enrich_frame(frame().head(3), CONFIG, journal=tmp_path / "j.sqlite", emulator=True)
 

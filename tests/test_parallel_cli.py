@@ -23,12 +23,35 @@ def test_parallel_cli_enrich_run(tmp_path: Path, emulator) -> None:
     exe = str(Path(sys.executable).parent / "parallel-cli")
     if not Path(exe).exists():
         exe = shutil.which("parallel-cli") or exe
-    env = {**os.environ, "PARALLEL_API_KEY": "cli-key", "PARALLEL_API_URL": emu.base_url,
-           "PARALLEL_BASE_URL": emu.base_url}
-    r = subprocess.run([exe, "enrich", "run", "--source-type", "csv", "--source", str(src), "--target", str(out),
-                        "--source-columns", '[{"name": "company", "description": "Company name"}]',
-                        "--enriched-columns", '[{"name": "headquarters_location", "description": "HQ city"}]',
-                        "--processor", "lite-fast"], capture_output=True, text=True, env=env, timeout=120)
+    env = {
+        **os.environ,
+        "PARALLEL_API_KEY": "cli-key",
+        "PARALLEL_API_URL": emu.base_url,
+        "PARALLEL_BASE_URL": emu.base_url,
+    }
+    r = subprocess.run(
+        [
+            exe,
+            "enrich",
+            "run",
+            "--source-type",
+            "csv",
+            "--source",
+            str(src),
+            "--target",
+            str(out),
+            "--source-columns",
+            '[{"name": "company", "description": "Company name"}]',
+            "--enriched-columns",
+            '[{"name": "headquarters_location", "description": "HQ city"}]',
+            "--processor",
+            "lite-fast",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     with out.open(encoding="utf-8", newline="") as f:
         rows = {row["company"]: row for row in csv.DictReader(f)}

@@ -43,13 +43,14 @@ from enrich.scale.runner import check_shared, run_partitioned, worst
 from tests.conftest import ROOT, EmulatorProcess, run_enrich, wait_for, write_config
 
 ray = pytest.importorskip("ray")
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::ResourceWarning",
-                                        "ignore::pytest.PytestUnraisableExceptionWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::DeprecationWarning", "ignore::ResourceWarning", "ignore::pytest.PytestUnraisableExceptionWarning"
+)
 
 with (ROOT / "enrich" / "data" / "companies_knowledge.csv").open(encoding="utf-8") as _f:
     KNOWN = [r["company"] for r in csv.DictReader(_f)]
 FIELDS = {"headquarters_location": "string", "founded_year": "integer"}
-PRICE = 0.005   # lite-fast, USD per run
+PRICE = 0.005  # lite-fast, USD per run
 
 
 def make_rows(path: Path, n: int, start: int = 0) -> Path:
@@ -64,8 +65,15 @@ def make_rows(path: Path, n: int, start: int = 0) -> Path:
 
 def config(d: Path, name: str, inp: Path, output: Path, limits: str = "", budget: float | None = None) -> Path:
     lim = limits + (f"\nbudget_usd = {budget}" if budget is not None else "")
-    return write_config(d / f"{name}.toml", input_path=inp, output=output, key=["id"], columns=["id", "company"],
-                        fields=FIELDS, limits=lim)
+    return write_config(
+        d / f"{name}.toml",
+        input_path=inp,
+        output=output,
+        key=["id"],
+        columns=["id", "company"],
+        fields=FIELDS,
+        limits=lim,
+    )
 
 
 def frame(path: Path) -> pl.DataFrame:
@@ -76,13 +84,19 @@ def frame(path: Path) -> pl.DataFrame:
         df = pl.read_parquet(path)
     else:
         df = pl.read_csv(path, infer_schema=False)
-    return df.drop("_enrich_run_id", "_enrich_latency_s")   # both differ between runs by construction
+    return df.drop("_enrich_run_id", "_enrich_latency_s")  # both differ between runs by construction
 
 
 @pytest.fixture(scope="module")
 def local_ray() -> Iterator[None]:
-    ray.init(num_cpus=2, object_store_memory=200 * 1024 * 1024, include_dashboard=False, namespace="enrich",
-             logging_level="WARNING", log_to_driver=False)
+    ray.init(
+        num_cpus=2,
+        object_store_memory=200 * 1024 * 1024,
+        include_dashboard=False,
+        namespace="enrich",
+        logging_level="WARNING",
+        log_to_driver=False,
+    )
     yield
     ray.shutdown()
 
@@ -96,24 +110,25 @@ def emu() -> Iterator[EmulatorProcess]:
 
 # ---- pure parts: no Ray -----------------------------------------------------------------------
 
+
 def test_governor_paces_posts_globally_without_burst(tmp_path: Path) -> None:
     g = GovernorState(tmp_path, requests_per_minute=120, budget_micros=None)
-    waits = [g.post_delay(100.0) for _ in range(5)]   # five partitions ask at the same instant
+    waits = [g.post_delay(100.0) for _ in range(5)]  # five partitions ask at the same instant
     assert waits == pytest.approx([0.0, 0.5, 1.0, 1.5, 2.0])
-    assert g.post_delay(200.0) == 0.0                 # an idle spell gives no burst credit
+    assert g.post_delay(200.0) == 0.0  # an idle spell gives no burst credit
     assert g.post_delay(200.0) == pytest.approx(0.5)
 
 
 def test_governor_budget_leases_register_settle_and_rebuild(tmp_path: Path) -> None:
     g = GovernorState(tmp_path, 60, budget_micros=1_000)
     assert g.lease("part-00000", 600, held=0) == 600
-    assert g.lease("part-00001", 600, held=0) == 400      # only what is left
+    assert g.lease("part-00001", 600, held=0) == 400  # only what is left
     assert g.lease("part-00002", 10, held=0) == 0
     g2 = GovernorState(tmp_path, 60, budget_micros=1_000)  # restarted: the persisted allocations hold
     assert g2.committed == 1_000 and g2.lease("part-00002", 10, held=0) == 0
-    g2.settle("part-00000", 100)                           # finished, spent 100: 500 come back
+    g2.settle("part-00000", 100)  # finished, spent 100: 500 come back
     assert g2.lease("part-00002", 700, held=0) == 500
-    g2.register("part-00001", 0)                           # a retried attempt: the dead one's lease is freed
+    g2.register("part-00001", 0)  # a retried attempt: the dead one's lease is freed
     assert g2.lease("part-00001", 10, held=0) == 10
     assert g2.committed == 100 + 500 + 10
     assert g2.lease("part-00003", 1_000, held=0) == 390 and g2.committed == 1_000
@@ -134,7 +149,7 @@ def test_cut_is_deterministic_and_refuses_a_changed_input(tmp_path: Path) -> Non
     plan = cut(cfg, parts, 4)
     assert [p.rows for p in plan.partitions] == [26, 26, 26, 25]
     first = [(parts / p.slice).read_bytes() for p in plan.partitions]
-    again = cut(cfg, parts, 2)     # a stored cut is kept: the same rows stay in the same partition
+    again = cut(cfg, parts, 2)  # a stored cut is kept: the same rows stay in the same partition
     assert [(parts / p.slice).read_bytes() for p in again.partitions] == first
     rows = [r for p in plan.partitions for r in list(csv.reader((parts / p.slice).open()))[1:]]
     assert rows == list(csv.reader(inp.open()))[1:]
@@ -151,7 +166,7 @@ def test_directory_input_one_partition_per_file_and_keys_unique_across_files(tmp
     cfg = load_config(config(tmp_path, "c", src, tmp_path / "out.csv"))
     plan = cut(cfg, tmp_path / "p1", None)
     assert [(Path(p.source).name, p.rows) for p in plan.partitions] == [("a.csv", 30), ("b.csv", 20)]
-    make_rows(src / "c.csv", 5, start=25)   # r000025.. repeats a key of a.csv
+    make_rows(src / "c.csv", 5, start=25)  # r000025.. repeats a key of a.csv
     with pytest.raises(InputError, match="duplicate key"):
         cut(load_config(config(tmp_path, "c", src, tmp_path / "out.csv")), tmp_path / "p2", None)
 
@@ -176,8 +191,10 @@ def test_partitions_flag_needs_ray(tmp_path: Path) -> None:
 
 # ---- on a local Ray ---------------------------------------------------------------------------
 
+
 def test_partitioned_output_equals_single_process_then_resume_sends_nothing(
-        tmp_path: Path, local_ray: None, emu: EmulatorProcess) -> None:
+    tmp_path: Path, local_ray: None, emu: EmulatorProcess
+) -> None:
     inp = make_rows(tmp_path / "in.csv", 400)
     over = {"api.base_url": emu.base_url}
     single = run_job(load_config(config(tmp_path, "single", inp, tmp_path / "single.csv"), over), api_key="k")
@@ -186,30 +203,33 @@ def test_partitioned_output_equals_single_process_then_resume_sends_nothing(
     res = run_partitioned(cfg, address=None, partitions=3, api_key="k")
     assert res.exit_code == EXIT_OK, res.message
     assert frame(tmp_path / "multi.csv").equals(frame(tmp_path / "single.csv"))
-    assert frame(tmp_path / "multi.csv")["founded_year"].null_count() < 400   # real values, not all empty
+    assert frame(tmp_path / "multi.csv")["founded_year"].null_count() < 400  # real values, not all empty
     report = json.loads((tmp_path / "multi.csv.report.json").read_text())
     assert report["rows"] == 400 and report["partitions"] == 3 and report["spend_usd"] == pytest.approx(400 * PRICE)
     st = run_enrich("status", str(tmp_path / "multi.csv.journal.sqlite"), "--json")
     info = json.loads(st.stdout)
     assert info["partitioned"] and info["counts"] == {"done": 400} and len(info["per_partition"]) == 3
     posts = emu.stats()["creating_posts"]
-    again = run_partitioned(cfg, address=None, partitions=None, api_key="k")   # finished partitions are skipped
+    again = run_partitioned(cfg, address=None, partitions=None, api_key="k")  # finished partitions are skipped
     assert again.exit_code == EXIT_OK and emu.stats()["creating_posts"] == posts
     assert frame(tmp_path / "multi.csv").equals(frame(tmp_path / "single.csv"))
     plan = run_enrich("plan", str(config(tmp_path, "multi", inp, tmp_path / "multi.csv")))
     assert "partitions           3" in plan.stdout and "to submit            0" in plan.stdout
 
 
-def test_directory_output_is_a_dataset_with_a_manifest(tmp_path: Path, local_ray: None,
-                                                       emu: EmulatorProcess) -> None:
+def test_directory_output_is_a_dataset_with_a_manifest(tmp_path: Path, local_ray: None, emu: EmulatorProcess) -> None:
     src = tmp_path / "in"
     src.mkdir()
     make_rows(src / "a.csv", 120)
     make_rows(src / "b.csv", 80, start=120)
     make_rows(tmp_path / "all.csv", 200)
     over = {"api.base_url": emu.base_url}
-    assert run_job(load_config(config(tmp_path, "s", tmp_path / "all.csv", tmp_path / "s.parquet"), over),
-                   api_key="k").exit_code == EXIT_OK
+    assert (
+        run_job(
+            load_config(config(tmp_path, "s", tmp_path / "all.csv", tmp_path / "s.parquet"), over), api_key="k"
+        ).exit_code
+        == EXIT_OK
+    )
     out = tmp_path / "dataset"
     res = run_partitioned(load_config(config(tmp_path, "d", src, out), over), address=None, partitions=4, api_key="k")
     assert res.exit_code == EXIT_OK, res.message
@@ -223,30 +243,37 @@ def test_directory_output_is_a_dataset_with_a_manifest(tmp_path: Path, local_ray
 def test_budget_binds_across_partitions(tmp_path: Path, local_ray: None, emu: EmulatorProcess) -> None:
     inp = make_rows(tmp_path / "in.csv", 400)
     budget = 250 * PRICE
-    cfg = load_config(config(tmp_path, "b", inp, tmp_path / "b.csv", "batch_size = 20", budget=budget),
-                      {"api.base_url": emu.base_url})
+    cfg = load_config(
+        config(tmp_path, "b", inp, tmp_path / "b.csv", "batch_size = 20", budget=budget), {"api.base_url": emu.base_url}
+    )
     res = run_partitioned(cfg, address=None, partitions=4, api_key="k")
     assert res.exit_code == EXIT_BUDGET, res.message
     ledger = emu.ledger()
     cost = sum(e["price_micros"] for e in ledger) / 1e6
     assert cost <= budget + 1e-9 and res.report["spend_usd"] == pytest.approx(cost)
-    assert len(ledger) >= 200   # leases in chunks strand little: most of the budget is used
+    assert len(ledger) >= 200  # leases in chunks strand little: most of the budget is used
     out = frame(tmp_path / "b.csv")
     assert out["id"].to_list() == [f"r{i:06d}" for i in range(400)]
     assert Counter(out["_enrich_status"].to_list())["completed"] == len(ledger)
 
 
-def test_global_post_rate_holds_with_four_partitions_at_once(tmp_path: Path, local_ray: None,
-                                                             emu: EmulatorProcess) -> None:
+def test_global_post_rate_holds_with_four_partitions_at_once(
+    tmp_path: Path, local_ray: None, emu: EmulatorProcess
+) -> None:
     rpm = 600
     inp = make_rows(tmp_path / "in.csv", 480)
-    cfg = load_config(config(tmp_path, "r", inp, tmp_path / "r.csv", f"batch_size = 5\nrequests_per_minute = {rpm}"),
-                      {"api.base_url": emu.base_url})
+    cfg = load_config(
+        config(tmp_path, "r", inp, tmp_path / "r.csv", f"batch_size = 5\nrequests_per_minute = {rpm}"),
+        {"api.base_url": emu.base_url},
+    )
     res = run_partitioned(cfg, address=None, partitions=4, api_key="k")
     assert res.exit_code == EXIT_OK, res.message
-    posts = sorted(t for t, method, route, status in emu.get("/_emulator/requests")
-                   if method == "POST" and route in ("add_runs", "create_run"))
-    assert len(posts) >= 96   # 480 rows in batches of at most 5
+    posts = sorted(
+        t
+        for t, method, route, status in emu.get("/_emulator/requests")
+        if method == "POST" and route in ("add_runs", "create_run")
+    )
+    assert len(posts) >= 96  # 480 rows in batches of at most 5
     assert max_in_window(posts, 5.0) <= rpm / 60 * 5 * 1.1 + 1
     assert (len(posts) - 1) / (posts[-1] - posts[0]) * 60 <= rpm * 1.1
 
@@ -262,6 +289,7 @@ def max_in_window(times: list[float], window: float) -> int:
 
 # ---- a real two-node cluster on this machine (slow) -------------------------------------------
 
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -273,32 +301,64 @@ class TwoNodeCluster:
     process groups, so teardown stops exactly these processes."""
 
     def __init__(self) -> None:
-        self.tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))   # short: Ray's socket paths must fit
+        self.tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths must fit
         self.log = (self.tmp / "nodes.log").open("w")
         port = free_port()
         self.address = f"127.0.0.1:{port}"
         ray_bin = str(Path(sys.executable).parent / "ray")
-        env = {**os.environ, "RAY_AUTH_MODE": "disabled"}   # a throwaway local cluster: no token to hand around
-        common = ["--block", "--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
-                  "--object-store-memory=100000000"]
-        self.nodes = [subprocess.Popen([ray_bin, "start", "--head", f"--port={port}", "--include-dashboard=false",
-                                        f"--temp-dir={self.tmp / 'head'}", *common], stdout=self.log,
-                                       stderr=subprocess.STDOUT, start_new_session=True, env=env)]
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # a throwaway local cluster: no token to hand around
+        common = [
+            "--block",
+            "--num-cpus=1",
+            "--node-ip-address=127.0.0.1",
+            "--disable-usage-stats",
+            "--object-store-memory=100000000",
+        ]
+        self.nodes = [
+            subprocess.Popen(
+                [
+                    ray_bin,
+                    "start",
+                    "--head",
+                    f"--port={port}",
+                    "--include-dashboard=false",
+                    f"--temp-dir={self.tmp / 'head'}",
+                    *common,
+                ],
+                stdout=self.log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=env,
+            )
+        ]
         try:
             wait_for(lambda: self.alive() >= 1, timeout=90, interval=1)
-            self.nodes.append(subprocess.Popen([ray_bin, "start", f"--address={self.address}", *common],
-                                               stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-                                               env=env))
+            self.nodes.append(
+                subprocess.Popen(
+                    [ray_bin, "start", f"--address={self.address}", *common],
+                    stdout=self.log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    env=env,
+                )
+            )
             wait_for(lambda: self.alive() >= 2, timeout=90, interval=1)
         except BaseException:
             self.stop()
             raise
 
     def alive(self) -> int:
-        code = (f"import ray; ray.init(address={self.address!r}, logging_level='ERROR'); "
-                "print(sum(1 for n in ray.nodes() if n['Alive']))")
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                           env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+        code = (
+            f"import ray; ray.init(address={self.address!r}, logging_level='ERROR'); "
+            "print(sum(1 for n in ray.nodes() if n['Alive']))"
+        )
+        r = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "RAY_AUTH_MODE": "disabled"},
+        )
         return int(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 and r.stdout.strip() else 0
 
     def processes(self, needle: str) -> list[int]:
@@ -370,7 +430,7 @@ def test_two_node_cluster_20000_rows_equal_single_process(cluster: TwoNodeCluste
         assert frame(shared_dir / "multi.parquet").equals(frame(shared_dir / "single.parquet"))
         parts = parts_dir_for(shared_dir / "multi.parquet.journal.sqlite")
         markers = [json.loads(p.read_text()) for p in sorted(parts.glob("part-*.done.json"))]
-        assert len(markers) == 4 and len({m["node"] for m in markers}) == 2   # both nodes did work
+        assert len(markers) == 4 and len({m["node"] for m in markers}) == 2  # both nodes did work
         # node-local paths are refused when joining a multi-node cluster: exit 2, one line
         bad = config(shared_dir, "bad", inp, Path(tempfile.gettempdir()) / "enrich-ray-bad.csv")
         r = run_enrich("run", str(bad), "--ray", cluster.address, "--base-url", emu.base_url)
@@ -386,19 +446,31 @@ def test_kill_a_worker_then_the_driver_then_resume_exactly_once(cluster: TwoNode
     emu = EmulatorProcess("--time-scale", "0.02", "--rate-limit", "0", "--seed", "3")
     try:
         inp = make_rows(shared_dir / "in.csv", rows)
-        cfg = config(shared_dir, "k", inp, shared_dir / "k.csv", "batch_size = 100\nrequests_per_minute = 150",
-                     budget=budget)
-        cmd = [sys.executable, "-m", "enrich", "run", str(cfg), "--ray", cluster.address, "--partitions", "4",
-               "--base-url", emu.base_url]
+        cfg = config(
+            shared_dir, "k", inp, shared_dir / "k.csv", "batch_size = 100\nrequests_per_minute = 150", budget=budget
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "enrich",
+            "run",
+            str(cfg),
+            "--ray",
+            cluster.address,
+            "--partitions",
+            "4",
+            "--base-url",
+            emu.base_url,
+        ]
         env = {**os.environ, "PARALLEL_API_KEY": "k"}
         log = (shared_dir / "driver.log").open("w")
         driver = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         wait_for(lambda: len(emu.ledger()) >= 600, timeout=120, interval=0.2)
         workers = wait_for(lambda: cluster.processes("run_partition"), timeout=30)
-        os.kill(workers[0], signal.SIGKILL)                          # a worker dies mid-run: Ray retries it
+        os.kill(workers[0], signal.SIGKILL)  # a worker dies mid-run: Ray retries it
         seen = len(emu.ledger())
         wait_for(lambda: len(emu.ledger()) >= seen + 600, timeout=120, interval=0.2)
-        driver.kill()                                                # then the driver
+        driver.kill()  # then the driver
         driver.wait(30)
         log.close()
         assert len(emu.ledger()) < budget_rows, "the job finished before the driver was killed"
@@ -407,12 +479,12 @@ def test_kill_a_worker_then_the_driver_then_resume_exactly_once(cluster: TwoNode
         ledger = emu.ledger()
         by_row = Counter((e["metadata"]["enrich_row"], e["processor"]) for e in ledger)
         by_input = Counter((e["input"]["id"], e["processor"]) for e in ledger)
-        assert max(by_row.values()) == 1 and max(by_input.values()) == 1      # no row was paid for twice
+        assert max(by_row.values()) == 1 and max(by_input.values()) == 1  # no row was paid for twice
         cost = sum(e["price_micros"] for e in ledger) / 1e6
         report = json.loads((shared_dir / "k.csv.report.json").read_text())
         assert cost <= budget + 1e-9 and report["spend_usd"] == pytest.approx(cost)
         out = frame(shared_dir / "k.csv")
-        assert out["id"].to_list() == [f"r{i:06d}" for i in range(rows)]   # every row exactly once, in order
+        assert out["id"].to_list() == [f"r{i:06d}" for i in range(rows)]  # every row exactly once, in order
         statuses = Counter(out["_enrich_status"].to_list())
         assert statuses["completed"] == len(ledger) and statuses["skipped_budget"] == rows - len(ledger)
     finally:

@@ -48,18 +48,29 @@ def parse(text: str) -> _Page:
 def lookup(report: dict[str, Any], dotted: str) -> Any:
     node: Any = report
     for part in dotted.split("."):
-        node = node[int(part)][1] if isinstance(node, list) else node.get(part, 0 if "status_counts" in dotted else None)
+        node = (
+            node[int(part)][1] if isinstance(node, list) else node.get(part, 0 if "status_counts" in dotted else None)
+        )
     return node
 
 
 def run_job(tmp_path: Path, rows: int, emulator_process: Any) -> tuple[dict[str, Any], str, Path]:
     emu = emulator_process("--time-scale", "0", "--fail-rate", "0.02")
     inp = tmp_path / "in.csv"
-    inp.write_text("company\n" + "".join(f"Company {i}\n" for i in range(rows - 5)) +
-                   "Apple\nMicrosoft\nNvidia\nAlphabet\nAmazon\n")
-    cfg = write_config(tmp_path / "job.toml", input_path=inp, output=tmp_path / "out.parquet", key=["company"],
-                       columns=["company"], fields={"headquarters_location": "string", "founded_year": "integer"},
-                       limits="budget_usd = 100")
+    inp.write_text(
+        "company\n"
+        + "".join(f"Company {i}\n" for i in range(rows - 5))
+        + "Apple\nMicrosoft\nNvidia\nAlphabet\nAmazon\n"
+    )
+    cfg = write_config(
+        tmp_path / "job.toml",
+        input_path=inp,
+        output=tmp_path / "out.parquet",
+        key=["company"],
+        columns=["company"],
+        fields={"headquarters_location": "string", "founded_year": "integer"},
+        limits="budget_usd = 100",
+    )
     r = run_enrich("run", str(cfg), "--base-url", emu.base_url)
     assert r.returncode in (0, 3), r.stderr
     report = json.loads((tmp_path / "out.parquet.report.json").read_text())
@@ -96,10 +107,18 @@ def test_hostile_report_values_are_escaped() -> None:
     """Labels from the web cannot inject markup: no script, no handler attributes, text escaped."""
     evil = '<script>alert(1)</script>"><img src=x onerror=alert(2)>'
     report = {
-        "rows": 2, "emulated": False, "output": f"/tmp/{evil}.csv", "processor": evil, "status_counts": {"completed": 2},
-        "spend_usd": 0.01, "confidence_counts": {"hq": {evil: 1, "high": 1}}, "latency_s": percentiles([0.1, 0.3]),
-        "top_cited_domains": [[domain_of(f"https://{evil}/"), 1], ["ok.example", 1]], "fill_rate": {"hq": 1.0},
-        "hit_rate": 1.0, "decision_counts": {"hq__decision": {evil: 1, "accepted": 1}},
+        "rows": 2,
+        "emulated": False,
+        "output": f"/tmp/{evil}.csv",
+        "processor": evil,
+        "status_counts": {"completed": 2},
+        "spend_usd": 0.01,
+        "confidence_counts": {"hq": {evil: 1, "high": 1}},
+        "latency_s": percentiles([0.1, 0.3]),
+        "top_cited_domains": [[domain_of(f"https://{evil}/"), 1], ["ok.example", 1]],
+        "fill_rate": {"hq": 1.0},
+        "hit_rate": 1.0,
+        "decision_counts": {"hq__decision": {evil: 1, "accepted": 1}},
         "error_sample": evil,
     }
     report["latency_s"]["by_processor"] = {}
@@ -118,10 +137,16 @@ def test_emulated_runs_are_marked() -> None:
     assert 'id="emulated"' not in render_html({**base, "emulated": False})
 
 
-@pytest.mark.parametrize(("url", "domain"), [
-    ("https://www.Example.com/a", "example.com"), ("http://sub.ex-ample.org:8080/x", "sub.ex-ample.org"),
-    ("javascript:alert(1)", "(invalid)"), ("https://<b>/", "(invalid)"), ("not a url", "(invalid)"),
-])
+@pytest.mark.parametrize(
+    ("url", "domain"),
+    [
+        ("https://www.Example.com/a", "example.com"),
+        ("http://sub.ex-ample.org:8080/x", "sub.ex-ample.org"),
+        ("javascript:alert(1)", "(invalid)"),
+        ("https://<b>/", "(invalid)"),
+        ("not a url", "(invalid)"),
+    ],
+)
 def test_domain_of(url: str, domain: str) -> None:
     """Citation domains are plain host names or '(invalid)'."""
     assert domain_of(url) == domain
@@ -144,20 +169,34 @@ def test_init_then_run_unchanged(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "companies.enriched.report.html").exists()
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium); "
-                                             "the HTML report is not checked in a browser")
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="chromium is not installed (apt-get install chromium); the HTML report is not checked in a browser",
+)
 def test_report_renders_in_headless_chromium(tmp_path: Path, emulator_process) -> None:
     """Chromium renders the page with no console errors, every chart drawn; the screenshot goes to docs/."""
     _, _, html_path = run_job(tmp_path, 300, emulator_process)
     profile = tempfile.mkdtemp(prefix="enrich-chromium-")
-    common = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-              f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", "--window-size=1280,2300"]
+    common = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--enable-logging=stderr",
+        "--v=0",
+        "--window-size=1280,2300",
+    ]
     try:
         dom = subprocess.run([*common, "--dump-dom", html_path.as_uri()], capture_output=True, text=True, timeout=120)
         shot = tmp_path / "report.png"
-        pic = subprocess.run([*common, f"--screenshot={shot}", html_path.as_uri()], capture_output=True, text=True,
-                             timeout=120)
+        pic = subprocess.run(
+            [*common, f"--screenshot={shot}", html_path.as_uri()], capture_output=True, text=True, timeout=120
+        )
     finally:
         shutil.rmtree(profile, ignore_errors=True)
     assert dom.returncode == 0, dom.stderr[-2000:]
@@ -168,7 +207,7 @@ def test_report_renders_in_headless_chromium(tmp_path: Path, emulator_process) -
     # every chart figure holds a drawn SVG (marks rendered, not an empty element)
     for chart in CHARTS:
         start = dom.stdout.index(f'id="chart-{chart}"')
-        figure = dom.stdout[start:dom.stdout.index("</figure>", start)]
+        figure = dom.stdout[start : dom.stdout.index("</figure>", start)]
         assert "<svg" in figure and "<path" in figure, chart
     assert shot.exists() and shot.stat().st_size > 20_000
     if os.environ.get("ENRICH_UPDATE_SCREENSHOT"):

@@ -37,22 +37,42 @@ def test_status_classes_keep_the_money_rules(status: int, creating: bool) -> Non
         assert cls is PermanentApiError
 
 
-@pytest.mark.parametrize("status,creating,cls", [
-    (401, True, AuthError), (403, False, AuthError), (402, True, PaymentRequired), (422, True, PermanentApiError),
-    (404, False, PermanentApiError), (301, True, PermanentApiError), (429, True, TransientApiError),
-    (408, True, TransientApiError), (500, True, OutcomeUnknown), (502, True, OutcomeUnknown),
-    (503, True, OutcomeUnknown), (500, False, TransientApiError), (504, False, TransientApiError),
-])
+@pytest.mark.parametrize(
+    "status,creating,cls",
+    [
+        (401, True, AuthError),
+        (403, False, AuthError),
+        (402, True, PaymentRequired),
+        (422, True, PermanentApiError),
+        (404, False, PermanentApiError),
+        (301, True, PermanentApiError),
+        (429, True, TransientApiError),
+        (408, True, TransientApiError),
+        (500, True, OutcomeUnknown),
+        (502, True, OutcomeUnknown),
+        (503, True, OutcomeUnknown),
+        (500, False, TransientApiError),
+        (504, False, TransientApiError),
+    ],
+)
 def test_status_table(status: int, creating: bool, cls: type[ApiError]) -> None:
     """A create that may have reached the server is never 'safe to retry'."""
     assert classify_status(status, creating) is cls
 
 
-@pytest.mark.parametrize("kind,creating,cls", [
-    ("connect", True, TransientApiError), ("connect_timeout", True, TransientApiError),
-    ("pool_timeout", True, TransientApiError), ("write", True, OutcomeUnknown), ("read", True, OutcomeUnknown),
-    ("read_timeout", True, OutcomeUnknown), ("protocol", True, OutcomeUnknown), ("protocol", False, TransientApiError),
-])
+@pytest.mark.parametrize(
+    "kind,creating,cls",
+    [
+        ("connect", True, TransientApiError),
+        ("connect_timeout", True, TransientApiError),
+        ("pool_timeout", True, TransientApiError),
+        ("write", True, OutcomeUnknown),
+        ("read", True, OutcomeUnknown),
+        ("read_timeout", True, OutcomeUnknown),
+        ("protocol", True, OutcomeUnknown),
+        ("protocol", False, TransientApiError),
+    ],
+)
 def test_failure_table(kind: str, creating: bool, cls: type[ApiError]) -> None:
     assert classify_failure(kind, creating) is cls
 
@@ -82,8 +102,8 @@ def test_breaker_opens_probes_once_and_recovers() -> None:
         b.failure()
     assert b.state == "open" and not b.allow()
     now[0] = 2.0
-    assert b.allow() and not b.allow()          # exactly one probe per cooldown
-    b.failure()                                 # failed probe: open again, longer cooldown
+    assert b.allow() and not b.allow()  # exactly one probe per cooldown
+    b.failure()  # failed probe: open again, longer cooldown
     now[0] = 5.0
     assert not b.allow()
     now[0] = 6.0

@@ -11,15 +11,18 @@ from hypothesis import strategies as st
 from enrich.errors import BudgetExceeded
 from enrich.spend import check_daily, next_reset, reserve_today, runs_that_fit, utc_day
 
-CORE = 25_000   # micro-USD per core run
+CORE = 25_000  # micro-USD per core run
 
 
-@pytest.mark.parametrize("ts,day", [
-    (datetime(2025, 5, 1, 23, 59, 59, 999999, UTC), "2025-05-01"),
-    (datetime(2025, 5, 2, 0, 0, tzinfo=UTC), "2025-05-02"),
-    (datetime(2025, 5, 1, 20, 0, tzinfo=timezone(timedelta(hours=-5))), "2025-05-02"),   # 01:00 UTC
-    (1_746_144_000.0, "2025-05-02"),
-])
+@pytest.mark.parametrize(
+    "ts,day",
+    [
+        (datetime(2025, 5, 1, 23, 59, 59, 999999, UTC), "2025-05-01"),
+        (datetime(2025, 5, 2, 0, 0, tzinfo=UTC), "2025-05-02"),
+        (datetime(2025, 5, 1, 20, 0, tzinfo=timezone(timedelta(hours=-5))), "2025-05-02"),  # 01:00 UTC
+        (1_746_144_000.0, "2025-05-02"),
+    ],
+)
 def test_utc_day(ts: float | datetime, day: str) -> None:
     """Days are UTC calendar days whatever the zone of the given time."""
     assert utc_day(ts) == day
@@ -53,8 +56,10 @@ def test_check_daily_message() -> None:
     now = datetime(2025, 5, 1, 20, 30, tzinfo=UTC)
     c = check_daily(3, CORE, 9_950_000, 10_000_000, now)
     assert (c.ok, c.allowed, c.day) == (False, 2, "2025-05-01")
-    assert c.message == ("daily budget $10.00 (limits.daily_budget_usd) for UTC day 2025-05-01: $9.95 spent; "
-                         "3 more run(s) at $0.025 need $0.075, 2 fit; resets at 2025-05-02T00:00:00Z (in 3h 30m)")
+    assert c.message == (
+        "daily budget $10.00 (limits.daily_budget_usd) for UTC day 2025-05-01: $9.95 spent; "
+        "3 more run(s) at $0.025 need $0.075, 2 fit; resets at 2025-05-02T00:00:00Z (in 3h 30m)"
+    )
 
 
 def test_reserve_today() -> None:

@@ -70,9 +70,11 @@ async def rebuilt(resp: httpx.Response, body: bytes) -> httpx.Response:
     return httpx.Response(resp.status_code, headers=headers, content=body)
 
 
-def sse_filter(resp: httpx.Response, keep: Callable[[dict[str, Any]], dict[str, Any] | None],
-               max_events: int | None = None) -> httpx.Response:
+def sse_filter(
+    resp: httpx.Response, keep: Callable[[dict[str, Any]], dict[str, Any] | None], max_events: int | None = None
+) -> httpx.Response:
     """Rewrite an SSE response event by event (`keep` returns the event to send, or None to drop it)."""
+
     async def stream() -> Any:
         buf = b""
         sent = 0
@@ -102,17 +104,33 @@ def _job(tmp_path: Path, limits: str = "", rows: int | None = None) -> Any:
         lines = src.read_text(encoding="utf-8").splitlines()[: rows + 1]
         src = tmp_path / "in.csv"
         src.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return write_config(tmp_path / "job.toml", input_path=src, output=tmp_path / "out.csv", key=["company"],
-                        columns=["company", "website"], limits=limits)
+    return write_config(
+        tmp_path / "job.toml",
+        input_path=src,
+        output=tmp_path / "out.csv",
+        key=["company"],
+        columns=["company", "website"],
+        limits=limits,
+    )
 
 
-def run(tmp_path: Path, base_url: str, edit: Edit = passthrough, limits: str = "", watchdog_s: float = 60,
-        rows: int | None = None, **kw: Any) -> tuple[JobResult, Tamper]:
+def run(
+    tmp_path: Path,
+    base_url: str,
+    edit: Edit = passthrough,
+    limits: str = "",
+    watchdog_s: float = 60,
+    rows: int | None = None,
+    **kw: Any,
+) -> tuple[JobResult, Tamper]:
     """run_job in a thread under a watchdog: a hung job fails the test instead of hanging it."""
     cfg = load_config(_job(tmp_path, limits, rows), {"api.base_url": base_url})
     tamper = Tamper(edit)
-    result = with_watchdog(lambda: run_job(cfg, api_key="sk-test-key-1234", install_signals=False, transport=tamper,
-                                           **kw), watchdog_s, f"the job (calls: {tamper.calls})")
+    result = with_watchdog(
+        lambda: run_job(cfg, api_key="sk-test-key-1234", install_signals=False, transport=tamper, **kw),
+        watchdog_s,
+        f"the job (calls: {tamper.calls})",
+    )
     return result, tamper
 
 
@@ -125,7 +143,7 @@ def own_facts(rows: list[dict[str, str]]) -> None:
     """Every row completed with its own company's headquarters (never another row's)."""
     assert rows and all(r["_enrich_status"] == "completed" for r in rows), {r["_enrich_status"] for r in rows}
     for r in rows:
-        assert r["headquarters_location"] == KNOWLEDGE.get(r["company"], ""), r["company"]   # unknown: null
+        assert r["headquarters_location"] == KNOWLEDGE.get(r["company"], ""), r["company"]  # unknown: null
 
 
 def ledger(emu: Any) -> list[dict[str, Any]]:
@@ -163,7 +181,7 @@ def test_streams_without_completions_still_finish(tmp_path: Path, emulator) -> N
     result, tamper = run(tmp_path, emu.base_url, mute, limits="recheck_s = 1", watchdog_s=45)
     assert result.exit_code == EXIT_OK
     own_facts(output_rows(tmp_path))
-    assert tamper.calls.get("events", 0) < 200   # reconnects are paced, never a tight loop
+    assert tamper.calls.get("events", 0) < 200  # reconnects are paced, never a tight loop
 
 
 def test_a_completion_is_never_dropped_for_a_stale_listing(tmp_path: Path, emulator) -> None:
@@ -181,6 +199,7 @@ def test_a_completion_is_never_dropped_for_a_stale_listing(tmp_path: Path, emula
                     e = {**e, "run": {**e["run"], "status": "running", "is_active": True}}
                     e.pop("output", None)
                 return e
+
             return sse_filter(resp, running)
         if _kind(request) == "result" and stale["left"] > 0:
             return httpx.Response(408, json={"error": {"message": "not ready", "ref_id": "x"}})
@@ -213,8 +232,9 @@ def test_rate_limiting_never_fails_rows(tmp_path: Path, emulator) -> None:
     async def throttle(request: httpx.Request, inner: httpx.AsyncHTTPTransport) -> httpx.Response:
         if _kind(request) == "add_runs" and left["n"] > 0:
             left["n"] -= 1
-            return httpx.Response(429, headers={"retry-after-ms": "10"},
-                                  json={"error": {"message": "slow down", "ref_id": "x"}})
+            return httpx.Response(
+                429, headers={"retry-after-ms": "10"}, json={"error": {"message": "slow down", "ref_id": "x"}}
+            )
         return await inner.handle_async_request(request)
 
     result, tamper = run(tmp_path, emu.base_url, throttle, rows=5, limits="max_attempts = 2\nbatch_size = 1")
@@ -273,7 +293,7 @@ def test_missing_journal_with_researched_output_is_refused(tmp_path: Path, emula
     with pytest.raises(JournalError, match="--fresh") as info:
         run(tmp_path, emu.base_url, rows=3)
     assert info.value.exit_code == EXIT_USAGE and len(ledger(emu)) == 3
-    journal.write_bytes(b"")   # emptied
+    journal.write_bytes(b"")  # emptied
     with pytest.raises(JournalError, match="--fresh"):
         run(tmp_path, emu.base_url, rows=3)
     result, _ = run(tmp_path, emu.base_url, rows=3, fresh=True)
@@ -298,12 +318,14 @@ def test_journal_refuses_another_jobs_identity(tmp_path: Path, emulator) -> None
     journal = str(tmp_path / "shared.sqlite")
     cfg = load_config(_job(tmp_path, rows=3), {"api.base_url": emu.base_url, "journal": journal})
     assert run_job(cfg, api_key="sk-test-key-1234", install_signals=False).exit_code == EXIT_OK
-    other = load_config(_job(tmp_path, rows=3), {"api.base_url": emu.base_url, "journal": journal,
-                                                 "output.path": str(tmp_path / "other.csv")})
+    other = load_config(
+        _job(tmp_path, rows=3),
+        {"api.base_url": emu.base_url, "journal": journal, "output.path": str(tmp_path / "other.csv")},
+    )
     with pytest.raises(JournalError, match="another job"):
         run_job(other, api_key="sk-test-key-1234", install_signals=False)
     assert run_job(other, api_key="sk-test-key-1234", install_signals=False, adopt=True).exit_code == EXIT_OK
-    assert len(ledger(emu)) == 3   # adopted: the results are reused, nothing paid again
+    assert len(ledger(emu)) == 3  # adopted: the results are reused, nothing paid again
 
 
 def test_unwritable_output_is_one_line_and_loses_nothing(tmp_path: Path, emulator) -> None:
@@ -316,14 +338,14 @@ def test_unwritable_output_is_one_line_and_loses_nothing(tmp_path: Path, emulato
     async def block(request: httpx.Request, inner: httpx.AsyncHTTPTransport) -> httpx.Response:
         resp = await inner.handle_async_request(request)
         if _kind(request) == "add_runs":
-            out.mkdir(exist_ok=True)   # the writer's rename onto it will fail
+            out.mkdir(exist_ok=True)  # the writer's rename onto it will fail
         return resp
 
     (tmp_path / ".out.csv.tmp-999999999").write_text("left by a killed write")
     with pytest.raises(OutputError, match="safe in") as info:
         run(tmp_path, emu.base_url, block, rows=5)
     assert info.value.exit_code == EXIT_USAGE and "\n" not in str(info.value)
-    assert not (tmp_path / ".out.csv.tmp-999999999").exists()   # stale temp files are removed at start
+    assert not (tmp_path / ".out.csv.tmp-999999999").exists()  # stale temp files are removed at start
     out.rmdir()
     result, _ = run(tmp_path, emu.base_url, rows=5)
     assert result.exit_code == EXIT_OK and len(ledger(emu)) == 5
@@ -334,7 +356,7 @@ def test_nothing_listening_is_exit_69_with_the_url(tmp_path: Path) -> None:
     """No server at the base URL: exit 69 (not 3) naming the URL, nothing recorded as sent."""
     import socket
 
-    with socket.socket() as s:   # a port that was free a moment ago: nothing listens there
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
@@ -349,9 +371,13 @@ def test_an_outage_longer_than_outage_give_up_s_stops_with_69(tmp_path: Path, em
     (resumable), and a rerun against a live (restarted) emulator finishes the job."""
     emu = emulator_process("--time-scale", "0")
     cfg = _job(tmp_path, limits="batch_size = 5\nrequests_per_minute = 60\noutage_give_up_s = 3")
-    proc = subprocess.Popen([sys.executable, "-m", "enrich", "run", str(cfg), "--base-url", emu.base_url],
-                            cwd=ROOT, env={**os.environ, "PARALLEL_API_KEY": "sk-test-key-1234"},
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "enrich", "run", str(cfg), "--base-url", emu.base_url],
+        cwd=ROOT,
+        env={**os.environ, "PARALLEL_API_KEY": "sk-test-key-1234"},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for(lambda: len(emu.ledger()) >= 5, timeout=60)
     emu.stop()
     _, err = proc.communicate(timeout=120)

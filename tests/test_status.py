@@ -11,7 +11,7 @@ from tests.conftest import ROOT
 
 
 def _spec() -> dict:
-    for candidate in (ROOT.parent / "shared", ROOT.parent.parent / "shared"):   # main checkout or a scratch clone
+    for candidate in (ROOT.parent / "shared", ROOT.parent.parent / "shared"):  # main checkout or a scratch clone
         path = candidate / "specs" / "parallel-openapi.json"
         if path.exists():
             return json.loads(path.read_text())
@@ -29,17 +29,20 @@ def test_active_matches_the_documented_is_active() -> None:
     assert {s for s, c in STATUSES.items() if c.active} == {"queued", "running", "cancelling"}
 
 
-@pytest.mark.parametrize("status,terminal,action,retriable", [
-    ("queued", False, "wait", False),
-    ("running", False, "wait", False),
-    ("action_required", False, "wait", False),
-    ("cancelling", False, "wait", False),
-    ("completed", True, "store", False),
-    ("failed", True, "fail", False),
-    ("cancelled", True, "requeue", True),
-    ("brand_new_status", False, "wait", False),
-    (None, False, "wait", False),
-])
+@pytest.mark.parametrize(
+    "status,terminal,action,retriable",
+    [
+        ("queued", False, "wait", False),
+        ("running", False, "wait", False),
+        ("action_required", False, "wait", False),
+        ("cancelling", False, "wait", False),
+        ("completed", True, "store", False),
+        ("failed", True, "fail", False),
+        ("cancelled", True, "requeue", True),
+        ("brand_new_status", False, "wait", False),
+        (None, False, "wait", False),
+    ],
+)
 def test_classification(status: str | None, terminal: bool, action: str, retriable: bool) -> None:
     """Each status maps to one poller action; unknown ones wait and are never resubmitted."""
     c = classify_status(status)

@@ -18,16 +18,25 @@ openpyxl = pytest.importorskip("openpyxl")
 
 def sp500_xlsx(sp500: Path, dest: Path, n: int = 500, sheet: str = "Constituents") -> pl.DataFrame:
     """The first `n` S&P rows as a workbook with real date and integer cells."""
-    df = pl.read_csv(sp500, infer_schema=False).head(n).with_columns(
-        pl.col("Date added").str.to_date("%Y-%m-%d", strict=False), pl.col("CIK").cast(pl.Int64))
+    df = (
+        pl.read_csv(sp500, infer_schema=False)
+        .head(n)
+        .with_columns(pl.col("Date added").str.to_date("%Y-%m-%d", strict=False), pl.col("CIK").cast(pl.Int64))
+    )
     df.write_excel(dest, worksheet=sheet)
     return df
 
 
 def _config(tmp: Path, inp: Path, out: Path, key: str = "Symbol", sheet: str | None = None) -> Path:
     extra_input = f'sheet = "{sheet}"\n' if sheet else ""
-    cfg = write_config(tmp / "job.toml", input_path=inp, output=out, key=[key], columns=["Security"],
-                       fields={"headquarters_location": "string", "founded": "integer"})
+    cfg = write_config(
+        tmp / "job.toml",
+        input_path=inp,
+        output=out,
+        key=[key],
+        columns=["Security"],
+        fields={"headquarters_location": "string", "founded": "integer"},
+    )
     text = cfg.read_text().replace("[input]\n", "[input]\n" + extra_input, 1)
     cfg.write_text(text)
     return cfg
@@ -38,8 +47,9 @@ def test_sp500_xlsx_in_xlsx_out(tmp_path: Path, sp500: Path, emulator_process) -
     emu = emulator_process("--knowledge", str(sp500), "--knowledge-key", "Security", "--time-scale", "0")
     src = sp500_xlsx(sp500, tmp_path / "sp.xlsx")
     out = tmp_path / "out.xlsx"
-    r = run_enrich("run", str(_config(tmp_path, tmp_path / "sp.xlsx", out, sheet="Constituents")),
-                   "--base-url", emu.base_url)
+    r = run_enrich(
+        "run", str(_config(tmp_path, tmp_path / "sp.xlsx", out, sheet="Constituents")), "--base-url", emu.base_url
+    )
     assert r.returncode == 0, r.stderr
     assert len(emu.ledger()) == 500
     wb = openpyxl.load_workbook(out)
@@ -73,28 +83,37 @@ def test_sp500_xlsx_in_xlsx_out(tmp_path: Path, sp500: Path, emulator_process) -
     assert summary["Rows"] == 500 and summary["  completed"] == 500
 
 
-@pytest.mark.parametrize(("case", "expect"), [
-    ("duplicate", "[Constituents] row 8: duplicate key"),
-    ("missing_sheet", "no sheet named 'Nope'"),
-    ("corrupt", "not a readable .xlsx workbook"),
-    ("missing_column", "[Constituents] row 1: missing column(s) ['Security']"),
-    ("empty_key", "[Constituents] row 4: empty key"),
-])
-def test_bad_workbook_exits_2_naming_sheet_and_row(tmp_path: Path, sp500: Path, emulator_process, case: str,
-                                                   expect: str) -> None:
+@pytest.mark.parametrize(
+    ("case", "expect"),
+    [
+        ("duplicate", "[Constituents] row 8: duplicate key"),
+        ("missing_sheet", "no sheet named 'Nope'"),
+        ("corrupt", "not a readable .xlsx workbook"),
+        ("missing_column", "[Constituents] row 1: missing column(s) ['Security']"),
+        ("empty_key", "[Constituents] row 4: empty key"),
+    ],
+)
+def test_bad_workbook_exits_2_naming_sheet_and_row(
+    tmp_path: Path, sp500: Path, emulator_process, case: str, expect: str
+) -> None:
     """A bad workbook stops with one line naming file, sheet and row, and nothing reaches the API."""
     emu = emulator_process("--time-scale", "0")
     book = tmp_path / "bad.xlsx"
     df = pl.read_csv(sp500, infer_schema=False).head(10).select("Symbol", "Security")
     sheet = "Constituents"
     if case == "duplicate":
-        df = df.with_columns(pl.when(pl.int_range(pl.len()) == 6).then(pl.lit(df["Symbol"][2]))
-                             .otherwise(pl.col("Symbol")).alias("Symbol"))
+        df = df.with_columns(
+            pl.when(pl.int_range(pl.len()) == 6)
+            .then(pl.lit(df["Symbol"][2]))
+            .otherwise(pl.col("Symbol"))
+            .alias("Symbol")
+        )
     elif case == "missing_column":
         df = df.rename({"Security": "Name"})
     elif case == "empty_key":
-        df = df.with_columns(pl.when(pl.int_range(pl.len()) == 2).then(pl.lit("   "))
-                             .otherwise(pl.col("Symbol")).alias("Symbol"))
+        df = df.with_columns(
+            pl.when(pl.int_range(pl.len()) == 2).then(pl.lit("   ")).otherwise(pl.col("Symbol")).alias("Symbol")
+        )
     if case == "corrupt":
         book.write_bytes(b"PK\x03\x04" + b"\x00garbage" * 64)
     else:
@@ -115,8 +134,9 @@ def test_unsupported_output_extension_exits_2_before_sending(tmp_path: Path, emu
     emu = emulator_process("--time-scale", "0")
     inp = tmp_path / "in.csv"
     inp.write_text("company\nApple\nMicrosoft\n")
-    cfg = write_config(tmp_path / "job.toml", input_path=inp, output=tmp_path / f"out{ext}", key=["company"],
-                       columns=["company"])
+    cfg = write_config(
+        tmp_path / "job.toml", input_path=inp, output=tmp_path / f"out{ext}", key=["company"], columns=["company"]
+    )
     r = run_enrich("run", str(cfg), "--base-url", emu.base_url)
     assert r.returncode == 2, r.stderr
     assert "unsupported output extension" in r.stderr and "Traceback" not in r.stderr
@@ -130,9 +150,9 @@ def test_reader_reports_excel_row_numbers_and_skips_blank_rows(tmp_path: Path) -
     path = tmp_path / "offset.xlsx"
     wb = xlsxwriter.Workbook(path)
     ws = wb.add_worksheet("Data")
-    ws.write_row(2, 1, ["company", "n"])          # header on Excel row 3, from column B
+    ws.write_row(2, 1, ["company", "n"])  # header on Excel row 3, from column B
     ws.write_row(3, 1, ["A", 1])
-    ws.write_row(5, 1, ["B", 2.5])                # row 5 left blank
+    ws.write_row(5, 1, ["B", 2.5])  # row 5 left blank
     wb.close()
     info, batches = read_xlsx(path, ["company"])
     rows = [r for b in batches for r in b]
@@ -141,11 +161,14 @@ def test_reader_reports_excel_row_numbers_and_skips_blank_rows(tmp_path: Path) -
     assert str(info.path) == f"{path} [Data]"
 
 
-@pytest.mark.parametrize(("header", "reason"), [
-    (["company", "company"], "duplicate column name 'company'"),
-    (["company", None], "header column 2 has an empty name"),
-    (["company", "_enrich_status"], "collides with an output column"),
-])
+@pytest.mark.parametrize(
+    ("header", "reason"),
+    [
+        (["company", "company"], "duplicate column name 'company'"),
+        (["company", None], "header column 2 has an empty name"),
+        (["company", "_enrich_status"], "collides with an output column"),
+    ],
+)
 def test_bad_header_names_sheet_and_row_1(tmp_path: Path, header: list, reason: str) -> None:
     """Header problems name the sheet and row 1, as for CSV."""
     import xlsxwriter
@@ -164,19 +187,31 @@ def test_bad_header_names_sheet_and_row_1(tmp_path: Path, header: list, reason: 
     assert str(exc.value).startswith(f"{path} [S] row 1: ") and reason in str(exc.value)
 
 
-@pytest.mark.parametrize(("url", "ok"), [
-    ("https://example.com/a", True), ("http://x.org", True), ("javascript:alert(1)", False),
-    ("JAVASCRIPT:alert(1)", False), ("  javascript:alert(1)", False), ("data:text/html,<b>", False),
-    ("file:///etc/passwd", False), ("=HYPERLINK(\"http://evil\")", False), ("http://", False),
-    ("https://a.com/\nx", False), ("ftp://a.com", False),
-])
+@pytest.mark.parametrize(
+    ("url", "ok"),
+    [
+        ("https://example.com/a", True),
+        ("http://x.org", True),
+        ("javascript:alert(1)", False),
+        ("JAVASCRIPT:alert(1)", False),
+        ("  javascript:alert(1)", False),
+        ("data:text/html,<b>", False),
+        ("file:///etc/passwd", False),
+        ('=HYPERLINK("http://evil")', False),
+        ("http://", False),
+        ("https://a.com/\nx", False),
+        ("ftp://a.com", False),
+    ],
+)
 def test_only_http_urls_become_links(url: str, ok: bool) -> None:
     """Only http(s) URLs with a host may become links."""
     assert (link_target(url) is not None) is ok
 
 
-@pytest.mark.parametrize(("value", "fill"), [("high", GREEN), ("Low", RED), ("accepted", GREEN), ("rejected", RED),
-                                             ("", None), (None, None), ("weird", None)])
+@pytest.mark.parametrize(
+    ("value", "fill"),
+    [("high", GREEN), ("Low", RED), ("accepted", GREEN), ("rejected", RED), ("", None), (None, None), ("weird", None)],
+)
 def test_colour_for(value: str | None, fill: str | None) -> None:
     """Confidence and decision values map to green/amber/red fills."""
     assert colour_for(value) == fill
@@ -187,12 +222,14 @@ def test_hostile_text_is_never_a_formula_or_a_script_link(tmp_path: Path) -> Non
     from enrich.write import neutralize
     from enrich.xlsx import to_frame
 
-    table = pl.DataFrame({
-        "company": ["A", "B"],
-        "hq": ["=HYPERLINK(\"http://evil\",\"x\")", "@SUM(1)"],
-        "hq__confidence": ["high", "<b>low</b>"],
-        "hq__citations": [["javascript:alert(1)", "https://ok.example"], ["=cmd|' /C calc'!A0"]],
-    }).to_arrow()
+    table = pl.DataFrame(
+        {
+            "company": ["A", "B"],
+            "hq": ['=HYPERLINK("http://evil","x")', "@SUM(1)"],
+            "hq__confidence": ["high", "<b>low</b>"],
+            "hq__citations": [["javascript:alert(1)", "https://ok.example"], ["=cmd|' /C calc'!A0"]],
+        }
+    ).to_arrow()
     df = to_frame(table, {"hq": "text", "hq__confidence": "text", "hq__citations": "citations"}, neutralize)
     buf = io.BytesIO()
     links = write_workbook(buf, df, ["hq__confidence"], ["hq__citations"], [("Rows", 2)])
@@ -201,5 +238,5 @@ def test_hostile_text_is_never_a_formula_or_a_script_link(tmp_path: Path) -> Non
     cells = [c for row in ws.iter_rows() for c in row]
     assert all(c.data_type != "f" for c in cells)
     assert all(c.hyperlink is None for c in cells)
-    assert ws["B2"].value == "'=HYPERLINK(\"http://evil\",\"x\")"
+    assert ws["B2"].value == '\'=HYPERLINK("http://evil","x")'
     assert ws["D2"].value == "javascript:alert(1)\nhttps://ok.example"

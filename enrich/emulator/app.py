@@ -82,8 +82,9 @@ class Responder:
     def __init__(self, send: Send, headers: list[tuple[bytes, bytes]]):
         self.send, self.status, self.headers = send, 0, headers
 
-    async def json(self, status: int, obj: Any, headers: list[tuple[bytes, bytes]] | None = None,
-                   truncate: bool = False) -> None:
+    async def json(
+        self, status: int, obj: Any, headers: list[tuple[bytes, bytes]] | None = None, truncate: bool = False
+    ) -> None:
         body = _dumps(obj)
         self.status = status
         head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *self.headers]
@@ -93,8 +94,14 @@ class Responder:
             return
         await self.send({"type": "http.response.body", "body": body})
 
-    async def error(self, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None,
-                    validation_shape: bool = False, loc: list[Any] | None = None) -> None:
+    async def error(
+        self,
+        status: int,
+        message: str,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        validation_shape: bool = False,
+        loc: list[Any] | None = None,
+    ) -> None:
         if validation_shape:  # group endpoints declare FastAPI's 422 shape in the spec
             obj: Any = {"detail": [{"loc": loc or ["body"], "msg": message, "type": "value_error"}]}
         else:
@@ -103,8 +110,17 @@ class Responder:
 
     async def start_sse(self) -> None:
         self.status = 200
-        await self.send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"), *self.headers]})
+        await self.send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"text/event-stream; charset=utf-8"),
+                    (b"cache-control", b"no-cache"),
+                    *self.headers,
+                ],
+            }
+        )
 
     async def chunk(self, data: bytes) -> None:
         await self.send({"type": "http.response.body", "body": data, "more_body": True})
@@ -199,7 +215,7 @@ class App(Streams):
         match = None
         route = ""
         creating = False
-        rest = path[len("/v1beta"):] if path.startswith("/v1beta/") else path[3:] if path.startswith("/v1/") else None
+        rest = path[len("/v1beta") :] if path.startswith("/v1beta/") else path[3:] if path.startswith("/v1/") else None
         if rest is not None:
             for r_method, pattern, name, is_create in ROUTES:
                 m = pattern.fullmatch(rest)
@@ -216,8 +232,16 @@ class App(Streams):
             emu.stats.requests[f"{method} {route} {out.status or 'dropped'}"] += 1
             emu.request_log.append((round(t0, 4), method, route, out.status))
 
-    async def _dispatch(self, scope: Scope, receive: Receive, out: Responder, send: Send, route: str,
-                        params: tuple[str, ...], creating: bool) -> None:
+    async def _dispatch(
+        self,
+        scope: Scope,
+        receive: Receive,
+        out: Responder,
+        send: Send,
+        route: str,
+        params: tuple[str, ...],
+        creating: bool,
+    ) -> None:
         emu = self.emu
         headers = dict(scope["headers"])
         key = headers.get(b"x-api-key", b"").decode("latin-1")
@@ -252,8 +276,9 @@ class App(Streams):
         try:
             status, obj = await handler(params, query, body, receive, out)
         except Invalid as exc:
-            await out.error(exc.status, exc.message, validation_shape=exc.status == 422 and route in GROUP_ROUTES,
-                            loc=exc.loc)
+            await out.error(
+                exc.status, exc.message, validation_shape=exc.status == 422 and route in GROUP_ROUTES, loc=exc.loc
+            )
             return
         if status == 0:  # streamed already
             return
@@ -370,10 +395,14 @@ class App(Streams):
                     emu.brng.shuffle(order)
                 run_ids = order
             if emu.eventual and any(r.visible_at <= now for r in runs):
-                emu.advance()   # announce the runs that finished at once before replying
+                emu.advance()  # announce the runs that finished at once before replying
                 await asyncio.sleep(bh.EARLY_HOLD_S)
-        return 200, {"run_ids": run_ids, "status": emu.group_status(group),
-                     "run_cursor": run_cursor, "event_cursor": event_cursor}
+        return 200, {
+            "run_ids": run_ids,
+            "status": emu.group_status(group),
+            "run_cursor": run_cursor,
+            "event_cursor": event_cursor,
+        }
 
     @staticmethod
     async def _disconnected(receive: Receive) -> None:

@@ -39,24 +39,24 @@ from typing import Any
 BEHAVIOURS = ("cut", "snapshots", "eventual", "shuffle", "framing", "basis", "connections", "endings")
 
 # cut
-CUT_AFTER_S = (1.0, 2.0)            # a stream lives this long at most
-CUT_AFTER_EVENTS = (2, 8)           # ... or this many events
+CUT_AFTER_S = (1.0, 2.0)  # a stream lives this long at most
+CUT_AFTER_EVENTS = (2, 8)  # ... or this many events
 CUT_MODES = ("clean", "midframe", "reset")
-LISTING_ABORT_P = 0.3               # share of runs listings aborted part-way
+LISTING_ABORT_P = 0.3  # share of runs listings aborted part-way
 # eventual
-VISIBLE_DELAY_S = 1.0               # a run reaches listings/events up to this long after add-runs
-STALE_S = 0.5                       # listings may show a finished run as running this long
-EARLY_SHARE = 0.1                   # share of an add-runs batch that completes before the reply
-EARLY_HOLD_S = 0.05                 # how long the reply waits after those completions are announced
+VISIBLE_DELAY_S = 1.0  # a run reaches listings/events up to this long after add-runs
+STALE_S = 0.5  # listings may show a finished run as running this long
+EARLY_SHARE = 0.1  # share of an add-runs batch that completes before the reply
+EARLY_HOLD_S = 0.05  # how long the reply waits after those completions are announced
 # connections
 CONNECTION_CLOSE_P = 0.1
 IDLE_DROP_P = 0.1
-IDLE_DROP_S = (0.05, 0.5)           # the dropped connection's keep-alive timeout
-RESULT_408_P = 0.15                 # /result answers 408 early (run active, or completed < 1 s ago)
+IDLE_DROP_S = (0.05, 0.5)  # the dropped connection's keep-alive timeout
+RESULT_408_P = 0.15  # /result answers 408 early (run active, or completed < 1 s ago)
 RESULT_LAG_S = 1.0
 P503 = 0.02
 RETRY_AFTER_503 = b"1"
-P429 = 0.02                         # creating POSTs only
+P429 = 0.02  # creating POSTs only
 # endings
 FAILED_P = 0.05
 CANCELLED_P = 0.03
@@ -75,8 +75,9 @@ def parse_behaviours(spec: str | Iterable[str] | None) -> frozenset[str]:
         elif name in BEHAVIOURS:
             out.add(name)
         else:
-            raise ValueError(f"unknown behaviour {name!r}: expected a comma-separated list of "
-                             f"{', '.join(BEHAVIOURS)} (or all)")
+            raise ValueError(
+                f"unknown behaviour {name!r}: expected a comma-separated list of {', '.join(BEHAVIOURS)} (or all)"
+            )
     return frozenset(out)
 
 
@@ -86,8 +87,14 @@ class CutPlan:
 
     __slots__ = ("budget", "deadline", "mode")
 
-    def __init__(self, rng: random.Random, now: float, modes: tuple[str, ...] = CUT_MODES,
-                 budget: int | None = None, timed: bool = True):
+    def __init__(
+        self,
+        rng: random.Random,
+        now: float,
+        modes: tuple[str, ...] = CUT_MODES,
+        budget: int | None = None,
+        timed: bool = True,
+    ):
         self.deadline = now + rng.uniform(*CUT_AFTER_S) if timed else float("inf")
         self.budget = rng.randint(*CUT_AFTER_EVENTS) if budget is None else budget
         self.mode = rng.choice(modes)
@@ -172,7 +179,7 @@ class Framer:
             k = rng.randint(2, min(5, len(parts)))
             step = -(-len(parts) // k)
             for i in range(0, len(parts), step):
-                lines.append(b"data: " + "".join(parts[i:i + step]).encode())
+                lines.append(b"data: " + "".join(parts[i : i + step]).encode())
         lines += [b"", b""]
         return eol.join(lines)
 
@@ -198,7 +205,7 @@ def vary_output(output: dict[str, Any], rng: random.Random) -> dict[str, Any]:
     basis = []
     for entry in output.get("basis") or []:
         if output["type"] == "json" and rng.random() < 0.15:
-            continue   # "some fields may have no basis entry at all"
+            continue  # "some fields may have no basis entry at all"
         entry = dict(entry)
         x = rng.random()
         if x < 0.1:

@@ -39,17 +39,17 @@ MAX_GROUP_INPUTS = 1000
 class EmulatorConfig:
     """Everything `enrich emulator` takes on its command line."""
 
-    knowledge: str | None = None          # CSV/Parquet table; None = the bundled companies table
+    knowledge: str | None = None  # CSV/Parquet table; None = the bundled companies table
     knowledge_key: str = "company"
-    time_scale: float = 1.0               # multiplies the published latency bands; 0 = instant
+    time_scale: float = 1.0  # multiplies the published latency bands; 0 = instant
     seed: int = 0
-    fail_rate: float = 0.0                # share of runs that end `failed`
-    rate_limit: int = 2000                # creating POSTs per minute per key; 0 = off
-    credit_usd: float | None = None       # None = unlimited credit
-    faults: str = ""                      # e.g. "429=0.05,500=0.02,drop=0.02,retry_after=2"
-    api_key: str | None = None            # accept only this key; None = any non-empty key
-    behaviours: str = ""                  # e.g. "cut,snapshots" or "all" (behaviours.py)
-    hard_rate: float = 0.0                # share of (row, field) cells that need a stronger processor
+    fail_rate: float = 0.0  # share of runs that end `failed`
+    rate_limit: int = 2000  # creating POSTs per minute per key; 0 = off
+    credit_usd: float | None = None  # None = unlimited credit
+    faults: str = ""  # e.g. "429=0.05,500=0.02,drop=0.02,retry_after=2"
+    api_key: str | None = None  # accept only this key; None = any non-empty key
+    behaviours: str = ""  # e.g. "cut,snapshots" or "all" (behaviours.py)
+    hard_rate: float = 0.0  # share of (row, field) cells that need a stronger processor
 
 
 def parse_faults(spec: str) -> dict[str, float]:
@@ -76,25 +76,55 @@ class Run:
     compact JSON bytes, two formatted timestamps instead of a cache, and no stored output (answers
     are regenerated on demand; they are deterministic per seed)."""
 
-    __slots__ = ("_body", "created", "created_s", "done", "done_at", "end", "error", "group", "modified_s",
-                 "price", "processor", "run_id", "seq", "spec", "stale_s", "start_at", "started", "visible_at",
-                 "warnings")
+    __slots__ = (
+        "_body",
+        "created",
+        "created_s",
+        "done",
+        "done_at",
+        "end",
+        "error",
+        "group",
+        "modified_s",
+        "price",
+        "processor",
+        "run_id",
+        "seq",
+        "spec",
+        "stale_s",
+        "start_at",
+        "started",
+        "visible_at",
+        "warnings",
+    )
 
-    def __init__(self, run_id: str, body: dict[str, Any], spec: Any, warnings: list, group: Group | None,
-                 created: float, start_at: float, done_at: float, end: str, price: int):
+    def __init__(
+        self,
+        run_id: str,
+        body: dict[str, Any],
+        spec: Any,
+        warnings: list,
+        group: Group | None,
+        created: float,
+        start_at: float,
+        done_at: float,
+        end: str,
+        price: int,
+    ):
         self.run_id, self.spec, self.warnings, self.group = run_id, spec, warnings or None, group
-        self._body = json.dumps({k: v for k, v in body.items() if k != "task_spec"}, separators=(",", ":"),
-                                ensure_ascii=False).encode()
+        self._body = json.dumps(
+            {k: v for k, v in body.items() if k != "task_spec"}, separators=(",", ":"), ensure_ascii=False
+        ).encode()
         self.processor: str = body["processor"]
         self.created, self.start_at, self.done_at, self.end, self.price = created, start_at, done_at, end, price
         self.started = start_at <= created
         self.done = False
         self.error: dict[str, Any] | None = None
-        self.created_s = ""    # formatted timestamps: strftime is the emulator's hot spot
+        self.created_s = ""  # formatted timestamps: strftime is the emulator's hot spot
         self.modified_s: tuple[float, str] | None = None
         self.seq = 0
-        self.visible_at = 0.0   # eventual: when listings and events may show the run
-        self.stale_s = 0.0      # eventual: how long listings keep showing it running after it ended
+        self.visible_at = 0.0  # eventual: when listings and events may show the run
+        self.stale_s = 0.0  # eventual: how long listings keep showing it running after it ended
 
     @property
     def body(self) -> dict[str, Any]:
@@ -110,22 +140,21 @@ class Run:
 
 
 class Group:
-    __slots__ = ("changed", "counts", "created", "events", "metadata", "modified", "pending", "runs",
-                 "taskgroup_id")
+    __slots__ = ("changed", "counts", "created", "events", "metadata", "modified", "pending", "runs", "taskgroup_id")
 
     def __init__(self, taskgroup_id: str, metadata: Any, created: float):
         self.taskgroup_id, self.metadata, self.created, self.modified = taskgroup_id, metadata, created, created
         self.runs: list[Run] = []
-        self.events: list[Run | None] = []   # run = task_run.state event; None = task_group_status event
+        self.events: list[Run | None] = []  # run = task_run.state event; None = task_group_status event
         self.counts: Counter[str] = Counter()
         self.changed = asyncio.Event()
-        self.pending = 0   # eventual: completion events waiting for their run to become visible
+        self.pending = 0  # eventual: completion events waiting for their run to become visible
 
 
 @dataclass
 class Stats:
     requests: Counter[str] = field(default_factory=Counter)
-    faults: Counter[str] = field(default_factory=Counter)   # "route kind" -> injected count
+    faults: Counter[str] = field(default_factory=Counter)  # "route kind" -> injected count
     creating_posts: int = 0
     runs_created: int = 0
 
@@ -138,8 +167,9 @@ class Emulator:
         self.knowledge = knowledge or Knowledge.load(config.knowledge, config.knowledge_key)
         self.faults = parse_faults(config.faults)
         self.behaviours = bh.parse_behaviours(config.behaviours)
-        self.quality = (Quality(config.seed, config.hard_rate)
-                        if config.hard_rate > 0 or self.knowledge.tier_columns else None)
+        self.quality = (
+            Quality(config.seed, config.hard_rate) if config.hard_rate > 0 or self.knowledge.tier_columns else None
+        )
         self.endings = "endings" in self.behaviours
         self.eventual = "eventual" in self.behaviours
         self.vary_basis = "basis" in self.behaviours
@@ -149,7 +179,7 @@ class Emulator:
     def reset(self) -> None:
         self.rng = random.Random(self.config.seed)
         self.fault_rng = random.Random(self.config.seed + 1)
-        self.brng = random.Random(self.config.seed + 2)   # behaviours only
+        self.brng = random.Random(self.config.seed + 2)  # behaviours only
         # ids like the real API's: unique across emulator processes and resets (a client that keeps a
         # journal across an emulator restart must never see a run id again), drawn apart from `rng` so
         # latencies and faults stay a function of the seed alone
@@ -160,7 +190,7 @@ class Emulator:
         self._spec_cache: dict[int, tuple[Any, Any]] = {}
         self.starts: list[tuple[float, int, Run]] = []
         self.dones: list[tuple[float, int, Run]] = []
-        self.reveals: list[tuple[float, int, Run]] = []   # eventual: completion events not yet visible
+        self.reveals: list[tuple[float, int, Run]] = []  # eventual: completion events not yet visible
         self.tiebreak = 0
         self.waiters: dict[str, list[asyncio.Future[None]]] = {}
         self.rate_windows: dict[str, deque[float]] = {}
@@ -199,9 +229,9 @@ class Emulator:
                 touched.add(run.group)
         while self.reveals and self.reveals[0][0] <= now:
             run = heapq.heappop(self.reveals)[2]
-            run.group.pending -= 1   # type: ignore[union-attr]
-            run.group.events.append(run)   # type: ignore[union-attr]
-            touched.add(run.group)   # type: ignore[arg-type]
+            run.group.pending -= 1  # type: ignore[union-attr]
+            run.group.events.append(run)  # type: ignore[union-attr]
+            touched.add(run.group)  # type: ignore[arg-type]
         for group in touched:
             group.modified = now
             group.events.append(None)  # one coalesced task_group_status event per tick
@@ -212,16 +242,19 @@ class Emulator:
         run.started = run.done = True
         self.active -= 1
         self.reserved -= run.price
-        self.charged += run.price   # failed and cancelled runs are billed too: the work was done
+        self.charged += run.price  # failed and cancelled runs are billed too: the work was done
         if run.end == "failed":
             why = "--behaviours endings" if self.endings and not self.config.fail_rate else "--fail-rate"
-            run.error = {"ref_id": str(uuid.uuid4()), "message": f"The task run failed: emulated failure ({why}).",
-                         "detail": None}
+            run.error = {
+                "ref_id": str(uuid.uuid4()),
+                "message": f"The task run failed: emulated failure ({why}).",
+                "detail": None,
+            }
         if run.group:
             group = run.group
             group.counts["running"] -= 1
             group.counts[run.end] += 1
-            if run.visible_at > now:   # eventual: the event waits until the run is visible
+            if run.visible_at > now:  # eventual: the event waits until the run is visible
                 group.pending += 1
                 self.tiebreak += 1
                 heapq.heappush(self.reveals, (run.visible_at, self.tiebreak, run))
@@ -263,8 +296,9 @@ class Emulator:
         return None
 
     # ---- creation --------------------------------------------------------------------
-    def _new_run(self, body: dict[str, Any], spec: Any, warnings: list, group: Group | None, now: float,
-                 instant: bool = False) -> Run:
+    def _new_run(
+        self, body: dict[str, Any], spec: Any, warnings: list, group: Group | None, now: float, instant: bool = False
+    ) -> Run:
         proc = PROCESSORS[body["processor"]]
         lo, hi = proc.latency_s
         latency = self.rng.uniform(lo, hi) * self.config.time_scale
@@ -275,8 +309,7 @@ class Emulator:
         if instant:
             latency = 0.0
         run_id = "trun_" + uuid.UUID(int=self.id_rng.getrandbits(128)).hex
-        run = Run(run_id, body, spec, warnings, group, now, now + latency * 0.1, now + latency, end,
-                  proc.price_micros)
+        run = Run(run_id, body, spec, warnings, group, now, now + latency * 0.1, now + latency, end, proc.price_micros)
         self.runs[run_id] = run
         self.active += 1
         self.reserved += run.price
@@ -285,7 +318,7 @@ class Emulator:
             heapq.heappush(self.starts, (run.start_at, self.tiebreak, run))
         heapq.heappush(self.dones, (run.done_at, self.tiebreak, run))
         self.stats.runs_created += 1
-        self.ledger.append(run)   # the entry is built when the ledger is read
+        self.ledger.append(run)  # the entry is built when the ledger is read
         self.wake.set()
         return run
 
@@ -317,8 +350,7 @@ class Emulator:
             raise Invalid(422, "'inputs' is required and must be a list", ["body", "inputs"])
         inputs = body["inputs"]
         if len(inputs) > MAX_GROUP_INPUTS:
-            raise Invalid(422, f"at most {MAX_GROUP_INPUTS} inputs per request, got {len(inputs)}",
-                          ["body", "inputs"])
+            raise Invalid(422, f"at most {MAX_GROUP_INPUTS} inputs per request, got {len(inputs)}", ["body", "inputs"])
         default_spec = body.get("default_task_spec")
         checked = []
         for i, item in enumerate(inputs):
@@ -402,11 +434,17 @@ class Emulator:
         if run.modified_s is None or run.modified_s[0] != modified:
             run.modified_s = (modified, self.stamp(modified))
         return {
-            "run_id": run.run_id, "interaction_id": run.run_id, "status": run.status,
-            "is_active": not run.done, "warnings": run.warnings or None, "error": run.error,
-            "processor": run.processor, "metadata": run.body.get("metadata"),
+            "run_id": run.run_id,
+            "interaction_id": run.run_id,
+            "status": run.status,
+            "is_active": not run.done,
+            "warnings": run.warnings or None,
+            "error": run.error,
+            "processor": run.processor,
+            "metadata": run.body.get("metadata"),
             "taskgroup_id": run.group.taskgroup_id if run.group else None,
-            "created_at": run.created_s, "modified_at": run.modified_s[1],
+            "created_at": run.created_s,
+            "modified_at": run.modified_s[1],
         }
 
     def output_json(self, run: Run) -> dict[str, Any]:
@@ -432,22 +470,37 @@ class Emulator:
         counts = {k: v for k, v in group.counts.items() if v > 0}
         active = counts.get("queued", 0) + counts.get("running", 0)
         return {
-            "num_task_runs": len(group.runs), "task_run_status_counts": counts, "is_active": active > 0,
-            "status_message": None, "modified_at": self.stamp(group.modified),
+            "num_task_runs": len(group.runs),
+            "task_run_status_counts": counts,
+            "is_active": active > 0,
+            "status_message": None,
+            "modified_at": self.stamp(group.modified),
         }
 
     def group_json(self, group: Group) -> dict[str, Any]:
-        return {"taskgroup_id": group.taskgroup_id, "metadata": group.metadata,
-                "status": self.group_status(group), "created_at": self.stamp(group.created)}
+        return {
+            "taskgroup_id": group.taskgroup_id,
+            "metadata": group.metadata,
+            "status": self.group_status(group),
+            "created_at": self.stamp(group.created),
+        }
 
     def ledger_json(self) -> list[dict[str, Any]]:
         out = []
         for run in self.ledger:
             body = run.body
-            out.append({"run_id": run.run_id, "taskgroup_id": run.group.taskgroup_id if run.group else None,
-                        "processor": run.processor, "input": body["input"], "metadata": body.get("metadata"),
-                        "created_at": self.stamp(run.created), "price": run.price / 1_000_000,
-                        "price_micros": run.price})
+            out.append(
+                {
+                    "run_id": run.run_id,
+                    "taskgroup_id": run.group.taskgroup_id if run.group else None,
+                    "processor": run.processor,
+                    "input": body["input"],
+                    "metadata": body.get("metadata"),
+                    "created_at": self.stamp(run.created),
+                    "price": run.price / 1_000_000,
+                    "price_micros": run.price,
+                }
+            )
         return out
 
     def stats_json(self) -> dict[str, Any]:
@@ -455,8 +508,15 @@ class Emulator:
         for key, n in self.stats.requests.items():
             route, _, status = key.rpartition(" ")
             by_route.setdefault(route, {})[status] = n
-        return {"requests": by_route, "total_requests": sum(self.stats.requests.values()),
-                "behaviours": sorted(self.behaviours), "hard_rate": self.config.hard_rate,
-                "faults_injected": dict(self.stats.faults), "creating_posts": self.stats.creating_posts, "runs_created": self.stats.runs_created,
-                "active_runs": self.active, "credit_reserved_usd": self.reserved / 1e6,
-                "credit_charged_usd": self.charged / 1e6}
+        return {
+            "requests": by_route,
+            "total_requests": sum(self.stats.requests.values()),
+            "behaviours": sorted(self.behaviours),
+            "hard_rate": self.config.hard_rate,
+            "faults_injected": dict(self.stats.faults),
+            "creating_posts": self.stats.creating_posts,
+            "runs_created": self.stats.runs_created,
+            "active_runs": self.active,
+            "credit_reserved_usd": self.reserved / 1e6,
+            "credit_charged_usd": self.charged / 1e6,
+        }

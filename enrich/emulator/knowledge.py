@@ -132,10 +132,15 @@ class Knowledge:
             raise ValueError(f"{path}: knowledge key column {key!r} not found (columns: {frame.columns})")
         for col in frame.columns:
             if col.endswith(TIER_SUFFIX):
-                bad = {v for v in frame[col].drop_nulls().to_list()
-                       if v.strip() and v.strip().lower().removesuffix("-fast") not in TIERS}
+                bad = {
+                    v
+                    for v in frame[col].drop_nulls().to_list()
+                    if v.strip() and v.strip().lower().removesuffix("-fast") not in TIERS
+                }
                 if bad:
-                    raise ValueError(f"{path}: column {col!r} holds {sorted(bad)[:3]}; expected tiers {', '.join(TIERS)}")
+                    raise ValueError(
+                        f"{path}: column {col!r} holds {sorted(bad)[:3]}; expected tiers {', '.join(TIERS)}"
+                    )
         return cls(frame.to_dicts(), key)
 
     def match(self, run_input: str | dict[str, Any]) -> dict[str, str] | None:
@@ -163,8 +168,13 @@ class Knowledge:
         url = row.get(self.columns.get("source_url", ""), "") or f"https://knowledge.emulator.invalid/{_slug(entity)}"
         return {"url": url, "title": f"{entity} (emulator knowledge table)", "excerpts": [f"{column}: {row[column]}"]}
 
-    def answer(self, run_input: str | dict[str, Any], output_schema: dict[str, Any], processor: str = "pro",
-               quality: Quality | None = None) -> dict[str, Any]:
+    def answer(
+        self,
+        run_input: str | dict[str, Any],
+        output_schema: dict[str, Any],
+        processor: str = "pro",
+        quality: Quality | None = None,
+    ) -> dict[str, Any]:
         """Build a TaskRunJsonOutput / TaskRunTextOutput for this input and normalised output schema.
 
         With `quality`, hard cells (module docstring) are graded for `processor`.
@@ -178,8 +188,9 @@ class Knowledge:
         if kind == "auto" and row is not None:
             schema = {
                 "type": "object",
-                "properties": {norm_name(c): {"type": "string"} for c in row
-                               if c != "source_url" and not c.endswith(TIER_SUFFIX)},
+                "properties": {
+                    norm_name(c): {"type": "string"} for c in row if c != "source_url" and not c.endswith(TIER_SUFFIX)
+                },
             }
             out = self._json_answer(entity, row, schema, grader)
             out["output_schema"] = schema
@@ -191,21 +202,37 @@ class Knowledge:
             return {
                 "type": "text",
                 "content": f"No information was found about {entity!r}.",
-                "basis": [{"field": "output", "citations": [], "confidence": "low",
-                           "reasoning": f"No knowledge-table entry matches {entity!r}."}],
+                "basis": [
+                    {
+                        "field": "output",
+                        "citations": [],
+                        "confidence": "low",
+                        "reasoning": f"No knowledge-table entry matches {entity!r}.",
+                    }
+                ],
             }
-        facts = [f"{c}: {v}" for c, v in row.items()
-                 if v and c not in (self.key, "source_url") and not c.endswith(TIER_SUFFIX)]
+        facts = [
+            f"{c}: {v}"
+            for c, v in row.items()
+            if v and c not in (self.key, "source_url") and not c.endswith(TIER_SUFFIX)
+        ]
         content = f"{entity}. " + "; ".join(facts[:6]) + "."
         return {
             "type": "text",
             "content": content,
-            "basis": [{"field": "output", "citations": [self._citation(entity, row, self.key)],
-                       "confidence": "high", "reasoning": f"Summarised from the knowledge-table row for {entity!r}."}],
+            "basis": [
+                {
+                    "field": "output",
+                    "citations": [self._citation(entity, row, self.key)],
+                    "confidence": "high",
+                    "reasoning": f"Summarised from the knowledge-table row for {entity!r}.",
+                }
+            ],
         }
 
-    def _json_answer(self, entity: str, row: dict[str, str] | None, schema: dict[str, Any],
-                     grader: tuple[Quality, str] | None = None) -> dict[str, Any]:
+    def _json_answer(
+        self, entity: str, row: dict[str, str] | None, schema: dict[str, Any], grader: tuple[Quality, str] | None = None
+    ) -> dict[str, Any]:
         content: dict[str, Any] = {}
         basis: list[dict[str, Any]] = []
         for prop, sub in (schema.get("properties") or {}).items():
@@ -219,18 +246,37 @@ class Knowledge:
                     continue
             content[prop] = value
             if row is None:
-                basis.append({"field": prop, "citations": [], "confidence": "low",
-                              "reasoning": f"No knowledge-table entry matches {entity!r}; the value is unknown."})
+                basis.append(
+                    {
+                        "field": prop,
+                        "citations": [],
+                        "confidence": "low",
+                        "reasoning": f"No knowledge-table entry matches {entity!r}; the value is unknown.",
+                    }
+                )
             elif value is None or column is None:
-                basis.append({"field": prop, "citations": [], "confidence": "low",
-                              "reasoning": f"The knowledge table has no value for {prop!r} of {entity!r}."})
+                basis.append(
+                    {
+                        "field": prop,
+                        "citations": [],
+                        "confidence": "low",
+                        "reasoning": f"The knowledge table has no value for {prop!r} of {entity!r}.",
+                    }
+                )
             else:
-                basis.append({"field": prop, "citations": [self._citation(entity, row, column)], "confidence": "high",
-                              "reasoning": f"The knowledge-table row for {entity!r} gives {column} = {row[column]!r}."})
+                basis.append(
+                    {
+                        "field": prop,
+                        "citations": [self._citation(entity, row, column)],
+                        "confidence": "high",
+                        "reasoning": f"The knowledge-table row for {entity!r} gives {column} = {row[column]!r}.",
+                    }
+                )
         return {"type": "json", "content": content, "basis": basis}
 
-    def _grade(self, entity: str, row: dict[str, str], prop: str, column: str,
-               grader: tuple[Quality, str]) -> tuple[dict[str, Any], bool] | None:
+    def _grade(
+        self, entity: str, row: dict[str, str], prop: str, column: str, grader: tuple[Quality, str]
+    ) -> tuple[dict[str, Any], bool] | None:
         """(basis entry, keep the value?) for a hard cell answered by `processor`; None when it is easy."""
         quality, processor = grader
         row_id = norm_value(row[self.key])
@@ -243,14 +289,24 @@ class Knowledge:
         if confidence == "high":
             reasoning = f"The knowledge-table row for {entity!r} gives {column} = {row[column]!r}."
         elif keep:
-            reasoning = (f"Hard to establish for {entity!r} ({TIERS[required]} tier or above needed); "
-                         f"the best source found suggests {row[column]!r}.")
+            reasoning = (
+                f"Hard to establish for {entity!r} ({TIERS[required]} tier or above needed); "
+                f"the best source found suggests {row[column]!r}."
+            )
         else:
-            return {"field": prop, "citations": [], "confidence": "low",
-                    "reasoning": f"{processor} could not establish {prop!r} for {entity!r} "
-                                 f"({TIERS[required]} tier or above needed)."}, False
-        return {"field": prop, "citations": [self._citation(entity, row, column)], "confidence": confidence,
-                "reasoning": reasoning}, True
+            return {
+                "field": prop,
+                "citations": [],
+                "confidence": "low",
+                "reasoning": f"{processor} could not establish {prop!r} for {entity!r} "
+                f"({TIERS[required]} tier or above needed).",
+            }, False
+        return {
+            "field": prop,
+            "citations": [self._citation(entity, row, column)],
+            "confidence": confidence,
+            "reasoning": reasoning,
+        }, True
 
     def _fill(self, row: dict[str, str] | None, prop: str, schema: dict[str, Any]) -> tuple[Any, str | None]:
         """(value coerced to the schema type, source column) for one property."""

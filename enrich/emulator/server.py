@@ -29,8 +29,8 @@ def _bind(host: str, port: int) -> socket.socket:
 class EmulatorServer:
     """An emulator bound to `host:port` (port 0 = a free port). Use as a context manager:
 
-        with EmulatorServer(EmulatorConfig(time_scale=0)) as emu:
-            client = Parallel(api_key="x", base_url=emu.base_url)
+    with EmulatorServer(EmulatorConfig(time_scale=0)) as emu:
+        client = Parallel(api_key="x", base_url=emu.base_url)
     """
 
     def __init__(self, config: EmulatorConfig | None = None, host: str = "127.0.0.1", port: int = 0):
@@ -48,15 +48,24 @@ class EmulatorServer:
         return f"http://{host}:{self.port}"
 
     def _make_server(self) -> uvicorn.Server:
-        config = uvicorn.Config(self.app, loop="asyncio", http="httptools", lifespan="on", log_level="error",
-                                access_log=False, timeout_keep_alive=30, backlog=2048)
+        config = uvicorn.Config(
+            self.app,
+            loop="asyncio",
+            http="httptools",
+            lifespan="on",
+            log_level="error",
+            access_log=False,
+            timeout_keep_alive=30,
+            backlog=2048,
+        )
         return uvicorn.Server(config)
 
     def start(self) -> EmulatorServer:
         """Serve from a daemon thread; return once it accepts connections."""
         self._server = self._make_server()
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self.sock]},
-                                        name="enrich-emulator", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self.sock]}, name="enrich-emulator", daemon=True
+        )
         self._thread.start()
         while not self._server.started:
             if not self._thread.is_alive():
@@ -74,11 +83,14 @@ class EmulatorServer:
     def serve_forever(self) -> None:
         """Serve in the foreground until SIGINT/SIGTERM (the `enrich emulator` command)."""
         self._server = self._make_server()
-        print(f"enrich emulator listening on {self.base_url} "
-              f"(time scale {self.config.time_scale}, rate limit {self.config.rate_limit}/min"
-              f"{', behaviours ' + self.config.behaviours if self.config.behaviours else ''}"
-              f"{f', hard rate {self.config.hard_rate}' if self.config.hard_rate else ''})",
-              file=sys.stderr, flush=True)
+        print(
+            f"enrich emulator listening on {self.base_url} "
+            f"(time scale {self.config.time_scale}, rate limit {self.config.rate_limit}/min"
+            f"{', behaviours ' + self.config.behaviours if self.config.behaviours else ''}"
+            f"{f', hard rate {self.config.hard_rate}' if self.config.hard_rate else ''})",
+            file=sys.stderr,
+            flush=True,
+        )
         self._server.run(sockets=[self.sock])
 
     def __enter__(self) -> EmulatorServer:

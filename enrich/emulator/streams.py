@@ -23,7 +23,7 @@ from enrich.emulator.validate import Invalid
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 
 KEEPALIVE_S = 10.0
-SSE_CHUNK = 64   # events per write when listing runs
+SSE_CHUNK = 64  # events per write when listing runs
 
 
 def _dumps(obj: Any) -> bytes:
@@ -58,8 +58,7 @@ class SseWriter:
     plan's way instead of normally.
     """
 
-    def __init__(self, out: Any, rng: random.Random, framer: bh.Framer | None = None,
-                 cut: bh.CutPlan | None = None):
+    def __init__(self, out: Any, rng: random.Random, framer: bh.Framer | None = None, cut: bh.CutPlan | None = None):
         self.out, self.rng, self.framer, self.cut = out, rng, framer, cut
         self.buf: list[bytes] = []
         self.sent = 0
@@ -110,7 +109,7 @@ class SseWriter:
         if last is not None and mode in (None, "clean"):
             self.buf.append(self.encode(last))
         await self.flush()
-        if mode == "midframe":   # an incomplete frame, then a clean end of the body
+        if mode == "midframe":  # an incomplete frame, then a clean end of the body
             await self.out.chunk(self.partial[: self.rng.randint(1, max(1, len(self.partial) - 3))])
         if mode == "reset" and bh.reset_connection(self.out.send):
             return
@@ -142,9 +141,13 @@ class Streams:
         return SseWriter(out, rng, framer, cut)
 
     def _run_event(self, run: Run, event_id: str | None, include_input: bool, include_output: bool) -> dict[str, Any]:
-        return {"type": "task_run.state", "event_id": event_id, "run": self.emu.run_json(run),
-                "input": {**run.body, "task_spec": run.spec} if include_input else None,
-                "output": self.emu.output_json(run) if include_output and run.status == "completed" else None}
+        return {
+            "type": "task_run.state",
+            "event_id": event_id,
+            "run": self.emu.run_json(run),
+            "input": {**run.body, "task_spec": run.spec} if include_input else None,
+            "output": self.emu.output_json(run) if include_output and run.status == "completed" else None,
+        }
 
     def _status_event(self, group: Group, event_id: int) -> dict[str, Any]:
         return {"type": "task_group_status", "event_id": str(event_id), "status": self.emu.group_status(group)}
@@ -165,9 +168,13 @@ class Streams:
         try:
             for run in runs:
                 if stale and run.done and now < run.done_at + run.stale_s:
-                    event = {"type": "task_run.state", "event_id": str(run.seq), "output": None,
-                             "run": bh.stale_running(emu.run_json(run)),
-                             "input": {**run.body, "task_spec": run.spec} if inc_in else None}
+                    event = {
+                        "type": "task_run.state",
+                        "event_id": str(run.seq),
+                        "output": None,
+                        "run": bh.stale_running(emu.run_json(run)),
+                        "input": {**run.body, "task_spec": run.spec} if inc_in else None,
+                    }
                     if wanted and wanted != "running":
                         continue
                 else:
@@ -178,7 +185,7 @@ class Streams:
                     break
                 if writer.full:
                     await writer.flush()
-                    await asyncio.sleep(0)   # let the disconnect watcher run: clients close listings early
+                    await asyncio.sleep(0)  # let the disconnect watcher run: clients close listings early
                     if gone.done():
                         return 0, None
             await writer.close()
@@ -216,8 +223,11 @@ class Streams:
                 if not (emu.group_status(group)["is_active"] or group.pending) or remaining <= 0:
                     break
                 changed = asyncio.ensure_future(group.changed.wait())
-                done, _ = await asyncio.wait([changed, gone], timeout=min(remaining, KEEPALIVE_S, writer.time_left(now)),
-                                             return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    [changed, gone],
+                    timeout=min(remaining, KEEPALIVE_S, writer.time_left(now)),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
                 changed.cancel()
                 if not done and writer.time_left(time.monotonic()) > 0:
                     await writer.ping()
@@ -235,7 +245,7 @@ class Streams:
         for i in range(pos, end):
             entry = events[i]
             if entry is None:
-                if i != last_status:   # older status snapshots are superseded: send only the newest
+                if i != last_status:  # older status snapshots are superseded: send only the newest
                     continue
                 event = {"type": "task_group_status", "event_id": str(i), "status": self.emu.group_status(group)}
             else:
@@ -257,8 +267,13 @@ class Streams:
         gone = asyncio.ensure_future(self._disconnected(receive))
         try:
             if writer.add(self._run_event(run, None, False, False)) and not run.done:
-                writer.add({"type": "task_run.progress_msg.plan", "message": "Looking up the entity.",
-                            "timestamp": emu.stamp(time.monotonic())})
+                writer.add(
+                    {
+                        "type": "task_run.progress_msg.plan",
+                        "message": "Looking up the entity.",
+                        "timestamp": emu.stamp(time.monotonic()),
+                    }
+                )
                 await writer.flush()
                 fut = emu.wait_for(run)
                 while not run.done and not gone.done() and not writer.cutting:
@@ -271,9 +286,13 @@ class Streams:
                         await writer.ping()
             if gone.done():
                 return 0, None
-            if not writer.cutting and writer.add({
-                    "type": "task_run.progress_stats", "progress_meter": 100.0,
-                    "source_stats": {"num_sources_considered": 1, "num_sources_read": 1, "sources_read_sample": []}}):
+            if not writer.cutting and writer.add(
+                {
+                    "type": "task_run.progress_stats",
+                    "progress_meter": 100.0,
+                    "source_stats": {"num_sources_considered": 1, "num_sources_read": 1, "sources_read_sample": []},
+                }
+            ):
                 writer.add(self._run_event(run, None, False, True))
             await writer.close()
         finally:

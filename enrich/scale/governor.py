@@ -49,8 +49,9 @@ def journal_spend(path: Path) -> int:
 class GovernorState:
     """Global rate and budget bookkeeping for one job (see the module docstring)."""
 
-    def __init__(self, parts_dir: str | Path, requests_per_minute: int, budget_micros: int | None,
-                 persist: bool = True):
+    def __init__(
+        self, parts_dir: str | Path, requests_per_minute: int, budget_micros: int | None, persist: bool = True
+    ):
         self.parts_dir = Path(parts_dir)
         self.period = 60.0 / requests_per_minute
         self.budget = budget_micros
@@ -94,7 +95,7 @@ class GovernorState:
 
     def lease(self, part: str, micros: int, held: int) -> int:
         """Grant up to `micros` more to `part`, which says it holds `held`; 0 when the budget is used up."""
-        if held > self.alloc.get(part, 0):   # a restarted governor learns what a live partition holds
+        if held > self.alloc.get(part, 0):  # a restarted governor learns what a live partition holds
             self.alloc[part] = held
         room = micros if self.budget is None else self.budget - self.committed
         grant = max(0, min(micros, room))
@@ -109,9 +110,14 @@ class GovernorState:
         self._save()
 
     def snapshot(self) -> dict[str, Any]:
-        return {"incarnation": self.incarnation, "posts": self.posts, "budget_micros": self.budget,
-                "committed_micros": self.committed, "alloc": dict(self.alloc),
-                "requests_per_minute": 60.0 / self.period}
+        return {
+            "incarnation": self.incarnation,
+            "posts": self.posts,
+            "budget_micros": self.budget,
+            "committed_micros": self.committed,
+            "alloc": dict(self.alloc),
+            "requests_per_minute": 60.0 / self.period,
+        }
 
 
 class ActorGovernor:
@@ -134,4 +140,3 @@ class ActorGovernor:
         grant = int(await self.actor.lease.remote(self.part, ask, self.held))
         self.held += grant
         return grant
-

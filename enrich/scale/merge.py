@@ -43,7 +43,7 @@ def _merge_csv(parts: list[Path], fp: Any) -> None:
     header: list[str] | None = None
     for path in parts:
         with path.open("r", newline="", encoding="utf-8") as f:
-            head = next(csv.reader(iter(f.readline, "")))   # reads exactly the header record's lines
+            head = next(csv.reader(iter(f.readline, "")))  # reads exactly the header record's lines
             if header is None:
                 header = head
                 text = io.StringIO()
@@ -94,9 +94,15 @@ def copy_into_dataset(src: Path, outdir: Path, name: str) -> Path:
 def write_manifest(outdir: Path, entries: list[dict[str, Any]], total_parts: int, extra: dict[str, Any]) -> None:
     """`_manifest.json`: the finished partitions' files, rows and statuses; `complete` when all are in."""
     entries = sorted(entries, key=lambda e: e["partition"])
-    data = {"format": "parquet", "partitions": total_parts, "files": entries,
-            "rows": sum(e["rows"] for e in entries), "complete": len(entries) == total_parts,
-            "written_at": time.time(), **extra}
+    data = {
+        "format": "parquet",
+        "partitions": total_parts,
+        "files": entries,
+        "rows": sum(e["rows"] for e in entries),
+        "complete": len(entries) == total_parts,
+        "written_at": time.time(),
+        **extra,
+    }
     atomic_write(outdir / MANIFEST, lambda fp: fp.write(json.dumps(data, indent=1, sort_keys=True).encode()))
 
 

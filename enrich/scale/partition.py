@@ -55,9 +55,9 @@ class PartitionPlan:
     """The plan of a partitioned job, as stored in `<journal>.parts/job.json`."""
 
     parts_dir: Path
-    fmt: str                                   # "csv" | "parquet": the slices' format
+    fmt: str  # "csv" | "parquet": the slices' format
     columns: list[str]
-    sources: list[dict[str, Any]]              # [{"path", "sha256", "rows"}] in input order
+    sources: list[dict[str, Any]]  # [{"path", "sha256", "rows"}] in input order
     partitions: list[Partition] = field(default_factory=list)
 
     @property
@@ -75,8 +75,13 @@ class PartitionPlan:
         return self.parts_dir / f"{p.name}.done.json"
 
     def save(self) -> None:
-        data = {"version": 1, "format": self.fmt, "columns": self.columns, "sources": self.sources,
-                "partitions": [asdict(p) for p in self.partitions]}
+        data = {
+            "version": 1,
+            "format": self.fmt,
+            "columns": self.columns,
+            "sources": self.sources,
+            "partitions": [asdict(p) for p in self.partitions],
+        }
         atomic_json(self.parts_dir / PLAN_FILE, data)
 
 
@@ -101,8 +106,9 @@ def load_plan(parts_dir: Path) -> PartitionPlan | None:
         parts = [Partition(**p) for p in data["partitions"]]
         return PartitionPlan(parts_dir, data["format"], data["columns"], data["sources"], parts)
     except (ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{path}: unreadable partition plan ({exc}); run with --fresh to cut the input again") \
-            from None
+        raise ConfigError(
+            f"{path}: unreadable partition plan ({exc}); run with --fresh to cut the input again"
+        ) from None
 
 
 def resolve_inputs(path: Path) -> list[Path]:
@@ -110,8 +116,11 @@ def resolve_inputs(path: Path) -> list[Path]:
     (sorted by name). All must be of one format (CSV or Parquet)."""
     text = str(path)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
-                       and p.suffix.lower() in (*PARQUET, ".csv"))
+        files = sorted(
+            p
+            for p in path.iterdir()
+            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in (*PARQUET, ".csv")
+        )
     elif any(ch in text for ch in "*?["):
         files = sorted(Path(p) for p in glob.glob(text) if Path(p).is_file())
     else:
@@ -157,8 +166,12 @@ def _count_and_check(cfg: RunConfig, files: list[Path]) -> tuple[list[str], list
                     key = canonical(vals)
                     if key in seen:
                         where = seen[key]
-                        raise InputError(str(f), f"duplicate key {key} in column(s) {cfg.input.key} (first in "
-                                                 f"{where[0]} at line {where[1]}); keys must be unique", line=row.line)
+                        raise InputError(
+                            str(f),
+                            f"duplicate key {key} in column(s) {cfg.input.key} (first in "
+                            f"{where[0]} at line {where[1]}); keys must be unique",
+                            line=row.line,
+                        )
                     seen[key] = (f.name, row.line)
                     n += 1
         finally:
@@ -177,7 +190,7 @@ def _pieces(counts: list[int], partitions: int | None) -> list[int]:
     want = min(max(partitions, len(counts)), total)
     quota = [n * want / total for n in counts]
     pieces = [max(1, min(n, math.floor(q))) for n, q in zip(counts, quota, strict=True)]
-    while sum(pieces) < want:   # largest remainder first
+    while sum(pieces) < want:  # largest remainder first
         i = max((i for i in range(len(counts)) if pieces[i] < counts[i]), key=lambda i: quota[i] - pieces[i])
         pieces[i] += 1
     while sum(pieces) > want:
@@ -199,17 +212,23 @@ def cut(cfg: RunConfig, parts_dir: Path, partitions: int | None) -> PartitionPla
     plan = load_plan(parts_dir)
     if plan is not None:
         if [s["sha256"] for s in plan.sources] != shas:
-            raise ConfigError(f"{cfg.input.path}: the input changed since this job was partitioned ({parts_dir}); "
-                              "rows would move between partition journals and be paid for again. Restore the "
-                              "input, use another --journal, or pass --fresh to start over")
+            raise ConfigError(
+                f"{cfg.input.path}: the input changed since this job was partitioned ({parts_dir}); "
+                "rows would move between partition journals and be paid for again. Restore the "
+                "input, use another --journal, or pass --fresh to start over"
+            )
         return plan
     header, counts = _count_and_check(cfg, files)
     pieces = _pieces(counts, partitions)
     fmt = "parquet" if files[0].suffix.lower() in PARQUET else "csv"
     parts_dir.mkdir(parents=True, exist_ok=True)
     (parts_dir / "slices").mkdir(exist_ok=True)
-    plan = PartitionPlan(parts_dir, fmt, header, [{"path": str(f.resolve()), "sha256": s, "rows": n}
-                                                  for f, s, n in zip(files, shas, counts, strict=True)])
+    plan = PartitionPlan(
+        parts_dir,
+        fmt,
+        header,
+        [{"path": str(f.resolve()), "sha256": s, "rows": n} for f, s, n in zip(files, shas, counts, strict=True)],
+    )
     for f, n, k in zip(files, counts, pieces, strict=True):
         sizes = _sizes(n, k)
         first = len(plan.partitions)
@@ -220,10 +239,9 @@ def cut(cfg: RunConfig, parts_dir: Path, partitions: int | None) -> PartitionPla
             _slice_csv(cfg, f, [parts_dir / s for s in names], sizes, header)
         start = 0
         for i, (name, size) in enumerate(zip(names, sizes, strict=True)):
-            plan.partitions.append(Partition(first + i, name, size, str(f.resolve()), start,
-                                             _sha256(parts_dir / name)))
+            plan.partitions.append(Partition(first + i, name, size, str(f.resolve()), start, _sha256(parts_dir / name)))
             start += size
-    plan.save()   # last: a plan on disk means every slice it names is complete
+    plan.save()  # last: a plan on disk means every slice it names is complete
     return plan
 
 

@@ -45,8 +45,8 @@ from enrich.scale.governor import ActorGovernor, GovernorState, journal_spend
 from enrich.scale.merge import copy_into_dataset, is_dataset, merge_files, read_manifest, write_manifest
 from enrich.scale.partition import Partition, PartitionPlan, atomic_json, cut, load_plan, parts_dir_for
 
-PARTITION_CPUS = 0.5          # Ray CPUs per partition task: 2 cores run 4 partitions (they mostly wait on I/O)
-TASK_RETRIES = 3              # Ray re-runs a partition whose worker or node died; it resumes the same journal
+PARTITION_CPUS = 0.5  # Ray CPUs per partition task: 2 cores run 4 partitions (they mostly wait on I/O)
+TASK_RETRIES = 3  # Ray re-runs a partition whose worker or node died; it resumes the same journal
 NAMESPACE = "enrich"
 NODE_LOCAL = ("/tmp", "/var/tmp", "/dev/shm", "/run")
 # worst first: nothing more can work (usage, auth) > resumable stops > budget > failed rows > ok
@@ -89,19 +89,32 @@ def check_shared(cfg: RunConfig, journal: Path) -> None:
     """On a multi-node cluster every node writes journals and outputs: refuse relative or node-local paths."""
     for what, given in (("output", cfg.output.path), ("journal", cfg.journal or journal)):
         if not Path(given).is_absolute():
-            raise ConfigError(f"{what} {given}: a relative path is not the same place on every node of a multi-node "
-                              "cluster; give an absolute path on storage every node mounts")
+            raise ConfigError(
+                f"{what} {given}: a relative path is not the same place on every node of a multi-node "
+                "cluster; give an absolute path on storage every node mounts"
+            )
         real = os.path.realpath(given)
         if any(real == p or real.startswith(p + "/") for p in NODE_LOCAL):
-            raise ConfigError(f"{what} {given}: {real} is node-local storage; on a multi-node cluster journals and "
-                              "outputs must live on storage every node mounts (a shared filesystem)")
+            raise ConfigError(
+                f"{what} {given}: {real} is node-local storage; on a multi-node cluster journals and "
+                "outputs must live on storage every node mounts (a shared filesystem)"
+            )
 
 
 def _fingerprint(cfg: RunConfig) -> str:
     """What a finished partition's rows depend on besides its slice: task, processors, columns, output form."""
     spec = build_task_spec(cfg)
-    return digest([spec_fingerprint(cfg, spec), cfg.ladder, cfg.input.key, cfg.input.input_columns,
-                   cfg.output.reasoning, cfg.output.formula_guard, cfg.output.path.suffix.lower()])
+    return digest(
+        [
+            spec_fingerprint(cfg, spec),
+            cfg.ladder,
+            cfg.input.key,
+            cfg.input.input_columns,
+            cfg.output.reasoning,
+            cfg.output.formula_guard,
+            cfg.output.path.suffix.lower(),
+        ]
+    )
 
 
 def partition_config(cfg: RunConfig, plan: PartitionPlan, p: Partition, in_flight: int, dataset: bool) -> RunConfig:
@@ -130,14 +143,23 @@ def _wait_for_lock(path: Path, timeout: float = 60.0) -> None:
                 return
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    return   # run_job reports the journal as in use (exit 2)
+                    return  # run_job reports the journal as in use (exit 2)
                 time.sleep(0.5)
     finally:
         os.close(fd)
 
 
-def run_partition(pcfg: RunConfig, part: str, governor: Any, *, rows: int, api_key: str, emulated: bool,
-                  retry_failed: bool, adopt: bool) -> dict[str, Any]:
+def run_partition(
+    pcfg: RunConfig,
+    part: str,
+    governor: Any,
+    *,
+    rows: int,
+    api_key: str,
+    emulated: bool,
+    retry_failed: bool,
+    adopt: bool,
+) -> dict[str, Any]:
     """Body of one partition's Ray task: register with the governor, run_job, settle. Returns a summary."""
     from enrich.job import run_job
 
@@ -149,12 +171,25 @@ def run_partition(pcfg: RunConfig, part: str, governor: Any, *, rows: int, api_k
     # ask for at most one batch (and never for more runs than the partition has rows)
     adapter = ActorGovernor(governor, part, baseline, max_ask=price * min(pcfg.limits.batch_size, rows))
     try:
-        result = run_job(pcfg, api_key=api_key, emulated=emulated, retry_failed=retry_failed, adopt=adopt,
-                         install_signals=False, governor=adapter)
-        out = {"exit_code": result.exit_code, "message": result.message, "counts": result.counts,
-               "status_counts": result.report.get("status_counts", {}), "rows": result.report.get("rows", 0),
-               "spend_usd": result.report.get("spend_usd", 0.0), "emulated": bool(result.report.get("emulated")),
-               "output": str(result.output)}
+        result = run_job(
+            pcfg,
+            api_key=api_key,
+            emulated=emulated,
+            retry_failed=retry_failed,
+            adopt=adopt,
+            install_signals=False,
+            governor=adapter,
+        )
+        out = {
+            "exit_code": result.exit_code,
+            "message": result.message,
+            "counts": result.counts,
+            "status_counts": result.report.get("status_counts", {}),
+            "rows": result.report.get("rows", 0),
+            "spend_usd": result.report.get("spend_usd", 0.0),
+            "emulated": bool(result.report.get("emulated")),
+            "output": str(result.output),
+        }
     except EnrichError as exc:
         out = {"exit_code": exc.exit_code, "message": str(exc), "rows": 0, "output": None}
     _ray().get(governor.settle.remote(part, journal_spend(pcfg.journal)))
@@ -212,22 +247,32 @@ class _Lock:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self.fd)
-            raise JournalError(f"{path}: this partitioned job is being run by another enrich process; wait for it "
-                               "to finish or stop it (its progress is kept)") from None
+            raise JournalError(
+                f"{path}: this partitioned job is being run by another enrich process; wait for it "
+                "to finish or stop it (its progress is kept)"
+            ) from None
 
     def close(self) -> None:
         os.close(self.fd)
 
 
-def run_partitioned(cfg: RunConfig, *, address: str | None, partitions: int | None, api_key: str,
-                    emulated: bool = False, retry_failed: bool = False, adopt: bool = False,
-                    fresh: bool = False) -> JobResult:
+def run_partitioned(
+    cfg: RunConfig,
+    *,
+    address: str | None,
+    partitions: int | None,
+    api_key: str,
+    emulated: bool = False,
+    retry_failed: bool = False,
+    adopt: bool = False,
+    fresh: bool = False,
+) -> JobResult:
     """Run (or resume) a job as partitions on Ray; see the module docstring. Raises only EnrichError."""
     if partitions is not None and partitions < 1:
         raise ConfigError("--partitions must be at least 1")
     jpath = Path(os.path.abspath(cfg.journal_path))
     dataset = is_dataset(cfg.output.path)
-    if not dataset:   # a file output gets every single-machine check; a dataset folder is made here
+    if not dataset:  # a file output gets every single-machine check; a dataset folder is made here
         preflight.check_job(cfg, api_key=api_key, emulated=emulated, journal_path=jpath)
     elif jpath.resolve() == cfg.input.path.resolve():
         raise ConfigError(f"journal {jpath} is the input file; choose another journal path")
@@ -247,8 +292,17 @@ def run_partitioned(cfg: RunConfig, *, address: str | None, partitions: int | No
             _ray().shutdown()
 
 
-def _run(cfg: RunConfig, jpath: Path, dataset: bool, partitions: int | None, api_key: str, emulated: bool,
-         retry_failed: bool, adopt: bool, fresh: bool) -> JobResult:
+def _run(
+    cfg: RunConfig,
+    jpath: Path,
+    dataset: bool,
+    partitions: int | None,
+    api_key: str,
+    emulated: bool,
+    retry_failed: bool,
+    adopt: bool,
+    fresh: bool,
+) -> JobResult:
     ray = _ray()
     parts = parts_dir_for(jpath)
     if fresh:
@@ -258,20 +312,29 @@ def _run(cfg: RunConfig, jpath: Path, dataset: bool, partitions: int | None, api
     reused = load_plan(parts) is not None
     plan = cut(cfg, parts, partitions)
     if reused and partitions is not None and partitions != len(plan.partitions):
-        print(f"enrich: keeping the existing cut of {len(plan.partitions)} partitions ({parts}); --fresh cuts again",
-              file=sys.stderr)
+        print(
+            f"enrich: keeping the existing cut of {len(plan.partitions)} partitions ({parts}); --fresh cuts again",
+            file=sys.stderr,
+        )
     fingerprint = _fingerprint(cfg)
-    todo = [p for p in plan.partitions if not _finished(plan, p, fingerprint, retry_failed or
-                                                        cfg.task.refresh_after_days is not None)]
+    todo = [
+        p
+        for p in plan.partitions
+        if not _finished(plan, p, fingerprint, retry_failed or cfg.task.refresh_after_days is not None)
+    ]
     cpus = float(ray.cluster_resources().get("CPU", 1))
     k = max(1, min(len(todo) or 1, int(cpus / PARTITION_CPUS)))
     share = max(1, cfg.limits.max_in_flight // k)
     actor_cls, task = _remotes()
     name = "enrich-governor-" + digest(str(jpath), 16)
     governor = actor_cls.options(name=name, namespace=NAMESPACE, get_if_exists=True).remote(
-        str(parts), cfg.limits.requests_per_minute, cfg.budget_micros)
-    print(f"enrich: {plan.rows:,} rows in {len(plan.partitions)} partitions ({len(todo)} to run, up to {k} at once, "
-          f"{share} runs in flight each)", file=sys.stderr)
+        str(parts), cfg.limits.requests_per_minute, cfg.budget_micros
+    )
+    print(
+        f"enrich: {plan.rows:,} rows in {len(plan.partitions)} partitions ({len(todo)} to run, up to {k} at once, "
+        f"{share} runs in flight each)",
+        file=sys.stderr,
+    )
     results: dict[int, dict[str, Any]] = {}
     running: dict[Any, Partition] = {}
     queue = list(todo)
@@ -282,8 +345,16 @@ def _run(cfg: RunConfig, jpath: Path, dataset: bool, partitions: int | None, api
             while queue and len(running) < k:
                 p = queue.pop(0)
                 pcfg = partition_config(cfg, plan, p, share, dataset)
-                ref = task.remote(pcfg, p.name, governor, rows=p.rows, api_key=api_key, emulated=emulated,
-                                  retry_failed=retry_failed, adopt=adopt)
+                ref = task.remote(
+                    pcfg,
+                    p.name,
+                    governor,
+                    rows=p.rows,
+                    api_key=api_key,
+                    emulated=emulated,
+                    retry_failed=retry_failed,
+                    adopt=adopt,
+                )
                 running[ref] = p
             done, _ = ray.wait(list(running), num_returns=1)
             for ref in done:
@@ -309,8 +380,12 @@ def _collect(ray: Any, ref: Any, p: Partition) -> dict[str, Any]:
         cause = str(exc.cause if getattr(exc, "cause", None) else exc).splitlines()[0]
         return {"exit_code": EXIT_FAILED_ROWS, "message": f"{p.name}: {cause}", "rows": 0, "output": None}
     except ray.exceptions.RayError as exc:
-        return {"exit_code": EXIT_INTERRUPTED, "rows": 0, "output": None,
-                "message": f"{p.name}: lost after {TASK_RETRIES} retries ({type(exc).__name__}); run again to resume"}
+        return {
+            "exit_code": EXIT_INTERRUPTED,
+            "rows": 0,
+            "output": None,
+            "message": f"{p.name}: lost after {TASK_RETRIES} retries ({type(exc).__name__}); run again to resume",
+        }
 
 
 def _finished(plan: PartitionPlan, p: Partition, fingerprint: str, rerun: bool) -> bool:
@@ -323,21 +398,33 @@ def _finished(plan: PartitionPlan, p: Partition, fingerprint: str, rerun: bool) 
         m = json.loads(plan.marker(p).read_text())
     except (OSError, ValueError):
         return False
-    return (m.get("exit_code") == EXIT_OK and m.get("slice_digest") == p.digest and m.get("config") == fingerprint
-            and bool(m.get("output")) and Path(m["output"]).exists())
+    return (
+        m.get("exit_code") == EXIT_OK
+        and m.get("slice_digest") == p.digest
+        and m.get("config") == fingerprint
+        and bool(m.get("output"))
+        and Path(m["output"]).exists()
+    )
 
 
-def _record(cfg: RunConfig, plan: PartitionPlan, p: Partition, res: dict[str, Any], fingerprint: str,
-            dataset: bool) -> None:
+def _record(
+    cfg: RunConfig, plan: PartitionPlan, p: Partition, res: dict[str, Any], fingerprint: str, dataset: bool
+) -> None:
     """A partition ended: its marker, and (dataset output) its file then the manifest."""
     if res.get("output") is None:
         return
-    atomic_json(plan.marker(p), {**res, "partition": p.index, "slice_digest": p.digest, "config": fingerprint,
-                                 "finished_at": time.time()})
+    atomic_json(
+        plan.marker(p),
+        {**res, "partition": p.index, "slice_digest": p.digest, "config": fingerprint, "finished_at": time.time()},
+    )
     if dataset:
         copy_into_dataset(Path(res["output"]), cfg.output.path, f"{p.name}.parquet")
-        write_manifest(cfg.output.path, _manifest_entries(plan), len(plan.partitions),
-                       {"emulated": any(e.get("emulated") for e in _markers(plan))})
+        write_manifest(
+            cfg.output.path,
+            _manifest_entries(plan),
+            len(plan.partitions),
+            {"emulated": any(e.get("emulated") for e in _markers(plan))},
+        )
 
 
 def _markers(plan: PartitionPlan) -> list[dict[str, Any]]:
@@ -351,17 +438,34 @@ def _markers(plan: PartitionPlan) -> list[dict[str, Any]]:
 
 
 def _manifest_entries(plan: PartitionPlan) -> list[dict[str, Any]]:
-    return [{"partition": m["partition"], "file": f"part-{m['partition']:05d}.parquet", "rows": m.get("rows", 0),
-             "exit_code": m["exit_code"], "status_counts": m.get("status_counts", {}),
-             "spend_usd": m.get("spend_usd", 0.0)} for m in _markers(plan)]
+    return [
+        {
+            "partition": m["partition"],
+            "file": f"part-{m['partition']:05d}.parquet",
+            "rows": m.get("rows", 0),
+            "exit_code": m["exit_code"],
+            "status_counts": m.get("status_counts", {}),
+            "spend_usd": m.get("spend_usd", 0.0),
+        }
+        for m in _markers(plan)
+    ]
 
 
-def _finish(cfg: RunConfig, plan: PartitionPlan, results: dict[int, dict[str, Any]], dataset: bool,
-            interrupted: bool, elapsed: float, governor: dict[str, Any]) -> JobResult:
+def _finish(
+    cfg: RunConfig,
+    plan: PartitionPlan,
+    results: dict[int, dict[str, Any]],
+    dataset: bool,
+    interrupted: bool,
+    elapsed: float,
+    governor: dict[str, Any],
+) -> JobResult:
     """Merge (single-file output), write the job report, and say how the job ended."""
     markers = {m["partition"]: m for m in _markers(plan)}
-    codes = [results.get(p.index, markers.get(p.index, {"exit_code": EXIT_INTERRUPTED}))["exit_code"]
-             for p in plan.partitions]
+    codes = [
+        results.get(p.index, markers.get(p.index, {"exit_code": EXIT_INTERRUPTED}))["exit_code"]
+        for p in plan.partitions
+    ]
     if interrupted:
         codes.append(EXIT_INTERRUPTED)
     status: dict[str, int] = {}
@@ -372,12 +476,18 @@ def _finish(cfg: RunConfig, plan: PartitionPlan, results: dict[int, dict[str, An
     missing = [p for p in plan.partitions if p.index not in markers]
     out = cfg.output.path
     report: dict[str, Any] = {
-        "output": str(out), "rows": sum(m.get("rows", 0) for m in markers.values()), "status_counts": status,
-        "spend_usd": round(spend, 6), "partitions": len(plan.partitions), "elapsed_s": round(elapsed, 3),
-        "emulated": any(m.get("emulated") for m in markers.values()), "governor": governor,
-        "per_partition": [{"partition": i, **{k: m.get(k) for k in ("exit_code", "rows", "status_counts",
-                                                                    "spend_usd", "message")}}
-                          for i, m in sorted(markers.items())],
+        "output": str(out),
+        "rows": sum(m.get("rows", 0) for m in markers.values()),
+        "status_counts": status,
+        "spend_usd": round(spend, 6),
+        "partitions": len(plan.partitions),
+        "elapsed_s": round(elapsed, 3),
+        "emulated": any(m.get("emulated") for m in markers.values()),
+        "governor": governor,
+        "per_partition": [
+            {"partition": i, **{k: m.get(k) for k in ("exit_code", "rows", "status_counts", "spend_usd", "message")}}
+            for i, m in sorted(markers.items())
+        ],
     }
     if dataset:
         written = f"dataset {out} ({len(markers)} of {len(plan.partitions)} partitions in {out / '_manifest.json'})"
@@ -389,8 +499,10 @@ def _finish(cfg: RunConfig, plan: PartitionPlan, results: dict[int, dict[str, An
         merge_files([Path(markers[p.index]["output"]) for p in plan.partitions], out)
         written = f"wrote {report['rows']} rows to {out}"
         atomic_json(out.with_name(out.name + ".report.json"), report)
-    summary = (f"{written} ({', '.join(f'{v} {k}' for k, v in sorted(status.items())) or 'no rows'}); spent "
-               f"${spend:.4f} across {len(plan.partitions)} partitions{' [EMULATED]' if report['emulated'] else ''}")
+    summary = (
+        f"{written} ({', '.join(f'{v} {k}' for k, v in sorted(status.items())) or 'no rows'}); spent "
+        f"${spend:.4f} across {len(plan.partitions)} partitions{' [EMULATED]' if report['emulated'] else ''}"
+    )
     code = worst(codes)
     lines = [summary]
     bad = [r for r in results.values() if r["exit_code"] != EXIT_OK]

@@ -36,8 +36,13 @@ def _journal_info(path: Path, rows: int) -> dict[str, Any]:
     except JournalError as exc:
         return {"started": True, "counts": {}, "spent_micros": 0, "last_error": str(exc)}
     try:
-        return {"started": True, "counts": view.counts(view.get("epoch", 0)), "spent_micros": view.spent_micros(),
-                "last_error": view.last_error(), "emulated": view.get("emulated")}
+        return {
+            "started": True,
+            "counts": view.counts(view.get("epoch", 0)),
+            "spent_micros": view.spent_micros(),
+            "last_error": view.last_error(),
+            "emulated": view.get("emulated"),
+        }
     finally:
         view.close()
 
@@ -51,28 +56,52 @@ def status(journal: str | Path, plan: PartitionPlan) -> dict[str, Any]:
         for k, v in info["counts"].items():
             total[k] = total.get(k, 0) + v
         finished = plan.marker(p).is_file()
-        per.append({"partition": p.index, "rows": p.rows, "counts": info["counts"], "started": info["started"],
-                    "finished": finished, "spent_usd": info["spent_micros"] / 1e6, "last_error": info["last_error"],
-                    "in_flight": sum(info["counts"].get(s, 0) for s in IN_FLIGHT)})
+        per.append(
+            {
+                "partition": p.index,
+                "rows": p.rows,
+                "counts": info["counts"],
+                "started": info["started"],
+                "finished": finished,
+                "spent_usd": info["spent_micros"] / 1e6,
+                "last_error": info["last_error"],
+                "in_flight": sum(info["counts"].get(s, 0) for s in IN_FLIGHT),
+            }
+        )
     errors = [e["last_error"] for e in per if e["last_error"]]
-    return {"journal": str(journal), "partitioned": True, "partitions": len(plan.partitions), "rows": plan.rows,
-            "counts": total, "in_flight": sum(total.get(s, 0) for s in IN_FLIGHT),
-            "spent_usd": sum(e["spent_usd"] for e in per), "last_error": errors[-1] if errors else None,
-            "per_partition": per}
+    return {
+        "journal": str(journal),
+        "partitioned": True,
+        "partitions": len(plan.partitions),
+        "rows": plan.rows,
+        "counts": total,
+        "in_flight": sum(total.get(s, 0) for s in IN_FLIGHT),
+        "spent_usd": sum(e["spent_usd"] for e in per),
+        "last_error": errors[-1] if errors else None,
+        "per_partition": per,
+    }
 
 
 def format_status(info: dict[str, Any]) -> str:
-    lines = [f"journal      {info['journal']}  (partitioned: {info['partitions']} partitions)",
-             f"rows         {info['rows']:,}"]
+    lines = [
+        f"journal      {info['journal']}  (partitioned: {info['partitions']} partitions)",
+        f"rows         {info['rows']:,}",
+    ]
     lines += [f"  {s:<10} {info['counts'][s]:,}" for s in STATES if info["counts"].get(s)]
-    lines += [f"in flight    {info['in_flight']:,}", f"spent        ${info['spent_usd']:,.4f}",
-              f"last error   {info['last_error'] or '-'}", "",
-              "partition     rows      done   pending  in flight    spent  state"]
+    lines += [
+        f"in flight    {info['in_flight']:,}",
+        f"spent        ${info['spent_usd']:,.4f}",
+        f"last error   {info['last_error'] or '-'}",
+        "",
+        "partition     rows      done   pending  in flight    spent  state",
+    ]
     for e in info["per_partition"]:
         c = e["counts"]
         state = "finished" if e["finished"] else "running/resumable" if e["started"] else "not started"
-        lines.append(f"part-{e['partition']:05d} {e['rows']:>8,} {c.get('done', 0):>9,} {c.get('pending', 0):>9,} "
-                     f"{e['in_flight']:>10,} {e['spent_usd']:>8.4f}  {state}")
+        lines.append(
+            f"part-{e['partition']:05d} {e['rows']:>8,} {c.get('done', 0):>9,} {c.get('pending', 0):>9,} "
+            f"{e['in_flight']:>10,} {e['spent_usd']:>8.4f}  {state}"
+        )
     return "\n".join(lines)
 
 
@@ -89,17 +118,25 @@ def plan(cfg: RunConfig, journal: Path) -> dict[str, Any] | None:
             return None
         files = resolve_inputs(cfg.input.path)
         _header, counts = _count_and_check(cfg, files)
-        per = [{"partition": None, "rows": n, "done": 0, "to_submit": n, "in_flight": 0, "spent_usd": 0.0}
-               for n in counts]
+        per = [
+            {"partition": None, "rows": n, "done": 0, "to_submit": n, "in_flight": 0, "spent_usd": 0.0} for n in counts
+        ]
         n_parts = sum(_pieces(counts, None))
     else:
         per = []
         for p in cut.partitions:
             info = _journal_info(cut.journal(p), p.rows)
             c = info["counts"]
-            per.append({"partition": p.index, "rows": p.rows, "done": c.get("done", 0),
-                        "to_submit": c.get("pending", 0), "in_flight": sum(c.get(s, 0) for s in IN_FLIGHT),
-                        "spent_usd": info["spent_micros"] / 1e6})
+            per.append(
+                {
+                    "partition": p.index,
+                    "rows": p.rows,
+                    "done": c.get("done", 0),
+                    "to_submit": c.get("pending", 0),
+                    "in_flight": sum(c.get(s, 0) for s in IN_FLIGHT),
+                    "spent_usd": info["spent_micros"] / 1e6,
+                }
+            )
         n_parts = len(cut.partitions)
     proc = PROCESSORS[cfg.task.processor]
     to_submit = sum(e["to_submit"] for e in per)
@@ -109,30 +146,43 @@ def plan(cfg: RunConfig, journal: Path) -> dict[str, Any] | None:
     waves = math.ceil((to_submit + in_flight) / cfg.limits.max_in_flight) if to_submit + in_flight else 0
     pacing = math.ceil(to_submit / cfg.limits.batch_size) * 60.0 / cfg.limits.requests_per_minute
     budget = cfg.limits.budget_usd
-    return {"partitions": n_parts, "rows": sum(e["rows"] for e in per), "done": sum(e["done"] for e in per),
-            "in_flight": in_flight, "to_submit": to_submit, "processor": proc.name,
-            "estimated_cost_usd": round(to_submit * proc.price_micros / 1e6, 6), "spent_so_far_usd": round(spent, 6),
-            "budget_usd": budget,
-            "runs_within_budget": None if budget is None else max(0, int((budget - spent) * 1e6) // proc.price_micros),
-            "duration_s": [round(max(waves * lo, pacing), 1), round(waves * hi + pacing, 1)] if waves else [0, 0],
-            "per_partition": per if cut is not None else []}
+    return {
+        "partitions": n_parts,
+        "rows": sum(e["rows"] for e in per),
+        "done": sum(e["done"] for e in per),
+        "in_flight": in_flight,
+        "to_submit": to_submit,
+        "processor": proc.name,
+        "estimated_cost_usd": round(to_submit * proc.price_micros / 1e6, 6),
+        "spent_so_far_usd": round(spent, 6),
+        "budget_usd": budget,
+        "runs_within_budget": None if budget is None else max(0, int((budget - spent) * 1e6) // proc.price_micros),
+        "duration_s": [round(max(waves * lo, pacing), 1), round(waves * hi + pacing, 1)] if waves else [0, 0],
+        "per_partition": per if cut is not None else [],
+    }
 
 
 def format_plan(info: dict[str, Any]) -> str:
-    lines = [f"partitions           {info['partitions']:,}" + ("" if info["per_partition"] else "  (not cut yet)"),
-             f"rows in input        {info['rows']:,}", f"already done         {info['done']:,}",
-             f"in flight            {info['in_flight']:,}",
-             f"to submit            {info['to_submit']:,}  x {info['processor']}",
-             f"estimated cost       ${info['estimated_cost_usd']:,.2f}  (spent so far ${info['spent_so_far_usd']:,.2f})"]
+    lines = [
+        f"partitions           {info['partitions']:,}" + ("" if info["per_partition"] else "  (not cut yet)"),
+        f"rows in input        {info['rows']:,}",
+        f"already done         {info['done']:,}",
+        f"in flight            {info['in_flight']:,}",
+        f"to submit            {info['to_submit']:,}  x {info['processor']}",
+        f"estimated cost       ${info['estimated_cost_usd']:,.2f}  (spent so far ${info['spent_so_far_usd']:,.2f})",
+    ]
     if info["budget_usd"] is not None:
-        lines.append(f"budget               ${info['budget_usd']:,.2f}  (room for {info['runs_within_budget']:,} runs, "
-                     "shared by all partitions)")
+        lines.append(
+            f"budget               ${info['budget_usd']:,.2f}  (room for {info['runs_within_budget']:,} runs, "
+            "shared by all partitions)"
+        )
     lo, hi = info["duration_s"]
     lines.append(f"expected duration    {lo:.0f}s - {hi:.0f}s")
     if info["per_partition"]:
         lines.append("")
         lines.append("partition     rows      done  to submit  in flight")
         for e in info["per_partition"]:
-            lines.append(f"part-{e['partition']:05d} {e['rows']:>8,} {e['done']:>9,} {e['to_submit']:>10,} "
-                         f"{e['in_flight']:>10,}")
+            lines.append(
+                f"part-{e['partition']:05d} {e['rows']:>8,} {e['done']:>9,} {e['to_submit']:>10,} {e['in_flight']:>10,}"
+            )
     return "\n".join(lines)

@@ -17,9 +17,15 @@ import time
 
 from parallel import AsyncParallel, RateLimitError
 
-SCHEMA = {"type": "json", "json_schema": {
-    "type": "object", "additionalProperties": False, "required": ["headquarters_location"],
-    "properties": {"headquarters_location": {"type": ["string", "null"]}}}}
+SCHEMA = {
+    "type": "json",
+    "json_schema": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["headquarters_location"],
+        "properties": {"headquarters_location": {"type": ["string", "null"]}},
+    },
+}
 
 
 async def main(base_url: str, path: str, column: str, concurrency: int, processor: str) -> dict:
@@ -36,8 +42,9 @@ async def main(base_url: str, path: str, column: str, concurrency: int, processo
         async with sem:
             while True:
                 try:
-                    run = await client.task_run.create(input={column: row[column]}, processor=processor,
-                                                       task_spec={"output_schema": SCHEMA})
+                    run = await client.task_run.create(
+                        input={column: row[column]}, processor=processor, task_spec={"output_schema": SCHEMA}
+                    )
                     break
                 except RateLimitError:
                     retries += 1
@@ -52,8 +59,13 @@ async def main(base_url: str, path: str, column: str, concurrency: int, processo
     await asyncio.gather(*(one(i, r) for i, r in enumerate(rows)))
     wall = time.monotonic() - t0
     await client.close()
-    return {"rows": len(rows), "wall_s": wall, "errors": errors, "retries_429": retries,
-            "completed": sum(r is not None for r in results)}
+    return {
+        "rows": len(rows),
+        "wall_s": wall,
+        "errors": errors,
+        "retries_429": retries,
+        "completed": sum(r is not None for r in results),
+    }
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ instruction = "Research the company."
 [task.output.headquarters_location]
 type = "string"
 [output]
-path = "{d / 'out.parquet'}"
+path = "{d / "out.parquet"}"
 [limits]
 {limits}
 """)
@@ -91,15 +91,21 @@ def run_enrich(cfg: Path, url: str) -> dict[str, Any]:
     cpu0, _ = child_usage()
     t0 = time.monotonic()
     env = {**os.environ, "PARALLEL_API_KEY": "bench-key"}
-    r = subprocess.run([PY, "-m", "enrich", "run", str(cfg), "--base-url", url], cwd=ROOT, env=env,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [PY, "-m", "enrich", "run", str(cfg), "--base-url", url], cwd=ROOT, env=env, capture_output=True, text=True
+    )
     wall = time.monotonic() - t0
     cpu1, rss = child_usage()
     if r.returncode != 0:
         raise RuntimeError(f"enrich failed ({r.returncode}): {r.stderr[-2000:]}")
     report = json.loads((cfg.parent / "out.parquet.report.json").read_text())
-    return {"wall_s": wall, "cpu_s": cpu1 - cpu0, "max_rss_mb": rss, "report": report,
-            "pipeline_s": report["elapsed_s"]}
+    return {
+        "wall_s": wall,
+        "cpu_s": cpu1 - cpu0,
+        "max_rss_mb": rss,
+        "report": report,
+        "pipeline_s": report["elapsed_s"],
+    }
 
 
 def run_rss(cfg: Path, url: str) -> float:
@@ -107,12 +113,26 @@ def run_rss(cfg: Path, url: str) -> float:
     return float(run_measured(cfg, url)["max_rss_mb"])
 
 
-BASELINE_MAX_ROWS = 1000   # the per-row SDK pattern manages ~20-25 rows/s here: rows/s is compared, not totals
+BASELINE_MAX_ROWS = 1000  # the per-row SDK pattern manages ~20-25 rows/s here: rows/s is compared, not totals
 
 
 def run_baseline(n: int, url: str, concurrency: int) -> dict[str, Any]:
-    r = subprocess.run([PY, "-m", "tests.benchmarks.baseline", "--base-url", url, "--input", str(make_input(n)),
-                        "--concurrency", str(concurrency)], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            PY,
+            "-m",
+            "tests.benchmarks.baseline",
+            "--base-url",
+            url,
+            "--input",
+            str(make_input(n)),
+            "--concurrency",
+            str(concurrency),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         raise RuntimeError(r.stderr[-2000:])
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -137,17 +157,31 @@ def side_by_side(emu_args: list[str], cfg: Path, rows: int, concurrency: int) ->
 def scenario_p1(rows: int, rate_limit: int, concurrency: int) -> dict[str, Any]:
     """Overhead: zero-latency emulator; rows/s, client CPU per row, HTTP requests per row."""
     cfg = config(rows, f"p1_{rate_limit}", f"max_in_flight = {concurrency}\nrequests_per_minute = 1800")
-    e, e_req, b_rows, b, b_req = side_by_side(["--time-scale", "0", "--rate-limit", str(rate_limit)], cfg, rows,
-                                              concurrency)
+    e, e_req, b_rows, b, b_req = side_by_side(
+        ["--time-scale", "0", "--rate-limit", str(rate_limit)], cfg, rows, concurrency
+    )
     cpu = e["report"]["cpu_s"]
     return {
-        "rows": rows, "baseline_rows": b_rows, "rate_limit_per_min": rate_limit, "concurrency": concurrency,
-        "enrich": {"rows_per_s": rows / e["pipeline_s"], "cpu_ms_per_row": 1000 * cpu / rows,
-                   "cpu_ms_per_row_incl_startup": 1000 * e["cpu_s"] / rows,
-                   "requests_per_row": e_req / rows, "wall_s": e["wall_s"], "pipeline_s": e["pipeline_s"]},
-        "baseline": {"rows_per_s": b_rows / b["wall_s"], "cpu_ms_per_row": 1000 * b["cpu_s"] / b_rows,
-                     "requests_per_row": b_req / b_rows, "wall_s": b["wall_s"], "errors": b["errors"],
-                     "retries_429": b["retries_429"]},
+        "rows": rows,
+        "baseline_rows": b_rows,
+        "rate_limit_per_min": rate_limit,
+        "concurrency": concurrency,
+        "enrich": {
+            "rows_per_s": rows / e["pipeline_s"],
+            "cpu_ms_per_row": 1000 * cpu / rows,
+            "cpu_ms_per_row_incl_startup": 1000 * e["cpu_s"] / rows,
+            "requests_per_row": e_req / rows,
+            "wall_s": e["wall_s"],
+            "pipeline_s": e["pipeline_s"],
+        },
+        "baseline": {
+            "rows_per_s": b_rows / b["wall_s"],
+            "cpu_ms_per_row": 1000 * b["cpu_s"] / b_rows,
+            "requests_per_row": b_req / b_rows,
+            "wall_s": b["wall_s"],
+            "errors": b["errors"],
+            "retries_429": b["retries_429"],
+        },
         "ratio_rows_per_s": (rows / e["pipeline_s"]) / (b_rows / b["wall_s"]),
     }
 
@@ -158,16 +192,30 @@ def scenario_p2_p3(rows: int, rate_limit: int) -> dict[str, Any]:
     mean_latency = (10 + 20) / 2 * scale
     ideal = rows * mean_latency / inflight + mean_latency
     cfg = config(rows, f"p2_{rate_limit}", f"max_in_flight = {inflight}\nrequests_per_minute = 1800")
-    e, e_req, b_rows, b, b_req = side_by_side(["--time-scale", str(scale), "--rate-limit", str(rate_limit),
-                                               "--seed", "1"], cfg, rows, inflight)
+    e, e_req, b_rows, b, b_req = side_by_side(
+        ["--time-scale", str(scale), "--rate-limit", str(rate_limit), "--seed", "1"], cfg, rows, inflight
+    )
     b_ideal = b_rows * mean_latency / inflight + mean_latency
     return {
-        "rows": rows, "baseline_rows": b_rows, "rate_limit_per_min": rate_limit, "max_in_flight": inflight,
+        "rows": rows,
+        "baseline_rows": b_rows,
+        "rate_limit_per_min": rate_limit,
+        "max_in_flight": inflight,
         "ideal_s": ideal,
-        "enrich": {"pipeline_s": e["pipeline_s"], "vs_ideal": e["pipeline_s"] / ideal, "requests_per_row": e_req / rows,
-                   "rows_per_s": rows / e["pipeline_s"]},
-        "baseline": {"wall_s": b["wall_s"], "vs_ideal": b["wall_s"] / b_ideal, "requests_per_row": b_req / b_rows,
-                     "rows_per_s": b_rows / b["wall_s"], "errors": b["errors"], "retries_429": b["retries_429"]},
+        "enrich": {
+            "pipeline_s": e["pipeline_s"],
+            "vs_ideal": e["pipeline_s"] / ideal,
+            "requests_per_row": e_req / rows,
+            "rows_per_s": rows / e["pipeline_s"],
+        },
+        "baseline": {
+            "wall_s": b["wall_s"],
+            "vs_ideal": b["wall_s"] / b_ideal,
+            "requests_per_row": b_req / b_rows,
+            "rows_per_s": b_rows / b["wall_s"],
+            "errors": b["errors"],
+            "retries_429": b["retries_429"],
+        },
         "ratio_vs_ideal": (e["pipeline_s"] / ideal) / (b["wall_s"] / b_ideal),
     }
 
@@ -184,16 +232,22 @@ def scenario_p4(big: int, small: int) -> dict[str, Any]:
         big_wall = time.monotonic() - t0
     finally:
         emu.stop()
-    return {"rows_big": big, "rows_small": small, "enrich": {"rss_big_mb": rss_big, "rss_small_mb": rss_small,
-            "big_wall_s": big_wall}, "ratio_big_to_small": rss_big / rss_small}
+    return {
+        "rows_big": big,
+        "rows_small": small,
+        "enrich": {"rss_big_mb": rss_big, "rss_small_mb": rss_small, "big_wall_s": big_wall},
+        "ratio_big_to_small": rss_big / rss_small,
+    }
 
 
 def run_measured(cfg: Path, url: str) -> dict[str, Any]:
     """One enrich run in its own watcher process: wall, peak RSS (ru_maxrss of that run alone), report."""
     env = {**os.environ, "PARALLEL_API_KEY": "bench-key"}
-    code = ("import resource,subprocess,sys,time;t=time.monotonic();"
-            f"r=subprocess.run([{PY!r},'-m','enrich','run',{str(cfg)!r},'--base-url',{url!r}],capture_output=True);"
-            "print(time.monotonic()-t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024, r.returncode)")
+    code = (
+        "import resource,subprocess,sys,time;t=time.monotonic();"
+        f"r=subprocess.run([{PY!r},'-m','enrich','run',{str(cfg)!r},'--base-url',{url!r}],capture_output=True);"
+        "print(time.monotonic()-t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024, r.returncode)"
+    )
     out = subprocess.run([PY, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True).stdout.split()
     if out[2] != "0":
         raise RuntimeError("enrich run failed")
@@ -239,9 +293,16 @@ def scenario_p5(rows: int) -> dict[str, Any]:
         total_again = emu.stats()["total_requests"]
     finally:
         emu.stop()
-    return {"rows": rows, "enrich": {"rerun_wall_s": again["wall_s"], "rerun_creating_posts": posts_again},
-            "baseline": {"rerun_creating_posts": rows, "note": "the per-row script keeps no state: a re-run creates "
-                         "every run again (by construction, not measured)"}, "total_requests_after": total_again}
+    return {
+        "rows": rows,
+        "enrich": {"rerun_wall_s": again["wall_s"], "rerun_creating_posts": posts_again},
+        "baseline": {
+            "rerun_creating_posts": rows,
+            "note": "the per-row script keeps no state: a re-run creates "
+            "every run again (by construction, not measured)",
+        },
+        "total_requests_after": total_again,
+    }
 
 
 def scenario_p6(rows: int) -> dict[str, Any]:
@@ -259,15 +320,25 @@ def scenario_p6(rows: int) -> dict[str, Any]:
     lags = []
     from datetime import datetime
 
-    for finished_at, result in con.execute("SELECT r.finished_at, s.result_json FROM rows r JOIN results s ON s.run_id=r.run_id WHERE r.state='done'"):
+    for finished_at, result in con.execute(
+        "SELECT r.finished_at, s.result_json FROM rows r JOIN results s ON s.run_id=r.run_id WHERE r.state='done'"
+    ):
         done = json.loads(result)["run"]["modified_at"]
         t = datetime.fromisoformat(done.replace("Z", "+00:00")).timestamp()
         lags.append(finished_at - t)
     con.close()
     lags.sort()
-    return {"rows": rows, "enrich": {"lag_p50_s": lags[len(lags) // 2], "lag_p95_s": lags[int(len(lags) * 0.95)],
-            "lag_max_s": lags[-1], "pipeline_s": e["pipeline_s"], "requests": stats["total_requests"],
-            "peak_active_runs_possible": rows}}
+    return {
+        "rows": rows,
+        "enrich": {
+            "lag_p50_s": lags[len(lags) // 2],
+            "lag_p95_s": lags[int(len(lags) * 0.95)],
+            "lag_max_s": lags[-1],
+            "pipeline_s": e["pipeline_s"],
+            "requests": stats["total_requests"],
+            "peak_active_runs_possible": rows,
+        },
+    }
 
 
 def scenario_p8(rows: int, rpm: int = 1800) -> dict[str, Any]:
@@ -286,8 +357,13 @@ def scenario_p8(rows: int, rpm: int = 1800) -> dict[str, Any]:
         for name, extra in (("single", []), ("ray", ["--ray", "--partitions", "2"])):
             cfg = config(rows, f"p8_{name}", limits)
             t0 = time.monotonic()
-            r = subprocess.run([PY, "-m", "enrich", "run", str(cfg), "--base-url", emu.url, *extra], cwd=ROOT,
-                               env=env, capture_output=True, text=True)
+            r = subprocess.run(
+                [PY, "-m", "enrich", "run", str(cfg), "--base-url", emu.url, *extra],
+                cwd=ROOT,
+                env=env,
+                capture_output=True,
+                text=True,
+            )
             wall = time.monotonic() - t0
             if r.returncode != 0:
                 raise RuntimeError(f"enrich {name} failed ({r.returncode}): {r.stderr[-2000:]}")
@@ -299,9 +375,14 @@ def scenario_p8(rows: int, rpm: int = 1800) -> dict[str, Any]:
                 while posts[j] < t - 60:
                     j += 1
                 best = max(best, i - j + 1)
-            out[name] = {"wall_s": wall, "pipeline_s": report["elapsed_s"], "creating_posts": len(posts),
-                         "max_posts_in_60s": best, "http_429": sum(1 for *_x, status in log if status == 429),
-                         "rows_completed": report["status_counts"].get("completed", 0)}
+            out[name] = {
+                "wall_s": wall,
+                "pipeline_s": report["elapsed_s"],
+                "creating_posts": len(posts),
+                "max_posts_in_60s": best,
+                "http_429": sum(1 for *_x, status in log if status == 429),
+                "rows_completed": report["status_counts"].get("completed", 0),
+            }
             httpx.post(emu.url + "/_emulator/reset")
     finally:
         emu.stop()
@@ -333,18 +414,28 @@ def scenario_e0() -> dict[str, Any]:
             list_s = time.monotonic() - t0
     finally:
         emu.stop()
-    return {"emulator": {"runs_created_per_s": 20000 / create_s, "active_runs_held": active,
-                         "get_run_per_s_one_connection": 2000 / get_s, "listing_events_per_s": events / list_s}}
+    return {
+        "emulator": {
+            "runs_created_per_s": 20000 / create_s,
+            "active_runs_held": active,
+            "get_run_per_s_one_connection": 2000 / get_s,
+            "listing_events_per_s": events / list_s,
+        }
+    }
 
 
 def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     quick = os.environ.get("BENCH_QUICK") == "1"
     results: dict[str, Any] = {}
-    if os.environ.get("BENCH_ONLY") and RESULTS.exists():   # one scenario: keep the others' last figures
+    if os.environ.get("BENCH_ONLY") and RESULTS.exists():  # one scenario: keep the others' last figures
         results = json.loads(RESULTS.read_text())
-    results.update({"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
-                                "platform": platform.platform()}, "started": time.time()})
+    results.update(
+        {
+            "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
+            "started": time.time(),
+        }
+    )
     plan = [
         ("E0_emulator_capacity", scenario_e0),
         ("P1_limits_off", lambda: scenario_p1(2000 if quick else 20000, 0, 500)),
@@ -387,37 +478,92 @@ def table(r: dict[str, Any]) -> str:
         p = r.get(key, {})
         if "enrich" in p:
             row(key, "rows/s", p["enrich"]["rows_per_s"], p["baseline"]["rows_per_s"], p["ratio_rows_per_s"], ">= 10x")
-            row(key, "client CPU ms/row", p["enrich"]["cpu_ms_per_row"], p["baseline"]["cpu_ms_per_row"],
-                p["enrich"]["cpu_ms_per_row"] / p["baseline"]["cpu_ms_per_row"], "<= 0.3 ms")
-            row(key, "HTTP requests/row", p["enrich"]["requests_per_row"], p["baseline"]["requests_per_row"],
-                p["enrich"]["requests_per_row"] / p["baseline"]["requests_per_row"], "")
+            row(
+                key,
+                "client CPU ms/row",
+                p["enrich"]["cpu_ms_per_row"],
+                p["baseline"]["cpu_ms_per_row"],
+                p["enrich"]["cpu_ms_per_row"] / p["baseline"]["cpu_ms_per_row"],
+                "<= 0.3 ms",
+            )
+            row(
+                key,
+                "HTTP requests/row",
+                p["enrich"]["requests_per_row"],
+                p["baseline"]["requests_per_row"],
+                p["enrich"]["requests_per_row"] / p["baseline"]["requests_per_row"],
+                "",
+            )
     for key in ("P2_P3_limits_off", "P2_P3_limit_2000"):
         p = r.get(key, {})
         if "enrich" in p:
-            row(key, "wall / Little's-law ideal", p["enrich"]["vs_ideal"], p["baseline"]["vs_ideal"],
-                p["ratio_vs_ideal"], "<= 1.1, <= baseline")
-            row(key, "HTTP requests/row", p["enrich"]["requests_per_row"], p["baseline"]["requests_per_row"],
-                p["enrich"]["requests_per_row"] / p["baseline"]["requests_per_row"], "<= 0.1 (baseline >= 2)")
+            row(
+                key,
+                "wall / Little's-law ideal",
+                p["enrich"]["vs_ideal"],
+                p["baseline"]["vs_ideal"],
+                p["ratio_vs_ideal"],
+                "<= 1.1, <= baseline",
+            )
+            row(
+                key,
+                "HTTP requests/row",
+                p["enrich"]["requests_per_row"],
+                p["baseline"]["requests_per_row"],
+                p["enrich"]["requests_per_row"] / p["baseline"]["requests_per_row"],
+                "<= 0.1 (baseline >= 2)",
+            )
     p = r.get("P4_memory", {})
     if "enrich" in p:
-        row("P4_memory", f"peak RSS MB, {p['rows_big']:,} rows", p["enrich"]["rss_big_mb"], None,
-            p["ratio_big_to_small"], "<= 300 MB, <= 1.5x of 10k")
+        row(
+            "P4_memory",
+            f"peak RSS MB, {p['rows_big']:,} rows",
+            p["enrich"]["rss_big_mb"],
+            None,
+            p["ratio_big_to_small"],
+            "<= 300 MB, <= 1.5x of 10k",
+        )
     p = r.get("P5_noop_resume", {})
     if "enrich" in p:
-        row("P5_noop_resume", f"re-run of {p['rows']:,} rows: creating POSTs", p["enrich"]["rerun_creating_posts"],
-            p["baseline"]["rerun_creating_posts"], None, "0")
+        row(
+            "P5_noop_resume",
+            f"re-run of {p['rows']:,} rows: creating POSTs",
+            p["enrich"]["rerun_creating_posts"],
+            p["baseline"]["rerun_creating_posts"],
+            None,
+            "0",
+        )
         row("P5_noop_resume", "re-run wall s", p["enrich"]["rerun_wall_s"], None, None, "<= 3 s")
     p = r.get("P7_linear", {})
     if "big" in p:
-        row("P7_linear", f"rows/s, {p['rows_big']:,} vs {p['rows_small']:,} rows", p["big"]["rows_per_s"],
-            p["small"]["rows_per_s"], p["ratio_rows_per_s"], ">= 0.8x")
-        row("P7_linear", "peak RSS MB, big vs small", p["big"]["max_rss_mb"], p["small"]["max_rss_mb"],
-            p["ratio_rss"], "<= 1.5x and <= 300 MB")
+        row(
+            "P7_linear",
+            f"rows/s, {p['rows_big']:,} vs {p['rows_small']:,} rows",
+            p["big"]["rows_per_s"],
+            p["small"]["rows_per_s"],
+            p["ratio_rows_per_s"],
+            ">= 0.8x",
+        )
+        row(
+            "P7_linear",
+            "peak RSS MB, big vs small",
+            p["big"]["max_rss_mb"],
+            p["small"]["max_rss_mb"],
+            p["ratio_rss"],
+            "<= 1.5x and <= 300 MB",
+        )
         row("P7_linear", "emulator RSS MB holding every run", p["big"]["emulator_rss_mb"], None, None, "<= 1 GB")
     p = r.get("E0_emulator_capacity", {})
     if "emulator" in p:
         e = p["emulator"]
-        row("E0_emulator", "runs created/s (add-runs of 1,000)", e["runs_created_per_s"], None, None, "not the bottleneck")
+        row(
+            "E0_emulator",
+            "runs created/s (add-runs of 1,000)",
+            e["runs_created_per_s"],
+            None,
+            None,
+            "not the bottleneck",
+        )
         row("E0_emulator", "active runs held", e["active_runs_held"], None, None, ">= 20,000")
         row("E0_emulator", "GET run/s, one connection", e["get_run_per_s_one_connection"], None, None, "")
         row("E0_emulator", "listing events/s", e["listing_events_per_s"], None, None, "")
@@ -426,10 +572,22 @@ def table(r: dict[str, Any]) -> str:
         row("P6_20000_in_flight", "completion lag p95 s", p["enrich"]["lag_p95_s"], None, None, "<= 2 s")
     p = r.get("P8_ray_2_workers", {})
     if "ray" in p:
-        row("P8_ray_2_workers", f"wall s, {p['rows']:,} rows (ray / one process)", p["ray"]["wall_s"],
-            p["single"]["wall_s"], p["ratio_wall"], "<= 1.5x")
-        row("P8_ray_2_workers", f"max creating POSTs in 60 s (limit {p['requests_per_minute']})",
-            p["ray"]["max_posts_in_60s"], p["single"]["max_posts_in_60s"], None, "<= limit, 0 x 429")
+        row(
+            "P8_ray_2_workers",
+            f"wall s, {p['rows']:,} rows (ray / one process)",
+            p["ray"]["wall_s"],
+            p["single"]["wall_s"],
+            p["ratio_wall"],
+            "<= 1.5x",
+        )
+        row(
+            "P8_ray_2_workers",
+            f"max creating POSTs in 60 s (limit {p['requests_per_minute']})",
+            p["ray"]["max_posts_in_60s"],
+            p["single"]["max_posts_in_60s"],
+            None,
+            "<= limit, 0 x 429",
+        )
         row("P8_ray_2_workers", "HTTP 429s", p["ray"]["http_429"], p["single"]["http_429"], None, "0")
     for k, v in r.items():
         if isinstance(v, dict) and "error" in v:
