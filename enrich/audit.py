@@ -16,16 +16,18 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from enrich.config import GateConfig
 from enrich.errors import ConfigError
+from enrich.files import PARQUET_SUFFIXES, atomic_write, encode_cell, guard
 from enrich.gate import FieldAnswer, MergedRow, answer_of, decide, normalize_confidence
-from enrich.review import encode_value, guard
 
 BASIS_COLUMNS = (
     "field",
@@ -41,12 +43,6 @@ BASIS_COLUMNS = (
     "excerpts",
 )
 BASIS_CHUNK = 5_000  # lines per Parquet row group / per batch: memory stays flat on any input size
-
-
-def basis_path(output: Path) -> Path:
-    """`out/x.enriched.parquet` -> `out/x.enriched.basis.parquet`; CSV outputs get a CSV basis file."""
-    suffix = ".parquet" if output.suffix.lower() in (".parquet", ".pq") else ".csv"
-    return output.with_name(output.stem + ".basis" + suffix)
 
 
 def _entry_lines(head: dict[str, Any], entry: Mapping[str, Any] | None) -> Iterator[dict[str, Any]]:
@@ -82,7 +78,7 @@ def answer_lines(
         {
             **base,
             "field": name,
-            "value": encode_value(answer.value),
+            "value": encode_cell(answer.value),
             "confidence": _conf_text(answer.confidence),
             "decision": answer.decision,
         },
@@ -98,7 +94,7 @@ def answer_lines(
             {
                 **base,
                 "field": ename,
-                "value": encode_value(items[index] if index < len(items) else None),
+                "value": encode_cell(items[index] if index < len(items) else None),
                 "confidence": _conf_text(conf),
                 "decision": decision,
             },
@@ -154,13 +150,10 @@ def _chunks(rows: Iterable[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
 
 
 def _csv_cell(value: Any, formula_guard: bool) -> Any:
-    if value is None:
-        return ""
-    if isinstance(value, list):
-        value = json.dumps(value, ensure_ascii=False)
-    if isinstance(value, str):
-        return guard(value) if formula_guard else value
-    return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return value
+    text = encode_cell(value)
+    return guard(text) if formula_guard else text
 
 
 def write_basis(
@@ -172,17 +165,12 @@ def write_basis(
     key column named like a basis column; on any error the previous file is left untouched.
     """
     path = Path(path)
-    from enrich.write import atomic_write
-
     if clash := [k for k in key_columns if k in BASIS_COLUMNS]:
         raise ConfigError(f"key column {clash[0]!r} has the name of a basis-file column; rename it in the input")
     columns = [*key_columns, *BASIS_COLUMNS]
     count = 0
     suffix = path.suffix.lower()
-    if suffix in (".parquet", ".pq"):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
+    if suffix in PARQUET_SUFFIXES:
         types = {"citation": pa.int32(), "excerpts": pa.list_(pa.string())}
         schema = pa.schema([pa.field(c, types.get(c, pa.string())) for c in columns])
 

@@ -13,14 +13,23 @@ import json
 import os
 import shlex
 import sys
-import time
 from pathlib import Path
 from typing import Any, NoReturn
 
 from enrich import __version__, preflight
 from enrich.config import DEFAULT_BASE_URL, RunConfig, load_config
-from enrich.errors import ConfigError, EnrichError, JournalError, redact
-from enrich.job import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from enrich.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    ConfigError,
+    EnrichError,
+    redact,
+)
+from enrich.init import init_config
+from enrich.job import apply_review, differences, export, format_status, job_status, open_job, plan_job, run_job
+from enrich.scale import status as scaled
+from enrich.scale.runner import run_partitioned
 
 EXIT_CODES_HELP = (
     "exit codes: 0 all rows completed, 2 usage/config/input error, 3 finished with failed rows, "
@@ -133,16 +142,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     plan = add("plan", "rows, cost and duration estimate; no API calls")
     job_flags(plan)
+
+    def locate_flags(sp: argparse.ArgumentParser, output: bool = True) -> None:
+        """The flags of `run` that say where a job lives, for commands that open an existing job."""
+        sp.add_argument("--input", help="as given to run (overrides input.path)")
+        if output:
+            sp.add_argument("--output", help="as given to run: the job's output (overrides output.path)")
+        sp.add_argument("--journal", help="as given to run (default: beside the output)")
+
     st = add("status", "counts by state, spend, last error (works while a run is live)")
-    st.add_argument("journal", help="the job's journal file (*.journal.sqlite, beside the output by default)")
+    st.add_argument("job", help="the job's journal (*.journal.sqlite, beside the output by default) or its config")
+    locate_flags(st)
     st.add_argument("--json", action="store_true", help="machine-readable output")
-    ex = add("export", "rewrite the output from the journal alone (no API calls)")
-    ex.add_argument("journal", help="the job's journal file (*.journal.sqlite)")
+    ex = add("export", "write the job's output again, to another file, from the journal alone (no API calls)")
+    ex.add_argument("job", help="the job's journal (*.journal.sqlite) or its config (TOML)")
     ex.add_argument("--output", help="file to write: .csv, .parquet or .xlsx (by extension)")
     ex.add_argument(
         "--basis", metavar="PATH", help="also write the evidence, one line per (row, field, citation): .parquet or .csv"
     )
-    ex.add_argument("--config", help="job config, for the output fields (default: the one recorded)")
+    ex.add_argument("--config", help="the job's config: checked against the job the journal recorded")
+    locate_flags(ex, output=False)
     em = add("emulator", "serve the API-compatible emulator on loopback")
     em.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     em.add_argument(
@@ -177,11 +196,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     rv = add("review", "human review round trip: apply a filled-in <output>.review.csv")
     rv.add_argument("action", choices=["apply"], help="apply: record the verdicts and rewrite the output")
-    rv.add_argument("config", help="the job's config (TOML)")
+    rv.add_argument("job", help="the job's config (TOML), with the flags it ran with, or its journal")
     rv.add_argument(
         "reviewed",
         help="the review file with verdict (accept|correct|reject), corrected_value, reviewer and note filled in",
     )
+    locate_flags(rv)
     ini = add("init", "write a commented starter config from a data file's columns (asks nothing)")
     ini.add_argument("data", help="the data file: .csv, .parquet or .xlsx (first sheet)")
     ini.add_argument("--config", help="config file to write (default: <data stem>.toml here; never overwritten)")
@@ -221,39 +241,18 @@ def _api_key(emulated: bool) -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from enrich.job import journal_path_for
-    from enrich.journal import Journal
-    from enrich.pipeline import format_plan, plan_summary, prepare
-
-    cfg = _load(args)
-    path = journal_path_for(cfg)
-    preflight.check_job(cfg, api_key=None, emulated=bool(args.emulator), journal_path=path)
-    from enrich.scale import status as scaled
-
-    if (info := scaled.plan(cfg, path)) is not None:  # a partitioned job (--ray)
-        print(scaled.format_plan(info))
-        return EXIT_OK
-    journal = Journal.open(path, readonly=False) if path.exists() else Journal.open(":memory:")
-    try:
-        prep = prepare(cfg, journal, retry_failed=args.retry_failed, dry=True)
-        print(format_plan(plan_summary(cfg, prep, journal)))
-    finally:
-        journal.close()
+    print(plan_job(_load(args), emulated=bool(args.emulator), retry_failed=args.retry_failed))
     return EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         return cmd_plan(args)
-    from enrich.job import run_job
-
     cfg = _load(args)
     emulated = bool(args.emulator)
     if args.ray is not None or args.partitions is not None:
         if args.ray is None:
             raise ConfigError("--partitions needs --ray")
-        from enrich.scale.runner import run_partitioned
-
         result = run_partitioned(
             cfg,
             address=args.ray or None,
@@ -282,117 +281,56 @@ def cmd_run(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    from enrich.journal import Journal
-    from enrich.scale import status as scaled
+def _locate(args: argparse.Namespace, output: bool = True) -> dict[str, Any]:
+    return {"input.path": args.input, "output.path": args.output if output else None, "journal": args.journal}
 
-    if (cut := scaled.partition_plan(args.journal)) is not None:  # a partitioned job (--ray)
-        info = scaled.status(args.journal, cut)
+
+def cmd_status(args: argparse.Namespace) -> int:
+    if (cut := scaled.partition_plan(args.job)) is not None:  # a partitioned job (--ray)
+        info = scaled.status(args.job, cut)
         print(json.dumps(info, indent=2) if args.json else scaled.format_status(info))
         return EXIT_OK
-    preflight.check_journal_file(args.journal)
-    journal = Journal.open(args.journal, readonly=True)
-    try:
-        epoch = journal.get("epoch", 0)
-        counts = journal.counts(epoch)
-        live = journal.get("live")
-        if not (isinstance(live, dict) and time.time() - live.get("at", 0) < 15 and _alive(live.get("pid"))):
-            live = None
-        info = {
-            "journal": args.journal,
-            "rows": sum(counts.values()),
-            "counts": counts,
-            "in_flight": sum(counts.get(s, 0) for s in ("intent", "unknown", "submitted")),
-            "spent_usd": journal.spent_micros() / 1e6,
-            "taskgroup_id": journal.get("taskgroup_id"),
-            "emulated": bool(journal.get("emulated") or journal.get("emulator_seen")),
-            "last_error": journal.last_error(),
-            "live": live,
-        }
-    finally:
-        journal.close()
-    if args.json:
-        print(json.dumps(info, indent=2))
-    else:
-        print(f"journal      {info['journal']}{'  [EMULATED]' if info['emulated'] else ''}")
-        print(f"rows         {info['rows']:,}")
-        for state_name in ("done", "failed", "timed_out", "pending", "intent", "unknown", "submitted"):
-            if counts.get(state_name):
-                print(f"  {state_name:<10} {counts[state_name]:,}")
-        print(f"in flight    {info['in_flight']:,}  (rows sent, results not yet recorded)")
-        print(f"spent        ${info['spent_usd']:,.4f}")
-        print(f"last error   {info['last_error'] or '-'}")
-        if live:
-            print(
-                f"live         pid {live['pid']}: {min(live['active_runs'], live['cap']):,} runs active at the API "
-                f"(cap {live['cap']:,}); waiting on: {live['waiting_on'] or 'results'}"
-            )
-        else:
-            print("live         no enrich process is running this job")
+    info = job_status(args.job, _locate(args), _FLAGS)
+    print(json.dumps(info, indent=2) if args.json else format_status(info))
     return EXIT_OK
 
 
-def _alive(pid: Any) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (OSError, TypeError, ValueError):
-        return False
-    return True
-
-
 def cmd_export(args: argparse.Namespace) -> int:
-    from enrich.config import build_task_spec, output_fields
-    from enrich.journal import Journal
-    from enrich.write import export_basis, write_output
-
     if not args.output and not args.basis:
         raise ConfigError("export: give --output FILE, --basis FILE, or both")
-    preflight.check_journal_file(args.journal)
-    cfg = load_config(args.config) if args.config else None
-    journal = Journal.open(args.journal, readonly=True)
+    target = args.config or args.job
+    if args.config and not str(args.job).endswith(".toml"):
+        target = args.job  # the journal names the job; the config is checked against it
+    job, journal, notes = open_job(target, _locate(args, output=False), _FLAGS)
     try:
-        recorded = journal.get("config") or {}
-        if cfg is None and "task_spec" not in recorded:
-            raise JournalError(f"{args.journal}: journal has no recorded task spec; run the job first")
-        fields = output_fields(build_task_spec(cfg) if cfg else recorded["task_spec"])
-        inp = journal.get("input_path")
-        for flag, target in (("--output", args.output), ("--basis", args.basis)):
-            if not target:
-                continue
-            if flag == "--output":
-                preflight.check_output_path(Path(target), input_path=inp, journal_path=args.journal, flag=flag)
-            t = Path(target).resolve()
-            if t == Path(args.journal).resolve() or (inp and t == Path(inp).resolve()):
-                raise ConfigError(f"{flag}: {target} is the journal or the input file; choose another path")
-        guard = cfg.output.formula_guard if cfg else recorded.get("formula_guard", True)
-        if args.output:
-            report = write_output(
-                journal,
-                Path(args.output),
-                fields,
-                reasoning=cfg.output.reasoning if cfg else bool(recorded.get("reasoning")),
-                formula_guard=guard,
-                emulated=bool(journal.get("emulated") or journal.get("emulator_seen")),
-                budget_exhausted=False,
-                extra={"exported_from": args.journal},
-                cfg=cfg,
-            )
-            print(f"enrich: exported {report['rows']} rows to {args.output}", file=sys.stderr)
-        if args.basis:
-            keys = (list(cfg.input.key) if cfg else (journal.get("identity") or {}).get("key_columns")) or ["key"]
-            n = export_basis(journal, Path(args.basis), fields, cfg, keys, formula_guard=guard)
-            print(f"enrich: exported {n} evidence lines to {args.basis}", file=sys.stderr)
+        if args.config and target != args.config and (diff := differences(load_config(args.config), job.cfg)):
+            notes.append(f"note: {args.config} differs from the job recorded in {args.job} ({', '.join(diff)}); "
+                         "using the job as last run")  # fmt: skip
+        for note in notes:
+            print(f"enrich: {note}", file=sys.stderr)
+        done = export(
+            job, journal, Path(args.output) if args.output else None, Path(args.basis) if args.basis else None
+        )
     finally:
         journal.close()
+    if "rows" in done:
+        print(f"enrich: exported {done['rows']} rows to {args.output}", file=sys.stderr)
+    if "basis_lines" in done:
+        print(f"enrich: exported {done['basis_lines']} evidence lines to {args.basis}", file=sys.stderr)
     return EXIT_OK
 
 
 def cmd_review(args: argparse.Namespace) -> int:
-    from enrich.decide import apply_review
-
-    cfg = load_config(args.config)
-    n, report = apply_review(cfg, Path(args.reviewed))
+    job, journal, notes = open_job(args.job, _locate(args), _FLAGS)
+    try:
+        for note in notes:
+            print(f"enrich: {note}", file=sys.stderr)
+        n, report = apply_review(job, journal, Path(args.reviewed))
+    finally:
+        journal.close()
     print(f"enrich: applied {n} verdicts; rewrote {report['output']} ({report['rows']} rows)", file=sys.stderr)
+    if report.get("review_file"):
+        print(f"enrich: {report['review_lines']} lines left to review in {report['review_file']}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -436,8 +374,6 @@ def cmd_emulator(args: argparse.Namespace) -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from enrich.init import init_config
-
     path, commands = init_config(args.data, args.config)
     print(f"wrote {path}; try next:")
     for c in commands:

@@ -8,6 +8,7 @@ is built here, following the real schema rules: every property required and null
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import json
@@ -28,12 +29,11 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from enrich.errors import ConfigError
+from enrich.files import OUTPUT_SUFFIXES, XLSX_SUFFIXES, journal_path
 from enrich.processors import PROCESSORS, tier
 from enrich.spec import FieldType, schema_problem
 
 DEFAULT_BASE_URL = "https://api.parallel.ai"
-XLSX_SUFFIXES = (".xlsx",)
-OUTPUT_SUFFIXES = (".csv", ".parquet", ".pq", *XLSX_SUFFIXES)
 
 
 def output_format_problem(path: Path) -> str | None:
@@ -318,6 +318,7 @@ class RunConfig(_Strict):
     escalate: EscalateConfig | None = None
     journal: Path | None = None
     source: Path | None = None  # the config file, for messages
+    _task_spec: dict[str, Any] | None = PrivateAttr(default=None)  # built once (build_task_spec)
 
     @model_validator(mode="after")
     def _check_ladder(self) -> RunConfig:
@@ -339,8 +340,7 @@ class RunConfig(_Strict):
     def journal_path(self) -> Path:
         if self.journal:
             return self.journal
-        out = self.output.path
-        return out.with_name(out.name + ".journal.sqlite")  # one per output: x.lite.csv and x.base.csv differ
+        return journal_path(self.output.path)
 
     @property
     def budget_micros(self) -> int | None:
@@ -442,10 +442,11 @@ def config_from_mapping(
     overrides: dict[str, Any] | None = None,
     source: str = "<config>",
     flags: Mapping[str, str] | None = None,
+    task_spec: dict[str, Any] | None = None,
 ) -> RunConfig:
-    """Validate a config given as a mapping (the notebook API); same rules and messages as a file."""
-    import copy
+    """Validate a config given as a mapping (the notebook API); same rules and messages as a file.
 
+    `task_spec` is the spec a journal recorded (a job opened from its journal): used as is."""
     path = source
     data = copy.deepcopy(dict(data))
     if (where := _find_api_key(data)) is not None:
@@ -470,6 +471,7 @@ def config_from_mapping(
         loc = ".".join(str(p) for p in err["loc"]) or "(root)"
         flag = next((f for dotted, f in given.items() if loc == dotted or loc.startswith(dotted + ".")), None)
         raise ConfigError(f"{flag or f'{path}: {loc}'}: {plain_message(err)}") from None
+    cfg._task_spec = task_spec
     check_max_processor(cfg)
     check_gate_fields(cfg, output_fields(build_task_spec(cfg)))  # also validates an output_schema file early
     return cfg
@@ -520,7 +522,17 @@ def _field_schema(spec: FieldSpec, nullable: bool = True) -> dict[str, Any]:
 
 
 def build_task_spec(cfg: RunConfig) -> dict[str, Any]:
-    """The `task_spec` sent with every run (a json output schema obeying the API's rules)."""
+    """The `task_spec` sent with every run (a json output schema obeying the API's rules).
+
+    Built once per config (an `output_schema` file is read once); a job opened from its journal
+    carries the spec its run recorded, so it never depends on the schema file still being there.
+    """
+    if cfg._task_spec is None:
+        cfg._task_spec = _build_task_spec(cfg)
+    return cfg._task_spec
+
+
+def _build_task_spec(cfg: RunConfig) -> dict[str, Any]:
     task = cfg.task
     if task.output_schema is not None:
         try:

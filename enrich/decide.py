@@ -1,12 +1,11 @@
 """Stage 5, decide: gate each field, escalate rows up the processor ladder, apply human verdicts.
 
-Everything here reads the journal and is pure otherwise (the decisions themselves are in
-gate.py). Two entry points:
+The decisions themselves are in gate.py. Two entry points:
 
-- `decided(...)` turns one row's stored results (one per processor on the ladder) and its
+- `decided(...)` (pure) turns one row's stored results (one per processor on the ladder) and its
   reviewer verdicts into a `gate.MergedRow`: per field, the best answer across tiers, then
   human verdicts on top (final; stale when the row's input changed since).
-- `escalate_pass(...)` moves every finished row that still has a field whose decision is in
+- `escalate_pass(...)` (reads the journal, records its moves there) moves every finished row that still has a field whose decision is in
   `[escalate] on` one step up the ladder (done -> pending on the next processor), within
   `max_rows`. The next run is an ordinary journaled claim, so a step is paid for exactly once
   per (row, processor) across crashes: a processor counts as tried when a result exists for it
@@ -20,22 +19,31 @@ import json
 import math
 import time
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
-from enrich.config import RunConfig
-from enrich.errors import JournalError
+from enrich.config import RunConfig, build_task_spec, output_fields
 from enrich.gate import MergedRow, Verdict, apply_verdicts, merge, needs_escalation, next_processor
 from enrich.journal import Journal
+from enrich.review import fits
 
 
-def verdicts_of(rows: Iterable[tuple[Any, ...]], key: tuple[str, ...], input_hash: str) -> list[Verdict]:
-    """Journal verdict rows (oldest first) -> the verdicts still valid for the row's current input."""
+def verdicts_of(
+    rows: Iterable[tuple[Any, ...]],
+    key: tuple[str, ...],
+    input_hash: str,
+    schemas: dict[str, dict[str, Any]] | None = None,
+) -> list[Verdict]:
+    """Journal verdict rows (oldest first) -> the verdicts still valid for the row's current input.
+
+    A correction whose value does not fit its field (`schemas`; e.g. an integer beyond 64 bits that an
+    older enrich accepted) is skipped like a stale one: a stored verdict never makes a job unwritable."""
     out: dict[str, Verdict] = {}
     for field, verdict, corrected, reviewer, note, run_id, v_hash, _at in rows:
         if v_hash != input_hash:
             continue  # stale: kept in the history, the field goes back through the gate
         value = json.loads(corrected) if corrected is not None else None
+        if verdict == "correct" and schemas and field in schemas and fits(value, schemas[field]) is not None:
+            continue
         out[field] = Verdict(
             key=key, field=field, verdict=verdict, corrected_value=value, reviewer=reviewer, note=note, run_id=run_id
         )
@@ -54,7 +62,9 @@ def decided(
     parsed = [(proc, json.loads(res) if isinstance(res, str) else res) for proc, _rid, res in results]
     merged = merge(parsed, fields, cfg.gate, key=key)
     if verdict_rows:
-        merged = apply_verdicts(merged, [v for v in verdicts_of(verdict_rows, key, input_hash) if v.field in fields])
+        schemas = output_fields(build_task_spec(cfg))
+        valid = verdicts_of(verdict_rows, key, input_hash, schemas)
+        merged = apply_verdicts(merged, [v for v in valid if v.field in fields])
     return merged
 
 
@@ -98,51 +108,3 @@ def escalate_pass(
             journal.climb(moves, now)
     counts["climbed"], counts["fell_back"] = len(moves), len(falls)
     return counts
-
-
-def apply_review(cfg: RunConfig, reviewed: Path) -> tuple[int, dict[str, Any]]:
-    """`enrich review apply`: validate a filled-in review file (all or nothing), append its verdicts to
-    the journal with who/when/previous value, and rewrite the output. Returns (verdicts, report)."""
-    from enrich.config import build_task_spec, canonical, output_fields
-    from enrich.job import journal_path_for
-    from enrich.review import read_review
-    from enrich.write import write_output
-
-    fields = output_fields(build_task_spec(cfg))
-    jpath = journal_path_for(cfg)
-    if not jpath.is_file():
-        raise JournalError(f"{jpath}: no journal for this job; run it first")
-    journal = Journal.open(jpath)
-    try:
-        keys = {tuple(str(v) for v in json.loads(k)): k for k in journal.row_keys(journal.get("epoch", 0))}
-        verdicts = read_review(reviewed, list(cfg.input.key), fields, keys)
-        journal.add_verdicts(
-            [
-                (
-                    keys[v.key],
-                    v.field,
-                    v.verdict,
-                    None if v.corrected_value is None else canonical(v.corrected_value),
-                    v.reviewer,
-                    v.note,
-                    v.run_id,
-                    None,
-                )
-                for v in verdicts
-            ],
-            time.time(),
-        )
-        report = write_output(
-            journal,
-            cfg.output.path,
-            fields,
-            reasoning=cfg.output.reasoning,
-            formula_guard=cfg.output.formula_guard,
-            emulated=bool(journal.get("emulated") or journal.get("emulator_seen")),
-            budget_exhausted=False,
-            extra={"review_applied": str(reviewed)},
-            cfg=cfg,
-        )
-    finally:
-        journal.close()
-    return len(verdicts), report

@@ -24,6 +24,25 @@ as a backstop before anything is printed.
 
 from __future__ import annotations
 
+# The exit codes: this module is their one owner. Each error class names its own (`exit_code`);
+# JobResult.exit_code is one of these; the CLI, the notebook and the README's table read them here.
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_FAILED_ROWS = 3
+EXIT_BUDGET = 4
+EXIT_AUTH = 5
+EXIT_UNAVAILABLE = 69
+EXIT_INTERRUPTED = 75
+EXIT_CODES = {
+    EXIT_OK: "all rows completed",
+    EXIT_USAGE: "usage, config or input error (nothing was sent)",
+    EXIT_FAILED_ROWS: "finished with failed, timed-out or unknown rows",
+    EXIT_BUDGET: "budget exhausted (rows skipped_budget)",
+    EXIT_AUTH: "auth or payment error (401/402/403)",
+    EXIT_UNAVAILABLE: "the API could not be reached (resumable)",
+    EXIT_INTERRUPTED: "interrupted (resumable: run the same command again)",
+}
+
 
 class EnrichError(Exception):
     """Base of every error enrich raises on purpose; `str(err)` is the user message."""
@@ -34,7 +53,7 @@ class EnrichError(Exception):
 class ConfigError(EnrichError):
     """The config file, a flag or an environment variable is invalid."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class SheetPath(str):
@@ -51,7 +70,7 @@ class InputError(EnrichError):
     workbook sheet (`SheetPath`) it starts with `file [sheet] row N:`.
     """
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
     def __init__(self, path: str, reason: str, line: int | None = None, column: str | int | None = None):
         self.path, self.reason, self.line, self.column = path, reason, line, column
@@ -66,25 +85,25 @@ class InputError(EnrichError):
 class JournalError(EnrichError):
     """The journal is locked by another run, corrupt, or belongs to a different job."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class OutputError(EnrichError):
     """Writing the output failed (folder gone read-only, disk full); every result is in the journal."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class BudgetExceeded(EnrichError):
     """Reserving one more run would cross the configured budget."""
 
-    exit_code = 4
+    exit_code = EXIT_BUDGET
 
 
 class ApiError(EnrichError):
     """A request to the Task API did not succeed. `status` is the HTTP status, if any."""
 
-    exit_code = 3
+    exit_code = EXIT_FAILED_ROWS
 
     def __init__(self, message: str, status: int | None = None, retry_after: float | None = None):
         super().__init__(message)
@@ -107,19 +126,19 @@ class OutcomeUnknown(ApiError):
 class AuthError(ApiError):
     """401 or 403: the key is missing, wrong, or not allowed this processor. Ends the run."""
 
-    exit_code = 5
+    exit_code = EXIT_AUTH
 
 
 class PaymentRequired(ApiError):
     """402: the account's credit cannot cover more runs. Ends the run."""
 
-    exit_code = 5
+    exit_code = EXIT_AUTH
 
 
 class ApiUnavailable(ApiError):
     """The API cannot be reached at all (nothing listening, outage): the job stops, resumable."""
 
-    exit_code = 69
+    exit_code = EXIT_UNAVAILABLE
 
 
 class DailyBudgetExceeded(BudgetExceeded):

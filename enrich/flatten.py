@@ -8,9 +8,13 @@ the CSV writer turns them into JSON arrays).
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+from enrich.files import INT64_MAX, INT64_MIN
 from enrich.spec import main_type
+
+META_COLUMNS = ("_enrich_status", "_enrich_error", "_enrich_run_id", "_enrich_latency_s")  # after every field
 
 
 def value_columns(name: str, schema: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -58,7 +62,8 @@ def coerce(value: Any, kind: str, schema: dict[str, Any] | None = None) -> Any:
                 return int(value)
             if isinstance(value, float) and not value.is_integer():
                 return None
-            return int(value) if not isinstance(value, str) else int(value.strip())
+            number = int(value) if not isinstance(value, str) else int(value.strip())
+            return number if INT64_MIN <= number <= INT64_MAX else None  # an int64 column cannot hold it
         if kind == "number":
             return float(value)
         if kind == "boolean":
@@ -71,16 +76,12 @@ def coerce(value: Any, kind: str, schema: dict[str, Any] | None = None) -> Any:
             if not isinstance(value, list):
                 return None
             ik = main_type(items)
-            if ik == "object":
-                import json
-
-                return [json.dumps(v, ensure_ascii=False) for v in value]
+            if ik == "object":  # kept as objects: each file format encodes them once (write.py)
+                return [v if isinstance(v, dict) else None for v in value]
             return [coerce(v, ik, items) for v in value]
     except (TypeError, ValueError, OverflowError):
         return None
     if isinstance(value, dict | list):
-        import json
-
         return json.dumps(value, ensure_ascii=False, sort_keys=True)
     return str(value)
 

@@ -192,7 +192,8 @@ class Verdict:
     """One reviewer decision on one (row, field), as read from a review file.
 
     `run_id` is the run whose answer was reviewed: an accept/reject of an answer that has
-    since been replaced is stale and is not applied. `line` points back into the file.
+    since been replaced is stale and is not applied. `line` points back into the file; `value`
+    is the value cell of that line (an accept beside an edited value is refused: job.apply_review).
     """
 
     key: tuple[str, ...]
@@ -203,6 +204,7 @@ class Verdict:
     note: str = ""
     run_id: str | None = None
     line: int | None = None
+    value: str | None = None  # the review file's value cell as the reviewer left it (None: column deleted)
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from enrich.config import XLSX_SUFFIXES
 from enrich.errors import ConfigError, InputError
+from enrich.files import OUTPUT_SUFFIXES, XLSX_SUFFIXES
 from enrich.processors import PROCESSORS
 from enrich.read import RESERVED_PREFIX, key_problem, open_table
 
@@ -114,7 +114,7 @@ def starter_config(data: Path, columns: list[str], rows: list[list[Any]], sheet:
         for f in ("summary", "research_summary", "enrich_summary_text")
         if not any(c == f or c.startswith(f"{f}__") for c in columns)
     )
-    suffix = data.suffix.lower() if data.suffix.lower() in (".csv", ".parquet", ".pq", *XLSX_SUFFIXES) else ".csv"
+    suffix = data.suffix.lower() if data.suffix.lower() in OUTPUT_SUFFIXES else ".csv"
     out = Path("out") / f"{data.stem}.enriched{suffix}"
     price = PROCESSORS[DEFAULT_PROCESSOR].price_micros
     budget = max(1.0, math.ceil(len(rows) * price * 1.5 / 1e4) / 100)  # list price x 1.5, rounded up to cents

@@ -1,48 +1,219 @@
-"""The one entry point that runs a job: `run_job(config, ...) -> JobResult`.
+"""The job and its use cases: run, export, review apply, plan and status all open the same job.
 
-The CLI, the notebook API and each Ray partition all call it. It checks everything that can be
-known before the first paid request (paths, key, journal identity, a journal that lost its
-rows), records the input, runs the stages against the API (or the embedded emulator), writes
-the output, and says how the job ended as an exit code with one line of explanation. It never
-calls `sys.exit` and raises only the error tree's exceptions (errors.py).
+A job is resolved once: its config after every flag (`RunConfig`), its journal, its task spec
+(built once) and output fields (`Job`). `run_job` resolves it, checks everything knowable before
+the first paid request (preflight: paths, key, journal identity, a journal that lost its rows),
+records the job in its journal (`record_job`), runs the stages against the API (or the embedded
+emulator), writes the output and says how the job ended as an exit code with one line of
+explanation. It never calls `sys.exit` and raises only the error tree's exceptions (errors.py).
+
+Every other entry point opens the job the journal recorded (`open_job`, `recorded_job`): from a
+config and the same flags as `run`, or from the journal alone. `export`, `status` and
+`review apply` therefore project exactly what the run that wrote the journal projected: its gate,
+ladder, verdicts, output settings and paths. The CLI, the notebook API and each Ray partition are
+thin callers of this module.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import csv
+import json
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from enrich import failpoints
-from enrich.config import DEFAULT_BASE_URL, RunConfig, digest
-from enrich.errors import AuthError, ConfigError, JournalError, OutputError, PaymentRequired, redact
+import pyarrow.parquet as pq
 
-EXIT_OK, EXIT_USAGE, EXIT_FAILED_ROWS, EXIT_BUDGET, EXIT_AUTH, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = (
-    0,
-    2,
-    3,
-    4,
-    5,
-    69,
-    75,
+from enrich import failpoints, preflight
+from enrich.audit import basis_rows, write_basis
+from enrich.client import TaskClient
+from enrich.config import (
+    DEFAULT_BASE_URL,
+    RunConfig,
+    build_task_spec,
+    canonical,
+    config_from_mapping,
+    digest,
+    load_config,
+    output_fields,
+    spec_fingerprint,
 )
-EXIT_CODES = {
-    EXIT_OK: "all rows completed",
-    EXIT_USAGE: "usage, config or input error (nothing was sent)",
-    EXIT_FAILED_ROWS: "finished with failed, timed-out or unknown rows",
-    EXIT_BUDGET: "budget exhausted (rows skipped_budget)",
-    EXIT_AUTH: "auth or payment error (401/402/403)",
-    EXIT_UNAVAILABLE: "the API could not be reached (resumable)",
-    EXIT_INTERRUPTED: "interrupted (resumable: run the same command again)",
-}
+from enrich.decide import decided
+from enrich.errors import (
+    EXIT_AUTH,
+    EXIT_BUDGET,
+    EXIT_CODES,
+    EXIT_FAILED_ROWS,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    AuthError,
+    ConfigError,
+    InputError,
+    JournalError,
+    OutputError,
+    PaymentRequired,
+    redact,
+)
+from enrich.files import PARQUET_SUFFIXES, encode_cell, remove_stale_temps
+from enrich.gate import answer_of
+from enrich.journal import Journal
+from enrich.pipeline import Prepared, execute, format_plan, plan_summary, prepare  # noqa: F401 (Prepared: a type)
+from enrich.progress import JobState
+from enrich.review import read_review
+from enrich.scale import status as scale_status
+from enrich.write import WRITE_CHUNK, Projection, write_output
+
+__all__ = [
+    "EXIT_AUTH",
+    "EXIT_BUDGET",
+    "EXIT_CODES",
+    "EXIT_FAILED_ROWS",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_UNAVAILABLE",
+    "EXIT_USAGE",
+    "Job",
+    "JobResult",
+    "apply_review",
+    "export",
+    "open_job",
+    "run_job",
+]
+
+# What a projection of the journal depends on besides the rows: these settings of the recorded
+# job win over a config given to export/review/status (only `enrich run` changes them).
+PROJECTION_SETTINGS = ("gate", "escalate", "output.reasoning", "output.formula_guard", "task")
+
+
+@dataclass
+class Job:
+    """One job: the config after every flag, its journal file, its task spec and output fields."""
+
+    cfg: RunConfig
+    journal_path: Path
+
+    @property
+    def task_spec(self) -> dict[str, Any]:
+        return build_task_spec(self.cfg)
+
+    @property
+    def fields(self) -> dict[str, dict[str, Any]]:
+        return output_fields(self.task_spec)
+
+    @property
+    def output(self) -> Path:
+        return self.cfg.output.path
+
+
+def job_for(cfg: RunConfig) -> Job:
+    """The job a config (after flags) names: its journal is resolved once, here."""
+    return Job(cfg, journal_path_for(cfg))
+
+
+def _portable(job: Job) -> dict[str, Any]:
+    """The job's config as recorded: every path absolute, the journal named, the spec beside it."""
+    data = job.cfg.model_dump(mode="json", exclude={"source"})
+    for section, key in (
+        ("input", "path"),
+        ("output", "path"),
+        ("task", "output_schema"),
+        ("limits", "spend_ledger"),
+        ("emulator", "knowledge"),
+    ):
+        value = (data.get(section) or {}).get(key)
+        if value:
+            data[section][key] = str(Path(value).resolve())
+    data["journal"] = str(job.journal_path.resolve())
+    return data
+
+
+def record_job(job: Job, journal: Journal) -> None:
+    """Record the resolved job in its journal: every later command projects with these settings."""
+    journal.set("job", {"config": _portable(job), "task_spec": job.task_spec, "source": str(job.cfg.source or "")})
+
+
+def recorded_job(journal: Journal, path: Path) -> Job | None:
+    """The job its last run recorded in `journal`, or None for a journal from before jobs were recorded."""
+    data = journal.get("job")
+    if not isinstance(data, dict):
+        return None
+    try:
+        cfg = config_from_mapping(data["config"], None, data.get("source") or str(path), task_spec=data["task_spec"])
+    except (ConfigError, KeyError, TypeError) as exc:
+        raise JournalError(f"{path}: the job recorded in this journal cannot be read ({exc})") from None
+    return Job(cfg, path)
+
+
+def _setting(cfg: RunConfig, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node.model_dump(mode="json") if hasattr(node, "model_dump") else node
+
+
+def differences(given: RunConfig, recorded: RunConfig) -> list[str]:
+    """The projection settings in which a config differs from the job its journal recorded."""
+    out = [s for s in PROJECTION_SETTINGS if s != "task" and _setting(given, s) != _setting(recorded, s)]
+    if spec_fingerprint(given, build_task_spec(given)) != spec_fingerprint(recorded, build_task_spec(recorded)):
+        out.append("task")
+    return out
+
+
+def open_job(
+    target: str | Path,
+    overrides: Mapping[str, Any] | None = None,
+    flags: Mapping[str, str] | None = None,
+    *,
+    readonly: bool = False,
+) -> tuple[Job, Journal, list[str]]:
+    """Open an existing job for export/review/status: `target` is its config (with the same flags as
+    `run`: --output, --journal, ...) or its journal file. Returns (job, open journal, notes).
+
+    The job is the one the journal recorded; a config that differs from it in a projection setting
+    yields a note (the recorded settings are used: only `enrich run` changes them). Raises
+    JournalError when there is no journal, ConfigError for a bad config. `readonly` opens the journal
+    beside a live run (status, export)."""
+    path = Path(target)
+    given: Job | None = None
+    if path.suffix.lower() == ".toml":
+        given = job_for(load_config(path, dict(overrides or {}), flags=flags))
+        jpath = given.journal_path
+        if not jpath.is_file():
+            raise JournalError(f"{jpath}: no journal for this job (output {given.output}); run it first")
+    else:
+        jpath = path
+    preflight.check_journal_file(jpath)
+    journal = Journal.open(jpath, readonly=readonly)
+    try:
+        job = recorded_job(journal, jpath)
+    except BaseException:
+        journal.close()
+        raise
+    notes: list[str] = []
+    if job is None:  # a journal from before jobs were recorded: the config given (if any) is all we know
+        if given is None:
+            journal.close()
+            raise JournalError(
+                f"{jpath}: this journal does not record its job (written by an older enrich); "
+                "give the job's config instead: enrich export CONFIG [--output ... as for run]"
+            )
+        return given, journal, notes
+    if given is not None and (diff := differences(given.cfg, job.cfg)):
+        notes.append(
+            f"note: {path} differs from the job recorded in {jpath} ({', '.join(diff)}); using the job as "
+            f"last run. `enrich run {path}` applies the new settings"
+        )
+    return job, journal, notes
 
 
 @dataclass
@@ -71,8 +242,6 @@ def journal_path_for(cfg: RunConfig) -> Path:
     out = cfg.output.path
     legacy = out.with_name(out.name.split(".")[0] + ".journal.sqlite")
     if legacy.exists():
-        from enrich.journal import Journal
-
         with contextlib.suppress(JournalError):
             view = Journal.open(legacy, readonly=True)
             try:
@@ -89,9 +258,7 @@ def output_has_run_ids(path: Path) -> bool:
     if not path.is_file():
         return False
     try:
-        if path.suffix.lower() in (".parquet", ".pq"):
-            import pyarrow.parquet as pq
-
+        if path.suffix.lower() in PARQUET_SUFFIXES:
             schema = pq.read_schema(path)
             if "_enrich_run_id" not in schema.names:
                 return False
@@ -111,8 +278,6 @@ def output_has_run_ids(path: Path) -> bool:
 
 
 def _identity(cfg: RunConfig, task_spec: dict[str, Any], api_key: str) -> dict[str, Any]:
-    from enrich.config import spec_fingerprint
-
     return {
         "output": str(cfg.output.path.resolve()),
         "task_spec": spec_fingerprint(cfg, task_spec),
@@ -140,11 +305,6 @@ def run_job(
     `transport` is the client's seam (an httpx transport) for tests that play server behaviours;
     `governor` (submit.Governor) enforces limits shared with other partitions of the same job;
     `detach` submits everything and returns without waiting for results (collect with a later run)."""
-    from enrich import preflight
-    from enrich.config import build_task_spec
-    from enrich.journal import Journal
-    from enrich.write import remove_stale_temps
-
     cpu0 = time.process_time()
     if detach and emulated:
         raise ConfigError(
@@ -176,8 +336,6 @@ def run_job(
         journal.check_identity(identity, adopt)
         if cfg.limits.daily_budget_usd is not None or cfg.limits.spend_ledger is not None:
             journal.attach_ledger(cfg.limits.spend_ledger, str(journal.path))
-        from enrich.pipeline import prepare
-
         prep = prepare(cfg, journal, retry_failed=retry_failed)
         journal.set("emulated", emulated)
         journal.set(
@@ -190,6 +348,7 @@ def run_job(
                 "task_spec": prep.task_spec,
             },
         )
+        record_job(Job(cfg, jpath), journal)  # export, review, status project with exactly these settings
         if emulated:
             server = _start_emulator(cfg)
             base_url = server.base_url
@@ -245,10 +404,6 @@ def _execute(
     governor: Any,
     detach: bool = False,
 ) -> tuple[Any, bool]:
-    from enrich.client import TaskClient
-    from enrich.pipeline import execute
-    from enrich.progress import JobState
-
     state = JobState()
     interrupted = False
 
@@ -300,8 +455,6 @@ def _run_coroutine(coro: Any) -> Any:
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(coro)
-    import concurrent.futures
-
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         return pool.submit(asyncio.run, coro).result()
 
@@ -317,8 +470,6 @@ def _finish(
     api_key: str,
     cpu0: float,
 ) -> JobResult:
-    from enrich.write import write_output
-
     emulated = emulated or bool(journal.get("emulated")) or bool(journal.get("emulator_seen"))
     counts = journal.counts(prep.epoch)
     why = _why_stopped(state, interrupted, api_key)
@@ -399,3 +550,245 @@ def _why_stopped(state: Any, interrupted: bool, api_key: str) -> str | None:
     if state.reconcile_failed:
         return "the task group could not be listed; rows in doubt are reported as unknown"
     return None
+
+
+# ---- use cases on an existing job ------------------------------------------------------------------
+
+
+def _emulated(journal: Journal) -> bool:
+    return bool(journal.get("emulated") or journal.get("emulator_seen"))
+
+
+def rewrite_output(job: Job, journal: Journal, extra: dict[str, Any]) -> dict[str, Any]:
+    """Project the journal into the job's own output, review and report files (as `run` writes them)."""
+    cfg = job.cfg
+    try:
+        return write_output(
+            journal,
+            cfg.output.path,
+            job.fields,
+            reasoning=cfg.output.reasoning,
+            formula_guard=cfg.output.formula_guard,
+            emulated=_emulated(journal),
+            budget_exhausted=False,
+            extra=extra,
+            cfg=cfg,
+        )
+    except OSError as exc:
+        raise OutputError(f"cannot write {cfg.output.path}: {exc.strerror or exc}; the journal is intact") from None
+
+
+def export(
+    job: Job, journal: Journal, output: Path | None, basis: Path | None, *, legacy: dict[str, Any] | None = None
+) -> dict[str, int]:
+    """`enrich export`: project the job into another file (`output`) and/or its evidence (`basis`).
+
+    The projection is the job's own (gate, ladder, verdicts, output settings), so an export shows
+    exactly what the run wrote. Returns {"rows": n, "basis_lines": m} for what was written."""
+    cfg = job.cfg
+    inp = str(cfg.input.path.resolve())
+    for flag, target in (("--output", output), ("--basis", basis)):
+        if target is None:
+            continue
+        if flag == "--output":
+            preflight.check_output_path(target, input_path=inp, journal_path=str(job.journal_path), flag=flag)
+        t = target.resolve()
+        if t == job.journal_path.resolve() or t == Path(inp):
+            raise ConfigError(f"{flag}: {target} is the journal or the input file; choose another path")
+    done: dict[str, int] = {}
+    if output is not None:
+        try:
+            report = write_output(
+                journal,
+                output,
+                job.fields,
+                reasoning=cfg.output.reasoning,
+                formula_guard=cfg.output.formula_guard,
+                emulated=_emulated(journal),
+                budget_exhausted=False,
+                extra={"exported_from": str(job.journal_path)},
+                cfg=cfg,
+            )
+        except OSError as exc:
+            raise OutputError(f"cannot write {output}: {exc.strerror or exc}; the journal is intact") from None
+        done["rows"] = report["rows"]
+    if basis is not None:
+        done["basis_lines"] = export_basis(
+            journal, basis, job.fields, cfg, list(cfg.input.key), cfg.output.formula_guard
+        )
+    return done
+
+
+def export_basis(
+    journal: Journal,
+    path: Path,
+    fields: dict[str, dict[str, Any]],
+    cfg: RunConfig,
+    key_columns: list[str],
+    formula_guard: bool = True,
+) -> int:
+    """The audit export: one line per (row key, field, citation) with value, confidence, decision,
+    processor, run id, reasoning, url, title and excerpts (audit.py), streamed from the journal."""
+    proj = Projection(journal, fields, False, False, cfg)
+    proj.review.close()  # the audit export writes no review file
+    epoch = journal.get("epoch", 0)
+
+    def lines() -> Any:
+        for chunk in journal.iter_results(epoch, proj.ladder, chunk=WRITE_CHUNK):
+            verdicts = journal.verdicts_for([r[0] for r in chunk if r[2] == "done"])
+            for row_key, _row_json, state, run_id, _e, _s, _f, input_hash, results in chunk:
+                if state != "done" or not results:
+                    continue
+                _, merged = proj._decide(row_key, results, verdicts.get(row_key), input_hash, run_id)
+                key_vals = dict(zip(key_columns, json.loads(row_key), strict=False))
+                yield from basis_rows(key_vals, merged, gate_cfg=proj.gate)
+
+    return write_basis(path, lines(), key_columns, formula_guard=formula_guard)
+
+
+def apply_review(job: Job, journal: Journal, reviewed: Path) -> tuple[int, dict[str, Any]]:
+    """`enrich review apply`: validate a filled-in review file against this job (all or nothing),
+    append its verdicts with who, when and the value/confidence/processor reviewed, and rewrite the
+    job's own output and review file. Returns (verdicts applied, report).
+
+    Refused (InputError, nothing applied) when the file names runs that are not this job's (it came
+    from another job), or a line says accept beside an edited value (that is a correction)."""
+    cfg, fields = job.cfg, job.fields
+    epoch = journal.get("epoch", 0)
+    keys = {tuple(str(v) for v in json.loads(k)): k for k in journal.row_keys(epoch)}
+    verdicts = read_review(reviewed, list(cfg.input.key), fields, keys)
+    wanted = {keys[v.key] for v in verdicts}
+    rows: dict[str, tuple[list[Any], str, list[Any] | None]] = {}
+    for chunk in journal.iter_results(epoch, cfg.ladder, chunk=WRITE_CHUNK):
+        stored = journal.verdicts_for([r[0] for r in chunk if r[0] in wanted])
+        for row_key, _rj, _state, _rid, _e, _s, _f, input_hash, results in chunk:
+            if row_key in wanted:
+                rows[row_key] = (results, input_hash, stored.get(row_key))
+    problems: list[tuple[int | None, str]] = []
+    records = []
+    for v in verdicts:
+        results, input_hash, marks = rows.get(keys[v.key], ([], "", None))
+        runs = {rid: (proc, res) for proc, rid, res in results}
+        if v.run_id and v.run_id not in runs:
+            problems.append(
+                (
+                    v.line,
+                    f"run {v.run_id} is not a run of this row in {job.journal_path}: this review file belongs to "
+                    "another job; apply it with that job's config and the flags it ran with (--output/--journal), "
+                    "or its journal",
+                )
+            )
+            continue
+        merged = decided(results, list(fields), cfg, v.key, marks, input_hash)
+        now = merged.fields.get(v.field)
+        shown = now.value if now is not None else None
+        if v.run_id and (ran := runs.get(v.run_id)) is not None:
+            parsed = json.loads(ran[1]) if isinstance(ran[1], str) else ran[1]
+            shown = answer_of(parsed, v.field, ran[0], cfg.gate).value
+        if v.verdict == "accept" and v.value is not None and v.value != encode_cell(shown):
+            problems.append(
+                (
+                    v.line,
+                    f"the value of {v.field!r} was edited but the verdict is accept; use correct and put the "
+                    "new value in corrected_value (or restore the value)",
+                )
+            )
+            continue
+        previous = None
+        if now is not None:
+            previous = canonical(
+                {
+                    "value": now.value,
+                    "confidence": now.confidence,
+                    "processor": now.processor,
+                    "decision": now.decision,
+                    "run_id": now.run_id,
+                }
+            )
+        corrected = None if v.corrected_value is None else canonical(v.corrected_value)
+        records.append((keys[v.key], v.field, v.verdict, corrected, v.reviewer, v.note, v.run_id, previous))
+    if problems:
+        line, reason = problems[0]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise InputError(str(reviewed), reason + more, line=line)
+    journal.add_verdicts(records, time.time())
+    report = rewrite_output(job, journal, {"review_applied": str(reviewed)})
+    return len(records), report
+
+
+def job_status(
+    target: str | Path, overrides: Mapping[str, Any] | None = None, flags: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """`enrich status`: counts by state, spend, last error and what a live run is doing (read-only)."""
+    path = Path(target)
+    if path.suffix.lower() == ".toml":
+        path = job_for(load_config(path, dict(overrides or {}), flags=flags)).journal_path
+    preflight.check_journal_file(path)
+    journal = Journal.open(path, readonly=True)
+    try:
+        epoch = journal.get("epoch", 0)
+        counts = journal.counts(epoch)
+        live = journal.get("live")
+        if not (isinstance(live, dict) and time.time() - live.get("at", 0) < 15 and _alive(live.get("pid"))):
+            live = None
+        job = journal.get("job") or {}
+        return {
+            "journal": str(path),
+            "output": ((job.get("config") or {}).get("output") or {}).get("path"),
+            "rows": sum(counts.values()),
+            "counts": counts,
+            "in_flight": sum(counts.get(s, 0) for s in ("intent", "unknown", "submitted")),
+            "spent_usd": journal.spent_micros() / 1e6,
+            "taskgroup_id": journal.get("taskgroup_id"),
+            "emulated": _emulated(journal),
+            "last_error": journal.last_error(),
+            "live": live,
+        }
+    finally:
+        journal.close()
+
+
+def format_status(info: dict[str, Any]) -> str:
+    """The text `enrich status` prints."""
+    counts = info["counts"]
+    lines = [f"journal      {info['journal']}{'  [EMULATED]' if info['emulated'] else ''}"]
+    if info.get("output"):
+        lines.append(f"output       {info['output']}")
+    lines.append(f"rows         {info['rows']:,}")
+    for state_name in ("done", "failed", "timed_out", "pending", "intent", "unknown", "submitted"):
+        if counts.get(state_name):
+            lines.append(f"  {state_name:<10} {counts[state_name]:,}")
+    lines.append(f"in flight    {info['in_flight']:,}  (rows sent, results not yet recorded)")
+    lines.append(f"spent        ${info['spent_usd']:,.4f}")
+    lines.append(f"last error   {info['last_error'] or '-'}")
+    live = info.get("live")
+    if live:
+        lines.append(
+            f"live         pid {live['pid']}: {min(live['active_runs'], live['cap']):,} runs active at the API "
+            f"(cap {live['cap']:,}); waiting on: {live['waiting_on'] or 'results'}"
+        )
+    else:
+        lines.append("live         no enrich process is running this job")
+    return "\n".join(lines)
+
+
+def _alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, TypeError, ValueError):
+        return False
+    return True
+
+
+def plan_job(cfg: RunConfig, *, emulated: bool = False, retry_failed: bool = False) -> str:
+    """`enrich plan` / `run --dry-run`: what `run` would do with this config and these flags (no API call)."""
+    path = journal_path_for(cfg)
+    preflight.check_job(cfg, api_key=None, emulated=emulated, journal_path=path)
+    if (info := scale_status.plan(cfg, path)) is not None:  # a partitioned job (--ray)
+        return scale_status.format_plan(info)
+    journal = Journal.open(path, readonly=False) if path.exists() else Journal.open(":memory:")
+    try:
+        prep = prepare(cfg, journal, retry_failed=retry_failed, dry=True)
+        return format_plan(plan_summary(cfg, prep, journal))
+    finally:
+        journal.close()

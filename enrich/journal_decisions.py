@@ -7,7 +7,7 @@ that imports sqlite3.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from enrich.errors import TransitionError
@@ -106,7 +106,7 @@ class DecisionStore:
         return [r[0] for r in self.conn.execute("SELECT row_key FROM rows WHERE epoch=?", (epoch,))]
 
     def add_verdicts(
-        self, verdicts: list[tuple[str, str, str, str | None, str, str, str | None, str | None]], now: float
+        self, verdicts: Sequence[tuple[str, str, str, str | None, str, str, str | None, str | None]], now: float
     ) -> int:
         """Append reviewer verdicts: (row_key, field, verdict, corrected_json, reviewer, note, run_id,
         previous_json); each is stamped with the row's current input so a later input change makes it stale."""

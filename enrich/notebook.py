@@ -19,8 +19,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import polars as pl
+
+from enrich import preflight
 from enrich.config import RunConfig, config_from_mapping, digest, read_config_file
-from enrich.errors import ApiError, AuthError, ConfigError, PaymentRequired
+from enrich.errors import EXIT_AUTH, EXIT_UNAVAILABLE, ApiError, AuthError, ConfigError, PaymentRequired
+from enrich.job import run_job
 
 DEFAULT_DIR = Path(".enrich")  # where a frame's journal lives when none is given (stable across calls)
 
@@ -53,10 +57,6 @@ def enrich_frame(
     `journal` defaults to `.enrich/<job>.journal.sqlite` in the current directory, derived from the
     key columns and the task, so calling again with the same frame resumes instead of paying again.
     """
-    import polars as pl
-
-    from enrich.job import EXIT_AUTH, EXIT_UNAVAILABLE, run_job
-
     is_pandas = type(df).__module__.startswith("pandas")
     frame = pl.from_pandas(df) if is_pandas else df
     if not isinstance(frame, pl.DataFrame):
@@ -82,12 +82,7 @@ def enrich_frame(
         "limits.budget_usd": budget_usd,
     }
     cfg = _config(config, overrides)
-    if emulator:
-        key = "emulator-local-key"
-    else:
-        from enrich.cli import _api_key
-
-        key = api_key or _api_key(False)
+    key = preflight.EMULATOR_KEY if emulator else (api_key or preflight.resolve_api_key(os.environ, False))
     result = run_job(cfg, api_key=key, emulated=emulator, install_signals=False)
     if result.exit_code in (EXIT_AUTH, EXIT_UNAVAILABLE):
         cls = (

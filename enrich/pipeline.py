@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import json
 import math
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -171,8 +173,6 @@ def prepare(cfg: RunConfig, journal: Journal, retry_failed: bool = False, dry: b
 
 def _input_fingerprint(cfg: RunConfig, spec_hash: str) -> str | None:
     """Identity of (input file bytes, how it is read, the task): equal means seeding would change nothing."""
-    import hashlib
-
     try:
         st = cfg.input.path.stat()
         h = hashlib.sha256()
@@ -383,8 +383,6 @@ def _escalate(journal: Journal, cfg: RunConfig, epoch: int, names: list[str]) ->
 
 async def _heartbeat(journal: Journal, state: JobState, every_s: float = 2.0) -> None:
     """Record what the live job is doing, for `enrich status` in another terminal."""
-    import os
-
     while True:
         journal.set(
             "live",

@@ -28,7 +28,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
+from enrich.config import build_task_spec, output_fields, output_format_problem
 from enrich.errors import ConfigError, JournalError
+from enrich.files import is_parquet, report_json_path
+from enrich.flatten import META_COLUMNS, output_columns
 
 EMULATOR_KEY = "emulator-local-key"
 RESERVED_PREFIX = "_enrich_"  # generated columns (status, error, run id) and any added later
@@ -140,8 +145,6 @@ def check_output_path(
     output: Path, *, input_path: Path | str | None = None, journal_path: Path | str | None = None, flag: str = "output"
 ) -> None:
     """Refuse an output path the writer would fail on, or that would overwrite the input or journal."""
-    from enrich.config import output_format_problem
-
     output = Path(output)
     if (problem := output_format_problem(output)) is not None:
         hint = " (a folder output is a Parquet dataset, written with --ray)" if not output.suffix else ""
@@ -152,7 +155,7 @@ def check_output_path(
         raise ConfigError(f"{flag} {output}: is the input file; choose another output path")
     if journal_path is not None and _same_file(output, Path(journal_path)):
         raise ConfigError(f"{flag} {output}: is the journal file; choose another output path")
-    report = output.with_name(output.name + ".report.json")
+    report = report_json_path(output)
     if report.is_dir():
         raise ConfigError(f"{flag} {output}: its report path {report} is a directory")
     _check_writable_folder(output, flag)
@@ -185,9 +188,6 @@ def column_collision(fields: dict[str, dict[str, Any]]) -> str | None:
     >>> column_collision({"a": {"type": "string"}, "a__confidence": {"type": "string"}})
     "column 'a__confidence' would come from both field 'a' (confidence) and field 'a__confidence' (value)"
     """
-    from enrich.flatten import output_columns
-    from enrich.write import META_COLUMNS
-
     for name in fields:
         if name.startswith(RESERVED_PREFIX):
             return f"field {name!r}: names starting with {RESERVED_PREFIX!r} are reserved for enrich's own columns"
@@ -213,9 +213,7 @@ def check_knowledge(path: Path | str | None, key: str, where: str = "[emulator] 
     if not path.is_file():
         raise ConfigError(f"{where}: {path}: {'is a directory' if path.is_dir() else 'file not found'}")
     try:
-        if path.suffix.lower() in (".parquet", ".pq"):
-            import pyarrow.parquet as pq
-
+        if is_parquet(path):
             columns = list(pq.read_schema(path).names)
         else:
             with path.open(encoding="utf-8", errors="replace", newline="") as fp:
@@ -235,8 +233,6 @@ def check_job(cfg: Any, *, api_key: str | None, emulated: bool, journal_path: Pa
 
     `api_key` None skips the key check (`plan` needs no key). run_job calls it before anything else.
     """
-    from enrich.config import build_task_spec, output_fields
-
     if api_key is not None and not emulated:
         check_api_key(api_key)
     source = cfg.source or "config"

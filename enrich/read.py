@@ -1,4 +1,4 @@
-"""Stage 1, read: stream rows from CSV or Parquet in batches, rejecting bad input early.
+"""Stage 1, read: stream rows from CSV, Parquet or one .xlsx sheet in batches, rejecting bad input early.
 
 CSV cells stay strings exactly as written ("02139" stays "02139"); UTF-8 with or without a
 BOM. The stdlib `csv` parser is used for CSV because it reports the line of every problem
@@ -15,12 +15,20 @@ import codecs
 import csv
 import io
 import json
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
+from xml.etree import ElementTree
 
-from enrich.errors import InputError
+import fastexcel
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from enrich.errors import InputError, SheetPath
+from enrich.files import PARQUET_SUFFIXES
 
 BATCH_ROWS = 5_000
 RESERVED_PREFIX = "_enrich_"
@@ -210,21 +218,15 @@ def read_csv(
 
 
 def _binary_like(t: Any) -> bool:
-    import pyarrow as pa
-
     return bool(pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t))
 
 
 def _list_like(t: Any) -> bool:
-    import pyarrow as pa
-
     return bool(pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t))
 
 
 def _needs_codec(t: Any) -> bool:
     """True if a column of type `t` does not survive to_pylist -> JSON -> pa.array unchanged."""
-    import pyarrow as pa
-
     if pa.types.is_timestamp(t):
         return t.unit in ("ms", "ns")  # s and us round-trip through datetime and its text
     if pa.types.is_time(t) or pa.types.is_duration(t) or _binary_like(t) or pa.types.is_map(t):
@@ -240,8 +242,6 @@ def _needs_codec(t: Any) -> bool:
 
 def unsupported_type(t: Any) -> bool:
     """True for Arrow types enrich cannot carry through the journal at all (unions, views, extensions)."""
-    import pyarrow as pa
-
     if pa.types.is_dictionary(t):
         return unsupported_type(t.value_type)
     if _list_like(t):
@@ -269,8 +269,6 @@ def unsupported_type(t: Any) -> bool:
 
 def _encode(arr: Any) -> Any:
     """An Arrow array whose `to_pylist()` is JSON-exact for `arr` (see the table above)."""
-    import pyarrow as pa
-
     t = arr.type
     if not _needs_codec(t):
         return arr
@@ -308,8 +306,6 @@ def to_json_values(arr: Any) -> list[Any]:
 
 def _leaf(values: list[Any], t: Any) -> Any:
     """A column of a plain type; values that went through JSON as text (dates, decimals) are cast back."""
-    import pyarrow as pa
-
     try:
         return pa.array(values, type=t)
     except (pa.ArrowException, TypeError, ValueError):
@@ -318,8 +314,6 @@ def _leaf(values: list[Any], t: Any) -> Any:
 
 def _offsets(values: list[Any]) -> tuple[list[int], list[Any], Any]:
     """(offsets, flattened items, null mask) of a column of lists."""
-    import pyarrow as pa
-
     offsets, flat = [0], []
     for v in values:
         flat.extend(v or ())
@@ -332,8 +326,6 @@ def from_json_values(values: list[Any], t: Any) -> Any:
 
     Raises pyarrow errors for values that do not fit `t` (never for the output of to_json_values).
     """
-    import pyarrow as pa
-
     if pa.types.is_dictionary(t):
         return from_json_values(values, t.value_type).dictionary_encode().cast(t)
     if pa.types.is_timestamp(t) and t.unit in ("ms", "ns"):
@@ -368,8 +360,6 @@ def from_json_values(values: list[Any], t: Any) -> Any:
 
 def _round_trip_problem(arr: Any) -> str | None:
     """Why a column would not be written back unchanged (checked on a sample before any API call)."""
-    import pyarrow as pa
-
     try:
         back = from_json_values(json.loads(json.dumps(to_json_values(arr), default=str)), arr.type)
     except (pa.ArrowException, TypeError, ValueError, KeyError, AttributeError) as exc:
@@ -381,9 +371,6 @@ def read_parquet(
     path: Path | str, required: list[str], forbidden: set[str] = frozenset(), batch_rows: int = BATCH_ROWS
 ) -> tuple[TableInfo, Iterator[list[Row]]]:
     """Open a Parquet file and stream its rows; reject unreadable or ambiguous files."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     spath = str(path)
     try:
         pf = pq.ParquetFile(spath)
@@ -453,11 +440,9 @@ def open_table(
     p = Path(path)
     if p.is_dir():
         raise InputError(str(p), "is a directory, not a file")
-    if p.suffix.lower() in (".parquet", ".pq"):
+    if p.suffix.lower() in PARQUET_SUFFIXES:
         return read_parquet(p, required, forbidden, batch_rows)
     if p.suffix.lower() == ".xlsx":
-        from enrich.xlsx import read_xlsx
-
         return read_xlsx(p, required, forbidden, sheet, batch_rows)
     return read_csv(p, required, forbidden, encoding, max_cell_bytes, batch_rows=batch_rows)
 
@@ -470,3 +455,127 @@ def key_problem(values: list[Any]) -> str | None:
         if isinstance(v, str) and not v.strip():
             return "empty key"
     return None
+
+
+# ---- .xlsx input --------------------------------------------------------------------------------
+# Read with polars' calamine engine (fastexcel): fast, no openpyxl, and cell types survive (numbers
+# stay numbers, dates stay dates; they reach the output with their types through the same Arrow
+# schema the Parquet reader records). Row numbers in errors are the ones Excel shows
+# (`companies.xlsx [Sheet1] row 57: ...`), found from the sheet XML because calamine trims leading
+# empty rows.
+
+_KEPT_TYPES = ("Int64", "Float64", "Boolean", "Date", "Datetime", "String")
+_NS = {
+    "m": "http://schemas.openxmlformats.org/spreadsheetml/2006/main",
+    "r": "http://schemas.openxmlformats.org/officeDocument/2006/relationships",
+    "p": "http://schemas.openxmlformats.org/package/2006/relationships",
+}
+
+
+def _header_row_number(path: str, sheet: str) -> int:
+    """The Excel row number of the first row holding a value (calamine starts its range there); 1 if unknown."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            wb = ElementTree.fromstring(z.read("xl/workbook.xml"))
+            rid = next(
+                (s.get(f"{{{_NS['r']}}}id") for s in wb.iterfind("m:sheets/m:sheet", _NS) if s.get("name") == sheet),
+                None,
+            )
+            rels = ElementTree.fromstring(z.read("xl/_rels/workbook.xml.rels"))
+            target = next((r.get("Target") for r in rels.iterfind("p:Relationship", _NS) if r.get("Id") == rid), None)
+            if not target:
+                return 1
+            member = target.lstrip("/") if target.startswith("/") else f"xl/{target}"
+            with z.open(member) as fp:
+                for _, el in ElementTree.iterparse(fp):
+                    if el.tag == f"{{{_NS['m']}}}row":
+                        if any(
+                            c.find("m:v", _NS) is not None or c.find("m:is", _NS) is not None
+                            for c in el.iterfind("m:c", _NS)
+                        ):
+                            return int(el.get("r", "1"))
+                        el.clear()
+    except (KeyError, OSError, ValueError, zipfile.BadZipFile, ElementTree.ParseError):
+        pass
+    return 1
+
+
+def _pick_sheet(path: str, names: list[str], sheet: str | int | None) -> str:
+    if sheet is None:
+        if not names:
+            raise InputError(path, "the workbook has no sheets")
+        return names[0]
+    if isinstance(sheet, int):
+        if not 1 <= sheet <= len(names):
+            raise InputError(path, f"no sheet number {sheet} (input.sheet); the workbook has {len(names)}: {names}")
+        return names[sheet - 1]
+    if sheet not in names:
+        raise InputError(path, f"no sheet named {sheet!r} (input.sheet); the workbook has {names}")
+    return sheet
+
+
+def read_xlsx(
+    path: Path | str,
+    required: list[str],
+    forbidden: set[str] = frozenset(),
+    sheet: str | int | None = None,
+    batch_rows: int = 5_000,
+) -> tuple[Any, Iterator[list[Any]]]:
+    """Open one sheet of an .xlsx workbook: validate its header now, yield `Row` batches with Excel row numbers.
+
+    Blank rows are skipped (as for CSV). Column types come from the cells; a column mixing
+    types becomes text. Raises InputError naming file, sheet and row.
+    """
+    spath = str(path)
+    try:
+        reader = fastexcel.read_excel(spath)
+    except FileNotFoundError:
+        raise InputError(spath, "file not found") from None
+    except (fastexcel.FastExcelError, OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise InputError(spath, f"not a readable .xlsx workbook ({first})") from None
+    name = _pick_sheet(spath, list(reader.sheet_names), sheet)
+    where = SheetPath(f"{spath} [{name}]")
+    top = _header_row_number(spath, name)
+    try:
+        head = reader.load_sheet(name, header_row=None, n_rows=1, dtypes="string").to_polars()
+        df = pl.read_excel(
+            spath,
+            sheet_name=name,
+            engine="calamine",
+            drop_empty_rows=False,
+            drop_empty_cols=False,
+            infer_schema_length=None,
+            raise_if_empty=False,
+        )
+    except (fastexcel.FastExcelError, pl.exceptions.PolarsError, OSError, ValueError) as exc:
+        first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise InputError(where, f"cannot read the sheet ({first})", line=top) from None
+    if head.height == 0:
+        raise InputError(where, "the sheet is empty (no header row)", line=1)
+    header = ["" if v is None else str(v) for v in head.row(0)]
+    check_columns(where, header, required, set(forbidden))
+    if len(header) != df.width:  # cannot happen with calamine; a mismatch would shift every column
+        raise InputError(where, f"header has {len(header)} columns but the data has {df.width}", line=top)
+    df.columns = header
+    df = df.with_columns(
+        pl.col(c).cast(pl.String) for c, t in df.schema.items() if t.base_type().__name__ not in _KEPT_TYPES
+    )
+    schema = df.head(0).to_arrow().schema
+
+    def batches() -> Iterator[list[Any]]:
+        batch: list[Any] = []
+        n = 0
+        for start in range(0, df.height, batch_rows):
+            for i, values in enumerate(df.slice(start, batch_rows).iter_rows(), start):
+                if all(v is None or (isinstance(v, str) and not v.strip()) for v in values):
+                    continue  # a blank row, skipped as for CSV
+                batch.append(Row(top + 1 + i, list(values)))
+                n += 1
+            if batch:
+                yield batch
+                batch = []
+        if n == 0:
+            raise InputError(where, "the sheet has a header but no data rows", line=top + 1)
+
+    return TableInfo(where, header, schema.serialize().to_pybytes()), batches()

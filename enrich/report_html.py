@@ -16,6 +16,8 @@ from __future__ import annotations
 import html
 import json
 import re
+import subprocess
+import sys
 from typing import Any
 
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
@@ -420,10 +422,6 @@ def render_html(report: dict[str, Any]) -> str:
 def render_isolated(report: dict[str, Any]) -> str:
     """render_html in a child process: the chart renderer (a JavaScript engine inside vl-convert) costs
     ~135 MB that the job's own process never has to hold. Raises OSError if the child fails."""
-    import json
-    import subprocess
-    import sys
-
     proc = subprocess.run(
         [sys.executable, "-m", "enrich.report_html"],
         input=json.dumps(report).encode(),
@@ -436,7 +434,4 @@ def render_isolated(report: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":  # the child of render_isolated: report JSON on stdin, HTML on stdout
-    import json
-    import sys
-
     sys.stdout.write(render_html(json.load(sys.stdin)))

@@ -31,41 +31,15 @@ from pathlib import Path
 from typing import Any
 
 from enrich.errors import ConfigError, InputError
+from enrich.files import INT64_MAX, INT64_MIN, NUMERIC, atomic_write, encode_cell, guard, unguard
 from enrich.gate import FieldAnswer, MergedRow, Verdict
+from enrich.spec import main_type
 
 EVIDENCE_COLUMNS = ("field", "value", "confidence", "processor", "reasoning", "citations", "run_id")
 VERDICT_COLUMNS = ("verdict", "corrected_value", "reviewer", "note")
 REQUIRED_COLUMNS = ("field", "verdict", "corrected_value")  # reviewers may delete the others
 VERDICTS = ("accept", "correct", "reject")
 TO_REVIEW = ("review", "rejected")
-_NUMERIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
-
-
-def review_path(output: Path) -> Path:
-    """Where the review file of an output goes: `out/x.enriched.parquet` -> `out/x.enriched.review.csv`."""
-    return output.with_name(output.stem + ".review.csv")
-
-
-def guard(cell: str) -> str:
-    """Prefix `'` to text a spreadsheet would run as a formula (and to text starting with `'`).
-
-    >>> guard("=SUM(A1)"), guard("-2"), guard("'quoted"), guard("plain")
-    ("'=SUM(A1)", '-2', "''quoted", 'plain')
-    """
-    from enrich.write import neutralize
-
-    return "'" + cell if cell.startswith("'") else neutralize(cell)  # a leading ' too, so unguard is exact
-
-
-def unguard(cell: str) -> str:
-    """Undo `guard` exactly: `unguard(guard(s)) == s` for every string s.
-
-    >>> unguard("'=SUM(A1)"), unguard("=SUM(A1)"), unguard("'Tis")
-    ('=SUM(A1)', '=SUM(A1)', "'Tis")
-    """
-    if cell.startswith("'") and guard(cell[1:]) == cell:
-        return cell[1:]
-    return cell
 
 
 def review_columns(key_columns: Sequence[str]) -> list[str]:
@@ -76,19 +50,6 @@ def review_columns(key_columns: Sequence[str]) -> list[str]:
     if len(set(key_columns)) != len(key_columns):
         raise ConfigError("key columns repeat a name")
     return [*key_columns, *fixed]
-
-
-def encode_value(value: Any) -> str:
-    """A field value as one cell: text as is, None empty, anything else JSON.
-
-    >>> encode_value("Austin"), encode_value(1998), encode_value(["a", "b"]), encode_value(None)
-    ('Austin', '1998', '["a", "b"]', '')
-    """
-    if value is None:
-        return ""
-    if isinstance(value, str):
-        return value
-    return json.dumps(value, ensure_ascii=False)
 
 
 def encode_citations(entries: Iterable[Mapping[str, Any] | None]) -> str:
@@ -126,7 +87,7 @@ def review_lines(row: MergedRow, n_keys: int) -> Iterator[list[str]]:
         yield [
             *row.key,
             name,
-            encode_value(answer.value),
+            encode_cell(answer.value),
             conf,
             answer.processor or "",
             reasoning,
@@ -156,8 +117,6 @@ def write_review_cells(
     path: Path, lines: Iterable[list[str]], key_columns: Sequence[str], *, formula_guard: bool = True
 ) -> int:
     """Write already-built review lines (from `review_lines`) atomically; return how many."""
-    from enrich.write import atomic_write
-
     header = review_columns(key_columns)
     count = 0
 
@@ -178,8 +137,6 @@ def write_review_cells(
 
 def _kind_nullable(schema: Mapping[str, Any]) -> tuple[str, bool]:
     """(spec.main_type, may it be null?) of a field schema."""
-    from enrich.spec import main_type
-
     kind = schema.get("type", "string")
     return main_type(dict(schema)), kind == "null" or (isinstance(kind, list) and "null" in kind)
 
@@ -203,6 +160,8 @@ def fits(value: Any, schema: Mapping[str, Any], where: str = "value") -> str | N
     }
     if not checks.get(kind, lambda v: True)(value):
         return f"{where} is not {'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+    if kind == "integer" and not INT64_MIN <= value <= INT64_MAX:
+        return f"{where} is beyond the 64-bit integer range an output column can hold"
     enum = schema.get("enum")
     if isinstance(enum, list) and value not in enum:
         return f"{where} is not one of {', '.join(json.dumps(e) for e in enum if e is not None)}"
@@ -233,7 +192,7 @@ def parse_value(text: str, schema: Mapping[str, Any]) -> Any:
         value: Any = text
     elif kind == "integer" and re.fullmatch(r"\s*[+-]?\d+\s*", text):
         value = int(text)
-    elif kind == "number" and _NUMERIC.match(text.strip()):
+    elif kind == "number" and NUMERIC.match(text.strip()):
         value = float(text) if any(c in text for c in ".eE") else int(text)
     elif kind == "boolean" and text.strip().casefold() in ("true", "false"):
         value = text.strip().casefold() == "true"
@@ -347,4 +306,5 @@ def _check_line(
         note=cell.get("note", ""),
         run_id=cell.get("run_id", "").strip() or None,
         line=line,
+        value=cell.get("value"),
     )

@@ -16,24 +16,42 @@ from __future__ import annotations
 import base64
 import contextlib
 import csv
+import ctypes
+import gc
+import io
 import json
-import os
-import re
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from enrich import failpoints
-from enrich.config import output_format_problem
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from enrich.config import GateConfig, digest, output_format_problem
+from enrich.decide import decided
 from enrich.errors import ConfigError
-from enrich.flatten import Column, flatten, output_columns
-from enrich.gate import decide_row
+from enrich.files import (
+    atomic_json,
+    atomic_write,
+    encode_cell,
+    html_report_path,
+    is_parquet,
+    neutralize,
+    report_json_path,
+    review_path,
+)
+from enrich.flatten import META_COLUMNS, Column, flatten, output_columns
+from enrich.gate import decide_row, merge
 from enrich.journal import Journal
 from enrich.processors import strength
 from enrich.read import from_json_values
 from enrich.report import RunStats
+from enrich.report_html import render_isolated
+from enrich.review import review_lines, write_review_cells
 from enrich.spec import main_type
+from enrich.xlsx import EXCEL_MAX_ROWS, to_frame, write_workbook
 
 STATUS = {
     "done": "completed",
@@ -44,21 +62,7 @@ STATUS = {
     "submitted": "pending",
     "pending": "pending",
 }
-META_COLUMNS = ("_enrich_status", "_enrich_error", "_enrich_run_id", "_enrich_latency_s")
 WRITE_CHUNK = 2_000  # rows per read from the journal and per Parquet row group
-_NUMERIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\x00")
-
-
-def neutralize(cell: str) -> str:
-    """Prefix `'` to text a spreadsheet would run as a formula; numbers stay numbers.
-
-    >>> neutralize("=HYPERLINK(1)"), neutralize("-2"), neutralize("@x"), neutralize("abc")
-    ("'=HYPERLINK(1)", '-2', "'@x", 'abc')
-    """
-    if cell.startswith(_FORMULA_START) and not _NUMERIC.match(cell):
-        return "'" + cell
-    return cell
 
 
 def output_status(state: str, budget_exhausted: bool) -> str:
@@ -67,60 +71,7 @@ def output_status(state: str, budget_exhausted: bool) -> str:
     return STATUS[state]
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Call `write(fileobj)` on a 0600 temp file beside `path`, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fp:
-            write(fp)
-            fp.flush()
-            os.fsync(fp.fileno())
-        failpoints.hit("mid_write")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def remove_stale_temps(path: Path) -> int:
-    """Delete temp files a killed write or export left beside `path` (their process is gone)."""
-    removed = 0
-    if not path.parent.is_dir():
-        return 0
-    for tmp in path.parent.glob(".*.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or _pid_alive(int(pid)):
-            continue
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-            removed += 1
-    return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _arrow_type(kind: str, schema: dict[str, Any] | None) -> Any:
-    import pyarrow as pa
-
     if kind == "integer":
         return pa.int64()
     if kind == "number":
@@ -139,13 +90,9 @@ class _Spill:
     """Review lines collected while projecting, kept in an anonymous temp file (one JSON list per line)."""
 
     def __init__(self) -> None:
-        import tempfile
-
         self.file = tempfile.TemporaryFile("w+", encoding="utf-8")  # noqa: SIM115 (closed after lines())
 
     def add(self, merged: Any) -> None:
-        from enrich.review import review_lines
-
         for cells in review_lines(merged, len(merged.key)):
             self.file.write(json.dumps(cells, ensure_ascii=False) + "\n")
 
@@ -169,8 +116,6 @@ class Projection:
         budget_exhausted: bool,
         cfg: Any = None,
     ):
-        from enrich.config import GateConfig
-
         self.journal = journal
         self.cfg = cfg
         self.gate = cfg.gate if cfg is not None else GateConfig()
@@ -193,8 +138,6 @@ class Projection:
         self, row_key: str, results: list[Any], verdicts: list[Any] | None, input_hash: str, run_id: str | None
     ) -> tuple[dict[str, Any] | None, Any]:
         """The row's answers merged across tiers and human verdicts, as one result for flatten()."""
-        from enrich.decide import decided
-
         names = list(self.fields)
         key = tuple(str(v) for v in json.loads(row_key))
         if self.cfg is None:  # export without a config: gate defaults over what is stored
@@ -269,21 +212,16 @@ class Projection:
 
 
 def write_csv(proj: Projection, fp: Any, guard: bool) -> None:
-    import io
-
     text = io.TextIOWrapper(fp, encoding="utf-8", newline="", write_through=False)
     w = csv.writer(text, lineterminator="\r\n")
     w.writerow(proj.header())
     names = [c[0] for c in proj.columns]
 
     def cell(v: Any) -> Any:
-        if v is None:
-            return ""
-        if isinstance(v, list | dict):
-            v = json.dumps(v, ensure_ascii=False)
-        elif not isinstance(v, str):
-            return v
-        return neutralize(v) if guard else v
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            return v  # numbers as the csv module writes them (never formula-guarded)
+        text = encode_cell(v)
+        return neutralize(text) if guard else text
 
     for records in proj.chunks():
         for values, flat, status, error, run_id, latency in records:
@@ -303,8 +241,6 @@ def write_csv(proj: Projection, fp: Any, guard: bool) -> None:
 
 def arrow_schema(proj: Projection, metadata: dict[str, str] | None = None) -> Any:
     """The typed output schema: input columns keep their recorded types, output columns their JSON types."""
-    import pyarrow as pa
-
     schema_b64 = proj.journal.get("arrow_schema")
     in_types = {}
     if schema_b64:
@@ -318,8 +254,6 @@ def arrow_schema(proj: Projection, metadata: dict[str, str] | None = None) -> An
 
 def arrow_tables(proj: Projection, schema: Any) -> Any:
     """Yield one typed Arrow table per journal chunk, in input order."""
-    import pyarrow as pa
-
     n_in = len(proj.input_columns)
     names = [c[0] for c in proj.columns]
     for records in proj.chunks():
@@ -343,8 +277,6 @@ def arrow_tables(proj: Projection, schema: Any) -> Any:
 
 
 def write_parquet(proj: Projection, fp: Any, metadata: dict[str, str]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     schema = arrow_schema(proj, metadata)
     pool = pa.default_memory_pool()
@@ -355,12 +287,8 @@ def write_parquet(proj: Projection, fp: Any, metadata: dict[str, str]) -> None:
             pool.release_unused()  # hand Arrow's freed buffers back: memory stays flat on huge outputs
 
 
-def collect_xlsx(proj: Projection, guard: bool) -> Any:
+def collect_xlsx(proj: Projection) -> Any:
     """The whole output as a polars frame ready for Excel (an .xlsx is built in memory anyway)."""
-    import pyarrow as pa
-
-    from enrich.xlsx import EXCEL_MAX_ROWS, to_frame
-
     schema = arrow_schema(proj)
     tables = list(arrow_tables(proj, schema))
     table = pa.concat_tables(tables) if tables else schema.empty_table()
@@ -369,11 +297,17 @@ def collect_xlsx(proj: Projection, guard: bool) -> Any:
             f"{table.num_rows:,} rows do not fit one Excel sheet ({EXCEL_MAX_ROWS - 1:,} at most); "
             "the journal keeps every result: `enrich export JOURNAL --output out.parquet`"
         )
-    kinds = {
-        c[0]: ("citations" if c[1] == "citations" else "array" if c[1] == "array" else "text") for c in proj.columns
-    }
+    kinds = {c[0]: _xlsx_kind(c) for c in proj.columns}
     kinds["_enrich_error"] = "text"
-    return to_frame(table, kinds, neutralize if guard else (lambda v: v))
+    # xlsx cells are written as text cells (never formulas): the CSV formula guard has nothing to do here
+    return to_frame(table, kinds)
+
+
+def _xlsx_kind(col: Column) -> str:
+    """How to_frame shows an output column: citations, array, json_items (objects, one JSON text each), text."""
+    if col[1] == "array":
+        return "json_items" if main_type((col[2] or {}).get("items")) == "object" else "array"
+    return "citations" if col[1] == "citations" else "text"
 
 
 def _summary_rows(report: dict[str, Any]) -> list[tuple[str, Any]]:
@@ -411,47 +345,21 @@ def _summary_rows(report: dict[str, Any]) -> list[tuple[str, Any]]:
 
 
 def _array(values: list[Any], typ: Any) -> Any:
-    """Build a typed column; values that went through JSON (dates, decimals) are cast back."""
-    import pyarrow as pa
+    """Build a typed column; values that went through JSON (dates, decimals) are cast back.
 
+    Objects inside an array column (an array of objects) become one JSON text per item."""
+    if pa.types.is_list(typ) and pa.types.is_string(typ.value_type):
+        values = [
+            v if not isinstance(v, list) else [i if i is None or isinstance(i, str) else encode_cell(i) for i in v]
+            for v in values
+        ]
     try:
         return pa.array(values, type=typ)
     except (pa.ArrowException, TypeError, ValueError):
         return pa.array([None if v is None else str(v) for v in values], type=pa.string()).cast(typ)
 
 
-def export_basis(
-    journal: Journal,
-    path: Path,
-    fields: dict[str, dict[str, Any]],
-    cfg: Any,
-    key_columns: list[str],
-    formula_guard: bool = True,
-) -> int:
-    """The audit export: one line per (row key, field, citation) with value, confidence, decision,
-    processor, run id, reasoning, url, title and excerpts (audit.py), streamed from the journal."""
-    from enrich.audit import basis_rows, write_basis
-
-    proj = Projection(journal, fields, False, False, cfg)
-    proj.review.close()  # the audit export writes no review file
-    epoch = journal.get("epoch", 0)
-
-    def lines() -> Any:
-        for chunk in journal.iter_results(epoch, proj.ladder, chunk=WRITE_CHUNK):
-            verdicts = journal.verdicts_for([r[0] for r in chunk if r[2] == "done"])
-            for row_key, _row_json, state, run_id, _e, _s, _f, input_hash, results in chunk:
-                if state != "done" or not results:
-                    continue
-                _, merged = proj._decide(row_key, results, verdicts.get(row_key), input_hash, run_id)
-                key_vals = dict(zip(key_columns, json.loads(row_key), strict=False))
-                yield from basis_rows(key_vals, merged, gate_cfg=proj.gate)
-
-    return write_basis(path, lines(), key_columns, formula_guard=formula_guard)
-
-
 def _default_decided(results: list[Any], names: list[str], gate: Any, key: tuple[str, ...]) -> Any:
-    from enrich.gate import merge
-
     return merge([(p, json.loads(r) if isinstance(r, str) else r) for p, _rid, r in results], names, gate, key=key)
 
 
@@ -475,7 +383,7 @@ def write_output(
     started = time.monotonic()
     _trim_heap()
     state_key = _state_key(journal, path, fields, reasoning, formula_guard, emulated, budget_exhausted)
-    report_path = path.with_name(path.name + ".report.json")
+    report_path = report_json_path(path)
     last = journal.get("last_output")
     if (
         last
@@ -514,7 +422,7 @@ def _write(
     report: dict[str, Any] = {"output": str(path), "emulated": emulated}
     suffix = path.suffix.lower()
     frame = None
-    if suffix in (".parquet", ".pq"):
+    if is_parquet(path):
         meta = {
             "enrich.emulated": "true" if emulated else "false",
             "enrich.journal": str(journal.path),
@@ -522,7 +430,7 @@ def _write(
         }
         atomic_write(path, lambda fp: write_parquet(proj, fp, meta))
     elif suffix == ".xlsx":
-        frame = collect_xlsx(proj, formula_guard)  # written below: its summary sheet needs the report
+        frame = collect_xlsx(proj)  # written below: its summary sheet needs the report
     else:
         atomic_write(path, lambda fp: write_csv(proj, fp, formula_guard))
     spent = journal.spent_micros()
@@ -537,15 +445,11 @@ def _write(
         }
     )
     if frame is not None:
-        from enrich.xlsx import write_workbook
-
         coloured = [c[0] for c in proj.columns if c[4] == "confidence" or c[0] in proj.stats.decision_cols]
         citations = [c[0] for c in proj.columns if c[4] == "citations"]
         summary = _summary_rows(report)
         atomic_write(path, lambda fp: write_workbook(fp, frame, coloured, citations, summary))
     if cfg is not None:
-        from enrich.review import review_path, write_review_cells
-
         report["review_file"] = str(review_path(path))
         report["review_lines"] = write_review_cells(
             review_path(path), proj.review.lines(), list(cfg.input.key), formula_guard=formula_guard
@@ -557,9 +461,7 @@ def _write(
         )
     if emulated:
         report["warning"] = "EMULATED: these values come from the local emulator's knowledge table, not web research"
-    atomic_write(report_path, lambda fp: fp.write(json.dumps(report, indent=2, sort_keys=True).encode()))
-    from enrich.report_html import render_isolated
-
+    atomic_json(report_path, report, indent=2)
     html_path = html_report_path(path)
     html = render_isolated(report)
     atomic_write(html_path, lambda fp: fp.write(html.encode()))
@@ -568,16 +470,8 @@ def _write(
     return report
 
 
-def html_report_path(path: Path) -> Path:
-    """`out/companies.enriched.parquet` -> `out/companies.enriched.report.html`."""
-    return path.with_name(path.stem + ".report.html")
-
-
 def _trim_heap() -> None:
     """Give memory freed by the pipeline back to the OS before the write's own peak (glibc only)."""
-    import ctypes
-    import gc
-
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -590,6 +484,4 @@ def _file_id(path: Path) -> list[int]:
 
 def _state_key(journal: Journal, path: Path, fields: Any, *flags: Any) -> str:
     """Changes whenever any row changes state (every transition stamps a time or moves a count)."""
-    from enrich.config import digest
-
     return digest([str(path.resolve()), fields, flags, journal.write_state(), journal.counts(), journal.spent_micros()])

@@ -1,160 +1,27 @@
-"""Excel workbooks: read one sheet of an .xlsx as input rows; write the output as a formatted .xlsx.
-
-Reading uses polars' calamine engine (fastexcel): fast, no openpyxl, and cell types survive
-(numbers stay numbers, dates stay dates; they reach the output with their types through the
-same Arrow schema the Parquet reader records). Row numbers in errors are the ones Excel shows
-(`companies.xlsx [Sheet1] row 57: ...`), found from the sheet XML because calamine trims
-leading empty rows.
+"""Excel output: write the output as a formatted .xlsx (the .xlsx reader is in read.py).
 
 Writing uses xlsxwriter (polars' `write_excel` backend; see write_workbook for why not
 `write_excel` itself): typed cells, frozen header, auto-filter, column widths, colour-coded confidence and decision cells,
 citations as links (http/https only; never `javascript:`), and a "Run summary" sheet.
 Researched text is never a formula: the workbook is created with `strings_to_formulas`
-off, and with the formula guard on, text that a spreadsheet would run gets the same `'`
-prefix as in CSV output (so copying the sheet to CSV stays safe too).
+off and every text is written as a text cell, so no `'` prefix is needed (the CSV formula
+guard does not apply to .xlsx; researched text is shown exactly as researched).
 """
 
 from __future__ import annotations
 
 import json
 import re
-import zipfile
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
-from xml.etree import ElementTree
 
-from enrich.errors import InputError, SheetPath
+import polars as pl
+import xlsxwriter
 
 EXCEL_MAX_ROWS = 1_048_576  # including the header row
 EXCEL_MAX_CELL_CHARS = 32_767
 EXCEL_MAX_URL_CHARS = 2_079
 EXCEL_MAX_URLS = 65_530  # per worksheet; xlsxwriter drops (and warns about) any more
-_KEPT_TYPES = ("Int64", "Float64", "Boolean", "Date", "Datetime", "String")
-_NS = {
-    "m": "http://schemas.openxmlformats.org/spreadsheetml/2006/main",
-    "r": "http://schemas.openxmlformats.org/officeDocument/2006/relationships",
-    "p": "http://schemas.openxmlformats.org/package/2006/relationships",
-}
-
-
-def _header_row_number(path: str, sheet: str) -> int:
-    """The Excel row number of the first row holding a value (calamine starts its range there); 1 if unknown."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            wb = ElementTree.fromstring(z.read("xl/workbook.xml"))
-            rid = next(
-                (s.get(f"{{{_NS['r']}}}id") for s in wb.iterfind("m:sheets/m:sheet", _NS) if s.get("name") == sheet),
-                None,
-            )
-            rels = ElementTree.fromstring(z.read("xl/_rels/workbook.xml.rels"))
-            target = next((r.get("Target") for r in rels.iterfind("p:Relationship", _NS) if r.get("Id") == rid), None)
-            if not target:
-                return 1
-            member = target.lstrip("/") if target.startswith("/") else f"xl/{target}"
-            with z.open(member) as fp:
-                for _, el in ElementTree.iterparse(fp):
-                    if el.tag == f"{{{_NS['m']}}}row":
-                        if any(
-                            c.find("m:v", _NS) is not None or c.find("m:is", _NS) is not None
-                            for c in el.iterfind("m:c", _NS)
-                        ):
-                            return int(el.get("r", "1"))
-                        el.clear()
-    except (KeyError, OSError, ValueError, zipfile.BadZipFile, ElementTree.ParseError):
-        pass
-    return 1
-
-
-def _pick_sheet(path: str, names: list[str], sheet: str | int | None) -> str:
-    if sheet is None:
-        if not names:
-            raise InputError(path, "the workbook has no sheets")
-        return names[0]
-    if isinstance(sheet, int):
-        if not 1 <= sheet <= len(names):
-            raise InputError(path, f"no sheet number {sheet} (input.sheet); the workbook has {len(names)}: {names}")
-        return names[sheet - 1]
-    if sheet not in names:
-        raise InputError(path, f"no sheet named {sheet!r} (input.sheet); the workbook has {names}")
-    return sheet
-
-
-def read_xlsx(
-    path: Path | str,
-    required: list[str],
-    forbidden: set[str] = frozenset(),
-    sheet: str | int | None = None,
-    batch_rows: int = 5_000,
-) -> tuple[Any, Iterator[list[Any]]]:
-    """Open one sheet of an .xlsx workbook: validate its header now, yield `Row` batches with Excel row numbers.
-
-    Blank rows are skipped (as for CSV). Column types come from the cells; a column mixing
-    types becomes text. Raises InputError naming file, sheet and row.
-    """
-    import fastexcel
-    import polars as pl
-
-    from enrich.read import Row, TableInfo, check_columns
-
-    spath = str(path)
-    try:
-        reader = fastexcel.read_excel(spath)
-    except FileNotFoundError:
-        raise InputError(spath, "file not found") from None
-    except (fastexcel.FastExcelError, OSError, ValueError) as exc:
-        first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        raise InputError(spath, f"not a readable .xlsx workbook ({first})") from None
-    name = _pick_sheet(spath, list(reader.sheet_names), sheet)
-    where = SheetPath(f"{spath} [{name}]")
-    top = _header_row_number(spath, name)
-    try:
-        head = reader.load_sheet(name, header_row=None, n_rows=1, dtypes="string").to_polars()
-        df = pl.read_excel(
-            spath,
-            sheet_name=name,
-            engine="calamine",
-            drop_empty_rows=False,
-            drop_empty_cols=False,
-            infer_schema_length=None,
-            raise_if_empty=False,
-        )
-    except (fastexcel.FastExcelError, pl.exceptions.PolarsError, OSError, ValueError) as exc:
-        first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        raise InputError(where, f"cannot read the sheet ({first})", line=top) from None
-    if head.height == 0:
-        raise InputError(where, "the sheet is empty (no header row)", line=1)
-    header = ["" if v is None else str(v) for v in head.row(0)]
-    check_columns(where, header, required, set(forbidden))
-    if len(header) != df.width:  # cannot happen with calamine; a mismatch would shift every column
-        raise InputError(where, f"header has {len(header)} columns but the data has {df.width}", line=top)
-    df.columns = header
-    df = df.with_columns(
-        pl.col(c).cast(pl.String) for c, t in df.schema.items() if t.base_type().__name__ not in _KEPT_TYPES
-    )
-    schema = df.head(0).to_arrow().schema
-
-    def batches() -> Iterator[list[Any]]:
-        batch: list[Any] = []
-        n = 0
-        for start in range(0, df.height, batch_rows):
-            for i, values in enumerate(df.slice(start, batch_rows).iter_rows(), start):
-                if all(v is None or (isinstance(v, str) and not v.strip()) for v in values):
-                    continue  # a blank row, skipped as for CSV
-                batch.append(Row(top + 1 + i, list(values)))
-                n += 1
-            if batch:
-                yield batch
-                batch = []
-        if n == 0:
-            raise InputError(where, "the sheet has a header but no data rows", line=top + 1)
-
-    return TableInfo(where, header, schema.serialize().to_pybytes()), batches()
-
-
-# ---- output --------------------------------------------------------------------------------------
-
 GREEN, AMBER, RED = "#C6EFCE", "#FFEB9C", "#FFC7CE"  # Excel's own "good / neutral / bad" fills
 _COLOURS = {
     "high": GREEN,
@@ -197,14 +64,12 @@ def _clip(text: str) -> str:
     return text[: EXCEL_MAX_CELL_CHARS - 20] + " …[truncated]"
 
 
-def to_frame(table: Any, kinds: dict[str, str], guard: Any) -> Any:
+def to_frame(table: Any, kinds: dict[str, str]) -> Any:
     """Arrow output table -> polars frame Excel can hold: lists become text, researched text guarded.
 
-    `kinds` maps output column -> 'citations' | 'array' | 'text' (researched) ; other columns
+    `kinds` maps output column -> 'citations' | 'array' | 'json_items' | 'text' (researched); other columns
     (the input's, the status columns) are left as they were.
     """
-    import polars as pl
-
     df = pl.from_arrow(table)
     exprs = []
     for name, kind in kinds.items():
@@ -219,17 +84,17 @@ def to_frame(table: Any, kinds: dict[str, str], guard: Any) -> Any:
                     lambda v: json.dumps(list(v), ensure_ascii=False, default=str), return_dtype=pl.String
                 ).alias(name)
             )
+        elif kind == "json_items":  # items are already one JSON text each: the array is encoded once
+            exprs.append(col.map_elements(lambda v: "[" + ", ".join(v) + "]", return_dtype=pl.String).alias(name))
     if exprs:
         df = df.with_columns(exprs)
     texts = [n for n, k in kinds.items() if n in df.columns and df.schema[n] == pl.String]
     if texts:
-        df = df.with_columns(pl.col(n).map_elements(lambda v: _clip(guard(v)), return_dtype=pl.String) for n in texts)
+        df = df.with_columns(pl.col(n).map_elements(_clip, return_dtype=pl.String) for n in texts)
     return df
 
 
 def _width(df: Any, name: str) -> int:
-    import polars as pl
-
     sample = df.get_column(name).head(2_000)
     if sample.dtype == pl.String:
         lens = sample.drop_nulls().str.len_chars()
@@ -251,9 +116,6 @@ def write_workbook(fp: Any, df: Any, coloured: list[str], citations: list[str], 
     input column `Founded` beside the output column `founded` is legal here (xlsxwriter would
     drop the whole table with only a warning). A plain range with an auto-filter has no such rule.
     """
-    import polars as pl
-    import xlsxwriter
-
     wb = xlsxwriter.Workbook(
         fp,
         {

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from enrich import audit
-from enrich.audit import basis_path, basis_rows, write_basis
+from enrich.audit import basis_rows, write_basis
+from enrich.files import basis_path
 from enrich.config import GateConfig
 from enrich.errors import ConfigError
 from enrich.gate import Verdict, apply_verdicts, merge

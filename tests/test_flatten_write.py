@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from enrich.flatten import coerce, flatten, output_columns
-from enrich.write import neutralize
+from enrich.files import neutralize
 
 FIELDS = {
     "hq": {"type": ["string", "null"]},

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from enrich.config import GateConfig
 from enrich.errors import ConfigError, InputError
 from enrich.gate import FieldAnswer, MergedRow, merge
-from enrich.review import guard, read_review, review_path, unguard, write_review
+from enrich.files import guard, review_path, unguard
+from enrich.review import read_review, write_review
 
 SCHEMA: dict[str, dict[str, Any]] = {
     "city": {"type": ["string", "null"]},

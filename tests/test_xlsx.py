@@ -10,7 +10,8 @@ import polars as pl
 import pytest
 
 from enrich.errors import InputError
-from enrich.xlsx import GREEN, RED, colour_for, link_target, read_xlsx, write_workbook
+from enrich.read import read_xlsx
+from enrich.xlsx import GREEN, RED, colour_for, link_target, write_workbook
 from tests.conftest import run_enrich, write_config
 
 openpyxl = pytest.importorskip("openpyxl")
@@ -218,8 +219,7 @@ def test_colour_for(value: str | None, fill: str | None) -> None:
 
 
 def test_hostile_text_is_never_a_formula_or_a_script_link(tmp_path: Path) -> None:
-    """Researched text starting with = stays text; javascript: citations are never links."""
-    from enrich.write import neutralize
+    """Researched text starting with = is a text cell, shown as researched (no CSV guard); javascript: is never a link."""
     from enrich.xlsx import to_frame
 
     table = pl.DataFrame(
@@ -230,7 +230,7 @@ def test_hostile_text_is_never_a_formula_or_a_script_link(tmp_path: Path) -> Non
             "hq__citations": [["javascript:alert(1)", "https://ok.example"], ["=cmd|' /C calc'!A0"]],
         }
     ).to_arrow()
-    df = to_frame(table, {"hq": "text", "hq__confidence": "text", "hq__citations": "citations"}, neutralize)
+    df = to_frame(table, {"hq": "text", "hq__confidence": "text", "hq__citations": "citations"})
     buf = io.BytesIO()
     links = write_workbook(buf, df, ["hq__confidence"], ["hq__citations"], [("Rows", 2)])
     assert links == 0
@@ -238,5 +238,6 @@ def test_hostile_text_is_never_a_formula_or_a_script_link(tmp_path: Path) -> Non
     cells = [c for row in ws.iter_rows() for c in row]
     assert all(c.data_type != "f" for c in cells)
     assert all(c.hyperlink is None for c in cells)
-    assert ws["B2"].value == '\'=HYPERLINK("http://evil","x")'
+    assert ws["B2"].value == '=HYPERLINK("http://evil","x")'
+    assert ws["B2"].data_type == "s"
     assert ws["D2"].value == "javascript:alert(1)\nhttps://ok.example"

@@ -26,14 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from enrich.errors import JournalError
+from enrich.files import atomic_json
+from enrich.journal import Journal
 
 STATE_FILE = "governor.json"
 
 
 def journal_spend(path: Path) -> int:
     """Micro-dollars a partition journal has spent or reserved (0 if it does not exist yet)."""
-    from enrich.journal import Journal
-
     if not path.is_file():
         return 0
     try:
@@ -73,8 +73,6 @@ class GovernorState:
     def _save(self) -> None:
         if not self.persist:
             return
-        from enrich.scale.partition import atomic_json
-
         atomic_json(self.parts_dir / STATE_FILE, {"alloc": self.alloc, "budget_micros": self.budget})
 
     @property

@@ -19,8 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from enrich.errors import ConfigError
-from enrich.write import atomic_write
+from enrich.files import atomic_write
 
 MANIFEST = "_manifest.json"
 PARQUET = (".parquet", ".pq")
@@ -56,8 +58,6 @@ def _merge_csv(parts: list[Path], fp: Any) -> None:
 
 
 def _merge_parquet(parts: list[Path], fp: Any) -> None:
-    import pyarrow.parquet as pq
-
     writer = None
     schema = None
     try:

@@ -23,8 +23,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from enrich.config import RunConfig, canonical
 from enrich.errors import ConfigError, InputError
+from enrich.files import atomic_json, temp_path
 from enrich.read import key_problem, open_table
 from enrich.scale import PARTS_SUFFIX
 
@@ -88,12 +91,6 @@ class PartitionPlan:
 def parts_dir_for(journal: Path) -> Path:
     """`<journal>.parts/`: the partition journals, slices, outputs and markers of a partitioned job."""
     return journal.with_name(journal.name + PARTS_SUFFIX)
-
-
-def atomic_json(path: Path, data: Any) -> None:
-    from enrich.write import atomic_write
-
-    atomic_write(path, lambda fp: fp.write(json.dumps(data, indent=1, sort_keys=True).encode()))
 
 
 def load_plan(parts_dir: Path) -> PartitionPlan | None:
@@ -245,17 +242,13 @@ def cut(cfg: RunConfig, parts_dir: Path, partitions: int | None) -> PartitionPla
     return plan
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def _slice_csv(cfg: RunConfig, src: Path, outs: list[Path], sizes: list[int], header: list[str]) -> None:
     """Rows of `src` into consecutive UTF-8 CSV slices (cells exactly as read), each written atomically."""
     _info, batches = open_table(src, list(cfg.input.key), set(), cfg.input.encoding, cfg.input.max_cell_bytes)
     rows = (row.values for batch in batches for row in batch)
     try:
         for out, size in zip(outs, sizes, strict=True):
-            tmp = _tmp(out)
+            tmp = temp_path(out)
             with tmp.open("w", newline="", encoding="utf-8") as fp:
                 w = csv.writer(fp, lineterminator="\n")
                 w.writerow(header)
@@ -270,13 +263,11 @@ def _slice_csv(cfg: RunConfig, src: Path, outs: list[Path], sizes: list[int], he
 
 def _slice_parquet(src: Path, outs: list[Path], sizes: list[int]) -> None:
     """Rows of `src` into consecutive Parquet slices with the source's schema, each written atomically."""
-    import pyarrow.parquet as pq
-
     pf = pq.ParquetFile(src)
     batches = pf.iter_batches(batch_size=10_000)
     pending = None
     for out, size in zip(outs, sizes, strict=True):
-        tmp = _tmp(out)
+        tmp = temp_path(out)
         with pq.ParquetWriter(tmp, pf.schema_arrow, compression="zstd") as writer:
             left = size
             while left > 0:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 import sys
@@ -30,6 +31,7 @@ from typing import Any
 from enrich import preflight
 from enrich.config import RunConfig, build_task_spec, digest, spec_fingerprint
 from enrich.errors import ConfigError, EnrichError, JournalError
+from enrich.files import atomic_json
 from enrich.job import (
     EXIT_AUTH,
     EXIT_BUDGET,
@@ -39,11 +41,12 @@ from enrich.job import (
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
     JobResult,
+    run_job,
 )
 from enrich.processors import PROCESSORS
 from enrich.scale.governor import ActorGovernor, GovernorState, journal_spend
 from enrich.scale.merge import copy_into_dataset, is_dataset, merge_files, read_manifest, write_manifest
-from enrich.scale.partition import Partition, PartitionPlan, atomic_json, cut, load_plan, parts_dir_for
+from enrich.scale.partition import Partition, PartitionPlan, cut, load_plan, parts_dir_for
 
 PARTITION_CPUS = 0.5  # Ray CPUs per partition task: 2 cores run 4 partitions (they mostly wait on I/O)
 TASK_RETRIES = 3  # Ray re-runs a partition whose worker or node died; it resumes the same journal
@@ -161,8 +164,6 @@ def run_partition(
     adopt: bool,
 ) -> dict[str, Any]:
     """Body of one partition's Ray task: register with the governor, run_job, settle. Returns a summary."""
-    from enrich.job import run_job
-
     assert pcfg.journal is not None
     _wait_for_lock(pcfg.journal)
     baseline = journal_spend(pcfg.journal)
@@ -390,8 +391,6 @@ def _collect(ray: Any, ref: Any, p: Partition) -> dict[str, Any]:
 
 def _finished(plan: PartitionPlan, p: Partition, fingerprint: str, rerun: bool) -> bool:
     """Did this partition end with every row completed, on this very slice and task? (then it is skipped)"""
-    import json
-
     if rerun:
         return False
     try:
@@ -428,8 +427,6 @@ def _record(
 
 
 def _markers(plan: PartitionPlan) -> list[dict[str, Any]]:
-    import json
-
     out = []
     for p in plan.partitions:
         with contextlib.suppress(OSError, ValueError):

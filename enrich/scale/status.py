@@ -13,8 +13,9 @@ from typing import Any
 
 from enrich.config import RunConfig
 from enrich.errors import JournalError
+from enrich.journal import Journal
 from enrich.processors import PROCESSORS
-from enrich.scale.partition import PartitionPlan, load_plan, parts_dir_for, resolve_inputs
+from enrich.scale.partition import PartitionPlan, _count_and_check, _pieces, load_plan, parts_dir_for, resolve_inputs
 
 STATES = ("done", "failed", "timed_out", "pending", "intent", "unknown", "submitted")
 IN_FLIGHT = ("intent", "unknown", "submitted")
@@ -27,8 +28,6 @@ def partition_plan(journal: str | Path) -> PartitionPlan | None:
 
 def _journal_info(path: Path, rows: int) -> dict[str, Any]:
     """Counts, spend and last error of one partition journal (a partition not started: all pending)."""
-    from enrich.journal import Journal
-
     if not path.is_file():
         return {"started": False, "counts": {"pending": rows}, "spent_micros": 0, "last_error": None}
     try:
@@ -110,8 +109,6 @@ def plan(cfg: RunConfig, journal: Path) -> dict[str, Any] | None:
 
     Rows to submit come from the partition journals (a partition not started: all its rows). The
     duration band uses the job-wide in-flight limit and POST rate, which the partitions share."""
-    from enrich.scale.partition import _count_and_check, _pieces
-
     cut = load_plan(parts_dir_for(journal))
     if cut is None:
         if cfg.input.path.is_file():
