@@ -49,6 +49,8 @@ fuzz: install
 
 lint: install
 	$(VENV)/bin/ruff check enrich tests
+	$(VENV)/bin/ruff format --check enrich tests
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf out .pytest_cache

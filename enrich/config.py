@@ -212,7 +212,7 @@ class GateRule(_Strict):
             raise ValueError("review_at must not be above accept_at")
         return self
 
-    def decision_of_level(self, level: str) -> str:
+    def decision_of_level(self, level: str) -> Literal["accepted", "review", "rejected"]:
         """'accepted' | 'review' | 'rejected' for a confidence label (high/medium/low/none)."""
         if level in self.accept:
             return "accepted"
@@ -259,7 +259,7 @@ class GateConfig(GateRule):
 
     def rule(self, field: str) -> GateRule:
         """The resolved rule for `field`; element entries (`founders.0`) use their array's rule."""
-        rules = self.__pydantic_private__["_rules"]  # plain dict access: this runs per field per row
+        rules: dict[str, GateRule] = self.__pydantic_private__["_rules"]  # type: ignore[index]  # per field per row
         return rules.get(field) or rules.get(field.split(".", 1)[0]) or rules[""]
 
 

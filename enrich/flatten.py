@@ -110,7 +110,7 @@ def flatten(
     content = output.get("content")
     if output.get("type") == "text" or isinstance(content, str):
         content = {"output": content}
-    basis = {}
+    basis: dict[str, dict[str, Any]] = {}
     for entry in output.get("basis") or []:
         if isinstance(entry, dict) and isinstance(entry.get("field"), str):
             basis.setdefault(entry["field"], entry)

@@ -127,17 +127,20 @@ def decide(field: str, confidence: Confidence, gate_cfg: GateConfig | GateRule) 
     >>> g = GateConfig(accept_at=0.9, review_at=0.6)
     >>> decide("x", "high", g), decide("x", "none", g), decide("x", 0.75, g), decide("x", 0.2, g)
     ('accepted', 'rejected', 'review', 'rejected')
+    >>> decide("x", "0.95", g) == decide("x", 0.95, g) == "accepted"   # a number sent as text is a number
+    True
     """
     rule = gate_cfg.rule(field) if isinstance(gate_cfg, GateConfig) else gate_cfg
-    if isinstance(confidence, float | int) and not isinstance(confidence, bool):
+    confidence = normalize_confidence(confidence)
+    if isinstance(confidence, float):
         if rule.accept_at is None and rule.review_at is None:
-            return rule.decision_of_level("none")  # type: ignore[return-value]
+            return rule.decision_of_level("none")
         if rule.accept_at is not None and confidence >= rule.accept_at:
             return "accepted"
         if rule.review_at is not None and confidence >= rule.review_at:
             return "review"
         return "rejected"
-    return rule.decision_of_level(normalize_confidence(confidence))  # type: ignore[return-value]
+    return rule.decision_of_level(confidence)
 
 
 def decide_row(result: Mapping[str, Any] | None, fields: Iterable[str], gate_cfg: GateConfig) -> dict[str, str]:

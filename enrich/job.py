@@ -66,7 +66,7 @@ from enrich.errors import (
 )
 from enrich.files import PARQUET_SUFFIXES, encode_cell, remove_stale_temps
 from enrich.gate import answer_of
-from enrich.journal import Journal
+from enrich.journal import IN_FLIGHT, ROW_STATES, Journal
 from enrich.pipeline import Prepared, execute, format_plan, plan_summary, prepare  # noqa: F401 (Prepared: a type)
 from enrich.progress import JobState
 from enrich.review import read_review
@@ -737,7 +737,7 @@ def job_status(
             "output": ((job.get("config") or {}).get("output") or {}).get("path"),
             "rows": sum(counts.values()),
             "counts": counts,
-            "in_flight": sum(counts.get(s, 0) for s in ("intent", "unknown", "submitted")),
+            "in_flight": sum(counts.get(s, 0) for s in IN_FLIGHT),
             "spent_usd": journal.spent_micros() / 1e6,
             "taskgroup_id": journal.get("taskgroup_id"),
             "emulated": _emulated(journal),
@@ -755,7 +755,7 @@ def format_status(info: dict[str, Any]) -> str:
     if info.get("output"):
         lines.append(f"output       {info['output']}")
     lines.append(f"rows         {info['rows']:,}")
-    for state_name in ("done", "failed", "timed_out", "pending", "intent", "unknown", "submitted"):
+    for state_name in ROW_STATES:
         if counts.get(state_name):
             lines.append(f"  {state_name:<10} {counts[state_name]:,}")
     lines.append(f"in flight    {info['in_flight']:,}  (rows sent, results not yet recorded)")

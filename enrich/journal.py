@@ -1,6 +1,6 @@
 """The job journal: one SQLite file per job, the only module that imports sqlite3.
 
-Row states (the one place they are written down):
+Row states (`journal_sql.RowState` is their vocabulary; this is where the transitions are drawn):
 
     pending ──claim──> intent ──2xx──> submitted ──result (matched by metadata)──> done
        ^                 │ │                │  └──run failed/cancelled────────────> failed
@@ -53,10 +53,12 @@ from enrich.journal_sql import (
     IN_FLIGHT,
     LEDGER_SCHEMA,
     REUSE_SQL,
+    ROW_STATES,
     SCHEMA,
     SCHEMA_VERSION,
     SEED_SQL,
     TERMINAL,
+    RowState,
     chunks,
     migrate_v1,
 )
@@ -65,6 +67,7 @@ from enrich.spend import daily_message, utc_day
 __all__ = [
     "IN_FLIGHT",
     "LEDGER_SCHEMA",
+    "ROW_STATES",
     "SCHEMA",
     "SCHEMA_VERSION",
     "TERMINAL",
@@ -73,6 +76,7 @@ __all__ = [
     "DuplicateKey",
     "Finished",
     "Journal",
+    "RowState",
     "TransitionError",
     "Unresolved",
 ]
@@ -318,7 +322,7 @@ class Journal(DecisionStore):
             args = (epoch, now)
         return self.conn.execute(sql, args).fetchone() is not None
 
-    def in_flight_count(self, states: tuple[str, ...] = IN_FLIGHT) -> int:
+    def in_flight_count(self, states: tuple[RowState, ...] = IN_FLIGHT) -> int:
         marks = ",".join("?" * len(states))
         return self.conn.execute(f"SELECT COUNT(*) FROM rows WHERE state IN ({marks})", states).fetchone()[0]
 

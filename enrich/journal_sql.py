@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal, get_args
 
 SCHEMA_VERSION = 2
-IN_FLIGHT = ("intent", "unknown", "submitted")
-TERMINAL = ("done", "failed", "timed_out")
+# A row's state: the one vocabulary (journal.py draws the transitions). Nothing else spells them.
+RowState = Literal["pending", "intent", "unknown", "submitted", "done", "failed", "timed_out"]
+ROW_STATES: tuple[RowState, ...] = get_args(RowState)
+IN_FLIGHT: tuple[RowState, ...] = ("intent", "unknown", "submitted")  # a paid run may exist
+TERMINAL: tuple[RowState, ...] = ("done", "failed", "timed_out")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);

@@ -36,7 +36,7 @@ def _config(config: Any, overrides: dict[str, Any]) -> RunConfig:
         data.pop("source", None)
         return config_from_mapping(data, overrides, str(config.source or "<RunConfig>"))
     if isinstance(config, str | os.PathLike):
-        return config_from_mapping(read_config_file(config), overrides, str(config))
+        return config_from_mapping(read_config_file(os.fspath(config)), overrides, str(config))
     if isinstance(config, dict):
         return config_from_mapping(config, overrides, "<dict>")
     raise ConfigError(f"config must be a path, a dict or a RunConfig, not {type(config).__name__}")

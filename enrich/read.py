@@ -17,6 +17,7 @@ import io
 import json
 import zipfile
 from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -102,7 +103,7 @@ def check_columns(path: str, header: list[str], required: list[str], forbidden: 
 def read_csv(
     source: BinaryIO | Path | str,
     required: list[str],
-    forbidden: set[str] = frozenset(),
+    forbidden: AbstractSet[str] = frozenset(),
     encoding: str = "utf-8",
     max_cell_bytes: int = 1 << 20,
     name: str | None = None,
@@ -119,7 +120,7 @@ def read_csv(
         except OSError as exc:
             raise InputError(path, f"cannot open: {exc.strerror}") from None
     else:
-        fp, path = source, name or getattr(source, "name", "<input>")
+        fp, path = source, str(name or getattr(source, "name", "<input>"))
     head = fp.read(4)
     fp.seek(0)
     if (bom := _bom_encoding(head)) is not None:
@@ -314,7 +315,8 @@ def _leaf(values: list[Any], t: Any) -> Any:
 
 def _offsets(values: list[Any]) -> tuple[list[int], list[Any], Any]:
     """(offsets, flattened items, null mask) of a column of lists."""
-    offsets, flat = [0], []
+    offsets: list[int] = [0]
+    flat: list[Any] = []
     for v in values:
         flat.extend(v or ())
         offsets.append(len(flat))
@@ -368,7 +370,7 @@ def _round_trip_problem(arr: Any) -> str | None:
 
 
 def read_parquet(
-    path: Path | str, required: list[str], forbidden: set[str] = frozenset(), batch_rows: int = BATCH_ROWS
+    path: Path | str, required: list[str], forbidden: AbstractSet[str] = frozenset(), batch_rows: int = BATCH_ROWS
 ) -> tuple[TableInfo, Iterator[list[Row]]]:
     """Open a Parquet file and stream its rows; reject unreadable or ambiguous files."""
     spath = str(path)
@@ -430,7 +432,7 @@ def read_parquet(
 def open_table(
     path: Path | str,
     required: list[str],
-    forbidden: set[str] = frozenset(),
+    forbidden: AbstractSet[str] = frozenset(),
     encoding: str = "utf-8",
     max_cell_bytes: int = 1 << 20,
     batch_rows: int = BATCH_ROWS,
@@ -517,7 +519,7 @@ def _pick_sheet(path: str, names: list[str], sheet: str | int | None) -> str:
 def read_xlsx(
     path: Path | str,
     required: list[str],
-    forbidden: set[str] = frozenset(),
+    forbidden: AbstractSet[str] = frozenset(),
     sheet: str | int | None = None,
     batch_rows: int = 5_000,
 ) -> tuple[Any, Iterator[list[Any]]]:

@@ -300,8 +300,8 @@ def _check_line(
     return None, Verdict(
         key=key,
         field=field,
-        verdict=verdict_text,
-        corrected_value=corrected,  # type: ignore[arg-type]
+        verdict=verdict_text,  # type: ignore[arg-type]  # one of VERDICTS, checked above
+        corrected_value=corrected,
         reviewer=cell.get("reviewer", "").strip(),
         note=cell.get("note", ""),
         run_id=cell.get("run_id", "").strip() or None,

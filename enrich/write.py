@@ -24,7 +24,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -44,7 +44,7 @@ from enrich.files import (
 )
 from enrich.flatten import META_COLUMNS, Column, flatten, output_columns
 from enrich.gate import decide_row, merge
-from enrich.journal import Journal
+from enrich.journal import Journal, RowState
 from enrich.processors import strength
 from enrich.read import from_json_values
 from enrich.report import RunStats
@@ -53,7 +53,9 @@ from enrich.review import review_lines, write_review_cells
 from enrich.spec import main_type
 from enrich.xlsx import EXCEL_MAX_ROWS, to_frame, write_workbook
 
-STATUS = {
+# `_enrich_status` of an output row: the one vocabulary users see (README, "Output columns").
+OutputStatus = Literal["completed", "failed", "timed_out", "unknown", "pending", "skipped_budget"]
+STATUS: dict[RowState, OutputStatus] = {
     "done": "completed",
     "failed": "failed",
     "timed_out": "timed_out",
@@ -65,7 +67,7 @@ STATUS = {
 WRITE_CHUNK = 2_000  # rows per read from the journal and per Parquet row group
 
 
-def output_status(state: str, budget_exhausted: bool) -> str:
+def output_status(state: RowState, budget_exhausted: bool) -> OutputStatus:
     if state == "pending" and budget_exhausted:
         return "skipped_budget"
     return STATUS[state]

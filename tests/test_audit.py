@@ -12,9 +12,9 @@ import pytest
 
 from enrich import audit
 from enrich.audit import basis_rows, write_basis
-from enrich.files import basis_path
 from enrich.config import GateConfig
 from enrich.errors import ConfigError
+from enrich.files import basis_path
 from enrich.gate import Verdict, apply_verdicts, merge
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from enrich.flatten import coerce, flatten, output_columns
 from enrich.files import neutralize
+from enrich.flatten import coerce, flatten, output_columns
 
 FIELDS = {
     "hq": {"type": ["string", "null"]},

@@ -38,7 +38,7 @@ def _imports(path: Path) -> list[tuple[str, bool]]:
             elif isinstance(child, ast.ImportFrom):
                 base = child.module or ""
                 if child.level:  # relative: resolve against this package
-                    pkg = me.split(".")[: -child.level] if not path.name == "__init__.py" else me.split(".")
+                    pkg = me.split(".")[: -child.level] if path.name != "__init__.py" else me.split(".")
                     base = ".".join([*pkg, base] if base else pkg)
                 found.append((base, inner))
                 for a in child.names:  # `from enrich import failpoints` imports a module

@@ -147,9 +147,7 @@ def test_a_correction_beyond_int64_is_refused_and_an_old_one_cannot_break_the_jo
     assert r.returncode == 2 and "64-bit" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
     j = Journal.open(tmp_path / "out.parquet.journal.sqlite")
-    j.add_verdicts(
-        [(json.dumps([year["company"]]), "founded_year", "correct", str(2**63), "old", "", None, None)], 0.0
-    )
+    j.add_verdicts([(json.dumps([year["company"]]), "founded_year", "correct", str(2**63), "old", "", None, None)], 0.0)
     j.close()
     for args in (("run", str(cfg)), ("export", str(cfg), "--output", str(tmp_path / "x.parquet"))):
         r = run_enrich(*args)

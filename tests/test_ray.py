@@ -39,7 +39,7 @@ from enrich.job import (
 from enrich.scale.governor import GovernorState
 from enrich.scale.merge import MANIFEST
 from enrich.scale.partition import cut, parts_dir_for
-from enrich.scale.runner import check_shared, run_partitioned, worst
+from enrich.scale.runner import NODE_LOCAL, check_shared, run_partitioned, worst
 from tests.conftest import ROOT, EmulatorProcess, run_enrich, wait_for, write_config
 
 ray = pytest.importorskip("ray")
@@ -179,8 +179,9 @@ def test_multi_node_cluster_refuses_relative_and_node_local_paths(tmp_path: Path
     cfg = load_config(config(tmp_path, "c", inp, Path("/tmp/x/out.csv")))
     with pytest.raises(ConfigError, match="node-local"):
         check_shared(cfg, Path("/tmp/x/out.csv.journal.sqlite"))
-    cfg = load_config(config(tmp_path, "c", inp, ROOT / "out" / "x.csv"))
-    check_shared(cfg, ROOT / "out" / "x.csv.journal.sqlite")
+    shared = Path("/srv/enrich-shared")  # any path outside node-local storage (it need not exist to be checked)
+    cfg = load_config(config(tmp_path, "c", inp, shared / "x.csv"))
+    check_shared(cfg, shared / "x.csv.journal.sqlite")
 
 
 def test_partitions_flag_needs_ray(tmp_path: Path) -> None:
@@ -409,10 +410,25 @@ def cluster() -> Iterator[TwoNodeCluster]:
     c.stop()
 
 
+def _not_node_local() -> Path:
+    """A writable folder outside node-local storage: the checkout's out/ when the checkout is not under /tmp,
+    else one under the home folder (the repository may be cloned anywhere)."""
+    for base in (ROOT / "out", Path.home() / ".cache" / "enrich-tests"):
+        real = os.path.realpath(base)
+        if any(real == p or real.startswith(p + "/") for p in NODE_LOCAL):
+            continue
+        try:
+            base.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        return base
+    pytest.skip("no writable folder outside node-local storage (/tmp, /var/tmp, /dev/shm, /run) for a multi-node job")
+
+
 @pytest.fixture
 def shared_dir() -> Iterator[Path]:
     """Journals and outputs for a multi-node job: not node-local (/tmp is refused there)."""
-    d = Path(tempfile.mkdtemp(prefix="ray-test-", dir=ROOT / "out" if (ROOT / "out").is_dir() else ROOT))
+    d = Path(tempfile.mkdtemp(prefix="ray-test-", dir=_not_node_local()))
     yield d
     subprocess.run(["rm", "-rf", str(d)], check=False)
 

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from enrich.config import GateConfig
 from enrich.errors import ConfigError, InputError
-from enrich.gate import FieldAnswer, MergedRow, merge
 from enrich.files import guard, review_path, unguard
+from enrich.gate import FieldAnswer, MergedRow, merge
 from enrich.review import read_review, write_review
 
 SCHEMA: dict[str, dict[str, Any]] = {
