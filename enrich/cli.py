@@ -21,6 +21,7 @@ from enrich import __version__, preflight
 from enrich.config import DEFAULT_BASE_URL, RunConfig, load_config
 from enrich.errors import ConfigError, EnrichError, JournalError, redact
 from enrich.job import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from enrich.report import summary_lines
 
 EXIT_CODES_HELP = (
     "exit codes: 0 all rows completed, 2 usage/config/input error, 3 finished with failed rows, "
@@ -274,7 +275,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             fresh=args.fresh,
             detach=args.detach,
         )
-    for line in result.message.splitlines():
+    first, *rest = result.message.splitlines() or [""]
+    # the summary goes under the first line (`wrote N rows ...`), so the last line still says how the job ended
+    for line in [first, *(f"  {s}" for s in summary_lines(result.report)), *rest]:
         print(f"enrich: {line}", file=sys.stderr)
     if result.exit_code == EXIT_INTERRUPTED:
         cmd = " ".join(shlex.quote(a) for a in ["enrich", *sys.argv[1:]])
