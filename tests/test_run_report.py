@@ -1,4 +1,4 @@
-"""The run report's money and latency figures against the emulator's ledger, over loopback HTTP.
+"""The run report's money, latency and estimate figures against the emulator's ledger, over loopback HTTP.
 
 The demo job (configs/companies.toml: lite-fast, then base for rows with a rejected field) runs with
 hard cells and failed runs; every figure is checked against what the API itself recorded.
@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from enrich.emulator import EmulatorConfig, EmulatorServer
+from enrich.processors import PROCESSORS
 from tests.conftest import CANARY_KEY, ROOT, run_enrich
 from tests.test_report_html import parse
 
@@ -109,3 +110,34 @@ def test_end_of_run_summary_names_decisions_review_file_and_report(demo: dict[st
     ) in lines
     wrote = next(i for i, ln in enumerate(lines) if ln.startswith("wrote "))
     assert lines[wrote + 1].startswith("paid runs: ")  # the summary sits under the outcome line
+
+
+def _usd(micros: float) -> str:
+    return f"${micros / 1e6:,.2f}"
+
+
+def test_plan_estimate_includes_the_ladder(tmp_path: Path) -> None:
+    """Fresh: first step to every rung; after the first step: exactly what the escalation then spends."""
+    out = str(tmp_path / "companies.parquet")
+    lite, base = PROCESSORS["lite-fast"].price_micros, PROCESSORS["base"].price_micros
+    fresh = run_enrich("plan", CONFIG, "--output", out)
+    assert fresh.returncode == 0, fresh.stderr
+    assert f"estimated cost       {_usd(ROWS * lite)} - {_usd(ROWS * (lite + base))}  " in fresh.stdout
+    emu = _emulator(seed=5)  # no failures: each row climbs at most once, as the plan assumes
+    try:
+        first = run_enrich(
+            "run", CONFIG, "--base-url", emu.base_url, "--output", out, "--budget", str(ROWS * lite / 1e6)
+        )
+        assert first.returncode == 4, first.stderr  # the budget held exactly the first step
+        spent_first = len(httpx.get(emu.base_url + "/_emulator/ledger", timeout=30).json()) * lite
+        plan = run_enrich("plan", CONFIG, "--output", out)
+        assert plan.returncode == 0, plan.stderr
+        rest = run_enrich("run", CONFIG, "--base-url", emu.base_url, "--output", out)
+        assert rest.returncode == 0, rest.stderr
+        ledger = httpx.get(emu.base_url + "/_emulator/ledger", timeout=30).json()
+    finally:
+        emu.stop()
+    escalation = sum(e["price_micros"] for e in ledger) - spent_first
+    assert escalation > 0 and {e["processor"] for e in ledger} == {"lite-fast", "base"}
+    assert f"estimated cost       {_usd(escalation)}  (spent so far {_usd(spent_first)})" in plan.stdout
+    assert sum(e["price_micros"] for e in ledger) <= ROWS * (lite + base)  # within the fresh plan's worst case
