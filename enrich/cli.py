@@ -28,6 +28,7 @@ from enrich.errors import (
 )
 from enrich.init import init_config
 from enrich.job import apply_review, differences, export, format_status, job_status, open_job, plan_job, run_job
+from enrich.report import summary_lines
 from enrich.scale import status as scaled
 from enrich.scale.runner import run_partitioned
 
@@ -273,7 +274,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             fresh=args.fresh,
             detach=args.detach,
         )
-    for line in result.message.splitlines():
+    first, *rest = result.message.splitlines() or [""]
+    # the summary goes under the first line (`wrote N rows ...`), so the last line still says how the job ended
+    for line in [first, *(f"  {s}" for s in summary_lines(result.report)), *rest]:
         print(f"enrich: {line}", file=sys.stderr)
     if result.exit_code == EXIT_INTERRUPTED:
         cmd = " ".join(shlex.quote(a) for a in ["enrich", *sys.argv[1:]])

@@ -41,7 +41,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +59,7 @@ from enrich.journal_sql import (
     SEED_SQL,
     TERMINAL,
     RowState,
+    add_run_columns,
     chunks,
     migrate_v1,
 )
@@ -175,6 +176,7 @@ class Journal(DecisionStore):
             if version == 1:
                 migrate_v1(conn)
             conn.executescript(SCHEMA)
+            add_run_columns(conn)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
             os.close(fd)
@@ -258,7 +260,8 @@ class Journal(DecisionStore):
         retry_failed: bool,
         dry: bool = False,
         meta: dict[str, Any] | None = None,
-    ) -> None:
+        inspect: Callable[[], Any] | None = None,
+    ) -> Any:
         """Record the current input: one transaction for the whole file, rolled back on any error.
 
         Each item is (row_key, row_ref, ordinal, line, row_json, input_json, input_hash, spec_hash,
@@ -266,7 +269,8 @@ class Journal(DecisionStore):
         `retry_failed` or their input changed (a timed-out run is asked again rather than paid
         again); every other row is pending, then done at once if `results` already holds a result
         for its (input, spec, processor) newer than `refresh_before`. Raises `DuplicateKey`.
-        With `dry` the transaction is rolled back after counting (`last_seed_counts`), for `plan`.
+        With `dry` the transaction is rolled back after counting (`last_seed_counts`), for `plan`; `inspect`
+        then reads the seeded journal before the rollback, and its answer is returned.
         """
         conn = self.conn
         conn.execute("BEGIN IMMEDIATE")
@@ -304,14 +308,42 @@ class Journal(DecisionStore):
             self.last_seed_counts = dict(
                 conn.execute("SELECT state, COUNT(*) FROM rows WHERE epoch=? GROUP BY state", (epoch,))
             )
+            seen = inspect() if dry and inspect is not None else None
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         conn.execute("ROLLBACK" if dry else "COMMIT")
+        return seen
 
     # ---- submission ----------------------------------------------------------------------
     def spent_micros(self) -> int:
         return self.conn.execute("SELECT COALESCE(SUM(micros), 0) FROM spend").fetchone()[0]
+
+    def paid_by_processor(self) -> dict[str | None, tuple[int, int]]:
+        """processor -> (runs, micro-dollars) of every run paid for or reserved and not released: completed, failed,
+        timed out, superseded by an escalation step or still in doubt, over the journal's whole history (what
+        `spent_micros` sums). None keys what a journal from before per-processor accounting cannot attribute."""
+        proc = "processor" if self._has_column("spend", "processor") else "NULL"
+        out: dict[str | None, tuple[int, int]] = {}
+        for p, runs, micros in self.conn.execute(
+            f"SELECT {proc}, SUM(CASE WHEN reason='reserve' THEN 1 WHEN micros<0 THEN -1 ELSE 0 END), SUM(micros) "
+            f"FROM spend GROUP BY {proc}"
+        ):
+            if runs or micros:
+                out[p] = (runs, micros)
+        return out
+
+    def run_latencies(self) -> Iterator[tuple[str | None, float]] | None:
+        """(processor, finished - created seconds, journal clock) of every run whose outcome was recorded, completed
+        or failed; None for a read-only view of a journal written before runs carried their finish time."""
+        if not self._has_column("runs", "finished_at"):
+            return None
+        return iter(
+            self.conn.execute("SELECT processor, finished_at - created_at FROM runs WHERE finished_at IS NOT NULL")
+        )
+
+    def _has_column(self, table: str, column: str) -> bool:
+        return any(r[1] == column for r in self.conn.execute(f"PRAGMA table_info({table})"))
 
     def has_pending(self, epoch: int, now: float | None = None) -> bool:
         """Is any row pending (and, with `now`, ready to be sent)? An index probe, not a count."""
@@ -418,8 +450,8 @@ class Journal(DecisionStore):
                     Claimed(by_id[i][1], by_id[i][2], by_id[i][3], json.loads(by_id[i][4]), processor) for i in chunk
                 )
             c.executemany(
-                "INSERT INTO spend(at, row_key, micros, reason) VALUES (?, ?, ?, 'reserve')",
-                [(now, cl.row_key, price) for cl in out],
+                "INSERT INTO spend(at, row_key, micros, reason, processor) VALUES (?, ?, ?, 'reserve', ?)",
+                [(now, cl.row_key, price, processor) for cl in out],
             )
             if self._ledger_db is not None:
                 c.executemany(
@@ -448,9 +480,15 @@ class Journal(DecisionStore):
                 [(now, k, a) for k, a in rows],
                 "mark_submitted",
             )
+            processor = (  # one batch, one processor (claim)
+                c.execute("SELECT run_processor FROM rows WHERE row_key=?", (rows[0][0],)).fetchone()[0]
+                if rows
+                else None
+            )
             c.executemany(
-                "INSERT OR IGNORE INTO runs(run_id, batch, cursor, created_at, state) VALUES (?, ?, ?, ?, 'waiting')",
-                [(r, batch, cursor or "", now) for r in run_ids],
+                "INSERT OR IGNORE INTO runs(run_id, batch, cursor, created_at, state, processor) "
+                "VALUES (?, ?, ?, ?, 'waiting', ?)",
+                [(r, batch, cursor or "", now, processor) for r in run_ids],
             )
 
     def adopt(self, found: list[tuple[str, int, str, str]], now: float) -> None:
@@ -465,8 +503,8 @@ class Journal(DecisionStore):
                 "adopt",
             )
             c.executemany(
-                "INSERT OR IGNORE INTO runs(run_id, batch, cursor, created_at, state) "
-                "SELECT ?, COALESCE(batch, 0), ?, ?, 'waiting' FROM rows WHERE row_key=?",
+                "INSERT OR IGNORE INTO runs(run_id, batch, cursor, created_at, state, processor) "
+                "SELECT ?, COALESCE(batch, 0), ?, ?, 'waiting', run_processor FROM rows WHERE row_key=?",
                 [(rid, cur, now, k) for k, _, rid, cur in found],
             )
 
@@ -495,11 +533,12 @@ class Journal(DecisionStore):
                 if hit is None:
                     raise TransitionError(f"release: row {key} attempt {attempt} is no longer in doubt")
                 price = c.execute(
-                    "SELECT micros FROM spend WHERE row_key=? AND reason='reserve' ORDER BY id DESC LIMIT 1", (key,)
+                    "SELECT micros, processor FROM spend WHERE row_key=? AND reason='reserve' ORDER BY id DESC LIMIT 1",
+                    (key,),
                 ).fetchone()
                 c.execute(
-                    "INSERT INTO spend(at, row_key, micros, reason) VALUES (?, ?, ?, 'release')",
-                    (now, key, -(price[0] if price else 0)),
+                    "INSERT INTO spend(at, row_key, micros, reason, processor) VALUES (?, ?, ?, 'release', ?)",
+                    (now, key, -price[0] if price else 0, price[1] if price else None),
                 )
                 self._ledger_refund(c, key)
                 state = "failed" if hit[0] + inc >= max_retries else "pending"
@@ -565,7 +604,11 @@ class Journal(DecisionStore):
                 "WHERE f.result_json IS NOT NULL",
                 (now,),
             )
-            c.execute("UPDATE runs SET state='recorded' WHERE run_id IN (SELECT run_id FROM temp.fin)")
+            c.execute(
+                "UPDATE runs SET state='recorded', finished_at=COALESCE(finished_at, ?) "
+                "WHERE run_id IN (SELECT run_id FROM temp.fin)",
+                (now,),
+            )
             before = c.total_changes
             # the first result per row wins (a repeated event or listing changes nothing)
             c.execute(
@@ -640,11 +683,12 @@ class Journal(DecisionStore):
             keys = [r[0] for r in c.execute("SELECT row_key FROM rows WHERE state IN ('intent','unknown','submitted')")]
             for k in keys:
                 price = c.execute(
-                    "SELECT micros FROM spend WHERE row_key=? AND reason='reserve' ORDER BY id DESC LIMIT 1", (k,)
+                    "SELECT micros, processor FROM spend WHERE row_key=? AND reason='reserve' ORDER BY id DESC LIMIT 1",
+                    (k,),
                 ).fetchone()
                 c.execute(
-                    "INSERT INTO spend(at, row_key, micros, reason) VALUES (?, ?, ?, 'release')",
-                    (time.time(), k, -(price[0] if price else 0)),
+                    "INSERT INTO spend(at, row_key, micros, reason, processor) VALUES (?, ?, ?, 'release', ?)",
+                    (time.time(), k, -price[0] if price else 0, price[1] if price else None),
                 )
                 self._ledger_refund(c, k)
             c.execute(

@@ -10,6 +10,8 @@ import json
 from collections.abc import Iterator
 from typing import Any, Literal, get_args
 
+from enrich.processors import PROCESSORS
+
 SCHEMA_VERSION = 2
 # A row's state: the one vocabulary (journal.py draws the transitions). Nothing else spells them.
 RowState = Literal["pending", "intent", "unknown", "submitted", "done", "failed", "timed_out"]
@@ -55,7 +57,9 @@ CREATE TABLE IF NOT EXISTS runs (
   batch        INTEGER NOT NULL,
   cursor       TEXT NOT NULL,        -- runs-stream cursor before its batch ('' = group start)
   created_at   REAL NOT NULL,
-  state        TEXT NOT NULL         -- waiting | recorded | timed_out
+  state        TEXT NOT NULL,        -- waiting | recorded | timed_out
+  processor    TEXT,                 -- processor it was created on (add_run_columns fills older journals')
+  finished_at  REAL                  -- when its outcome was recorded (completed or failed)
 );
 CREATE INDEX IF NOT EXISTS runs_state ON runs(state);
 CREATE TABLE IF NOT EXISTS results (
@@ -70,7 +74,8 @@ CREATE INDEX IF NOT EXISTS results_lookup ON results(input_hash, spec_hash, proc
 CREATE TABLE IF NOT EXISTS spend (
   id INTEGER PRIMARY KEY, at REAL NOT NULL, row_key TEXT NOT NULL,
   micros INTEGER NOT NULL,            -- +price reserved, -price released
-  reason TEXT NOT NULL                -- reserve | release
+  reason TEXT NOT NULL,               -- reserve | release
+  processor TEXT                      -- of the reserved run (a release repeats it); NULL only if unknowable
 );
 CREATE INDEX IF NOT EXISTS spend_row ON spend(row_key, id);   -- a release finds its reservation at once
 CREATE TABLE IF NOT EXISTS log (id INTEGER PRIMARY KEY, at REAL NOT NULL, level TEXT NOT NULL, message TEXT NOT NULL);
@@ -165,6 +170,59 @@ def migrate_v1(conn: Any) -> None:
         conn.execute("DROP TABLE rows_v1")
         conn.execute("INSERT OR REPLACE INTO meta(k, v) VALUES ('legacy_schema', '1')")
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def add_run_columns(conn: Any) -> None:
+    """Give a journal written before per-processor accounting `spend.processor`, `runs.processor` and
+    `runs.finished_at` (nullable columns: an older enrich still writes this journal), filled from what it holds.
+
+    A run's processor and finish time come from its stored result, or from the failed row that names it, or
+    (still waiting) from its batch's rows. A spend entry's processor is the one processor used in this
+    journal at that price; when two share a price (`lite` and `lite-fast`) it stays NULL (reported as such).
+    """
+    added = []
+    for table, column, kind in (
+        ("spend", "processor", "TEXT"),
+        ("runs", "processor", "TEXT"),
+        ("runs", "finished_at", "REAL"),
+    ):
+        if column not in {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}:
+            added.append((table, column, kind))
+    if not added:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for table, column, kind in added:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        conn.execute(
+            "UPDATE runs SET processor=COALESCE("
+            "(SELECT processor FROM results s WHERE s.run_id=runs.run_id), "
+            "(SELECT run_processor FROM rows r WHERE r.run_id=runs.run_id), "
+            "(SELECT run_processor FROM rows r WHERE r.batch=runs.batch AND r.state='submitted' LIMIT 1)), "
+            "finished_at=CASE WHEN state='recorded' THEN COALESCE("
+            "(SELECT completed_at FROM results s WHERE s.run_id=runs.run_id), "
+            "(SELECT finished_at FROM rows r WHERE r.run_id=runs.run_id AND r.state='failed')) END "
+            "WHERE processor IS NULL"
+        )
+        used = [
+            r[0]
+            for r in conn.execute(
+                "SELECT processor FROM results UNION SELECT run_processor FROM rows UNION SELECT processor FROM rows"
+            )
+        ]
+        by_price: dict[int, list[str]] = {}
+        for name in used:
+            if name in PROCESSORS:
+                by_price.setdefault(PROCESSORS[name].price_micros, []).append(name)
+        for price, names in by_price.items():
+            if len(names) == 1:
+                conn.execute(
+                    "UPDATE spend SET processor=? WHERE processor IS NULL AND ABS(micros)=?", (names[0], price)
+                )
     except BaseException:
         conn.execute("ROLLBACK")
         raise

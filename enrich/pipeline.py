@@ -58,6 +58,7 @@ class Prepared:
     task_spec: dict[str, Any]
     fields: dict[str, dict[str, Any]]
     job_id: str
+    escalation: dict[str, int] | None = None  # dry: what the escalation pass would do after this seeding
 
     @property
     def job_tag(self) -> str:
@@ -143,8 +144,14 @@ def prepare(cfg: RunConfig, journal: Journal, retry_failed: bool = False, dry: b
 
     refresh = cfg.task.refresh_after_days
     refresh_before = time.time() - refresh * 86400 if refresh else None
+
+    def would_escalate() -> dict[str, int] | None:  # in the seed's transaction: sees the seeded rows
+        if len(cfg.ladder) < 2:
+            return None
+        return escalate_pass(journal, cfg, epoch, list(fields), dry=True)
+
     try:
-        journal.seed(
+        seen = journal.seed(
             tuples(),
             epoch,
             refresh_before,
@@ -158,6 +165,7 @@ def prepare(cfg: RunConfig, journal: Journal, retry_failed: bool = False, dry: b
                 "arrow_schema": base64.b64encode(info.arrow_schema).decode() if info.arrow_schema else None,
                 "processor": cfg.task.processor,
             },
+            inspect=would_escalate,
         )
     except DuplicateKey as exc:
         raise InputError(
@@ -168,7 +176,7 @@ def prepare(cfg: RunConfig, journal: Journal, retry_failed: bool = False, dry: b
     finally:
         batches.close()  # type: ignore[attr-defined]  # closes the file if seeding stopped early
     counts = journal.last_seed_counts
-    return Prepared(epoch, total, counts, task_spec, fields, job_id)
+    return Prepared(epoch, total, counts, task_spec, fields, job_id, seen)
 
 
 def _input_fingerprint(cfg: RunConfig, spec_hash: str) -> str | None:
@@ -199,7 +207,12 @@ def _input_fingerprint(cfg: RunConfig, spec_hash: str) -> str | None:
 
 
 def plan_summary(cfg: RunConfig, prep: Prepared, journal: Journal) -> dict[str, Any]:
-    """Rows, cached rows, rows to submit, estimated cost and duration band. No API calls."""
+    """Rows, cached rows, rows to submit, estimated cost and duration band. No API calls.
+
+    With an escalation ladder the cost includes its steps: `ladder_worst_case_usd` has every row still to
+    be run (to submit, in flight, or finished and due to climb) paying every rung above where it is;
+    `estimated_cost_usd` adds the expected steps when the share of finished rows that would climb is known
+    (`escalation_share`), and is only the first step (`first_step_cost_usd`, a lower bound) until then."""
     proc = PROCESSORS[cfg.task.processor]
     c = prep.counts
     to_submit = c.get("pending", 0)
@@ -212,24 +225,26 @@ def plan_summary(cfg: RunConfig, prep: Prepared, journal: Journal) -> dict[str, 
     budget = cfg.budget_micros
     ladder = cfg.ladder
     prices = [PROCESSORS[p].price_micros for p in ladder]
+    first_step = to_submit * proc.price_micros
+    estimate = first_step
     ladder_info: dict[str, Any] = {}
     if len(ladder) > 1:
-        seen = (
-            escalate_pass(journal, cfg, journal.get("epoch", 0), list(prep.fields), dry=True)
-            if str(journal.path) != ":memory:"
-            else {"checked": 0, "would_climb": 0}
-        )
+        # the dry seeding's view (rows a stopped job had climbed are done again there, due to climb)
+        seen = prep.escalation or {"checked": 0, "would_climb": 0}
         share = seen["would_climb"] / seen["checked"] if seen["checked"] else None
-        worst = to_submit * sum(prices) + seen["would_climb"] * sum(prices[1:])
-        est = None
+        # rows in flight are paid already (spent); they may climb like rows still to submit
+        worst = first_step + (to_submit + in_flight + seen["would_climb"]) * sum(prices[1:])
+        est: float | None = None
         if share is not None:
-            est = to_submit * prices[0] + seen["would_climb"] * prices[1]
-            climbing = to_submit * share
+            est = first_step + seen["would_climb"] * prices[1]
+            climbing = (to_submit + in_flight) * share
             for p in prices[1:]:
                 est += climbing * p
                 climbing *= share
+            estimate = round(est)
         ladder_info = {
             "ladder": ladder,
+            "first_step_cost_usd": round(first_step / 1e6, 6),
             "ladder_worst_case_usd": round(worst / 1e6, 6),
             "escalation_share": None if share is None else round(share, 4),
             "ladder_estimate_usd": None if est is None else round(est / 1e6, 6),
@@ -243,7 +258,7 @@ def plan_summary(cfg: RunConfig, prep: Prepared, journal: Journal) -> dict[str, 
         "to_submit": to_submit,
         "processor": proc.name,
         "price_per_run_usd": proc.price_micros / 1e6,
-        "estimated_cost_usd": round(to_submit * proc.price_micros / 1e6, 6),
+        "estimated_cost_usd": round(estimate / 1e6, 6),
         "spent_so_far_usd": round(spent / 1e6, 6),
         "budget_usd": None if budget is None else budget / 1e6,
         "runs_within_budget": None if budget is None else max(0, (budget - spent) // proc.price_micros),
@@ -258,18 +273,22 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"failed (kept)        {plan['failed_kept']:,}   (re-run them with --retry-failed)",
         f"in flight            {plan['in_flight']:,}",
         f"to submit            {plan['to_submit']:,}  x {plan['processor']} at ${plan['price_per_run_usd']:.4f}/run",
-        f"estimated cost       ${plan['estimated_cost_usd']:,.2f}  (spent so far ${plan['spent_so_far_usd']:,.2f})",
     ]
+    ladder, share = plan.get("ladder"), plan.get("escalation_share")
+    cost = f"${plan['estimated_cost_usd']:,.2f}"
+    if ladder and share is None:  # nothing finished yet: from no row climbing to every row climbing every rung
+        cost += f" - ${plan['ladder_worst_case_usd']:,.2f}"
+    lines.append(f"estimated cost       {cost}  (spent so far ${plan['spent_so_far_usd']:,.2f})")
     if plan["budget_usd"] is not None:
         lines.append(f"budget               ${plan['budget_usd']:,.2f}  (room for {plan['runs_within_budget']:,} runs)")
-    if plan.get("ladder"):
-        share = plan["escalation_share"]
+    if ladder:
         lines.append(
-            f"escalation ladder    {' -> '.join(plan['ladder'])}: worst case ${plan['ladder_worst_case_usd']:,.2f}"
+            f"escalation ladder    {' -> '.join(ladder)}: ${plan['first_step_cost_usd']:,.2f} on "
+            f"{plan['processor']}, worst case ${plan['ladder_worst_case_usd']:,.2f} (every row climbing every rung); "
             + (
-                f"; estimate ${plan['ladder_estimate_usd']:,.2f} ({share:.0%} of finished rows would climb)"
+                f"estimate ${plan['ladder_estimate_usd']:,.2f} ({share:.0%} of finished rows would climb)"
                 if share is not None
-                else "; no finished rows yet to estimate the share that climbs"
+                else "no finished rows yet to estimate the share that climbs"
             )
         )
     lo, hi = plan["duration_s"]

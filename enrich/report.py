@@ -7,11 +7,16 @@ decisions are counters. `numbers()` turns it into plain JSON values. The HTML re
 only what is in the JSON report, so the two can never disagree.
 
 Definitions (also printed in the HTML):
-    latency      finished_at - submitted_at of a run (journal clock), completed or failed rows
+    latency      finished - created of every run whose outcome was recorded (journal clock), completed or
+                 failed, whether or not its answer is the one kept (an escalation step's first run counts)
+    runs, cost   per processor, every run paid for or reserved in the journal's spend table: completed,
+                 failed, timed out, superseded or in doubt (the API bills a run once created); the costs
+                 sum to the spend
     hit rate     rows with at least one non-empty value / all rows
     fill rate    rows with a non-empty value for the field / all rows
     CPM          spend / completed rows x 1,000 (what 1,000 answered rows actually cost)
-    estimate     all rows x the processor's list price (the plan's figure for a fresh job)
+    estimate     all rows x the processor's list price (the plan's figure for a fresh job); with an
+                 escalation ladder also the worst case, every row run on every rung
 """
 
 from __future__ import annotations
@@ -20,11 +25,13 @@ import math
 import random
 import re
 from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
-from enrich.processors import PROCESSORS
+from enrich.processors import PROCESSORS, strength
 
+UNATTRIBUTED = "(unattributed)"  # spend a journal from before per-processor accounting cannot place
 LATENCY_SAMPLE = 20_000
 TOP_DOMAINS = 15
 MAX_DOMAINS = 50_000  # distinct domains tracked; later new ones count as "(other)"
@@ -118,17 +125,23 @@ def _edge_after(i: int) -> float | None:
 class RunStats:
     """Per-row accumulator; `add()` once per output row, `numbers()` at the end."""
 
-    def __init__(self, fields: dict[str, Any], columns: list[tuple[str, str, Any, str, str]], processor: str):
+    def __init__(
+        self,
+        fields: dict[str, Any],
+        columns: list[tuple[str, str, Any, str, str]],
+        processor: str,
+        ladder: list[str] | None = None,
+    ):
         self.fields = list(fields)
         self.value_cols = {f: [c[0] for c in columns if c[3] == f and c[4] == "value"] for f in fields}
         self.citation_cols = [c[0] for c in columns if c[4] == "citations"]
         self.decision_cols = [c[0] for c in columns if c[0].endswith("__decision") or c[0] == "_enrich_decision"]
         self.processor = processor
+        self.ladder = [p for p in ladder or [processor] if p in PROCESSORS]
         rand = random.Random(0)
         self.all = _Latencies(rand)
         self.by_proc: dict[str, _Latencies] = {}
         self._rand = rand
-        self.runs_by_proc: Counter[str] = Counter()
         self.filled: Counter[str] = Counter()
         self.answered = 0
         self.domains: Counter[str] = Counter()
@@ -154,7 +167,6 @@ class RunStats:
             self.all.add(latency)
             self.by_proc.setdefault(proc, _Latencies(self._rand)).add(latency)
         if state == "done":
-            self.runs_by_proc[proc] += 1
             any_value = False
             for f, cols in self.value_cols.items():
                 if any(_present(flat.get(c)) for c in cols):
@@ -174,9 +186,28 @@ class RunStats:
                 self.decisions[c][str(v)] += 1
         return latency
 
-    def numbers(self, rows: int, spend_micros: int, completed: int, budget_usd: float | None) -> dict[str, Any]:
-        """The report entries this module owns, as JSON values."""
+    def numbers(
+        self,
+        rows: int,
+        spend_micros: int,
+        completed: int,
+        budget_usd: float | None,
+        paid: dict[str | None, tuple[int, int]],
+        run_latencies: Iterable[tuple[str | None, float]] | None,
+    ) -> dict[str, Any]:
+        """The report entries this module owns, as JSON values.
+
+        `paid` is `Journal.paid_by_processor()` and `run_latencies` `Journal.run_latencies()`: every run, not
+        only those whose answer is shown. Without run latencies (an old journal, read-only) the latencies of
+        the rows' own runs stand in."""
         price = PROCESSORS[self.processor].price_micros if self.processor in PROCESSORS else 0
+        if run_latencies is not None:
+            rand = random.Random(0)
+            self.all, self.by_proc = _Latencies(rand), {}
+            for proc, seconds in run_latencies:
+                value = round(max(0.0, seconds), 3)
+                self.all.add(value)
+                self.by_proc.setdefault(proc or UNATTRIBUTED, _Latencies(rand)).add(value)
         latency = self.all.summary()
         out: dict[str, Any] = {
             "latency_s": {**latency, "by_processor": {p: lat.summary() for p, lat in sorted(self.by_proc.items())}},
@@ -184,13 +215,14 @@ class RunStats:
             "budget_usd": budget_usd,
             "estimated_cost_usd": round(rows * price / 1e6, 6),
             "cpm_usd": round(spend_micros / completed * 1000 / 1e6, 6) if completed else None,
+            "runs_paid": sum(n for n, _ in paid.values()),
             "cost_by_processor": {
-                p: {
-                    "completed_runs": n,
-                    "usd_per_1000_runs": PROCESSORS[p].usd_per_1000,
-                    "list_cost_usd": round(n * PROCESSORS[p].price_micros / 1e6, 6),
+                p or UNATTRIBUTED: {
+                    "runs": n,
+                    "cost_usd": round(micros / 1e6, 6),
+                    "usd_per_1000_runs": PROCESSORS[p].usd_per_1000 if p in PROCESSORS else None,
                 }
-                for p, n in sorted(self.runs_by_proc.items())
+                for p, (n, micros) in sorted(paid.items(), key=lambda kv: strength(kv[0] or ""))
             },
             "rows_with_answer": self.answered,
             "hit_rate": round(self.answered / rows, 4) if rows else None,
@@ -199,6 +231,8 @@ class RunStats:
             "citations": self.citations,
             "top_cited_domains": [[d, n] for d, n in self.domains.most_common(TOP_DOMAINS)],
         }
+        if len(self.ladder) > 1:
+            out["ladder_worst_case_usd"] = round(rows * sum(PROCESSORS[p].price_micros for p in self.ladder) / 1e6, 6)
         if self.decision_cols:
             out["decision_counts"] = {c: dict(v) for c, v in self.decisions.items()}
         return out
@@ -206,3 +240,38 @@ class RunStats:
 
 def _present(v: Any) -> bool:
     return v is not None and v != "" and v != []
+
+
+_DECISION_ORDER = ("accepted", "review", "rejected", "human_accepted", "human_corrected", "human_rejected")
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """The end-of-run summary printed under `wrote N rows ...`: runs and spend per processor, decisions per
+    field, the review file and the report files (whatever of these the report holds)."""
+    lines = []
+    if cbp := report.get("cost_by_processor"):
+        lines.append(
+            f"paid runs: {report.get('runs_paid', sum(d['runs'] for d in cbp.values()))} for "
+            f"${report.get('spend_usd', 0):.4f} ("
+            + ", ".join(
+                f"{p} {d['runs']} for ${d['cost_usd']:.4f}"
+                for p, d in sorted(cbp.items(), key=lambda kv: strength(kv[0]))
+            )
+            + ")"
+        )
+    if decisions := report.get("decision_counts"):
+        per_field = []
+        for col, counts in sorted(decisions.items()):  # sorted: the same order when read back from the JSON
+            order = sorted(counts, key=lambda k: (_DECISION_ORDER.index(k) if k in _DECISION_ORDER else 99, k))
+            name = col.removesuffix("__decision")
+            per_field.append(f"{name} " + ", ".join(f"{k} {counts[k]}" for k in order))
+        lines.append("decisions: " + "; ".join(per_field))
+    if report.get("review_file"):
+        n = report.get("review_lines", 0)
+        lines.append(
+            f"review file: {report['review_file']} ({n} line{'s' if n != 1 else ''}"
+            + (": one per (row, field) in review or still rejected)" if n else ": nothing to review)")
+        )
+    if files := report.get("report_files"):
+        lines.append("report: " + ", ".join(files))
+    return lines

@@ -180,6 +180,7 @@ def render_html(report: dict[str, Any]) -> str:
         ("spend", report.get("spend_usd")),
         ("budget", report.get("budget_usd")),
         ("estimate", report.get("estimated_cost_usd")),
+        ("worst case", report.get("ladder_worst_case_usd")),
     ]
     money_vals = [{"what": k, "usd": v, "o": i} for i, (k, v) in enumerate(money) if v is not None]
     cards.append(
@@ -191,7 +192,7 @@ def render_html(report: dict[str, Any]) -> str:
                 "usd",
                 "what",
                 "what",
-                {"spend": "#1565c0", "budget": "#90a4ae", "estimate": "#ffb300"},
+                {"spend": "#1565c0", "budget": "#90a4ae", "estimate": "#ffb300", "worst case": "#ef6c00"},
                 "USD",
             )
             if money_vals
@@ -204,27 +205,38 @@ def render_html(report: dict[str, Any]) -> str:
                         "estimate (all rows at list price)",
                         num("estimated_cost_usd", report.get("estimated_cost_usd"), "$"),
                     ),
+                    *(
+                        [
+                            (
+                                "worst case (every row on every rung of the ladder)",
+                                num("ladder_worst_case_usd", report["ladder_worst_case_usd"], "$"),
+                            )
+                        ]
+                        if "ladder_worst_case_usd" in report
+                        else []
+                    ),
                     ("CPM: spend per 1,000 completed rows", num("cpm_usd", report.get("cpm_usd"), "$")),
                 ]
             ),
         )
     )
     cbp = report.get("cost_by_processor") or {}
-    proc_vals = [{"processor": label(p), "usd": d["list_cost_usd"], "o": 0} for p, d in cbp.items()]
+    proc_vals = [{"processor": label(p), "usd": d["cost_usd"], "o": 0} for p, d in cbp.items()]
     cards.append(
         _figure(
             "processors",
-            "Cost per processor (list price, completed runs)",
+            "Cost per processor (every paid run)",
             _bars(proc_vals, "usd", "processor", title_x="USD") if proc_vals else None,
             "<table><tr><th>processor</th><th>runs</th><th>USD</th><th>USD / 1,000 runs</th></tr>"
             + "".join(
-                f"<tr><td>{esc(p)}</td><td class=n>{num(f'cost_by_processor.{p}.completed_runs', d['completed_runs'])}"
-                f"</td><td class=n>{num(f'cost_by_processor.{p}.list_cost_usd', d['list_cost_usd'], '$')}</td>"
+                f"<tr><td>{esc(p)}</td><td class=n>{num(f'cost_by_processor.{p}.runs', d['runs'])}"
+                f"</td><td class=n>{num(f'cost_by_processor.{p}.cost_usd', d['cost_usd'], '$')}</td>"
                 f"<td class=n>{num(f'cost_by_processor.{p}.usd_per_1000_runs', d['usd_per_1000_runs'], '$')}"
                 "</td></tr>"
                 for p, d in cbp.items()
             )
             + "</table>",
+            "Every run paid for: completed, failed, superseded by an escalation step or in doubt; sums to the spend.",
         )
     )
 
@@ -278,7 +290,8 @@ def render_html(report: dict[str, Any]) -> str:
             "Latency per run (seconds)",
             hist,
             lat_table,
-            "finished_at − submitted_at from the journal; percentiles are nearest-rank.",
+            "Every finished run (completed or failed), created → recorded on the journal's clock; "
+            "percentiles are nearest-rank.",
         )
     )
 
@@ -407,7 +420,8 @@ def render_html(report: dict[str, Any]) -> str:
         parts.append(f"<p class=note>{esc(report['timed_out_note'])}</p>")
     parts.append(
         "<p class=note>Hit rate: rows with at least one non-empty value ÷ all rows. Fill rate: rows with a "
-        "value for the field ÷ all rows. Estimate: all rows × the processor's list price. Every figure here is "
+        "value for the field ÷ all rows. Estimate: all rows × the processor's list price (worst case: on every "
+        "rung of the escalation ladder). Every figure here is "
         "copied from the JSON report beside this file.</p>"
     )
     title = f"enrich report: {out_name}{' (EMULATED)' if emulated else ''}"

@@ -130,7 +130,7 @@ class Projection:
         self.input_columns: list[str] = journal.get("columns", [])
         self.statuses: Counter[str] = Counter()
         self.confidence: dict[str, Counter[str]] = {f: Counter() for f in fields}
-        self.stats = RunStats(fields, self.columns, str(journal.get("processor") or ""))
+        self.stats = RunStats(fields, self.columns, str(journal.get("processor") or ""), self.ladder)
         self.rows = 0
 
     def header(self) -> list[str]:
@@ -329,8 +329,14 @@ def _summary_rows(report: dict[str, Any]) -> list[tuple[str, Any]]:
         ("  spend", report["spend_usd"]),
         ("  budget", report.get("budget_usd")),
         ("  estimate (all rows at list price)", report.get("estimated_cost_usd")),
+        *(
+            [("  worst case (every rung of the ladder)", report["ladder_worst_case_usd"])]
+            if "ladder_worst_case_usd" in report
+            else []
+        ),
         ("  cost per 1,000 completed rows (CPM)", report.get("cpm_usd")),
-        ("Latency per run, submit to completion (s)", None),
+        *((f"  {p}: {d['runs']} runs", d["cost_usd"]) for p, d in (report.get("cost_by_processor") or {}).items()),
+        ("Latency per finished run, created to recorded (s)", None),
         *((f"  {k}", lat.get(k)) for k in ("count", "mean", "p50", "p90", "p95", "p99", "max")),
         ("Answers", None),
         ("  rows with an answer", report.get("rows_with_answer")),
@@ -442,7 +448,14 @@ def _write(
             "status_counts": dict(proj.statuses),
             "spend_usd": round(spent / 1e6, 6),
             "confidence_counts": {f: dict(c) for f, c in proj.confidence.items()},
-            **proj.stats.numbers(proj.rows, spent, proj.statuses.get("completed", 0), extra.get("budget_usd")),
+            **proj.stats.numbers(
+                proj.rows,
+                spent,
+                proj.statuses.get("completed", 0),
+                extra.get("budget_usd"),
+                journal.paid_by_processor(),
+                journal.run_latencies(),
+            ),
             **extra,
         }
     )
@@ -456,6 +469,7 @@ def _write(
         report["review_lines"] = write_review_cells(
             review_path(path), proj.review.lines(), list(cfg.input.key), formula_guard=formula_guard
         )
+    report["report_files"] = [str(report_path), str(html_report_path(path))]
     report["write_s"] = round(time.monotonic() - started, 3)
     if proj.statuses.get("timed_out"):
         report["timed_out_note"] = (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -332,3 +333,46 @@ class JournalMachine(RuleBasedStateMachine):
 
 TestJournalMachine = JournalMachine.TestCase
 TestJournalMachine.settings = settings(max_examples=60, stateful_step_count=25, deadline=None)
+
+
+def _paid_history(j: Journal) -> None:
+    """lite: a released (never created), b completed, c failed; base: d in flight."""
+    j.seed(rows(["a", "b", "c"]), 1, None, False)
+    j.claim(1, 10, PRICES, None, 0.0, 1)
+    j.release([('["a"]', 1)], 0.5, None, "429", max_retries=6)
+    j.mark_submitted([('["b"]', 1), ('["c"]', 1)], ["t1", "t2"], 1, "", 1.0)
+    j.record([done("refb", 1, "t1"), Finished("t2", "refc", 1, error="run failed: x")], 3.0)
+    j.seed(rows(["d"], proc="base"), 2, None, False)
+    j.claim(2, 10, PRICES, None, 4.0, 2)
+    j.mark_submitted([('["d"]', 1)], ["t3"], 2, "", 5.0)
+
+
+def test_paid_by_processor_counts_every_reserved_run_and_its_release(j: Journal) -> None:
+    """Runs and spend per processor: completed, failed and in-flight runs count, a released one does not."""
+    _paid_history(j)
+    assert j.paid_by_processor() == {"lite": (2, 10000), "base": (1, 10000)}
+    assert sum(m for _, m in j.paid_by_processor().values()) == j.spent_micros()
+    assert sorted(j.run_latencies() or []) == [("lite", 2.0), ("lite", 2.0)]  # t3 has not finished
+
+
+def test_journal_from_before_per_processor_accounting_is_filled_in_on_open(tmp_path: Path) -> None:
+    """Spend and runs of an older journal get their processor (and finish time) from what it holds."""
+    path = tmp_path / "old.sqlite"
+    j = Journal.open(path)
+    _paid_history(j)
+    j.close()
+    raw = sqlite3.connect(path)
+    for table, column in (("spend", "processor"), ("runs", "processor"), ("runs", "finished_at")):
+        raw.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+    raw.commit()
+    raw.close()
+    view = Journal.open(path, readonly=True)
+    assert view.paid_by_processor() == {None: (3, 20000)} and view.run_latencies() is None
+    view.close()
+    j = Journal.open(path)
+    try:
+        assert j.paid_by_processor() == {"lite": (2, 10000), "base": (1, 10000)}
+        assert sorted(j.run_latencies() or []) == [("lite", 2.0), ("lite", 2.0)]
+        assert dict(j.conn.execute("SELECT run_id, processor FROM runs")) == {"t1": "lite", "t2": "lite", "t3": "base"}
+    finally:
+        j.close()

@@ -156,6 +156,21 @@ def plan(cfg: RunConfig, journal: Path) -> dict[str, Any] | None:
         "runs_within_budget": None if budget is None else max(0, int((budget - spent) * 1e6) // proc.price_micros),
         "duration_s": [round(max(waves * lo, pacing), 1), round(waves * hi + pacing, 1)] if waves else [0, 0],
         "per_partition": per if cut is not None else [],
+        **(
+            {  # every row still to run (or in flight) paying every rung above the first: the upper bound
+                "ladder": cfg.ladder,
+                "ladder_worst_case_usd": round(
+                    (
+                        to_submit * proc.price_micros
+                        + (to_submit + in_flight) * sum(PROCESSORS[p].price_micros for p in cfg.ladder[1:])
+                    )
+                    / 1e6,
+                    6,
+                ),
+            }
+            if len(cfg.ladder) > 1
+            else {}
+        ),
     }
 
 
@@ -166,8 +181,15 @@ def format_plan(info: dict[str, Any]) -> str:
         f"already done         {info['done']:,}",
         f"in flight            {info['in_flight']:,}",
         f"to submit            {info['to_submit']:,}  x {info['processor']}",
-        f"estimated cost       ${info['estimated_cost_usd']:,.2f}  (spent so far ${info['spent_so_far_usd']:,.2f})",
+        f"estimated cost       ${info['estimated_cost_usd']:,.2f}"
+        + (f" - ${info['ladder_worst_case_usd']:,.2f}" if info.get("ladder") else "")
+        + f"  (spent so far ${info['spent_so_far_usd']:,.2f})",
     ]
+    if info.get("ladder"):
+        lines.append(
+            f"escalation ladder    {' -> '.join(info['ladder'])}: worst case ${info['ladder_worst_case_usd']:,.2f} "
+            "(every row climbing every rung)"
+        )
     if info["budget_usd"] is not None:
         lines.append(
             f"budget               ${info['budget_usd']:,.2f}  (room for {info['runs_within_budget']:,} runs, "
