@@ -9,6 +9,8 @@ command again).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import shlex
@@ -456,7 +458,67 @@ COMMANDS = {
 }
 
 
+class _QuietStream:
+    """stderr for the CLI: a write that fails (the terminal closed, `2>&1 | head` exited) points the
+    descriptor at /dev/null and is dropped, so a message can never change how a job ends."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+
+    def _lost(self) -> None:
+        with contextlib.suppress(OSError, ValueError, AttributeError, io.UnsupportedOperation):
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self._stream.fileno())  # what is still buffered drains into /dev/null
+            os.close(null)
+
+    def write(self, text: str) -> int:
+        try:
+            return int(self._stream.write(text))
+        except (OSError, ValueError):
+            self._lost()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except (OSError, ValueError):
+            self._lost()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _guard_std_streams() -> None:
+    """Started with stdin, stdout or stderr closed (`>&-`, `2>&-`): give those descriptors /dev/null, so no
+    file enrich opens can take their number and every print has somewhere to go; stderr then stays quiet
+    when writing to it fails (_QuietStream)."""
+    for fd, mode in ((0, os.O_RDONLY), (1, os.O_WRONLY), (2, os.O_WRONLY)):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, mode)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    if sys.stdout is None:  # Python found the descriptor closed at start-up
+        sys.stdout = open(1, "w", encoding="utf-8", closefd=False)  # noqa: SIM115  # lives as long as the process
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False)  # noqa: SIM115
+    if not isinstance(sys.stderr, _QuietStream):
+        sys.stderr = _QuietStream(sys.stderr)  # type: ignore[assignment]
+
+
 def main(argv: list[str] | None = None) -> int:
+    streams = sys.stdout, sys.stderr
+    _guard_std_streams()
+    try:
+        return _main(argv)
+    finally:
+        if streams[1] is not None:  # an in-process caller (tests, a notebook) gets its own streams back
+            sys.stdout, sys.stderr = streams[0] or sys.stdout, streams[1]
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     secret = os.environ.get("PARALLEL_API_KEY")
     try:
