@@ -2,8 +2,8 @@
 
 Exit codes (job.EXIT_CODES): 0 all rows completed · 2 usage/config/input error · 3 finished
 with failed, timed-out or unknown rows · 4 budget exhausted · 5 auth or payment error
-(401/402/403) · 69 API unreachable (resumable) · 75 interrupted (resumable: run the same
-command again).
+(401/402/403) · 69 API unreachable (resumable) · 74 disk full or failing under the journal
+or output (resumable) · 75 interrupted (resumable: run the same command again).
 """
 
 from __future__ import annotations
@@ -16,18 +16,19 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
 from enrich import __version__, preflight
 from enrich.config import DEFAULT_BASE_URL, RunConfig, load_config
-from enrich.errors import ConfigError, EnrichError, JournalError, redact
-from enrich.job import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from enrich.errors import ConfigError, EnrichError, JournalError, StorageError, disk_message, redact
+from enrich.job import DISK_ERRNOS, EXIT_DISK, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, journal_path_for
 
 EXIT_CODES_HELP = (
     "exit codes: 0 all rows completed, 2 usage/config/input error, 3 finished with failed rows, "
     "4 budget exhausted, 5 auth or payment error, 69 API unreachable (resumable), "
-    "75 interrupted (run the same command again)"
+    "74 disk full (free space, run again), 75 interrupted (run the same command again)"
 )
 _EPILOGS = {
     "run": "example:\n  enrich run configs/companies.toml --emulator\n\n" + EXIT_CODES_HELP,
@@ -36,10 +37,10 @@ _EPILOGS = {
     "status": "example:\n  enrich status out/companies.enriched.parquet.journal.sqlite --json\n\n"
     "exit codes: 0 status printed, 2 no such journal or unreadable",
     "review": "example:\n  enrich review apply configs/companies.toml out/companies.enriched.review.csv\n\n"
-    "exit codes: 0 applied, 2 bad review file (nothing applied; names line and problem)",
+    "exit codes: 0 applied, 2 bad review file (nothing applied; names line and problem), 74 disk full",
     "export": "example:\n  enrich export out/companies.enriched.parquet.journal.sqlite --output out/companies.xlsx "
     "--basis out/evidence.parquet\n\n"
-    "exit codes: 0 written, 2 usage/journal error or unsupported output extension",
+    "exit codes: 0 written, 2 usage/journal error or unsupported output extension, 74 disk full",
     "emulator": "example:\n  enrich emulator --port 8765 --faults 429=0.05\n\n"
     "exit codes: 0 stopped, 2 bad option or the port is taken",
     "init": "example:\n  enrich init data/companies.xlsx --config configs/mine.toml\n\n"
@@ -223,7 +224,6 @@ def _api_key(emulated: bool) -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from enrich.job import journal_path_for
     from enrich.journal import Journal
     from enrich.pipeline import format_plan, plan_summary, prepare
 
@@ -342,6 +342,18 @@ def _alive(pid: Any) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _writing(path: Path, safe: str = "no file was half-written (each is replaced atomically)") -> Iterator[None]:
+    """A full or failing disk while writing `path` (and the files beside it) is a StorageError naming it;
+    `safe` says what is intact."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in DISK_ERRNOS:
+            raise
+        raise StorageError(disk_message(path, exc.strerror or str(exc), safe)) from None
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from enrich.config import build_task_spec, output_fields
     from enrich.journal import Journal
@@ -368,21 +380,23 @@ def cmd_export(args: argparse.Namespace) -> int:
                 raise ConfigError(f"{flag}: {target} is the journal or the input file; choose another path")
         guard = cfg.output.formula_guard if cfg else recorded.get("formula_guard", True)
         if args.output:
-            report = write_output(
-                journal,
-                Path(args.output),
-                fields,
-                reasoning=cfg.output.reasoning if cfg else bool(recorded.get("reasoning")),
-                formula_guard=guard,
-                emulated=bool(journal.get("emulated") or journal.get("emulator_seen")),
-                budget_exhausted=False,
-                extra={"exported_from": args.journal},
-                cfg=cfg,
-            )
+            with _writing(Path(args.output)):
+                report = write_output(
+                    journal,
+                    Path(args.output),
+                    fields,
+                    reasoning=cfg.output.reasoning if cfg else bool(recorded.get("reasoning")),
+                    formula_guard=guard,
+                    emulated=bool(journal.get("emulated") or journal.get("emulator_seen")),
+                    budget_exhausted=False,
+                    extra={"exported_from": args.journal},
+                    cfg=cfg,
+                )
             print(f"enrich: exported {report['rows']} rows to {args.output}", file=sys.stderr)
         if args.basis:
             keys = (list(cfg.input.key) if cfg else (journal.get("identity") or {}).get("key_columns")) or ["key"]
-            n = export_basis(journal, Path(args.basis), fields, cfg, keys, formula_guard=guard)
+            with _writing(Path(args.basis)):
+                n = export_basis(journal, Path(args.basis), fields, cfg, keys, formula_guard=guard)
             print(f"enrich: exported {n} evidence lines to {args.basis}", file=sys.stderr)
     finally:
         journal.close()
@@ -393,7 +407,10 @@ def cmd_review(args: argparse.Namespace) -> int:
     from enrich.decide import apply_review
 
     cfg = load_config(args.config)
-    n, report = apply_review(cfg, Path(args.reviewed))
+    jpath = journal_path_for(cfg)
+    safe = f"the verdicts are recorded in {jpath}; `enrich export {jpath} --output {cfg.output.path}` rewrites it"
+    with _writing(cfg.output.path, safe):
+        n, report = apply_review(cfg, Path(args.reviewed))
     print(f"enrich: applied {n} verdicts; rewrote {report['output']} ({report['rows']} rows)", file=sys.stderr)
     return EXIT_OK
 
@@ -532,6 +549,20 @@ def _main(argv: list[str] | None) -> int:
     except EnrichError as exc:
         print(f"enrich: error: {redact(str(exc), secret)}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        if exc.errno not in DISK_ERRNOS:
+            raise
+        # a full disk under a file written outside a job (export, review apply, init): files are replaced
+        # atomically (a temp file, then a rename), so nothing was half-written
+        safe = "no file was half-written, and the journal is unchanged"
+        msg = (
+            disk_message(exc.filename, exc.strerror or str(exc), safe)
+            if exc.filename
+            else f"{exc.strerror or exc}: free space on the disk holding the output, then run the same command "
+            f"again: {safe}"
+        )
+        print(f"enrich: error: {redact(msg, secret)}", file=sys.stderr)
+        return EXIT_DISK
     except KeyboardInterrupt:
         print("enrich: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -7,6 +7,7 @@
     │   ├── TransitionError              a row was not where a transition starts (a bug or a second writer)
     │   └── DuplicateKey                 the same key twice in one input
     ├── OutputError                  2   the output cannot be written (results are safe in the journal)
+    ├── StorageError                74   the disk holding the journal or output is full or failing (resumable)
     ├── BudgetExceeded               4   the next run would cross the budget
     │   └── DailyBudgetExceeded          ... or today's (UTC) daily budget on the spend ledger
     └── ApiError
@@ -23,6 +24,9 @@ as a backstop before anything is printed.
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 
 class EnrichError(Exception):
@@ -70,9 +74,35 @@ class JournalError(EnrichError):
 
 
 class OutputError(EnrichError):
-    """Writing the output failed (folder gone read-only, disk full); every result is in the journal."""
+    """Writing the output failed (e.g. the folder became read-only); every result is in the journal.
+
+    A full or failing disk is a StorageError (exit 74) instead."""
 
     exit_code = 2
+
+
+class StorageError(EnrichError):
+    """The disk under the journal or the output is full (or fails to write); the last commit is intact, resumable."""
+
+    exit_code = 74
+
+
+def disk_message(path: object, problem: str, what: str) -> str:
+    """One line for a full or failing disk: what could not be written, where to free space, and that the job resumes.
+
+    `what` says what is safe (e.g. "the journal keeps everything up to its last commit").
+    """
+    folder = Path(str(path)).parent
+    try:
+        st = os.statvfs(folder)
+        n = st.f_bavail * st.f_frsize
+        free = f" ({n / 1e6:,.1f} MB free there now)" if n >= 1e6 else f" ({n // 1000:,} kB free there now)"
+    except OSError:
+        free = ""
+    return (
+        f"cannot write {path}: {problem}; free space on the disk holding {folder}{free}, then run the same "
+        f"command again: {what}"
+    )
 
 
 class BudgetExceeded(EnrichError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import errno
 import os
 import signal
 import sys
@@ -23,15 +24,25 @@ from typing import Any
 
 from enrich import failpoints
 from enrich.config import DEFAULT_BASE_URL, RunConfig, digest
-from enrich.errors import AuthError, ConfigError, JournalError, OutputError, PaymentRequired, redact
+from enrich.errors import (
+    AuthError,
+    ConfigError,
+    JournalError,
+    OutputError,
+    PaymentRequired,
+    StorageError,
+    disk_message,
+    redact,
+)
 
-EXIT_OK, EXIT_USAGE, EXIT_FAILED_ROWS, EXIT_BUDGET, EXIT_AUTH, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = (
+EXIT_OK, EXIT_USAGE, EXIT_FAILED_ROWS, EXIT_BUDGET, EXIT_AUTH, EXIT_UNAVAILABLE, EXIT_DISK, EXIT_INTERRUPTED = (
     0,
     2,
     3,
     4,
     5,
     69,
+    74,  # EX_IOERR
     75,
 )
 EXIT_CODES = {
@@ -41,8 +52,12 @@ EXIT_CODES = {
     EXIT_BUDGET: "budget exhausted (rows skipped_budget)",
     EXIT_AUTH: "auth or payment error (401/402/403)",
     EXIT_UNAVAILABLE: "the API could not be reached (resumable)",
+    EXIT_DISK: "the disk holding the journal or output is full or failing (resumable: free space, run again)",
     EXIT_INTERRUPTED: "interrupted (resumable: run the same command again)",
 }
+
+
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO)  # a full or failing disk: exit 74, resumable
 
 
 @dataclass
@@ -319,6 +334,8 @@ def _finish(
 ) -> JobResult:
     from enrich.write import write_output
 
+    if isinstance(state.fatal, StorageError):  # the journal cannot record any more: nothing to write from
+        raise state.fatal
     emulated = emulated or bool(journal.get("emulated")) or bool(journal.get("emulator_seen"))
     counts = journal.counts(prep.epoch)
     why = _why_stopped(state, interrupted, api_key)
@@ -347,6 +364,14 @@ def _finish(
             },
         )
     except OSError as exc:
+        if exc.errno in DISK_ERRNOS:
+            raise StorageError(
+                disk_message(
+                    cfg.output.path,
+                    exc.strerror or str(exc),
+                    f"every result is safe in {jpath} (or write it elsewhere: enrich export {jpath} --output FILE)",
+                )
+            ) from None
         raise OutputError(
             f"cannot write {cfg.output.path}: {exc.strerror or exc}; every result is safe in {jpath}: "
             f"fix the folder, then run the same command again (or enrich export {jpath} --output "

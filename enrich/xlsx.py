@@ -16,6 +16,7 @@ prefix as in CSV output (so copying the sheet to CSV stays safe too).
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import zipfile
@@ -254,8 +255,9 @@ def write_workbook(fp: Any, df: Any, coloured: list[str], citations: list[str], 
     import polars as pl
     import xlsxwriter
 
-    wb = xlsxwriter.Workbook(
-        fp,
+    zipped = io.BytesIO()  # built in memory: a full disk then fails one plain write, not the zip writer (whose
+    wb = xlsxwriter.Workbook(  # finaliser would later trip over the closed file and print a traceback)
+        zipped,
         {
             "strings_to_formulas": False,
             "strings_to_urls": False,
@@ -295,6 +297,7 @@ def write_workbook(fp: Any, df: Any, coloured: list[str], citations: list[str], 
     ws.autofilter(0, 0, max(df.height, 1), max(df.width - 1, 0))
     _summary_sheet(wb, summary)
     wb.close()
+    fp.write(zipped.getbuffer())
     return links
 
 

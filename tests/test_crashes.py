@@ -4,13 +4,17 @@ documented exit code, never a traceback."""
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from enrich.job import EXIT_CODES
 from tests.conftest import CANARY_KEY, ROOT, run_enrich, wait_for, write_config
@@ -134,3 +138,89 @@ def test_exit_codes_are_documented_in_the_readme() -> None:
     readme = (ROOT / "README.md").read_text()
     for code in EXIT_CODES:
         assert f"\n| {code} | " in readme, code
+
+
+# ---- a full disk -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 16 MB file system (tmpfs), so a full disk is a real ENOSPC; skipped where mounting is not allowed."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(where)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill (needs root and mount permission): {r.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Write zeros until the disk is full; returns the filler file (delete it to free the space)."""
+    filler = disk / "filler"
+    with filler.open("wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    return filler
+
+
+def one_error_line(stderr: str) -> str:
+    lines = [x for x in stderr.splitlines() if x.startswith("enrich: error:")]
+    assert "Traceback" not in stderr and len(lines) == 1, stderr
+    return lines[0]
+
+
+def test_journal_on_a_full_disk_exits_74_and_resumes(tmp_path: Path, small_disk: Path, emulator_process) -> None:
+    """The journal's disk fills mid-run: one line (what to free, the journal is safe), exit 74; freed, it resumes
+    and finishes without creating any run twice."""
+    emu = emulator_process("--time-scale", "0.05")
+    cfg = companies_job(tmp_path, limits="batch_size = 5\nmax_in_flight = 10")
+    journal = small_disk / "job.sqlite"
+    args = ["run", str(cfg), "--base-url", emu.base_url, "--journal", str(journal)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "enrich", *args], cwd=ROOT, env=env_with(), stderr=subprocess.PIPE, text=True
+    )
+    wait_for(lambda: len(emu.ledger()) >= 10, timeout=60)
+    filler = fill(small_disk)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 74, err
+    line = one_error_line(err)
+    assert f"cannot write {journal}" in line and f"free space on the disk holding {small_disk}" in line
+    assert "resumes where it stopped" in line
+    assert not (tmp_path / "o.csv").exists()
+    filler.unlink()
+    again = run_enrich(*args)
+    assert again.returncode == 0, again.stderr
+    assert statuses(tmp_path / "o.csv") == ["completed"] * ROWS
+    refs = [r["metadata"]["enrich_row"] for r in emu.ledger()]
+    assert len(refs) == len(set(refs)) == ROWS  # every row paid for exactly once
+
+
+def test_output_on_a_full_disk_exits_74_and_names_the_output(
+    tmp_path: Path, small_disk: Path, emulator_process
+) -> None:
+    """The output's disk is full: exit 74 and one line naming the output and what to free; freed, the same
+    command writes it without a new run."""
+    emu = emulator_process("--time-scale", "0")
+    output = small_disk / "o.csv"
+    cfg = companies_job(tmp_path)
+    (tmp_path / "job.toml").write_text(
+        (tmp_path / "job.toml").read_text().replace(str(tmp_path / "o.csv"), str(output))
+    )
+    args = ["run", str(cfg), "--base-url", emu.base_url, "--journal", str(tmp_path / "j.sqlite")]
+    filler = fill(small_disk)
+    r = run_enrich(*args)
+    assert r.returncode == 74, r.stderr
+    line = one_error_line(r.stderr)
+    assert f"cannot write {output}" in line and "every result is safe in" in line
+    runs = len(emu.ledger())
+    assert runs == ROWS
+    filler.unlink()
+    again = run_enrich(*args)
+    assert again.returncode == 0, again.stderr
+    assert statuses(output) == ["completed"] * ROWS and len(emu.ledger()) == runs

@@ -33,6 +33,7 @@ from enrich.errors import ConfigError, EnrichError, JournalError
 from enrich.job import (
     EXIT_AUTH,
     EXIT_BUDGET,
+    EXIT_DISK,
     EXIT_FAILED_ROWS,
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -50,7 +51,16 @@ TASK_RETRIES = 3  # Ray re-runs a partition whose worker or node died; it resume
 NAMESPACE = "enrich"
 NODE_LOCAL = ("/tmp", "/var/tmp", "/dev/shm", "/run")
 # worst first: nothing more can work (usage, auth) > resumable stops > budget > failed rows > ok
-SEVERITY = [EXIT_USAGE, EXIT_AUTH, EXIT_UNAVAILABLE, EXIT_INTERRUPTED, EXIT_BUDGET, EXIT_FAILED_ROWS, EXIT_OK]
+SEVERITY = [
+    EXIT_USAGE,
+    EXIT_AUTH,
+    EXIT_DISK,
+    EXIT_UNAVAILABLE,
+    EXIT_INTERRUPTED,
+    EXIT_BUDGET,
+    EXIT_FAILED_ROWS,
+    EXIT_OK,
+]
 
 
 def worst(codes: list[int]) -> int:
