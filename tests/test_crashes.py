@@ -224,3 +224,17 @@ def test_output_on_a_full_disk_exits_74_and_names_the_output(
     again = run_enrich(*args)
     assert again.returncode == 0, again.stderr
     assert statuses(output) == ["completed"] * ROWS and len(emu.ledger()) == runs
+
+
+@pytest.mark.parametrize("ext", ["csv", "parquet", "xlsx"])
+def test_export_to_a_full_disk_exits_74_naming_the_file(tmp_path: Path, small_disk: Path, emulator, ext: str) -> None:
+    """`enrich export --output` onto a full disk: exit 74, one line naming the file, no traceback (not even one
+    Python prints while cleaning up)."""
+    emu = emulator()
+    cfg = companies_job(tmp_path)
+    assert run_enrich("run", str(cfg), "--base-url", emu.base_url).returncode == 0
+    fill(small_disk)
+    target = small_disk / f"x.{ext}"
+    r = run_enrich("export", str(tmp_path / "o.csv.journal.sqlite"), "--output", str(target))
+    assert r.returncode == 74, r.stderr
+    assert f"cannot write {target}" in one_error_line(r.stderr) and "Exception ignored" not in r.stderr
