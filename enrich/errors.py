@@ -168,12 +168,21 @@ class DuplicateKey(JournalError):
         self.key, self.first_line, self.line = key, first_line, line
 
 
-def redact(text: str, secret: str | None) -> str:
-    """Replace every occurrence of `secret` in `text` (backstop against leaking the key).
+MIN_SECRET_CHARS = 16  # API keys are longer; anything shorter is no secret (the README's emulator key is `local`)
 
-    >>> redact("key sk-123 leaked", "sk-123")
-    'key [REDACTED] leaked'
+
+def redact(text: str, secret: str | None) -> str:
+    """Replace every occurrence of `secret` in `text`: a backstop for a server that echoes the key back.
+
+    enrich never puts the key into a message itself (client.py). Only a `secret` of at least
+    MIN_SECRET_CHARS characters is replaced: a short one is no secret, and replacing it would garble
+    ordinary text (`local` inside `http://localhost:8765`).
+
+    >>> redact("bad key sk-0123456789abcdef0123", "sk-0123456789abcdef0123")
+    'bad key [REDACTED]'
+    >>> redact("cannot reach http://localhost:9", "local")
+    'cannot reach http://localhost:9'
     """
-    if secret and len(secret) >= 4:
+    if secret and len(secret) >= MIN_SECRET_CHARS:
         return text.replace(secret, "[REDACTED]")
     return text

@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -238,3 +239,18 @@ def test_export_to_a_full_disk_exits_74_naming_the_file(tmp_path: Path, small_di
     r = run_enrich("export", str(tmp_path / "o.csv.journal.sqlite"), "--output", str(target))
     assert r.returncode == 74, r.stderr
     assert f"cannot write {target}" in one_error_line(r.stderr) and "Exception ignored" not in r.stderr
+
+
+# ---- the API key in messages -------------------------------------------------------------------------
+
+
+def test_short_key_does_not_garble_messages(tmp_path: Path) -> None:
+    """With the README's `PARALLEL_API_KEY=local`, a message about http://localhost keeps its host name."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = companies_job(tmp_path)
+    r = run_enrich("run", str(cfg), "--base-url", f"http://localhost:{port}", key="local")
+    assert r.returncode == 69, r.stderr
+    line = one_error_line(r.stderr)
+    assert f"http://localhost:{port}" in line and "REDACTED" not in line

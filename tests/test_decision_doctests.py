@@ -9,7 +9,16 @@ import pytest
 
 
 @pytest.mark.parametrize(
-    "module", ["enrich.gate", "enrich.status", "enrich.review", "enrich.audit", "enrich.spend", "enrich.processors"]
+    "module",
+    [
+        "enrich.gate",
+        "enrich.status",
+        "enrich.review",
+        "enrich.audit",
+        "enrich.spend",
+        "enrich.processors",
+        "enrich.errors",
+    ],
 )
 def test_docstring_examples(module: str) -> None:
     """Every `>>>` example in the module gives the output shown."""
