@@ -309,6 +309,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             "taskgroup_id": journal.get("taskgroup_id"),
             "emulated": bool(journal.get("emulated") or journal.get("emulator_seen")),
             "last_error": journal.last_error(),
+            "recreated": journal.get("recreated"),
             "live": live,
         }
     finally:
@@ -324,6 +325,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"in flight    {info['in_flight']:,}  (rows sent, results not yet recorded)")
         print(f"spent        ${info['spent_usd']:,.4f}")
         print(f"last error   {info['last_error'] or '-'}")
+        if (again := info["recreated"]) and again.get("runs"):
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(again["at"]))
+            print(f"re-created   {again['runs']:,} runs on {when} (${again['usd']:,.4f}): {again['note']}")
         if live:
             print(
                 f"live         pid {live['pid']}: {min(live['active_runs'], live['cap']):,} runs active at the API "

@@ -694,20 +694,23 @@ class Journal(DecisionStore):
         verdicts = self.conn.execute("SELECT COUNT(*) FROM verdicts").fetchone()[0]
         return [epoch, *row, verdicts]
 
-    def forget_remote(self) -> int:
+    def forget_remote(self) -> list[int]:
         """The task group is gone (a fresh emulator): rows that were in flight there go back to pending.
 
-        Only ever used for emulated journals, where no money was involved. Returns the rows reset.
+        Only ever used for emulated journals, where no money was involved. Returns the price (micros)
+        reserved for each row reset: what creating their runs again costs.
         """
+        prices: list[int] = []
         with self.tx() as c:
             keys = [r[0] for r in c.execute("SELECT row_key FROM rows WHERE state IN ('intent','unknown','submitted')")]
             for k in keys:
                 price = c.execute(
                     "SELECT micros FROM spend WHERE row_key=? AND reason='reserve' ORDER BY id DESC LIMIT 1", (k,)
                 ).fetchone()
+                prices.append(price[0] if price else 0)
                 c.execute(
                     "INSERT INTO spend(at, row_key, micros, reason) VALUES (?, ?, ?, 'release')",
-                    (time.time(), k, -(price[0] if price else 0)),
+                    (time.time(), k, -prices[-1]),
                 )
                 self._ledger_refund(c, k)
             c.execute(
@@ -716,4 +719,4 @@ class Journal(DecisionStore):
             )
             c.execute("DELETE FROM runs WHERE state IN ('waiting', 'timed_out')")
             c.execute("DELETE FROM meta WHERE k IN ('taskgroup_id', 'events_cursor')")
-        return len(keys)
+        return prices

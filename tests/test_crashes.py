@@ -254,3 +254,27 @@ def test_short_key_does_not_garble_messages(tmp_path: Path) -> None:
     assert r.returncode == 69, r.stderr
     line = one_error_line(r.stderr)
     assert f"http://localhost:{port}" in line and "REDACTED" not in line
+
+
+# ---- a server that forgot the job ---------------------------------------------------------------------
+
+
+def test_restarted_server_recreation_is_said_on_the_console_and_in_status(tmp_path: Path, emulator_process) -> None:
+    """Collecting after the emulator restarted re-creates the in-flight runs: stderr and `enrich status` say
+    how many and what they cost (runs x price)."""
+    first = emulator_process("--time-scale", "5")  # slow: every run is still in flight when it stops
+    cfg = companies_job(tmp_path)
+    r = run_enrich("run", str(cfg), "--base-url", first.base_url, "--detach")
+    assert r.returncode == 0 and f"detached: {ROWS} runs" in r.stderr, r.stderr
+    first.stop()
+    second = emulator_process("--time-scale", "0")
+    r = run_enrich("run", str(cfg), "--base-url", second.base_url)
+    assert r.returncode == 0, r.stderr
+    cost = f"{ROWS} x $0.0050 = ${ROWS * 0.005:.4f}"  # lite-fast
+    warning = [x for x in r.stderr.splitlines() if x.startswith("enrich: warning:")]
+    assert len(warning) == 1 and f"creating the {ROWS} runs that were in flight again costs {cost}" in warning[0]
+    assert second.base_url in warning[0]
+    assert len(second.ledger()) == ROWS
+    status = run_enrich("status", str(tmp_path / "o.csv.journal.sqlite"))
+    assert status.returncode == 0 and f"re-created   {ROWS} runs" in status.stdout and cost in status.stdout
+    assert status_json(tmp_path / "o.csv.journal.sqlite")["recreated"]["runs"] == ROWS
