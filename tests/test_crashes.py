@@ -278,3 +278,25 @@ def test_restarted_server_recreation_is_said_on_the_console_and_in_status(tmp_pa
     status = run_enrich("status", str(tmp_path / "o.csv.journal.sqlite"))
     assert status.returncode == 0 and f"re-created   {ROWS} runs" in status.stdout and cost in status.stdout
     assert status_json(tmp_path / "o.csv.journal.sqlite")["recreated"]["runs"] == ROWS
+
+
+# ---- _enrich_error ------------------------------------------------------------------------------------
+
+
+def test_failed_escalation_run_says_it_failed(tmp_path: Path) -> None:
+    """A row whose stronger processor's run failed (and the job stopped before falling back) says it failed and
+    why in `_enrich_error`, not "not finished"."""
+    cfg = companies_job(
+        tmp_path,
+        extra='\n[escalate]\nprocessors = ["base"]\n',
+        limits="budget_usd = 0.4",  # the budget ends the job while escalation runs are finishing
+        emulator="time_scale = 0\nhard_rate = 0.8\nfail_rate = 0.5",
+    )
+    r = run_enrich("run", str(cfg), "--emulator")
+    assert r.returncode == 4, r.stderr
+    with (tmp_path / "o.csv").open(encoding="utf-8", newline="") as f:
+        errors = [row["_enrich_error"] for row in csv.DictReader(f)]
+    kept = [e for e in errors if e.startswith("kept the best answer so far")]
+    failed = [e for e in kept if "run failed: The task run failed: emulated failure" in e]
+    assert failed, errors
+    assert all(e.endswith("(budget)") for e in kept if "not finished" in e), kept
