@@ -162,7 +162,9 @@ def _parser() -> argparse.ArgumentParser:
     em.add_argument(
         "--credit-usd", type=preflight.finite_nonneg, help="account credit; 402 when it cannot cover new runs"
     )
-    em.add_argument("--faults", default="", help='e.g. "429=0.05,500=0.02,503=0.01,drop=0.02,slow=0.01,truncate=0.01"')
+    em.add_argument(
+        "--faults", default="", help='e.g. "429=0.05,422=0.01,500=0.02,503=0.01,drop=0.02,slow=0.01,truncate=0.01"'
+    )
     em.add_argument("--api-key", help="accept only this key (default: any non-empty key)")
     em.add_argument(
         "--behaviours",

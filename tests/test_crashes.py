@@ -300,3 +300,25 @@ def test_failed_escalation_run_says_it_failed(tmp_path: Path) -> None:
     failed = [e for e in kept if "run failed: The task run failed: emulated failure" in e]
     assert failed, errors
     assert all(e.endswith("(budget)") for e in kept if "not finished" in e), kept
+
+
+# ---- max_attempts --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attempts,code", [(6, 0), (1, 3)])
+def test_max_attempts_counts_rejections_of_a_row_sent_alone(tmp_path: Path, attempts: int, code: int) -> None:
+    """A row the API rejects (422) when sent alone is sent again until it was rejected `max_attempts` times
+    (the default 6 survives a 15% rejection rate; 1 fails a row at its first rejection)."""
+    cfg = companies_job(
+        tmp_path,
+        limits=f"batch_size = 1\nmax_attempts = {attempts}",
+        emulator='time_scale = 0\nfaults = "422=0.15"',
+    )
+    r = run_enrich("run", str(cfg), "--emulator")
+    assert r.returncode == code, r.stderr
+    rows = statuses(tmp_path / "o.csv")
+    assert len(rows) == ROWS
+    if attempts == 6:
+        assert set(rows) == {"completed"}
+    else:
+        assert "failed" in rows
