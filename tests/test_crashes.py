@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import xlsxwriter
 
 from enrich.job import EXIT_CODES
 from tests.conftest import CANARY_KEY, ROOT, run_enrich, wait_for, write_config
@@ -322,3 +323,73 @@ def test_max_attempts_counts_rejections_of_a_row_sent_alone(tmp_path: Path, atte
         assert set(rows) == {"completed"}
     else:
         assert "failed" in rows
+
+
+# ---- review files as spreadsheets save them -------------------------------------------------------------
+
+
+@pytest.fixture
+def reviewed(tmp_path: Path) -> tuple[Path, list[list[str]]]:
+    """A finished emulated job and its review file with two verdicts filled in: (config, review lines)."""
+    cfg = companies_job(tmp_path, emulator="time_scale = 0\nhard_rate = 0.5")
+    r = run_enrich("run", str(cfg), "--emulator")
+    assert r.returncode == 0, r.stderr
+    with (tmp_path / "o.review.csv").open(encoding="utf-8", newline="") as f:
+        lines = list(csv.reader(f))
+    assert len(lines) >= 3, lines
+    header = lines[0]
+    lines[1][header.index("verdict")] = "accept"
+    lines[1][header.index("note")] = "checked — café"  # characters Windows-1252 encodes differently
+    lines[2][header.index("verdict")] = "reject"
+    return cfg, lines
+
+
+def save(path: Path, lines: list[list[str]], encoding: str = "utf-8", delimiter: str = ",") -> Path:
+    with path.open("w", encoding=encoding, newline="") as f:
+        csv.writer(f, delimiter=delimiter, lineterminator="\r\n").writerows(lines)
+    return path
+
+
+def test_review_file_saved_as_windows_1252_names_the_line_and_the_fix(tmp_path: Path, reviewed) -> None:
+    """A review file saved as Windows-1252: exit 2, one line naming file and line and how to save it as UTF-8."""
+    cfg, lines = reviewed
+    path = save(tmp_path / "r.csv", lines, encoding="cp1252")
+    r = run_enrich("review", "apply", str(cfg), str(path))
+    assert r.returncode == 2
+    line = one_error_line(r.stderr)
+    assert f"{path}:2: not UTF-8" in line and "Windows-1252" in line and "'CSV UTF-8 (Comma delimited)'" in line
+
+
+def test_review_file_saved_as_a_workbook_says_how_to_save_csv(tmp_path: Path, reviewed) -> None:
+    """A review file saved as .xlsx (under either name): exit 2 and one line saying to save it as CSV UTF-8."""
+    cfg, lines = reviewed
+    for name in ("r.xlsx", "r.csv"):
+        path = tmp_path / name
+        wb = xlsxwriter.Workbook(str(path))
+        ws = wb.add_worksheet()
+        for i, cells in enumerate(lines):
+            for j, cell in enumerate(cells):
+                ws.write_string(i, j, cell)
+        wb.close()
+        r = run_enrich("review", "apply", str(cfg), str(path))
+        assert r.returncode == 2
+        line = one_error_line(r.stderr)
+        assert f"{path}: this is an Excel workbook, not a CSV file" in line and "Save As" in line
+
+
+@pytest.mark.parametrize("delimiter", [";", "\t"])
+def test_review_file_separated_by_semicolons_is_applied(tmp_path: Path, reviewed, delimiter: str) -> None:
+    """A `;`- (or tab-) separated review file, as spreadsheets in decimal-comma languages save CSV, is applied."""
+    cfg, lines = reviewed
+    path = save(tmp_path / "r.csv", lines, delimiter=delimiter)
+    r = run_enrich("review", "apply", str(cfg), str(path))
+    assert r.returncode == 0 and "applied 2 verdicts" in r.stderr, r.stderr
+
+
+def test_review_file_with_a_cell_over_the_csv_field_limit_is_applied(tmp_path: Path, reviewed) -> None:
+    """A note longer than the csv module's default field limit (128 KiB) does not make the file malformed."""
+    cfg, lines = reviewed
+    lines[2][lines[0].index("note")] = "x" * 200_000
+    path = save(tmp_path / "r.csv", lines)
+    r = run_enrich("review", "apply", str(cfg), str(path))
+    assert r.returncode == 0 and "applied 2 verdicts" in r.stderr, r.stderr
