@@ -393,3 +393,48 @@ def test_review_file_with_a_cell_over_the_csv_field_limit_is_applied(tmp_path: P
     path = save(tmp_path / "r.csv", lines)
     r = run_enrich("review", "apply", str(cfg), str(path))
     assert r.returncode == 0 and "applied 2 verdicts" in r.stderr, r.stderr
+
+
+# ---- workbook inputs ------------------------------------------------------------------------------------
+
+
+def workbook(path: Path, rows: list[tuple[int, list[Any]]]) -> Path:
+    """An .xlsx with the given (0-based row, cells) written into its first sheet."""
+    wb = xlsxwriter.Workbook(str(path))
+    ws = wb.add_worksheet()
+    for i, cells in rows:
+        ws.write_row(i, 0, cells)
+    wb.close()
+    return path
+
+
+def xlsx_job(tmp_path: Path, data: Path) -> Path:
+    return write_config(
+        tmp_path / "job.toml", input_path=data, output=tmp_path / "o.csv", key=["company"], columns=["company"]
+    )
+
+
+def test_workbook_with_a_title_row_says_where_the_header_is(tmp_path: Path) -> None:
+    """A title above the header row: exit 2, one line naming the row the columns are on and what to delete."""
+    data = workbook(
+        tmp_path / "in.xlsx",
+        [(0, ["Companies to research (2024)"]), (2, ["company", "website"]), (3, ["Apple", "apple.com"])],
+    )
+    r = run_enrich("run", str(xlsx_job(tmp_path, data)), "--emulator")
+    assert r.returncode == 2
+    line = one_error_line(r.stderr)
+    assert f"{data} [Sheet1] row 1: this is not the header row: the columns company are on row 3" in line
+    assert "delete the rows above" in line
+
+
+def test_workbook_number_beyond_int64_names_its_cell_and_row(tmp_path: Path) -> None:
+    """One number >= 2^63 in a column of whole numbers: exit 2, one line naming its cell and row (not polars')."""
+    rows: list[tuple[int, list[Any]]] = [(0, ["company", "revenue"])]
+    rows += [(i, [f"Company {i}", i * 10]) for i in range(1, 9)]
+    rows[5] = (5, ["Company 5", 2**63])
+    data = workbook(tmp_path / "in.xlsx", rows)
+    r = run_enrich("run", str(xlsx_job(tmp_path, data)), "--emulator")
+    assert r.returncode == 2
+    line = one_error_line(r.stderr)
+    assert f"{data} [Sheet1] row 6: cell B6 (column 'revenue') holds 9.223372036854776E+18" in line
+    assert "f64" not in line and "Format Cells > Text" in line
