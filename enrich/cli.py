@@ -2,13 +2,15 @@
 
 Exit codes (job.EXIT_CODES): 0 all rows completed · 2 usage/config/input error · 3 finished
 with failed, timed-out or unknown rows · 4 budget exhausted · 5 auth or payment error
-(401/402/403) · 69 API unreachable (resumable) · 75 interrupted (resumable: run the same
-command again).
+(401/402/403) · 69 API unreachable (resumable) · 74 disk full or failing under the journal
+or output (resumable) · 75 interrupted (resumable: run the same command again).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import shlex
@@ -19,11 +21,14 @@ from typing import Any, NoReturn
 from enrich import __version__, preflight
 from enrich.config import DEFAULT_BASE_URL, RunConfig, load_config
 from enrich.errors import (
+    DISK_ERRNOS,
+    EXIT_DISK,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
     ConfigError,
     EnrichError,
+    disk_message,
     redact,
 )
 from enrich.init import init_config
@@ -35,7 +40,7 @@ from enrich.scale.runner import run_partitioned
 EXIT_CODES_HELP = (
     "exit codes: 0 all rows completed, 2 usage/config/input error, 3 finished with failed rows, "
     "4 budget exhausted, 5 auth or payment error, 69 API unreachable (resumable), "
-    "75 interrupted (run the same command again)"
+    "74 disk full (free space, run again), 75 interrupted (run the same command again)"
 )
 _EPILOGS = {
     "run": "example:\n  enrich run configs/companies.toml --emulator\n\n" + EXIT_CODES_HELP,
@@ -44,10 +49,10 @@ _EPILOGS = {
     "status": "example:\n  enrich status out/companies.enriched.parquet.journal.sqlite --json\n\n"
     "exit codes: 0 status printed, 2 no such journal or unreadable",
     "review": "example:\n  enrich review apply configs/companies.toml out/companies.enriched.review.csv\n\n"
-    "exit codes: 0 applied, 2 bad review file (nothing applied; names line and problem)",
+    "exit codes: 0 applied, 2 bad review file (nothing applied; names line and problem), 74 disk full",
     "export": "example:\n  enrich export out/companies.enriched.parquet.journal.sqlite --output out/companies.xlsx "
     "--basis out/evidence.parquet\n\n"
-    "exit codes: 0 written, 2 usage/journal error or unsupported output extension",
+    "exit codes: 0 written, 2 usage/journal error or unsupported output extension, 74 disk full",
     "emulator": "example:\n  enrich emulator --port 8765 --faults 429=0.05\n\n"
     "exit codes: 0 stopped, 2 bad option or the port is taken",
     "init": "example:\n  enrich init data/companies.xlsx --config configs/mine.toml\n\n"
@@ -179,7 +184,9 @@ def _parser() -> argparse.ArgumentParser:
     em.add_argument(
         "--credit-usd", type=preflight.finite_nonneg, help="account credit; 402 when it cannot cover new runs"
     )
-    em.add_argument("--faults", default="", help='e.g. "429=0.05,500=0.02,503=0.01,drop=0.02,slow=0.01,truncate=0.01"')
+    em.add_argument(
+        "--faults", default="", help='e.g. "429=0.05,422=0.01,500=0.02,503=0.01,drop=0.02,slow=0.01,truncate=0.01"'
+    )
     em.add_argument("--api-key", help="accept only this key (default: any non-empty key)")
     em.add_argument(
         "--behaviours",
@@ -395,7 +402,67 @@ COMMANDS = {
 }
 
 
+class _QuietStream:
+    """stderr for the CLI: a write that fails (the terminal closed, `2>&1 | head` exited) points the
+    descriptor at /dev/null and is dropped, so a message can never change how a job ends."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+
+    def _lost(self) -> None:
+        with contextlib.suppress(OSError, ValueError, AttributeError, io.UnsupportedOperation):
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self._stream.fileno())  # what is still buffered drains into /dev/null
+            os.close(null)
+
+    def write(self, text: str) -> int:
+        try:
+            return int(self._stream.write(text))
+        except (OSError, ValueError):
+            self._lost()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except (OSError, ValueError):
+            self._lost()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _guard_std_streams() -> None:
+    """Started with stdin, stdout or stderr closed (`>&-`, `2>&-`): give those descriptors /dev/null, so no
+    file enrich opens can take their number and every print has somewhere to go; stderr then stays quiet
+    when writing to it fails (_QuietStream)."""
+    for fd, mode in ((0, os.O_RDONLY), (1, os.O_WRONLY), (2, os.O_WRONLY)):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, mode)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    if sys.stdout is None:  # Python found the descriptor closed at start-up
+        sys.stdout = open(1, "w", encoding="utf-8", closefd=False)  # noqa: SIM115  # lives as long as the process
+    if sys.stderr is None:
+        sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False)  # noqa: SIM115
+    if not isinstance(sys.stderr, _QuietStream):
+        sys.stderr = _QuietStream(sys.stderr)  # type: ignore[assignment]
+
+
 def main(argv: list[str] | None = None) -> int:
+    streams = sys.stdout, sys.stderr
+    _guard_std_streams()
+    try:
+        return _main(argv)
+    finally:
+        if streams[1] is not None:  # an in-process caller (tests, a notebook) gets its own streams back
+            sys.stdout, sys.stderr = streams[0] or sys.stdout, streams[1]
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     secret = os.environ.get("PARALLEL_API_KEY")
     try:
@@ -409,6 +476,20 @@ def main(argv: list[str] | None = None) -> int:
     except EnrichError as exc:
         print(f"enrich: error: {redact(str(exc), secret)}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        if exc.errno not in DISK_ERRNOS:
+            raise
+        # a full disk under a file written outside a job (export, review apply, init): files are replaced
+        # atomically (a temp file, then a rename), so nothing was half-written
+        safe = "no file was half-written, and the journal is unchanged"
+        msg = (
+            disk_message(exc.filename, exc.strerror or str(exc), safe)
+            if exc.filename
+            else f"{exc.strerror or exc}: free space on the disk holding the output, then run the same command "
+            f"again: {safe}"
+        )
+        print(f"enrich: error: {redact(msg, secret)}", file=sys.stderr)
+        return EXIT_DISK
     except KeyboardInterrupt:
         print("enrich: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -7,6 +7,7 @@
     │   ├── TransitionError              a row was not where a transition starts (a bug or a second writer)
     │   └── DuplicateKey                 the same key twice in one input
     ├── OutputError                  2   the output cannot be written (results are safe in the journal)
+    ├── StorageError                74   the disk holding the journal or output is full or failing (resumable)
     ├── BudgetExceeded               4   the next run would cross the budget
     │   └── DailyBudgetExceeded          ... or today's (UTC) daily budget on the spend ledger
     └── ApiError
@@ -24,6 +25,10 @@ as a backstop before anything is printed.
 
 from __future__ import annotations
 
+import errno
+import os
+from pathlib import Path
+
 # The exit codes: this module is their one owner. Each error class names its own (`exit_code`);
 # JobResult.exit_code is one of these; the CLI, the notebook and the README's table read them here.
 EXIT_OK = 0
@@ -32,7 +37,9 @@ EXIT_FAILED_ROWS = 3
 EXIT_BUDGET = 4
 EXIT_AUTH = 5
 EXIT_UNAVAILABLE = 69
+EXIT_DISK = 74
 EXIT_INTERRUPTED = 75
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO)  # a full or failing disk: EXIT_DISK, resumable
 EXIT_CODES = {
     EXIT_OK: "all rows completed",
     EXIT_USAGE: "usage, config or input error (nothing was sent)",
@@ -40,6 +47,7 @@ EXIT_CODES = {
     EXIT_BUDGET: "budget exhausted (rows skipped_budget)",
     EXIT_AUTH: "auth or payment error (401/402/403)",
     EXIT_UNAVAILABLE: "the API could not be reached (resumable)",
+    EXIT_DISK: "the disk holding the journal or output is full or failing (resumable: free space, run again)",
     EXIT_INTERRUPTED: "interrupted (resumable: run the same command again)",
 }
 
@@ -89,9 +97,35 @@ class JournalError(EnrichError):
 
 
 class OutputError(EnrichError):
-    """Writing the output failed (folder gone read-only, disk full); every result is in the journal."""
+    """Writing the output failed (e.g. the folder became read-only); every result is in the journal.
+
+    A full or failing disk is a StorageError (exit 74) instead."""
 
     exit_code = EXIT_USAGE
+
+
+class StorageError(EnrichError):
+    """The disk under the journal or the output is full (or fails to write); the last commit is intact, resumable."""
+
+    exit_code = EXIT_DISK
+
+
+def disk_message(path: object, problem: str, what: str) -> str:
+    """One line for a full or failing disk: what could not be written, where to free space, and that the job resumes.
+
+    `what` says what is safe (e.g. "the journal keeps everything up to its last commit").
+    """
+    folder = Path(str(path)).parent
+    try:
+        st = os.statvfs(folder)
+        n = st.f_bavail * st.f_frsize
+        free = f" ({n / 1e6:,.1f} MB free there now)" if n >= 1e6 else f" ({n // 1000:,} kB free there now)"
+    except OSError:
+        free = ""
+    return (
+        f"cannot write {path}: {problem}; free space on the disk holding {folder}{free}, then run the same "
+        f"command again: {what}"
+    )
 
 
 class BudgetExceeded(EnrichError):
@@ -157,12 +191,21 @@ class DuplicateKey(JournalError):
         self.key, self.first_line, self.line = key, first_line, line
 
 
-def redact(text: str, secret: str | None) -> str:
-    """Replace every occurrence of `secret` in `text` (backstop against leaking the key).
+MIN_SECRET_CHARS = 16  # API keys are longer; anything shorter is no secret (the README's emulator key is `local`)
 
-    >>> redact("key sk-123 leaked", "sk-123")
-    'key [REDACTED] leaked'
+
+def redact(text: str, secret: str | None) -> str:
+    """Replace every occurrence of `secret` in `text`: a backstop for a server that echoes the key back.
+
+    enrich never puts the key into a message itself (client.py). Only a `secret` of at least
+    MIN_SECRET_CHARS characters is replaced: a short one is no secret, and replacing it would garble
+    ordinary text (`local` inside `http://localhost:8765`).
+
+    >>> redact("bad key sk-0123456789abcdef0123", "sk-0123456789abcdef0123")
+    'bad key [REDACTED]'
+    >>> redact("cannot reach http://localhost:9", "local")
+    'cannot reach http://localhost:9'
     """
-    if secret and len(secret) >= 4:
+    if secret and len(secret) >= MIN_SECRET_CHARS:
         return text.replace(secret, "[REDACTED]")
     return text

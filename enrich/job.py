@@ -48,9 +48,11 @@ from enrich.config import (
 )
 from enrich.decide import decided
 from enrich.errors import (
+    DISK_ERRNOS,
     EXIT_AUTH,
     EXIT_BUDGET,
     EXIT_CODES,
+    EXIT_DISK,
     EXIT_FAILED_ROWS,
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -62,6 +64,8 @@ from enrich.errors import (
     JournalError,
     OutputError,
     PaymentRequired,
+    StorageError,
+    disk_message,
     redact,
 )
 from enrich.files import PARQUET_SUFFIXES, encode_cell, remove_stale_temps
@@ -77,6 +81,7 @@ __all__ = [
     "EXIT_AUTH",
     "EXIT_BUDGET",
     "EXIT_CODES",
+    "EXIT_DISK",
     "EXIT_FAILED_ROWS",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
@@ -427,7 +432,7 @@ def _execute(
             state.stop.set()
 
         if install_signals:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal went away
                 with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                     loop.add_signal_handler(sig, stop)
         client = TaskClient(
@@ -470,6 +475,8 @@ def _finish(
     api_key: str,
     cpu0: float,
 ) -> JobResult:
+    if isinstance(state.fatal, StorageError):  # the journal cannot record any more: nothing to write from
+        raise state.fatal
     emulated = emulated or bool(journal.get("emulated")) or bool(journal.get("emulator_seen"))
     counts = journal.counts(prep.epoch)
     why = _why_stopped(state, interrupted, api_key)
@@ -498,6 +505,14 @@ def _finish(
             },
         )
     except OSError as exc:
+        if exc.errno in DISK_ERRNOS:
+            raise StorageError(
+                disk_message(
+                    cfg.output.path,
+                    exc.strerror or str(exc),
+                    f"every result is safe in {jpath} (or write it elsewhere: enrich export {jpath} --output FILE)",
+                )
+            ) from None
         raise OutputError(
             f"cannot write {cfg.output.path}: {exc.strerror or exc}; every result is safe in {jpath}: "
             f"fix the folder, then run the same command again (or enrich export {jpath} --output "
@@ -559,7 +574,7 @@ def _emulated(journal: Journal) -> bool:
     return bool(journal.get("emulated") or journal.get("emulator_seen"))
 
 
-def rewrite_output(job: Job, journal: Journal, extra: dict[str, Any]) -> dict[str, Any]:
+def rewrite_output(job: Job, journal: Journal, extra: dict[str, Any], safe: str = "") -> dict[str, Any]:
     """Project the journal into the job's own output, review and report files (as `run` writes them)."""
     cfg = job.cfg
     try:
@@ -575,12 +590,10 @@ def rewrite_output(job: Job, journal: Journal, extra: dict[str, Any]) -> dict[st
             cfg=cfg,
         )
     except OSError as exc:
-        raise OutputError(f"cannot write {cfg.output.path}: {exc.strerror or exc}; the journal is intact") from None
+        raise write_error(cfg.output.path, exc, safe or f"the journal {job.journal_path} is intact") from None
 
 
-def export(
-    job: Job, journal: Journal, output: Path | None, basis: Path | None, *, legacy: dict[str, Any] | None = None
-) -> dict[str, int]:
+def export(job: Job, journal: Journal, output: Path | None, basis: Path | None) -> dict[str, int]:
     """`enrich export`: project the job into another file (`output`) and/or its evidence (`basis`).
 
     The projection is the job's own (gate, ladder, verdicts, output settings), so an export shows
@@ -610,13 +623,24 @@ def export(
                 cfg=cfg,
             )
         except OSError as exc:
-            raise OutputError(f"cannot write {output}: {exc.strerror or exc}; the journal is intact") from None
+            raise write_error(output, exc, "no file was half-written, and the journal is unchanged") from None
         done["rows"] = report["rows"]
     if basis is not None:
-        done["basis_lines"] = export_basis(
-            journal, basis, job.fields, cfg, list(cfg.input.key), cfg.output.formula_guard
-        )
+        try:
+            done["basis_lines"] = export_basis(
+                journal, basis, job.fields, cfg, list(cfg.input.key), cfg.output.formula_guard
+            )
+        except OSError as exc:
+            raise write_error(basis, exc, "no file was half-written, and the journal is unchanged") from None
     return done
+
+
+def write_error(path: Path, exc: OSError, safe: str) -> OutputError | StorageError:
+    """The one-line error for a file that could not be written: a full or failing disk is a StorageError
+    (exit 74, resumable), anything else an OutputError; `safe` says what is intact."""
+    if exc.errno in DISK_ERRNOS:
+        return StorageError(disk_message(path, exc.strerror or str(exc), safe))
+    return OutputError(f"cannot write {path}: {exc.strerror or exc}; {safe}")
 
 
 def export_basis(
@@ -712,7 +736,11 @@ def apply_review(job: Job, journal: Journal, reviewed: Path) -> tuple[int, dict[
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise InputError(str(reviewed), reason + more, line=line)
     journal.add_verdicts(records, time.time())
-    report = rewrite_output(job, journal, {"review_applied": str(reviewed)})
+    safe = (
+        f"the verdicts are recorded in {job.journal_path}; `enrich export {job.journal_path} --output "
+        f"{job.output}` rewrites the output"
+    )
+    report = rewrite_output(job, journal, {"review_applied": str(reviewed)}, safe)
     return len(records), report
 
 
@@ -742,6 +770,7 @@ def job_status(
             "taskgroup_id": journal.get("taskgroup_id"),
             "emulated": _emulated(journal),
             "last_error": journal.last_error(),
+            "recreated": journal.get("recreated"),
             "live": live,
         }
     finally:
@@ -761,6 +790,9 @@ def format_status(info: dict[str, Any]) -> str:
     lines.append(f"in flight    {info['in_flight']:,}  (rows sent, results not yet recorded)")
     lines.append(f"spent        ${info['spent_usd']:,.4f}")
     lines.append(f"last error   {info['last_error'] or '-'}")
+    if (again := info.get("recreated")) and again.get("runs"):
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(again["at"]))
+        lines.append(f"re-created   {again['runs']:,} runs on {when} (${again['usd']:,.4f}): {again['note']}")
     live = info.get("live")
     if live:
         lines.append(

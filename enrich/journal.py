@@ -42,12 +42,20 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from enrich.errors import BudgetExceeded, DailyBudgetExceeded, DuplicateKey, JournalError, TransitionError
+from enrich.errors import (
+    BudgetExceeded,
+    DailyBudgetExceeded,
+    DuplicateKey,
+    JournalError,
+    StorageError,
+    TransitionError,
+    disk_message,
+)
 from enrich.journal_decisions import DecisionStore
 from enrich.journal_sql import (
     IN_FLIGHT,
@@ -81,6 +89,59 @@ __all__ = [
     "TransitionError",
     "Unresolved",
 ]
+
+
+_DISK_ERRORS = (10, 13)  # SQLITE_IOERR, SQLITE_FULL (primary result codes)
+
+
+class _Connection(sqlite3.Connection):
+    """A journal connection whose disk-full and I/O errors leave as StorageError naming the file (exit 74)
+    instead of a sqlite3 traceback; anything else is unchanged."""
+
+    where = "the journal"
+
+    def _storage(self, exc: sqlite3.Error) -> StorageError | None:
+        if (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF not in _DISK_ERRORS:
+            return None
+        return StorageError(
+            disk_message(
+                self.where,
+                str(exc),
+                "the journal keeps everything up to its last commit, and the job resumes where it stopped",
+            )
+        )
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        try:
+            return super().execute(sql, parameters)
+        except sqlite3.Error as exc:
+            if (err := self._storage(exc)) is not None:
+                raise err from None
+            raise
+
+    def executemany(self, sql: str, parameters: Any, /) -> sqlite3.Cursor:
+        try:
+            return super().executemany(sql, parameters)
+        except sqlite3.Error as exc:
+            if (err := self._storage(exc)) is not None:
+                raise err from None
+            raise
+
+    def executescript(self, script: str, /) -> sqlite3.Cursor:
+        try:
+            return super().executescript(script)
+        except sqlite3.Error as exc:
+            if (err := self._storage(exc)) is not None:
+                raise err from None
+            raise
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Roll back the open transaction, if SQLite has not already (it does itself on a full disk), keeping
+    the error that caused it as the one raised."""
+    if conn.in_transaction:
+        with suppress(sqlite3.Error, StorageError):
+            conn.execute("ROLLBACK")
 
 
 @dataclass
@@ -165,7 +226,10 @@ class Journal(DecisionStore):
                 "write-ahead log beside one name only, so use a single name (remove the extra links)"
             )
         try:
-            conn = sqlite3.connect(str(path), isolation_level=None, timeout=5, check_same_thread=False)
+            conn = sqlite3.connect(
+                str(path), isolation_level=None, timeout=5, check_same_thread=False, factory=_Connection
+            )
+            conn.where = str(path)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA busy_timeout=5000")
@@ -181,6 +245,9 @@ class Journal(DecisionStore):
         except sqlite3.DatabaseError as exc:
             os.close(fd)
             raise JournalError(f"{path}: not a usable journal ({exc})") from None
+        except StorageError:
+            os.close(fd)
+            raise
         return cls(conn, path, fd)
 
     def close(self) -> None:
@@ -195,10 +262,10 @@ class Journal(DecisionStore):
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield self.conn
+            self.conn.execute("COMMIT")
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            _rollback(self.conn)  # also after a failed COMMIT (disk full), which leaves the transaction open
             raise
-        self.conn.execute("COMMIT")
 
     def integrity_ok(self) -> bool:
         return self.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
@@ -309,10 +376,10 @@ class Journal(DecisionStore):
                 conn.execute("SELECT state, COUNT(*) FROM rows WHERE epoch=? GROUP BY state", (epoch,))
             )
             seen = inspect() if dry and inspect is not None else None
+            conn.execute("ROLLBACK" if dry else "COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            _rollback(conn)
             raise
-        conn.execute("ROLLBACK" if dry else "COMMIT")
         return seen
 
     # ---- submission ----------------------------------------------------------------------
@@ -674,11 +741,13 @@ class Journal(DecisionStore):
         verdicts = self.conn.execute("SELECT COUNT(*) FROM verdicts").fetchone()[0]
         return [epoch, *row, verdicts]
 
-    def forget_remote(self) -> int:
+    def forget_remote(self) -> list[int]:
         """The task group is gone (a fresh emulator): rows that were in flight there go back to pending.
 
-        Only ever used for emulated journals, where no money was involved. Returns the rows reset.
+        Only ever used for emulated journals, where no money was involved. Returns the price (micros)
+        reserved for each row reset: what creating their runs again costs.
         """
+        prices: list[int] = []
         with self.tx() as c:
             keys = [r[0] for r in c.execute("SELECT row_key FROM rows WHERE state IN ('intent','unknown','submitted')")]
             for k in keys:
@@ -686,9 +755,10 @@ class Journal(DecisionStore):
                     "SELECT micros, processor FROM spend WHERE row_key=? AND reason='reserve' ORDER BY id DESC LIMIT 1",
                     (k,),
                 ).fetchone()
+                prices.append(price[0] if price else 0)
                 c.execute(
                     "INSERT INTO spend(at, row_key, micros, reason, processor) VALUES (?, ?, ?, 'release', ?)",
-                    (time.time(), k, -price[0] if price else 0, price[1] if price else None),
+                    (time.time(), k, -prices[-1], price[1] if price else None),
                 )
                 self._ledger_refund(c, k)
             c.execute(
@@ -697,4 +767,4 @@ class Journal(DecisionStore):
             )
             c.execute("DELETE FROM runs WHERE state IN ('waiting', 'timed_out')")
             c.execute("DELETE FROM meta WHERE k IN ('taskgroup_id', 'events_cursor')")
-        return len(keys)
+        return prices

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -329,12 +330,30 @@ async def ensure_group(journal: Journal, client: TaskClient, job_tag: str, emula
         except PermanentApiError as exc:
             if exc.status != 404 or not (emulated or journal.get("emulated") or client.emulator_seen):
                 raise
-            n = journal.forget_remote()  # a new emulator process does not know the old group
-            journal.log("warning", f"emulator restarted: {n} in-flight rows will run again in the new emulator")
+            prices = journal.forget_remote()  # a new emulator process does not know the old group
+            note = recreation_note(client.base_url, prices)
+            journal.log("warning", note)
+            journal.set("recreated", {"at": time.time(), "runs": len(prices), "usd": sum(prices) / 1e6, "note": note})
+            if prices:
+                print(f"enrich: warning: {note}", file=sys.stderr)
     group = await _retry_safe(lambda: client.create_group({"enrich_job": job_tag}))
     gid = group["taskgroup_id"]
     journal.set("taskgroup_id", gid)
     return str(gid)
+
+
+def recreation_note(base_url: str, prices: list[int]) -> str:
+    """One line: the server no longer knows the job's task group, so the runs that were in flight there
+    (one reserved price each, in micros) are created again, and what that costs (runs x price)."""
+    why = (
+        f"the server at {base_url} does not know this job's task group (the emulator restarted, or another --base-url)"
+    )
+    if not prices:
+        return f"{why}: a new one is created; no run was in flight"
+    each = set(prices)
+    n = len(prices)
+    cost = f"{n} x ${prices[0] / 1e6:.4f}" if len(each) == 1 else f"{n} runs at their processors' prices"
+    return f"{why}: creating the {n} runs that were in flight again costs {cost} = ${sum(prices) / 1e6:.4f}"
 
 
 async def _reconciler(

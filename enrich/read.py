@@ -15,6 +15,7 @@ import codecs
 import csv
 import io
 import json
+import re
 import zipfile
 from collections.abc import Iterator
 from collections.abc import Set as AbstractSet
@@ -478,16 +479,9 @@ def _header_row_number(path: str, sheet: str) -> int:
     """The Excel row number of the first row holding a value (calamine starts its range there); 1 if unknown."""
     try:
         with zipfile.ZipFile(path) as z:
-            wb = ElementTree.fromstring(z.read("xl/workbook.xml"))
-            rid = next(
-                (s.get(f"{{{_NS['r']}}}id") for s in wb.iterfind("m:sheets/m:sheet", _NS) if s.get("name") == sheet),
-                None,
-            )
-            rels = ElementTree.fromstring(z.read("xl/_rels/workbook.xml.rels"))
-            target = next((r.get("Target") for r in rels.iterfind("p:Relationship", _NS) if r.get("Id") == rid), None)
-            if not target:
+            member = _sheet_member(z, sheet)
+            if member is None:
                 return 1
-            member = target.lstrip("/") if target.startswith("/") else f"xl/{target}"
             with z.open(member) as fp:
                 for _, el in ElementTree.iterparse(fp):
                     if el.tag == f"{{{_NS['m']}}}row":
@@ -500,6 +494,75 @@ def _header_row_number(path: str, sheet: str) -> int:
     except (KeyError, OSError, ValueError, zipfile.BadZipFile, ElementTree.ParseError):
         pass
     return 1
+
+
+_TOO_BIG = re.compile(r"conversion from `f64` to `i64` failed in column '([^']*)'")
+HEADER_SEARCH_ROWS = 50  # rows searched for the real header when the first row is not it
+
+
+def _header_below(reader: Any, sheet: str, required: list[str]) -> int | None:
+    """How many rows below the first one the row holding every required column name is (None: not near the top)."""
+    try:
+        rows = reader.load_sheet(sheet, header_row=None, n_rows=HEADER_SEARCH_ROWS, dtypes="string").to_polars()
+    except Exception:  # only a better message is at stake: the caller re-raises its own error
+        return None
+    for i, values in enumerate(rows.iter_rows()):
+        if i and all(c in values for c in required):
+            return i
+    return None
+
+
+def _too_big_cell(path: str, sheet: str, top: int, column: str) -> tuple[str, int, str] | None:
+    """(cell reference, row, value) of the first number in `column` (named in header row `top`) that no
+    64-bit integer holds, read from the sheet's XML; None when it cannot be found."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            strings: list[str] = []
+            if "xl/sharedStrings.xml" in z.namelist():
+                with z.open("xl/sharedStrings.xml") as fp:
+                    for _, el in ElementTree.iterparse(fp):
+                        if el.tag == f"{{{_NS['m']}}}si":
+                            strings.append("".join(t.text or "" for t in el.iter(f"{{{_NS['m']}}}t")))
+                            el.clear()
+            member = _sheet_member(z, sheet)
+            if member is None:
+                return None
+            letters: set[str] = set()
+            with z.open(member) as fp:
+                for _, el in ElementTree.iterparse(fp):
+                    if el.tag != f"{{{_NS['m']}}}row":
+                        continue
+                    row = int(el.get("r", "0"))
+                    for c in el.iterfind("m:c", _NS):
+                        ref, kind, v = c.get("r", ""), c.get("t", "n"), c.find("m:v", _NS)
+                        text = v.text if v is not None and v.text is not None else None
+                        col = ref.rstrip("0123456789")
+                        if row == top:
+                            name = strings[int(text)] if kind == "s" and text else text
+                            if kind == "inlineStr":
+                                name = "".join(t.text or "" for t in c.iter(f"{{{_NS['m']}}}t"))
+                            if name == column:
+                                letters.add(col)
+                        elif row > top and col in letters and kind == "n" and text and abs(float(text)) >= 2**63:
+                            return ref, row, text
+                    el.clear()
+    except (KeyError, OSError, ValueError, IndexError, zipfile.BadZipFile, ElementTree.ParseError):
+        return None
+    return None
+
+
+def _sheet_member(z: zipfile.ZipFile, sheet: str) -> str | None:
+    """The zip member holding the sheet named `sheet`."""
+    wb = ElementTree.fromstring(z.read("xl/workbook.xml"))
+    rid = next(
+        (s.get(f"{{{_NS['r']}}}id") for s in wb.iterfind("m:sheets/m:sheet", _NS) if s.get("name") == sheet),
+        None,
+    )
+    rels = ElementTree.fromstring(z.read("xl/_rels/workbook.xml.rels"))
+    target = next((r.get("Target") for r in rels.iterfind("p:Relationship", _NS) if r.get("Id") == rid), None)
+    if not target:
+        return None
+    return target.lstrip("/") if target.startswith("/") else f"xl/{target}"
 
 
 def _pick_sheet(path: str, names: list[str], sheet: str | int | None) -> str:
@@ -552,11 +615,30 @@ def read_xlsx(
         )
     except (fastexcel.FastExcelError, pl.exceptions.PolarsError, OSError, ValueError) as exc:
         first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        raise InputError(where, f"cannot read the sheet ({first})", line=top) from None
+        if (m := _TOO_BIG.search(first)) and (cell := _too_big_cell(spath, name, top, m.group(1))):
+            ref, row, value = cell
+            raise InputError(
+                where,
+                f"cell {ref} (column {m.group(1)!r}) holds {value}, too large for a column of whole numbers "
+                "(at most 2^63-1); store the column as text (in Excel: Format Cells > Text, then enter it "
+                "again) or correct the value",
+                line=row,
+            ) from None
+        raise InputError(where, f"cannot read the sheet ({first})") from None
     if head.height == 0:
         raise InputError(where, "the sheet is empty (no header row)", line=1)
     header = ["" if v is None else str(v) for v in head.row(0)]
-    check_columns(where, header, required, set(forbidden))
+    try:
+        check_columns(where, header, required, set(forbidden))
+    except InputError:
+        if (below := _header_below(reader, name, required)) is not None:
+            raise InputError(
+                where,
+                f"this is not the header row: the columns {', '.join(required)} are on row {top + below}; "
+                "delete the rows above that one (a title or notes) so the column names come first",
+                line=top,
+            ) from None
+        raise
     if len(header) != df.width:  # cannot happen with calamine; a mismatch would shift every column
         raise InputError(where, f"header has {len(header)} columns but the data has {df.width}", line=top)
     df.columns = header

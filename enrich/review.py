@@ -220,19 +220,22 @@ def read_review(
     names a known key and output field; verdict is accept|correct|reject; `correct` needs a
     corrected value that fits the field's JSON type, the others must leave it blank; one
     verdict per (row, field). Raises InputError(file, line, problem) and returns nothing when
-    any line is bad.
+    any line is bad. The file is UTF-8 CSV separated by `,`, `;` or tab (whichever splits the header
+    into its columns); a workbook or another encoding is refused saying how to save it.
     """
     name = str(path)
     try:
-        raw = Path(path).read_bytes().decode("utf-8-sig")
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise InputError(name, f"cannot read review file: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise InputError(name, f"not UTF-8 (byte {exc.start})") from None
-    reader = csv.reader(io.StringIO(raw, newline=""), strict=True)
+    raw = _review_text(name, data)
+    # a spreadsheet set to a language that writes decimal commas saves CSV with ';' (even "CSV UTF-8")
+    sep = _separator(raw, [*key_columns, *REQUIRED_COLUMNS])
+    reader = csv.reader(io.StringIO(raw, newline=""), strict=True, delimiter=sep)
     problems: list[tuple[int, str]] = []
     verdicts: list[Verdict] = []
     seen: dict[tuple[tuple[str, ...], str], int] = {}
+    limit = csv.field_size_limit(max(len(raw), 1 << 17))  # no cell is longer than the file it is in
     try:
         header = [unguard(h) for h in next(reader, [])]
         missing = [c for c in (*key_columns, *REQUIRED_COLUMNS) if c not in header]
@@ -262,11 +265,52 @@ def read_review(
                 problems.append((start, problem))
     except csv.Error as exc:
         problems.append((reader.line_num, f"malformed CSV: {exc}"))
+    finally:
+        csv.field_size_limit(limit)
     if problems:
         first_line, reason = problems[0]
         more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
         raise InputError(name, reason + more, line=first_line)
     return verdicts
+
+
+def _review_text(name: str, data: bytes) -> str:
+    """The review file's text; InputError with what to do for a workbook or a file not saved as UTF-8."""
+    if data.startswith((b"PK\x03\x04", b"\xd0\xcf\x11\xe0")):  # a zip (.xlsx) or an OLE (.xls) file
+        raise InputError(
+            name,
+            "this is an Excel workbook, not a CSV file: open it in Excel and use File > Save As > "
+            "'CSV UTF-8 (Comma delimited) (*.csv)', then apply that .csv file",
+        )
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        try:
+            data.decode("cp1252")
+            guess = "it looks saved as Windows-1252 (Excel's plain 'CSV (Comma delimited)')"
+        except UnicodeDecodeError:
+            guess = "it was saved in another encoding"
+        raise InputError(
+            name,
+            f"not UTF-8 (byte 0x{data[exc.start]:02X} at offset {exc.start}): {guess}; save it again as "
+            "'CSV UTF-8 (Comma delimited)' and apply that file",
+            line=line,
+        ) from None
+
+
+def _separator(raw: str, required: Sequence[str]) -> str:
+    """`,`, or the separator (`;` or tab) that splits the header into the required columns when commas do not.
+
+    >>> _separator("company;field;verdict;corrected_value", ["company", "field"])
+    ';'
+    """
+    first = raw.split("\n", 1)[0]
+    for sep in (",", ";", "\t"):
+        cells = next(csv.reader(io.StringIO(first, newline=""), delimiter=sep), [])
+        if all(c in [unguard(h) for h in cells] for c in required):
+            return sep
+    return ","
 
 
 def _check_line(

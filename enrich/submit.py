@@ -10,7 +10,8 @@ decides what happens to the rows (retry.py):
                        (the job pauses instead: AIMD slowdown on 429, circuit breaker on outages)
     OutcomeUnknown     runs may exist: `unknown`, settled by reconcile.py before any resend
     PermanentApiError  the batch was rejected (422): its rows are retried one by one, and a
-                       row rejected alone is `failed` (the only error that counts against a row)
+                       row rejected alone counts one rejection (the only error that counts against
+                       a row); it is `failed` at the `max_attempts`-th and sent alone again before
     AuthError / PaymentRequired   refund, stop the whole job (exit 5)
 
 The creating POST has a total deadline of `request_timeout_s` (connect + send + reply), and
@@ -302,9 +303,9 @@ class Submitter:
             failpoints.hit("after_response_before_commit")
             if len(rows) > 1:  # find the bad row(s): resend each row alone
                 journal.release(rows, time.time(), None, str(exc), self.max_retries, solo=True)
-            else:  # rejected alone: this row is the problem
-                journal.release(rows, time.time(), None, str(exc), 1, count_retry=True)
-                state.failed += 1
+            else:  # rejected alone: the row itself is refused; failed after limits.max_attempts such rejections
+                if journal.release(rows, time.time(), None, str(exc), self.max_retries, count_retry=True):
+                    state.failed += 1
             journal.log("error", str(exc))
             self._give(len(rows))
             self._answered()

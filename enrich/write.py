@@ -189,7 +189,13 @@ class Projection:
                         self.review.add(merged)
                 status = output_status(state, self.budget_exhausted)
                 climbing = state != "done" and bool(results)
-                if climbing:  # an answer was paid for; a stronger processor's run has not finished
+                if climbing and state in ("failed", "timed_out"):  # the stronger processor's run ended badly
+                    why = error or "no error detail from the API"
+                    error = "kept the best answer so far; the stronger processor's " + (
+                        why if why.startswith("run ") else f"run {state.replace('_', ' ')}: {why}"
+                    )
+                    status, state = "completed", "done"
+                elif climbing:  # an answer was paid for; a stronger processor's run has not finished
                     error = "kept the best answer so far; the stronger processor's run is not finished" + (
                         f" ({self.pending_reason})"
                         if self.pending_reason

@@ -10,6 +10,7 @@ guard does not apply to .xlsx; researched text is shown exactly as researched).
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from typing import Any
@@ -116,8 +117,9 @@ def write_workbook(fp: Any, df: Any, coloured: list[str], citations: list[str], 
     input column `Founded` beside the output column `founded` is legal here (xlsxwriter would
     drop the whole table with only a warning). A plain range with an auto-filter has no such rule.
     """
-    wb = xlsxwriter.Workbook(
-        fp,
+    zipped = io.BytesIO()  # built in memory: a full disk then fails one plain write, not the zip writer (whose
+    wb = xlsxwriter.Workbook(  # finaliser would later trip over the closed file and print a traceback)
+        zipped,
         {
             "strings_to_formulas": False,
             "strings_to_urls": False,
@@ -157,6 +159,7 @@ def write_workbook(fp: Any, df: Any, coloured: list[str], citations: list[str], 
     ws.autofilter(0, 0, max(df.height, 1), max(df.width - 1, 0))
     _summary_sheet(wb, summary)
     wb.close()
+    fp.write(zipped.getbuffer())
     return links
 
 

@@ -18,6 +18,7 @@ import pytest
         "enrich.audit",
         "enrich.spend",
         "enrich.processors",
+        "enrich.errors",
     ],
 )
 def test_docstring_examples(module: str) -> None:

@@ -219,7 +219,7 @@ def test_bad_lines(tmp_path: Path, edits: dict[int, dict[str, str]], index: int,
         (b"company,field,field,verdict,corrected_value\n", 1, "a column name repeats"),
         (b"company,field,verdict,corrected_value\nacme,city,accept,,extra\n", 2, "5 cells but the header has 4"),
         (b'company,field,verdict,corrected_value\nacme,city,"acc"ept,\n', 2, "malformed CSV"),
-        (b"company,field,verdict,corrected_value\nacme,city,accept,\xff\n", None, "not UTF-8"),
+        (b"company,field,verdict,corrected_value\nacme,city,accept,\xff\n", 2, "not UTF-8"),
     ],
 )
 def test_bad_files(tmp_path: Path, content: bytes, line: int | None, problem: str) -> None:

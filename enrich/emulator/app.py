@@ -269,6 +269,9 @@ class App(Streams):
         if fault == "503":
             await out.error(503, "Service unavailable (injected fault).")
             return
+        if fault == "422" and route == "add_runs":  # the batch is refused; nothing is created
+            await out.error(422, "Input rejected (injected fault).", validation_shape=True, loc=["body", "inputs"])
+            return
         if fault == "500" and (not creating or emu.fault_rng.random() < 0.5):
             await out.error(500, "Internal server error (injected fault).")
             return

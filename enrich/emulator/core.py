@@ -31,7 +31,7 @@ from enrich.emulator.knowledge import Knowledge, Quality
 from enrich.emulator.validate import Invalid, normalize_output_schema, validate_run_input
 from enrich.processors import PROCESSORS
 
-FAULT_KINDS = ("429", "500", "503", "drop", "slow", "truncate")
+FAULT_KINDS = ("429", "422", "500", "503", "drop", "slow", "truncate")  # 422: add-runs only (a rejected batch)
 MAX_GROUP_INPUTS = 1000
 
 

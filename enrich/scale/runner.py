@@ -30,19 +30,21 @@ from typing import Any
 
 from enrich import preflight
 from enrich.config import RunConfig, build_task_spec, digest, spec_fingerprint
-from enrich.errors import ConfigError, EnrichError, JournalError
-from enrich.files import atomic_json
-from enrich.job import (
+from enrich.errors import (
     EXIT_AUTH,
     EXIT_BUDGET,
+    EXIT_DISK,
     EXIT_FAILED_ROWS,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
-    JobResult,
-    run_job,
+    ConfigError,
+    EnrichError,
+    JournalError,
 )
+from enrich.files import atomic_json
+from enrich.job import JobResult, run_job
 from enrich.processors import PROCESSORS
 from enrich.scale.governor import ActorGovernor, GovernorState, journal_spend
 from enrich.scale.merge import copy_into_dataset, is_dataset, merge_files, read_manifest, write_manifest
@@ -53,7 +55,16 @@ TASK_RETRIES = 3  # Ray re-runs a partition whose worker or node died; it resume
 NAMESPACE = "enrich"
 NODE_LOCAL = ("/tmp", "/var/tmp", "/dev/shm", "/run")
 # worst first: nothing more can work (usage, auth) > resumable stops > budget > failed rows > ok
-SEVERITY = [EXIT_USAGE, EXIT_AUTH, EXIT_UNAVAILABLE, EXIT_INTERRUPTED, EXIT_BUDGET, EXIT_FAILED_ROWS, EXIT_OK]
+SEVERITY = [
+    EXIT_USAGE,
+    EXIT_AUTH,
+    EXIT_DISK,
+    EXIT_UNAVAILABLE,
+    EXIT_INTERRUPTED,
+    EXIT_BUDGET,
+    EXIT_FAILED_ROWS,
+    EXIT_OK,
+]
 
 
 def worst(codes: list[int]) -> int:
