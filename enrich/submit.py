@@ -210,7 +210,10 @@ class Submitter:
                 state.budget_message = str(exc)
                 journal.log("warning", str(exc))
                 return
-            if not claimed:
+            if not claimed:  # what is left of the budget is kept for cheaper rows still in backoff
+                state.waiting_on = "budget kept for first-tier rows waiting out a backoff"
+                nxt = journal.next_retry_at(self.epoch) or time.time() + 1
+                await self._sleep(min(max(nxt - time.time(), 0.05), 1.0))
                 continue
             state.active.take(len(claimed))
             state.backlog.take(len(claimed))
