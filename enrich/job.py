@@ -379,13 +379,25 @@ def _finish(
         result.exit_code, result.message = EXIT_UNAVAILABLE, f"{summary}\nstopped: {why}"
     elif counts.get("pending", 0) and state.budget_exhausted:
         result.exit_code = EXIT_BUDGET
-        result.message = (
-            f"{summary}\n{state.budget_message or 'budget exhausted'}: {counts['pending']} rows "
-            "skipped (skipped_budget); raise the budget (or wait for the daily reset) and run again"
-        )
+        result.message = f"{summary}\n{state.budget_message or 'budget exhausted'}: {_skipped(cfg, journal, prep, sc)}"
     elif any(counts.get(s, 0) for s in ("failed", "timed_out", "unknown", "intent", "pending", "submitted")):
         result.exit_code = EXIT_FAILED_ROWS
     return result
+
+
+def _skipped(cfg: RunConfig, journal: Any, prep: Any, status_counts: dict[str, int]) -> str:
+    """What the budget left undone, in two counts that match the output: rows never researched (their
+    status is skipped_budget) and escalation steps not run (those rows show their best answer so far)."""
+    pending = journal.pending_by_processor(prep.epoch)
+    rows = status_counts.get("skipped_budget", 0)
+    steps = sum(n for p, n in pending.items() if p in cfg.ladder[1:])
+    again = sum(pending.values()) - rows - steps  # e.g. a refresh that is due: the earlier answer is shown
+    said = [f"{rows} rows not researched (skipped_budget)"] if rows else []
+    if steps:
+        said.append(f"{steps} escalation steps not run (their rows keep the best answer so far)")
+    if again > 0:
+        said.append(f"{again} rows not researched again (they keep their earlier answer)")
+    return "; ".join(said) + "; raise the budget (or wait for the daily reset) and run again"
 
 
 def _why_stopped(state: Any, interrupted: bool, api_key: str) -> str | None:

@@ -3,14 +3,25 @@ never blocks one that does (journal.claim, the one owner of the rule), in one pr
 
 from __future__ import annotations
 
+import asyncio
+import csv
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import httpx
+import polars as pl
 import pytest
 
+from enrich.client import TaskClient
+from enrich.config import load_config
 from enrich.errors import BudgetExceeded, DailyBudgetExceeded
+from enrich.job import EXIT_BUDGET, run_job
 from enrich.journal import Finished, Journal
+from enrich.pipeline import execute, prepare
+from enrich.progress import JobState
+from tests.conftest import ROOT, run_enrich, write_config
 
 PRICES = {"lite": 5000, "base": 10000, "core": 25000}
 DAY = 1_746_144_000.0  # 2025-05-02T00:00:00Z
@@ -90,3 +101,108 @@ def test_cheaper_rows_in_backoff_keep_their_money(j: Journal) -> None:
     assert keys(j.claim(2, 10, PRICES, budget, DAY + 31, 4)) == ["c", "d"]
     with pytest.raises(BudgetExceeded):
         j.claim(2, 10, PRICES, budget, DAY + 31, 5)
+
+
+# ---- end to end over loopback against the emulator ----------------------------------------------
+
+ESCALATE = '[escalate]\nprocessors = ["core"]\non = ["rejected"]\n'
+
+
+def ledger(emu: Any) -> list[dict[str, Any]]:
+    return list(httpx.get(emu.base_url + "/_emulator/ledger", timeout=30).json())
+
+
+def companies_job(tmp_path: Path, src: Path, budget: float) -> Path:
+    cfg = write_config(
+        tmp_path / "job.toml",
+        input_path=src,
+        output=tmp_path / "out.csv",
+        key=["company"],
+        columns=["company", "website"],
+        fields={"headquarters_location": "string", "founded_year": "integer"},
+        limits=f"budget_usd = {budget}",
+    )
+    cfg.write_text(cfg.read_text() + "\n" + ESCALATE)
+    return cfg
+
+
+def head(dest: Path, n: int) -> Path:
+    """The first `n` rows of the bundled companies (the emulator's default knowledge table)."""
+    lines = (ROOT / "data" / "companies.csv").read_text(encoding="utf-8").splitlines()
+    dest.write_text("\n".join(lines[: n + 1]) + "\n", encoding="utf-8")
+    return dest
+
+
+def test_rows_added_later_are_researched_before_pending_escalations(tmp_path: Path, emulator) -> None:
+    """Rows appended to the input are researched even though earlier rows wait for core steps the budget
+    cannot pay; the run says how many rows and how many escalation steps the budget skipped, apart."""
+    emu = emulator(hard_rate=0.5, seed=11)
+    src = head(tmp_path / "in.csv", 40)
+    first = run_job(load_config(companies_job(tmp_path, src, 0.25), {"api.base_url": emu.base_url}), api_key="k")
+    assert first.exit_code == EXIT_BUDGET, first.message  # 40 lite runs ($0.20), then 2 core steps at most
+    paid = sum(e["price_micros"] for e in ledger(emu))
+    pending_steps = first.counts["pending"]
+    assert pending_steps > 0 and first.report["status_counts"] == {"completed": 40}
+
+    head(src, 43)  # three new rows at the end of the input
+    cfg = companies_job(tmp_path, src, (paid + 3 * 5000) / 1e6)  # exactly three more lite runs
+    plan = run_enrich("plan", str(cfg))
+    assert "to submit            3  x lite-fast" in plan.stdout, plan.stdout
+    assert f"escalation steps     {pending_steps} pending ({pending_steps} x core at $0.0250/run)" in plan.stdout, (
+        plan.stdout
+    )
+    assert "room for 3 of" in plan.stdout, plan.stdout
+    second = run_job(load_config(cfg, {"api.base_url": emu.base_url}), api_key="k")
+    assert second.exit_code == EXIT_BUDGET, second.message
+    new = ledger(emu)[len(ledger(emu)) - 3 :]
+    assert Counter(e["processor"] for e in new) == {"lite-fast": 3}
+    out = pl.read_csv(tmp_path / "out.csv", infer_schema=False)
+    assert Counter(out["_enrich_status"].to_list()) == {"completed": 43}
+    assert "skipped_budget" not in second.message, second.message  # every row was researched
+    assert f"{pending_steps} escalation steps not run" in second.message, second.message
+
+
+def test_skipped_rows_and_skipped_escalations_are_counted_apart(tmp_path: Path, emulator) -> None:
+    """A budget that stops first-tier research reports exactly the rows marked skipped_budget in the output."""
+    emu = emulator(hard_rate=0.5, seed=11)
+    src = head(tmp_path / "in.csv", 30)
+    res = run_job(load_config(companies_job(tmp_path, src, 0.1), {"api.base_url": emu.base_url}), api_key="k")
+    assert res.exit_code == EXIT_BUDGET
+    with (tmp_path / "out.csv").open(encoding="utf-8") as f:
+        status = Counter(r["_enrich_status"] for r in csv.DictReader(f))
+    assert status == {"completed": 20, "skipped_budget": 10}
+    assert "10 rows not researched (skipped_budget)" in res.message, res.message
+    assert "escalation steps" not in res.message, res.message
+
+
+def test_progress_never_counts_a_row_in_flight_as_finished(tmp_path: Path, emulator) -> None:
+    """During escalation the progress count goes back for rows that climb: finished + in flight <= rows."""
+    emu = emulator(hard_rate=0.5, seed=11, time_scale=0.002)
+    cfg = load_config(companies_job(tmp_path, head(tmp_path / "in.csv", 50), 100.0), {"api.base_url": emu.base_url})
+    journal = Journal.open(tmp_path / "j.sqlite")
+    prep = prepare(cfg, journal)
+    state = JobState()
+    seen: list[tuple[int, int, int]] = []
+
+    async def main() -> None:
+        client = TaskClient(emu.base_url, "k", timeout_s=5)
+
+        async def watch() -> None:
+            while True:
+                seen.append((state.finished_rows(), state.in_flight, state.escalated))
+                await asyncio.sleep(0.002)
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await execute(cfg, journal, client, prep, emulated=False, state=state)
+        finally:
+            watcher.cancel()
+            await client.aclose()
+
+    try:
+        asyncio.run(main())
+    finally:
+        journal.close()
+    assert state.escalated > 0 and any(n > 0 and e > 0 for _, n, e in seen)  # watched while steps ran
+    assert all(f + n <= 50 for f, n, _ in seen), max(seen)
+    assert state.finished_rows() == 50
