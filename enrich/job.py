@@ -55,6 +55,7 @@ class JobResult:
     counts: dict[str, int] = field(default_factory=dict)
     output: Path | None = None
     journal: Path | None = None
+    deferred: bool = False  # a partition stopped to leave the job's budget to others' first tier (scale/runner.py)
 
 
 def base_url_for(cfg: RunConfig) -> str:
@@ -367,7 +368,7 @@ def _finish(
             f"knowledge table on column {cfg.emulator.knowledge_key!r}, or the table has no column named "
             "like the output fields; set [emulator] knowledge and knowledge_key (README, The emulator)"
         )
-    result = JobResult(EXIT_OK, summary, report, counts, cfg.output.path, jpath)
+    result = JobResult(EXIT_OK, summary, report, counts, cfg.output.path, jpath, deferred=state.budget_deferred)
     if isinstance(state.fatal, AuthError | PaymentRequired):
         result.exit_code, result.message = EXIT_AUTH, f"{summary}\nstopped: {why}"
     elif state.fatal is not None:
@@ -388,7 +389,11 @@ def _finish(
 def _skipped(cfg: RunConfig, journal: Any, prep: Any, status_counts: dict[str, int]) -> str:
     """What the budget left undone, in two counts that match the output: rows never researched (their
     status is skipped_budget) and escalation steps not run (those rows show their best answer so far)."""
-    pending = journal.pending_by_processor(prep.epoch)
+    return left_undone(cfg, journal.pending_by_processor(prep.epoch), status_counts)
+
+
+def left_undone(cfg: RunConfig, pending: dict[str, int], status_counts: dict[str, int]) -> str:
+    """The budget stop's counts from pending rows per processor and the output's status counts."""
     rows = status_counts.get("skipped_budget", 0)
     steps = sum(n for p, n in pending.items() if p in cfg.ladder[1:])
     again = sum(pending.values()) - rows - steps  # e.g. a refresh that is due: the earlier answer is shown

@@ -78,6 +78,11 @@ __all__ = [
 ]
 
 
+def by_price(prices: dict[str, int]) -> list[str]:
+    """Processors cheapest first (the order claims take them in: first tier before escalation steps)."""
+    return sorted(prices, key=lambda p: (prices[p], p))
+
+
 @dataclass
 class Claimed:
     row_key: str
@@ -318,6 +323,38 @@ class Journal(DecisionStore):
             args = (epoch, now)
         return self.conn.execute(sql, args).fetchone() is not None
 
+    def pending_count(self, epoch: int, processor: str) -> int:
+        return self.conn.execute(
+            "SELECT COUNT(*) FROM rows WHERE epoch=? AND state='pending' AND processor=?", (epoch, processor)
+        ).fetchone()[0]
+
+    def next_batch(self, epoch: int, now: float, limit: int, prices: dict[str, int]) -> tuple[str, int, bool] | None:
+        """What the next claim would take, budget aside: (processor, rows ready up to `limit`, whether it is
+        the cheapest processor with pending rows; False when cheaper rows wait out a backoff). None when
+        no row is ready. A governed partition leases for exactly this batch (submit.py)."""
+        cheapest = True
+        for processor in by_price(prices):
+            if not self._pending_on(epoch, processor):
+                continue
+            ready = "epoch=? AND state='pending' AND processor=? AND solo=? AND (next_at IS NULL OR next_at<=?)"
+            if self.conn.execute(f"SELECT 1 FROM rows WHERE {ready} LIMIT 1", (epoch, processor, 1, now)).fetchone():
+                return processor, 1, cheapest
+            n = self.conn.execute(
+                f"SELECT COUNT(*) FROM (SELECT 1 FROM rows WHERE {ready} LIMIT ?)", (epoch, processor, 0, now, limit)
+            ).fetchone()[0]
+            if n:
+                return processor, n, cheapest
+            cheapest = False
+        return None
+
+    def _pending_on(self, epoch: int, processor: str) -> bool:
+        return (
+            self.conn.execute(
+                "SELECT 1 FROM rows WHERE epoch=? AND state='pending' AND processor=? LIMIT 1", (epoch, processor)
+            ).fetchone()
+            is not None
+        )
+
     def pending_by_processor(self, epoch: int) -> dict[str, int]:
         """Pending rows per processor: a row on a processor above its first tier is an escalation step."""
         return dict(
@@ -381,10 +418,8 @@ class Journal(DecisionStore):
             today = self.spent_on_day(day) if daily_budget is not None else 0
             kept = 0  # reserved for cheaper rows that may not be sent yet (backoff)
             picked: list[tuple[int]] = []
-            for processor in sorted(prices, key=lambda p: (prices[p], p)):
-                if not c.execute(
-                    "SELECT 1 FROM rows WHERE epoch=? AND state='pending' AND processor=? LIMIT 1", (epoch, processor)
-                ).fetchone():
+            for processor in by_price(prices):
+                if not self._pending_on(epoch, processor):
                     continue
                 price = prices[processor]
                 fit = limit

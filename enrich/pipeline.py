@@ -504,6 +504,7 @@ async def execute(
         breaker=CircuitBreaker(),
         governor=governor,
         daily_budget_micros=limits.daily_budget_micros,
+        first_tier=cfg.ladder[0],
     )
     poller = Poller(
         journal,

@@ -34,6 +34,7 @@ class JobState:
     submitter_done: bool = False
     budget_exhausted: bool = False
     budget_message: str = ""  # which budget ran out (job or daily), and when a daily one resets
+    budget_deferred: bool = False  # a partition made way: the rest of the job's budget is kept for others' first tier
     escalated: int = 0  # rows moved up the processor ladder by this invocation
     requests: int = 0  # HTTP requests made by this invocation
     reconcile_failed: bool = False  # the group could not be listed: rows in doubt stay unknown this run
