@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -69,9 +70,16 @@ def decided(
 
 
 def escalate_pass(
-    journal: Journal, cfg: RunConfig, epoch: int, fields: list[str], *, dry: bool = False
+    journal: Journal,
+    cfg: RunConfig,
+    epoch: int,
+    fields: list[str],
+    *,
+    dry: bool = False,
+    targets: Counter[str] | None = None,
 ) -> dict[str, int]:
-    """One pass over finished rows; returns counts {climbed, fell_back, would_climb, checked}."""
+    """One pass over finished rows; returns counts {climbed, fell_back, would_climb, checked}. `targets`, when
+    given, counts the rows that climb (or would, within max_rows) by the processor they climb to."""
     esc = cfg.escalate
     counts = {"climbed": 0, "fell_back": 0, "would_climb": 0, "checked": 0}
     ladder = cfg.ladder
@@ -99,6 +107,8 @@ def escalate_pass(
             counts["would_climb"] += 1
             if len(moves) < room:
                 moves.append((row_id, nxt))
+                if targets is not None:
+                    targets[nxt] += 1
     if not dry:
         now = time.time()
         if falls:

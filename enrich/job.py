@@ -231,6 +231,7 @@ class JobResult:
     counts: dict[str, int] = field(default_factory=dict)
     output: Path | None = None
     journal: Path | None = None
+    deferred: bool = False  # a partition stopped to leave the job's budget to others' first tier (scale/runner.py)
 
 
 def base_url_for(cfg: RunConfig) -> str:
@@ -533,7 +534,7 @@ def _finish(
             f"knowledge table on column {cfg.emulator.knowledge_key!r}, or the table has no column named "
             "like the output fields; set [emulator] knowledge and knowledge_key (README, The emulator)"
         )
-    result = JobResult(EXIT_OK, summary, report, counts, cfg.output.path, jpath)
+    result = JobResult(EXIT_OK, summary, report, counts, cfg.output.path, jpath, deferred=state.budget_deferred)
     if isinstance(state.fatal, AuthError | PaymentRequired):
         result.exit_code, result.message = EXIT_AUTH, f"{summary}\nstopped: {why}"
     elif state.fatal is not None:
@@ -545,13 +546,29 @@ def _finish(
         result.exit_code, result.message = EXIT_UNAVAILABLE, f"{summary}\nstopped: {why}"
     elif counts.get("pending", 0) and state.budget_exhausted:
         result.exit_code = EXIT_BUDGET
-        result.message = (
-            f"{summary}\n{state.budget_message or 'budget exhausted'}: {counts['pending']} rows "
-            "skipped (skipped_budget); raise the budget (or wait for the daily reset) and run again"
-        )
+        result.message = f"{summary}\n{state.budget_message or 'budget exhausted'}: {_skipped(cfg, journal, prep, sc)}"
     elif any(counts.get(s, 0) for s in ("failed", "timed_out", "unknown", "intent", "pending", "submitted")):
         result.exit_code = EXIT_FAILED_ROWS
     return result
+
+
+def _skipped(cfg: RunConfig, journal: Any, prep: Any, status_counts: dict[str, int]) -> str:
+    """What the budget left undone, in two counts that match the output: rows never researched (their
+    status is skipped_budget) and escalation steps not run (those rows show their best answer so far)."""
+    return left_undone(cfg, journal.pending_by_processor(prep.epoch), status_counts)
+
+
+def left_undone(cfg: RunConfig, pending: dict[str, int], status_counts: dict[str, int]) -> str:
+    """The budget stop's counts from pending rows per processor and the output's status counts."""
+    rows = status_counts.get("skipped_budget", 0)
+    steps = sum(n for p, n in pending.items() if p in cfg.ladder[1:])
+    again = sum(pending.values()) - rows - steps  # e.g. a refresh that is due: the earlier answer is shown
+    said = [f"{rows} rows not researched (skipped_budget)"] if rows else []
+    if steps:
+        said.append(f"{steps} escalation steps not run (their rows keep the best answer so far)")
+    if again > 0:
+        said.append(f"{again} rows not researched again (they keep their earlier answer)")
+    return "; ".join(said) + "; raise the budget (or wait for the daily reset) and run again"
 
 
 def _why_stopped(state: Any, interrupted: bool, api_key: str) -> str | None:

@@ -71,7 +71,7 @@ from enrich.journal_sql import (
     chunks,
     migrate_v1,
 )
-from enrich.spend import daily_message, utc_day
+from enrich.spend import daily_message, runs_that_fit, utc_day
 
 __all__ = [
     "IN_FLIGHT",
@@ -142,6 +142,11 @@ def _rollback(conn: sqlite3.Connection) -> None:
     if conn.in_transaction:
         with suppress(sqlite3.Error, StorageError):
             conn.execute("ROLLBACK")
+
+
+def by_price(prices: dict[str, int]) -> list[str]:
+    """Processors cheapest first (the order claims take them in: first tier before escalation steps)."""
+    return sorted(prices, key=lambda p: (prices[p], p))
 
 
 @dataclass
@@ -421,6 +426,46 @@ class Journal(DecisionStore):
             args = (epoch, now)
         return self.conn.execute(sql, args).fetchone() is not None
 
+    def pending_count(self, epoch: int, processor: str) -> int:
+        return self.conn.execute(
+            "SELECT COUNT(*) FROM rows WHERE epoch=? AND state='pending' AND processor=?", (epoch, processor)
+        ).fetchone()[0]
+
+    def next_batch(self, epoch: int, now: float, limit: int, prices: dict[str, int]) -> tuple[str, int, bool] | None:
+        """What the next claim would take, budget aside: (processor, rows ready up to `limit`, whether it is
+        the cheapest processor with pending rows; False when cheaper rows wait out a backoff). None when
+        no row is ready. A governed partition leases for exactly this batch (submit.py)."""
+        cheapest = True
+        for processor in by_price(prices):
+            if not self._pending_on(epoch, processor):
+                continue
+            ready = "epoch=? AND state='pending' AND processor=? AND solo=? AND (next_at IS NULL OR next_at<=?)"
+            if self.conn.execute(f"SELECT 1 FROM rows WHERE {ready} LIMIT 1", (epoch, processor, 1, now)).fetchone():
+                return processor, 1, cheapest
+            n = self.conn.execute(
+                f"SELECT COUNT(*) FROM (SELECT 1 FROM rows WHERE {ready} LIMIT ?)", (epoch, processor, 0, now, limit)
+            ).fetchone()[0]
+            if n:
+                return processor, n, cheapest
+            cheapest = False
+        return None
+
+    def _pending_on(self, epoch: int, processor: str) -> bool:
+        return (
+            self.conn.execute(
+                "SELECT 1 FROM rows WHERE epoch=? AND state='pending' AND processor=? LIMIT 1", (epoch, processor)
+            ).fetchone()
+            is not None
+        )
+
+    def pending_by_processor(self, epoch: int) -> dict[str, int]:
+        """Pending rows per processor: a row on a processor above its first tier is an escalation step."""
+        return dict(
+            self.conn.execute(
+                "SELECT processor, COUNT(*) FROM rows WHERE epoch=? AND state='pending' GROUP BY processor", (epoch,)
+            )
+        )
+
     def in_flight_count(self, states: tuple[RowState, ...] = IN_FLIGHT) -> int:
         marks = ",".join("?" * len(states))
         return self.conn.execute(f"SELECT COUNT(*) FROM rows WHERE state IN ({marks})", states).fetchone()[0]
@@ -460,41 +505,59 @@ class Journal(DecisionStore):
         daily_budget: int | None = None,
     ) -> list[Claimed]:
         """pending -> intent for up to `limit` rows of one processor, with their budget reserved, committed
-        before any send. Solo rows (their batch was rejected) are claimed one at a time. Raises
-        BudgetExceeded when not even one more run fits in the budget (or in today's daily budget,
-        counted in the attached spend ledger across every job that shares it)."""
+        before any send (one transaction).
+
+        The cheapest processor with pending rows goes first, so every row's first-tier run is claimed
+        before any escalation step (a stronger processor costs more), and a step that does not fit the
+        budget never blocks a cheaper row that does. Within a processor, a solo row (its batch was
+        rejected) goes alone, else rows go in input order. Cheaper rows waiting out a backoff keep
+        their money: a dearer processor gets only what is left after them, and [] is returned rather
+        than spend it. Raises BudgetExceeded when not even the cheapest pending run fits the budget,
+        DailyBudgetExceeded when it does not fit today's daily budget (counted in the attached spend
+        ledger across every job that shares it)."""
         with self.tx() as c:
-            picked = c.execute(
-                "SELECT id, processor FROM rows WHERE epoch=? AND state='pending' AND solo=1 AND "
-                "(next_at IS NULL OR next_at<=?) ORDER BY ordinal LIMIT 1",
-                (epoch, now),
-            ).fetchall()
-            if not picked:
-                picked = c.execute(
-                    "SELECT id, processor FROM rows WHERE epoch=? AND state='pending' AND solo=0 AND "
-                    "(next_at IS NULL OR next_at<=?) ORDER BY ordinal LIMIT ?",
-                    (epoch, now, limit),
-                ).fetchall()
+            spent = c.execute("SELECT COALESCE(SUM(micros), 0) FROM spend").fetchone()[0]
+            day = utc_day(now)
+            today = self.spent_on_day(day) if daily_budget is not None else 0
+            kept = 0  # reserved for cheaper rows that may not be sent yet (backoff)
+            picked: list[tuple[int]] = []
+            for processor in by_price(prices):
+                if not self._pending_on(epoch, processor):
+                    continue
+                price = prices[processor]
+                fit = limit
+                if budget is not None:
+                    fit = min(fit, runs_that_fit(price, spent + kept, budget))
+                    if fit <= 0 and not kept:
+                        raise BudgetExceeded(
+                            f"budget reached: {spent / 1e6:.4f} USD of {budget / 1e6:.4f} USD spent or reserved"
+                        )
+                if daily_budget is not None:
+                    fit = min(fit, runs_that_fit(price, today + kept, daily_budget))
+                    if fit <= 0 and not kept:
+                        raise DailyBudgetExceeded(daily_message(today, daily_budget, now))
+                if fit <= 0:
+                    return []  # what is left belongs to cheaper rows still waiting out a backoff
+                ready = "epoch=? AND state='pending' AND processor=? AND solo=? AND (next_at IS NULL OR next_at<=?)"
+                picked = (
+                    c.execute(
+                        f"SELECT id FROM rows WHERE {ready} ORDER BY ordinal LIMIT 1", (epoch, processor, 1, now)
+                    ).fetchall()
+                    or c.execute(
+                        f"SELECT id FROM rows WHERE {ready} ORDER BY ordinal LIMIT ?", (epoch, processor, 0, now, fit)
+                    ).fetchall()
+                )
+                if picked:
+                    break
+                kept += (
+                    price
+                    * c.execute(
+                        "SELECT COUNT(*) FROM rows WHERE epoch=? AND state='pending' AND processor=?",
+                        (epoch, processor),
+                    ).fetchone()[0]
+                )
             if not picked:
                 return []
-            processor = picked[0][1]
-            picked = [p for p in picked if p[1] == processor]  # one batch, one processor
-            price = prices[processor]
-            if budget is not None:
-                spent = c.execute("SELECT COALESCE(SUM(micros), 0) FROM spend").fetchone()[0]
-                affordable = (budget - spent) // price if price else len(picked)
-                if affordable <= 0:
-                    raise BudgetExceeded(
-                        f"budget reached: {spent / 1e6:.4f} USD of {budget / 1e6:.4f} USD spent or reserved"
-                    )
-                picked = picked[:affordable]
-            day = utc_day(now)
-            if daily_budget is not None:
-                today = self.spent_on_day(day)
-                affordable = (daily_budget - today) // price if price else len(picked)
-                if affordable <= 0:
-                    raise DailyBudgetExceeded(daily_message(today, daily_budget, now))
-                picked = picked[:affordable]
             ids = [p[0] for p in picked]
             c.executemany(
                 "UPDATE rows SET state='intent', attempts=attempts+1, batch=?, intent_at=?, run_id=NULL, "

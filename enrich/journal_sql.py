@@ -49,7 +49,8 @@ CREATE TABLE IF NOT EXISTS rows (
   rung           TEXT,               -- strongest processor a run was created on for this input/spec (escalation)
   error          TEXT
 );
-CREATE INDEX IF NOT EXISTS rows_queue ON rows(epoch, state, solo, ordinal);   -- claim: next pending rows in order
+DROP INDEX IF EXISTS rows_queue;   -- before the claim went cheapest processor first: (epoch, state, solo, ordinal)
+CREATE INDEX IF NOT EXISTS rows_tier ON rows(epoch, state, processor, solo, ordinal);  -- claim: per processor, in order
 CREATE INDEX IF NOT EXISTS rows_order ON rows(epoch, ordinal);
 CREATE INDEX IF NOT EXISTS rows_state ON rows(state);
 CREATE TABLE IF NOT EXISTS runs (
@@ -144,7 +145,7 @@ def migrate_v1(conn: Any) -> None:
         proc_row = conn.execute("SELECT v FROM meta WHERE k='processor'").fetchone()
         proc = json.loads(proc_row[0]) if proc_row else "lite-fast"
         conn.execute("ALTER TABLE rows RENAME TO rows_v1")
-        for idx in ("rows_state", "rows_queue", "rows_order", "rows_run"):
+        for idx in ("rows_state", "rows_queue", "rows_tier", "rows_order", "rows_run"):
             conn.execute(f"DROP INDEX IF EXISTS {idx}")
         conn.executescript(SCHEMA.replace("CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);", ""))
         conn.execute(

@@ -21,6 +21,7 @@ import os
 import sys
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,7 @@ from enrich.reconcile import reconcile
 from enrich.retry import CircuitBreaker, backoff
 from enrich.slots import Slots
 from enrich.spec import MAX_SPEC_AND_INPUT_CHARS
+from enrich.spend import runs_within
 from enrich.submit import Governor, Submitter
 
 RECONCILE_GIVE_UP_S = 300.0  # listings failing this long (an outage) leave rows in doubt `unknown` for this run
@@ -208,39 +210,60 @@ def _input_fingerprint(cfg: RunConfig, spec_hash: str) -> str | None:
 
 
 def plan_summary(cfg: RunConfig, prep: Prepared, journal: Journal) -> dict[str, Any]:
-    """Rows, cached rows, rows to submit, estimated cost and duration band. No API calls.
+    """Rows, cached rows, runs to submit (first tier and escalation steps), estimated cost, what the budget
+    covers (cheapest first, as the claim takes them) and the duration band. No API calls.
 
     With an escalation ladder the cost includes its steps: `ladder_worst_case_usd` has every row still to
-    be run (to submit, in flight, or finished and due to climb) paying every rung above where it is;
-    `estimated_cost_usd` adds the expected steps when the share of finished rows that would climb is known
-    (`escalation_share`), and is only the first step (`first_step_cost_usd`, a lower bound) until then."""
+    be run (to submit, in flight, or waiting to climb) paying every rung above where it is;
+    `estimated_cost_usd` adds the expected climbs when the share of finished rows that would climb is known
+    (`escalation_share`), and is the first step plus the steps already waiting (a lower bound) until then."""
     proc = PROCESSORS[cfg.task.processor]
     c = prep.counts
     to_submit = c.get("pending", 0)
     in_flight = sum(c.get(s, 0) for s in ("intent", "unknown", "submitted"))
+    ladder = cfg.ladder
+    prices = [PROCESSORS[p].price_micros for p in ladder]
+    steps: dict[str, int] = {}  # escalation steps waiting (pending on a stronger processor), then about to climb
+    share = None
+    if len(ladder) > 1 and str(journal.path) != ":memory:":
+        for p, n in journal.pending_by_processor(journal.get("epoch", 0)).items():
+            if p in ladder[1:]:
+                steps[p] = steps.get(p, 0) + n
+        climbs: Counter[str] = Counter()
+        seen = escalate_pass(journal, cfg, journal.get("epoch", 0), list(prep.fields), dry=True, targets=climbs)
+        for p, n in climbs.items():
+            steps[p] = steps.get(p, 0) + n
+        share = seen["would_climb"] / seen["checked"] if seen["checked"] else None
+    n_steps = sum(steps.values())
+    runs = to_submit + n_steps
     lo, hi = proc.latency_s
-    waves = math.ceil((to_submit + in_flight) / cfg.limits.max_in_flight) if to_submit + in_flight else 0
-    posts = math.ceil(to_submit / cfg.limits.batch_size)
+    waves = math.ceil((runs + in_flight) / cfg.limits.max_in_flight) if runs + in_flight else 0
+    posts = math.ceil(to_submit / cfg.limits.batch_size) + sum(
+        math.ceil(n / cfg.limits.batch_size) for n in steps.values()
+    )
     pacing = posts * 60.0 / cfg.limits.requests_per_minute
     spent = journal.spent_micros()
     budget = cfg.budget_micros
-    ladder = cfg.ladder
-    prices = [PROCESSORS[p].price_micros for p in ladder]
     first_step = to_submit * proc.price_micros
-    estimate = first_step
+    step_cost = sum(PROCESSORS[p].price_micros * n for p, n in steps.items())
+    estimate = first_step + step_cost
+    by_price: Counter[int] = Counter({proc.price_micros: to_submit})
+    for p, n in steps.items():
+        by_price[PROCESSORS[p].price_micros] += n
     ladder_info: dict[str, Any] = {}
     if len(ladder) > 1:
-        # the dry seeding's view (rows a stopped job had climbed are done again there, due to climb)
-        seen = prep.escalation or {"checked": 0, "would_climb": 0}
-        share = seen["would_climb"] / seen["checked"] if seen["checked"] else None
+
+        def above(p: str) -> int:  # every rung from `p` up: what a step may still cost at worst
+            return sum(prices[ladder.index(p) :])
+
         # rows in flight are paid already (spent); they may climb like rows still to submit
-        worst = first_step + (to_submit + in_flight + seen["would_climb"]) * sum(prices[1:])
+        worst = to_submit * sum(prices) + in_flight * sum(prices[1:]) + sum(n * above(p) for p, n in steps.items())
         est: float | None = None
         if share is not None:
-            est = first_step + seen["would_climb"] * prices[1]
+            est = float(first_step + step_cost)
             climbing = (to_submit + in_flight) * share
-            for p in prices[1:]:
-                est += climbing * p
+            for price in prices[1:]:
+                est += climbing * price
                 climbing *= share
             estimate = round(est)
         ladder_info = {
@@ -257,12 +280,14 @@ def plan_summary(cfg: RunConfig, prep: Prepared, journal: Journal) -> dict[str, 
         "failed_kept": c.get("failed", 0) + c.get("timed_out", 0),
         "in_flight": in_flight,
         "to_submit": to_submit,
+        "escalation_steps": {p: steps[p] for p in ladder if p in steps},
         "processor": proc.name,
         "price_per_run_usd": proc.price_micros / 1e6,
         "estimated_cost_usd": round(estimate / 1e6, 6),
         "spent_so_far_usd": round(spent / 1e6, 6),
         "budget_usd": None if budget is None else budget / 1e6,
-        "runs_within_budget": None if budget is None else max(0, (budget - spent) // proc.price_micros),
+        "runs_to_submit": runs,
+        "runs_within_budget": runs_within(None if budget is None else budget - spent, dict(by_price)),
         "duration_s": [round(max(waves * lo, pacing), 1), round(waves * hi + pacing, 1)] if waves else [0, 0],
     }
 
@@ -275,13 +300,22 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"in flight            {plan['in_flight']:,}",
         f"to submit            {plan['to_submit']:,}  x {plan['processor']} at ${plan['price_per_run_usd']:.4f}/run",
     ]
+    if steps := plan.get("escalation_steps"):
+        lines.append(
+            f"escalation steps     {sum(steps.values()):,} pending ("
+            + ", ".join(f"{n:,} x {p} at ${PROCESSORS[p].price_micros / 1e6:.4f}/run" for p, n in steps.items())
+            + ")"
+        )
     ladder, share = plan.get("ladder"), plan.get("escalation_share")
     cost = f"${plan['estimated_cost_usd']:,.2f}"
     if ladder and share is None:  # nothing finished yet: from no row climbing to every row climbing every rung
         cost += f" - ${plan['ladder_worst_case_usd']:,.2f}"
     lines.append(f"estimated cost       {cost}  (spent so far ${plan['spent_so_far_usd']:,.2f})")
     if plan["budget_usd"] is not None:
-        lines.append(f"budget               ${plan['budget_usd']:,.2f}  (room for {plan['runs_within_budget']:,} runs)")
+        lines.append(
+            f"budget               ${plan['budget_usd']:,.2f}  (room for {plan['runs_within_budget']:,} of the "
+            f"{plan['runs_to_submit']:,} runs to submit, first tier first)"
+        )
     if ladder:
         lines.append(
             f"escalation ladder    {' -> '.join(ladder)}: ${plan['first_step_cost_usd']:,.2f} on "
@@ -507,6 +541,7 @@ async def execute(
         breaker=CircuitBreaker(),
         governor=governor,
         daily_budget_micros=limits.daily_budget_micros,
+        first_tier=cfg.ladder[0],
     )
     poller = Poller(
         journal,

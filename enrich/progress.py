@@ -34,6 +34,7 @@ class JobState:
     submitter_done: bool = False
     budget_exhausted: bool = False
     budget_message: str = ""  # which budget ran out (job or daily), and when a daily one resets
+    budget_deferred: bool = False  # a partition made way: the rest of the job's budget is kept for others' first tier
     escalated: int = 0  # rows moved up the processor ladder by this invocation
     requests: int = 0  # HTTP requests made by this invocation
     reconcile_failed: bool = False  # the group could not be listed: rows in doubt stay unknown this run
@@ -55,8 +56,8 @@ class JobState:
         return self.backlog.used
 
     def finished_rows(self) -> int:
-        """Rows finished so far (escalation re-finishes rows: never shown above the total)."""
-        return min(self.total, self.done_before + self.completed + self.failed)
+        """Rows finished so far: a row that climbs the ladder is unfinished again until its next run ends."""
+        return max(0, min(self.total, self.done_before + self.completed + self.failed - self.escalated))
 
 
 async def show_progress(state: JobState, interval_s: float = 5.0) -> None:
@@ -88,8 +89,9 @@ async def show_progress(state: JobState, interval_s: float = 5.0) -> None:
                 rate = state.completed / max(now - state.started, 1e-9)
                 left = state.total - done
                 eta = f"{max(left, 0) / rate:.0f}s" if rate > 0 else "?"
+                climbing = f" ({state.escalated} climbed the ladder)" if state.escalated else ""
                 print(
-                    f"enrich: {done}/{state.total} rows finished, {state.in_flight} in flight, "
+                    f"enrich: {done}/{state.total} rows finished{climbing}, {state.in_flight} in flight, "
                     f"{state.failed} failed, spent {usd(state.spent_micros)}, ETA {eta}",
                     file=sys.stderr,
                     flush=True,

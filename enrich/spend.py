@@ -1,17 +1,15 @@
-"""Pure part of the daily budget (`limits.daily_budget_usd`): UTC days and "can we reserve n runs today?".
+"""Budget arithmetic for `Journal.claim`, the one place a run is reserved: UTC days and "how many runs fit".
 
-The ledger itself (`limits.spend_ledger`, shared by every job using it) stores integer
-micro-dollars per UTC day; this module decides from `spent_today` alone, with the clock
-injected, so the rule is testable without a file or the wall clock. A day starts at 00:00
-UTC for everyone, whatever the machine's time zone.
+The claim (journal.py) owns the rule: it reserves in the same transaction as the intent, against the
+job's budget (`limits.budget_usd`) and today's daily budget (`limits.daily_budget_usd`, counted per
+UTC day in the spend ledger `limits.spend_ledger` that jobs may share), cheapest processor first.
+This module holds the pure pieces it uses: the ledger's day key, the fit, and the refusal message.
+A day starts at 00:00 UTC for everyone, whatever the machine's time zone.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-
-from enrich.errors import BudgetExceeded
 
 
 def money(micros: int) -> str:
@@ -68,82 +66,6 @@ def runs_that_fit(unit_micros: int, spent_micros: int, budget_micros: int) -> in
     return max(0, (budget_micros - spent_micros) // unit_micros)
 
 
-@dataclass(frozen=True)
-class DailyCheck:
-    """The answer to "may n more runs be reserved today?" (`allowed` may be fewer than `requested`)."""
-
-    requested: int
-    allowed: int
-    day: str
-    spent_micros: int
-    budget_micros: int
-    unit_micros: int
-    resets_at: datetime
-    now: datetime
-
-    @property
-    def ok(self) -> bool:
-        return self.allowed >= self.requested
-
-    @property
-    def message(self) -> str:
-        """One line for people: what was spent, what would be needed, when the day resets."""
-        left = self.resets_at - self.now
-        hours, rest = divmod(int(left.total_seconds()), 3600)
-        return (
-            f"daily budget {money(self.budget_micros)} (limits.daily_budget_usd) for UTC day {self.day}: "
-            f"{money(self.spent_micros)} spent; {self.requested} more run(s) at {money(self.unit_micros)} "
-            f"need {money(self.requested * self.unit_micros)}, {self.allowed} fit; "
-            f"resets at {iso_z(self.resets_at)} (in {hours}h {rest // 60:02d}m)"
-        )
-
-
-def check_daily(
-    n: int, unit_micros: int, spent_today_micros: int, daily_budget_micros: int, now: float | datetime
-) -> DailyCheck:
-    """Whether `n` runs at `unit_micros` fit in today's remaining daily budget.
-
-    `spent_today_micros` is the ledger's total for `utc_day(now)` (reserved runs included).
-
-    >>> c = check_daily(3, 25_000, 9_950_000, 10_000_000, 0)
-    >>> c.ok, c.allowed, iso_z(c.resets_at)
-    (False, 2, '1970-01-02T00:00:00Z')
-    """
-    if n < 0:
-        raise ValueError("cannot reserve a negative number of runs")
-    moment = _as_utc(now)
-    allowed = min(n, runs_that_fit(unit_micros, spent_today_micros, daily_budget_micros))
-    return DailyCheck(
-        requested=n,
-        allowed=allowed,
-        day=utc_day(moment),
-        spent_micros=spent_today_micros,
-        budget_micros=daily_budget_micros,
-        unit_micros=unit_micros,
-        resets_at=next_reset(moment),
-        now=moment,
-    )
-
-
-def reserve_today(
-    n: int,
-    unit_micros: int,
-    spent_today_micros: int,
-    daily_budget_micros: int,
-    now: float | datetime,
-    *,
-    partial: bool = False,
-) -> int:
-    """How many of `n` runs to reserve now; raises BudgetExceeded (with the reset time) when none may be.
-
-    Without `partial` it is all or nothing; with it, as many as fit (at least one, or the error).
-    """
-    check = check_daily(n, unit_micros, spent_today_micros, daily_budget_micros, now)
-    if check.ok or (partial and check.allowed > 0):
-        return check.allowed
-    raise BudgetExceeded(check.message)
-
-
 def daily_message(spent_today_micros: int, daily_budget_micros: int, now: float | datetime) -> str:
     """The one-line refusal when today's daily budget is spent, saying when it resets."""
     reset = next_reset(now)
@@ -151,3 +73,22 @@ def daily_message(spent_today_micros: int, daily_budget_micros: int, now: float 
         f"daily budget reached: {money(spent_today_micros)} of {money(daily_budget_micros)} spent or reserved "
         f"today (UTC); it resets at {iso_z(reset)}"
     )
+
+
+def runs_within(left_micros: int | None, runs: dict[int, int]) -> int | None:
+    """How many of the runs (price -> count) fit in `left_micros` when the cheapest go first, as the claim
+    takes them (None: no budget). What `enrich plan` promises is what `enrich run` then does.
+
+    >>> runs_within(30_000, {5_000: 3, 25_000: 2}), runs_within(10_000, {25_000: 1}), runs_within(None, {1: 1})
+    (3, 0, None)
+    """
+    if left_micros is None:
+        return None
+    fit = 0
+    for price in sorted(runs):
+        k = min(runs[price], runs_that_fit(price, 0, max(left_micros, 0)))
+        fit += k
+        left_micros -= k * price
+        if k < runs[price]:
+            break
+    return fit

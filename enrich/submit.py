@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import random
 import time
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aiolimiter import AsyncLimiter
@@ -36,6 +37,7 @@ from enrich.errors import (
     ApiError,
     AuthError,
     BudgetExceeded,
+    DailyBudgetExceeded,
     OutcomeUnknown,
     PaymentRequired,
     PermanentApiError,
@@ -49,16 +51,30 @@ MAX_SLOWDOWN = 4.0
 LINGER_S = 0.03
 
 
+@dataclass(frozen=True)
+class Lease:
+    """A governor's answer: `granted` micro-dollars, and with none granted why (`verdict`, `message`):
+    "spent" (the job's budget is used up), "wait" (what is left is kept for first-tier rows that
+    partitions now running will claim: ask again soon), "defer" (it is kept for partitions not
+    started yet: end this partition so they can run; it is run again afterwards)."""
+
+    granted: int
+    verdict: str = "granted"
+    message: str = ""
+
+
 class Governor(Protocol):
     """Limits shared by every partition of a job (scale-out): one is passed to each partition's run_job.
 
     `permit_post()` returns when this process may send one more creating POST (a global rate);
-    `lease(micros)` asks for more global budget and returns how much was granted (0 = none left).
-    The partition's journal still reserves every run before sending, within what was leased."""
+    `lease(micros, least=, first_tier=, need=)` asks for more global budget, at least `least` (one
+    more run) or nothing, for a first-tier batch or an escalation step, saying how much this
+    partition's pending first-tier rows still need. The partition's journal still reserves every
+    run before sending, within what was leased."""
 
     async def permit_post(self) -> None: ...
 
-    async def lease(self, micros: int) -> int: ...
+    async def lease(self, micros: int, *, least: int, first_tier: bool, need: int) -> Lease: ...
 
 
 class Submitter:
@@ -85,6 +101,7 @@ class Submitter:
         rand: random.Random | None = None,
         governor: Governor | None = None,
         daily_budget_micros: int | None = None,
+        first_tier: str | None = None,
     ):
         self.journal, self.client, self.state = journal, client, state
         self.taskgroup_id, self.job_tag, self.epoch = taskgroup_id, job_tag, epoch
@@ -107,6 +124,7 @@ class Submitter:
         self.governor = governor
         self.daily = daily_budget_micros
         self.leased = journal.spent_micros()  # with a governor: what this partition may have reserved
+        self.first_tier = first_tier  # the ladder's first processor: its rows are leased for before any step
 
     def _input(self, c: Claimed) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -199,8 +217,20 @@ class Submitter:
             limit = min(self.batch_size, free) if self.breaker.state == "closed" else 1  # a probe is one run
             budget = self.budget
             if self.governor is not None:
+                refused = await self._lease(limit)
+                if refused is not None and refused.verdict in ("wait", "backoff"):
+                    state.waiting_on = refused.message
+                    until = journal.next_retry_at(self.epoch) if refused.verdict == "backoff" else None
+                    await self._sleep(min(max((until or time.time() + 0.5) - time.time(), 0.05), 1.0))
+                    continue
+                if refused is not None:  # spent, or kept for partitions that have not started yet (defer)
+                    state.budget_exhausted = True
+                    state.budget_deferred = refused.verdict == "defer"
+                    state.budget_message = refused.message
+                    journal.log("warning", refused.message)
+                    return
                 await self.governor.permit_post()
-                budget = await self._leased_budget(limit)
+                budget = self.leased if self.budget is None else min(self.leased, self.budget)
             self.batch_seq += 1
             try:
                 claimed = journal.claim(
@@ -208,10 +238,18 @@ class Submitter:
                 )
             except BudgetExceeded as exc:
                 state.budget_exhausted = True
-                state.budget_message = str(exc)
-                journal.log("warning", str(exc))
+                state.budget_message = (
+                    str(exc)
+                    if self.governor is None or isinstance(exc, DailyBudgetExceeded)
+                    else f"budget reached: this partition's share of the job's budget ({self.leased / 1e6:.4f} USD) "
+                    "is spent or reserved"
+                )
+                journal.log("warning", state.budget_message)
                 return
-            if not claimed:
+            if not claimed:  # what is left of the budget is kept for cheaper rows still in backoff
+                state.waiting_on = "budget kept for first-tier rows waiting out a backoff"
+                nxt = journal.next_retry_at(self.epoch) or time.time() + 1
+                await self._sleep(min(max(nxt - time.time(), 0.05), 1.0))
                 continue
             state.active.take(len(claimed))
             state.backlog.take(len(claimed))
@@ -220,14 +258,28 @@ class Submitter:
             state.waiting_on = ""
             await self._send(claimed)
 
-    async def _leased_budget(self, runs: int) -> int | None:
-        """Top up the global lease so `runs` more runs fit; the journal's own budget still applies."""
+    async def _lease(self, limit: int) -> Lease | None:
+        """Top up the global lease so the batch the claim takes next fits; None when the claim may go ahead,
+        else why not (the governor's answer, or "backoff": this partition's cheaper rows come first)."""
         assert self.governor is not None
-        spent = self.journal.spent_micros()
-        need = runs * max(self.prices.values()) - (self.leased - spent)
-        if need > 0:
-            self.leased += await self.governor.lease(need)
-        return self.leased if self.budget is None else min(self.leased, self.budget)
+        journal = self.journal
+        nxt = journal.next_batch(self.epoch, time.time(), limit, self.prices)
+        if nxt is None:
+            return None  # nothing ready: the claim finds nothing either
+        processor, n, cheapest = nxt
+        if not cheapest:
+            return Lease(0, "backoff", "rows of a cheaper processor wait out a backoff: they are sent first")
+        price = self.prices[processor]
+        surplus = self.leased - journal.spent_micros()
+        if surplus >= n * price:
+            return None
+        base = self.first_tier or processor
+        need = max(0, journal.pending_count(self.epoch, base) * self.prices[base] - surplus)  # what the lease lacks
+        lease = await self.governor.lease(
+            n * price - surplus, least=max(1, price - surplus), first_tier=processor == base, need=need
+        )
+        self.leased += lease.granted
+        return None if lease.granted or surplus >= price else lease
 
     async def _linger(self) -> None:
         """With few free slots and runs still active, wait briefly for more: fuller batches, fewer POSTs."""

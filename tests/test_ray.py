@@ -36,6 +36,8 @@ from enrich.job import (
     EXIT_USAGE,
     run_job,
 )
+from enrich.journal import Journal
+from enrich.processors import PROCESSORS
 from enrich.scale.governor import GovernorState
 from enrich.scale.merge import MANIFEST
 from enrich.scale.partition import cut, parts_dir_for
@@ -121,17 +123,40 @@ def test_governor_paces_posts_globally_without_burst(tmp_path: Path) -> None:
 
 def test_governor_budget_leases_register_settle_and_rebuild(tmp_path: Path) -> None:
     g = GovernorState(tmp_path, 60, budget_micros=1_000)
-    assert g.lease("part-00000", 600, held=0) == 600
-    assert g.lease("part-00001", 600, held=0) == 400  # only what is left
-    assert g.lease("part-00002", 10, held=0) == 0
+    assert g.lease("part-00000", 600, held=0) == (600, "granted")
+    assert g.lease("part-00001", 600, held=0) == (400, "granted")  # only what is left
+    assert g.lease("part-00002", 10, held=0) == (0, "spent")
     g2 = GovernorState(tmp_path, 60, budget_micros=1_000)  # restarted: the persisted allocations hold
-    assert g2.committed == 1_000 and g2.lease("part-00002", 10, held=0) == 0
+    assert g2.committed == 1_000 and g2.lease("part-00002", 10, held=0) == (0, "spent")
     g2.settle("part-00000", 100)  # finished, spent 100: 500 come back
-    assert g2.lease("part-00002", 700, held=0) == 500
+    assert g2.lease("part-00002", 700, held=0) == (500, "granted")
     g2.register("part-00001", 0)  # a retried attempt: the dead one's lease is freed
-    assert g2.lease("part-00001", 10, held=0) == 10
+    assert g2.lease("part-00001", 10, held=0) == (10, "granted")
     assert g2.committed == 100 + 500 + 10
-    assert g2.lease("part-00003", 1_000, held=0) == 390 and g2.committed == 1_000
+    assert g2.lease("part-00003", 1_000, held=0) == (390, "granted") and g2.committed == 1_000
+
+
+def test_governor_covers_every_partitions_first_tier_before_any_escalation(tmp_path: Path) -> None:
+    """An escalation lease gets only what is left after every partition's first-tier need; refused, it waits
+    while the needy partitions run and makes way when one has not started; settling gives unused money back."""
+    g = GovernorState(tmp_path, 60, budget_micros=1_000)
+    for part in ("part-00000", "part-00001", "part-00002"):
+        g.expect(part, 300)  # 60 first-tier runs at 5 each, say
+    g.register("part-00000", 0)
+    assert g.lease("part-00000", 300, held=0, least=5, first_tier=True, need=300) == (300, "granted")
+    # part 0 climbs: 100 is beyond the others' 600, the rest is theirs (part 2 has not started: make way)
+    assert g.lease("part-00000", 250, held=300, least=25, first_tier=False, need=0) == (100, "granted")
+    assert g.lease("part-00000", 250, held=400, least=25, first_tier=False, need=0) == (0, "defer")
+    g.register("part-00002", 0)
+    g.register("part-00001", 0)
+    assert g.lease("part-00000", 250, held=400, least=25, first_tier=False, need=0) == (0, "wait")  # both run
+    assert g.lease("part-00001", 300, held=0, least=5, first_tier=True, need=300) == (300, "granted")
+    assert g.lease("part-00002", 200, held=0, least=5, first_tier=True, need=300) == (200, "granted")
+    assert g.lease("part-00000", 250, held=400, least=25, first_tier=False, need=0) == (0, "wait")  # 100 is part 2's
+    g.settle("part-00002", 150, need=0)  # done with 50 unused (some rows were cached): it comes back
+    assert g.need["part-00002"] == 0 and g.free() == 1_000 - 400 - 300 - 150
+    assert g.lease("part-00000", 250, held=400, least=25, first_tier=False, need=0) == (150, "granted")
+    assert g.lease("part-00001", 10, held=300, least=5, first_tier=True, need=10) == (0, "spent")
 
 
 def test_worst_exit_code_ranks_severity() -> None:
@@ -505,3 +530,50 @@ def test_kill_a_worker_then_the_driver_then_resume_exactly_once(cluster: TwoNode
         assert statuses["completed"] == len(ledger) and statuses["skipped_budget"] == rows - len(ledger)
     finally:
         emu.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("partitions", [3, 6])
+def test_a_binding_budget_researches_every_row_before_any_escalation(
+    cluster: TwoNodeCluster, shared_dir: Path, sp500: Path, partitions: int
+) -> None:
+    """S&P 500 on $5 with a base/core ladder: every row of every partition gets its first-tier run, escalation
+    steps take the rest, and less than one more step is left unspent (6 partitions: more than run at once)."""
+    emu = EmulatorProcess(
+        *("--knowledge", str(sp500), "--knowledge-key", "Security", "--hard-rate", "0.25"),
+        *("--time-scale", "0", "--rate-limit", "0", "--seed", "5"),
+    )
+    try:
+        cfg = write_config(
+            shared_dir / "sp.toml",
+            input_path=sp500,
+            output=shared_dir / "sp.csv",
+            key=["Symbol"],
+            columns=["Security"],
+            fields={"headquarters_location": "string", "founded": "string"},
+            limits="budget_usd = 5.0\nmax_in_flight = 100",
+        )
+        cfg.write_text(cfg.read_text() + '\n[escalate]\nprocessors = ["base", "core"]\non = ["rejected"]\n')
+        args = ["--ray", cluster.address, "--partitions", str(partitions), "--base-url", emu.base_url]
+        r = run_enrich("run", str(cfg), *args, timeout=600, key="k")
+        ledger = emu.ledger()
+    finally:
+        emu.stop()
+    assert r.returncode == EXIT_BUDGET, r.stderr[-3000:]
+    first = Counter(e["metadata"]["enrich_row"] for e in ledger if e["processor"] == "lite-fast")
+    assert len(first) == 503 and max(first.values()) == 1  # every row researched, once
+    spent = sum(e["price_micros"] for e in ledger)
+    report = json.loads((shared_dir / "sp.csv.report.json").read_text())
+    assert spent <= 5_000_000 and report["spend_usd"] == pytest.approx(spent / 1e6)
+    pending = Counter[str]()
+    for j in parts_dir_for(shared_dir / "sp.csv.journal.sqlite").glob("part-*.sqlite"):
+        view = Journal.open(j, readonly=True)
+        pending.update(view.pending_by_processor(view.get("epoch")))
+        view.close()
+    assert pending and set(pending) <= {"base", "core"}  # what the budget left undone is escalation steps only
+    assert 5_000_000 - spent < min(PROCESSORS[p].price_micros for p in pending)  # nothing that fits is left
+    assert Counter(frame(shared_dir / "sp.csv")["_enrich_status"].to_list()) == {"completed": 503}
+    last = r.stderr.strip().splitlines()[-1]
+    assert "skipped_budget" not in last and f"{sum(pending.values())} escalation steps not run" in last, last
+    plan = run_enrich("plan", str(cfg)).stdout  # the steps left are priced, and none of them fits
+    assert "to submit            0  x lite-fast" in plan and "escalation steps" in plan and "room for 0 of the" in plan

@@ -1,4 +1,4 @@
-"""spend.py: UTC days, the next reset, and whether n runs fit in today's budget."""
+"""spend.py: UTC days, the next reset, how many runs fit (the claim's rule itself: tests/test_budget_order.py)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from enrich.errors import BudgetExceeded
-from enrich.spend import check_daily, next_reset, reserve_today, runs_that_fit, utc_day
-
-CORE = 25_000  # micro-USD per core run
+from enrich.spend import next_reset, runs_that_fit, utc_day
 
 
 @pytest.mark.parametrize(
@@ -49,26 +46,3 @@ def test_runs_that_fit_is_the_largest_k(unit: int, spent: int, budget: int) -> N
     """k runs fit and k+1 would not (or nothing fits when already over)."""
     k = runs_that_fit(unit, spent, budget)
     assert k >= 0 and (k == 0 or spent + k * unit <= budget) and spent + (k + 1) * unit > budget
-
-
-def test_check_daily_message() -> None:
-    """The message says what was spent, what is needed and when the day resets."""
-    now = datetime(2025, 5, 1, 20, 30, tzinfo=UTC)
-    c = check_daily(3, CORE, 9_950_000, 10_000_000, now)
-    assert (c.ok, c.allowed, c.day) == (False, 2, "2025-05-01")
-    assert c.message == (
-        "daily budget $10.00 (limits.daily_budget_usd) for UTC day 2025-05-01: $9.95 spent; "
-        "3 more run(s) at $0.025 need $0.075, 2 fit; resets at 2025-05-02T00:00:00Z (in 3h 30m)"
-    )
-
-
-def test_reserve_today() -> None:
-    """All or nothing by default; partial reserves what fits; nothing fitting always raises."""
-    now = datetime(2025, 5, 1, 12, tzinfo=UTC)
-    assert reserve_today(4, CORE, 0, 100_000, now) == 4
-    with pytest.raises(BudgetExceeded, match="resets at 2025-05-02T00:00:00Z"):
-        reserve_today(5, CORE, 0, 100_000, now)
-    assert reserve_today(5, CORE, 0, 100_000, now, partial=True) == 4
-    with pytest.raises(BudgetExceeded):
-        reserve_today(1, CORE, 100_000, 100_000, now, partial=True)
-    assert reserve_today(0, CORE, 10**9, 0, now) == 0

@@ -8,7 +8,10 @@
        journal `<journal>.parts/part-NNNNN.sqlite`; at most K run at once (K = cluster CPUs /
        PARTITION_CPUS), each with limits.max_in_flight // K runs in flight, so the job never
        has more than limits.max_in_flight; Ray retries a task whose worker died (max_retries)
-       and the retry resumes the same journal
+       and the retry resumes the same journal. With a budget, the governor covers every
+       partition's first tier before any escalation step; partitions that stopped for the
+       budget (or made way for others' first tier) run again, in rounds, while a round spent
+       something and what is left still pays for one of their runs
     5. merge the partition outputs into the output file (input order), or keep the dataset's
        manifest current as partitions finish (merge.py)
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import shutil
 import sys
@@ -44,9 +48,9 @@ from enrich.errors import (
     JournalError,
 )
 from enrich.files import atomic_json
-from enrich.job import JobResult, run_job
+from enrich.job import JobResult, left_undone, run_job
 from enrich.processors import PROCESSORS
-from enrich.scale.governor import ActorGovernor, GovernorState, journal_spend
+from enrich.scale.governor import ActorGovernor, GovernorState, journal_pending, journal_spend
 from enrich.scale.merge import copy_into_dataset, is_dataset, merge_files, read_manifest, write_manifest
 from enrich.scale.partition import Partition, PartitionPlan, cut, load_plan, parts_dir_for
 
@@ -163,6 +167,14 @@ def _wait_for_lock(path: Path, timeout: float = 60.0) -> None:
         os.close(fd)
 
 
+def first_tier_need(cfg: RunConfig, journal: Path, rows: int) -> int:
+    """Micro-dollars a partition's first-tier rows still need: its pending rows on the ladder's first processor
+    (every row when its journal does not exist yet, an upper bound: some may be reused from results)."""
+    base = cfg.ladder[0]
+    pending = journal_pending(journal) if journal.is_file() else {base: rows}
+    return pending.get(base, 0) * PROCESSORS[base].price_micros
+
+
 def run_partition(
     pcfg: RunConfig,
     part: str,
@@ -201,10 +213,11 @@ def run_partition(
             "spend_usd": result.report.get("spend_usd", 0.0),
             "emulated": bool(result.report.get("emulated")),
             "output": str(result.output),
+            "deferred": result.deferred,
         }
     except EnrichError as exc:
         out = {"exit_code": exc.exit_code, "message": str(exc), "rows": 0, "output": None}
-    _ray().get(governor.settle.remote(part, journal_spend(pcfg.journal)))
+    _ray().get(governor.settle.remote(part, journal_spend(pcfg.journal), first_tier_need(pcfg, pcfg.journal, rows)))
     out["creating_posts"] = adapter.posts
     out["node"] = _ray().get_runtime_context().get_node_id()
     return out
@@ -232,14 +245,23 @@ def _remotes() -> tuple[Any, Any]:
                 if delay > 0:
                     await asyncio.sleep(delay)
 
-            async def lease(self, part: str, micros: int, held: int) -> int:
-                return self.state.lease(part, micros, held)
+            async def lease(
+                self, part: str, micros: int, held: int, least: int, first_tier: bool, need: int
+            ) -> tuple[int, str, str]:
+                grant, verdict = self.state.lease(part, micros, held, least, first_tier, need)
+                return grant, verdict, "" if grant else self.state.explain(verdict)
+
+            async def expect(self, part: str, need: int) -> None:
+                self.state.expect(part, need)
 
             async def register(self, part: str, baseline: int) -> None:
                 self.state.register(part, baseline)
 
-            async def settle(self, part: str, spent: int) -> None:
-                self.state.settle(part, spent)
+            async def settle(self, part: str, spent: int, need: int) -> None:
+                self.state.settle(part, spent, need)
+
+            async def free(self) -> int | None:
+                return self.state.free()
 
             async def snapshot(self) -> dict[str, Any]:
                 return self.state.snapshot()
@@ -352,27 +374,55 @@ def _run(
     queue = list(todo)
     started = time.monotonic()
     interrupted = False
+
+    def need(p: Partition) -> int:
+        return first_tier_need(cfg, plan.journal(p), p.rows)
+
+    # first tier first across partitions: the governor keeps money for the first-tier rows of every
+    # partition still to run before it pays an escalation step anywhere (finished ones need nothing)
+    ray.get([governor.expect.remote(p.name, need(p) if p in todo else 0) for p in plan.partitions])
     try:
-        while queue or running:
-            while queue and len(running) < k:
-                p = queue.pop(0)
-                pcfg = partition_config(cfg, plan, p, share, dataset)
-                ref = task.remote(
-                    pcfg,
-                    p.name,
-                    governor,
-                    rows=p.rows,
-                    api_key=api_key,
-                    emulated=emulated,
-                    retry_failed=retry_failed,
-                    adopt=adopt,
-                )
-                running[ref] = p
-            done, _ = ray.wait(list(running), num_returns=1)
-            for ref in done:
-                p = running.pop(ref)
-                results[p.index] = _collect(ray, ref, p)
-                _record(cfg, plan, p, results[p.index], fingerprint, dataset)
+        while True:
+            spent_before = sum(journal_spend(plan.journal(p)) for p in plan.partitions)
+            parked: list[Partition] = []  # stopped by the budget (or made way for others) with work left
+            while queue or running:
+                while queue and len(running) < k:
+                    p = queue.pop(0)
+                    pcfg = partition_config(cfg, plan, p, share, dataset)
+                    ref = task.remote(
+                        pcfg,
+                        p.name,
+                        governor,
+                        rows=p.rows,
+                        api_key=api_key,
+                        emulated=emulated,
+                        retry_failed=retry_failed,
+                        adopt=adopt,
+                    )
+                    running[ref] = p
+                done, _ = ray.wait(list(running), num_returns=1)
+                for ref in done:
+                    p = running.pop(ref)
+                    results[p.index] = _collect(ray, ref, p)
+                    # again from here: a task that died for good never settled, and its need would hold others
+                    ray.get(governor.settle.remote(p.name, journal_spend(plan.journal(p)), need(p)))
+                    _record(cfg, plan, p, results[p.index], fingerprint, dataset)
+                    if results[p.index].get("deferred") or results[p.index]["exit_code"] == EXIT_BUDGET:
+                        parked.append(p)
+            # another round while it can pay for something: a partition that made way runs its escalation
+            # steps now, and money other partitions left unused goes to rows still waiting for it
+            if sum(journal_spend(plan.journal(p)) for p in plan.partitions) <= spent_before:
+                break
+            free = ray.get(governor.free.remote())
+            if free is None:  # no job budget: what stopped them (a daily budget) will stop them again
+                break
+            queue = sorted(
+                (p for p in parked if _cheapest_pending(plan.journal(p)) <= free),
+                key=lambda p: (need(p) == 0, p.index),  # rows never researched first
+            )
+            if not queue:
+                break
+            ray.get([governor.expect.remote(p.name, need(p)) for p in queue])
     except KeyboardInterrupt:
         interrupted = True
         for ref in running:
@@ -382,6 +432,12 @@ def _run(
     with contextlib.suppress(Exception):
         snapshot = ray.get(governor.snapshot.remote(), timeout=10)
     return _finish(cfg, plan, results, dataset, interrupted, time.monotonic() - started, snapshot)
+
+
+def _cheapest_pending(journal: Path) -> float:
+    """Price of the cheapest pending run of a partition journal (inf: nothing pending)."""
+    prices = [PROCESSORS[p].price_micros for p in journal_pending(journal) if p in PROCESSORS]
+    return min(prices, default=math.inf)
 
 
 def _collect(ray: Any, ref: Any, p: Partition) -> dict[str, Any]:
@@ -513,9 +569,22 @@ def _finish(
     )
     code = worst(codes)
     lines = [summary]
-    bad = [r for r in results.values() if r["exit_code"] != EXIT_OK]
+    bad = [r for r in results.values() if r["exit_code"] not in (EXIT_OK, EXIT_BUDGET)]
     for r in bad[:3]:
         lines.append(r["message"].splitlines()[-1])
+    if any(r["exit_code"] == EXIT_BUDGET for r in results.values()):  # one line for the job, not one per partition
+        pending: dict[str, int] = {}
+        for p in plan.partitions:
+            for proc, n in journal_pending(plan.journal(p)).items():
+                pending[proc] = pending.get(proc, 0) + n
+        budget = cfg.budget_micros
+        daily = any("daily budget" in r["message"] for r in results.values() if r["exit_code"] == EXIT_BUDGET)
+        why = (
+            f"budget reached: {spend:.4f} USD of the job's {budget / 1e6:.4f} USD spent"
+            if budget is not None and not daily
+            else "daily budget reached (limits.daily_budget_usd)"
+        )
+        lines.append(f"{why}: {left_undone(cfg, pending, status)}")
     if code == EXIT_INTERRUPTED:
         lines.append("interrupted; progress is saved in the partition journals. Resume with the same command")
     return JobResult(code, "\n".join(lines), report, status, out, plan.parts_dir)
