@@ -308,12 +308,12 @@ class Journal(DecisionStore):
             self.last_seed_counts = dict(
                 conn.execute("SELECT state, COUNT(*) FROM rows WHERE epoch=? GROUP BY state", (epoch,))
             )
-            seen = inspect() if dry and inspect is not None else None
+            inspected = inspect() if dry and inspect is not None else None
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         conn.execute("ROLLBACK" if dry else "COMMIT")
-        return seen
+        return inspected
 
     # ---- submission ----------------------------------------------------------------------
     def spent_micros(self) -> int:
