@@ -380,12 +380,12 @@ class Journal(DecisionStore):
             self.last_seed_counts = dict(
                 conn.execute("SELECT state, COUNT(*) FROM rows WHERE epoch=? GROUP BY state", (epoch,))
             )
-            seen = inspect() if dry and inspect is not None else None
+            inspected = inspect() if dry and inspect is not None else None
             conn.execute("ROLLBACK" if dry else "COMMIT")
         except BaseException:
             _rollback(conn)
             raise
-        return seen
+        return inspected
 
     # ---- submission ----------------------------------------------------------------------
     def spent_micros(self) -> int:
@@ -406,13 +406,20 @@ class Journal(DecisionStore):
         return out
 
     def run_latencies(self) -> Iterator[tuple[str | None, float]] | None:
-        """(processor, finished - created seconds, journal clock) of every run whose outcome was recorded, completed
-        or failed; None for a read-only view of a journal written before runs carried their finish time."""
-        if not self._has_column("runs", "finished_at"):
+        """(processor, finished - created in seconds, journal clock, >= 0, to the ms) of every run whose outcome was
+        recorded, completed or failed; None for a read-only view of a journal written before runs carried their
+        finish time."""
+        if not self.times_runs():
             return None
         return iter(
-            self.conn.execute("SELECT processor, finished_at - created_at FROM runs WHERE finished_at IS NOT NULL")
+            self.conn.execute(
+                "SELECT processor, ROUND(MAX(0.0, finished_at - created_at), 3) FROM runs WHERE finished_at IS NOT NULL"
+            )
         )
+
+    def times_runs(self) -> bool:
+        """Do runs carry their finish time (false only in a read-only view of an older journal)?"""
+        return self._has_column("runs", "finished_at")
 
     def _has_column(self, table: str, column: str) -> bool:
         return any(r[1] == column for r in self.conn.execute(f"PRAGMA table_info({table})"))

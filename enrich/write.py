@@ -130,7 +130,9 @@ class Projection:
         self.input_columns: list[str] = journal.get("columns", [])
         self.statuses: Counter[str] = Counter()
         self.confidence: dict[str, Counter[str]] = {f: Counter() for f in fields}
-        self.stats = RunStats(fields, self.columns, str(journal.get("processor") or ""), self.ladder)
+        self.stats = RunStats(
+            fields, self.columns, str(journal.get("processor") or ""), self.ladder, not journal.times_runs()
+        )
         self.rows = 0
 
     def header(self) -> list[str]:
