@@ -438,3 +438,27 @@ def test_workbook_number_beyond_int64_names_its_cell_and_row(tmp_path: Path) -> 
     line = one_error_line(r.stderr)
     assert f"{data} [Sheet1] row 6: cell B6 (column 'revenue') holds 9.223372036854776E+18" in line
     assert "f64" not in line and "Format Cells > Text" in line
+
+
+# ---- config errors ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra,limits,where",
+    [
+        ('\n[escalate]\nprocessors = ["lite-fast"]\n', "", "[escalate] processors[0]: 'lite-fast' is not on a higher"),
+        ('\n[escalate]\nprocessors = ["core"]\non = ["rejected", "nope"]\n', "", "[escalate] on[1]: must be one of"),
+        ("", "max_in_flight = 0", "[limits] max_in_flight: must be greater than 0"),
+        ("", "", "[gate.fields.nope]: not an output field"),
+    ],
+)
+def test_config_errors_name_the_toml_table_and_key(tmp_path: Path, extra: str, limits: str, where: str) -> None:
+    """Config errors point at the setting as the TOML file spells it (`[escalate] processors[0]`), not at
+    pydantic's path (`(root): escalate.processors[0]`)."""
+    cfg = companies_job(tmp_path, extra=extra, limits=limits)
+    if "gate.fields" in where:
+        cfg.write_text(cfg.read_text() + '\n[gate.fields.nope]\naccept = ["high"]\n')
+    r = run_enrich("run", str(cfg), "--emulator")
+    assert r.returncode == 2
+    line = one_error_line(r.stderr)
+    assert line.startswith(f"enrich: error: {cfg}: {where}") and "(root)" not in line, line
