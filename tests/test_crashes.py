@@ -462,3 +462,30 @@ def test_config_errors_name_the_toml_table_and_key(tmp_path: Path, extra: str, l
     assert r.returncode == 2
     line = one_error_line(r.stderr)
     assert line.startswith(f"enrich: error: {cfg}: {where}") and "(root)" not in line, line
+
+
+def test_library_job_with_a_closed_stderr_finishes(tmp_path: Path, emulator_process) -> None:
+    """`run_job` from Python with sys.stderr closed (not through the CLI's guard): the job still finishes."""
+    emu = emulator_process("--time-scale", "0.01")
+    cfg = companies_job(tmp_path)
+    script = (
+        "import os, sys\n"
+        "from enrich.config import load_config\n"
+        "from enrich.job import run_job\n"
+        "cfg = load_config(sys.argv[1], {'api.base_url': sys.argv[2]})\n"
+        "closed = open(os.devnull, 'w')\n"
+        "closed.close()\n"
+        "sys.stderr = closed  # every write to it raises ValueError\n"
+        "r = run_job(cfg, api_key=os.environ['PARALLEL_API_KEY'], install_signals=False)\n"
+        "print(r.exit_code, r.counts)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", script, str(cfg), emu.base_url],
+        cwd=ROOT,
+        env=env_with(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"0 {{'done': {ROWS}}}", r.stdout
