@@ -12,8 +12,9 @@ import copy
 import hashlib
 import itertools
 import json
+import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -85,9 +86,9 @@ class InputConfig(_Strict):
     @model_validator(mode="after")
     def _sheet(self) -> InputConfig:
         if isinstance(self.sheet, int) and (isinstance(self.sheet, bool) or self.sheet < 1):
-            raise ValueError("sheet is a sheet name or a 1-based position (1 = the first sheet)")
+            raise ValueError("sheet: must be a sheet name or a 1-based position (1 = the first sheet)")
         if self.sheet is not None and self.path.suffix.lower() not in XLSX_SUFFIXES:
-            raise ValueError(f"sheet is only meaningful for .xlsx input, not {self.path.name}")
+            raise ValueError(f"sheet: only meaningful for .xlsx input, not {self.path.name}")
         return self
 
 
@@ -111,7 +112,7 @@ class TaskConfig(_Strict):
     @model_validator(mode="after")
     def _check(self) -> TaskConfig:
         if bool(self.output) == bool(self.output_schema):
-            raise ValueError("give exactly one of [task.output.<field>] tables or task.output_schema")
+            raise ValueError("give exactly one of [task.output.<field>] tables or [task] output_schema")
         return self
 
 
@@ -280,7 +281,7 @@ class EscalateConfig(_Strict):
             if p not in PROCESSORS:
                 raise ValueError(f"processors: unknown processor {p!r}; choose one of {', '.join(PROCESSORS)}")
         if "rejected" not in self.on or len(set(self.on)) != len(self.on):
-            raise ValueError('on must be ["rejected"] or ["rejected", "review"]')
+            raise ValueError('on: must be ["rejected"] or ["rejected", "review"]')
         return self
 
 
@@ -299,7 +300,10 @@ class EmulatorSection(_Strict):
     def _known_behaviours(self) -> EmulatorSection:
         from enrich.emulator.behaviours import parse_behaviours  # lazy: the emulator package imports uvicorn
 
-        parse_behaviours(self.behaviours)  # ValueError names the unknown behaviour
+        try:
+            parse_behaviours(self.behaviours)
+        except ValueError as exc:  # it names the unknown behaviour
+            raise ValueError(f"behaviours: {exc}") from None
         return self
 
 
@@ -348,11 +352,11 @@ class RunConfig(_Strict):
         return None if b is None else round(b * 1_000_000)
 
 
-def _find_api_key(node: Any, path: str = "") -> str | None:
+def _find_api_key(node: Any, path: tuple[str, ...] = ()) -> tuple[str, ...] | None:
     if isinstance(node, dict):
         for k, v in node.items():
-            here = f"{path}.{k}" if path else k
-            if k.lower().replace("-", "_") in ("api_key", "apikey", "x_api_key"):
+            here = (*path, str(k))
+            if str(k).lower().replace("-", "_") in ("api_key", "apikey", "x_api_key"):
                 return here
             if (found := _find_api_key(v, here)) is not None:
                 return found
@@ -410,6 +414,51 @@ def plain_message(err: ErrorDetails) -> str:
     return msg.replace("Input should be", "must be").replace("Value error, ", "")
 
 
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none|[\w-]+\[.*\])$")  # pydantic's name for the union member tried
+_REL_PATH = re.compile(r"^([A-Za-z_][\w-]*(?:\.[\w-]+|\[\d+\])*): (.+)$", re.DOTALL)
+
+
+def _located(err: ErrorDetails) -> tuple[tuple[str | int, ...], str]:
+    """(key path, message) of a validation error; a validator's message that starts with a path relative
+    to its table (`processors: ...`, `fields.x: ...`) has that path moved into the key path."""
+    loc = tuple(err["loc"])
+    if len(loc) > 1 and isinstance(loc[-1], str) and _UNION_TAG.match(loc[-1]):
+        loc = loc[:-1]
+    message = plain_message(err)
+    if err["type"] == "value_error" and (m := _REL_PATH.match(message)):
+        rel = tuple(int(p[1:-1]) if p.startswith("[") else p for p in re.findall(r"\[\d+\]|[^.\[\]]+", m.group(1)))
+        loc, message = (*loc, *rel), m.group(2)
+    return loc, message
+
+
+def toml_path(loc: Sequence[str | int], data: Any = None, table: bool = False) -> str:
+    """A key path as TOML spells it: the table in brackets, then the key (list positions from 0).
+
+    `data` (the parsed file) tells a table from a key at the end of the path; `table` says it is one.
+
+    >>> toml_path(("escalate", "processors", 0)), toml_path(("task", "output", "hq", "type"))
+    ('[escalate] processors[0]', '[task.output.hq] type')
+    >>> toml_path(("gate", "fields", "x"), {"gate": {"fields": {"x": {}}}}), toml_path(("bogus",))
+    ('[gate.fields.x]', 'bogus')
+    """
+
+    def bare(part: str | int) -> str:
+        text = str(part)
+        return text if re.fullmatch(r"[A-Za-z0-9_-]+", text) else json.dumps(text)
+
+    node = data
+    for part in loc:
+        node = node.get(part) if isinstance(node, dict) and not isinstance(part, int) else None
+    if table or isinstance(node, dict):  # the path names a table
+        return "[" + ".".join(bare(p) for p in loc) + "]"
+    end = len(loc)
+    while end > 1 and isinstance(loc[end - 1], int):
+        end -= 1
+    key = bare(loc[end - 1]) + "".join(f"[{i}]" for i in loc[end:])
+    section = ".".join(bare(p) for p in loc[: end - 1])
+    return f"[{section}] {key}" if section else key
+
+
 def load_config(
     path: str | Path, overrides: dict[str, Any] | None = None, flags: Mapping[str, str] | None = None
 ) -> RunConfig:
@@ -450,7 +499,9 @@ def config_from_mapping(
     path = source
     data = copy.deepcopy(dict(data))
     if (where := _find_api_key(data)) is not None:
-        raise ConfigError(f"{path}: {where}: API keys never go in config files; set PARALLEL_API_KEY instead")
+        raise ConfigError(
+            f"{path}: {toml_path(where, data)}: API keys never go in config files; set PARALLEL_API_KEY instead"
+        )
     given: dict[str, str] = {}
     for dotted, value in (overrides or {}).items():
         if value is None:
@@ -468,9 +519,11 @@ def config_from_mapping(
         cfg = RunConfig.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        key_path, message = _located(err)
+        loc = ".".join(str(p) for p in key_path)
         flag = next((f for dotted, f in given.items() if loc == dotted or loc.startswith(dotted + ".")), None)
-        raise ConfigError(f"{flag or f'{path}: {loc}'}: {plain_message(err)}") from None
+        at = flag or (f"{path}: {toml_path(key_path, data)}" if key_path else path)
+        raise ConfigError(f"{at}: {message}") from None
     cfg._task_spec = task_spec
     check_max_processor(cfg)
     check_gate_fields(cfg, output_fields(build_task_spec(cfg)))  # also validates an output_schema file early
@@ -488,8 +541,8 @@ def check_max_processor(cfg: RunConfig) -> None:
         return
     for i, name in enumerate(cfg.ladder):
         if tier(name) > tier(cap):
-            where = "task.processor" if i == 0 else f"escalate.processors[{i - 1}]"
-            raise ConfigError(f"{cfg.source}: {where}: {name!r} is above limits.max_processor = {cap!r}")
+            where = "[task] processor" if i == 0 else f"[escalate] processors[{i - 1}]"
+            raise ConfigError(f"{cfg.source}: {where}: {name!r} is above [limits] max_processor = {cap!r}")
 
 
 def check_gate_fields(cfg: RunConfig, fields: dict[str, Any]) -> None:
@@ -500,7 +553,7 @@ def check_gate_fields(cfg: RunConfig, fields: dict[str, Any]) -> None:
     for name in cfg.gate.fields:
         if name not in fields:
             raise ConfigError(
-                f"{cfg.source}: gate.fields.{name}: not an output field; "
+                f"{cfg.source}: {toml_path(('gate', 'fields', name), table=True)}: not an output field; "
                 f"output fields are {', '.join(fields) or '(none)'}"
             )
 

@@ -61,7 +61,17 @@ class JobState:
 
 
 async def show_progress(state: JobState, interval_s: float = 5.0) -> None:
-    """Refresh a tqdm bar (TTY) or log a status line every `interval_s` (non-TTY) until cancelled."""
+    """Refresh a tqdm bar (TTY) or log a status line every `interval_s` (non-TTY) until cancelled.
+
+    A stderr that is missing or cannot be written (closed, a pipe nobody reads) ends the display,
+    never the job."""
+    try:
+        await _show_progress(state, interval_s)
+    except (OSError, ValueError, AttributeError):
+        return
+
+
+async def _show_progress(state: JobState, interval_s: float) -> None:
     tty = sys.stderr.isatty() or "ipykernel" in sys.modules  # a notebook shows a widget
     bar = tqdm(
         total=state.total,

@@ -27,27 +27,27 @@ def test_companies_config_builds_a_spec_without_warnings() -> None:
     [
         (
             '[input]\npath="a.csv"\nkey=["k"]\n[task]\nprocessor="turbo"\n[task.output.x]\ntype="string"\n[output]\npath="o.csv"\n',
-            "task.processor: unknown processor 'turbo'",
+            "[task] processor: unknown processor 'turbo'",
         ),
         (
             '[input]\npath="a.csv"\nkey=[]\n[task]\n[task.output.x]\ntype="string"\n[output]\npath="o.csv"\n',
-            "input.key",
+            "[input] key: must not be empty",
         ),
         (
             '[input]\npath="a.csv"\nkey=["k"]\n[task]\n[task.output.x]\ntype="strin"\n[output]\npath="o.csv"\n',
-            "task.output.x.type",
+            "[task.output.x] type",
         ),
         (
             '[input]\npath="a.csv"\nkey=["k"]\n[task]\n[task.output.x]\ntype="string"\n[output]\npath="o.csv"\n'
             "[limits]\nmax_in_flight=0\n",
-            "limits.max_in_flight",
+            "[limits] max_in_flight",
         ),
         (
             '[input]\npath="a.csv"\nkey=["k"]\n[task]\n[task.output.x]\ntype="string"\n[output]\npath="o.csv"\n'
             "[limits]\nbogus=1\n",
-            "limits.bogus",
+            "[limits] bogus",
         ),
-        ('[input]\npath="a.csv"\nkey=["k"]\n[task]\napi_key="sk-123"\n', "task.api_key: API keys never go in config"),
+        ('[input]\npath="a.csv"\nkey=["k"]\n[task]\napi_key="sk-123"\n', "[task] api_key: API keys never go in config"),
         ("[input\n", "not valid TOML"),
     ],
 )

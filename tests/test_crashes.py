@@ -438,3 +438,54 @@ def test_workbook_number_beyond_int64_names_its_cell_and_row(tmp_path: Path) -> 
     line = one_error_line(r.stderr)
     assert f"{data} [Sheet1] row 6: cell B6 (column 'revenue') holds 9.223372036854776E+18" in line
     assert "f64" not in line and "Format Cells > Text" in line
+
+
+# ---- config errors ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra,limits,where",
+    [
+        ('\n[escalate]\nprocessors = ["lite-fast"]\n', "", "[escalate] processors[0]: 'lite-fast' is not on a higher"),
+        ('\n[escalate]\nprocessors = ["core"]\non = ["rejected", "nope"]\n', "", "[escalate] on[1]: must be one of"),
+        ("", "max_in_flight = 0", "[limits] max_in_flight: must be greater than 0"),
+        ("", "", "[gate.fields.nope]: not an output field"),
+    ],
+)
+def test_config_errors_name_the_toml_table_and_key(tmp_path: Path, extra: str, limits: str, where: str) -> None:
+    """Config errors point at the setting as the TOML file spells it (`[escalate] processors[0]`), not at
+    pydantic's path (`(root): escalate.processors[0]`)."""
+    cfg = companies_job(tmp_path, extra=extra, limits=limits)
+    if "gate.fields" in where:
+        cfg.write_text(cfg.read_text() + '\n[gate.fields.nope]\naccept = ["high"]\n')
+    r = run_enrich("run", str(cfg), "--emulator")
+    assert r.returncode == 2
+    line = one_error_line(r.stderr)
+    assert line.startswith(f"enrich: error: {cfg}: {where}") and "(root)" not in line, line
+
+
+def test_library_job_with_a_closed_stderr_finishes(tmp_path: Path, emulator_process) -> None:
+    """`run_job` from Python with sys.stderr closed (not through the CLI's guard): the job still finishes."""
+    emu = emulator_process("--time-scale", "0.01")
+    cfg = companies_job(tmp_path)
+    script = (
+        "import os, sys\n"
+        "from enrich.config import load_config\n"
+        "from enrich.job import run_job\n"
+        "cfg = load_config(sys.argv[1], {'api.base_url': sys.argv[2]})\n"
+        "closed = open(os.devnull, 'w')\n"
+        "closed.close()\n"
+        "sys.stderr = closed  # every write to it raises ValueError\n"
+        "r = run_job(cfg, api_key=os.environ['PARALLEL_API_KEY'], install_signals=False)\n"
+        "print(r.exit_code, r.counts)\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", script, str(cfg), emu.base_url],
+        cwd=ROOT,
+        env=env_with(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"0 {{'done': {ROWS}}}", r.stdout

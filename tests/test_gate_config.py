@@ -42,31 +42,34 @@ def test_defaults_and_full_sections(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "extra,where",
     [
-        ('[gate]\naccept=["high"]\nreview=["high","medium"]\n', "gate: confidence 'high' is in both"),
+        ('[gate]\naccept=["high"]\nreview=["high","medium"]\n', "[gate]: confidence 'high' is in both"),
         ('[gate]\nreject=["low"]\n', "'none' is in none of accept, review, reject"),
         ('[gate]\naccept=["medium"]\nreview=["high"]\n', "accept must only hold confidences above those in review"),
         ('[gate]\naccept=["high","low"]\nreview=["medium"]\nreject=["none"]\n', "accept must only hold"),
-        ('[gate]\naccept=["top"]\n', "gate.accept.0"),
+        ('[gate]\naccept=["top"]\n', "[gate] accept[0]"),
         ("[gate]\naccept_at=0.5\nreview_at=0.7\n", "review_at must not be above accept_at"),
-        ("[gate]\nbogus=1\n", "gate.bogus"),
-        ('[gate.fields.x]\naccept=["high","medium","low"]\nreject=["low"]\n', "fields.x: confidence 'low' is in both"),
-        ('[gate.fields.zzz]\naccept=["high"]\n', "gate.fields.zzz: not an output field; output fields are x, y"),
+        ("[gate]\nbogus=1\n", "[gate] bogus"),
+        (
+            '[gate.fields.x]\naccept=["high","medium","low"]\nreject=["low"]\n',
+            "[gate.fields.x]: confidence 'low' is in both",
+        ),
+        ('[gate.fields.zzz]\naccept=["high"]\n', "[gate.fields.zzz]: not an output field; output fields are x, y"),
         (
             '[escalate]\nprocessors=["lite"]\n',
-            "escalate.processors[0]: 'lite' is not on a higher price tier than 'lite'",
+            "[escalate] processors[0]: 'lite' is not on a higher price tier than 'lite'",
         ),
         ('[escalate]\nprocessors=["lite-fast"]\n', "not on a higher price tier"),
-        ('[escalate]\nprocessors=["core","base"]\n', "escalate.processors[1]: 'base' is not on a higher price tier"),
+        ('[escalate]\nprocessors=["core","base"]\n', "[escalate] processors[1]: 'base' is not on a higher price tier"),
         ('[escalate]\nprocessors=["turbo"]\n', "unknown processor 'turbo'"),
-        ("[escalate]\nprocessors=[]\n", "escalate.processors"),
-        ('[escalate]\nprocessors=["core"]\non=["review"]\n', 'on must be ["rejected"]'),
-        ('[escalate]\nprocessors=["core"]\non=["accepted"]\n', "escalate.on.0"),
-        ('[escalate]\nprocessors=["core"]\nmax_rows=0\n', "escalate.max_rows"),
+        ("[escalate]\nprocessors=[]\n", "[escalate] processors: must not be empty"),
+        ('[escalate]\nprocessors=["core"]\non=["review"]\n', '[escalate] on: must be ["rejected"]'),
+        ('[escalate]\nprocessors=["core"]\non=["accepted"]\n', "[escalate] on[0]"),
+        ('[escalate]\nprocessors=["core"]\nmax_rows=0\n', "[escalate] max_rows"),
         ('[limits]\nmax_processor="warp"\n', "unknown processor 'warp'"),
-        ("[limits]\ndaily_budget_usd=-1\n", "limits.daily_budget_usd"),
+        ("[limits]\ndaily_budget_usd=-1\n", "[limits] daily_budget_usd"),
         (
             '[limits]\nmax_processor="base"\n[escalate]\nprocessors=["core"]\n',
-            "escalate.processors[0]: 'core' is above limits.max_processor = 'base'",
+            "[escalate] processors[0]: 'core' is above [limits] max_processor = 'base'",
         ),
     ],
 )
@@ -79,12 +82,14 @@ def test_bad_sections(tmp_path: Path, extra: str, where: str) -> None:
 
 def test_max_processor_checks_overridden_task_processor(tmp_path: Path) -> None:
     """A --processor override above the cap is refused; the cap compares price tiers."""
-    with pytest.raises(ConfigError, match=re.escape("task.processor: 'pro' is above limits.max_processor = 'core'")):
+    with pytest.raises(
+        ConfigError, match=re.escape("[task] processor: 'pro' is above [limits] max_processor = 'core'")
+    ):
         load(tmp_path, '[limits]\nmax_processor="core"\n', **{"task.processor": "pro"})
     cfg = load(tmp_path, '[limits]\nmax_processor="core"\n', **{"task.processor": "core-fast"})
     check_max_processor(cfg)  # same tier: allowed
     cfg.limits.max_processor = "lite"
-    with pytest.raises(ConfigError, match=r"task\.processor"):
+    with pytest.raises(ConfigError, match=re.escape("[task] processor")):
         check_max_processor(cfg)
 
 
@@ -92,7 +97,7 @@ def test_check_gate_fields_direct(tmp_path: Path) -> None:
     """check_gate_fields works against any field set (e.g. a spec loaded from a schema file)."""
     cfg = load(tmp_path, '[gate.fields.x]\naccept=["high","medium"]\n')
     check_gate_fields(cfg, {"x": {}})
-    with pytest.raises(ConfigError, match=r"gate\.fields\.x: not an output field"):
+    with pytest.raises(ConfigError, match=re.escape("[gate.fields.x]: not an output field")):
         check_gate_fields(cfg, {"other": {}})
 
 
