@@ -45,6 +45,7 @@ class TableInfo:
     path: str
     columns: list[str]
     arrow_schema: bytes | None  # serialized pyarrow schema for Parquet input (kept for Parquet output)
+    rows: int | None = None  # data rows, when the file says so before it is read (Parquet metadata)
 
 
 def _bom_encoding(head: bytes) -> str | None:
@@ -424,7 +425,7 @@ def read_parquet(
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise InputError(spath, f"corrupt Parquet data near row {n + 1} ({str(exc)[:120]})") from None
 
-    return TableInfo(spath, names, schema.serialize().to_pybytes()), batches()
+    return TableInfo(spath, names, schema.serialize().to_pybytes(), pf.metadata.num_rows), batches()
 
 
 def open_table(

@@ -94,6 +94,18 @@ def to_frame(table: Any, kinds: dict[str, str]) -> Any:
     return df
 
 
+def longest_cell(df: Any, columns: list[str]) -> tuple[str, int, int] | None:
+    """(column, sheet row, characters) of the first text cell among `columns` too long for Excel, or None."""
+    for name in columns:
+        if name not in df.columns or df.schema[name] != pl.String:
+            continue
+        lens = df.get_column(name).str.len_chars()
+        if (lens.max() or 0) > EXCEL_MAX_CELL_CHARS:
+            i = int((lens > EXCEL_MAX_CELL_CHARS).arg_true()[0])
+            return name, i + 2, int(lens[i])  # sheet row: 1-based, below the header
+    return None
+
+
 def _width(df: Any, name: str) -> int:
     sample = df.get_column(name).head(2_000)
     if sample.dtype == pl.String:

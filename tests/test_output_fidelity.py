@@ -1,0 +1,146 @@
+"""Output fidelity: input columns come back exactly in every output format, or the job is refused
+before paying; researched values are encoded once and the same way in every file; .xlsx cells keep
+their look (number formats) and are never formulas. Everything runs against the emulator over loopback
+and opens the outputs as a spreadsheet would (openpyxl)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from enrich.cli import main
+from enrich.errors import InputError
+from enrich.preflight import SheetFit
+from enrich.read import Row, TableInfo
+from enrich.xlsx import EXCEL_MAX_CELL_CHARS, EXCEL_MAX_ROWS
+from tests.conftest import CANARY_KEY
+
+openpyxl = pytest.importorskip("openpyxl")
+
+
+@pytest.fixture(scope="module")
+def api() -> Any:
+    """One emulator for the module: its ledger shows whether a refused job sent anything."""
+    from enrich.emulator import EmulatorConfig, EmulatorServer
+
+    with EmulatorServer(EmulatorConfig(time_scale=0)) as server:
+        yield server
+
+
+@pytest.fixture
+def keyed(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith(("PARALLEL_", "ENRICH_")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("PARALLEL_API_KEY", CANARY_KEY)
+
+
+def ledger(server: Any) -> list[dict[str, Any]]:
+    return httpx.get(server.base_url + "/_emulator/ledger", timeout=10).json()
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """Run `enrich ARGS` in-process; (exit code, stderr)."""
+    try:
+        code = main(list(args))
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    return code, capsys.readouterr().err
+
+
+def refused(code: int, err: str, *needles: str) -> None:
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("enrich: error: ") and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+
+
+def job(
+    tmp: Path, src: Path, out: str, *, columns: tuple[str, ...] = ("company",), fields: str = "", extra: str = ""
+) -> Path:
+    fields = fields or '[task.output.hq]\ntype = "string"\n'
+    text = (
+        f'[input]\npath = {json.dumps(str(src))}\nkey = ["company"]\ncolumns = {json.dumps(list(columns))}\n\n'
+        f'[task]\nprocessor = "lite-fast"\ninstruction = "Research the company."\n{extra}\n{fields}\n'
+        f"[output]\npath = {json.dumps(str(tmp / out))}\n\n[limits]\nreconcile_grace_s = 3\nrequest_timeout_s = 2\n\n"
+        "[emulator]\ntime_scale = 0\n"
+    )
+    cfg = tmp / "job.toml"
+    cfg.write_text(text)
+    return cfg
+
+
+# ---- what an .xlsx output cannot hold is refused before paying -----------------------------------
+
+
+def test_too_long_input_cell_is_refused_before_paying_for_xlsx_output(tmp_path: Path, capsys, keyed, api) -> None:
+    """A 40,000-character input cell: .xlsx output is refused (file, line, column, what to do), nothing sent."""
+    long = "lorem ipsum " * 3_334  # 40,008 characters: longer than an Excel cell
+    src = tmp_path / "in.csv"
+    with src.open("w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["company", "notes"], ["Apple", "short"], ["Microsoft", long]])
+    code, err = cli(capsys, "run", str(job(tmp_path, src, "out.xlsx")), "--base-url", api.base_url)
+    refused(code, err, f"{src}:3: column notes:", f"{len(long):,} characters", "32,767", ".parquet or .csv")
+    assert ledger(api) == []
+    assert not (tmp_path / "out.xlsx").exists()
+
+
+def test_too_long_input_cell_comes_back_exactly_in_csv_and_parquet(tmp_path: Path, capsys, keyed) -> None:
+    """The same input with .csv or .parquet output runs, the long cell intact; exporting it to .xlsx is refused."""
+    long = "é" * (EXCEL_MAX_CELL_CHARS + 1)
+    src = tmp_path / "in.csv"
+    with src.open("w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["company", "notes"], ["Apple", "short"], ["Microsoft", long]])
+    for out in ("out.csv", "out.parquet"):
+        code, err = cli(capsys, "run", str(job(tmp_path, src, out)), "--emulator")
+        assert code == 0, err
+    with (tmp_path / "out.csv").open(newline="", encoding="utf-8") as f:
+        assert [r["notes"] for r in csv.DictReader(f)] == ["short", long]
+    assert pq.read_table(tmp_path / "out.parquet").column("notes").to_pylist() == ["short", long]
+    # the write-time backstop: nothing is paid at export, but the cell would still be cut
+    code, err = cli(
+        capsys, "export", str(tmp_path / "out.csv.journal.sqlite"), "--output", str(tmp_path / "again.xlsx")
+    )
+    refused(code, err, "input column 'notes'", "row 3", "32,767", "--output out.parquet")
+    assert not (tmp_path / "again.xlsx").exists()
+
+
+def test_parquet_input_with_more_rows_than_a_sheet_is_refused_at_once(tmp_path: Path, capsys, keyed, api) -> None:
+    """1,048,576 data rows + the header do not fit one sheet: refused from the Parquet metadata, nothing sent."""
+    src = tmp_path / "big.parquet"
+    pq.write_table(pa.table({"company": pa.array([f"c{i}" for i in range(EXCEL_MAX_ROWS)])}), src)
+    code, err = cli(capsys, "run", str(job(tmp_path, src, "out.xlsx")), "--base-url", api.base_url)
+    refused(code, err, str(src), "1,048,576 data rows", "1,048,576 rows with the header", ".parquet or .csv")
+    assert ledger(api) == []
+
+
+def test_sheet_fit_counts_streamed_rows_up_to_the_last_that_fits(tmp_path: Path) -> None:
+    """Streamed rows (CSV) are counted: row 1,048,575 fits under the header, the next one is refused."""
+    fit = SheetFit(tmp_path / "o.xlsx", TableInfo("in.csv", ["company"], None))
+    row = Row(0, ["x"])
+    for line in range(2, EXCEL_MAX_ROWS + 1):  # data rows 1 .. 1,048,575 on lines 2 ..
+        row.line = line
+        fit.row(row, '["x"]')
+    row.line = EXCEL_MAX_ROWS + 1
+    with pytest.raises(InputError) as exc:
+        fit.row(row, '["x"]')
+    assert str(exc.value).startswith(f"in.csv:{EXCEL_MAX_ROWS + 1}: ") and "o.xlsx" in str(exc.value)
+
+
+def test_sheet_fit_measures_nested_cells_as_the_text_excel_would_get() -> None:
+    """A list cell is written as its JSON text: a list whose text is too long is refused, naming the column."""
+    fit = SheetFit(Path("o.xlsx"), TableInfo("in.parquet", ["company", "tags"], None))
+    tags = ["t" * 1_000] * 40
+    with pytest.raises(InputError, match=r"in\.parquet:7: column tags: cell has 40,"):
+        fit.row(Row(7, ["Apple", tags]), json.dumps(["Apple", tags]))
+    fit.row(Row(8, ["Apple", tags[:30]]), json.dumps(["Apple", tags[:30]]))  # 30,120 characters: fits
+
