@@ -64,6 +64,15 @@ def _clip(text: str) -> str:
     return text[: EXCEL_MAX_CELL_CHARS - 20] + " …[truncated]"
 
 
+def _json_items(items: Any) -> str:
+    """A list of JSON texts as the one JSON array they make, as files.encode_cell writes it.
+
+    >>> _json_items(['{"a": 1}', None])
+    '[{"a": 1}, null]'
+    """
+    return "[" + ", ".join("null" if i is None else i for i in items) + "]"
+
+
 def to_frame(table: Any, kinds: dict[str, str]) -> Any:
     """Arrow output table -> polars frame Excel can hold: lists become text, researched text guarded.
 
@@ -84,8 +93,8 @@ def to_frame(table: Any, kinds: dict[str, str]) -> Any:
                     lambda v: json.dumps(list(v), ensure_ascii=False, default=str), return_dtype=pl.String
                 ).alias(name)
             )
-        elif kind == "json_items":  # items are already one JSON text each: the array is encoded once
-            exprs.append(col.map_elements(lambda v: "[" + ", ".join(v) + "]", return_dtype=pl.String).alias(name))
+        elif kind == "json_items":  # items are already one JSON text each (null: not an object): encoded once
+            exprs.append(col.map_elements(_json_items, return_dtype=pl.String).alias(name))
     if exprs:
         df = df.with_columns(exprs)
     texts = [n for n, k in kinds.items() if n in df.columns and df.schema[n] == pl.String]

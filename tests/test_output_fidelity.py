@@ -144,3 +144,60 @@ def test_sheet_fit_measures_nested_cells_as_the_text_excel_would_get() -> None:
         fit.row(Row(7, ["Apple", tags]), json.dumps(["Apple", tags]))
     fit.row(Row(8, ["Apple", tags[:30]]), json.dumps(["Apple", tags[:30]]))  # 30,120 characters: fits
 
+
+# ---- an array of objects is encoded once, the same way in every file ----------------------------
+
+OFFICERS = {
+    "Apple": [{"name": 'Zoë "Z" O\'Neil', "role": "CEO"}, {"name": "Ann\nLee", "role": "=CFO"}],
+    "Microsoft": [{"name": "Bob", "role": "CTO"}, None],  # an item that is not an object stays null
+}
+OFFICERS_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "officers": {
+            "type": "array",
+            "description": "Executive officers",
+            "items": {
+                "type": "object",
+                "properties": {"name": {"type": "string"}, "role": {"type": "string"}},
+                "required": ["name", "role"],
+                "additionalProperties": False,
+            },
+        }
+    },
+    "required": ["officers"],
+    "additionalProperties": False,
+}
+
+
+def test_array_of_objects_is_encoded_once_in_csv_parquet_xlsx_and_review(tmp_path: Path, capsys, keyed) -> None:
+    """An array-of-objects field: one JSON array in CSV, xlsx and review cells; one JSON object per Parquet item."""
+    knowledge = tmp_path / "knowledge.csv"
+    with knowledge.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["company", "officers", "officers__tier"])  # base tier: lite-fast answers medium or low
+        w.writerows([c, json.dumps(v, ensure_ascii=False), "base"] for c, v in OFFICERS.items())
+    (tmp_path / "schema.json").write_text(json.dumps(OFFICERS_SCHEMA))
+    src = tmp_path / "in.csv"
+    src.write_text("company\nApple\nMicrosoft\n")
+    once = {c: json.dumps(v, ensure_ascii=False) for c, v in OFFICERS.items()}  # the one encoding
+    for out in ("out.csv", "out.parquet", "out.xlsx"):
+        cfg = job(tmp_path, src, out, fields=f'output_schema = "{tmp_path / "schema.json"}"\n')
+        cfg.write_text(cfg.read_text().replace("time_scale = 0", f'time_scale = 0\nknowledge = "{knowledge}"'))
+        code, err = cli(capsys, "run", str(cfg), "--emulator")
+        assert code == 0, err
+        with (tmp_path / f"{Path(out).stem}.review.csv").open(newline="", encoding="utf-8") as f:
+            review = {r["company"]: r["value"] for r in csv.DictReader(f) if r["field"] == "officers"}
+        assert review == once, out
+    with (tmp_path / "out.csv").open(newline="", encoding="utf-8") as f:
+        assert {r["company"]: r["officers"] for r in csv.DictReader(f)} == once
+    table = pq.read_table(tmp_path / "out.parquet")
+    assert table.schema.field("officers").type == pa.list_(pa.string())
+    items = dict(zip(table.column("company").to_pylist(), table.column("officers").to_pylist(), strict=True))
+    assert {c: [None if i is None else json.loads(i) for i in v] for c, v in items.items()} == OFFICERS
+    assert items["Apple"][0] == json.dumps(OFFICERS["Apple"][0], ensure_ascii=False)  # one object, as text once
+    ws = openpyxl.load_workbook(tmp_path / "out.xlsx")["Enriched"]
+    header = [c.value for c in ws[1]]
+    cells = {r[0].value: r[header.index("officers")] for r in ws.iter_rows(min_row=2)}
+    assert {c: cell.value for c, cell in cells.items()} == once
+    assert all(cell.data_type == "s" for cell in cells.values())
