@@ -166,6 +166,7 @@ def prepare(cfg: RunConfig, journal: Journal, retry_failed: bool = False, dry: b
                 "input_path": path,
                 "seed_fingerprint": fingerprint,
                 "arrow_schema": base64.b64encode(info.arrow_schema).decode() if info.arrow_schema else None,
+                "number_formats": info.formats,  # .xlsx input: carried to .xlsx output
                 "processor": cfg.task.processor,
             },
         )

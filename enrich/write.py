@@ -456,7 +456,8 @@ def _write(
         coloured = [c[0] for c in proj.columns if c[4] == "confidence" or c[0] in proj.stats.decision_cols]
         citations = [c[0] for c in proj.columns if c[4] == "citations"]
         summary = _summary_rows(report)
-        atomic_write(path, lambda fp: write_workbook(fp, frame, coloured, citations, summary))
+        formats = journal.get("number_formats") or {}  # the .xlsx input's, per input column
+        atomic_write(path, lambda fp: write_workbook(fp, frame, coloured, citations, summary, formats))
     if cfg is not None:
         report["review_file"] = str(review_path(path))
         report["review_lines"] = write_review_cells(

@@ -6,6 +6,7 @@ and opens the outputs as a spreadsheet would (openpyxl)."""
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import json
 import os
 from pathlib import Path
@@ -201,3 +202,80 @@ def test_array_of_objects_is_encoded_once_in_csv_parquet_xlsx_and_review(tmp_pat
     cells = {r[0].value: r[header.index("officers")] for r in ws.iter_rows(min_row=2)}
     assert {c: cell.value for c, cell in cells.items()} == once
     assert all(cell.data_type == "s" for cell in cells.values())
+
+
+# ---- .xlsx cells look as the input did ------------------------------------------------------------
+
+FORMATS = {  # column -> (number format as Excel writes it, a value)
+    "opens": ("hh:mm", dt.time(9, 30)),
+    "share": ("0%", 0.25),
+    "price": ('"$"#,##0.00', 1234.5),
+    "euros": ("#,##0.00 [$€-407]", 3.5),
+    "day": ("d mmm yyyy", dt.datetime(2020, 1, 2)),
+    "took": ("[h]:mm:ss", dt.timedelta(hours=36)),
+    "count": ("General", 7),
+}
+
+
+def test_xlsx_input_number_formats_are_carried_to_xlsx_output(tmp_path: Path, capsys, keyed) -> None:
+    """Percent, currency, time-of-day, date and duration cells of an .xlsx input keep value and format in .xlsx output."""
+    src = tmp_path / "in.xlsx"
+    wb = openpyxl.Workbook()
+    ws = wb.active
+    ws.append(["company", *FORMATS])
+    for company in ("Apple", "Microsoft"):
+        ws.append([company, *(v for _f, v in FORMATS.values())])
+    for row in ws.iter_rows(min_row=2):
+        for cell, (fmt, _v) in zip(row[1:], FORMATS.values(), strict=True):
+            cell.number_format = fmt
+    wb.save(src)
+    code, err = cli(capsys, "run", str(job(tmp_path, src, "out.xlsx")), "--emulator")
+    assert code == 0, err
+    out = openpyxl.load_workbook(tmp_path / "out.xlsx")["Enriched"]
+    header = [c.value for c in out[1]]
+    rows = list(out.iter_rows(min_row=2))
+    assert [r[0].value for r in rows] == ["Apple", "Microsoft"]
+    for name, (fmt, value) in FORMATS.items():
+        cells = [r[header.index(name)] for r in rows]
+        assert [(c.value, c.number_format) for c in cells] == [(value, fmt)] * 2, name
+
+
+def test_parquet_types_in_xlsx_output_are_typed_or_the_csv_text(tmp_path: Path, capsys, keyed) -> None:
+    """Times get hh:mm:ss, durations [h]:mm:ss, aware datetimes their zone; lists, structs, maps and bytes the CSV text."""
+    table = pa.table(
+        {
+            "company": ["Apple", "Microsoft"],
+            "opens": pa.array([dt.time(9, 30), dt.time(17, 0, 5)], pa.time64("us")),
+            "took": pa.array([90, 5_400], pa.duration("s")),
+            "seen": pa.array([dt.datetime(2020, 1, 1, 12, tzinfo=dt.UTC)] * 2, pa.timestamp("us", "UTC")),
+            "tags": pa.array([["a", 'b "c"'], None], pa.list_(pa.string())),
+            "info": pa.array([{"x": 1, "t": dt.date(2020, 1, 2)}, None]),
+            "pairs": pa.array([[("a", 1)], []], pa.map_(pa.string(), pa.int64())),
+            "blob": pa.array([b"\x00\xff", None], pa.binary()),
+        }
+    )
+    pq.write_table(table, tmp_path / "in.parquet")
+    for out in ("out.csv", "out.xlsx"):
+        code, err = cli(capsys, "run", str(job(tmp_path, tmp_path / "in.parquet", out)), "--emulator")
+        assert code == 0, err
+    with (tmp_path / "out.csv").open(newline="", encoding="utf-8") as f:
+        as_csv = list(csv.DictReader(f))
+    ws = openpyxl.load_workbook(tmp_path / "out.xlsx")["Enriched"]
+    header = [c.value for c in ws[1]]
+    rows = [{h: c for h, c in zip(header, r, strict=True)} for r in ws.iter_rows(min_row=2)]
+    assert [(r["opens"].value, r["opens"].number_format) for r in rows] == [
+        (dt.time(9, 30), "hh:mm:ss"),
+        (dt.time(17, 0, 5), "hh:mm:ss"),
+    ]
+    assert [(r["took"].value, r["took"].number_format) for r in rows] == [
+        (dt.timedelta(seconds=90), "[h]:mm:ss"),
+        (dt.timedelta(seconds=5_400), "[h]:mm:ss"),
+    ]
+    assert {(r["seen"].value, r["seen"].number_format) for r in rows} == {
+        (dt.datetime(2020, 1, 1, 12), 'yyyy-mm-dd hh:mm:ss "UTC"')
+    }
+    for name in ("tags", "info", "pairs", "blob"):
+        assert [r[name].value or "" for r in rows] == [c[name] for c in as_csv], name
+        assert all(r[name].data_type in ("s", "n") for r in rows)  # text, or an empty cell
+    assert rows[0]["tags"].value == '["a", "b \\"c\\""]'
+
