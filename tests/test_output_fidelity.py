@@ -9,6 +9,7 @@ import csv
 import datetime as dt
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -279,3 +280,50 @@ def test_parquet_types_in_xlsx_output_are_typed_or_the_csv_text(tmp_path: Path, 
         assert all(r[name].data_type in ("s", "n") for r in rows)  # text, or an empty cell
     assert rows[0]["tags"].value == '["a", "b \\"c\\""]'
 
+
+# ---- .xlsx cells are text, never formulas -------------------------------------------------------
+
+HOSTILE = {
+    "Apple": '=HYPERLINK("http://evil.example","click")',
+    "Microsoft": "@SUM(A1:A9)",
+    "Nvidia": "+1-2",
+    "Tesla": "'quoted already",
+}
+
+
+def test_researched_formula_text_is_a_text_cell_in_xlsx_and_guarded_in_csv(tmp_path: Path, capsys, keyed) -> None:
+    """Researched (and input) text starting with = @ + ' is a text cell holding exactly that text; no cell is a formula."""
+    knowledge = tmp_path / "knowledge.csv"
+    with knowledge.open("w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["company", "hq"], *HOSTILE.items()])
+    src = tmp_path / "in.csv"
+    with src.open("w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["company", "note"], *((c, "=1+1") for c in HOSTILE)])
+    for out in ("out.xlsx", "out.csv"):
+        cfg = job(tmp_path, src, out)
+        cfg.write_text(cfg.read_text().replace("time_scale = 0", f'time_scale = 0\nknowledge = "{knowledge}"'))
+        code, err = cli(capsys, "run", str(cfg), "--emulator")
+        assert code == 0, err
+    wb = openpyxl.load_workbook(tmp_path / "out.xlsx")
+    ws = wb["Enriched"]
+    header = [c.value for c in ws[1]]
+    rows = {r[0].value: r for r in ws.iter_rows(min_row=2)}
+    for company, text in HOSTILE.items():
+        hq, note = rows[company][header.index("hq")], rows[company][header.index("note")]
+        assert (hq.value, hq.data_type) == (text, "s")
+        assert (note.value, note.data_type) == ("=1+1", "s")
+    assert all(c.data_type != "f" for sheet in wb for row in sheet.iter_rows() for c in row)
+    with zipfile.ZipFile(tmp_path / "out.xlsx") as z:  # no formula element in any sheet's XML
+        assert not [n for n in z.namelist() if n.startswith("xl/worksheets/") and b"<f>" in z.read(n)]
+    with (tmp_path / "out.csv").open(newline="", encoding="utf-8") as f:  # CSV files are what the guard is for
+        guarded = {r["company"]: (r["hq"], r["note"]) for r in csv.DictReader(f)}
+    assert guarded["Apple"] == ("'" + HOSTILE["Apple"], "'=1+1")
+    assert guarded["Microsoft"][0] == "'@SUM(A1:A9)" and guarded["Nvidia"][0] == "'+1-2"
+
+
+def test_readme_says_the_formula_guard_is_for_csv_only() -> None:
+    """README: formula_guard is CSV only and .xlsx text cells are never formulas, with no `'` in front."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    setting = next(line for line in readme.splitlines() if line.startswith("formula_guard ="))
+    assert "CSV only" in setting and ".xlsx cells are text, never formulas" in setting
+    assert "never a formula" in readme and "with no `'` in front" in readme
