@@ -37,9 +37,11 @@ from enrich.config import (
 )
 from enrich.decide import escalate_pass
 from enrich.errors import ApiError, ApiUnavailable, InputError, PermanentApiError, TransientApiError
+from enrich.files import XLSX_SUFFIXES
 from enrich.flatten import output_columns
 from enrich.journal import IN_FLIGHT, DuplicateKey, Journal
 from enrich.poll import Poller
+from enrich.preflight import sheet_fit
 from enrich.processors import PROCESSORS
 from enrich.progress import JobState, show_progress
 from enrich.read import key_problem, open_table
@@ -105,6 +107,11 @@ def prepare(cfg: RunConfig, journal: Journal, retry_failed: bool = False, dry: b
         cfg.input.max_cell_bytes,
         sheet=cfg.input.sheet,
     )
+    try:
+        fit = sheet_fit(cfg.output.path, info)  # what an .xlsx output could not give back exactly
+    except InputError:
+        batches.close()  # type: ignore[attr-defined]
+        raise
     pos = {c: i for i, c in enumerate(info.columns)}
     kidx, iidx = [pos[c] for c in key_cols], [(c, pos[c]) for c in in_cols]
     path = info.path
@@ -129,13 +136,16 @@ def prepare(cfg: RunConfig, journal: Journal, retry_failed: bool = False, dry: b
                         f"({spec_chars:,}) it exceeds the API's {MAX_SPEC_AND_INPUT_CHARS:,}",
                         line=row.line,
                     )
+                row_json = json.dumps(row.values, ensure_ascii=False, default=str)
+                if fit is not None:
+                    fit.row(row, row_json)
                 out.append(
                     (
                         row_key,
                         digest([job_id, row_key], 24),
                         total,
                         row.line,
-                        json.dumps(row.values, ensure_ascii=False, default=str),
+                        row_json,
                         input_json,
                         digest(input_json),
                         spec_hash,
@@ -166,6 +176,7 @@ def prepare(cfg: RunConfig, journal: Journal, retry_failed: bool = False, dry: b
                 "input_path": path,
                 "seed_fingerprint": fingerprint,
                 "arrow_schema": base64.b64encode(info.arrow_schema).decode() if info.arrow_schema else None,
+                "number_formats": info.formats,  # .xlsx input: carried to .xlsx output
                 "processor": cfg.task.processor,
             },
             inspect=would_escalate,
@@ -205,6 +216,8 @@ def _input_fingerprint(cfg: RunConfig, spec_hash: str) -> str | None:
             spec_hash,
             cfg.ladder,
             *([cfg.input.sheet] if cfg.input.sheet is not None else []),
+            # an .xlsx output checks every row while seeding (preflight.SheetFit): a switch to it re-reads
+            *(["xlsx"] if cfg.output.path.suffix.lower() in XLSX_SUFFIXES else []),
         ]
     )
 

@@ -12,8 +12,11 @@ request is sent. It refuses, with a `ConfigError` (exit 2) naming the setting, f
 - with `--emulator`, a knowledge table that is missing or lacks its key column.
 
 Input problems (bad rows, column types that cannot be written back) are found by `read.py`
-while the input is seeded into the journal, which also happens before any request. The
-argparse `type=` helpers at the bottom make flag errors name the flag.
+while the input is seeded into the journal, which also happens before any request. So is what
+an `.xlsx` output cannot hold unchanged (`SheetFit`: more rows than a sheet has, a cell longer
+than Excel's 32,767 characters): `pipeline.prepare` applies it to every row as it streams the
+input, so the check costs no second read. The argparse `type=` helpers at the bottom make flag
+errors name the flag.
 """
 
 from __future__ import annotations
@@ -31,9 +34,11 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from enrich.config import build_task_spec, output_fields, output_format_problem
-from enrich.errors import ConfigError, JournalError
-from enrich.files import is_parquet, report_json_path
+from enrich.errors import ConfigError, InputError, JournalError
+from enrich.files import XLSX_SUFFIXES, encode_cell, is_parquet, report_json_path
 from enrich.flatten import META_COLUMNS, output_columns
+from enrich.read import Row, TableInfo
+from enrich.xlsx import EXCEL_MAX_CELL_CHARS, EXCEL_MAX_ROWS
 
 EMULATOR_KEY = "emulator-local-key"
 RESERVED_PREFIX = "_enrich_"  # generated columns (status, error, run id) and any added later
@@ -200,6 +205,56 @@ def column_collision(fields: dict[str, dict[str, Any]]) -> str | None:
             return f"column {col!r} would come from both field {other!r} ({other_role}) and field {field!r} ({role})"
         seen[col] = (field, role)
     return None
+
+
+# ---- what the output format holds ----------------------------------------------------------
+
+
+class SheetFit:
+    """Refuses input an `.xlsx` output could not give back exactly, while the input is read.
+
+    A sheet holds 1,048,576 rows, the header included, and 32,767 characters per cell; the
+    writer would cut a longer input cell without a word. `pipeline.prepare` calls `row` for
+    every input row (before any request), with the row's JSON text it builds anyway: no cell
+    of a row whose JSON fits in one cell can be longer, so most rows cost one `len()`.
+    Raises InputError naming the input file, row and column, and what to do instead.
+    """
+
+    def __init__(self, output: Path, info: TableInfo):
+        self.output, self.path, self.columns = output, info.path, info.columns
+        self.rows = 0
+        if info.rows is not None and info.rows >= EXCEL_MAX_ROWS:  # Parquet says so before any row is read
+            raise InputError(self.path, self._too_many(info.rows))
+
+    def _too_many(self, rows: int | None = None) -> str:
+        many = f"{rows:,} data rows" if rows is not None else f"more than {EXCEL_MAX_ROWS - 1:,} data rows"
+        return (
+            f"{many} do not fit the .xlsx output {self.output} (one sheet holds {EXCEL_MAX_ROWS:,} rows with "
+            "the header); write .parquet or .csv output instead (--output ...parquet)"
+        )
+
+    def row(self, row: Row, row_json: str) -> None:
+        self.rows += 1
+        if self.rows >= EXCEL_MAX_ROWS:
+            raise InputError(self.path, self._too_many(), line=row.line)
+        if len(row_json) <= EXCEL_MAX_CELL_CHARS:
+            return
+        for name, value in zip(self.columns, row.values, strict=True):
+            text = value if isinstance(value, str) else encode_cell(value) if isinstance(value, list | dict) else ""
+            if len(text) > EXCEL_MAX_CELL_CHARS:
+                raise InputError(
+                    self.path,
+                    f"cell has {len(text):,} characters; an .xlsx cell holds at most {EXCEL_MAX_CELL_CHARS:,}, so "
+                    f"the output {self.output} would cut it: write .parquet or .csv output instead "
+                    "(--output ...parquet)",
+                    line=row.line,
+                    column=name,
+                )
+
+
+def sheet_fit(output: Path, info: TableInfo) -> SheetFit | None:
+    """The `.xlsx` limits to check each input row against, or None: CSV and Parquet outputs hold anything."""
+    return SheetFit(output, info) if output.suffix.lower() in XLSX_SUFFIXES else None
 
 
 # ---- emulator ------------------------------------------------------------------------------

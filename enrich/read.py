@@ -47,6 +47,8 @@ class TableInfo:
     path: str
     columns: list[str]
     arrow_schema: bytes | None  # serialized pyarrow schema for Parquet input (kept for Parquet output)
+    rows: int | None = None  # data rows, when the file says so before it is read (Parquet metadata)
+    formats: dict[str, str | int] | None = None  # .xlsx input: each column's number format (kept for .xlsx output)
 
 
 def _bom_encoding(head: bytes) -> str | None:
@@ -427,7 +429,7 @@ def read_parquet(
         except (pa.ArrowException, OSError, ValueError) as exc:
             raise InputError(spath, f"corrupt Parquet data near row {n + 1} ({str(exc)[:120]})") from None
 
-    return TableInfo(spath, names, schema.serialize().to_pybytes()), batches()
+    return TableInfo(spath, names, schema.serialize().to_pybytes(), pf.metadata.num_rows), batches()
 
 
 def open_table(
@@ -465,14 +467,36 @@ def key_problem(values: list[Any]) -> str | None:
 # stay numbers, dates stay dates; they reach the output with their types through the same Arrow
 # schema the Parquet reader records). Row numbers in errors are the ones Excel shows
 # (`companies.xlsx [Sheet1] row 57: ...`), found from the sheet XML because calamine trims leading
-# empty rows.
+# empty rows. Each column's number format (`0%`, `$#,##0.00`, `hh:mm`) is read from the sheet XML
+# too (`number_formats`), so an .xlsx output shows the input columns as the input did.
 
-_KEPT_TYPES = ("Int64", "Float64", "Boolean", "Date", "Datetime", "String")
+_KEPT_TYPES = ("Int64", "Float64", "Boolean", "Date", "Datetime", "Duration", "String")
 _NS = {
     "m": "http://schemas.openxmlformats.org/spreadsheetml/2006/main",
     "r": "http://schemas.openxmlformats.org/officeDocument/2006/relationships",
     "p": "http://schemas.openxmlformats.org/package/2006/relationships",
 }
+
+
+def _member(target: str) -> str:
+    """The zip member a workbook relationship target names (relative to xl/, or absolute)."""
+    return target.lstrip("/") if target.startswith("/") else f"xl/{target}"
+
+
+def _sheet_member(z: zipfile.ZipFile, sheet: str) -> str | None:
+    """The zip member holding the XML of the sheet named `sheet`, or None."""
+    wb = ElementTree.fromstring(z.read("xl/workbook.xml"))
+    rid = next(
+        (s.get(f"{{{_NS['r']}}}id") for s in wb.iterfind("m:sheets/m:sheet", _NS) if s.get("name") == sheet),
+        None,
+    )
+    rels = ElementTree.fromstring(z.read("xl/_rels/workbook.xml.rels"))
+    target = next((r.get("Target") for r in rels.iterfind("p:Relationship", _NS) if r.get("Id") == rid), None)
+    return _member(target) if target else None
+
+
+def _has_value(cell: Any) -> bool:
+    return cell.find("m:v", _NS) is not None or cell.find("m:is", _NS) is not None
 
 
 def _header_row_number(path: str, sheet: str) -> int:
@@ -485,10 +509,7 @@ def _header_row_number(path: str, sheet: str) -> int:
             with z.open(member) as fp:
                 for _, el in ElementTree.iterparse(fp):
                     if el.tag == f"{{{_NS['m']}}}row":
-                        if any(
-                            c.find("m:v", _NS) is not None or c.find("m:is", _NS) is not None
-                            for c in el.iterfind("m:c", _NS)
-                        ):
+                        if any(_has_value(c) for c in el.iterfind("m:c", _NS)):
                             return int(el.get("r", "1"))
                         el.clear()
     except (KeyError, OSError, ValueError, zipfile.BadZipFile, ElementTree.ParseError):
@@ -551,18 +572,68 @@ def _too_big_cell(path: str, sheet: str, top: int, column: str) -> tuple[str, in
     return None
 
 
-def _sheet_member(z: zipfile.ZipFile, sheet: str) -> str | None:
-    """The zip member holding the sheet named `sheet`."""
-    wb = ElementTree.fromstring(z.read("xl/workbook.xml"))
-    rid = next(
-        (s.get(f"{{{_NS['r']}}}id") for s in wb.iterfind("m:sheets/m:sheet", _NS) if s.get("name") == sheet),
-        None,
-    )
-    rels = ElementTree.fromstring(z.read("xl/_rels/workbook.xml.rels"))
-    target = next((r.get("Target") for r in rels.iterfind("p:Relationship", _NS) if r.get("Id") == rid), None)
-    if not target:
+_CELL_REF = re.compile(r"^([A-Z]+)(\d+)$")
+FORMAT_SAMPLE_ROWS = 100  # data rows searched for each column's first formatted cell
+
+
+def _column_index(ref: str) -> int | None:
+    """0-based column of a cell reference: `_column_index("AB7")` -> 27."""
+    m = _CELL_REF.match(ref)
+    if m is None:
         return None
-    return target.lstrip("/") if target.startswith("/") else f"xl/{target}"
+    n = 0
+    for ch in m.group(1):
+        n = n * 26 + ord(ch) - 64
+    return n - 1
+
+
+def _styles(z: zipfile.ZipFile) -> tuple[dict[int, str], list[int]]:
+    """(custom number format id -> format code, number format id of each cell style) from the styles part."""
+    rels = ElementTree.fromstring(z.read("xl/_rels/workbook.xml.rels"))
+    target = next(
+        (r.get("Target") for r in rels.iterfind("p:Relationship", _NS) if (r.get("Type") or "").endswith("/styles")),
+        "styles.xml",
+    )
+    styles = ElementTree.fromstring(z.read(_member(target or "styles.xml")))
+    codes = {
+        int(f.get("numFmtId", "0")): f.get("formatCode") or "General"
+        for f in styles.iterfind("m:numFmts/m:numFmt", _NS)
+    }
+    return codes, [int(x.get("numFmtId", "0")) for x in styles.iterfind("m:cellXfs/m:xf", _NS)]
+
+
+def number_formats(path: str, sheet: str, header_row: int, header: list[str]) -> dict[str, str | int]:
+    """Each column's Excel number format, from its first data cell that has one: a format code
+    (`$#,##0.00`) or the id of a built-in format (9 is `0%`). General columns are left out; {} if the
+    workbook cannot tell. Reads the sheet XML only down to `FORMAT_SAMPLE_ROWS` data rows."""
+    found: dict[int, str | int] = {}
+    try:
+        with zipfile.ZipFile(path) as z:
+            member = _sheet_member(z, sheet)
+            if member is None:
+                return {}
+            codes, xfs = _styles(z)
+            first: int | None = None
+            with z.open(member) as fp:
+                for _, el in ElementTree.iterparse(fp):
+                    if el.tag != f"{{{_NS['m']}}}row":
+                        continue
+                    r = int(el.get("r", "0"))
+                    cells = [(_column_index(c.get("r", "")), c) for c in el.iterfind("m:c", _NS) if _has_value(c)]
+                    if r == header_row:
+                        first = min((j for j, _ in cells if j is not None), default=None)
+                    elif r > header_row and first is not None:
+                        for j, c in cells:
+                            style = int(c.get("s", "0"))
+                            if j is None or j - first in found or style >= len(xfs) or xfs[style] == 0:
+                                continue
+                            found[j - first] = codes.get(xfs[style], xfs[style])
+                    el.clear()
+                    if r >= header_row + FORMAT_SAMPLE_ROWS or len(found) == len(header):
+                        break
+    except (KeyError, OSError, ValueError, zipfile.BadZipFile, ElementTree.ParseError):
+        return {}
+    return {header[j]: f for j, f in sorted(found.items()) if 0 <= j < len(header)}
 
 
 def _pick_sheet(path: str, names: list[str], sheet: str | int | None) -> str:
@@ -646,6 +717,8 @@ def read_xlsx(
         pl.col(c).cast(pl.String) for c, t in df.schema.items() if t.base_type().__name__ not in _KEPT_TYPES
     )
     schema = df.head(0).to_arrow().schema
+    # a duration cell ([h]:mm:ss) travels as the integer count of its unit, as Parquet durations do
+    df = df.with_columns(pl.col(c).cast(pl.Int64) for c, t in df.schema.items() if isinstance(t, pl.Duration))
 
     def batches() -> Iterator[list[Any]]:
         batch: list[Any] = []
@@ -662,4 +735,5 @@ def read_xlsx(
         if n == 0:
             raise InputError(where, "the sheet has a header but no data rows", line=top + 1)
 
-    return TableInfo(where, header, schema.serialize().to_pybytes()), batches()
+    formats = number_formats(spath, name, top, header)
+    return TableInfo(where, header, schema.serialize().to_pybytes(), formats=formats), batches()

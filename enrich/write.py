@@ -51,7 +51,7 @@ from enrich.report import RunStats
 from enrich.report_html import render_isolated
 from enrich.review import review_lines, write_review_cells
 from enrich.spec import main_type
-from enrich.xlsx import EXCEL_MAX_ROWS, to_frame, write_workbook
+from enrich.xlsx import EXCEL_MAX_CELL_CHARS, EXCEL_MAX_ROWS, longest_cell, to_frame, write_workbook
 
 # `_enrich_status` of an output row: the one vocabulary users see (README, "Output columns").
 OutputStatus = Literal["completed", "failed", "timed_out", "unknown", "pending", "skipped_budget"]
@@ -310,7 +310,15 @@ def collect_xlsx(proj: Projection) -> Any:
     kinds = {c[0]: _xlsx_kind(c) for c in proj.columns}
     kinds["_enrich_error"] = "text"
     # xlsx cells are written as text cells (never formulas): the CSV formula guard has nothing to do here
-    return to_frame(table, kinds)
+    frame = to_frame(table, kinds)
+    if (cut := longest_cell(frame, proj.input_columns)) is not None:  # preflight refuses this before a run pays
+        name, row, chars = cut
+        raise ConfigError(
+            f"input column {name!r}, row {row:,} of the output, has {chars:,} characters; an .xlsx cell holds at "
+            f"most {EXCEL_MAX_CELL_CHARS:,}: the journal keeps every result: "
+            "`enrich export JOURNAL --output out.parquet` (or .csv)"
+        )
+    return frame
 
 
 def _xlsx_kind(col: Column) -> str:
@@ -471,7 +479,8 @@ def _write(
         coloured = [c[0] for c in proj.columns if c[4] == "confidence" or c[0] in proj.stats.decision_cols]
         citations = [c[0] for c in proj.columns if c[4] == "citations"]
         summary = _summary_rows(report)
-        atomic_write(path, lambda fp: write_workbook(fp, frame, coloured, citations, summary))
+        formats = journal.get("number_formats") or {}  # the .xlsx input's, per input column
+        atomic_write(path, lambda fp: write_workbook(fp, frame, coloured, citations, summary, formats))
     if cfg is not None:
         report["review_file"] = str(review_path(path))
         report["review_lines"] = write_review_cells(

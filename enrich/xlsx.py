@@ -10,6 +10,7 @@ guard does not apply to .xlsx; researched text is shown exactly as researched).
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import re
@@ -17,7 +18,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import polars as pl
+import pyarrow as pa
 import xlsxwriter
+
+from enrich.files import encode_cell
+from enrich.read import to_json_values
 
 EXCEL_MAX_ROWS = 1_048_576  # including the header row
 EXCEL_MAX_CELL_CHARS = 32_767
@@ -65,12 +70,34 @@ def _clip(text: str) -> str:
     return text[: EXCEL_MAX_CELL_CHARS - 20] + " …[truncated]"
 
 
-def to_frame(table: Any, kinds: dict[str, str]) -> Any:
-    """Arrow output table -> polars frame Excel can hold: lists become text, researched text guarded.
+def _json_items(items: Any) -> str:
+    """A list of JSON texts as the one JSON array they make, as files.encode_cell writes it.
 
-    `kinds` maps output column -> 'citations' | 'array' | 'json_items' | 'text' (researched); other columns
-    (the input's, the status columns) are left as they were.
+    >>> _json_items(['{"a": 1}', None])
+    '[{"a": 1}, null]'
     """
+    return "[" + ", ".join("null" if i is None else i for i in items) + "]"
+
+
+def _as_text(t: Any) -> bool:
+    """Is an Arrow type one no Excel cell holds (lists, structs, maps, bytes)? Such input cells become text."""
+    return bool(pa.types.is_nested(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)) or bool(
+        pa.types.is_fixed_size_binary(t)
+    )
+
+
+def to_frame(table: Any, kinds: dict[str, str]) -> Any:
+    """Arrow output table -> polars frame Excel can hold: lists become text, researched text clipped (marked).
+
+    `kinds` maps output column -> 'citations' | 'array' | 'json_items' | 'text' (researched). Other columns
+    (the input's, the status columns) keep their types, except those no cell holds (lists, structs, maps,
+    bytes): they become the text a CSV output has for them (JSON, base64), never cut.
+    """
+    for i, name in enumerate(table.column_names):
+        if name not in kinds and _as_text(table.schema.field(i).type):
+            values = to_json_values(table.column(i).combine_chunks())
+            text = pa.array([None if v is None else encode_cell(v) for v in values], pa.string())
+            table = table.set_column(i, name, text)
     df = pl.from_arrow(table)
     exprs = []
     for name, kind in kinds.items():
@@ -85,14 +112,26 @@ def to_frame(table: Any, kinds: dict[str, str]) -> Any:
                     lambda v: json.dumps(list(v), ensure_ascii=False, default=str), return_dtype=pl.String
                 ).alias(name)
             )
-        elif kind == "json_items":  # items are already one JSON text each: the array is encoded once
-            exprs.append(col.map_elements(lambda v: "[" + ", ".join(v) + "]", return_dtype=pl.String).alias(name))
+        elif kind == "json_items":  # items are already one JSON text each (null: not an object): encoded once
+            exprs.append(col.map_elements(_json_items, return_dtype=pl.String).alias(name))
     if exprs:
         df = df.with_columns(exprs)
     texts = [n for n, k in kinds.items() if n in df.columns and df.schema[n] == pl.String]
     if texts:
         df = df.with_columns(pl.col(n).map_elements(_clip, return_dtype=pl.String) for n in texts)
     return df
+
+
+def longest_cell(df: Any, columns: list[str]) -> tuple[str, int, int] | None:
+    """(column, sheet row, characters) of the first text cell among `columns` too long for Excel, or None."""
+    for name in columns:
+        if name not in df.columns or df.schema[name] != pl.String:
+            continue
+        lens = df.get_column(name).str.len_chars()
+        if (lens.max() or 0) > EXCEL_MAX_CELL_CHARS:
+            i = int((lens > EXCEL_MAX_CELL_CHARS).arg_true()[0])
+            return name, i + 2, int(lens[i])  # sheet row: 1-based, below the header
+    return None
 
 
 def _width(df: Any, name: str) -> int:
@@ -109,8 +148,32 @@ def _width(df: Any, name: str) -> int:
     return max(8, min(60, max(len(name), body) + 2))
 
 
-def write_workbook(fp: Any, df: Any, coloured: list[str], citations: list[str], summary: list[tuple[str, Any]]) -> int:
+def default_format(dtype: Any) -> str | None:
+    """The number format of a date/time column with no format of its own (Excel cells hold no time zone:
+    an aware column is written as its wall-clock time with the zone named in the format)."""
+    if dtype == pl.Date:
+        return "yyyy-mm-dd"
+    if isinstance(dtype, pl.Datetime):
+        return "yyyy-mm-dd hh:mm:ss" + (f' "{dtype.time_zone}"' if dtype.time_zone else "")
+    if dtype == pl.Time:
+        return "hh:mm:ss"
+    if isinstance(dtype, pl.Duration):
+        return "[h]:mm:ss"
+    return None
+
+
+def write_workbook(
+    fp: Any,
+    df: Any,
+    coloured: list[str],
+    citations: list[str],
+    summary: list[tuple[str, Any]],
+    formats: dict[str, str | int] | None = None,
+) -> int:
     """Write the data sheet and the "Run summary" sheet to the binary file `fp`; return the links written.
+
+    `formats` gives columns their number format (an .xlsx input's, read.number_formats: a format
+    code or a built-in format id); other date and time columns get `default_format`.
 
     Cells are written with xlsxwriter directly rather than through polars' `write_excel`:
     that always makes an Excel *table*, whose headers must be unique ignoring case, and an
@@ -130,8 +193,7 @@ def write_workbook(fp: Any, df: Any, coloured: list[str], citations: list[str], 
     )
     ws = wb.add_worksheet("Enriched")
     head = wb.add_format({"bold": True, "bg_color": "#DDEBF7", "bottom": 1})
-    date = wb.add_format({"num_format": "yyyy-mm-dd"})
-    stamp = wb.add_format({"num_format": "yyyy-mm-dd hh:mm:ss"})
+    number_formats: dict[str | int, Any] = {}
     fills = {c: wb.add_format({"bg_color": c}) for c in (GREEN, AMBER, RED)}
     link = wb.add_format({"font_color": "#0563C1", "underline": 1})
     coloured_set, citation_set = set(coloured), set(citations)
@@ -139,7 +201,11 @@ def write_workbook(fp: Any, df: Any, coloured: list[str], citations: list[str], 
     for j, name in enumerate(df.columns):
         ws.write_string(0, j, name, head)
         series = df.get_column(name)
-        fmt = date if series.dtype == pl.Date else stamp if series.dtype == pl.Datetime else None
+        code = (formats or {}).get(name) or default_format(series.dtype)
+        if code is not None and code not in number_formats:
+            number_formats[code] = wb.add_format({"num_format": code})
+        fmt = number_formats.get(code) if code is not None else None
+        aware = isinstance(series.dtype, pl.Datetime) and series.dtype.time_zone is not None
         ws.set_column(j, j, _width(df, name), fmt)
         for i, v in enumerate(series.to_list(), 1):
             if v is None:
@@ -151,10 +217,12 @@ def write_workbook(fp: Any, df: Any, coloured: list[str], citations: list[str], 
                 links += 1
             elif isinstance(v, str):
                 ws.write_string(i, j, v)
-            elif fmt is not None:
+            elif isinstance(v, dt.date | dt.time | dt.timedelta):  # datetime is a date
+                if aware and isinstance(v, dt.datetime):
+                    v = v.replace(tzinfo=None)  # its wall-clock time in the column's zone (named in `fmt`)
                 ws.write_datetime(i, j, v, fmt)
             else:
-                ws.write(i, j, v)
+                ws.write(i, j, v, fmt)
     ws.freeze_panes(1, 0)
     ws.autofilter(0, 0, max(df.height, 1), max(df.width - 1, 0))
     _summary_sheet(wb, summary)

@@ -3,7 +3,8 @@
 A run's input (a string, or an object) is matched to one row of the table by the key
 column, after normalising case, whitespace and punctuation. Each output-schema property is
 filled from the column with the same normalised name ("Headquarters Location" <->
-`headquarters_location`), coerced to the property's type, with a basis entry that cites the
+`headquarters_location`), coerced to the property's type (an array from `a; b`, or from a cell
+holding a JSON array, such as an array of objects), with a basis entry that cites the
 row's `source_url` (or a stable `.invalid` URL naming the entity, so emulated evidence can
 never be mistaken for a real web page).
 
@@ -26,6 +27,7 @@ the same processor in any run, any order. `<field>__tier` columns are never answ
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -337,6 +339,12 @@ def coerce(raw: str, schema: dict[str, Any]) -> Any:
     2013
     >>> coerce("a; b", {"type": "array", "items": {"type": "string"}})
     ['a', 'b']
+
+    A cell holding a JSON array answers an array field as written, so a table can hold arrays
+    of objects:
+
+    >>> coerce('[{"name": "Ann"}]', {"type": "array", "items": {"type": "object"}})
+    [{'name': 'Ann'}]
     """
     kind = main_type(schema)
     text = str(raw).strip()
@@ -350,6 +358,13 @@ def coerce(raw: str, schema: dict[str, Any]) -> Any:
         low = text.casefold()
         return True if low in ("true", "yes", "1", "y") else False if low in ("false", "no", "0", "n") else None
     if kind == "array":
+        if text.startswith("["):
+            try:
+                parsed = json.loads(text)
+            except ValueError:
+                parsed = None
+            if isinstance(parsed, list):
+                return parsed
         items = schema.get("items") if isinstance(schema.get("items"), dict) else {"type": "string"}
         parts = [p.strip() for p in re.split(r"[;|]", text) if p.strip()]
         return [v for v in (coerce(p, items) for p in parts) if v is not None]
