@@ -17,15 +17,16 @@ thin callers of this module.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
+import contextvars
 import csv
 import json
 import os
 import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,7 @@ from enrich.files import PARQUET_SUFFIXES, encode_cell, remove_stale_temps
 from enrich.gate import answer_of
 from enrich.journal import Journal
 from enrich.pipeline import Prepared, execute, format_plan, plan_summary, prepare  # noqa: F401 (Prepared: a type)
-from enrich.progress import JobState
+from enrich.progress import JobState, Stop
 from enrich.review import read_review
 from enrich.scale import status as scale_status
 from enrich.write import WRITE_CHUNK, Projection, write_output
@@ -294,7 +295,7 @@ def run_job(
     retry_failed: bool = False,
     adopt: bool = False,
     fresh: bool = False,
-    on_interrupt: Callable[[], None] | None = None,
+    stop: Stop | None = None,
     install_signals: bool = True,
     transport: Any = None,
     governor: Any = None,
@@ -304,7 +305,13 @@ def run_job(
 
     `transport` is the client's seam (an httpx transport) for tests that play server behaviours;
     `governor` (submit.Governor) enforces limits shared with other partitions of the same job;
-    `detach` submits everything and returns without waiting for results (collect with a later run)."""
+    `detach` submits everything and returns without waiting for results (collect with a later run).
+
+    Stopping: with `install_signals`, on the main thread, SIGINT/SIGTERM stop the job (a second one leaves at
+    once). Otherwise the job's event loop runs on a worker thread while the calling thread waits, so a
+    KeyboardInterrupt there (Ctrl-C in a script, a Jupyter kernel interrupt, `ray.cancel`) stops the job
+    (progress.Stop) instead of being held until it ends; the result then has EXIT_INTERRUPTED. `stop` lets
+    another thread stop it too."""
     cpu0 = time.process_time()
     if detach and emulated:
         raise ConfigError(
@@ -355,7 +362,17 @@ def run_job(
         else:
             base_url = base_url_for(cfg)
         state, interrupted = _execute(
-            cfg, journal, prep, base_url, api_key, emulated, on_interrupt, install_signals, transport, governor, detach
+            cfg,
+            journal,
+            prep,
+            base_url,
+            api_key,
+            emulated,
+            stop or Stop(),
+            install_signals,
+            transport,
+            governor,
+            detach,
         )
         result = _finish(cfg, journal, jpath, prep, state, interrupted, emulated, api_key, cpu0)
         if detach and result.exit_code in (EXIT_OK, EXIT_FAILED_ROWS) and not journal.unresolved():
@@ -398,38 +415,25 @@ def _execute(
     base_url: str,
     api_key: str,
     emulated: bool,
-    on_interrupt: Callable[[], None] | None,
+    stop: Stop,
     install_signals: bool,
     transport: Any,
     governor: Any,
     detach: bool = False,
 ) -> tuple[Any, bool]:
-    state = JobState()
-    interrupted = False
+    state = JobState(stop=stop)
+    # the CLI: this thread's signal handlers own Ctrl-C; anyone else: the loop runs on a worker thread
+    here = install_signals and threading.current_thread() is threading.main_thread() and not _loop_running()
 
     async def on_response(response: Any) -> None:
         if response.request.method == "POST" and response.request.url.path.endswith("/runs"):
             failpoints.hit("after_send_before_response")
 
     async def main() -> Any:
-        nonlocal interrupted
         loop = asyncio.get_running_loop()
-
-        def stop() -> None:
-            nonlocal interrupted
-            if interrupted:  # a second Ctrl-C: leave now; every commit already made is durable
-                print("enrich: interrupted again; exiting at once (the journal is intact)", file=sys.stderr)
-                os._exit(EXIT_INTERRUPTED)
-            interrupted = True
-            print("enrich: stopping (Ctrl-C again to leave at once)...", file=sys.stderr)
-            if on_interrupt:
-                on_interrupt()
-            state.stop.set()
-
-        if install_signals:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                    loop.add_signal_handler(sig, stop)
+        stop.bind(loop, asyncio.current_task())
+        if here:
+            _install_signal_handlers(loop, stop)
         client = TaskClient(
             base_url, api_key, timeout_s=cfg.limits.request_timeout_s, on_response=on_response, transport=transport
         )
@@ -442,21 +446,74 @@ def _execute(
             if client.emulator_seen and not emulated:
                 journal.set("emulator_seen", True)  # reached an emulator through --base-url: mark the output
 
-    _run_coroutine(main())
-    if interrupted and install_signals:  # "Ctrl-C again to leave at once" holds while the output is written too
+    if here:
+        asyncio.run(main())
+    else:
+        _run_on_worker(main(), stop)
+    if stop.interrupted and here:  # "Ctrl-C again to leave at once" holds while the output is written too
         with contextlib.suppress(ValueError):
             signal.signal(signal.SIGINT, lambda *_: os._exit(EXIT_INTERRUPTED))
-    return state, interrupted
+    return state, stop.interrupted
 
 
-def _run_coroutine(coro: Any) -> Any:
-    """asyncio.run, also from inside a running event loop (Jupyter): then on a worker thread."""
+def _install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: Stop) -> None:
+    """The CLI's signals: the first stops the job (Stop.interrupt), a second one leaves at once."""
+
+    def on_signal() -> None:
+        if stop.interrupted:  # every commit already made is durable: the next run resumes from it
+            print("enrich: interrupted again; exiting at once (the journal is intact)", file=sys.stderr)
+            os._exit(EXIT_INTERRUPTED)
+        print("enrich: stopping (Ctrl-C again to leave at once)...", file=sys.stderr)
+        stop.interrupt()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, on_signal)
+
+
+def _loop_running() -> bool:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(coro)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coro).result()
+        return False
+    return True
+
+
+def _run_on_worker(coro: Any, stop: Stop) -> Any:
+    """Run `coro` to its end on a worker thread (its own event loop, this thread's context variables) while
+    this thread waits in short slices: a KeyboardInterrupt raised here is delivered at once and becomes
+    `stop.interrupt()`, and this thread leaves only when the job has (so the journal is never closed under
+    it). Works inside a running event loop too (Jupyter). A job cancelled by a repeated interrupt raises
+    KeyboardInterrupt here."""
+    done = threading.Event()
+    box: dict[str, Any] = {}
+    context = contextvars.copy_context()
+
+    def target() -> None:
+        try:
+            box["result"] = context.run(asyncio.run, coro)
+        except BaseException as exc:  # re-raised in the waiting thread
+            box["error"] = exc
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=target, name="enrich-job", daemon=True)
+    worker.start()
+    asked = pending = 0
+    while not done.is_set():
+        try:
+            while asked < pending:
+                asked += 1
+                stop.interrupt()
+            done.wait(0.1)
+        except KeyboardInterrupt:
+            pending += 1
+    worker.join()
+    if "error" in box:
+        if isinstance(box["error"], asyncio.CancelledError) and stop.interrupts > 1:
+            raise KeyboardInterrupt from None
+        raise box["error"]
+    return box["result"]
 
 
 def _finish(

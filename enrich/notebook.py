@@ -4,8 +4,10 @@ Same pipeline and journal semantics as `enrich run` (it calls `job.run_job`): re
 interruption without paying again, budget, exactly-once. The frame is written to a Parquet
 file beside the journal (types kept through Arrow), the job runs, and the output is read back
 as the same kind of frame (polars in, polars out; pandas in, pandas out). Works inside a
-running event loop (Jupyter runs the job on a worker thread); progress uses `tqdm.auto`.
-Errors raise the error tree's exceptions (errors.py), never `SystemExit`.
+running event loop (Jupyter); progress uses `tqdm.auto`. Errors raise the error tree's exceptions
+(errors.py), never `SystemExit`. An interrupt (a Jupyter kernel interrupt, Ctrl-C) stops sending at
+once, records what is in flight, and raises KeyboardInterrupt; calling again with the same frame
+resumes without paying twice for a row.
 
     import polars as pl, enrich
     df = pl.DataFrame({"company": ["Apple", "Microsoft"]})
@@ -23,7 +25,15 @@ import polars as pl
 
 from enrich import preflight
 from enrich.config import RunConfig, config_from_mapping, digest, read_config_file
-from enrich.errors import EXIT_AUTH, EXIT_UNAVAILABLE, ApiError, AuthError, ConfigError, PaymentRequired
+from enrich.errors import (
+    EXIT_AUTH,
+    EXIT_INTERRUPTED,
+    EXIT_UNAVAILABLE,
+    ApiError,
+    AuthError,
+    ConfigError,
+    PaymentRequired,
+)
 from enrich.job import run_job
 
 DEFAULT_DIR = Path(".enrich")  # where a frame's journal lives when none is given (stable across calls)
@@ -56,6 +66,7 @@ def enrich_frame(
 
     `journal` defaults to `.enrich/<job>.journal.sqlite` in the current directory, derived from the
     key columns and the task, so calling again with the same frame resumes instead of paying again.
+    Raises KeyboardInterrupt when interrupted (progress is kept).
     """
     is_pandas = type(df).__module__.startswith("pandas")
     frame = pl.from_pandas(df) if is_pandas else df
@@ -84,6 +95,13 @@ def enrich_frame(
     cfg = _config(config, overrides)
     key = preflight.EMULATOR_KEY if emulator else (api_key or preflight.resolve_api_key(os.environ, False))
     result = run_job(cfg, api_key=key, emulated=emulator, install_signals=False)
+    if result.exit_code == EXIT_INTERRUPTED:
+        counts = result.report.get("status_counts", {})
+        raise KeyboardInterrupt(
+            f"enrich_frame interrupted: {counts.get('completed', 0)} of {result.report.get('rows', '?')} rows "
+            f"completed; progress is kept in {jpath}: call enrich_frame again with the same frame and config "
+            "to resume (no row is paid for twice)"
+        )
     if result.exit_code in (EXIT_AUTH, EXIT_UNAVAILABLE):
         cls = (
             AuthError

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import queue
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +18,8 @@ import pytest
 
 import enrich
 from enrich.errors import ConfigError
-from tests.conftest import ROOT
+from enrich.journal import Journal
+from tests.conftest import ROOT, wait_for
 
 CONFIG = {
     "input": {"key": ["company"], "columns": ["company"]},
@@ -77,3 +84,149 @@ def test_errors_raise_the_error_tree(tmp_path: Path) -> None:
         enrich.enrich_frame(frame(), {"input": {"key": []}}, journal=tmp_path / "j.sqlite", emulator=True)
     with pytest.raises(ConfigError):
         enrich.enrich_frame([1, 2], CONFIG, journal=tmp_path / "j.sqlite", emulator=True)
+
+
+# ---- interrupts: a real Jupyter kernel, and a plain script ------------------------------------------
+
+SLOW = {  # 20 runs in flight of ~0.5-1 s each against `--time-scale 0.05`: the S&P 500 takes ~20 s
+    "input": {"key": ["Symbol"], "columns": ["Security"]},
+    "task": {"processor": "lite-fast", "output": {"headquarters_location": {"type": "string"}}},
+    "limits": {"max_in_flight": 20, "batch_size": 10, "reconcile_grace_s": 3, "request_timeout_s": 2},
+}
+WINDOW = SLOW["limits"]["max_in_flight"]  # runs that may still be created once an interrupt arrives
+FAST = {**SLOW, "limits": {**SLOW["limits"], "max_in_flight": 600}}  # the resume: limits are not the job's identity
+
+
+def call_cell(sp500: Path, journal: Path, base_url: str, cfg: dict[str, Any]) -> str:
+    """Python source that calls enrich_frame and prints one JSON line saying how the call ended."""
+    return f"""
+import json, polars as pl, enrich
+df = pl.read_csv({str(sp500)!r}, infer_schema=False)
+try:
+    out = enrich.enrich_frame(df, {cfg!r}, journal={str(journal)!r}, base_url={base_url!r}, api_key="sk-nb-1234")
+    ended = {{"raised": None, "completed": int((out["_enrich_status"] == "completed").sum()), "rows": out.height,
+             "own_hq": out["headquarters_location"].to_list() == df["Headquarters Location"].to_list()}}
+except KeyboardInterrupt as exc:
+    ended = {{"raised": "KeyboardInterrupt", "message": str(exc)}}
+print("ENDED " + json.dumps(ended), flush=True)
+"""
+
+
+class Kernel:
+    """An IPython kernel (ipykernel) of this interpreter, driven over the Jupyter protocol as a notebook does."""
+
+    def __init__(self, tmp: Path):
+        from jupyter_client import KernelManager
+        from jupyter_client.kernelspec import KernelSpecManager
+
+        spec = tmp / "kernels" / "enrich-test"
+        spec.mkdir(parents=True)
+        argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+        (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": "enrich", "language": "python"}))
+        self.km = KernelManager(
+            kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(spec.parent)]), kernel_name="enrich-test"
+        )
+        self.km.start_kernel(cwd=str(tmp))
+        self.kc = self.km.client()
+        self.kc.start_channels()
+        self.kc.wait_for_ready(timeout=60)
+
+    def start(self, code: str) -> str:
+        return self.kc.execute(code)
+
+    def wait(self, msg_id: str, timeout: float) -> str:
+        """The cell's stdout once it has finished; fails the test when it has not within `timeout`."""
+        deadline = time.monotonic() + timeout
+        out = []
+        while time.monotonic() < deadline:
+            try:
+                msg = self.kc.get_iopub_msg(timeout=0.5)
+            except queue.Empty:
+                continue
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            kind, content = msg["msg_type"], msg["content"]
+            if kind == "stream" and content["name"] == "stdout":
+                out.append(content["text"])
+            elif kind == "error":
+                out.append(f"ERROR {content['ename']}: {content['evalue']}\n")
+            elif kind == "status" and content["execution_state"] == "idle":
+                return "".join(out)
+        raise AssertionError(f"liveness: the cell did not finish within {timeout} s; output so far: {''.join(out)}")
+
+    def close(self) -> None:
+        self.kc.stop_channels()
+        self.km.shutdown_kernel(now=True)
+
+
+def ended(output: str) -> dict[str, Any]:
+    lines = [line for line in output.splitlines() if line.startswith("ENDED ")]
+    assert lines, output
+    return json.loads(lines[-1].removeprefix("ENDED "))
+
+
+def assert_each_row_once(emu: Any, rows: int) -> None:
+    ledger = emu.ledger()
+    assert len(ledger) == rows and len({r["metadata"]["enrich_row"] for r in ledger}) == rows
+
+
+def assert_journal_settled(journal: Path) -> None:
+    """No row is left claimed-but-unsent or in doubt: the stop let every request in flight finish and be recorded."""
+    j = Journal.open(journal, readonly=True)
+    try:
+        counts = j.counts(j.get("epoch"))
+        assert not counts.get("intent") and not counts.get("unknown"), counts
+        assert counts.get("pending"), counts  # it did stop early
+    finally:
+        j.close()
+
+
+def test_jupyter_kernel_interrupt_stops_at_once_then_resumes_paying_once(
+    tmp_path: Path, sp500: Path, emulator_process
+) -> None:
+    """A kernel interrupt raises KeyboardInterrupt with at most the in-flight window created after it; the next call finishes every row once."""
+    emu = emulator_process("--knowledge", str(sp500), "--knowledge-key", "Security", "--time-scale", "0.05")
+    journal = tmp_path / "nb.journal.sqlite"
+    kernel = Kernel(tmp_path)
+    try:
+        cell = kernel.start(call_cell(sp500, journal, emu.base_url, SLOW))
+        wait_for(lambda: len(emu.ledger()) >= 2 * WINDOW, timeout=60)
+        at_interrupt = len(emu.ledger())
+        kernel.km.interrupt_kernel()
+        first = ended(kernel.wait(cell, timeout=60))
+        created_after = len(emu.ledger()) - at_interrupt
+        assert first["raised"] == "KeyboardInterrupt", first
+        assert created_after <= WINDOW, f"{created_after} runs were created after the interrupt"
+        assert "call enrich_frame again" in first["message"]
+        assert_journal_settled(journal)
+        second = ended(kernel.wait(kernel.start(call_cell(sp500, journal, emu.base_url, FAST)), timeout=120))
+    finally:
+        kernel.close()
+    assert second == {"raised": None, "completed": 503, "rows": 503, "own_hq": True}
+    assert_each_row_once(emu, 503)
+
+
+def test_script_sigint_raises_keyboard_interrupt_then_resumes_paying_once(
+    tmp_path: Path, sp500: Path, emulator_process
+) -> None:
+    """SIGINT to a script inside enrich_frame: it stops sending, exits with KeyboardInterrupt; calling again pays each row once."""
+    emu = emulator_process("--knowledge", str(sp500), "--knowledge-key", "Security", "--time-scale", "0.05")
+    journal = tmp_path / "nb.journal.sqlite"
+    script = tmp_path / "script.py"
+    script.write_text(call_cell(sp500, journal, emu.base_url, SLOW).replace("except KeyboardInterrupt", "except ()"))
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: len(emu.ledger()) >= 2 * WINDOW, timeout=60)
+        at_interrupt = len(emu.ledger())
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    created_after = len(emu.ledger()) - at_interrupt
+    assert proc.returncode != 0 and b"KeyboardInterrupt: enrich_frame interrupted" in err, err.decode()[-2000:]
+    assert created_after <= WINDOW, f"{created_after} runs were created after SIGINT"
+    assert_journal_settled(journal)
+    df = pl.read_csv(sp500, infer_schema=False)
+    out = enrich.enrich_frame(df, FAST, journal=journal, base_url=emu.base_url, api_key="sk-nb-1234")
+    assert (out["_enrich_status"] == "completed").all() and out["Symbol"].to_list() == df["Symbol"].to_list()
+    assert_each_row_once(emu, 503)
