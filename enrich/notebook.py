@@ -1,9 +1,10 @@
 """The notebook / Python API: `enrich_frame(df, config) -> DataFrame`.
 
 Same pipeline and journal semantics as `enrich run` (it calls `job.run_job`): resume after an
-interruption without paying again, budget, exactly-once. The frame is written to a Parquet
-file beside the journal (types kept through Arrow), the job runs, and the output is read back
-as the same kind of frame (polars in, polars out; pandas in, pandas out). Works inside a
+interruption without paying again, budget, exactly-once. The columns the task reads (its key and
+input columns) are written to a Parquet file beside the journal, the job runs, and the researched
+columns are added to the frame given: its own columns come back exactly as they were (same values,
+dtypes and, for pandas, index), polars in, polars out; pandas in, pandas out. Works inside a
 running event loop (Jupyter); progress uses `tqdm.auto`. Errors raise the error tree's exceptions
 (errors.py), never `SystemExit`. An interrupt (a Jupyter kernel interrupt, Ctrl-C) stops sending at
 once, records what is in flight, and raises KeyboardInterrupt; calling again with the same frame
@@ -24,7 +25,7 @@ from typing import Any
 import polars as pl
 
 from enrich import preflight
-from enrich.config import RunConfig, config_from_mapping, digest, read_config_file
+from enrich.config import RunConfig, build_task_spec, config_from_mapping, digest, output_fields, read_config_file
 from enrich.errors import (
     EXIT_AUTH,
     EXIT_INTERRUPTED,
@@ -32,9 +33,13 @@ from enrich.errors import (
     ApiError,
     AuthError,
     ConfigError,
+    InputError,
+    OutputError,
     PaymentRequired,
 )
+from enrich.flatten import output_columns
 from enrich.job import run_job
+from enrich.read import check_columns
 
 DEFAULT_DIR = Path(".enrich")  # where a frame's journal lives when none is given (stable across calls)
 
@@ -46,10 +51,27 @@ def _config(config: Any, overrides: dict[str, Any]) -> RunConfig:
         data.pop("source", None)
         return config_from_mapping(data, overrides, str(config.source or "<RunConfig>"))
     if isinstance(config, str | os.PathLike):
-        return config_from_mapping(read_config_file(config), overrides, str(config))
+        return config_from_mapping(read_config_file(Path(config)), overrides, str(config))
     if isinstance(config, dict):
         return config_from_mapping(config, overrides, "<dict>")
     raise ConfigError(f"config must be a path, a dict or a RunConfig, not {type(config).__name__}")
+
+
+def _task_frame(df: Any, cfg: RunConfig, is_pandas: bool) -> pl.DataFrame:
+    """The columns the job reads, as polars, after the header checks `enrich run` makes, worded for a frame."""
+    columns = list(df.columns)
+    if bad := [c for c in columns if not isinstance(c, str)]:
+        raise InputError("the frame", f"column names must be strings, not {type(bad[0]).__name__} ({bad[0]!r})")
+    required = list(dict.fromkeys([*cfg.input.key, *cfg.input.input_columns]))
+    forbidden = {c[0] for c in output_columns(output_fields(build_task_spec(cfg)), True)}
+    try:
+        check_columns("the frame", columns, required, forbidden)  # every column: the output adds columns beside them
+    except InputError as exc:
+        raise InputError("the frame", exc.reason, column=exc.column) from None
+    try:
+        return pl.from_pandas(df[required]) if is_pandas else df.select(required)
+    except Exception as exc:  # pyarrow/polars conversion errors have no common base
+        raise InputError("the frame", f"the columns {required} cannot be converted to Arrow: {exc}") from None
 
 
 def enrich_frame(
@@ -64,15 +86,16 @@ def enrich_frame(
 ) -> Any:
     """Enrich the rows of a polars or pandas DataFrame; return the enriched frame of the same kind.
 
-    `journal` defaults to `.enrich/<job>.journal.sqlite` in the current directory, derived from the
+    The result is `df` (its columns, dtypes, values and index unchanged, rows in the same order) with
+    the researched and `_enrich_*` columns added. `journal` defaults to `.enrich/<job>.journal.sqlite` in the current directory, derived from the
     key columns and the task, so calling again with the same frame resumes instead of paying again.
     Raises KeyboardInterrupt when interrupted (progress is kept).
     """
-    is_pandas = type(df).__module__.startswith("pandas")
-    frame = pl.from_pandas(df) if is_pandas else df
-    if not isinstance(frame, pl.DataFrame):
+    is_pandas = type(df).__module__.startswith("pandas") and hasattr(df, "columns")
+    if not is_pandas and not isinstance(df, pl.DataFrame):
         raise ConfigError(f"enrich_frame needs a polars or pandas DataFrame, not {type(df).__name__}")
     probe = _config(config, {"input.path": "in.parquet", "output.path": "out.parquet"})
+    task = _task_frame(df, probe, is_pandas)
     job_id = digest([probe.input.key, probe.task.model_dump(mode="json")], 16)
     jpath = Path(journal) if journal else DEFAULT_DIR / f"{job_id}.journal.sqlite"
     jpath.parent.mkdir(parents=True, exist_ok=True)
@@ -81,7 +104,7 @@ def enrich_frame(
     fd, tmp = tempfile.mkstemp(dir=src.parent, prefix=".input-", suffix=".parquet")
     os.close(fd)
     try:
-        frame.write_parquet(tmp)
+        task.write_parquet(tmp)
         os.replace(tmp, src)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -109,5 +132,21 @@ def enrich_frame(
             else (PaymentRequired if "402" in result.message else ApiError)
         )
         raise cls(result.message.splitlines()[-1])
-    enriched = pl.read_parquet(out)
-    return enriched.to_pandas() if is_pandas else enriched
+    return _combine(df, task, pl.read_parquet(out), is_pandas)
+
+
+def _combine(df: Any, task: pl.DataFrame, enriched: pl.DataFrame, is_pandas: bool) -> Any:
+    """`df` with the columns the job added: the output holds one row per input row in input order (checked)."""
+    if enriched.height != task.height or not enriched.select(task.columns).equals(task):
+        raise OutputError(  # never hand back answers beside the wrong rows
+            f"the job's output ({enriched.height} rows) does not line up with the frame ({task.height} rows); "
+            "nothing was lost: call enrich_frame again"
+        )
+    added = enriched.select([c for c in enriched.columns if c not in task.columns])
+    if not is_pandas:
+        return df.hstack(added.get_columns())
+    import pandas as pd  # the caller's own library: present whenever a pandas frame came in
+
+    extra = added.to_pandas()
+    extra.index = df.index
+    return pd.concat([df, extra], axis=1)

@@ -230,3 +230,59 @@ def test_script_sigint_raises_keyboard_interrupt_then_resumes_paying_once(
     out = enrich.enrich_frame(df, FAST, journal=journal, base_url=emu.base_url, api_key="sk-nb-1234")
     assert (out["_enrich_status"] == "completed").all() and out["Symbol"].to_list() == df["Symbol"].to_list()
     assert_each_row_once(emu, 503)
+
+
+# ---- the frame comes back as it went in --------------------------------------------------------------
+
+
+def truth() -> dict[str, str]:
+    """Each company's headquarters in the emulator's bundled knowledge table."""
+    table = pl.read_csv(ROOT / "enrich/data/companies_knowledge.csv", infer_schema=False)
+    known = dict(zip(table["company"], table["headquarters_location"], strict=True))
+    return {c: known.get(c) for c in frame()["company"]}  # None: the emulator answers "unknown" (null)
+
+
+def test_pandas_sorted_frame_keeps_index_dtypes_and_each_rows_answer(tmp_path: Path, emulator) -> None:
+    """A sorted pandas frame with a named index and nullable/categorical/string dtypes comes back unchanged, answers beside their own rows."""
+    pd = pytest.importorskip("pandas")
+    emu = emulator(time_scale=0.0)
+    src = frame().to_pandas()
+    n = len(src)
+    df = pd.DataFrame(
+        {
+            "company": pd.array(src["company"], dtype="string[python]"),
+            "rank": pd.array([None if i % 7 == 0 else i for i in range(n)], dtype="Int64"),
+            "tier": pd.Categorical(["b" if i % 3 else "a" for i in range(n)], categories=["b", "c", "a"]),
+            "note": pd.array([None if i % 5 == 0 else f"n{i}" for i in range(n)], dtype="string[python]"),
+        },
+        index=pd.Index([f"id{i:03d}" for i in range(n)], name="row_id"),
+    ).sort_values("company", ascending=False)
+    before = df.copy()
+    out = enrich.enrich_frame(df, CONFIG, journal=tmp_path / "j.sqlite", base_url=emu.base_url, api_key="sk-nb-1234")
+    pd.testing.assert_frame_equal(df, before)  # the caller's frame is not touched
+    pd.testing.assert_frame_equal(out[list(df.columns)], df, check_exact=True)  # index, dtypes, values, NA kinds
+    assert out.index.name == "row_id" and list(out["tier"].cat.categories) == ["b", "c", "a"]
+    assert out["note"].dtype == pd.StringDtype("python") and out["note"].loc["id000"] is pd.NA
+    df["hq"] = out["headquarters_location"]  # label-aligned assignment, as users write it
+    got = [None if pd.isna(df["hq"][i]) else df["hq"][i] for i in df.index]
+    assert got == [truth()[df["company"][i]] for i in df.index]
+
+
+def test_polars_columns_and_dtypes_come_back_unchanged(tmp_path: Path, emulator) -> None:
+    """A polars frame with enum, categorical, small ints, dates, tz datetimes, lists and structs keeps them all."""
+    emu = emulator(time_scale=0.0)
+    base = frame().head(12)
+    n = base.height
+    df = base.select("company").with_columns(
+        pl.Series("grade", ["x", "y", "z"] * 4, dtype=pl.Enum(["z", "y", "x"])),
+        pl.Series("cat", ["p", "q"] * 6, dtype=pl.Categorical),
+        pl.Series("small", list(range(n)), dtype=pl.Int8),
+        pl.Series("unsigned", [None, *range(1, n)], dtype=pl.UInt16),
+        pl.date_range(pl.date(2024, 1, 1), pl.date(2024, 1, n), eager=True).alias("day"),
+        pl.Series("at", [None] * n, dtype=pl.Datetime("ms", "Europe/Paris")),
+        pl.Series("tags", [[i, i + 1] for i in range(n)], dtype=pl.List(pl.Int32)),
+        pl.Series("info", [{"a": i, "b": str(i)} for i in range(n)]),
+    )
+    out = enrich.enrich_frame(df, CONFIG, journal=tmp_path / "j.sqlite", base_url=emu.base_url, api_key="sk-nb-1234")
+    assert out.select(df.columns).equals(df) and out.select(df.columns).schema == df.schema
+    assert out["headquarters_location"].to_list() == [truth()[c] for c in df["company"]]
