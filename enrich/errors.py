@@ -19,10 +19,15 @@
 
 Retry decisions are made with isinstance() on this tree (see retry.py), never by
 matching message text. Messages never contain the API key: `redact()` is applied by the CLI
-as a backstop before anything is printed.
+as a backstop before anything is printed. A message that suggests a remedy spells it for its
+caller (`advice`): command-line flags for `enrich`, keyword arguments for `enrich_frame`.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
 
 # The exit codes: this module is their one owner. Each error class names its own (`exit_code`);
 # JobResult.exit_code is one of these; the CLI, the notebook and the README's table read them here.
@@ -42,6 +47,25 @@ EXIT_CODES = {
     EXIT_UNAVAILABLE: "the API could not be reached (resumable)",
     EXIT_INTERRUPTED: "interrupted (resumable: run the same command again)",
 }
+
+# who the messages speak to: "cli" (flags) or "python" (enrich_frame's keyword arguments); a context
+# variable so that concurrent callers in one process (threads, tasks) each keep their own
+_CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("enrich_caller", default="cli")
+
+
+def advice(cli: str, python: str) -> str:
+    """The remedy in the caller's words: `cli` for the command line, `python` within `python_caller()`."""
+    return python if _CALLER.get() == "python" else cli
+
+
+@contextlib.contextmanager
+def python_caller() -> Iterator[None]:
+    """Within this block (and the job threads it starts with its context), errors advise keyword arguments."""
+    token = _CALLER.set("python")
+    try:
+        yield
+    finally:
+        _CALLER.reset(token)
 
 
 class EnrichError(Exception):

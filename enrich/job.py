@@ -63,6 +63,7 @@ from enrich.errors import (
     JournalError,
     OutputError,
     PaymentRequired,
+    advice,
     redact,
 )
 from enrich.files import PARQUET_SUFFIXES, encode_cell, remove_stale_temps
@@ -331,14 +332,14 @@ def run_job(
         if journal.is_empty() and not fresh and output_has_run_ids(cfg.output.path):
             raise JournalError(
                 f"{jpath}: journal is missing or empty, but {cfg.output.path} holds researched rows "
-                "with run ids; running now would pay for them again. Restore the journal, or pass "
-                "--fresh to start over"
+                "with run ids; running now would pay for them again. Restore the journal, or "
+                + advice("pass --fresh to start over", "pass fresh=True to start over")
             )
         mode = journal.get("emulated")
         if mode is not None and mode != emulated and journal.get("taskgroup_id"):
             raise JournalError(
                 f"{jpath}: this journal holds {'emulated' if mode else 'real'} results; "
-                f"use another --journal for {'emulated' if emulated else 'real'} runs"
+                f"use another {advice('--journal', 'journal=')} for {'emulated' if emulated else 'real'} runs"
             )
         journal.check_identity(identity, adopt)
         if cfg.limits.daily_budget_usd is not None or cfg.limits.spend_ledger is not None:
@@ -556,9 +557,11 @@ def _finish(
         )
     except OSError as exc:
         raise OutputError(
-            f"cannot write {cfg.output.path}: {exc.strerror or exc}; every result is safe in {jpath}: "
-            f"fix the folder, then run the same command again (or enrich export {jpath} --output "
-            "FILE)"
+            f"cannot write {cfg.output.path}: {exc.strerror or exc}; every result is safe in {jpath}: fix the folder, "
+            + advice(
+                f"then run the same command again (or enrich export {jpath} --output FILE)",
+                "then call enrich_frame again",
+            )
         ) from None
     if why:
         journal.log("error", why)

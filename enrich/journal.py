@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from enrich.errors import BudgetExceeded, DailyBudgetExceeded, DuplicateKey, JournalError, TransitionError
+from enrich.errors import BudgetExceeded, DailyBudgetExceeded, DuplicateKey, JournalError, TransitionError, advice
 from enrich.journal_decisions import DecisionStore
 from enrich.journal_sql import (
     IN_FLIGHT,
@@ -231,8 +231,11 @@ class Journal(DecisionStore):
         if held and held != identity and not adopt:
             diff = ", ".join(sorted(k for k in identity if held.get(k) != identity.get(k)))
             raise JournalError(
-                f"{self.path}: this journal belongs to another job (different {diff}); use another "
-                "--journal, or pass --adopt to take it over for this job"
+                f"{self.path}: this journal belongs to another job (different {diff}); "
+                + advice(
+                    "use another --journal, or pass --adopt to take it over for this job",
+                    "pass another journal=, or adopt=True to take it over for this job",
+                )
             )
         if held != identity:
             self.set("identity", identity)

@@ -17,7 +17,7 @@ import polars as pl
 import pytest
 
 import enrich
-from enrich.errors import ConfigError
+from enrich.errors import ConfigError, InputError, JournalError
 from enrich.journal import Journal
 from tests.conftest import ROOT, wait_for
 
@@ -184,7 +184,7 @@ def assert_journal_settled(journal: Path) -> None:
 def test_jupyter_kernel_interrupt_stops_at_once_then_resumes_paying_once(
     tmp_path: Path, sp500: Path, emulator_process
 ) -> None:
-    """A kernel interrupt raises KeyboardInterrupt with at most the in-flight window created after it; the next call finishes every row once."""
+    """A kernel interrupt raises KeyboardInterrupt, at most the in-flight window sent after it; a new call pays each row once."""
     emu = emulator_process("--knowledge", str(sp500), "--knowledge-key", "Security", "--time-scale", "0.05")
     journal = tmp_path / "nb.journal.sqlite"
     kernel = Kernel(tmp_path)
@@ -209,7 +209,7 @@ def test_jupyter_kernel_interrupt_stops_at_once_then_resumes_paying_once(
 def test_script_sigint_raises_keyboard_interrupt_then_resumes_paying_once(
     tmp_path: Path, sp500: Path, emulator_process
 ) -> None:
-    """SIGINT to a script inside enrich_frame: it stops sending, exits with KeyboardInterrupt; calling again pays each row once."""
+    """SIGINT to a script in enrich_frame: it stops sending and exits with KeyboardInterrupt; a new call pays each row once."""
     emu = emulator_process("--knowledge", str(sp500), "--knowledge-key", "Security", "--time-scale", "0.05")
     journal = tmp_path / "nb.journal.sqlite"
     script = tmp_path / "script.py"
@@ -243,7 +243,7 @@ def truth() -> dict[str, str]:
 
 
 def test_pandas_sorted_frame_keeps_index_dtypes_and_each_rows_answer(tmp_path: Path, emulator) -> None:
-    """A sorted pandas frame with a named index and nullable/categorical/string dtypes comes back unchanged, answers beside their own rows."""
+    """A sorted pandas frame (named index, Int64/category/string NA) comes back unchanged, answers beside their rows."""
     pd = pytest.importorskip("pandas")
     emu = emulator(time_scale=0.0)
     src = frame().to_pandas()
@@ -286,3 +286,65 @@ def test_polars_columns_and_dtypes_come_back_unchanged(tmp_path: Path, emulator)
     out = enrich.enrich_frame(df, CONFIG, journal=tmp_path / "j.sqlite", base_url=emu.base_url, api_key="sk-nb-1234")
     assert out.select(df.columns).equals(df) and out.select(df.columns).schema == df.schema
     assert out["headquarters_location"].to_list() == [truth()[c] for c in df["company"]]
+
+
+# ---- errors speak of the frame and of enrich_frame's arguments ---------------------------------------
+
+
+def labelled(pd: Any) -> Any:
+    """The companies as a pandas frame indexed by labels id000, id001, ... (0-based positions)."""
+    df = frame().head(8).to_pandas()
+    df.index = pd.Index([f"id{i:03d}" for i in range(len(df))], name="row_id")
+    return df
+
+
+def test_row_errors_name_the_frames_row_and_index_label(tmp_path: Path) -> None:
+    """A null key and a duplicate key are reported by frame row and index label, never by the internal Parquet file."""
+    pd = pytest.importorskip("pandas")
+    df = labelled(pd)
+    df.loc["id003", "company"] = None
+    with pytest.raises(InputError) as err:
+        enrich.enrich_frame(df, CONFIG, journal=tmp_path / "j.sqlite", emulator=True)
+    assert str(err.value) == "the frame, row 3 (index 'id003'): null key in key column(s) ['company']"
+    df = labelled(pd)
+    df.loc["id005", "company"] = df.loc["id002", "company"]
+    with pytest.raises(InputError) as err:
+        enrich.enrich_frame(df, CONFIG, journal=tmp_path / "j.sqlite", emulator=True)
+    assert str(err.value).startswith("the frame, row 5 (index 'id005'): duplicate key ['Google'] in column(s)")
+    assert "(first at row 2 (index 'id002'))" in str(err.value)
+    with pytest.raises(InputError) as err:  # polars: a row is its position
+        enrich.enrich_frame(frame().with_columns(company=pl.lit("  ")), CONFIG, journal=tmp_path / "p", emulator=True)
+    assert str(err.value) == "the frame, row 0: empty key in key column(s) ['company']"
+
+
+def test_header_errors_name_the_frame(tmp_path: Path) -> None:
+    """A missing input column or one that collides with an output column names the frame's column."""
+    with pytest.raises(InputError) as err:
+        enrich.enrich_frame(frame().drop("company"), CONFIG, journal=tmp_path / "j.sqlite", emulator=True)
+    assert str(err.value).startswith("the frame: missing column(s) ['company']")
+    clash = frame().with_columns(pl.lit(1).alias("founded_year__confidence"))
+    with pytest.raises(InputError) as err:
+        enrich.enrich_frame(clash, CONFIG, journal=tmp_path / "j.sqlite", emulator=True)
+    assert str(err.value) == (
+        "the frame: column founded_year__confidence: input column 'founded_year__confidence' collides with an "
+        "output column; rename it"
+    )
+
+
+def test_remedies_are_keyword_arguments_not_flags(tmp_path: Path, emulator, monkeypatch) -> None:
+    """No key says api_key=/emulator=True; another job's journal says journal=/adopt=True, and adopt=True works."""
+    monkeypatch.delenv("PARALLEL_API_KEY", raising=False)
+    monkeypatch.delenv("PARALLEL_API_KEY_FILE", raising=False)
+    with pytest.raises(ConfigError) as err:
+        enrich.enrich_frame(frame(), CONFIG, journal=tmp_path / "j.sqlite")
+    assert "api_key=" in str(err.value) and "emulator=True" in str(err.value) and "--" not in str(err.value)
+    emu = emulator(time_scale=0.0)
+    journal = tmp_path / "nb.journal.sqlite"
+    enrich.enrich_frame(frame(), CONFIG, journal=journal, base_url=emu.base_url, api_key="sk-nb-1234", budget_usd=0.05)
+    with pytest.raises(JournalError) as err:
+        enrich.enrich_frame(frame(), CONFIG, journal=journal, base_url=emu.base_url, api_key="sk-nb-other")
+    assert "adopt=True" in str(err.value) and "journal=" in str(err.value) and "--" not in str(err.value)
+    out = enrich.enrich_frame(
+        frame(), CONFIG, journal=journal, base_url=emu.base_url, api_key="sk-nb-other", adopt=True
+    )
+    assert (out["_enrich_status"] == "completed").all() and runs(emu) == 55
