@@ -57,8 +57,10 @@ from enrich.errors import (
     EXIT_OK,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
+    ApiUnavailable,
     AuthError,
     ConfigError,
+    EnrichError,
     InputError,
     JournalError,
     OutputError,
@@ -228,6 +230,7 @@ class JobResult:
     counts: dict[str, int] = field(default_factory=dict)
     output: Path | None = None
     journal: Path | None = None
+    error: EnrichError | None = None  # what ended the job before its natural end (auth, payment, no API, a bug)
 
 
 def base_url_for(cfg: RunConfig) -> str:
@@ -579,6 +582,8 @@ def _finish(
             "like the output fields; set [emulator] knowledge and knowledge_key (README, The emulator)"
         )
     result = JobResult(EXIT_OK, summary, report, counts, cfg.output.path, jpath)
+    if state.fatal is not None:
+        result.error = _as_error(state.fatal, why or "the job stopped")
     if isinstance(state.fatal, AuthError | PaymentRequired):
         result.exit_code, result.message = EXIT_AUTH, f"{summary}\nstopped: {why}"
     elif state.fatal is not None:
@@ -588,6 +593,10 @@ def _finish(
         result.message = f"{summary}\ninterrupted; progress is saved in {jpath}"
     elif state.unreachable:
         result.exit_code, result.message = EXIT_UNAVAILABLE, f"{summary}\nstopped: {why}"
+        result.error = ApiUnavailable(
+            f"stopped: {why}; results so far are kept: "
+            + advice("run the same command again", "call enrich_frame again to resume")
+        )
     elif counts.get("pending", 0) and state.budget_exhausted:
         result.exit_code = EXIT_BUDGET
         result.message = (
@@ -597,6 +606,15 @@ def _finish(
     elif any(counts.get(s, 0) for s in ("failed", "timed_out", "unknown", "intent", "pending", "submitted")):
         result.exit_code = EXIT_FAILED_ROWS
     return result
+
+
+def _as_error(exc: BaseException, why: str) -> EnrichError:
+    """The error that stopped the job, as one of the error tree's (a stage that crashed becomes an EnrichError)."""
+    if isinstance(exc, EnrichError):
+        return exc
+    err = EnrichError(f"the job stopped: {why}")
+    err.__cause__ = exc
+    return err
 
 
 def _why_stopped(state: Any, interrupted: bool, api_key: str) -> str | None:

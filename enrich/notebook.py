@@ -28,18 +28,7 @@ import polars as pl
 
 from enrich import preflight
 from enrich.config import RunConfig, build_task_spec, config_from_mapping, digest, output_fields, read_config_file
-from enrich.errors import (
-    EXIT_AUTH,
-    EXIT_INTERRUPTED,
-    EXIT_UNAVAILABLE,
-    ApiError,
-    AuthError,
-    ConfigError,
-    InputError,
-    OutputError,
-    PaymentRequired,
-    python_caller,
-)
+from enrich.errors import EXIT_INTERRUPTED, ConfigError, InputError, OutputError, python_caller
 from enrich.flatten import output_columns
 from enrich.job import run_job
 from enrich.read import check_columns
@@ -132,7 +121,8 @@ def enrich_frame(
     the researched and `_enrich_*` columns added. `journal` defaults to `.enrich/<job>.journal.sqlite`
     in the current directory, derived from the key columns and the task, so calling again with the
     same frame resumes instead of paying again. `retry_failed`, `adopt` and `fresh` are `enrich run`'s
-    --retry-failed, --adopt and --fresh. Raises KeyboardInterrupt when interrupted (progress is kept).
+    --retry-failed, --adopt and --fresh. Raises KeyboardInterrupt when interrupted (progress is kept),
+    and the error that stopped the job early (AuthError, PaymentRequired, ApiUnavailable...).
     """
     with python_caller():
         return _enrich_frame(df, config, journal, base_url, emulator, api_key, budget_usd, retry_failed, adopt, fresh)
@@ -198,13 +188,8 @@ def _enrich_frame(
             f"completed; progress is kept in {jpath}: call enrich_frame again with the same frame and config "
             "to resume (no row is paid for twice)"
         )
-    if result.exit_code in (EXIT_AUTH, EXIT_UNAVAILABLE):
-        cls = (
-            AuthError
-            if "401" in result.message or "403" in result.message
-            else (PaymentRequired if "402" in result.message else ApiError)
-        )
-        raise cls(result.message.splitlines()[-1])
+    if result.error is not None:
+        raise result.error
     return _combine(df, task, pl.read_parquet(out), is_pandas)
 
 

@@ -8,6 +8,7 @@ import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import polars as pl
 import pytest
 
 import enrich
-from enrich.errors import ConfigError, InputError, JournalError
+from enrich.errors import ApiUnavailable, ConfigError, InputError, JournalError, PaymentRequired
 from enrich.journal import Journal
 from tests.conftest import ROOT, wait_for
 
@@ -184,7 +185,7 @@ def assert_journal_settled(journal: Path) -> None:
 def test_jupyter_kernel_interrupt_stops_at_once_then_resumes_paying_once(
     tmp_path: Path, sp500: Path, emulator_process
 ) -> None:
-    """A kernel interrupt raises KeyboardInterrupt, at most the in-flight window sent after it; a new call pays each row once."""
+    """Kernel interrupt: KeyboardInterrupt, at most the in-flight window sent after it; a new call pays rows once."""
     emu = emulator_process("--knowledge", str(sp500), "--knowledge-key", "Security", "--time-scale", "0.05")
     journal = tmp_path / "nb.journal.sqlite"
     kernel = Kernel(tmp_path)
@@ -209,7 +210,7 @@ def test_jupyter_kernel_interrupt_stops_at_once_then_resumes_paying_once(
 def test_script_sigint_raises_keyboard_interrupt_then_resumes_paying_once(
     tmp_path: Path, sp500: Path, emulator_process
 ) -> None:
-    """SIGINT to a script in enrich_frame: it stops sending and exits with KeyboardInterrupt; a new call pays each row once."""
+    """SIGINT to a script in enrich_frame: it stops sending, exits with KeyboardInterrupt; a new call pays rows once."""
     emu = emulator_process("--knowledge", str(sp500), "--knowledge-key", "Security", "--time-scale", "0.05")
     journal = tmp_path / "nb.journal.sqlite"
     script = tmp_path / "script.py"
@@ -348,3 +349,29 @@ def test_remedies_are_keyword_arguments_not_flags(tmp_path: Path, emulator, monk
         frame(), CONFIG, journal=journal, base_url=emu.base_url, api_key="sk-nb-other", adopt=True
     )
     assert (out["_enrich_status"] == "completed").all() and runs(emu) == 55
+
+
+def test_api_lost_mid_job_raises_api_unavailable(tmp_path: Path, emulator) -> None:
+    """Creating requests failing for outage_give_up_s mid-job raise ApiUnavailable, the error the job ended with."""
+    emu = emulator(time_scale=0.05)
+    cfg = {**CONFIG, "limits": {**CONFIG["limits"], "outage_give_up_s": 1, "max_in_flight": 10, "batch_size": 5}}
+
+    def outage_once_runs_exist() -> None:
+        wait_for(lambda: runs(emu) >= 10, timeout=30)
+        httpx.post(emu.base_url + "/_emulator/faults", json={"faults": "503=1"}, timeout=10)
+
+    faults = threading.Thread(target=outage_once_runs_exist, daemon=True)
+    faults.start()
+    with pytest.raises(ApiUnavailable) as err:
+        enrich.enrich_frame(frame(), cfg, journal=tmp_path / "j.sqlite", base_url=emu.base_url, api_key="sk-nb-1234")
+    faults.join(10)
+    assert "no creating request succeeded for 1 s" in str(err.value) and "call enrich_frame again" in str(err.value)
+
+
+def test_payment_required_mid_job_is_raised_as_itself(tmp_path: Path, emulator) -> None:
+    """402 once the credit is spent raises the job's own PaymentRequired; the rows paid for are kept for the next call."""
+    emu = emulator(time_scale=0.0, credit_usd=0.1)  # 20 lite runs
+    cfg = {**CONFIG, "limits": {**CONFIG["limits"], "batch_size": 5}}
+    with pytest.raises(PaymentRequired) as err:
+        enrich.enrich_frame(frame(), cfg, journal=tmp_path / "j.sqlite", base_url=emu.base_url, api_key="sk-nb-1234")
+    assert err.value.status == 402 and runs(emu) == 20
