@@ -20,13 +20,17 @@
 
 Retry decisions are made with isinstance() on this tree (see retry.py), never by
 matching message text. Messages never contain the API key: `redact()` is applied by the CLI
-as a backstop before anything is printed.
+as a backstop before anything is printed. A message that suggests a remedy spells it for its
+caller (`advice`): command-line flags for `enrich`, keyword arguments for `enrich_frame`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import errno
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 # The exit codes: this module is their one owner. Each error class names its own (`exit_code`);
@@ -50,6 +54,25 @@ EXIT_CODES = {
     EXIT_DISK: "the disk holding the journal or output is full or failing (resumable: free space, run again)",
     EXIT_INTERRUPTED: "interrupted (resumable: run the same command again)",
 }
+
+# who the messages speak to: "cli" (flags) or "python" (enrich_frame's keyword arguments); a context
+# variable so that concurrent callers in one process (threads, tasks) each keep their own
+_CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("enrich_caller", default="cli")
+
+
+def advice(cli: str, python: str) -> str:
+    """The remedy in the caller's words: `cli` for the command line, `python` within `python_caller()`."""
+    return python if _CALLER.get() == "python" else cli
+
+
+@contextlib.contextmanager
+def python_caller() -> Iterator[None]:
+    """Within this block (and the job threads it starts with its context), errors advise keyword arguments."""
+    token = _CALLER.set("python")
+    try:
+        yield
+    finally:
+        _CALLER.reset(token)
 
 
 class EnrichError(Exception):

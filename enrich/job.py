@@ -17,15 +17,16 @@ thin callers of this module.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
+import contextvars
 import csv
 import json
 import os
 import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,13 +59,16 @@ from enrich.errors import (
     EXIT_OK,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
+    ApiUnavailable,
     AuthError,
     ConfigError,
+    EnrichError,
     InputError,
     JournalError,
     OutputError,
     PaymentRequired,
     StorageError,
+    advice,
     disk_message,
     redact,
 )
@@ -72,7 +76,7 @@ from enrich.files import PARQUET_SUFFIXES, encode_cell, remove_stale_temps
 from enrich.gate import answer_of
 from enrich.journal import IN_FLIGHT, ROW_STATES, Journal
 from enrich.pipeline import Prepared, execute, format_plan, plan_summary, prepare  # noqa: F401 (Prepared: a type)
-from enrich.progress import JobState
+from enrich.progress import JobState, Stop
 from enrich.review import read_review
 from enrich.scale import status as scale_status
 from enrich.write import WRITE_CHUNK, Projection, write_output
@@ -232,6 +236,7 @@ class JobResult:
     output: Path | None = None
     journal: Path | None = None
     deferred: bool = False  # a partition stopped to leave the job's budget to others' first tier (scale/runner.py)
+    error: EnrichError | None = None  # what ended the job before its natural end (auth, payment, no API, a bug)
 
 
 def base_url_for(cfg: RunConfig) -> str:
@@ -300,7 +305,7 @@ def run_job(
     retry_failed: bool = False,
     adopt: bool = False,
     fresh: bool = False,
-    on_interrupt: Callable[[], None] | None = None,
+    stop: Stop | None = None,
     install_signals: bool = True,
     transport: Any = None,
     governor: Any = None,
@@ -310,7 +315,13 @@ def run_job(
 
     `transport` is the client's seam (an httpx transport) for tests that play server behaviours;
     `governor` (submit.Governor) enforces limits shared with other partitions of the same job;
-    `detach` submits everything and returns without waiting for results (collect with a later run)."""
+    `detach` submits everything and returns without waiting for results (collect with a later run).
+
+    Stopping: with `install_signals`, on the main thread, SIGINT/SIGTERM stop the job (a second one leaves at
+    once). Otherwise the job's event loop runs on a worker thread while the calling thread waits, so a
+    KeyboardInterrupt there (Ctrl-C in a script, a Jupyter kernel interrupt, `ray.cancel`) stops the job
+    (progress.Stop) instead of being held until it ends; the result then has EXIT_INTERRUPTED. `stop` lets
+    another thread stop it too."""
     cpu0 = time.process_time()
     if detach and emulated:
         raise ConfigError(
@@ -330,14 +341,14 @@ def run_job(
         if journal.is_empty() and not fresh and output_has_run_ids(cfg.output.path):
             raise JournalError(
                 f"{jpath}: journal is missing or empty, but {cfg.output.path} holds researched rows "
-                "with run ids; running now would pay for them again. Restore the journal, or pass "
-                "--fresh to start over"
+                "with run ids; running now would pay for them again. Restore the journal, or "
+                + advice("pass --fresh to start over", "pass fresh=True to start over")
             )
         mode = journal.get("emulated")
         if mode is not None and mode != emulated and journal.get("taskgroup_id"):
             raise JournalError(
                 f"{jpath}: this journal holds {'emulated' if mode else 'real'} results; "
-                f"use another --journal for {'emulated' if emulated else 'real'} runs"
+                f"use another {advice('--journal', 'journal=')} for {'emulated' if emulated else 'real'} runs"
             )
         journal.check_identity(identity, adopt)
         if cfg.limits.daily_budget_usd is not None or cfg.limits.spend_ledger is not None:
@@ -361,7 +372,17 @@ def run_job(
         else:
             base_url = base_url_for(cfg)
         state, interrupted = _execute(
-            cfg, journal, prep, base_url, api_key, emulated, on_interrupt, install_signals, transport, governor, detach
+            cfg,
+            journal,
+            prep,
+            base_url,
+            api_key,
+            emulated,
+            stop or Stop(),
+            install_signals,
+            transport,
+            governor,
+            detach,
         )
         result = _finish(cfg, journal, jpath, prep, state, interrupted, emulated, api_key, cpu0)
         if detach and result.exit_code in (EXIT_OK, EXIT_FAILED_ROWS) and not journal.unresolved():
@@ -404,38 +425,25 @@ def _execute(
     base_url: str,
     api_key: str,
     emulated: bool,
-    on_interrupt: Callable[[], None] | None,
+    stop: Stop,
     install_signals: bool,
     transport: Any,
     governor: Any,
     detach: bool = False,
 ) -> tuple[Any, bool]:
-    state = JobState()
-    interrupted = False
+    state = JobState(stop=stop)
+    # the CLI: this thread's signal handlers own Ctrl-C; anyone else: the loop runs on a worker thread
+    here = install_signals and threading.current_thread() is threading.main_thread() and not _loop_running()
 
     async def on_response(response: Any) -> None:
         if response.request.method == "POST" and response.request.url.path.endswith("/runs"):
             failpoints.hit("after_send_before_response")
 
     async def main() -> Any:
-        nonlocal interrupted
         loop = asyncio.get_running_loop()
-
-        def stop() -> None:
-            nonlocal interrupted
-            if interrupted:  # a second Ctrl-C: leave now; every commit already made is durable
-                print("enrich: interrupted again; exiting at once (the journal is intact)", file=sys.stderr)
-                os._exit(EXIT_INTERRUPTED)
-            interrupted = True
-            print("enrich: stopping (Ctrl-C again to leave at once)...", file=sys.stderr)
-            if on_interrupt:
-                on_interrupt()
-            state.stop.set()
-
-        if install_signals:
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal went away
-                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                    loop.add_signal_handler(sig, stop)
+        stop.bind(loop, asyncio.current_task())
+        if here:
+            _install_signal_handlers(loop, stop)
         client = TaskClient(
             base_url, api_key, timeout_s=cfg.limits.request_timeout_s, on_response=on_response, transport=transport
         )
@@ -448,21 +456,74 @@ def _execute(
             if client.emulator_seen and not emulated:
                 journal.set("emulator_seen", True)  # reached an emulator through --base-url: mark the output
 
-    _run_coroutine(main())
-    if interrupted and install_signals:  # "Ctrl-C again to leave at once" holds while the output is written too
+    if here:
+        asyncio.run(main())
+    else:
+        _run_on_worker(main(), stop)
+    if stop.interrupted and here:  # "Ctrl-C again to leave at once" holds while the output is written too
         with contextlib.suppress(ValueError):
             signal.signal(signal.SIGINT, lambda *_: os._exit(EXIT_INTERRUPTED))
-    return state, interrupted
+    return state, stop.interrupted
 
 
-def _run_coroutine(coro: Any) -> Any:
-    """asyncio.run, also from inside a running event loop (Jupyter): then on a worker thread."""
+def _install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: Stop) -> None:
+    """The CLI's signals: the first stops the job (Stop.interrupt), a second one leaves at once."""
+
+    def on_signal() -> None:
+        if stop.interrupted:  # every commit already made is durable: the next run resumes from it
+            print("enrich: interrupted again; exiting at once (the journal is intact)", file=sys.stderr)
+            os._exit(EXIT_INTERRUPTED)
+        print("enrich: stopping (Ctrl-C again to leave at once)...", file=sys.stderr)
+        stop.interrupt()
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal went away
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, on_signal)
+
+
+def _loop_running() -> bool:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(coro)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coro).result()
+        return False
+    return True
+
+
+def _run_on_worker(coro: Any, stop: Stop) -> Any:
+    """Run `coro` to its end on a worker thread (its own event loop, this thread's context variables) while
+    this thread waits in short slices: a KeyboardInterrupt raised here is delivered at once and becomes
+    `stop.interrupt()`, and this thread leaves only when the job has (so the journal is never closed under
+    it). Works inside a running event loop too (Jupyter). A job cancelled by a repeated interrupt raises
+    KeyboardInterrupt here."""
+    done = threading.Event()
+    box: dict[str, Any] = {}
+    context = contextvars.copy_context()
+
+    def target() -> None:
+        try:
+            box["result"] = context.run(asyncio.run, coro)
+        except BaseException as exc:  # re-raised in the waiting thread
+            box["error"] = exc
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=target, name="enrich-job", daemon=True)
+    worker.start()
+    asked = pending = 0
+    while not done.is_set():
+        try:
+            while asked < pending:
+                asked += 1
+                stop.interrupt()
+            done.wait(0.1)
+        except KeyboardInterrupt:
+            pending += 1
+    worker.join()
+    if "error" in box:
+        if isinstance(box["error"], asyncio.CancelledError) and stop.interrupts > 1:
+            raise KeyboardInterrupt from None
+        raise box["error"]
+    return box["result"]
 
 
 def _finish(
@@ -515,9 +576,11 @@ def _finish(
                 )
             ) from None
         raise OutputError(
-            f"cannot write {cfg.output.path}: {exc.strerror or exc}; every result is safe in {jpath}: "
-            f"fix the folder, then run the same command again (or enrich export {jpath} --output "
-            "FILE)"
+            f"cannot write {cfg.output.path}: {exc.strerror or exc}; every result is safe in {jpath}: fix the folder, "
+            + advice(
+                f"then run the same command again (or enrich export {jpath} --output FILE)",
+                "then call enrich_frame again",
+            )
         ) from None
     if why:
         journal.log("error", why)
@@ -535,6 +598,8 @@ def _finish(
             "like the output fields; set [emulator] knowledge and knowledge_key (README, The emulator)"
         )
     result = JobResult(EXIT_OK, summary, report, counts, cfg.output.path, jpath, deferred=state.budget_deferred)
+    if state.fatal is not None:
+        result.error = _as_error(state.fatal, why or "the job stopped")
     if isinstance(state.fatal, AuthError | PaymentRequired):
         result.exit_code, result.message = EXIT_AUTH, f"{summary}\nstopped: {why}"
     elif state.fatal is not None:
@@ -544,6 +609,10 @@ def _finish(
         result.message = f"{summary}\ninterrupted; progress is saved in {jpath}"
     elif state.unreachable:
         result.exit_code, result.message = EXIT_UNAVAILABLE, f"{summary}\nstopped: {why}"
+        result.error = ApiUnavailable(
+            f"stopped: {why}; results so far are kept: "
+            + advice("run the same command again", "call enrich_frame again to resume")
+        )
     elif counts.get("pending", 0) and state.budget_exhausted:
         result.exit_code = EXIT_BUDGET
         result.message = f"{summary}\n{state.budget_message or 'budget exhausted'}: {_skipped(cfg, journal, prep, sc)}"
@@ -569,6 +638,15 @@ def left_undone(cfg: RunConfig, pending: dict[str, int], status_counts: dict[str
     if again > 0:
         said.append(f"{again} rows not researched again (they keep their earlier answer)")
     return "; ".join(said) + "; raise the budget (or wait for the daily reset) and run again"
+
+
+def _as_error(exc: BaseException, why: str) -> EnrichError:
+    """The error that stopped the job, as one of the error tree's (a stage that crashed becomes an EnrichError)."""
+    if isinstance(exc, EnrichError):
+        return exc
+    err = EnrichError(f"the job stopped: {why}")
+    err.__cause__ = exc
+    return err
 
 
 def _why_stopped(state: Any, interrupted: bool, api_key: str) -> str | None:

@@ -54,6 +54,7 @@ from enrich.errors import (
     JournalError,
     StorageError,
     TransitionError,
+    advice,
     disk_message,
 )
 from enrich.journal_decisions import DecisionStore
@@ -309,8 +310,11 @@ class Journal(DecisionStore):
         if held and held != identity and not adopt:
             diff = ", ".join(sorted(k for k in identity if held.get(k) != identity.get(k)))
             raise JournalError(
-                f"{self.path}: this journal belongs to another job (different {diff}); use another "
-                "--journal, or pass --adopt to take it over for this job"
+                f"{self.path}: this journal belongs to another job (different {diff}); "
+                + advice(
+                    "use another --journal, or pass --adopt to take it over for this job",
+                    "pass another journal=, or adopt=True to take it over for this job",
+                )
             )
         if held != identity:
             self.set("identity", identity)

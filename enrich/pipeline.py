@@ -36,7 +36,7 @@ from enrich.config import (
     spec_fingerprint,
 )
 from enrich.decide import escalate_pass
-from enrich.errors import ApiError, ApiUnavailable, InputError, PermanentApiError, TransientApiError
+from enrich.errors import ApiError, ApiUnavailable, InputError, PermanentApiError, TransientApiError, advice
 from enrich.files import XLSX_SUFFIXES
 from enrich.flatten import output_columns
 from enrich.journal import IN_FLIGHT, DuplicateKey, Journal
@@ -518,8 +518,11 @@ async def execute(
         gid = await ensure_group(journal, client, prep.job_tag, emulated)
     except TransientApiError as exc:
         raise ApiUnavailable(
-            f"cannot reach the API at {client.base_url} ({exc}); check --base-url and the "
-            "network, or use --emulator. Nothing was sent; run the same command again"
+            f"cannot reach the API at {client.base_url} ({exc}); "
+            + advice(
+                "check --base-url and the network, or use --emulator. Nothing was sent; run the same command again",
+                "check base_url= and the network, or pass emulator=True. Nothing was sent; call enrich_frame again",
+            )
         ) from None
     limits = cfg.limits
     cap = 10**9 if detach else limits.max_in_flight

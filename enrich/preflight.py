@@ -34,7 +34,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from enrich.config import build_task_spec, output_fields, output_format_problem
-from enrich.errors import ConfigError, InputError, JournalError
+from enrich.errors import ConfigError, InputError, JournalError, advice
 from enrich.files import XLSX_SUFFIXES, encode_cell, is_parquet, report_json_path
 from enrich.flatten import META_COLUMNS, output_columns
 from enrich.read import Row, TableInfo
@@ -105,8 +105,12 @@ def resolve_api_key(env: Mapping[str, str], emulated: bool) -> str:
         if raw:
             raise ConfigError("PARALLEL_API_KEY is set but holds only whitespace")
         raise ConfigError(
-            "PARALLEL_API_KEY is not set; export it, or add --emulator to run against the "
-            "bundled emulator (no key, no cost)"
+            "PARALLEL_API_KEY is not set; "
+            + advice(
+                "export it, or add --emulator to run against the bundled emulator (no key, no cost)",
+                "export it or pass api_key=, or pass emulator=True to run against the bundled emulator "
+                "(no key, no cost)",
+            )
         )
     check_api_key(key, source)
     return key

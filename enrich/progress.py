@@ -7,6 +7,7 @@ a plain status line is logged every few seconds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -15,6 +16,56 @@ from tqdm.auto import tqdm  # a widget in Jupyter, text elsewhere
 
 from enrich.processors import usd
 from enrich.slots import Slots
+
+
+class Stop:
+    """The one way a job is told to stop, whoever asks.
+
+    The job's own stages call `set()` (a fatal error, the end of the work) on its event loop. From
+    outside, `interrupt()` may be called from any thread: the CLI's signal handlers, the thread that
+    waits on a job running on a worker thread when a KeyboardInterrupt reaches it (Ctrl-C in a script,
+    a Jupyter kernel interrupt, `ray.cancel` of a partition). The first interrupt stops submitting at
+    once: requests in flight finish and are recorded, then the output is written. A further one also
+    cancels the job's task (requests in flight are abandoned; their rows are settled on the next run).
+    The stages wait on it with `wait()` and test it with `is_set()`, on the job's loop.
+    """
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[object] | None = None
+        self.interrupts = 0  # how many times the job was interrupted from outside
+
+    @property
+    def interrupted(self) -> bool:
+        return self.interrupts > 0
+
+    def bind(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[object] | None = None) -> None:
+        """Called by the job on its loop as it starts; an interrupt that came earlier takes effect now."""
+        self._loop, self._task = loop, task
+        if self.interrupts:  # written before `interrupt` reads the loop: one of the two always sets the event
+            self._event.set()
+
+    def interrupt(self) -> int:
+        """Ask the job to stop, from any thread; returns how many times it has been asked."""
+        self.interrupts += 1
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: the job is already over
+                loop.call_soon_threadsafe(self._event.set)
+                if self.interrupts > 1 and self._task is not None:
+                    loop.call_soon_threadsafe(self._task.cancel)
+        return self.interrupts
+
+    def set(self) -> None:
+        """Stop from within the job (on its loop)."""
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
 
 
 @dataclass
@@ -43,7 +94,7 @@ class JobState:
     waiting_on: str = ""  # what the job is waiting for right now (shown by `enrich status`)
     active: Slots = field(default_factory=lambda: Slots(1))
     backlog: Slots = field(default_factory=lambda: Slots(1))
-    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    stop: Stop = field(default_factory=Stop)  # the one owner of "stop the job" (see Stop)
     new_runs: asyncio.Event = field(default_factory=asyncio.Event)  # runs were submitted or adopted
     unresolved: asyncio.Event = field(default_factory=asyncio.Event)  # rows need reconciliation
     handoff: list[tuple[str, int, str, float]] = field(default_factory=list)  # new runs for the poller

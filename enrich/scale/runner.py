@@ -57,6 +57,7 @@ from enrich.scale.partition import Partition, PartitionPlan, cut, load_plan, par
 PARTITION_CPUS = 0.5  # Ray CPUs per partition task: 2 cores run 4 partitions (they mostly wait on I/O)
 TASK_RETRIES = 3  # Ray re-runs a partition whose worker or node died; it resumes the same journal
 NAMESPACE = "enrich"
+PARTITION_STOP_S = 60  # after Ctrl-C: how long partitions get to record what is in flight and write their output
 NODE_LOCAL = ("/tmp", "/var/tmp", "/dev/shm", "/run")
 # worst first: nothing more can work (usage, auth) > resumable stops > budget > failed rows > ok
 SEVERITY = [
@@ -428,6 +429,10 @@ def _run(
         for ref in running:
             with contextlib.suppress(Exception):
                 ray.cancel(ref)
+        # ray.cancel raises KeyboardInterrupt in each partition's run_job, which stops it (progress.Stop): no new
+        # run is sent, those in flight are recorded, its output is written. Wait for that before Ray may shut down.
+        with contextlib.suppress(Exception):
+            ray.wait(list(running), num_returns=len(running), timeout=PARTITION_STOP_S)
     snapshot = {}
     with contextlib.suppress(Exception):
         snapshot = ray.get(governor.snapshot.remote(), timeout=10)
