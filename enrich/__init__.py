@@ -24,14 +24,14 @@ from enrich.errors import (
 __version__ = "0.1.0"
 
 
-def enrich_frame(*args, **kwargs):  # type: ignore[no-untyped-def]
+def enrich_frame(*args, **kwargs):
     """Enrich a polars or pandas DataFrame (see enrich.notebook.enrich_frame)."""
     from enrich.notebook import enrich_frame as impl
 
     return impl(*args, **kwargs)
 
 
-def run_job(*args, **kwargs):  # type: ignore[no-untyped-def]
+def run_job(*args, **kwargs):
     """Run one job to its end (see enrich.job.run_job): what the CLI, notebooks and partitions call."""
     from enrich.job import run_job as impl
 

@@ -449,7 +449,7 @@ def _guard_std_streams() -> None:
     if sys.stderr is None:
         sys.stderr = open(2, "w", encoding="utf-8", errors="backslashreplace", closefd=False)  # noqa: SIM115
     if not isinstance(sys.stderr, _QuietStream):
-        sys.stderr = _QuietStream(sys.stderr)  # type: ignore[assignment]
+        sys.stderr = _QuietStream(sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -219,7 +219,7 @@ def has_array_fields(task_spec: dict[str, Any] | None) -> bool:
     except (KeyError, TypeError):
         return False
     return any(
-        "array" in (p.get("type") if isinstance(p.get("type"), list) else [p.get("type")])
+        "array" in (p["type"] if isinstance(p.get("type"), list) else [p.get("type")])
         for p in props.values()
         if isinstance(p, dict)
     )

@@ -430,6 +430,7 @@ class Journal(DecisionStore):
 
     def has_pending(self, epoch: int, now: float | None = None) -> bool:
         """Is any row pending (and, with `now`, ready to be sent)? An index probe, not a count."""
+        args: tuple[Any, ...]
         if now is None:
             sql, args = "SELECT 1 FROM rows WHERE epoch=? AND state='pending' LIMIT 1", (epoch,)
         else:

@@ -19,6 +19,9 @@ class DecisionStore:
 
     conn: Any
     _ledger_db: str | None = None
+    # provided by Journal (journal.py), the one class this mixin is part of
+    tx: Any
+    _move: Any
     _ledger_job = ""
 
     def spent_on_day(self, day: str) -> int:

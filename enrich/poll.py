@@ -171,11 +171,11 @@ class Poller:
 
     def _finished(self, run: dict[str, Any], result_json: str | None = None, error: str | None = None) -> Finished:
         """A Finished attributed by the run's own metadata (None fields when it carries none of ours)."""
-        meta = run.get("metadata") if isinstance(run.get("metadata"), dict) else {}
+        meta: dict[str, Any] = run["metadata"] if isinstance(run.get("metadata"), dict) else {}
         ref, attempt = meta.get("enrich_row"), meta.get("enrich_try")
         ours = meta.get("enrich_job") == self.job_tag and isinstance(ref, str)
         try:
-            attempt = int(attempt) if ours else None
+            attempt = int(attempt) if ours and attempt is not None else None
         except (TypeError, ValueError):
             attempt = None
         return Finished(str(run.get("run_id")), ref if ours else None, attempt, result_json, error)
@@ -202,7 +202,7 @@ class Poller:
             except ApiError as exc:
                 self._fatal(exc)
                 return
-            status = group.get("status") if isinstance(group.get("status"), dict) else {}
+            status: dict[str, Any] = group["status"] if isinstance(group.get("status"), dict) else {}
             idle = status.get("is_active") is False
             for run_id in list(self.waiting):
                 if idle or now - self.checked.get(run_id, now - self.sweep_s / 2) >= self.sweep_s:
@@ -337,10 +337,9 @@ class Poller:
                 self.taskgroup_id, last_event_id=start or None, include_output=True
             ):
                 run = event.get("run") or {}
-                rid = run.get("run_id")
-                if rid not in need:
+                if (seen_id := run.get("run_id")) not in need:
                     continue
-                need.discard(rid)
+                need.discard(seen_id)
                 self._classify(run, event.get("output"), got, running)
                 if not need:
                     break
@@ -382,7 +381,7 @@ class Poller:
         if res is None:
             running.append(rid)
         else:
-            run = res.get("run") if isinstance(res.get("run"), dict) else {}
+            run = res["run"] if isinstance(res.get("run"), dict) else {}
             self._ended(rid)
             got.append(self._finished({**run, "run_id": rid}, json.dumps(res, ensure_ascii=False)))
 

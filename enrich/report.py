@@ -96,7 +96,7 @@ class _Latencies:
             self.sample[j] = value
 
     def summary(self) -> dict[str, Any]:
-        out = percentiles(sorted(self.sample))
+        out: dict[str, Any] = dict(percentiles(sorted(self.sample)))
         out["count"] = self.seen  # exact, even when percentiles come from a sample
         out["mean"] = round(self.total / self.seen, 3) if self.seen else None
         used = [i for i, c in enumerate(self.bins) if c]

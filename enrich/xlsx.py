@@ -99,6 +99,7 @@ def to_frame(table: Any, kinds: dict[str, str]) -> Any:
             text = pa.array([None if v is None else encode_cell(v) for v in values], pa.string())
             table = table.set_column(i, name, text)
     df = pl.from_arrow(table)
+    assert isinstance(df, pl.DataFrame)  # a table, not one array: always a frame
     exprs = []
     for name, kind in kinds.items():
         if name not in df.columns:

@@ -333,25 +333,25 @@ class App(Streams):
             raise Invalid(422, "request body is not valid JSON") from None
 
     # ---- handlers: return (status, json) or (0, None) after streaming ------------------
-    async def _create_run(self, params, query, body, receive, out):  # type: ignore[no-untyped-def]
+    async def _create_run(self, params, query, body, receive, out):
         run = self.emu.create_run(body, time.monotonic())
         return 202, self.emu.run_json(run)
 
-    async def _get_run(self, params, query, body, receive, out):  # type: ignore[no-untyped-def]
+    async def _get_run(self, params, query, body, receive, out):
         return 200, self.emu.run_json(self.emu.get_run(params[0]))
 
-    async def _group_run(self, params, query, body, receive, out):  # type: ignore[no-untyped-def]
+    async def _group_run(self, params, query, body, receive, out):
         group = self.emu.get_group(params[0])
         run = self.emu.get_run(params[1])
         if run.group is not group:
             raise Invalid(404, "Run id not found in this task group")
         return 200, self.emu.run_json(run)
 
-    async def _get_input(self, params, query, body, receive, out):  # type: ignore[no-untyped-def]
+    async def _get_input(self, params, query, body, receive, out):
         run = self.emu.get_run(params[0])
         return 200, {**run.body, "task_spec": run.spec}
 
-    async def _get_result(self, params, query, body, receive, out):  # type: ignore[no-untyped-def]
+    async def _get_result(self, params, query, body, receive, out):
         emu = self.emu
         run = emu.get_run(params[0])
         try:
@@ -379,13 +379,13 @@ class App(Streams):
             raise Invalid(404, "Run was cancelled; it has no result.")
         return 200, {"run": emu.run_json(run), "output": emu.output_json(run)}
 
-    async def _create_group(self, params, query, body, receive, out):  # type: ignore[no-untyped-def]
+    async def _create_group(self, params, query, body, receive, out):
         return 200, self.emu.group_json(self.emu.create_group(body, time.monotonic()))
 
-    async def _get_group(self, params, query, body, receive, out):  # type: ignore[no-untyped-def]
+    async def _get_group(self, params, query, body, receive, out):
         return 200, self.emu.group_json(self.emu.get_group(params[0]))
 
-    async def _add_runs(self, params, query, body, receive, out):  # type: ignore[no-untyped-def]
+    async def _add_runs(self, params, query, body, receive, out):
         emu = self.emu
         group = emu.get_group(params[0])
         now = time.monotonic()

@@ -108,7 +108,7 @@ def reset_connection(send: Any) -> bool:
     """
     cycle = getattr(send, "__self__", None)
     transport = getattr(cycle, "transport", None)
-    if transport is None:
+    if transport is None or cycle is None:
         return False
     sock = transport.get_extra_info("socket")
     if sock is not None:

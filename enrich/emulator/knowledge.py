@@ -365,7 +365,7 @@ def coerce(raw: str, schema: dict[str, Any]) -> Any:
                 parsed = None
             if isinstance(parsed, list):
                 return parsed
-        items = schema.get("items") if isinstance(schema.get("items"), dict) else {"type": "string"}
+        items: dict[str, Any] = schema["items"] if isinstance(schema.get("items"), dict) else {"type": "string"}
         parts = [p.strip() for p in re.split(r"[;|]", text) if p.strip()]
         return [v for v in (coerce(p, items) for p in parts) if v is not None]
     if "enum" in schema:

@@ -152,7 +152,7 @@ class Streams:
     def _status_event(self, group: Group, event_id: int) -> dict[str, Any]:
         return {"type": "task_group_status", "event_id": str(event_id), "status": self.emu.group_status(group)}
 
-    async def _group_runs(self, params, query, body, receive, out):  # type: ignore[no-untyped-def]
+    async def _group_runs(self, params, query, body, receive, out):
         """List the group's runs from the cursor on, at once, without waiting (the bulk result API)."""
         emu = self.emu
         group = emu.get_group(params[0])
@@ -193,7 +193,7 @@ class Streams:
             gone.cancel()
         return 0, None
 
-    async def _group_events(self, params, query, body, receive, out):  # type: ignore[no-untyped-def]
+    async def _group_events(self, params, query, body, receive, out):
         """Replay the group's event log from the cursor, then follow it while runs are active."""
         emu = self.emu
         group = emu.get_group(params[0])
@@ -258,7 +258,7 @@ class Streams:
         await writer.flush()
         return end
 
-    async def _run_events(self, params, query, body, receive, out):  # type: ignore[no-untyped-def]
+    async def _run_events(self, params, query, body, receive, out):
         """State first, progress while it runs, final state (with output) when it ends."""
         emu = self.emu
         run = emu.get_run(params[0])

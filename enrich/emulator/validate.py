@@ -69,7 +69,7 @@ def validate_run_input(body: Any, default_spec: dict[str, Any] | None = None) ->
     if processor not in PROCESSORS:
         raise Invalid(403, f"Invalid processor: {processor!r}")
     validate_metadata(body.get("metadata"))
-    spec = body.get("task_spec") or default_spec
+    spec: Any = body.get("task_spec") or default_spec
     warnings: list[dict[str, Any]] = []
     if spec is not None:
         if not isinstance(spec, dict) or "output_schema" not in spec:

@@ -128,7 +128,7 @@ def plan(cfg: RunConfig, journal: Path) -> dict[str, Any] | None:
             return None
         files = resolve_inputs(cfg.input.path)
         _header, counts = _count_and_check(cfg, files)
-        per = [
+        per: list[dict[str, Any]] = [
             {"partition": None, "rows": n, "done": 0, "to_submit": n, "in_flight": 0, "spent_usd": 0.0} for n in counts
         ]
         n_parts = sum(_pieces(counts, None))
