@@ -39,7 +39,7 @@ from enrich.scale.runner import run_partitioned
 
 EXIT_CODES_HELP = (
     "exit codes: 0 all rows completed, 2 usage/config/input error, 3 finished with failed rows, "
-    "4 budget exhausted, 5 auth or payment error, 69 API unreachable (resumable), "
+    "4 budget exhausted, 5 auth or payment error, 69 API unreachable (resumable), 70 internal error, "
     "74 disk full (free space, run again), 75 interrupted (run the same command again)"
 )
 _EPILOGS = {

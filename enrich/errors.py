@@ -41,6 +41,7 @@ EXIT_FAILED_ROWS = 3
 EXIT_BUDGET = 4
 EXIT_AUTH = 5
 EXIT_UNAVAILABLE = 69
+EXIT_SOFTWARE = 70  # a bug: a stage raised what it should not
 EXIT_DISK = 74
 EXIT_INTERRUPTED = 75
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO)  # a full or failing disk: EXIT_DISK, resumable
@@ -51,6 +52,7 @@ EXIT_CODES = {
     EXIT_BUDGET: "budget exhausted (rows skipped_budget)",
     EXIT_AUTH: "auth or payment error (401/402/403)",
     EXIT_UNAVAILABLE: "the API could not be reached (resumable)",
+    EXIT_SOFTWARE: "internal error (a bug; the journal is intact, run again to resume; please report it)",
     EXIT_DISK: "the disk holding the journal or output is full or failing (resumable: free space, run again)",
     EXIT_INTERRUPTED: "interrupted (resumable: run the same command again)",
 }

@@ -29,7 +29,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow.parquet as pq
 
@@ -57,6 +57,7 @@ from enrich.errors import (
     EXIT_FAILED_ROWS,
     EXIT_INTERRUPTED,
     EXIT_OK,
+    EXIT_SOFTWARE,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
     ApiUnavailable,
@@ -541,7 +542,8 @@ def _finish(
         raise state.fatal
     emulated = emulated or bool(journal.get("emulated")) or bool(journal.get("emulator_seen"))
     counts = journal.counts(prep.epoch)
-    why = _why_stopped(state, interrupted, api_key)
+    stop = stop_reason(state, interrupted, counts, api_key)
+    why = stop.why
     try:
         report = write_output(
             journal,
@@ -598,26 +600,13 @@ def _finish(
             "like the output fields; set [emulator] knowledge and knowledge_key (README, The emulator)"
         )
     result = JobResult(EXIT_OK, summary, report, counts, cfg.output.path, jpath, deferred=state.budget_deferred)
-    if state.fatal is not None:
-        result.error = _as_error(state.fatal, why or "the job stopped")
-    if isinstance(state.fatal, AuthError | PaymentRequired):
-        result.exit_code, result.message = EXIT_AUTH, f"{summary}\nstopped: {why}"
-    elif state.fatal is not None:
-        result.exit_code, result.message = EXIT_FAILED_ROWS, f"{summary}\nstopped: {why}"
-    elif interrupted:
-        result.exit_code = EXIT_INTERRUPTED
+    result.exit_code, result.error = stop.exit_code, stop.error
+    if stop.kind == "interrupted":
         result.message = f"{summary}\ninterrupted; progress is saved in {jpath}"
-    elif state.unreachable:
-        result.exit_code, result.message = EXIT_UNAVAILABLE, f"{summary}\nstopped: {why}"
-        result.error = ApiUnavailable(
-            f"stopped: {why}; results so far are kept: "
-            + advice("run the same command again", "call enrich_frame again to resume")
-        )
-    elif counts.get("pending", 0) and state.budget_exhausted:
-        result.exit_code = EXIT_BUDGET
+    elif stop.kind == "budget":
         result.message = f"{summary}\n{state.budget_message or 'budget exhausted'}: {_skipped(cfg, journal, prep, sc)}"
-    elif any(counts.get(s, 0) for s in ("failed", "timed_out", "unknown", "intent", "pending", "submitted")):
-        result.exit_code = EXIT_FAILED_ROWS
+    elif stop.kind in ("auth", "fatal", "crashed", "unavailable"):
+        result.message = f"{summary}\nstopped: {stop.why}"
     return result
 
 
@@ -649,17 +638,49 @@ def _as_error(exc: BaseException, why: str) -> EnrichError:
     return err
 
 
-def _why_stopped(state: Any, interrupted: bool, api_key: str) -> str | None:
-    """One line saying why rows may still be pending, for the report and the output's readers."""
-    if state.fatal is not None:
-        return redact(str(state.fatal), api_key)
-    if state.unreachable:
-        return redact(state.unreachable, api_key)
+StopKind = Literal["done", "auth", "fatal", "crashed", "interrupted", "unavailable", "budget", "failed_rows"]
+
+
+@dataclass(frozen=True)
+class StopReason:
+    """How a job ended, decided in one place: its kind, exit code, the one line saying why rows may still be
+    pending (None when nothing stopped it early), and the error to raise for callers that raise."""
+
+    kind: StopKind
+    exit_code: int
+    why: str | None = None
+    error: EnrichError | None = None
+
+
+def stop_reason(state: Any, interrupted: bool, counts: Mapping[str, int], api_key: str) -> StopReason:
+    """The one owner of a job's end state, in this order: an error that stopped it (auth/payment: 5; one of
+    the error tree's: its own code; anything else is a bug: 70), an interrupt (75), an API that could not
+    be reached (69), the budget (4), rows not completed (3), else done (0)."""
+    if (fatal := state.fatal) is not None:
+        why = redact(str(fatal), api_key) or type(fatal).__name__
+        if isinstance(fatal, AuthError | PaymentRequired):
+            return StopReason("auth", EXIT_AUTH, why, fatal)
+        if isinstance(fatal, EnrichError):
+            return StopReason("fatal", fatal.exit_code, why, fatal)
+        return StopReason(
+            "crashed", EXIT_SOFTWARE, f"internal error ({why}); the journal is intact", _as_error(fatal, why)
+        )
     if interrupted:
-        return "interrupted"
-    if state.reconcile_failed:
-        return "the task group could not be listed; rows in doubt are reported as unknown"
-    return None
+        return StopReason("interrupted", EXIT_INTERRUPTED, "interrupted")
+    if state.unreachable:
+        why = redact(state.unreachable, api_key)
+        error = ApiUnavailable(
+            f"stopped: {why}; results so far are kept: "
+            + advice("run the same command again", "call enrich_frame again to resume")
+        )
+        return StopReason("unavailable", EXIT_UNAVAILABLE, why, error)
+    if counts.get("pending", 0) and state.budget_exhausted:
+        return StopReason("budget", EXIT_BUDGET, state.budget_message or "budget exhausted")
+    doubt = "the task group could not be listed; rows in doubt are reported as unknown"
+    note = doubt if state.reconcile_failed else None
+    if any(counts.get(s, 0) for s in ("failed", "timed_out", "unknown", "intent", "pending", "submitted")):
+        return StopReason("failed_rows", EXIT_FAILED_ROWS, note)
+    return StopReason("done", EXIT_OK, note)
 
 
 # ---- use cases on an existing job ------------------------------------------------------------------
