@@ -305,6 +305,12 @@ def plan_summary(cfg: RunConfig, prep: Prepared, journal: Journal) -> dict[str, 
     }
 
 
+def steps_line(steps: dict[str, int]) -> str:
+    """The plan's line for escalation steps waiting, per processor with its price (one and partitioned jobs)."""
+    each = ", ".join(f"{n:,} x {p} at ${PROCESSORS[p].price_micros / 1e6:.4f}/run" for p, n in steps.items())
+    return f"escalation steps     {sum(steps.values()):,} pending ({each})"
+
+
 def format_plan(plan: dict[str, Any]) -> str:
     lines = [
         f"rows in input        {plan['rows']:,}",
@@ -314,11 +320,7 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"to submit            {plan['to_submit']:,}  x {plan['processor']} at ${plan['price_per_run_usd']:.4f}/run",
     ]
     if steps := plan.get("escalation_steps"):
-        lines.append(
-            f"escalation steps     {sum(steps.values()):,} pending ("
-            + ", ".join(f"{n:,} x {p} at ${PROCESSORS[p].price_micros / 1e6:.4f}/run" for p, n in steps.items())
-            + ")"
-        )
+        lines.append(steps_line(steps))
     ladder, share = plan.get("ladder"), plan.get("escalation_share")
     cost = f"${plan['estimated_cost_usd']:,.2f}"
     if ladder and share is None:  # nothing finished yet: from no row climbing to every row climbing every rung

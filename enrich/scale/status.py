@@ -16,6 +16,7 @@ from enrich.config import RunConfig, build_task_spec, output_fields
 from enrich.decide import escalate_pass
 from enrich.errors import JournalError
 from enrich.journal import Journal
+from enrich.pipeline import steps_line
 from enrich.processors import PROCESSORS
 from enrich.scale.partition import PartitionPlan, _count_and_check, _pieces, load_plan, parts_dir_for, resolve_inputs
 from enrich.spend import runs_within
@@ -211,11 +212,7 @@ def format_plan(info: dict[str, Any]) -> str:
         f"to submit            {info['to_submit']:,}  x {info['processor']}",
     ]
     if steps := info.get("escalation_steps"):
-        lines.append(
-            f"escalation steps     {sum(steps.values()):,} pending ("
-            + ", ".join(f"{n:,} x {p} at ${PROCESSORS[p].price_micros / 1e6:.4f}/run" for p, n in steps.items())
-            + ")"
-        )
+        lines.append(steps_line(steps))
     lines.append(
         f"estimated cost       ${info['estimated_cost_usd']:,.2f}  (spent so far ${info['spent_so_far_usd']:,.2f})"
     )
