@@ -20,7 +20,6 @@ KeyboardInterrupt; calling again with the same frame resumes without paying twic
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ import polars as pl
 from enrich import preflight
 from enrich.config import RunConfig, build_task_spec, config_from_mapping, digest, output_fields, read_config_file
 from enrich.errors import EXIT_INTERRUPTED, ConfigError, InputError, OutputError, python_caller
+from enrich.files import atomic_write
 from enrich.flatten import output_columns
 from enrich.job import run_job
 from enrich.read import check_columns
@@ -151,13 +151,7 @@ def _enrich_frame(
     jpath.parent.mkdir(parents=True, exist_ok=True)
     src = jpath.with_name(jpath.name + ".input.parquet")
     out = jpath.with_name(jpath.name + ".output.parquet")
-    fd, tmp = tempfile.mkstemp(dir=src.parent, prefix=".input-", suffix=".parquet")
-    os.close(fd)
-    try:
-        task.write_parquet(tmp)
-        os.replace(tmp, src)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write(src, task.write_parquet)
     overrides: dict[str, Any] = {
         "input.path": str(src),
         "output.path": str(out),

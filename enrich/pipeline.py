@@ -3,7 +3,7 @@
     prepare()  read the input, validate it, record it in the journal (no API call)
     execute()  create/reuse the job's task group, then run submit, poll and reconcile
                concurrently until every row is finished, the budget is spent, or a stop
-    write      (cli.py) projects the journal into the output file and report
+    write      (job.py calls write.write_output) projects the journal into the output file and report
 
 Stages share only the journal and a JobState; no module-level state, so a partition of
 a big input can run anywhere with its own journal.

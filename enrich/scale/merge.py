@@ -22,10 +22,10 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from enrich.errors import ConfigError
-from enrich.files import atomic_write
+from enrich.files import PARQUET_SUFFIXES, atomic_write
 
 MANIFEST = "_manifest.json"
-PARQUET = (".parquet", ".pq")
+PARQUET = PARQUET_SUFFIXES
 
 
 def is_dataset(path: Path) -> bool:

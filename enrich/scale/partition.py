@@ -16,9 +16,9 @@ from __future__ import annotations
 import csv
 import glob
 import hashlib
+import io
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,13 +27,13 @@ import pyarrow.parquet as pq
 
 from enrich.config import RunConfig, canonical
 from enrich.errors import ConfigError, InputError
-from enrich.files import atomic_json, temp_path
+from enrich.files import PARQUET_SUFFIXES, atomic_json, atomic_write
 from enrich.read import key_problem, open_table
 from enrich.scale import PARTS_SUFFIX
 
 ROWS_PER_PARTITION = 50_000
 PLAN_FILE = "job.json"
-PARQUET = (".parquet", ".pq")
+PARQUET = PARQUET_SUFFIXES
 
 
 @dataclass
@@ -248,15 +248,17 @@ def _slice_csv(cfg: RunConfig, src: Path, outs: list[Path], sizes: list[int], he
     rows = (row.values for batch in batches for row in batch)
     try:
         for out, size in zip(outs, sizes, strict=True):
-            tmp = temp_path(out)
-            with tmp.open("w", newline="", encoding="utf-8") as fp:
-                w = csv.writer(fp, lineterminator="\n")
+
+            def write(fp: Any, size: int = size) -> None:
+                text = io.TextIOWrapper(fp, encoding="utf-8", newline="")
+                w = csv.writer(text, lineterminator="\n")
                 w.writerow(header)
                 for _ in range(size):
                     w.writerow(next(rows))
-                fp.flush()
-                os.fsync(fp.fileno())
-            os.replace(tmp, out)
+                text.flush()
+                text.detach()
+
+            atomic_write(out, write)
     finally:
         batches.close()  # type: ignore[attr-defined]
 
@@ -267,14 +269,17 @@ def _slice_parquet(src: Path, outs: list[Path], sizes: list[int]) -> None:
     batches = pf.iter_batches(batch_size=10_000)
     pending = None
     for out, size in zip(outs, sizes, strict=True):
-        tmp = temp_path(out)
-        with pq.ParquetWriter(tmp, pf.schema_arrow, compression="zstd") as writer:
-            left = size
-            while left > 0:
-                if pending is None or pending.num_rows == 0:
-                    pending = next(batches)
-                take = pending.slice(0, left)
-                writer.write_batch(take)
-                left -= take.num_rows
-                pending = pending.slice(take.num_rows)
-        os.replace(tmp, out)
+
+        def write(fp: Any, size: int = size) -> None:
+            nonlocal pending
+            with pq.ParquetWriter(fp, pf.schema_arrow, compression="zstd") as writer:
+                left = size
+                while left > 0:
+                    if pending is None or pending.num_rows == 0:
+                        pending = next(batches)
+                    take = pending.slice(0, left)
+                    writer.write_batch(take)
+                    left -= take.num_rows
+                    pending = pending.slice(take.num_rows)
+
+        atomic_write(out, write)

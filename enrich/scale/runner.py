@@ -47,7 +47,7 @@ from enrich.errors import (
     EnrichError,
     JournalError,
 )
-from enrich.files import atomic_json
+from enrich.files import atomic_json, report_json_path
 from enrich.job import JobResult, left_undone, run_job
 from enrich.processors import PROCESSORS
 from enrich.scale.governor import ActorGovernor, GovernorState, journal_pending, journal_spend
@@ -567,7 +567,7 @@ def _finish(
     else:
         merge_files([Path(markers[p.index]["output"]) for p in plan.partitions], out)
         written = f"wrote {report['rows']} rows to {out}"
-        atomic_json(out.with_name(out.name + ".report.json"), report)
+        atomic_json(report_json_path(out), report)
     summary = (
         f"{written} ({', '.join(f'{v} {k}' for k, v in sorted(status.items())) or 'no rows'}); spent "
         f"${spend:.4f} across {len(plan.partitions)} partitions{' [EMULATED]' if report['emulated'] else ''}"
