@@ -26,6 +26,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +48,7 @@ from enrich.config import (
     output_fields,
     spec_fingerprint,
 )
-from enrich.decide import decided
+from enrich.decide import decided, escalate_pass
 from enrich.errors import (
     DISK_ERRNOS,
     EXIT_AUTH,
@@ -613,7 +614,10 @@ def _finish(
 def _skipped(cfg: RunConfig, journal: Any, prep: Any, status_counts: dict[str, int]) -> str:
     """What the budget left undone, in two counts that match the output: rows never researched (their
     status is skipped_budget) and escalation steps not run (those rows show their best answer so far)."""
-    return left_undone(cfg, journal.pending_by_processor(prep.epoch), status_counts)
+    pending = Counter(journal.pending_by_processor(prep.epoch))
+    if len(cfg.ladder) > 1:  # rows that finished a step and would climb the next: plan counts them too
+        escalate_pass(journal, cfg, prep.epoch, list(prep.fields), dry=True, targets=pending)
+    return left_undone(cfg, dict(pending), status_counts)
 
 
 def left_undone(cfg: RunConfig, pending: dict[str, int], status_counts: dict[str, int]) -> str:

@@ -159,7 +159,9 @@ def test_rows_added_later_are_researched_before_pending_escalations(tmp_path: Pa
     out = pl.read_csv(tmp_path / "out.csv", infer_schema=False)
     assert Counter(out["_enrich_status"].to_list()) == {"completed": 43}
     assert "skipped_budget" not in second.message, second.message  # every row was researched
-    assert f"{pending_steps} escalation steps not run" in second.message, second.message
+    after = run_enrich("plan", str(cfg)).stdout  # the new rows' climbs are counted too, as plan prices them
+    steps = next(line for line in after.splitlines() if line.startswith("escalation steps")).split()[2]
+    assert int(steps) >= pending_steps and f"{steps} escalation steps not run" in second.message, second.message
 
 
 def test_skipped_rows_and_skipped_escalations_are_counted_apart(tmp_path: Path, emulator) -> None:
@@ -172,7 +174,9 @@ def test_skipped_rows_and_skipped_escalations_are_counted_apart(tmp_path: Path, 
         status = Counter(r["_enrich_status"] for r in csv.DictReader(f))
     assert status == {"completed": 20, "skipped_budget": 10}
     assert "10 rows not researched (skipped_budget)" in res.message, res.message
-    assert "escalation steps" not in res.message, res.message
+    plan = run_enrich("plan", str(tmp_path / "job.toml")).stdout  # finished rows that would climb, apart
+    steps = next(line for line in plan.splitlines() if line.startswith("escalation steps")).split()[2]
+    assert f"; {steps} escalation steps not run" in res.message, (res.message, plan)
 
 
 def test_progress_never_counts_a_row_in_flight_as_finished(tmp_path: Path, emulator) -> None:
@@ -206,3 +210,19 @@ def test_progress_never_counts_a_row_in_flight_as_finished(tmp_path: Path, emula
     assert state.escalated > 0 and any(n > 0 and e > 0 for _, n, e in seen)  # watched while steps ran
     assert all(f + n <= 50 for f, n, _ in seen), max(seen)
     assert state.finished_rows() == 50
+
+
+def test_the_budget_stop_counts_the_climbs_plan_counts(tmp_path: Path, emulator) -> None:
+    """With a two-rung ladder, the run's 'escalation steps not run' includes rows that finished a step and
+    would climb the next one, the same count `enrich plan` prices right after."""
+    emu = emulator(hard_rate=0.6, seed=3)
+    src = head(tmp_path / "in.csv", 30)
+    cfg = companies_job(tmp_path, src, 30 * 0.005 + 6 * 0.01)  # every lite run, then six base steps
+    cfg.write_text(cfg.read_text().replace('processors = ["core"]', 'processors = ["base", "core"]'))
+    result = run_job(load_config(cfg, {"api.base_url": emu.base_url}), api_key="k")
+    assert result.exit_code == EXIT_BUDGET, result.message
+    plan = run_enrich("plan", str(cfg))
+    waiting = next(line for line in plan.stdout.splitlines() if line.startswith("escalation steps"))
+    steps = int(waiting.split()[2].replace(",", ""))
+    assert "x core" in waiting, plan.stdout  # some rows finished base and would climb to core
+    assert f"{steps} escalation steps not run" in result.message, (result.message, plan.stdout)
