@@ -494,10 +494,17 @@ def _write(
         )
     if emulated:
         report["warning"] = "EMULATED: these values come from the local emulator's knowledge table, not web research"
+    if extra.get("interrupted"):
+        report["html_report"] = "not drawn: the run was interrupted; the next run draws it"
     atomic_json(report_path, report, indent=2)
     html_path = html_report_path(path)
-    html = render_isolated(report)
-    atomic_write(html_path, lambda fp: fp.write(html.encode()))
+    if extra.get("interrupted"):
+        # an interrupt must return at once: the chart engine takes seconds, so the page is drawn by the next
+        # run (which never skips a write while the page is missing); a page left from before would be stale
+        html_path.unlink(missing_ok=True)
+    else:
+        html = render_isolated(report)
+        atomic_write(html_path, lambda fp: fp.write(html.encode()))
     if not journal.readonly:
         journal.set("last_output", {"state": state_key, "file": _file_id(path)})
     return report
