@@ -32,7 +32,7 @@ from enrich.errors import (
     redact,
 )
 from enrich.init import init_config
-from enrich.job import apply_review, differences, export, format_status, job_status, open_job, plan_job, run_job
+from enrich.job import apply_review, export, format_status, job_status, open_job, plan_job, run_job
 from enrich.report import summary_lines
 from enrich.scale import status as scaled
 from enrich.scale.runner import run_partitioned
@@ -308,14 +308,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     if not args.output and not args.basis:
         raise ConfigError("export: give --output FILE, --basis FILE, or both")
-    target = args.config or args.job
-    if args.config and not str(args.job).endswith(".toml"):
-        target = args.job  # the journal names the job; the config is checked against it
-    job, journal, notes = open_job(target, _locate(args, output=False), _FLAGS)
+    job, journal, notes = open_job(args.job, _locate(args, output=False), _FLAGS, readonly=True, config=args.config)
     try:
-        if args.config and target != args.config and (diff := differences(load_config(args.config), job.cfg)):
-            notes.append(f"note: {args.config} differs from the job recorded in {args.job} ({', '.join(diff)}); "
-                         "using the job as last run")  # fmt: skip
         for note in notes:
             print(f"enrich: {note}", file=sys.stderr)
         done = export(

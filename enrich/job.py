@@ -186,6 +186,7 @@ def open_job(
     flags: Mapping[str, str] | None = None,
     *,
     readonly: bool = False,
+    config: str | Path | None = None,
 ) -> tuple[Job, Journal, list[str]]:
     """Open an existing job for export/review/status: `target` is its config (with the same flags as
     `run`: --output, --journal, ...) or its journal file. Returns (job, open journal, notes).
@@ -193,7 +194,8 @@ def open_job(
     The job is the one the journal recorded; a config that differs from it in a projection setting
     yields a note (the recorded settings are used: only `enrich run` changes them). Raises
     JournalError when there is no journal, ConfigError for a bad config. `readonly` opens the journal
-    beside a live run (status, export)."""
+    beside a live run (status, export); `config` is the job's config given beside its journal (`export
+    JOURNAL --config C`): noted when it differs, and the only source for a journal from an older enrich."""
     path = Path(target)
     given: Job | None = None
     if path.suffix.lower() == ".toml":
@@ -203,6 +205,9 @@ def open_job(
             raise JournalError(f"{jpath}: no journal for this job (output {given.output}); run it first")
     else:
         jpath = path
+        if config is not None:  # a journal and its config: the config is checked against the recorded job
+            given = Job(load_config(config, dict(overrides or {}), flags=flags), jpath)
+            path = Path(config)
     preflight.check_journal_file(jpath)
     journal = Journal.open(jpath, readonly=readonly)
     try:
@@ -570,21 +575,11 @@ def _finish(
             },
         )
     except OSError as exc:
-        if exc.errno in DISK_ERRNOS:
-            raise StorageError(
-                disk_message(
-                    cfg.output.path,
-                    exc.strerror or str(exc),
-                    f"every result is safe in {jpath} (or write it elsewhere: enrich export {jpath} --output FILE)",
-                )
-            ) from None
-        raise OutputError(
-            f"cannot write {cfg.output.path}: {exc.strerror or exc}; every result is safe in {jpath}: fix the folder, "
-            + advice(
-                f"then run the same command again (or enrich export {jpath} --output FILE)",
-                "then call enrich_frame again",
-            )
-        ) from None
+        safe = f"every result is safe in {jpath}: " + advice(
+            f"free space or fix the folder, then run the same command again (or enrich export {jpath} --output FILE)",
+            "free space or fix the folder, then call enrich_frame again",
+        )
+        raise write_error(cfg.output.path, exc, safe) from None
     if why:
         journal.log("error", why)
     journal.set("live", None)

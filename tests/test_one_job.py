@@ -82,6 +82,11 @@ def test_export_from_the_journal_alone_keeps_verdicts_and_gate(tmp_path: Path, e
         r = run_enrich("export", str(journal), "--output", str(tmp_path / name))
         assert r.returncode == 0, r.stderr
         assert _cells(tmp_path / name) == written, name
+    changed = tmp_path / "changed.toml"  # the same job with another gate: noted, the recorded gate is used
+    changed.write_text(cfg.read_text().replace(GATE, ""))
+    r = run_enrich("export", str(journal), "--config", str(changed), "--output", str(tmp_path / "noted.csv"))
+    assert r.returncode == 0 and "differs" in r.stderr and "gate" in r.stderr, r.stderr
+    assert _cells(tmp_path / "noted.csv") == written
     r = run_enrich("export", str(journal), "--basis", str(tmp_path / "basis.csv"))
     assert r.returncode == 0, r.stderr
     basis = {(x["company"], x["field"]): x["decision"] for x in _lines(tmp_path / "basis.csv")}
