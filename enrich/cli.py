@@ -33,6 +33,7 @@ from enrich.errors import (
 )
 from enrich.init import init_config
 from enrich.job import apply_review, export, format_status, job_status, open_job, plan_job, run_job
+from enrich.read import skip_pandas_probe
 from enrich.report import summary_lines
 from enrich.scale import status as scaled
 from enrich.scale.runner import run_partitioned
@@ -449,6 +450,7 @@ def _guard_std_streams() -> None:
 def main(argv: list[str] | None = None) -> int:
     streams = sys.stdout, sys.stderr
     _guard_std_streams()
+    skip_pandas_probe()
     try:
         return _main(argv)
     finally:

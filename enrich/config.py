@@ -298,6 +298,8 @@ class EmulatorSection(_Strict):
 
     @model_validator(mode="after")
     def _known_behaviours(self) -> EmulatorSection:
+        if not self.behaviours:  # the usual case: no need to import the emulator (uvicorn) to check nothing
+            return self
         from enrich.emulator.behaviours import parse_behaviours  # lazy: the emulator package imports uvicorn
 
         try:

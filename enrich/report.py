@@ -272,9 +272,5 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             + (": one per (row, field) in review or still rejected)" if n else ": nothing to review)")
         )
     if files := report.get("report_files"):
-        if report.get("html_report"):  # not drawn this time (an interrupt): name only what exists
-            files = [f for f in files if not str(f).endswith(".html")]
-        lines.append(
-            "report: " + ", ".join(files) + (f" ({report['html_report']})" if report.get("html_report") else "")
-        )
+        lines.append("report: " + ", ".join(files))
     return lines

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "enrich"
 # Imported inside functions on purpose: heavy and optional, loaded only when used.
-LAZY_ALLOWED = {"ray", "altair", "vl_convert", "enrich.emulator", "enrich.__init__"}
+LAZY_ALLOWED = {"ray", "enrich.emulator", "enrich.__init__"}
 
 
 def _module(path: Path) -> str:
