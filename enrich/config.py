@@ -35,6 +35,7 @@ from enrich.processors import PROCESSORS, tier
 from enrich.spec import FieldType, schema_problem
 
 DEFAULT_BASE_URL = "https://api.parallel.ai"
+EMULATOR_KEY = "emulator-local-key"  # the key an --emulator run sends (the emulator takes any key)
 
 
 def output_format_problem(path: Path) -> str | None:

@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 import pyarrow.parquet as pq
 
-from enrich import failpoints, preflight
+from enrich import failpoints, preflight, settled
 from enrich.audit import basis_rows, write_basis
 from enrich.client import TaskClient
 from enrich.config import (
@@ -79,6 +79,7 @@ from enrich.gate import answer_of
 from enrich.journal import IN_FLIGHT, ROW_STATES, Journal
 from enrich.pipeline import Prepared, execute, format_plan, plan_summary, prepare  # noqa: F401 (Prepared: a type)
 from enrich.progress import JobState, Stop
+from enrich.report import result_summary
 from enrich.review import read_review
 from enrich.scale import status as scale_status
 from enrich.write import WRITE_CHUNK, Projection, write_output
@@ -342,6 +343,7 @@ def run_job(
         for suffix in ("", "-wal", "-shm"):
             Path(f"{jpath}{suffix}").unlink(missing_ok=True)
     journal = Journal.open(jpath)
+    settled.clear(journal)  # from here on, this run decides what the journal holds
     remove_stale_temps(cfg.output.path)
     server = None
     stop = stop or Stop()
@@ -564,6 +566,7 @@ def _finish(
 ) -> JobResult:
     if isinstance(state.fatal, StorageError):  # the journal cannot record any more: nothing to write from
         raise state.fatal
+    emulated_flag = emulated  # as the command said it (the job's identity); the output shows either
     emulated = emulated or bool(journal.get("emulated")) or bool(journal.get("emulator_seen"))
     counts = journal.counts(prep.epoch)
     stop = stop_reason(state, interrupted, counts, api_key)
@@ -602,17 +605,7 @@ def _finish(
         journal.log("error", why)
     journal.set("live", None)
     sc = report["status_counts"]
-    summary = (
-        f"wrote {report['rows']} rows to {cfg.output.path} "
-        f"({', '.join(f'{v} {k}' for k, v in sorted(sc.items()))}); spent ${report['spend_usd']:.4f}"
-        f"{' [EMULATED]' if emulated else ''}"
-    )
-    if emulated and report.get("rows_with_answer") == 0 and report.get("status_counts", {}).get("completed"):
-        summary += (
-            f"\nwarning: the emulator answered no field for any row: either no input row matches its "
-            f"knowledge table on column {cfg.emulator.knowledge_key!r}, or the table has no column named "
-            "like the output fields; set [emulator] knowledge and knowledge_key (README, The emulator)"
-        )
+    summary = result_summary(report, cfg.output.path, emulated, cfg.emulator.knowledge_key)
     result = JobResult(EXIT_OK, summary, report, counts, cfg.output.path, jpath, deferred=state.budget_deferred)
     result.exit_code, result.error = stop.exit_code, stop.error
     if stop.kind == "interrupted":
@@ -621,6 +614,8 @@ def _finish(
         result.message = f"{summary}\n{state.budget_message or 'budget exhausted'}: {_skipped(cfg, journal, prep, sc)}"
     elif stop.kind in ("auth", "fatal", "crashed", "unavailable"):
         result.message = f"{summary}\nstopped: {stop.why}"
+    elif stop.kind == "done" and not stop.why and not journal.readonly:
+        settled.record(cfg, journal, jpath, api_key, emulated_flag)  # a re-run can answer without the pipeline
     return result
 
 
