@@ -399,6 +399,8 @@ def run_job(
             governor,
             detach,
         )
+        if server is not None:  # the API's part is over: the embedded emulator winds down while the output is written
+            server.request_stop()
         result = _finish(cfg, journal, jpath, prep, state, interrupted, emulated, api_key, cpu0)
         if detach and result.exit_code in (EXIT_OK, EXIT_FAILED_ROWS) and not journal.unresolved():
             n = journal.in_flight_count()
