@@ -277,7 +277,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "emulator", False) and getattr(args, "base_url", None):
+        parser.error("--emulator runs the bundled emulator, --base-url names another server: give one of them")
     secret = os.environ.get("PARALLEL_API_KEY")
     try:
         if (lines := _settled(args)) is not None:

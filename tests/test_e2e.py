@@ -278,6 +278,14 @@ def test_ctrl_c_writes_partial_output_and_resumes(tmp_path: Path, emulator_proce
     assert len(emu.ledger()) == rows
 
 
+def test_emulator_and_base_url_together_are_refused() -> None:
+    """`--emulator` with `--base-url` is a usage error naming both (it used to ignore --base-url)."""
+    for cmd in ("run", "plan"):
+        r = run_enrich(cmd, "configs/companies.toml", "--emulator", "--base-url", "http://127.0.0.1:9")
+        assert r.returncode == 2 and "--emulator" in r.stderr and "--base-url" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+
+
 def test_key_file_must_be_private(tmp_path: Path) -> None:
     """PARALLEL_API_KEY_FILE readable by others is refused with exit 2."""
     key = tmp_path / "key"
