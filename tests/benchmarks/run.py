@@ -532,6 +532,8 @@ def scenario_f1(sdk_rows: int = 2012) -> dict[str, Any]:
         "enrich_wall_s": e["wall_s"],
         "enrich_pipeline_s": e["pipeline_s"],
         "baseline_wall_s": b["wall_s"],
+        "baseline_errors": b["errors"],
+        "baseline_completed": b["completed"],
         "ratio_wall": b["wall_s"] / e["wall_s"],
     }
     return out
