@@ -8,6 +8,7 @@ a second of start-up): `enrich --help` and the re-run of a finished job (settled
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shlex
@@ -174,4 +175,5 @@ COMMANDS = {
 def dispatch(args: argparse.Namespace) -> int:
     """Run the parsed command; its exit code (errors propagate to cli.py, which maps them)."""
     skip_pandas_probe()  # before the first Arrow conversion of this process
+    gc.freeze()  # the modules just imported live as long as the process: no collection needs to scan them
     return COMMANDS[args.command](args)
