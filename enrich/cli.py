@@ -42,6 +42,8 @@ _EPILOGS = {
     "exit codes: 0 status printed, 2 no such journal or unreadable",
     "review": "example:\n  enrich review apply configs/companies.toml out/companies.enriched.review.csv\n\n"
     "exit codes: 0 applied, 2 bad review file (nothing applied; names line and problem), 74 disk full",
+    "calibrate": "example:\n  enrich calibrate out/companies.enriched.parquet.journal.sqlite\n\n"
+    "exit codes: 0 calibration printed (nothing is changed), 2 no such journal or unreadable",
     "export": "example:\n  enrich export out/companies.enriched.parquet.journal.sqlite --output out/companies.xlsx "
     "--basis out/evidence.parquet\n\n"
     "exit codes: 0 written, 2 usage/journal error or unsupported output extension, 74 disk full",
@@ -148,6 +150,10 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("job", help="the job's journal (*.journal.sqlite, beside the output by default) or its config")
     locate_flags(st)
     st.add_argument("--json", action="store_true", help="machine-readable output")
+    ca = add("calibrate", "how often each confidence level was right in your reviews, and what a gate change would do")
+    ca.add_argument("job", help="the job's journal (*.journal.sqlite) or its config (TOML)")
+    locate_flags(ca)
+    ca.add_argument("--json", action="store_true", help="machine-readable output")
     ex = add("export", "write the job's output again, to another file, from the journal alone (no API calls)")
     ex.add_argument("job", help="the job's journal (*.journal.sqlite) or its config (TOML)")
     ex.add_argument("--output", help="file to write: .csv, .parquet or .xlsx (by extension)")

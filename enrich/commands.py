@@ -16,10 +16,11 @@ import sys
 from pathlib import Path
 
 from enrich import preflight
+from enrich.calibrate import format_calibration
 from enrich.errors import EXIT_INTERRUPTED, EXIT_OK, ConfigError
 from enrich.flags import FLAGS, load, locate
 from enrich.init import init_config
-from enrich.job import apply_review, export, format_status, job_status, open_job, plan_job, run_job
+from enrich.job import apply_review, calibrate_job, export, format_status, job_status, open_job, plan_job, run_job
 from enrich.read import skip_pandas_probe
 from enrich.report import run_lines
 from enrich.scale import status as scaled
@@ -78,6 +79,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         return EXIT_OK
     info = job_status(args.job, locate(args), FLAGS)
     print(json.dumps(info, indent=2) if args.json else format_status(info))
+    return EXIT_OK
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    cal, notes = calibrate_job(args.job, locate(args), FLAGS)
+    for note in notes:
+        print(f"enrich: {note}", file=sys.stderr)
+    print(json.dumps(cal, indent=2) if args.json else format_calibration(cal))
     return EXIT_OK
 
 
@@ -167,6 +176,7 @@ COMMANDS = {
     "plan": cmd_plan,
     "status": cmd_status,
     "export": cmd_export,
+    "calibrate": cmd_calibrate,
     "review": cmd_review,
     "emulator": cmd_emulator,
 }

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 
 from enrich import failpoints, preflight, settled
 from enrich.audit import basis_rows, write_basis
+from enrich.calibrate import calibration
 from enrich.client import TaskClient
 from enrich.config import (
     DEFAULT_BASE_URL,
@@ -74,7 +75,7 @@ from enrich.errors import (
     disk_message,
     redact,
 )
-from enrich.files import PARQUET_SUFFIXES, encode_cell, remove_stale_temps
+from enrich.files import PARQUET_SUFFIXES, encode_cell, remove_stale_temps, report_json_path
 from enrich.gate import answer_of
 from enrich.journal import IN_FLIGHT, ROW_STATES, Journal
 from enrich.pipeline import Prepared, execute, format_plan, plan_summary, prepare  # noqa: F401 (Prepared: a type)
@@ -872,6 +873,25 @@ def apply_review(job: Job, journal: Journal, reviewed: Path) -> tuple[int, dict[
     )
     report = rewrite_output(job, journal, {"review_applied": str(reviewed)}, safe)
     return len(records), report
+
+
+def calibrate_job(
+    target: str | Path, overrides: Mapping[str, Any] | None = None, flags: Mapping[str, str] | None = None
+) -> tuple[dict[str, Any], list[str]]:
+    """`enrich calibrate`: the job's calibration from its reviews (calibrate.py), read-only; (calibration,
+    notes). The confidence counts it weighs the gate with are those of the job's own run report."""
+    job, journal, notes = open_job(target, overrides, flags, readonly=True)
+    try:
+        try:
+            report = json.loads(report_json_path(job.output).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            report = {}
+        cal = calibration(
+            job.cfg, journal.verdict_history(), report.get("confidence_counts") or {}, report.get("rows", 0)
+        )
+    finally:
+        journal.close()
+    return cal, notes
 
 
 def job_status(

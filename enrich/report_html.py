@@ -81,6 +81,11 @@ def _table(rows: list[tuple[str, str]], head: tuple[str, str] | None = None) -> 
     return "<table>" + h + "".join(f'<tr><td>{esc(k)}</td><td class="n">{v}</td></tr>' for k, v in rows) + "</table>"
 
 
+def _interval(bounds: list[float]) -> str:
+    """`_interval([0.8, 0.95])` -> '80%–95%'."""
+    return f"{bounds[0]:.0%}–{bounds[1]:.0%}"
+
+
 def _single(pairs: list[tuple[str, float]]) -> list[tuple[str, list[tuple[str, float]]]]:
     """One plain bar per label: `[("a", 2)]` -> `[("a", [("a", 2)])]`."""
     return [(k, [(k, v)]) for k, v in pairs]
@@ -342,6 +347,22 @@ def render_html(report: dict[str, Any]) -> str:
                     ]
                 ),
             )
+        )
+    cal = report.get("calibration") or {}
+    if cal.get("levels"):
+        cards.append(
+            '<div class="card" id="calibration"><h3>Calibration: how often each level was right in your reviews</h3>'
+            "<table><tr><th>field</th><th>confidence</th><th>processor</th><th>reviewed</th><th>right</th>"
+            "<th>90% interval</th></tr>"
+            + "".join(
+                f"<tr><td>{esc(lv['field'])}</td><td>{esc(lv['confidence'])}</td><td>{esc(lv['processor'])}</td>"
+                f"<td class=n>{esc(lv['reviewed'])}</td><td class=n>{esc(format(lv['share_right'], '.0%'))}</td>"
+                f"<td class=n>{esc(_interval(lv['interval_90']))}</td></tr>"
+                for lv in cal["levels"]
+            )
+            + "</table>"
+            + "".join(f"<p class=note>{esc(sg['text'])}</p>" for sg in cal.get("suggestions", []))
+            + "</div>"
         )
     esc_rows = [(k, num(k, v)) for k, v in sorted(report.items()) if "escalat" in k and isinstance(v, int | float)]
     if esc_rows:

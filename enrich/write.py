@@ -29,6 +29,7 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from enrich.calibrate import calibration
 from enrich.config import GateConfig, digest, output_format_problem
 from enrich.decide import decided
 from enrich.errors import ConfigError
@@ -487,6 +488,9 @@ def _write(
         report["review_lines"] = write_review_cells(
             review_path(path), proj.review.lines(), list(cfg.input.key), formula_guard=formula_guard
         )
+        cal = calibration(cfg, journal.verdict_history(), report["confidence_counts"], report["rows"])
+        if cal["reviewed"]:  # the user's own reviews say how often each level was right (enrich calibrate)
+            report["calibration"] = cal
     report["report_files"] = [str(report_path), str(html_report_path(path))]
     report["write_s"] = round(time.monotonic() - started, 3)
     if proj.statuses.get("timed_out"):
