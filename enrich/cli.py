@@ -193,7 +193,7 @@ def _parser() -> argparse.ArgumentParser:
         default="",
         metavar="LIST",
         help="comma-separated server behaviours to switch on: cut, snapshots, eventual, shuffle, "
-        "framing, basis, connections, endings, or all",
+        "framing, basis, connections, endings, errors, lost, nometa, expiry, action, echo, or all",
     )
     em.add_argument(
         "--hard-rate",
