@@ -19,6 +19,7 @@ import pytest
         "enrich.spend",
         "enrich.processors",
         "enrich.errors",
+        "enrich.client",
     ],
 )
 def test_docstring_examples(module: str) -> None:
