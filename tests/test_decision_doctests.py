@@ -20,6 +20,7 @@ import pytest
         "enrich.processors",
         "enrich.errors",
         "enrich.client",
+        "enrich.runmeta",
     ],
 )
 def test_docstring_examples(module: str) -> None:
