@@ -292,6 +292,7 @@ def plan_summary(cfg: RunConfig, prep: Prepared, journal: Journal) -> dict[str, 
         "done_or_cached": c.get("done", 0),
         "failed_kept": c.get("failed", 0) + c.get("timed_out", 0),
         "in_flight": in_flight,
+        "action_required": c.get("action_required", 0),  # asked again (not paid again) by the next run
         "to_submit": to_submit,
         "escalation_steps": {p: steps[p] for p in ladder if p in steps},
         "processor": proc.name,
@@ -317,6 +318,11 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"already done/cached  {plan['done_or_cached']:,}",
         f"failed (kept)        {plan['failed_kept']:,}   (re-run them with --retry-failed)",
         f"in flight            {plan['in_flight']:,}",
+        *(
+            [f"waiting for action   {plan['action_required']:,}   (asked again by this run, never paid again)"]
+            if plan.get("action_required")
+            else []
+        ),
         f"to submit            {plan['to_submit']:,}  x {plan['processor']} at ${plan['price_per_run_usd']:.4f}/run",
     ]
     if steps := plan.get("escalation_steps"):
@@ -527,6 +533,9 @@ async def execute(
     if cfg.escalate is not None:  # finished rows whose fields still need a stronger processor climb first
         state.escalated += _escalate(journal, cfg, prep.epoch, names)
         counts = journal.counts(prep.epoch)
+    if journal.recheck_held():  # runs that waited for an action: asked again before anything is sent
+        counts = journal.counts(prep.epoch)
+        state.done_before = sum(counts.get(s, 0) for s in ("done", "failed", "timed_out"))
     in_flight = journal.in_flight_count()
     if counts.get("pending", 0) == 0 and in_flight == 0:
         return state  # nothing to do: no request at all
