@@ -1,7 +1,7 @@
 """The `enrich` command: a thin layer mapping flags to the library and errors to exit codes.
 
 Exit codes (job.EXIT_CODES): 0 all rows completed · 2 usage/config/input error · 3 finished
-with failed, timed-out or unknown rows · 4 budget exhausted · 5 auth or payment error
+with failed, timed-out, action_required or unknown rows · 4 budget exhausted · 5 auth or payment error
 (401/402/403) · 69 API unreachable (resumable) · 74 disk full or failing under the journal
 or output (resumable) · 75 interrupted (resumable: run the same command again).
 """
@@ -181,7 +181,7 @@ def _parser() -> argparse.ArgumentParser:
         default="",
         metavar="LIST",
         help="comma-separated server behaviours to switch on: cut, snapshots, eventual, shuffle, "
-        "framing, basis, connections, endings, or all",
+        "framing, basis, connections, endings, errors, lost, nometa, expiry, action, echo, or all",
     )
     em.add_argument(
         "--hard-rate",

@@ -12,12 +12,13 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import re
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-from httpx_sse import SSEError, aconnect_sse
 
 from enrich import __version__
 from enrich.errors import ApiError, ConfigError, OutcomeUnknown, TransientApiError, redact
@@ -26,6 +27,67 @@ from enrich.retry import classify_failure, classify_status, parse_retry_after
 STREAM_READ_TIMEOUT = 75.0  # > the servers' keep-alive interval on SSE streams
 FIELD_BASIS_BETA = "field-basis-2025-11-25"  # per-element basis entries for array fields (sent on add-runs)
 EMULATOR_HEADER = "x-enrich-emulator"  # every emulator response carries it: outputs are marked emulated
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+@dataclass
+class StreamEnd:
+    """How one event stream ended, filled in as it is read: `clean` once its body ended at an event
+    boundary (not inside an event, not by a transport error), `errors` the messages of its `error` events.
+
+    Only a `complete` runs listing shows every run of the group: one cut, or carrying an `error` event
+    (the spec allows them in listings), says nothing about the runs it did not show."""
+
+    clean: bool = False
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return self.clean and not self.errors
+
+
+class EventStream:
+    r"""WHATWG event-stream parsing of a body fed as text arrives: `feed` returns the data of each event
+    dispatched (events without data are not; `event:`, `id:` and `retry:` fields are ignored, since the
+    dispatch key is the JSON `type`). `inside` says whether the text so far stopped inside an event: at
+    the end of a body, that means the stream was cut rather than ended.
+
+    >>> s = EventStream()
+    >>> s.feed("data: 1\r\n\r\n: ping\n\ndata: {\n"), s.inside
+    (['1'], True)
+    >>> s.feed("data: 2}\n\n"), s.inside
+    (['{\n2}'], False)
+    """
+
+    def __init__(self) -> None:
+        self.tail = ""  # text after the last line ending
+        self.cr = False  # the text so far ended with \r: a \n opening the next piece belongs to it
+        self.data: list[str] = []
+        self.open = False  # a line since the last blank line
+
+    def feed(self, text: str) -> list[str]:
+        if self.cr and text.startswith("\n"):
+            text = text[1:]
+        if text:
+            self.cr = text.endswith("\r")
+        lines = _LINE_END.split(self.tail + text)
+        self.tail = lines.pop()
+        out = []
+        for line in lines:
+            if not line:
+                if self.data:
+                    out.append("\n".join(self.data))
+                self.data, self.open = [], False
+                continue
+            self.open = True
+            name, _, value = line.partition(":")
+            if name == "data":
+                self.data.append(value[1:] if value.startswith(" ") else value)
+        return out
+
+    @property
+    def inside(self) -> bool:
+        return bool(self.tail) or self.open
 
 
 def check_base_url(url: str) -> str:
@@ -163,27 +225,38 @@ class TaskClient:
             raise
         return body
 
-    async def stream(self, path: str, what: str, params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Yield each SSE event's JSON object (the dispatch key is its `type`)."""
+    async def stream(
+        self, path: str, what: str, params: dict[str, Any], end: StreamEnd | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Yield each SSE event's JSON object (the dispatch key is its `type`); `end` learns how it ended."""
         self.requests += 1
         timeout = httpx.Timeout(connect=5.0, read=STREAM_READ_TIMEOUT, write=10.0, pool=10.0)
+        headers = {"accept": "text/event-stream", "cache-control": "no-store"}
+        parser = EventStream()
         try:
-            async with aconnect_sse(self._http, "GET", path, params=params, timeout=timeout) as source:
-                resp = source.response
+            async with self._http.stream("GET", path, params=params, headers=headers, timeout=timeout) as resp:
                 if resp.status_code != 200:
                     await resp.aread()
                     raise self._error(resp, False, what)
-                async for sse in source.aiter_sse():
-                    if not sse.data:
-                        continue
-                    try:
-                        event = json.loads(sse.data)
-                    except ValueError:
-                        raise TransientApiError(f"{what}: an event is not JSON") from None
-                    if isinstance(event, dict):
+                if "text/event-stream" not in resp.headers.get("content-type", ""):
+                    raise TransientApiError(f"{what}: HTTP 200 that is not an event stream")
+                async for text in resp.aiter_text():
+                    for data in parser.feed(text):
+                        try:
+                            event = json.loads(data)
+                        except ValueError:
+                            raise TransientApiError(f"{what}: an event is not JSON") from None
+                        if not isinstance(event, dict):
+                            continue
+                        if end is not None and event.get("type") == "error":
+                            err = event.get("error")
+                            message = err.get("message") if isinstance(err, dict) else None
+                            end.errors.append(str(message or "an error event without a message"))
                         yield event
-        except (httpx.HTTPError, OSError, SSEError) as exc:
+        except (httpx.HTTPError, OSError) as exc:
             raise self._exc(exc, False, what) from None
+        if end is not None:
+            end.clean = not parser.inside
 
     def group_runs(
         self,
@@ -192,7 +265,10 @@ class TaskClient:
         status: str | None = None,
         include_output: bool = False,
         include_input: bool = False,
+        end: StreamEnd | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
+        """The group's runs (from `last_event_id`) as `task_run.state` events; `end` learns whether the
+        listing was complete."""
         params: dict[str, Any] = {
             "include_output": str(include_output).lower(),
             "include_input": str(include_input).lower(),
@@ -201,7 +277,7 @@ class TaskClient:
             params["last_event_id"] = last_event_id
         if status:
             params["status"] = status
-        return self.stream(f"/v1/tasks/groups/{taskgroup_id}/runs", "list group runs", params)
+        return self.stream(f"/v1/tasks/groups/{taskgroup_id}/runs", "list group runs", params, end)
 
     def group_events(
         self, taskgroup_id: str, last_event_id: str | None = None, timeout_s: float = 60

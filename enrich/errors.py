@@ -48,7 +48,7 @@ DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO)  # a full or failing disk:
 EXIT_CODES = {
     EXIT_OK: "all rows completed",
     EXIT_USAGE: "usage, config or input error (nothing was sent)",
-    EXIT_FAILED_ROWS: "finished with failed, timed-out or unknown rows",
+    EXIT_FAILED_ROWS: "finished with failed, timed-out, action_required or unknown rows",
     EXIT_BUDGET: "budget exhausted (rows skipped_budget)",
     EXIT_AUTH: "auth or payment error (401/402/403)",
     EXIT_UNAVAILABLE: "the API could not be reached (resumable)",

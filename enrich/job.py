@@ -617,6 +617,8 @@ def _finish(
         result.message = f"{summary}\n{state.budget_message or 'budget exhausted'}: {_skipped(cfg, journal, prep, sc)}"
     elif stop.kind in ("auth", "fatal", "crashed", "unavailable"):
         result.message = f"{summary}\nstopped: {stop.why}"
+    elif stop.kind == "failed_rows" and stop.why:
+        result.message = f"{summary}\n{stop.why}"
     elif stop.kind == "done" and not stop.why and not journal.readonly:
         settled.record(cfg, journal, jpath, api_key, emulated_flag)  # a re-run can answer without the pipeline
     return result
@@ -691,9 +693,20 @@ def stop_reason(state: Any, interrupted: bool, counts: Mapping[str, int], api_ke
         return StopReason("unavailable", EXIT_UNAVAILABLE, why, error)
     if counts.get("pending", 0) and state.budget_exhausted:
         return StopReason("budget", EXIT_BUDGET, state.budget_message or "budget exhausted")
-    doubt = "the task group could not be listed; rows in doubt are reported as unknown"
-    note = doubt if state.reconcile_failed else None
-    if any(counts.get(s, 0) for s in ("failed", "timed_out", "unknown", "intent", "pending", "submitted")):
+    notes = (
+        ["the task group could not be listed; rows in doubt are reported as unknown"] if state.reconcile_failed else []
+    )
+    if held := counts.get("action_required", 0):
+        notes.append(
+            f"{held:,} row{'s' if held != 1 else ''} wait for an action at the API (action_required); "
+            + advice("run the same command again", "call enrich_frame again")
+            + " after acting: their runs are asked again, not paid again"
+        )
+    note = "; ".join(notes) or None
+    if any(
+        counts.get(s, 0)
+        for s in ("failed", "timed_out", "unknown", "intent", "pending", "submitted", "action_required")
+    ):
         return StopReason("failed_rows", EXIT_FAILED_ROWS, note)
     return StopReason("done", EXIT_OK, note)
 

@@ -5,11 +5,12 @@ Row states (`journal_sql.RowState` is their vocabulary; this is where the transi
     pending ──claim──> intent ──2xx──> submitted ──result (matched by metadata)──> done
        ^                 │ │                │  └──run failed/cancelled────────────> failed
        │   safe failure  │ │ lost/ambiguous │  └──API says still active after row_timeout_s──> timed_out
-       ├─────────────────┘ v                │
+       ├─────────────────┘ v                │  └──run waits in action_required, no run active──> action_required
        │   confirmed     unknown ──found in the group listing──> submitted
        └───missing───────┘
     done/failed/timed_out ──input, task spec or processor changed, refresh due, --retry-failed──> pending
     timed_out ──--retry-failed──> submitted   (its run is asked again: a finished result is reused)
+    action_required ──the next run of the job──> submitted   (its run is asked again before anything is sent)
 
 Every transition is one method that names its from-states and raises `TransitionError` when a
 row is not where it should be (a race between two writers shows up as an error, never as a
@@ -21,7 +22,8 @@ reconciliation settles it against the task group's run listing before anything i
 
 Runs are never matched to rows by position: an add-runs reply only adds its run ids to the
 `runs` table (what the poller waits for); which row a run belongs to is learned from the run's
-own metadata (`enrich_row`, `enrich_try`) on every result, listing entry and event. Every
+own metadata (`enrich_row`, `enrich_try`) on every result, listing entry and event, or, when a
+reply leaves it out, from a pairing already proven (`rows.run_id`, `attribute`). Every
 completed result is kept in `results`, keyed by run id and looked up by (input, task spec,
 processor), so switching a config back reuses what was already paid for.
 
@@ -644,9 +646,12 @@ class Journal(DecisionStore):
                 [(rid, now, k, a) for k, a, rid, _ in found],
                 "adopt",
             )
+            # a run already known (recorded while its row could not be named, or timed out) is waited for
+            # again: its row is submitted now, and a row is never left between "recorded" and "waited for"
             c.executemany(
-                "INSERT OR IGNORE INTO runs(run_id, batch, cursor, created_at, state, processor) "
-                "SELECT ?, COALESCE(batch, 0), ?, ?, 'waiting', run_processor FROM rows WHERE row_key=?",
+                "INSERT INTO runs(run_id, batch, cursor, created_at, state, processor) "
+                "SELECT ?, COALESCE(batch, 0), ?, ?, 'waiting', run_processor FROM rows WHERE row_key=? "
+                "ON CONFLICT(run_id) DO UPDATE SET state='waiting'",
                 [(rid, cur, now, k) for k, _, rid, cur in found],
             )
 
@@ -715,8 +720,21 @@ class Journal(DecisionStore):
         """(run_id, batch, cursor, created_at) of every run whose outcome is still to be recorded."""
         return self.conn.execute("SELECT run_id, batch, cursor, created_at FROM runs WHERE state='waiting'").fetchall()
 
+    def attribute(self, run_id: str, row_ref: str | None, attempt: int | None) -> tuple[str, int] | None:
+        """The (row_ref, attempt) a finished run belongs to, from what its reply named, completed by what the
+        journal knows: without a row, the row already paired with this run id (adopted, recorded or timed
+        out); without a readable attempt, the named row's current attempt. None when neither is known."""
+        if row_ref is not None and attempt is not None:
+            return row_ref, attempt
+        if row_ref is not None:
+            hit = self.conn.execute("SELECT row_ref, attempts FROM rows WHERE row_ref=?", (row_ref,)).fetchone()
+        else:
+            hit = self.conn.execute("SELECT row_ref, attempts FROM rows WHERE run_id=?", (run_id,)).fetchone()
+        return (hit[0], hit[1]) if hit else None
+
     def record(self, finished: list[Finished], now: float) -> tuple[int, list[str]]:
-        """Store finished runs, each on the row its metadata names: submitted|timed_out -> done | failed.
+        """Store finished runs, each on the row its metadata names: submitted|timed_out|action_required ->
+        done | failed.
 
         A completed result is always kept in `results` (it was paid for), even when its row has moved
         on; a row whose input or spec changed since goes back to pending. Returns (rows updated, run ids
@@ -760,7 +778,7 @@ class Journal(DecisionStore):
                 "error=f.error, finished_at=? FROM (SELECT row_ref, attempt, MIN(rowid) AS k FROM temp.fin "
                 "GROUP BY row_ref, attempt) g JOIN temp.fin f ON f.rowid=g.k "
                 "WHERE rows.row_ref=g.row_ref AND rows.attempts=g.attempt AND rows.state IN ('submitted', "
-                "'timed_out')",
+                "'timed_out', 'action_required')",
                 (now,),
             )
             updated = c.total_changes - before
@@ -782,6 +800,29 @@ class Journal(DecisionStore):
                 (run_id, now, row_ref, attempt),
             ).rowcount
         return n == 1
+
+    def hold(self, run_id: str, row_ref: str, attempt: int, message: str, now: float) -> bool:
+        """submitted -> action_required: the run waits for an action at the API while no run of the job is
+        active. It stays known (`held`): the next run of the job asks for it again before sending anything."""
+        with self.tx() as c:
+            c.execute("UPDATE runs SET state='held' WHERE run_id=? AND state='waiting'", (run_id,))
+            n = c.execute(
+                "UPDATE rows SET state='action_required', run_id=?, finished_at=?, error=? WHERE row_ref=? AND "
+                "attempts=? AND state='submitted'",
+                (run_id, now, message, row_ref, attempt),
+            ).rowcount
+        return n == 1
+
+    def recheck_held(self) -> int:
+        """action_required -> submitted, at the start of a run: their runs are waited for again (the account
+        may have acted since). Returns the rows moved."""
+        with self.tx() as c:
+            n = c.execute("UPDATE rows SET state='submitted' WHERE state='action_required'").rowcount
+            c.execute(
+                "UPDATE runs SET state='waiting' WHERE state='held' AND run_id IN "
+                "(SELECT run_id FROM rows WHERE state='submitted')"
+            )
+        return n
 
     def orphaned_submitted(self) -> list[tuple[str, int]]:
         """Submitted rows no waiting run can belong to any more (every run was attributed elsewhere)."""
@@ -824,7 +865,12 @@ class Journal(DecisionStore):
         """
         prices: list[int] = []
         with self.tx() as c:
-            keys = [r[0] for r in c.execute("SELECT row_key FROM rows WHERE state IN ('intent','unknown','submitted')")]
+            keys = [
+                r[0]
+                for r in c.execute(
+                    "SELECT row_key FROM rows WHERE state IN ('intent','unknown','submitted','action_required')"
+                )
+            ]
             for k in keys:
                 price = c.execute(
                     "SELECT micros, processor FROM spend WHERE row_key=? AND reason='reserve' ORDER BY id DESC LIMIT 1",
@@ -838,8 +884,8 @@ class Journal(DecisionStore):
                 self._ledger_refund(c, k)
             c.execute(
                 "UPDATE rows SET state='pending', run_id=NULL, next_at=NULL "
-                "WHERE state IN ('intent','unknown','submitted')"
+                "WHERE state IN ('intent','unknown','submitted','action_required')"
             )
-            c.execute("DELETE FROM runs WHERE state IN ('waiting', 'timed_out')")
+            c.execute("DELETE FROM runs WHERE state IN ('waiting', 'timed_out', 'held')")
             c.execute("DELETE FROM meta WHERE k IN ('taskgroup_id', 'events_cursor')")
         return prices

@@ -14,10 +14,11 @@ from enrich.processors import PROCESSORS
 
 SCHEMA_VERSION = 2
 # A row's state: the one vocabulary (journal.py draws the transitions). Nothing else spells them.
-RowState = Literal["pending", "intent", "unknown", "submitted", "done", "failed", "timed_out"]
+RowState = Literal["pending", "intent", "unknown", "submitted", "done", "failed", "timed_out", "action_required"]
 ROW_STATES: tuple[RowState, ...] = get_args(RowState)
 IN_FLIGHT: tuple[RowState, ...] = ("intent", "unknown", "submitted")  # a paid run may exist
-TERMINAL: tuple[RowState, ...] = ("done", "failed", "timed_out")
+# finished for this run of the job; an action_required row's run is asked again by the next run
+TERMINAL: tuple[RowState, ...] = ("done", "failed", "timed_out", "action_required")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
@@ -34,6 +35,7 @@ CREATE TABLE IF NOT EXISTS rows (
   spec_hash      TEXT NOT NULL,      -- task spec and run options (not the processor)
   processor      TEXT NOT NULL,      -- processor of the row's next run
   state          TEXT NOT NULL,      -- pending | intent | unknown | submitted | done | failed | timed_out
+                                     -- | action_required
   attempts       INTEGER NOT NULL DEFAULT 0,  -- runs ever intended for this row: metadata enrich_try
   retries        INTEGER NOT NULL DEFAULT 0,  -- rejections of this row itself (not of the API)
   batch          INTEGER,            -- submission batch of the current attempt
@@ -58,7 +60,7 @@ CREATE TABLE IF NOT EXISTS runs (
   batch        INTEGER NOT NULL,
   cursor       TEXT NOT NULL,        -- runs-stream cursor before its batch ('' = group start)
   created_at   REAL NOT NULL,
-  state        TEXT NOT NULL,        -- waiting | recorded | timed_out
+  state        TEXT NOT NULL,        -- waiting | recorded | timed_out | held (action_required: asked again next run)
   processor    TEXT,                 -- processor it was created on (add_run_columns fills older journals')
   finished_at  REAL                  -- when its outcome was recorded (completed or failed)
 );
@@ -108,19 +110,20 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending')
 ON CONFLICT(row_key) DO UPDATE SET
   ordinal=excluded.ordinal, line=excluded.line, epoch=excluded.epoch, row_json=excluded.row_json,
   input_json=excluded.input_json, input_hash=excluded.input_hash, spec_hash=excluded.spec_hash,
-  processor = CASE WHEN rows.state IN ('intent', 'unknown', 'submitted') THEN rows.processor
+  processor = CASE WHEN rows.state IN ('intent', 'unknown', 'submitted', 'action_required') THEN rows.processor
                    ELSE excluded.processor END,
   rung = CASE WHEN rows.input_hash = excluded.input_hash AND rows.spec_hash = excluded.spec_hash THEN rows.rung
               ELSE NULL END,
   state = CASE
-    WHEN rows.state IN ('intent', 'unknown', 'submitted') THEN rows.state
+    WHEN rows.state IN ('intent', 'unknown', 'submitted', 'action_required') THEN rows.state
     WHEN rows.state IN ('failed', 'timed_out') AND rows.run_input_hash = excluded.input_hash
          AND rows.run_spec_hash = excluded.spec_hash AND rows.run_processor = excluded.processor THEN
          CASE WHEN ?11 = 0 THEN rows.state
               WHEN rows.state = 'timed_out' AND rows.run_id IS NOT NULL THEN 'submitted'
               ELSE 'pending' END
     ELSE 'pending' END,
-  retries = CASE WHEN rows.state IN ('intent', 'unknown', 'submitted') THEN rows.retries ELSE 0 END,
+  retries = CASE WHEN rows.state IN ('intent', 'unknown', 'submitted', 'action_required') THEN rows.retries
+                 ELSE 0 END,
   solo = 0, next_at = NULL
 """
 

@@ -262,6 +262,7 @@ def plan_summary(cfg: RunConfig, prep: Prepared, journal: Journal) -> dict[str, 
         "done_or_cached": c.get("done", 0),
         "failed_kept": c.get("failed", 0) + c.get("timed_out", 0),
         "in_flight": in_flight,
+        "action_required": c.get("action_required", 0),  # asked again (not paid again) by the next run
         "to_submit": to_submit,
         "escalation_steps": {p: steps[p] for p in ladder if p in steps},
         "processor": proc.name,
@@ -287,6 +288,11 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"already done/cached  {plan['done_or_cached']:,}",
         f"failed (kept)        {plan['failed_kept']:,}   (re-run them with --retry-failed)",
         f"in flight            {plan['in_flight']:,}",
+        *(
+            [f"waiting for action   {plan['action_required']:,}   (asked again by this run, never paid again)"]
+            if plan.get("action_required")
+            else []
+        ),
         f"to submit            {plan['to_submit']:,}  x {plan['processor']} at ${plan['price_per_run_usd']:.4f}/run",
     ]
     if steps := plan.get("escalation_steps"):
@@ -378,10 +384,29 @@ def recreation_note(base_url: str, prices: list[int]) -> str:
 async def _reconciler(
     journal: Journal, client: TaskClient, state: JobState, gid: str, job_tag: str, grace_s: float, max_retries: int
 ) -> None:
-    """Settle rows in doubt until the job ends. Only transient errors are retried (for at most
-    RECONCILE_GIVE_UP_S); anything else stops the job at once."""
+    """Settle rows in doubt until the job ends. Transient errors, and listings that prove nothing (incomplete:
+    cut, or carrying an `error` event), are retried for at most RECONCILE_GIVE_UP_S; anything else stops
+    the job at once."""
     attempt = 0
     failing_since = 0.0
+
+    def give_up(why: str) -> bool:
+        """One more failed round; True (rows left `unknown` for a later run) once they have failed too long."""
+        nonlocal attempt, failing_since
+        attempt += 1
+        failing_since = failing_since if attempt > 1 else time.monotonic()
+        if time.monotonic() - failing_since >= RECONCILE_GIVE_UP_S:
+            # never resubmit blindly: these rows stay `unknown` (reported) until a later run can list the group
+            state.reconcile_failed = True
+            journal.log(
+                "error",
+                f"cannot list the task group to settle rows in doubt: {why}; they are reported "
+                "as unknown and will be reconciled on the next run",
+            )
+            return True
+        journal.log("warning", f"reconciliation: {why}")
+        return False
+
     while True:
         if not journal.unresolved():
             state.unresolved.clear()
@@ -390,20 +415,9 @@ async def _reconciler(
             continue
         try:
             out = await reconcile(journal, client, gid, job_tag, grace_s, max_retries, posting=state.posting)
-            attempt = 0
         except TransientApiError as exc:
-            attempt += 1
-            failing_since = failing_since if attempt > 1 else time.monotonic()
-            if time.monotonic() - failing_since >= RECONCILE_GIVE_UP_S:
-                # never resubmit blindly: these rows stay `unknown` (reported) until a later run can list the group
-                state.reconcile_failed = True
-                journal.log(
-                    "error",
-                    f"cannot list the task group to settle rows in doubt: {exc}; they are reported "
-                    "as unknown and will be reconciled on the next run",
-                )
+            if give_up(str(exc)):
                 return
-            journal.log("warning", f"reconciliation: {exc}")
             await asyncio.sleep(backoff(attempt, 0.5, exc.retry_after, cap=10))
             continue
         except ApiError as exc:
@@ -417,6 +431,12 @@ async def _reconciler(
         if out.missing:  # released: their slots are free again
             state.active.give(out.missing)
             state.backlog.give(out.missing)
+        if out.incomplete:  # no evidence of absence yet: list again later
+            if give_up(out.incomplete):
+                return
+            await asyncio.sleep(backoff(attempt, 0.5, cap=10))
+            continue
+        attempt = 0
         if out.next_check is not None:
             await asyncio.sleep(max(0.05, out.next_check - time.time()))
         elif not out.adopted and not out.missing:
@@ -483,6 +503,9 @@ async def execute(
     if cfg.escalate is not None:  # finished rows whose fields still need a stronger processor climb first
         state.escalated += _escalate(journal, cfg, prep.epoch, names)
         counts = journal.counts(prep.epoch)
+    if journal.recheck_held():  # runs that waited for an action: asked again before anything is sent
+        counts = journal.counts(prep.epoch)
+        state.done_before = sum(counts.get(s, 0) for s in ("done", "failed", "timed_out"))
     in_flight = journal.in_flight_count()
     if counts.get("pending", 0) == 0 and in_flight == 0:
         return state  # nothing to do: no request at all

@@ -7,15 +7,23 @@ moment, then one runs-listing request (`include_output=true`, from the earliest 
 among them) returns all of them; a handful of stragglers are fetched with `GET /result`.
 
 Correctness under every legal server behaviour:
-- Each result is attributed to the row its run's metadata names (`enrich_row`, `enrich_try`),
-  never by position; a run whose metadata names no row of this job is refused and logged.
+- Each result is attributed to the row its run's metadata names (`enrich_row`, `enrich_try`, read
+  tolerantly: runmeta.py), never by position. A reply without metadata (the spec makes it optional)
+  is attributed by run id: from this run's own events or listing entries, or a pairing the journal
+  has proven; failing both, the run is looked up in a listing, which carries it. A run whose
+  metadata names no row of this job is refused and logged.
 - A completion is never dropped: a run an event reported finished stays wanted even when a
   listing (possibly started earlier, or eventually consistent) still shows it running.
 - Liveness: a watchdog asks for the group's status every `recheck_s`; when the API says no run
   is active, every waiting run is fetched; and every waiting run is re-checked at least every
   `sweep_s` whatever the streams did. So when every run has finished at the API, the job ends
   within about `recheck_s` + one listing, whatever the stream framing.
+- A run in `action_required` is not active and no one in a batch can act: once it has been seen
+  there on two watchdog rounds while no run of the group is active (or past `row_timeout_s`), its row ends
+  `action_required` with the API's message, and the next run of the job asks for it again.
 - A row times out only when the API says its run is still active after `row_timeout_s`.
+- An expired cursor (422 on a stream opened with `last_event_id`) is dropped: the stream is opened
+  again from the group's beginning.
 - Only transient errors are retried here; anything else (401/402/403...) stops the job at once.
 """
 
@@ -34,6 +42,7 @@ from enrich.errors import ApiError, PermanentApiError, TransientApiError
 from enrich.journal import Finished, Journal
 from enrich.progress import JobState
 from enrich.retry import backoff
+from enrich.runmeta import Owner, owner
 
 FETCH_MIN_RUNS = 100  # fetch once this many completions wait...
 FETCH_MAX_WAIT_S = 0.25  # ...or the oldest has waited this long
@@ -42,6 +51,7 @@ SEGMENT_GAP = 2  # batches this close share one listing
 STALE_RETRY_S = 0.5  # a run reported finished but listed running: ask again after this
 MIN_CONNECTION_S = 1.0  # an events connection shorter than this waits before reconnecting
 TERMINAL = ("completed", "failed", "cancelled")
+HELD = "action_required"  # not active and not terminal: waits for someone to act at the API
 
 
 class Poller:
@@ -69,6 +79,13 @@ class Poller:
         self.failed: list[Finished] = []
         self.wake = asyncio.Event()
         self.cursor: str | None = journal.get("events_cursor")
+        self.owners: dict[str, Owner] = {}  # run_id -> the row its events or listing entries named
+        self.unnamed: set[str] = set()  # runs whose result named no row: looked up in a listing
+        self.unreadable: set[str] = set()  # runs whose enrich_try could not be read (logged once)
+        self.expired: set[str] = set()  # runs-listing cursors the API said had expired
+        self.idle = False  # the last group status said no run is active (and no run was added since)
+        self.added = 0  # handoffs of new runs so far (a group status read before one is stale)
+        self.held: dict[str, tuple[float, str]] = {}  # run_id in action_required -> (first seen, row error)
         self._load()
 
     def _load(self) -> None:
@@ -87,6 +104,9 @@ class Poller:
             self.state.handoff.clear()
             self._load()
             return
+        if self.state.handoff:
+            self.idle = False  # new runs: the group is active again
+            self.added += 1
         for run_id, batch, cursor, at in self.state.handoff:
             self.waiting[run_id] = (batch, cursor, at)
         self.state.handoff.clear()
@@ -131,6 +151,11 @@ class Poller:
                 await asyncio.sleep(backoff(attempt, self.rand.random(), exc.retry_after, cap=10))
                 continue
             except ApiError as exc:
+                if exc.status == 422 and self.cursor:  # how long a cursor lives is not documented: start over
+                    self.journal.log("warning", f"event stream: {exc}; reading the group's events from the start")
+                    self.cursor = None
+                    self.journal.set("events_cursor", None)
+                    continue
                 self._fatal(exc)
                 return
             self.journal.set("events_cursor", self.cursor)
@@ -143,10 +168,19 @@ class Poller:
     def _on_event(self, event: dict[str, Any]) -> None:
         if event.get("event_id"):
             self.cursor = str(event["event_id"])
+        if event.get("type") == "error":  # the stream ends after it, or goes on: either way it is reopened
+            err = event.get("error")
+            self.journal.log(
+                "warning", f"event stream: error event: {err.get('message') if isinstance(err, dict) else err}"
+            )
+            return
         if event.get("type") != "task_run.state":
             return
-        run = event.get("run") or {}
+        raw = event.get("run")
+        run: dict[str, Any] = raw if isinstance(raw, dict) else {}
         run_id = run.get("run_id")
+        if isinstance(run_id, str):
+            self._learn(run_id, run)
         if not isinstance(run_id, str) or run.get("status") not in TERMINAL:
             return
         if run_id not in self.waiting:
@@ -160,7 +194,12 @@ class Poller:
                 if len(self.wanted) >= FETCH_MIN_RUNS or len(self.wanted) == 1:
                     self.wake.set()
         else:
-            self.failed.append(self._finished(run, error=_run_error(run)))
+            f = self._finished(run, error=_run_error(run))
+            if f.row_ref is None:  # named by nothing yet: a listing will name it
+                self.unnamed.add(run_id)
+                self.wanted.setdefault(run_id, time.monotonic())
+            else:
+                self.failed.append(f)
             self.wake.set()
 
     def _ended(self, run_id: str) -> None:
@@ -169,16 +208,30 @@ class Poller:
             self.ended.add(run_id)
             self.state.active.give(1)
 
+    def _learn(self, run_id: str, run: dict[str, Any]) -> None:
+        """Remember the row a run object of this run names (a later reply may leave its metadata out)."""
+        who = owner(run, self.job_tag)
+        if who is not None and who.attempt is not None and run_id in self.waiting:
+            self.owners[run_id] = who
+
     def _finished(self, run: dict[str, Any], result_json: str | None = None, error: str | None = None) -> Finished:
-        """A Finished attributed by the run's own metadata (None fields when it carries none of ours)."""
-        meta: dict[str, Any] = run["metadata"] if isinstance(run.get("metadata"), dict) else {}
-        ref, attempt = meta.get("enrich_row"), meta.get("enrich_try")
-        ours = meta.get("enrich_job") == self.job_tag and isinstance(ref, str)
-        try:
-            attempt = int(attempt) if ours and attempt is not None else None
-        except (TypeError, ValueError):
-            attempt = None
-        return Finished(str(run.get("run_id")), ref if ours else None, attempt, result_json, error)
+        """A Finished attributed by the run's own metadata or, where it names no row, by run id: this run's
+        earlier events and listing entries, else the journal's pairings (None fields when nothing names it)."""
+        run_id = str(run.get("run_id"))
+        who = owner(run, self.job_tag) or self.owners.get(run_id)
+        if who is not None and who.attempt is None and run_id not in self.unreadable:
+            self.unreadable.add(run_id)
+            self.journal.log(
+                "warning",
+                f"run {run_id}: enrich_try {who.raw_attempt!r} cannot be read; matched by run id to row "
+                f"{who.row_ref}'s current attempt",
+            )
+        hit = (
+            self.journal.attribute(run_id, who.row_ref, who.attempt)
+            if who
+            else self.journal.attribute(run_id, None, None)
+        )
+        return Finished(run_id, hit[0] if hit else None, hit[1] if hit else None, result_json, error)
 
     # ---- liveness and deadlines -------------------------------------------------------------
     async def _watch(self) -> None:
@@ -192,6 +245,7 @@ class Poller:
                 self._settle_orphans()
                 continue
             now = time.monotonic()
+            added = self.added
             try:
                 group = await self.client.get_group(self.taskgroup_id)
                 attempt = 0
@@ -204,6 +258,7 @@ class Poller:
                 return
             status: dict[str, Any] = group["status"] if isinstance(group.get("status"), dict) else {}
             idle = status.get("is_active") is False
+            self.idle = idle and self.added == added and not self.state.handoff  # else the status is stale
             for run_id in list(self.waiting):
                 if idle or now - self.checked.get(run_id, now - self.sweep_s / 2) >= self.sweep_s:
                     self.wanted.setdefault(run_id, now)
@@ -231,6 +286,10 @@ class Poller:
             if run.get("status") in TERMINAL:
                 self.wanted.setdefault(rid, time.monotonic())  # it finished: fetch, never time out
                 self.wake.set()
+                continue
+            if run.get("status") == HELD:  # not active: it waits for an action, it is not running late
+                self._note_held(rid, run)
+                self._hold([rid], force=True)
                 continue
             f = self._finished(run)
             self.journal.time_out(rid, f.row_ref, f.attempt, time.time())
@@ -299,6 +358,7 @@ class Poller:
                     self.wanted.pop(rid, None)
             failpoints.hit("mid_poll")
             self._record(got)
+            self._hold([rid for rid in running if rid in self.held])
 
     def _record(self, finished: list[Finished]) -> None:
         if not finished:
@@ -329,38 +389,89 @@ class Poller:
         singles: list[str] = []
         for seg in segments:
             need = {rid for b in seg for rid in by_batch[b]}
-            if len(need) <= SMALL_FETCH:
+            if len(need) <= SMALL_FETCH and not need & self.unnamed:
                 singles.extend(need)
                 continue
-            start = min(self.waiting[rid][1] for rid in by_batch[seg[0]])
-            async for event in self.client.group_runs(
-                self.taskgroup_id, last_event_id=start or None, include_output=True
-            ):
-                run = event.get("run") or {}
-                if (seen_id := run.get("run_id")) not in need:
-                    continue
-                need.discard(seen_id)
-                self._classify(run, event.get("output"), got, running)
-                if not need:
-                    break
+            start: str | None = min(self.waiting[rid][1] for rid in by_batch[seg[0]]) or None
+            if start in self.expired:
+                start = None
+            try:
+                await self._scan(start, need, got, running)
+            except PermanentApiError as exc:
+                if exc.status != 422 or start is None:
+                    raise
+                # how long a cursor lives is not documented: list the group from its beginning instead
+                self.journal.log("warning", f"fetching results: {exc}; listing the group from the start")
+                self.expired.add(start)
+                await self._scan(None, need, got, running)
             singles.extend(need)  # not listed yet (eventual consistency): ask for each
         return singles
 
-    def _classify(self, run: dict[str, Any], output: Any, got: list[Finished], running: list[str]) -> None:
+    async def _scan(self, start: str | None, need: set[str], got: list[Finished], running: list[str]) -> None:
+        """Read one runs listing from `start` until every run of `need` was seen (each seen one leaves `need`)."""
+        async for event in self.client.group_runs(self.taskgroup_id, last_event_id=start, include_output=True):
+            raw = event.get("run")
+            run: dict[str, Any] = raw if isinstance(raw, dict) else {}
+            if (seen_id := run.get("run_id")) not in need:
+                continue
+            need.discard(seen_id)
+            self._learn(seen_id, run)
+            self._classify(run, event.get("output"), got, running, listed=True)
+            if not need:
+                break
+
+    def _classify(
+        self, run: dict[str, Any], output: Any, got: list[Finished], running: list[str], listed: bool = False
+    ) -> None:
+        """File one run object: finished (into `got`, attributed), or still to wait for (`running`). A result
+        naming no row, outside a listing, is left to a listing (`unnamed`), which names it."""
         rid = str(run.get("run_id"))
         status = run.get("status")
         if status == "completed" and isinstance(output, dict):
-            self._ended(rid)
-            got.append(self._finished(run, json.dumps({"run": run, "output": output}, ensure_ascii=False)))
+            f = self._finished(run, json.dumps({"run": run, "output": output}, ensure_ascii=False))
         elif status in ("failed", "cancelled"):
-            self._ended(rid)
-            got.append(self._finished(run, error=_run_error(run)))
+            f = self._finished(run, error=_run_error(run))
         else:
+            if status == HELD:
+                self._note_held(rid, run)
+            else:
+                self.held.pop(rid, None)
             running.append(rid)
+            return
+        self.held.pop(rid, None)
+        self._ended(rid)
+        if f.row_ref is None and not listed:
+            self.unnamed.add(rid)
+            self.wanted[rid] = time.monotonic() + STALE_RETRY_S
+            return
+        got.append(f)
+
+    def _note_held(self, rid: str, run: dict[str, Any]) -> None:
+        """A run seen in action_required: remember since when, and the row error its message makes."""
+        self._learn(rid, run)
+        since = self.held[rid][0] if rid in self.held else time.monotonic()
+        self.held[rid] = (since, _run_error(run))
+
+    def _hold(self, run_ids: list[str], force: bool = False) -> None:
+        """End the rows of runs waiting for an action once no run of the group is active and they were seen
+        waiting on two watchdog rounds (or at once with `force`: past row_timeout_s); the next run asks again."""
+        now = time.monotonic()
+        for rid in run_ids:
+            since, error = self.held.get(rid, (now, "run action_required"))
+            if rid not in self.waiting or not (force or (self.idle and now - since >= self.recheck_s / 2)):
+                continue
+            f = self._finished({"run_id": rid})
+            if f.row_ref is None or f.attempt is None:
+                continue  # named by nothing yet: its listing entry or event will name it
+            self.journal.hold(rid, f.row_ref, f.attempt, error, time.time())
+            self.journal.log("warning", f"run {rid} waits for an action at the API: row {f.row_ref} {error}")
+            self._forget([rid])
+            self.state.failed += 1
 
     async def _one(self, rid: str, got: list[Finished], running: list[str]) -> None:
-        """GET /result for one run (timeout 0); a 404 is explained by GET run. Transient errors and runs
-        not visible yet leave the run wanted for a later round."""
+        """GET /result for one run (timeout 0); a 404 is explained by GET run, and so is a 408 while the group
+        has no active run (the run may wait in action_required). Transient errors and runs not visible yet
+        leave the run wanted for a later round."""
         try:
             res = await self.client.result(rid, timeout_s=0)
         except PermanentApiError as exc:
@@ -378,12 +489,24 @@ class Poller:
         except TransientApiError:
             self.wanted[rid] = time.monotonic() + STALE_RETRY_S
             return
-        if res is None:
+        if res is None and self.idle and rid not in self.ended:
+            try:
+                run = await self.client.get_run(rid)
+            except (PermanentApiError, TransientApiError):
+                running.append(rid)
+                return
+            self._classify({**run, "run_id": rid}, None, got, running)
+        elif res is None:
             running.append(rid)
         else:
             run = res["run"] if isinstance(res.get("run"), dict) else {}
+            f = self._finished({**run, "run_id": rid}, json.dumps(res, ensure_ascii=False))
             self._ended(rid)
-            got.append(self._finished({**run, "run_id": rid}, json.dumps(res, ensure_ascii=False)))
+            if f.row_ref is None:  # the result names no row, and nothing else has: a listing will
+                self.unnamed.add(rid)
+                self.wanted[rid] = time.monotonic() + STALE_RETRY_S
+                return
+            got.append(f)
 
     def _flush_failed(self) -> None:
         batch, self.failed = self.failed, []
@@ -395,6 +518,9 @@ class Poller:
         for rid in run_ids:
             self.wanted.pop(rid, None)
             self.checked.pop(rid, None)
+            self.owners.pop(rid, None)
+            self.unnamed.discard(rid)
+            self.held.pop(rid, None)
             if self.waiting.pop(rid, None) is None:
                 continue
             n += 1
@@ -406,7 +532,11 @@ class Poller:
 
 
 def _run_error(run: dict[str, Any]) -> str:
-    """The row error for a run that ended without a result."""
+    """The row error for a run that ended without a result (or waits for an action): the API's message, from
+    its error or, failing that, its warnings."""
     err = run.get("error")
     message = err.get("message") if isinstance(err, dict) else None
+    if not message and isinstance(run.get("warnings"), list):
+        notes = [w.get("message") for w in run["warnings"] if isinstance(w, dict) and w.get("message")]
+        message = "; ".join(str(n) for n in notes)
     return f"run {run.get('status')}: {message or 'no error detail from the API'}"

@@ -46,6 +46,7 @@ from enrich.errors import (
 from enrich.journal import Claimed, Journal
 from enrich.progress import JobState
 from enrich.retry import CircuitBreaker, backoff
+from enrich.runmeta import run_metadata
 
 MAX_SLOWDOWN = 4.0
 LINGER_S = 0.03
@@ -130,12 +131,7 @@ class Submitter:
         body: dict[str, Any] = {
             "input": c.input,
             "processor": c.processor,
-            "metadata": {
-                **self.user_metadata,
-                "enrich_job": self.job_tag,
-                "enrich_row": c.row_ref,
-                "enrich_try": c.attempt,
-            },
+            "metadata": run_metadata(self.job_tag, c.row_ref, c.attempt, self.user_metadata),
         }
         body.update(self.run_options)
         return body

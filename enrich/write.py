@@ -55,11 +55,12 @@ from enrich.spec import main_type
 from enrich.xlsx import EXCEL_MAX_CELL_CHARS, EXCEL_MAX_ROWS, longest_cell, to_frame, write_workbook
 
 # `_enrich_status` of an output row: the one vocabulary users see (README, "Output columns").
-OutputStatus = Literal["completed", "failed", "timed_out", "unknown", "pending", "skipped_budget"]
+OutputStatus = Literal["completed", "failed", "timed_out", "action_required", "unknown", "pending", "skipped_budget"]
 STATUS: dict[RowState, OutputStatus] = {
     "done": "completed",
     "failed": "failed",
     "timed_out": "timed_out",
+    "action_required": "action_required",
     "intent": "unknown",
     "unknown": "unknown",
     "submitted": "pending",
@@ -192,7 +193,7 @@ class Projection:
                         self.review.add(merged)
                 status = output_status(state, self.budget_exhausted)
                 climbing = state != "done" and bool(results)
-                if climbing and state in ("failed", "timed_out"):  # the stronger processor's run ended badly
+                if climbing and state in ("failed", "timed_out", "action_required"):  # the stronger run ended badly
                     why = error or "no error detail from the API"
                     error = "kept the best answer so far; the stronger processor's " + (
                         why if why.startswith("run ") else f"run {state.replace('_', ' ')}: {why}"
@@ -212,7 +213,7 @@ class Projection:
                     for f in self.fields:
                         self.confidence[f][str(flat.get(f"{f}__confidence"))] += 1
                 latency = self.stats.add(state, flat, result, submitted_at, finished_at)
-                show_run = run_id if state in ("done", "failed", "timed_out", "submitted") else None
+                show_run = run_id if state in ("done", "failed", "timed_out", "action_required", "submitted") else None
                 if state == "done" and not climbing:
                     error = None
                 elif not climbing and status in ("pending", "unknown") and self.pending_reason and not error:

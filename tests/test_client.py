@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from enrich.client import TaskClient, check_base_url
+from enrich.client import StreamEnd, TaskClient, check_base_url
 from enrich.errors import ConfigError, OutcomeUnknown, PermanentApiError, TransientApiError
 
 KEY = "sk-CANARY-client-0123456789"
@@ -147,6 +147,37 @@ def test_sse_stream_parses_events_and_skips_pings() -> None:
             await c.aclose()
 
     assert run(go()) == [{"type": "task_run.state", "event_id": "1", "run": {"run_id": "trun_a"}}]
+
+
+RUN = b'data: {"type": "task_run.state", "event_id": "1", "run": {"run_id": "trun_a"}}\n\n'
+ERROR = b'event: error\ndata: {"type": "error", "error": {"ref_id": "r", "message": "listing failed"}}\n\n'
+
+
+@pytest.mark.parametrize(
+    "body,events,clean,errors",
+    [
+        (RUN + RUN, 2, True, []),  # ended normally: complete
+        (RUN + b": ping\r\n\r\n", 1, True, []),
+        (RUN + ERROR, 2, True, ["listing failed"]),  # ended normally, after an error event
+        (RUN + RUN[:30], 1, False, []),  # ended inside an event: cut
+        (RUN + b"data: {}\n", 1, False, []),  # an event without its blank line
+    ],
+)
+def test_a_listing_says_whether_it_was_complete(body: bytes, events: int, clean: bool, errors: list[str]) -> None:
+    """Only a body that ends at an event boundary and carried no `error` event is a complete listing."""
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
+
+    async def go() -> tuple[int, StreamEnd]:
+        c, end = make(handler), StreamEnd()
+        try:
+            return len([e async for e in c.group_runs("tgrp_x", end=end)]), end
+        finally:
+            await c.aclose()
+
+    n, end = run(go())
+    assert (n, end.clean, end.errors, end.complete) == (events, clean, errors, clean and not errors)
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,8 @@ import pytest
         "enrich.spend",
         "enrich.processors",
         "enrich.errors",
+        "enrich.client",
+        "enrich.runmeta",
     ],
 )
 def test_docstring_examples(module: str) -> None:

@@ -8,6 +8,7 @@ import json
 import socket
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -17,6 +18,7 @@ from pydantic import ValidationError
 
 from enrich import __version__
 from enrich.config import EmulatorSection
+from enrich.emulator import behaviours as bh
 from enrich.emulator.behaviours import BEHAVIOURS, parse_behaviours
 from enrich.emulator.knowledge import Knowledge, Quality, norm_value
 from tests.conftest import OPENAPI, need_shared
@@ -356,28 +358,177 @@ def test_endings_failed_and_cancelled(spec, emulator) -> None:
 
 
 def test_all_behaviours_keep_metadata_everywhere(emulator) -> None:
-    """Under every behaviour at once, each run representation echoes the metadata it was created with."""
+    """Under every behaviour at once, listings and events echo each run's metadata (`echo`: 1 as 1.0 or "1.0");
+    `/result` and GET run echo it too, or leave it out (`nometa`), never another run's."""
     emu = emulator(behaviours="all", seed=8, rate_limit=0)
     with client(emu) as c:
         gid = c.post("/v1/tasks/groups", json={}).json()["taskgroup_id"]
         sent = {}
         while not sent:
-            r = c.post(f"/v1/tasks/groups/{gid}/runs", json={"inputs": inputs(30), "default_task_spec": SCHEMA})
-            if r.status_code == 200:
-                sent = {rid for rid in r.json()["run_ids"]}
+            r, body = fetch(
+                c, "POST", f"/v1/tasks/groups/{gid}/runs", json={"inputs": inputs(30), "default_task_spec": SCHEMA}
+            )
+            if r is not None and r.status_code == 200:
+                sent = set(json.loads(body)["run_ids"])
         time.sleep(1.2)
-        reps = []
+        streamed, bare = [], []
         for path in (f"/v1/tasks/groups/{gid}/runs", f"/v1/tasks/groups/{gid}/events"):
             _, body = fetch(c, "GET", path)
-            reps += [e["run"] for e in events_of(body) if e["type"] == "task_run.state"]
+            streamed += [e["run"] for e in events_of(body) if e["type"] == "task_run.state"]
         for rid in list(sent)[:5]:
             for path in (f"/v1/tasks/runs/{rid}", f"/v1/tasks/runs/{rid}/result"):
                 resp, body = fetch(c, "GET", path)
                 if resp is not None and resp.status_code == 200:
                     obj = json.loads(body)
-                    reps.append(obj.get("run", obj))
-    assert len(reps) > 10
-    assert all(r["metadata"]["enrich_row"].startswith("r") and r["metadata"]["enrich_try"] == 1 for r in reps)
+                    bare.append(obj.get("run", obj))
+    assert len(streamed) > 10 and bare
+
+    def echoed(r: dict[str, Any]) -> bool:
+        meta = r["metadata"]
+        return meta["enrich_row"].startswith("r") and float(meta["enrich_try"]) == 1
+
+    assert all(echoed(r) for r in streamed)
+    assert all(r.get("metadata") is None or echoed(r) for r in bare)
+
+
+def test_errors_end_some_listings_and_event_streams_after_an_error_event(spec, emulator) -> None:
+    """Some runs listings end normally right after an `error` event (part-way, or after the last run), and
+    some group events connections carry one; every body stays spec-valid SSE."""
+    emu = emulator(behaviours="errors", seed=11)
+    with client(emu) as c:
+        gid, _ = group_with(c, 30)
+        shown = []
+        for _ in range(20):
+            listing = c.get(f"/v1/tasks/groups/{gid}/runs")
+            check_response(spec, listing)
+            assert listing.content.endswith(b"\n\n")  # a normal end: only the error event says it is incomplete
+            events = events_of(listing.content)
+            errors = [e for e in events if e["type"] == "error"]
+            assert len(errors) <= 1 and (not errors or events[-1] is errors[0])
+            assert all(e["error"]["message"] and e["error"]["ref_id"] for e in errors)
+            shown.append((len(events) - len(errors), len(errors)))
+        streams = []
+        for _ in range(20):
+            resp = c.get(f"/v1/tasks/groups/{gid}/events", params={"timeout": 1})
+            check_response(spec, resp)
+            streams.append(sum(e["type"] == "error" for e in events_of(resp.content)))
+    assert {n for n, e in shown if e} - {30} and (30, 0) in shown  # part-way and complete listings
+    assert max(streams) == 1 and min(streams) == 0
+
+
+def test_lost_replies_after_partial_or_full_creation(spec, emulator, monkeypatch) -> None:
+    """Some add-runs requests create all or only the first runs of their batch and then answer 503 or reset
+    the connection; a listing shows every run that was created, with its metadata."""
+    monkeypatch.setattr(bh, "LOST_P", 0.5)
+    emu = emulator(behaviours="lost", seed=12, rate_limit=0)
+    outcomes: Counter[str] = Counter()
+    with client(emu) as c:
+        gid = c.post("/v1/tasks/groups", json={}).json()["taskgroup_id"]
+        for _ in range(60):
+            before = len(httpx.get(emu.base_url + "/_emulator/ledger").json())
+            try:
+                r = c.post(f"/v1/tasks/groups/{gid}/runs", json={"inputs": inputs(5), "default_task_spec": SCHEMA})
+                check_response(spec, r, generic=True)
+                kind = "ok" if r.status_code == 200 else str(r.status_code)
+            except httpx.TransportError:
+                kind = "reset"
+            made = len(httpx.get(emu.base_url + "/_emulator/ledger").json()) - before
+            assert made == 5 if kind == "ok" else 1 <= made <= 5
+            outcomes[f"{kind} {'all' if made == 5 else 'some'}"] += 1
+        listed = events_of(c.get(f"/v1/tasks/groups/{gid}/runs").content)
+    assert outcomes["ok some"] == 0
+    assert {"503 all", "503 some", "reset all", "reset some"} <= set(outcomes), outcomes
+    assert len(listed) == len(httpx.get(emu.base_url + "/_emulator/ledger").json())
+    assert all(e["run"]["metadata"]["enrich_row"] for e in listed)
+
+
+def test_nometa_leaves_metadata_out_of_results_only(spec, emulator) -> None:
+    """`/result` and GET run often answer without `metadata` (key absent or null); listings and events keep it."""
+    emu = emulator(behaviours="nometa", seed=13)
+    with client(emu) as c:
+        gid, added = group_with(c, 10)
+        bare = []
+        for rid in added["run_ids"]:
+            for path in (f"/v1/tasks/runs/{rid}/result", f"/v1/tasks/runs/{rid}", f"/v1/tasks/groups/{gid}/runs/{rid}"):
+                resp = c.get(path)
+                check_response(spec, resp)
+                run = resp.json().get("run", resp.json())
+                bare.append("absent" if "metadata" not in run else "null" if run["metadata"] is None else "echoed")
+        streamed = [
+            e["run"]
+            for path in (f"/v1/tasks/groups/{gid}/runs", f"/v1/tasks/groups/{gid}/events")
+            for e in events_of(c.get(path).content)
+            if e["type"] == "task_run.state"
+        ]
+    assert set(bare) == {"absent", "null", "echoed"}
+    assert len(streamed) >= 20 and all(r["metadata"]["enrich_row"] for r in streamed)
+
+
+def test_expiry_answers_old_cursors_422(spec, emulator, monkeypatch) -> None:
+    """A cursor older than CURSOR_TTL_S is answered 422 (validation shape) on both streams; a fresh one, or
+    none, is served."""
+    monkeypatch.setattr(bh, "CURSOR_TTL_S", 0.5)
+    emu = emulator(behaviours="expiry", seed=14)
+    with client(emu) as c:
+        gid, _ = group_with(c, 5)
+        second = c.post(f"/v1/tasks/groups/{gid}/runs", json={"inputs": inputs(5), "default_task_spec": SCHEMA})
+        cursors = {"runs": second.json()["run_cursor"], "events": second.json()["event_cursor"]}
+        fresh = [
+            c.get(f"/v1/tasks/groups/{gid}/{k}", params={"last_event_id": v, "timeout": 0.2})
+            for k, v in cursors.items()
+        ]
+        time.sleep(0.6)
+        old = [
+            c.get(f"/v1/tasks/groups/{gid}/{k}", params={"last_event_id": v, "timeout": 0.2})
+            for k, v in cursors.items()
+        ]
+        none = [c.get(f"/v1/tasks/groups/{gid}/{k}", params={"timeout": 0.2}) for k in cursors]
+    for resp in fresh + old + none:
+        check_response(spec, resp)
+    assert [r.status_code for r in fresh + old + none] == [200, 200, 422, 422, 200, 200]
+    assert all(r.json()["detail"][0]["loc"] == ["query", "last_event_id"] for r in old)
+
+
+def test_action_required_until_the_owner_acts(spec, emulator, monkeypatch) -> None:
+    """Runs stop in `action_required` (not active, with a warning; /result 408, the group not active, an event
+    for the transition) until `POST /_emulator/act`; then they complete."""
+    monkeypatch.setattr(bh, "ACTION_P", 0.5)
+    emu = emulator(behaviours="action", seed=15)
+    with client(emu) as c:
+        gid, added = group_with(c, 20)
+        runs = [c.get(f"/v1/tasks/runs/{rid}") for rid in added["run_ids"]]
+        for r in runs:
+            check_response(spec, r)
+        held = [r.json() for r in runs if r.json()["status"] == "action_required"]
+        assert held and len(held) < 20
+        assert all(not r["is_active"] and r["warnings"][-1]["message"] == bh.ACTION_MESSAGE for r in held)
+        result = c.get(f"/v1/tasks/runs/{held[0]['run_id']}/result", params={"timeout": 0})
+        check_response(spec, result)
+        assert result.status_code == 408
+        group = c.get(f"/v1/tasks/groups/{gid}").json()["status"]
+        assert not group["is_active"] and group["task_run_status_counts"]["action_required"] == len(held)
+        events = events_of(c.get(f"/v1/tasks/groups/{gid}/events").content)
+        assert {e["run"]["run_id"] for e in events if e["type"] == "task_run.state"} == set(added["run_ids"])
+        assert httpx.post(emu.base_url + "/_emulator/act").json() == {"resumed": len(held)}
+        time.sleep(0.2)
+        after = [c.get(f"/v1/tasks/runs/{r['run_id']}").json()["status"] for r in held]
+        assert set(after) == {"completed"}
+        assert c.get(f"/v1/tasks/groups/{gid}").json()["status"]["task_run_status_counts"] == {"completed": 20}
+
+
+def test_echo_returns_metadata_values_as_other_json_types(spec, emulator) -> None:
+    """Integer metadata comes back as 1.0 or "1.0", integer strings too; other strings unchanged."""
+    emu = emulator(behaviours="echo", seed=16)
+    with client(emu) as c:
+        gid = c.post("/v1/tasks/groups", json={}).json()["taskgroup_id"]
+        body = {"inputs": inputs(4) + [{**i, "metadata": {"enrich_row": "r9", "enrich_try": "2"}} for i in inputs(4)]}
+        c.post(f"/v1/tasks/groups/{gid}/runs", json={**body, "default_task_spec": SCHEMA})
+        listing = c.get(f"/v1/tasks/groups/{gid}/runs")
+        check_response(spec, listing)
+        tries = [e["run"]["metadata"]["enrich_try"] for e in events_of(listing.content)]
+        rows = {e["run"]["metadata"]["enrich_row"] for e in events_of(listing.content)}
+    assert set(tries) == {1.0, "1.0", 2.0, "2.0"} and not any(isinstance(t, int) for t in tries)
+    assert rows == {"r0", "r1", "r2", "r3", "r9"}
 
 
 # ---- processor-dependent quality ------------------------------------------------------------

@@ -221,6 +221,39 @@ def test_timed_out_run_is_collected_by_retry_failed(j: Journal) -> None:
     assert j.counts(2) == {"done": 1} and j.spent_micros() == 5000
 
 
+def test_a_run_recorded_unnamed_is_waited_for_again_once_adopted(j: Journal) -> None:
+    """A result that named no row is refused; when reconciliation then adopts that run for its row, the run
+    is waited for again and the next result (named by run id) finishes the row: never "recorded" and
+    "submitted" at once."""
+    j.seed(rows(["a"]), 1, None, False)
+    j.claim(1, 1, PRICES, None, 0.0, 1)
+    j.mark_submitted([('["a"]', 1)], ["t1"], 1, "", 1.0)
+    assert j.record([Finished("t1", None, None, result_json='{"output": {}}')], 2.0) == (0, ["t1"])
+    assert j.waiting_runs() == [] and j.orphaned_submitted() == [('["a"]', 1)]
+    j.unknown_from_submitted([('["a"]', 1)], "no run attributed")
+    j.adopt([('["a"]', 1, "t1", "")], 3.0)
+    assert [r[0] for r in j.waiting_runs()] == ["t1"]
+    assert j.attribute("t1", None, None) == ("refa", 1)
+    j.record([done("refa", 1, "t1")], 4.0)
+    assert j.counts(1) == {"done": 1} and j.waiting_runs() == []
+
+
+def test_action_required_rows_are_asked_again_by_the_next_run(j: Journal) -> None:
+    """A held row keeps its run and its reservation through a re-seed; recheck_held waits for the run again."""
+    j.seed(rows(["a", "b"]), 1, None, False)
+    j.claim(1, 2, PRICES, None, 0.0, 1)
+    j.mark_submitted([('["a"]', 1), ('["b"]', 1)], ["t1", "t2"], 1, "", 1.0)
+    assert j.hold("t1", "refa", 1, "run action_required: act first", 2.0)
+    assert j.counts(1) == {"action_required": 1, "submitted": 1}
+    assert [r[0] for r in j.waiting_runs()] == ["t2"]
+    j.seed(rows(["a", "b"]), 2, None, False)  # the next run: nothing is sent for the held row
+    assert j.counts(2) == {"action_required": 1, "submitted": 1} and not j.has_pending(2)
+    assert j.recheck_held() == 1
+    assert sorted(r[0] for r in j.waiting_runs()) == ["t1", "t2"] and j.counts(2) == {"submitted": 2}
+    j.record([done("refa", 1, "t1")], 3.0)
+    assert j.counts(2) == {"done": 1, "submitted": 1} and j.spent_micros() == 10000
+
+
 def test_duplicate_keys_are_detected_with_lines(j: Journal) -> None:
     """Duplicate keys within and across batches raise DuplicateKey with both lines."""
     batch = rows(["a", "b"])[0] + [(json.dumps(["a"]), "refa2", 2, 9, "[]", "{}", "h", "s", "lite")]

@@ -38,6 +38,7 @@ def state(**kw: Any) -> JobState:
     [
         ({}, False, {"done": 3}, "done", EXIT_OK),
         ({}, False, {"done": 2, "failed": 1}, "failed_rows", EXIT_FAILED_ROWS),
+        ({}, False, {"done": 2, "action_required": 1}, "failed_rows", EXIT_FAILED_ROWS),  # waits for an action
         ({"budget_exhausted": True}, False, {"done": 1, "pending": 2}, "budget", EXIT_BUDGET),
         ({"budget_exhausted": True}, False, {"done": 3}, "done", EXIT_OK),  # the budget ran out after the last row
         ({"unreachable": "nothing listens"}, False, {"pending": 3}, "unavailable", EXIT_UNAVAILABLE),

@@ -194,6 +194,8 @@ class App(Streams):
             await out.json(200, self.emu.stats_json())
         elif method == "GET" and path == "/_emulator/requests":
             await out.json(200, [list(r) for r in self.emu.request_log])
+        elif method == "POST" and path == "/_emulator/act":  # the account owner acts on runs waiting for it
+            await out.json(200, {"resumed": self.emu.act()})
         elif method == "POST" and path == "/_emulator/reset":
             self.emu.reset()
             await out.json(200, {"reset": True})
@@ -338,14 +340,14 @@ class App(Streams):
         return 202, self.emu.run_json(run)
 
     async def _get_run(self, params, query, body, receive, out):
-        return 200, self.emu.run_json(self.emu.get_run(params[0]))
+        return 200, self.emu.run_json(self.emu.get_run(params[0]), bare="nometa" in self.emu.behaviours)
 
     async def _group_run(self, params, query, body, receive, out):
         group = self.emu.get_group(params[0])
         run = self.emu.get_run(params[1])
         if run.group is not group:
             raise Invalid(404, "Run id not found in this task group")
-        return 200, self.emu.run_json(run)
+        return 200, self.emu.run_json(run, bare="nometa" in self.emu.behaviours)
 
     async def _get_input(self, params, query, body, receive, out):
         run = self.emu.get_run(params[0])
@@ -377,7 +379,7 @@ class App(Streams):
             raise Invalid(404, "Run failed or run id not found.")
         if run.status == "cancelled":
             raise Invalid(404, "Run was cancelled; it has no result.")
-        return 200, {"run": emu.run_json(run), "output": emu.output_json(run)}
+        return 200, {"run": emu.run_json(run, bare="nometa" in emu.behaviours), "output": emu.output_json(run)}
 
     async def _create_group(self, params, query, body, receive, out):
         return 200, self.emu.group_json(self.emu.create_group(body, time.monotonic()))
@@ -389,8 +391,16 @@ class App(Streams):
         emu = self.emu
         group = emu.get_group(params[0])
         now = time.monotonic()
-        runs, run_cursor, event_cursor = emu.add_runs(group, body, now)
+        lost = "lost" in emu.behaviours and emu.brng.random() < bh.LOST_P
+        n = len(body["inputs"]) if isinstance(body, dict) and isinstance(body.get("inputs"), list) else 0
+        create = emu.brng.randint(1, n - 1) if lost and n > 1 and emu.brng.random() < bh.LOST_PARTIAL_P else None
+        runs, run_cursor, event_cursor = emu.add_runs(group, body, now, create)
         run_ids = [r.run_id for r in runs]
+        if lost:  # the runs exist (all, or the first `create`); the reply that says so is lost
+            emu.stats.faults[f"add_runs behaviour-lost{'-partial' if create else ''}"] += 1
+            if emu.brng.random() < 0.5 and bh.reset_connection(out.send):
+                return 0, None
+            raise Invalid(503, "Service temporarily unavailable.")
         if emu.behaviours:
             if "shuffle" in emu.behaviours and len(run_ids) > 1:
                 order = run_ids[:]

@@ -21,6 +21,15 @@ come from one seeded generator (`--seed`), so a run of the same requests is repr
 | `connections` | `Connection: close`, idle keep-alive drops, early 408s on /result, 503 with          |
 |               | Retry-After, 429 without Retry-After on creating POSTs (low rates: jobs still finish) |
 | `endings`     | some runs end `failed` (with an error object) or `cancelled` (no error, 404 on result) |
+| `errors`      | some runs listings end after an `error` event (part-way or after the last run), and   |
+|               | some group events connections carry an `error` event, then end                       |
+| `lost`        | some add-runs requests create all or only the first runs of the batch, then answer    |
+|               | 503 or reset the connection (the reply is lost; the side effect is done)             |
+| `nometa`      | `/result` and `GET run` often answer run objects without `metadata` (absent or null); |
+|               | listings and events keep it (the reconciliation tool)                                |
+| `expiry`      | a `last_event_id` older than a few seconds is answered 422 on both streams            |
+| `action`      | some runs stop in `action_required` (not active) until `POST /_emulator/act`          |
+| `echo`        | metadata values come back as another JSON type: 1 as 1.0, "1" as "1.0" or 1.0        |
 
 With no behaviour on, the app never reaches this module's per-request code (the cost is one
 truth test of an empty frozenset per request).
@@ -31,12 +40,29 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import re
 import socket
 import struct
+import uuid
 from collections.abc import Iterable
 from typing import Any
 
-BEHAVIOURS = ("cut", "snapshots", "eventual", "shuffle", "framing", "basis", "connections", "endings")
+BEHAVIOURS = (
+    "cut",
+    "snapshots",
+    "eventual",
+    "shuffle",
+    "framing",
+    "basis",
+    "connections",
+    "endings",
+    "errors",
+    "lost",
+    "nometa",
+    "expiry",
+    "action",
+    "echo",
+)
 
 # cut
 CUT_AFTER_S = (1.0, 2.0)  # a stream lives this long at most
@@ -60,6 +86,21 @@ P429 = 0.02  # creating POSTs only
 # endings
 FAILED_P = 0.05
 CANCELLED_P = 0.03
+# errors
+LISTING_ERROR_P = 0.3  # share of runs listings that end after an `error` event
+LISTING_ERROR_AT = (0.0, 1.0)  # ... after this share of their runs (uniform in the range)
+STREAM_ERROR_P = 0.2  # share of group events connections that carry one, after 0-5 events
+# lost
+LOST_P = 0.1  # share of add-runs requests whose reply is lost after creating runs
+LOST_PARTIAL_P = 0.5  # ... of which only the first runs of the batch were created
+# nometa
+NOMETA_P = 0.5  # share of /result and GET run replies whose run object has no metadata
+# expiry
+CURSOR_TTL_S = 3.0  # a cursor is valid this long after the event (or run) it names
+# action
+ACTION_P = 0.05  # share of runs that stop in action_required
+ACTION_MESSAGE = "The run needs an action from the account owner before it can continue (emulated)."
+RESUME_S = 0.05  # after `POST /_emulator/act`, a waiting run finishes this long later
 
 
 def parse_behaviours(spec: str | Iterable[str] | None) -> frozenset[str]:
@@ -238,3 +279,24 @@ def vary_run(run_json: dict[str, Any]) -> dict[str, Any]:
 def stale_running(run_json: dict[str, Any]) -> dict[str, Any]:
     """How a lagging listing shows a run that has in fact finished: still running, no error."""
     return {**run_json, "status": "running", "is_active": True, "error": None}
+
+
+# ---- errors ------------------------------------------------------------------------------
+def error_event(message: str) -> dict[str, Any]:
+    """An `error` event (the spec's ErrorEvent) as streams send them."""
+    return {"type": "error", "error": {"ref_id": str(uuid.uuid4()), "message": message, "detail": None}}
+
+
+# ---- echo --------------------------------------------------------------------------------
+def echo_metadata(metadata: Any, variant: int) -> Any:
+    """Metadata as a server that stores values as floats echoes it: integers and short integer strings come
+    back as floats (1.0) or, for odd `variant`s, as float strings ("1.0")."""
+    if not isinstance(metadata, dict):
+        return metadata
+    out: dict[str, Any] = {}
+    for k, v in metadata.items():
+        integral = isinstance(v, int) and not isinstance(v, bool)
+        if integral or (isinstance(v, str) and re.fullmatch(r"-?[0-9]{1,9}", v)):
+            v = f"{int(v)}.0" if variant % 2 else float(v)
+        out[k] = v
+    return out

@@ -8,8 +8,9 @@ Nothing is polled per run, so 20,000+ active runs cost only their heap entries.
 
 Switchable behaviours (behaviours.py) that live in the state: `endings` (runs that end failed
 or cancelled), `eventual` (a run's group event waits on a third heap until the run is
-visible; listings stop at the first run not yet visible; some runs of a batch finish at once)
-and `basis` (varied output and run objects). All draws for them come from `brng`, a generator
+visible; listings stop at the first run not yet visible; some runs of a batch finish at once),
+`basis` (varied output and run objects), `action` (runs that stop in action_required until
+`act()`), `echo` (metadata echoed as other JSON types) and `expiry` (cursors that expire). All draws for them come from `brng`, a generator
 of their own, so switching one on does not change the runs, latencies or faults of a seed.
 """
 
@@ -78,6 +79,7 @@ class Run:
 
     __slots__ = (
         "_body",
+        "action",
         "created",
         "created_s",
         "done",
@@ -125,6 +127,7 @@ class Run:
         self.seq = 0
         self.visible_at = 0.0  # eventual: when listings and events may show the run
         self.stale_s = 0.0  # eventual: how long listings keep showing it running after it ended
+        self.action = 0  # action: 1 = stops in action_required instead of finishing, 2 = waiting there
 
     @property
     def body(self) -> dict[str, Any]:
@@ -133,22 +136,47 @@ class Run:
 
     @property
     def status(self) -> str:
-        """queued, running, then the drawn ending: completed, failed or cancelled."""
+        """queued, running (or action_required while waiting for an action), then the drawn ending:
+        completed, failed or cancelled."""
         if self.done:
             return self.end
+        if self.action == 2:
+            return "action_required"
         return "running" if self.started else "queued"
+
+    @property
+    def active(self) -> bool:
+        """The spec's is_active: queued, running or cancelling (action_required is not active)."""
+        return not self.done and self.action != 2
 
 
 class Group:
-    __slots__ = ("changed", "counts", "created", "events", "metadata", "modified", "pending", "runs", "taskgroup_id")
+    __slots__ = (
+        "changed",
+        "counts",
+        "created",
+        "event_at",
+        "events",
+        "metadata",
+        "modified",
+        "pending",
+        "runs",
+        "taskgroup_id",
+    )
 
     def __init__(self, taskgroup_id: str, metadata: Any, created: float):
         self.taskgroup_id, self.metadata, self.created, self.modified = taskgroup_id, metadata, created, created
         self.runs: list[Run] = []
         self.events: list[Run | None] = []  # run = task_run.state event; None = task_group_status event
+        self.event_at: list[float] = []  # when each event was logged (expiry: its cursor's age)
         self.counts: Counter[str] = Counter()
         self.changed = asyncio.Event()
         self.pending = 0  # eventual: completion events waiting for their run to become visible
+
+    def log(self, entry: Run | None, now: float) -> None:
+        """Append one event to the group's event log."""
+        self.events.append(entry)
+        self.event_at.append(now)
 
 
 @dataclass
@@ -173,6 +201,9 @@ class Emulator:
         self.endings = "endings" in self.behaviours
         self.eventual = "eventual" in self.behaviours
         self.vary_basis = "basis" in self.behaviours
+        self.stops = "action" in self.behaviours
+        self.echo = "echo" in self.behaviours
+        self.expiry = "expiry" in self.behaviours
         self.reset()
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -230,15 +261,18 @@ class Emulator:
         while self.reveals and self.reveals[0][0] <= now:
             run = heapq.heappop(self.reveals)[2]
             run.group.pending -= 1  # type: ignore[union-attr]
-            run.group.events.append(run)  # type: ignore[union-attr]
+            run.group.log(run, now)  # type: ignore[union-attr]
             touched.add(run.group)  # type: ignore[arg-type]
         for group in touched:
             group.modified = now
-            group.events.append(None)  # one coalesced task_group_status event per tick
+            group.log(None, now)  # one coalesced task_group_status event per tick
             group.changed.set()
             group.changed = asyncio.Event()
 
     def _finish(self, run: Run, now: float) -> None:
+        if run.action == 1:  # action: it stops here, not active, until act(); its credit stays reserved
+            self._stop_for_action(run, now)
+            return
         run.started = run.done = True
         self.active -= 1
         self.reserved -= run.price
@@ -259,10 +293,45 @@ class Emulator:
                 self.tiebreak += 1
                 heapq.heappush(self.reveals, (run.visible_at, self.tiebreak, run))
             else:
-                group.events.append(run)
+                group.log(run, now)
         for fut in self.waiters.pop(run.run_id, ()):
             if not fut.done():
                 fut.set_result(None)
+
+    def _stop_for_action(self, run: Run, now: float) -> None:
+        """action: the run becomes action_required (a transition to a non-active status: one event)."""
+        run.started = True
+        run.action = 2
+        run.done_at = now
+        if run.group:
+            run.group.counts["running"] -= 1
+            run.group.counts["action_required"] += 1
+            run.group.log(run, now)
+
+    def act(self, now: float | None = None) -> int:
+        """The account owner acts: every run waiting in action_required resumes and finishes RESUME_S later."""
+        now = time.monotonic() if now is None else now
+        resumed = 0
+        touched: set[Group] = set()
+        for run in self.runs.values():
+            if run.action != 2:
+                continue
+            run.action = 0
+            run.done_at = now + bh.RESUME_S
+            self.tiebreak += 1
+            heapq.heappush(self.dones, (run.done_at, self.tiebreak, run))
+            if run.group:
+                run.group.counts["action_required"] -= 1
+                run.group.counts["running"] += 1
+                touched.add(run.group)
+            resumed += 1
+        for group in touched:
+            group.modified = now
+            group.log(None, now)
+            group.changed.set()
+            group.changed = asyncio.Event()
+        self.wake.set()
+        return resumed
 
     # ---- limits ----------------------------------------------------------------------
     def check_rate(self, key: str, now: float) -> float | None:
@@ -310,6 +379,8 @@ class Emulator:
             latency = 0.0
         run_id = "trun_" + uuid.UUID(int=self.id_rng.getrandbits(128)).hex
         run = Run(run_id, body, spec, warnings, group, now, now + latency * 0.1, now + latency, end, proc.price_micros)
+        if self.stops and end == "completed" and self.brng.random() < bh.ACTION_P:
+            run.action = 1
         self.runs[run_id] = run
         self.active += 1
         self.reserved += run.price
@@ -344,8 +415,11 @@ class Emulator:
             raise Invalid(404, "Task group not found")
         return group
 
-    def add_runs(self, group: Group, body: Any, now: float) -> tuple[list[Run], str | None, str | None]:
-        """Validate every input first (all or nothing), then create the runs in input order."""
+    def add_runs(
+        self, group: Group, body: Any, now: float, create: int | None = None
+    ) -> tuple[list[Run], str | None, str | None]:
+        """Validate every input first (all or nothing), then create the runs in input order (only the first
+        `create` of them: the `lost` behaviour's partial creation)."""
         if not isinstance(body, dict) or not isinstance(body.get("inputs"), list):
             raise Invalid(422, "'inputs' is required and must be a list", ["body", "inputs"])
         inputs = body["inputs"]
@@ -360,6 +434,7 @@ class Emulator:
                 exc.loc = ["body", "inputs", i, *exc.loc[1:]]
                 raise
             checked.append((item, spec, warnings))
+        checked = checked[:create] if create is not None else checked
         self.check_credit(sum(PROCESSORS[item["processor"]].price_micros for item, _, _ in checked))
         run_cursor = str(len(group.runs) - 1) if group.runs else None
         event_cursor = str(len(group.events) - 1) if group.events else None
@@ -378,7 +453,7 @@ class Emulator:
             group.counts[run.status] += 1
         group.modified = now
         if runs:
-            group.events.append(None)
+            group.log(None, now)
             group.changed.set()
             group.changed = asyncio.Event()
 
@@ -422,10 +497,32 @@ class Emulator:
         return fut
 
     # ---- representations -------------------------------------------------------------
-    def run_json(self, run: Run) -> dict[str, Any]:
-        """The TaskRun object; metadata is always echoed (clients match results to rows by it)."""
+    def run_json(self, run: Run, bare: bool = False) -> dict[str, Any]:
+        """The TaskRun object. Metadata is echoed (clients match results to rows by it), but with `bare`
+        (nometa: /result and GET run) it is often absent or null, and under `echo` in other JSON types."""
         out = self._run_json(run)
+        if self.echo:
+            out["metadata"] = bh.echo_metadata(out["metadata"], run.seq)
+        if bare and self.brng.random() < bh.NOMETA_P:
+            if self.brng.random() < 0.5:
+                del out["metadata"]
+            else:
+                out["metadata"] = None
+        if run.action == 2:
+            out["warnings"] = [*(out["warnings"] or []), {"type": "warning", "message": bh.ACTION_MESSAGE}]
         return bh.vary_run(out) if self.vary_basis else out
+
+    def check_cursor(self, group: Group, position: int, runs: bool, now: float) -> None:
+        """expiry: 422 for a cursor naming an event (or, on listings, a run) older than CURSOR_TTL_S."""
+        if not self.expiry or position <= 0:
+            return
+        i = position - 1
+        if runs:
+            at = group.runs[i].created if i < len(group.runs) else now
+        else:
+            at = group.event_at[i] if i < len(group.event_at) else now
+        if now - at > bh.CURSOR_TTL_S:
+            raise Invalid(422, "last_event_id has expired", ["query", "last_event_id"])
 
     def _run_json(self, run: Run) -> dict[str, Any]:
         modified = run.done_at if run.done else (run.start_at if run.started else run.created)
@@ -437,7 +534,7 @@ class Emulator:
             "run_id": run.run_id,
             "interaction_id": run.run_id,
             "status": run.status,
-            "is_active": not run.done,
+            "is_active": run.active,
             "warnings": run.warnings or None,
             "error": run.error,
             "processor": run.processor,

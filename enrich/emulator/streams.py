@@ -3,8 +3,9 @@
 Plain framing follows the rules the official SDK's decoder needs (parallel-task-api.md
 section 11): `type` inside every `data:` JSON, no `id:` lines, cursors in `event_id`,
 keep-alives as `: ping` comment lines. Every stream writes through an `SseWriter`, which is
-also where the `framing` behaviour (varied SSE) and the `cut` behaviour (streams ended early:
-cleanly, mid-frame or by TCP reset) are applied, so the handlers read the same either way.
+also where the `framing` behaviour (varied SSE), the `cut` behaviour (streams ended early:
+cleanly, mid-frame or by TCP reset) and the `errors` behaviour (an `error` event, then a normal
+end) are applied, so the handlers read the same either way. `expiry` answers old cursors 422.
 """
 
 from __future__ import annotations
@@ -55,27 +56,51 @@ class SseWriter:
     With a `Framer` each event is framed with SSE variety and each write is split at arbitrary
     byte offsets. With a `CutPlan`, `add` refuses the event once the plan's budget is spent
     (that event becomes the frame a mid-frame cut interrupts), and `close` ends the stream the
-    plan's way instead of normally.
+    plan's way instead of normally. With `error_after`, `add` sends an `error` event instead of
+    that many-th event and refuses the rest; `close` then ends the stream normally.
     """
 
-    def __init__(self, out: Any, rng: random.Random, framer: bh.Framer | None = None, cut: bh.CutPlan | None = None):
+    def __init__(
+        self,
+        out: Any,
+        rng: random.Random,
+        framer: bh.Framer | None = None,
+        cut: bh.CutPlan | None = None,
+        error_after: int | None = None,
+    ):
         self.out, self.rng, self.framer, self.cut = out, rng, framer, cut
         self.buf: list[bytes] = []
         self.sent = 0
         self.cutting = False
         self.partial = b""
+        self.error_after = error_after
+        self.errored = False
+
+    @property
+    def stopped(self) -> bool:
+        """Nothing more may be added: the stream is being cut, or it carried its error event."""
+        return self.cutting or self.errored
 
     def encode(self, obj: dict[str, Any]) -> bytes:
         return self.framer.event(obj) if self.framer else _sse(obj)
 
     def add(self, obj: dict[str, Any]) -> bool:
         """Buffer one event; False when the cut plan ends the stream here (add nothing more)."""
+        if self.stopped:
+            return False
         if self.cut is not None and self.sent >= self.cut.budget:
             self.cut_here(obj)
+            return False
+        if self.error_after is not None and self.sent >= self.error_after:
+            self._error()
             return False
         self.buf.append(self.encode(obj))
         self.sent += 1
         return True
+
+    def _error(self) -> None:
+        self.buf.append(self.encode(bh.error_event("Internal error while streaming; the stream ends here.")))
+        self.errored = True
 
     def cut_here(self, obj: dict[str, Any]) -> None:
         """Start cutting: `obj` is the event a mid-frame cut sends only part of."""
@@ -106,7 +131,9 @@ class SseWriter:
     async def close(self, last: dict[str, Any] | None = None) -> None:
         """End the stream, after `last` (a closing snapshot) unless a mid-frame cut or reset ends it."""
         mode = self.cut.mode if self.cutting and self.cut is not None else None
-        if last is not None and mode in (None, "clean"):
+        if self.error_after is not None and not self.stopped:  # due after the last event: it ends the stream
+            self._error()
+        if last is not None and mode in (None, "clean") and not self.errored:
             self.buf.append(self.encode(last))
         await self.flush()
         if mode == "midframe":  # an incomplete frame, then a clean end of the body
@@ -122,15 +149,23 @@ class Streams:
     emu: Emulator
     _disconnected: Callable[[Receive], Awaitable[None]]
 
-    def _writer(self, out: Any, *, listing: int | None = None) -> SseWriter:
-        """The writer for one stream: framing and cut per the behaviours switched on.
+    def _writer(self, out: Any, *, listing: int | None = None, group: bool = False) -> SseWriter:
+        """The writer for one stream: framing, cut and errors per the behaviours switched on.
 
-        `listing` = number of runs a runs listing will send (cut there = abort part-way, sometimes).
+        `listing` = number of runs a runs listing will send (cut there = abort part-way, sometimes);
+        `group` = a group events stream (errors: sometimes an `error` event after a few events).
         """
         emu = self.emu
         if not emu.behaviours:
             return SseWriter(out, emu.brng)
         rng = emu.brng
+        error_after = None
+        if "errors" in emu.behaviours:
+            if listing is not None and rng.random() < bh.LISTING_ERROR_P:
+                lo, hi = bh.LISTING_ERROR_AT  # part-way, or after the last run
+                error_after = round(rng.uniform(lo, hi) * listing)
+            elif group and rng.random() < bh.STREAM_ERROR_P:
+                error_after = rng.randint(0, 5)
         framer = bh.Framer(rng) if "framing" in emu.behaviours else None
         cut = None
         if "cut" in emu.behaviours:
@@ -138,7 +173,7 @@ class Streams:
                 cut = bh.CutPlan(rng, time.monotonic())
             elif listing > 0 and rng.random() < bh.LISTING_ABORT_P:
                 cut = bh.CutPlan(rng, 0.0, modes=("midframe", "reset"), budget=rng.randrange(listing), timed=False)
-        return SseWriter(out, rng, framer, cut)
+        return SseWriter(out, rng, framer, cut, error_after)
 
     def _run_event(self, run: Run, event_id: str | None, include_input: bool, include_output: bool) -> dict[str, Any]:
         return {
@@ -160,6 +195,7 @@ class Streams:
         wanted = (query.get("status") or [None])[-1]
         inc_in, inc_out = _flag(query, "include_input"), _flag(query, "include_output")
         now = time.monotonic()
+        emu.check_cursor(group, start, True, now)
         runs = emu.visible_runs(group, start, now)
         writer = self._writer(out, listing=len(runs))
         stale = emu.eventual
@@ -203,18 +239,19 @@ class Streams:
         except ValueError:
             raise Invalid(422, "timeout must be a number of seconds") from None
         deadline = time.monotonic() + timeout
-        writer = self._writer(out)
+        emu.check_cursor(group, pos, False, time.monotonic())
+        writer = self._writer(out, group=True)
         snapshots = "snapshots" in emu.behaviours
         await out.start_sse()
         gone = asyncio.ensure_future(self._disconnected(receive))
         try:
             if snapshots:
                 writer.add(self._status_event(group, pos - 1))
-            while not gone.done() and not writer.cutting:
+            while not gone.done() and not writer.stopped:
                 emu.advance()
                 pos = await self._send_events(group, pos, writer)
                 now = time.monotonic()
-                if writer.cutting:
+                if writer.stopped:
                     break
                 if writer.time_left(now) <= 0:
                     writer.cut_here(self._status_event(group, pos - 1))

@@ -15,14 +15,11 @@ from typing import Any
 from enrich.config import RunConfig, build_task_spec, output_fields
 from enrich.decide import escalate_pass
 from enrich.errors import JournalError
-from enrich.journal import Journal
+from enrich.journal import IN_FLIGHT, ROW_STATES, Journal
 from enrich.pipeline import steps_line
 from enrich.processors import PROCESSORS
 from enrich.scale.partition import PartitionPlan, _count_and_check, _pieces, load_plan, parts_dir_for, resolve_inputs
 from enrich.spend import runs_within
-
-STATES = ("done", "failed", "timed_out", "pending", "intent", "unknown", "submitted")
-IN_FLIGHT = ("intent", "unknown", "submitted")
 
 
 def partition_plan(journal: str | Path) -> PartitionPlan | None:
@@ -99,7 +96,7 @@ def format_status(info: dict[str, Any]) -> str:
         f"journal      {info['journal']}  (partitioned: {info['partitions']} partitions)",
         f"rows         {info['rows']:,}",
     ]
-    lines += [f"  {s:<10} {info['counts'][s]:,}" for s in STATES if info["counts"].get(s)]
+    lines += [f"  {s:<10} {info['counts'][s]:,}" for s in ROW_STATES if info["counts"].get(s)]
     lines += [
         f"in flight    {info['in_flight']:,}",
         f"spent        ${info['spent_usd']:,.4f}",
