@@ -19,6 +19,7 @@ import pytest
         "enrich.spend",
         "enrich.processors",
         "enrich.errors",
+        "enrich.storage",
     ],
 )
 def test_docstring_examples(module: str) -> None:

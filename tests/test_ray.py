@@ -481,14 +481,24 @@ def test_two_node_cluster_20000_rows_equal_single_process(cluster: TwoNodeCluste
 
 
 @pytest.mark.slow
-def test_kill_a_worker_then_the_driver_then_resume_exactly_once(cluster: TwoNodeCluster, shared_dir: Path) -> None:
+@pytest.mark.parametrize("journal_mode", ["local", "network"])
+def test_kill_a_worker_then_the_driver_then_resume_exactly_once(
+    cluster: TwoNodeCluster, shared_dir: Path, journal_mode: str
+) -> None:
+    """A worker SIGKILLed, then the driver, then the same command again: no row paid twice, the budget holds,
+    every row once in order; with the network mode forced, every partition journal is a rollback journal."""
     rows, budget_rows = 6000, 4000
     budget = budget_rows * PRICE
     emu = EmulatorProcess("--time-scale", "0.02", "--rate-limit", "0", "--seed", "3")
     try:
         inp = make_rows(shared_dir / "in.csv", rows)
         cfg = config(
-            shared_dir, "k", inp, shared_dir / "k.csv", "batch_size = 100\nrequests_per_minute = 150", budget=budget
+            shared_dir,
+            "k",
+            inp,
+            shared_dir / "k.csv",
+            f'batch_size = 100\nrequests_per_minute = 150\njournal_mode = "{journal_mode}"',
+            budget=budget,
         )
         cmd = [
             sys.executable,
@@ -528,6 +538,16 @@ def test_kill_a_worker_then_the_driver_then_resume_exactly_once(cluster: TwoNode
         assert out["id"].to_list() == [f"r{i:06d}" for i in range(rows)]  # every row exactly once, in order
         statuses = Counter(out["_enrich_status"].to_list())
         assert statuses["completed"] == len(ledger) and statuses["skipped_budget"] == rows - len(ledger)
+        parts = parts_dir_for(shared_dir / "k.csv.journal.sqlite")
+        modes = set()
+        for j in sorted(parts.glob("part-*.sqlite")):
+            view = Journal.open(j, readonly=True)
+            modes.add(view.sqlite_mode())
+            view.close()
+        assert modes == {"delete" if journal_mode == "network" else "wal"}
+        assert report["journal_mode"] == journal_mode
+        if journal_mode == "network":
+            assert not [p.name for p in parts.iterdir() if p.name.endswith(("-wal", "-shm"))]
     finally:
         emu.stop()
 

@@ -53,12 +53,16 @@ from enrich.processors import PROCESSORS
 from enrich.scale.governor import ActorGovernor, GovernorState, journal_pending, journal_spend
 from enrich.scale.merge import copy_into_dataset, is_dataset, merge_files, read_manifest, write_manifest
 from enrich.scale.partition import Partition, PartitionPlan, cut, load_plan, parts_dir_for
+from enrich.storage import detect, one_mode, resolve
 
 PARTITION_CPUS = 0.5  # Ray CPUs per partition task: 2 cores run 4 partitions (they mostly wait on I/O)
 TASK_RETRIES = 3  # Ray re-runs a partition whose worker or node died; it resumes the same journal
 NAMESPACE = "enrich"
 PARTITION_STOP_S = 60  # after Ctrl-C: how long partitions get to record what is in flight and write their output
 NODE_LOCAL = ("/tmp", "/var/tmp", "/dev/shm", "/run")
+# how long a retried partition waits for a dead attempt's journal lock: on shared storage, longer than an NFSv4
+# lease (90 s by default), after which the server frees the locks of a client that died with its node
+LOCK_WAIT_S = {"local": 60.0, "network": 180.0}
 # worst first: nothing more can work (usage, auth) > resumable stops > budget > failed rows > ok
 SEVERITY = [
     EXIT_USAGE,
@@ -118,6 +122,11 @@ def check_shared(cfg: RunConfig, journal: Path) -> None:
                 f"{what} {given}: {real} is node-local storage; on a multi-node cluster journals and "
                 "outputs must live on storage every node mounts (a shared filesystem)"
             )
+    if detect(journal).local_locks:
+        raise ConfigError(
+            f"journal {journal}: its NFS mount keeps locks on each host (nolock or local_lock), so a node would not "
+            "see that another one holds a partition journal; remount it with local_lock=none (the default)"
+        )
 
 
 def _fingerprint(cfg: RunConfig) -> str:
@@ -148,7 +157,7 @@ def partition_config(cfg: RunConfig, plan: PartitionPlan, p: Partition, in_fligh
     return pc
 
 
-def _wait_for_lock(path: Path, timeout: float = 60.0) -> None:
+def _wait_for_lock(path: Path, timeout: float) -> None:
     """A retried partition waits until a dying earlier attempt has let go of its journal."""
     if not path.exists():
         return
@@ -189,7 +198,8 @@ def run_partition(
 ) -> dict[str, Any]:
     """Body of one partition's Ray task: register with the governor, run_job, settle. Returns a summary."""
     assert pcfg.journal is not None
-    _wait_for_lock(pcfg.journal)
+    mode = resolve(pcfg.limits.journal_mode, pcfg.journal).mode  # run_job resolves the same on this node
+    _wait_for_lock(pcfg.journal, LOCK_WAIT_S[mode])
     baseline = journal_spend(pcfg.journal)
     _ray().get(governor.register.remote(part, baseline))
     price = max(PROCESSORS[p].price_micros for p in pcfg.ladder)
@@ -215,6 +225,7 @@ def run_partition(
             "emulated": bool(result.report.get("emulated")),
             "output": str(result.output),
             "deferred": result.deferred,
+            "journal_mode": result.report.get("journal_mode"),
         }
     except EnrichError as exc:
         out = {"exit_code": exc.exit_code, "message": str(exc), "rows": 0, "output": None}
@@ -552,9 +563,13 @@ def _finish(
         "partitions": len(plan.partitions),
         "elapsed_s": round(elapsed, 3),
         "emulated": any(m.get("emulated") for m in markers.values()),
+        "journal_mode": one_mode([m.get("journal_mode") for m in [*markers.values(), *results.values()]]),
         "governor": governor,
         "per_partition": [
-            {"partition": i, **{k: m.get(k) for k in ("exit_code", "rows", "status_counts", "spend_usd", "message")}}
+            {
+                "partition": i,
+                **{k: m.get(k) for k in ("exit_code", "rows", "status_counts", "spend_usd", "message", "journal_mode")},
+            }
             for i, m in sorted(markers.items())
         ],
     }
