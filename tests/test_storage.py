@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,14 @@ import httpx
 import pytest
 
 from enrich import storage
+from enrich.cli import main
 from enrich.config import load_config
 from enrich.errors import ConfigError
-from enrich.job import EXIT_OK, run_job
+from enrich.job import EXIT_OK, EXIT_USAGE, run_job
 from enrich.journal import Journal
+from enrich.scale.governor import GovernorState
 from enrich.scale.runner import check_shared
+from enrich.spend import utc_day
 from enrich.storage import FileSystem, detect, mount_of, resolve
 from tests.conftest import ROOT, run_enrich, write_config
 
@@ -243,6 +247,54 @@ def test_a_journal_on_a_detected_nfs_mount_is_opened_in_the_network_mode(
         install_signals=False,
     )
     assert local.report["journal_mode"] == "local"  # beside it, on the machine's own disk: WAL as ever
+
+
+# ---- spend ledgers ---------------------------------------------------------------------------------
+
+
+def test_a_spend_ledger_on_a_network_file_system_is_refused_before_anything_is_paid(
+    tmp_path: Path, emulator, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A daily budget's ledger on NFS: exit 2, one line saying why and what to do, no run created, no journal."""
+    emu = emulator(time_scale=0.0)
+    (tmp_path / "share").mkdir()
+    mounted(monkeypatch, tmp_path, f"srv:/x {tmp_path}/share nfs4 rw,local_lock=none 0 0\n")
+    cfg = job(tmp_path, limits=f'daily_budget_usd = 1\nspend_ledger = "{tmp_path}/share/spend.sqlite"')
+    monkeypatch.setenv("PARALLEL_API_KEY", "k")
+    code = main(["run", str(cfg), "--base-url", emu.base_url])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == EXIT_USAGE and len(err) == 1, err
+    assert "network file system (nfs4)" in err[0] and "put the ledger on a local disk" in err[0]
+    assert ledger(emu.base_url) == [] and not (tmp_path / "o.csv.journal.sqlite").exists()
+    assert not (tmp_path / "share" / "spend.sqlite").exists()
+
+
+def test_a_day_lease_takes_what_other_jobs_left_and_settles_to_what_was_reserved(tmp_path: Path) -> None:
+    """The day lease of a --ray job: the daily budget minus the other jobs' entries and its own reservations,
+    at most its budget left; settling gives back what it did not use."""
+    path, day = tmp_path / "spend.sqlite", utc_day(time.time())
+    other = Journal.open(":memory:")
+    other.attach_ledger(path, "other-job")
+    with other.tx() as c:
+        c.execute("INSERT INTO spendledger.ledger(day, job, row_key, micros) VALUES (?, 'other-job', 'r', 300)", (day,))
+    me = Journal.open(":memory:")
+    me.attach_ledger(path, "ray-job")
+    assert me.day_lease(day, mine=100, daily=1_000, cap=None) == 600  # 1000 - 300 (others) - 100 (mine)
+    assert other.spent_on_day(day) == 1_000  # the lease is reserved at once: the other job sees the day spent
+    assert me.day_lease(day, mine=100, daily=1_000, cap=250) == 250  # the job's own budget left caps it
+    me.day_settle(day, 180)  # the job reserved 180 in all that day
+    assert other.spent_on_day(day) == 480
+    other.close()
+    me.close()
+
+
+def test_the_governor_caps_a_job_at_its_day_lease_and_says_daily_budget() -> None:
+    """With a day lease the governor grants up to the ceiling across partitions and names the daily budget."""
+    g = GovernorState(Path("/nonexistent-parts"), 60, budget_micros=None, persist=False, daily=(1_000, 400))
+    assert g.lease("part-00000", 300, 0) == (300, "granted")
+    assert g.lease("part-00001", 300, 0, least=150) == (0, "spent")
+    assert g.lease("part-00001", 300, 0, least=100) == (100, "granted")
+    assert g.explain("spent").startswith("daily budget reached") and g.free() == 0
 
 
 def test_a_multi_node_journal_on_an_nfs_mount_with_host_local_locks_is_refused(
