@@ -101,6 +101,12 @@ def _parser() -> argparse.ArgumentParser:
             help="run against the bundled emulator (no key, no cost; outputs are marked as emulated)",
         )
         sp.add_argument("--retry-failed", action="store_true", help="research failed and timed-out rows again")
+        sp.add_argument(
+            "--journal-mode",
+            choices=["auto", "local", "network"],
+            help="local: WAL; network: SQLite's rollback journal, for journals on NFS/SMB/FUSE shared storage; "
+            "auto (default) detects the file system (overrides limits.journal_mode)",
+        )
 
     run = add("run", "enrich the input (continues an interrupted job)")
     job_flags(run)

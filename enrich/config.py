@@ -33,6 +33,7 @@ from enrich.errors import ConfigError
 from enrich.files import OUTPUT_SUFFIXES, XLSX_SUFFIXES, journal_path
 from enrich.processors import PROCESSORS, tier
 from enrich.spec import FieldType, schema_problem
+from enrich.storage import ModeSetting
 
 DEFAULT_BASE_URL = "https://api.parallel.ai"
 EMULATOR_KEY = "emulator-local-key"  # the key an --emulator run sends (the emulator takes any key)
@@ -146,6 +147,7 @@ class LimitsConfig(_Strict):
     daily_budget_usd: float | None = Field(default=None, ge=0)  # per UTC day, across jobs sharing the ledger
     spend_ledger: Path | None = None  # file recording spend per UTC day (shared between jobs)
     max_processor: str | None = None  # refuse any processor (task or ladder) on a higher price tier
+    journal_mode: ModeSetting = "auto"  # local (WAL) or network (rollback journal); auto detects (storage.py)
 
     @model_validator(mode="after")
     def _check_limits(self) -> LimitsConfig:

@@ -72,6 +72,7 @@ FLAGS = {
     "limits.budget_usd": "--budget",
     "limits.max_in_flight": "--max-in-flight",
     "api.base_url": "--base-url",
+    "limits.journal_mode": "--journal-mode",
 }
 
 
@@ -88,6 +89,7 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
         "limits.budget_usd": args.budget,
         "limits.max_in_flight": args.max_in_flight,
         "api.base_url": args.base_url,
+        "limits.journal_mode": args.journal_mode,
     }
 
 

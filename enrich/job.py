@@ -83,6 +83,7 @@ from enrich.progress import JobState, Stop
 from enrich.report import result_summary
 from enrich.review import read_review
 from enrich.scale import status as scale_status
+from enrich.storage import Storage, mode_of, resolve
 from enrich.write import WRITE_CHUNK, Projection, write_output
 
 __all__ = [
@@ -110,10 +111,13 @@ PROJECTION_SETTINGS = ("gate", "escalate", "output.reasoning", "output.formula_g
 
 @dataclass
 class Job:
-    """One job: the config after every flag, its journal file, its task spec and output fields."""
+    """One job: the config after every flag, its journal file and the mode it is kept in (`storage`: local WAL
+    or the network mode, storage.py; None for a job recorded before modes were), its task spec and output
+    fields."""
 
     cfg: RunConfig
     journal_path: Path
+    storage: Storage | None = None
 
     @property
     def task_spec(self) -> dict[str, Any]:
@@ -129,8 +133,9 @@ class Job:
 
 
 def job_for(cfg: RunConfig) -> Job:
-    """The job a config (after flags) names: its journal is resolved once, here."""
-    return Job(cfg, journal_path_for(cfg))
+    """The job a config (after flags) names: its journal and the journal's mode are resolved once, here."""
+    path = journal_path_for(cfg)
+    return Job(cfg, path, resolve(cfg.limits.journal_mode, path))
 
 
 def _portable(job: Job) -> dict[str, Any]:
@@ -152,7 +157,15 @@ def _portable(job: Job) -> dict[str, Any]:
 
 def record_job(job: Job, journal: Journal) -> None:
     """Record the resolved job in its journal: every later command projects with these settings."""
-    journal.set("job", {"config": _portable(job), "task_spec": job.task_spec, "source": str(job.cfg.source or "")})
+    journal.set(
+        "job",
+        {
+            "config": _portable(job),
+            "task_spec": job.task_spec,
+            "source": str(job.cfg.source or ""),
+            "storage": job.storage.as_dict() if job.storage else None,
+        },
+    )
 
 
 def recorded_job(journal: Journal, path: Path) -> Job | None:
@@ -164,7 +177,16 @@ def recorded_job(journal: Journal, path: Path) -> Job | None:
         cfg = config_from_mapping(data["config"], None, data.get("source") or str(path), task_spec=data["task_spec"])
     except (ConfigError, KeyError, TypeError) as exc:
         raise JournalError(f"{path}: the job recorded in this journal cannot be read ({exc})") from None
-    return Job(cfg, path)
+    return Job(cfg, path, _recorded_storage(data.get("storage")))
+
+
+def _recorded_storage(data: Any) -> Storage | None:
+    if not isinstance(data, dict):
+        return None
+    mode, fs, why = data.get("journal_mode"), data.get("file_system"), data.get("why")
+    if mode not in ("local", "network") or not isinstance(fs, str) or not isinstance(why, str):
+        return None
+    return Storage(mode, fs, why)
 
 
 def _setting(cfg: RunConfig, dotted: str) -> Any:
@@ -337,13 +359,15 @@ def run_job(
             "--detach needs a server that outlives this process; with --emulator, start "
             "`enrich emulator` separately and pass --base-url (any PARALLEL_API_KEY, e.g. 'local')"
         )
-    jpath = journal_path_for(cfg)
+    job = job_for(cfg)
+    jpath, storage = job.journal_path, job.storage
+    assert storage is not None
     preflight.check_job(cfg, api_key=api_key, emulated=emulated, journal_path=jpath)  # before anything is paid
     identity = _identity(cfg, build_task_spec(cfg), api_key)
-    if fresh:
-        for suffix in ("", "-wal", "-shm"):
+    if fresh:  # -journal too: a rollback journal a killed run left would be played into the new journal
+        for suffix in ("", "-wal", "-shm", "-journal"):
             Path(f"{jpath}{suffix}").unlink(missing_ok=True)
-    journal = Journal.open(jpath)
+    journal = Journal.open(jpath, mode=storage.mode)
     settled.clear(journal)  # from here on, this run decides what the journal holds
     remove_stale_temps(cfg.output.path)
     server = None
@@ -381,7 +405,7 @@ def run_job(
                 "task_spec": prep.task_spec,
             },
         )
-        record_job(Job(cfg, jpath), journal)  # export, review, status project with exactly these settings
+        record_job(job, journal)  # export, review, status project with exactly these settings
         if emulated:
             server = _start_emulator(cfg)
             base_url = server.base_url
@@ -402,7 +426,7 @@ def run_job(
         )
         if server is not None:  # the API's part is over: the embedded emulator winds down while the output is written
             server.request_stop()
-        result = _finish(cfg, journal, jpath, prep, state, interrupted, emulated, api_key, cpu0)
+        result = _finish(cfg, journal, jpath, prep, state, interrupted, emulated, api_key, cpu0, storage)
         if detach and result.exit_code in (EXIT_OK, EXIT_FAILED_ROWS) and not journal.unresolved():
             n = journal.in_flight_count()
             result.exit_code = EXIT_OK
@@ -566,6 +590,7 @@ def _finish(
     emulated: bool,
     api_key: str,
     cpu0: float,
+    storage: Storage,
 ) -> JobResult:
     if isinstance(state.fatal, StorageError):  # the journal cannot record any more: nothing to write from
         raise state.fatal
@@ -587,6 +612,8 @@ def _finish(
             extra={
                 "processor": cfg.task.processor,
                 "journal": str(jpath),
+                "journal_mode": storage.mode,
+                "journal_storage": storage.as_dict(),
                 "budget_usd": cfg.limits.budget_usd,
                 "interrupted": interrupted,
                 "runs_created_this_invocation": state.submitted,
@@ -925,6 +952,8 @@ def job_status(
         job = journal.get("job") or {}
         return {
             "journal": str(path),
+            "journal_mode": mode_of(journal.sqlite_mode()),  # as the file is, whatever was recorded
+            "journal_storage": job.get("storage"),
             "output": ((job.get("config") or {}).get("output") or {}).get("path"),
             "rows": sum(counts.values()),
             "counts": counts,
@@ -944,6 +973,7 @@ def format_status(info: dict[str, Any]) -> str:
     """The text `enrich status` prints."""
     counts = info["counts"]
     lines = [f"journal      {info['journal']}{'  [EMULATED]' if info['emulated'] else ''}"]
+    lines.append(f"journal mode {mode_line(info.get('journal_mode'), info.get('journal_storage'))}")
     if info.get("output"):
         lines.append(f"output       {info['output']}")
     lines.append(f"rows         {info['rows']:,}")
@@ -965,6 +995,14 @@ def format_status(info: dict[str, Any]) -> str:
     else:
         lines.append("live         no enrich process is running this job")
     return "\n".join(lines)
+
+
+def mode_line(mode: Any, storage: Any) -> str:
+    """`network (rollback journal, no WAL; nfs4, detected)`: the mode a journal is in and why it was chosen."""
+    kind = {"network": "rollback journal, no WAL", "local": "WAL"}.get(str(mode), str(mode))
+    if isinstance(storage, dict) and storage.get("journal_mode") == mode:
+        return f"{mode} ({kind}; {storage.get('file_system')}, {storage.get('why')})"
+    return f"{mode} ({kind})"
 
 
 def _alive(pid: Any) -> bool:

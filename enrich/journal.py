@@ -34,6 +34,10 @@ Settings follow reliability.md 2.3: WAL, synchronous=FULL, one writer connection
 BEGIN IMMEDIATE, short transactions never held across network awaits, and an exclusive flock on
 the journal file itself (its inode, so a symlink cannot bypass it; hard links are refused since
 SQLite's WAL file is named after the path).
+
+A journal on a network file system is opened in the `network` mode instead (storage.py): SQLite's
+rollback journal (journal_mode=DELETE), since WAL's shared-memory index cannot be shared between
+hosts. The lock, the transactions and everything above are the same in both modes.
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ from enrich.journal_sql import (
     migrate_v1,
 )
 from enrich.spend import daily_message, runs_that_fit, utc_day
+from enrich.storage import JournalMode
 
 __all__ = [
     "IN_FLIGHT",
@@ -139,6 +144,23 @@ class _Connection(sqlite3.Connection):
             raise
 
 
+def _recovering_view(path: Path) -> sqlite3.Connection:
+    """A query-only connection for a journal in the network mode whose writer died mid-transaction: a read-only
+    one cannot read it until SQLite rolls that transaction back (SQLITE_READONLY_ROLLBACK), which this one
+    does on its first read, as the next writer would (committed data is never touched). Nothing is written."""
+    conn = sqlite3.connect(str(path), isolation_level=None, timeout=5)
+    try:
+        conn.execute("PRAGMA query_only=ON")
+        conn.execute("PRAGMA user_version").fetchone()  # the first read rolls the unfinished transaction back
+    except sqlite3.Error as exc:
+        conn.close()
+        raise JournalError(
+            f"{path}: a run stopped in the middle of a transaction and this process cannot roll it back ({exc}); "
+            "run the job again (or read it as the user that runs it)"
+        ) from None
+    return conn
+
+
 def _rollback(conn: sqlite3.Connection) -> None:
     """Roll back the open transaction, if SQLite has not already (it does itself on a full disk), keeping
     the error that caused it as the one raised."""
@@ -191,8 +213,12 @@ class Journal(DecisionStore):
 
     # ---- opening, locking --------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | Path, readonly: bool = False) -> Journal:
-        """Open (creating) a journal and take its lock; JournalError if another process holds it."""
+    def open(cls, path: str | Path, readonly: bool = False, mode: JournalMode | None = None) -> Journal:
+        """Open (creating) a journal and take its lock; JournalError if another process holds it.
+
+        `mode` (storage.py) puts the journal in WAL ("local") or SQLite's rollback journal ("network");
+        None keeps the mode the journal is in (its header records it), as commands other than `run` do
+        (a new journal is then a local one)."""
         if str(path) == ":memory:":  # scratch journal for `enrich plan` on a new job
             conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
             conn.executescript(SCHEMA)
@@ -203,7 +229,14 @@ class Journal(DecisionStore):
                 raise JournalError(f"{path}: no such journal")
             try:
                 conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=5)
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                try:
+                    version = conn.execute("PRAGMA user_version").fetchone()[0]
+                except sqlite3.OperationalError as exc:
+                    if getattr(exc, "sqlite_errorname", "") != "SQLITE_READONLY_ROLLBACK":
+                        raise
+                    conn.close()
+                    conn = _recovering_view(path)
+                    version = conn.execute("PRAGMA user_version").fetchone()[0]
                 tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             except sqlite3.DatabaseError as exc:
                 raise JournalError(f"{path}: not an enrich journal ({exc})") from None
@@ -238,7 +271,20 @@ class Journal(DecisionStore):
                 str(path), isolation_level=None, timeout=5, check_same_thread=False, factory=_Connection
             )
             conn.where = str(path)
-            conn.execute("PRAGMA journal_mode=WAL")
+            if mode == "network":
+                # EXCLUSIVE first: a journal a local run left in WAL is opened with its index in this process's
+                # memory (never a -shm on shared storage) while it is switched; NORMAL again afterwards, so
+                # read-only views (status, the governor) can read between this writer's transactions
+                conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+                got = conn.execute("PRAGMA journal_mode=DELETE").fetchone()[0]
+                conn.execute("PRAGMA locking_mode=NORMAL")
+                if got != "delete":
+                    raise JournalError(
+                        f"{path}: cannot switch the journal to the network mode (SQLite left it in {got}); "
+                        "stop every other process that has it open and run again"
+                    )
+            elif mode == "local" or os.fstat(fd).st_size == 0:  # a new journal is a local one unless told
+                conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA busy_timeout=5000")
             conn.execute("PRAGMA cache_size=-32768")  # 32 MiB: keeps big journals' B-trees in memory
@@ -253,10 +299,14 @@ class Journal(DecisionStore):
         except sqlite3.DatabaseError as exc:
             os.close(fd)
             raise JournalError(f"{path}: not a usable journal ({exc})") from None
-        except StorageError:
+        except (StorageError, JournalError):
             os.close(fd)
             raise
         return cls(conn, path, fd)
+
+    def sqlite_mode(self) -> str:
+        """SQLite's journal mode as the file records it: "wal" (the local mode) or "delete" (the network one)."""
+        return str(self.conn.execute("PRAGMA journal_mode").fetchone()[0]).lower()
 
     def close(self) -> None:
         self.conn.close()

@@ -32,6 +32,45 @@ class DecisionStore:
             f"SELECT COALESCE(SUM(micros), 0) FROM {self._ledger_db}.ledger WHERE day=?", (day,)
         ).fetchone()[0]
 
+    def reserved_on_day(self, day: str) -> int:
+        """Micro-dollars this journal reserved on UTC `day` (its own spend table; releases are not subtracted,
+        so a day's total can only be overstated, never understated)."""
+        return self.conn.execute(
+            "SELECT COALESCE(SUM(micros), 0) FROM spend WHERE micros > 0 AND date(at, 'unixepoch') = ?", (day,)
+        ).fetchone()[0]
+
+    def _held(self, c: Any, day: str) -> int:
+        return c.execute(
+            f"SELECT COALESCE(SUM(micros), 0) FROM {self._ledger_db}.ledger WHERE day=? AND job=?",
+            (day, self._ledger_job),
+        ).fetchone()[0]
+
+    def day_lease(self, day: str, mine: int, daily: int | None, cap: int | None) -> int:
+        """A job whose partitions do not use the ledger themselves (a --ray job; scale/governor.py): in one
+        transaction, what is left of `daily` on `day` after the other jobs' entries and `mine` (the job's own
+        reservations that day), at most `cap`; the job's entries for the day become mine + that. Returns it."""
+        with self.tx() as c:
+            held = self._held(c, day)
+            others = self.spent_on_day(day) - held
+            caps = [x for x in (None if daily is None else daily - others - mine, cap) if x is not None]
+            lease = max(0, min(caps)) if caps else 0
+            if mine + lease != held:
+                c.execute(
+                    f"INSERT INTO {self._ledger_db}.ledger(day, job, row_key, micros) VALUES (?, ?, 'day-lease', ?)",
+                    (day, self._ledger_job, mine + lease - held),
+                )
+        return lease
+
+    def day_settle(self, day: str, mine: int) -> None:
+        """The job's entries for `day` become `mine`, what it really reserved that day (its lease settled)."""
+        with self.tx() as c:
+            held = self._held(c, day)
+            if mine != held:
+                c.execute(
+                    f"INSERT INTO {self._ledger_db}.ledger(day, job, row_key, micros) VALUES (?, ?, 'day-settle', ?)",
+                    (day, self._ledger_job, mine - held),
+                )
+
     def _ledger_refund(self, c: Any, key: str) -> None:
         if self._ledger_db is None:
             return

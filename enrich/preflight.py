@@ -36,6 +36,7 @@ from enrich.errors import ConfigError, InputError, JournalError, advice
 from enrich.files import XLSX_SUFFIXES, encode_cell, is_parquet, report_json_path
 from enrich.flatten import META_COLUMNS, output_columns
 from enrich.read import Row, TableInfo
+from enrich.storage import detect
 from enrich.xlsx import EXCEL_MAX_CELL_CHARS, EXCEL_MAX_ROWS
 
 RESERVED_PREFIX = "_enrich_"  # generated columns (status, error, run id) and any added later
@@ -304,3 +305,19 @@ def check_job(cfg: Any, *, api_key: str | None, emulated: bool, journal_path: Pa
         raise ConfigError(f"{source}: output fields: {problem}; rename a field")
     if emulated:
         check_knowledge(cfg.emulator.knowledge, cfg.emulator.knowledge_key)
+    check_spend_ledger(cfg.limits.spend_ledger)
+
+
+def check_spend_ledger(ledger: Path | None) -> None:
+    """Refuse a spend ledger on a network file system (storage.detect): the daily budget's only guard is the
+    claim's transaction in that SQLite file, and SQLite cannot share one between hosts safely."""
+    if ledger is None:
+        return
+    fs = detect(ledger)
+    if fs.network:
+        raise ConfigError(
+            f"limits.spend_ledger {ledger}: is on a network file system ({fs.type}), where jobs on different hosts "
+            "cannot share a daily budget through one SQLite file safely; put the ledger on a local disk (jobs on "
+            "this host share it; a --ray job's governor holds the budget for all its nodes), or remove spend_ledger "
+            "to count the daily budget in the job's own journal"
+        )

@@ -51,7 +51,7 @@ def golden(rows50: Path, tmp_path_factory) -> pl.DataFrame:
     return pl.read_csv(d / "out.csv", infer_schema=False).drop("_enrich_run_id", "_enrich_latency_s")
 
 
-def _config(d: Path, src: Path, limits: str = "", out: str = "out.csv") -> Path:
+def _config(d: Path, src: Path, limits: str = "", out: str = "out.csv", journal_mode: str = "auto") -> Path:
     return write_config(
         d / "job.toml",
         input_path=src,
@@ -59,8 +59,19 @@ def _config(d: Path, src: Path, limits: str = "", out: str = "out.csv") -> Path:
         key=["company"],
         columns=["company", "website"],
         fields={"headquarters_location": "string", "founded_year": "integer"},
-        limits=limits or "batch_size = 10\nmax_in_flight = 20",
+        limits=(limits or "batch_size = 10\nmax_in_flight = 20") + f'\njournal_mode = "{journal_mode}"',
     )
+
+
+def assert_journal_mode(journal: Path, mode: str) -> None:
+    """The journal is in the mode its job was run in, and the network mode never leaves a WAL file beside it."""
+    view = Journal.open(journal, readonly=True)
+    try:
+        assert view.sqlite_mode() == ("delete" if mode == "network" else "wal")
+    finally:
+        view.close()
+    if mode == "network":
+        assert not [p for p in journal.parent.iterdir() if p.name.endswith(("-wal", "-shm"))]
 
 
 def _env(failpoint: str | None = None) -> dict[str, str]:
@@ -133,6 +144,7 @@ def sweep_point(
     base: Path,
     emulator_process,
     compound: bool = False,
+    journal_mode: str = "auto",
 ) -> int:
     """Crash at the k-th hit of `point` for each k (all k until the run no longer crashes when ks is None)."""
     emu = emulator_process("--time-scale", "0.001")
@@ -147,7 +159,7 @@ def sweep_point(
         emu.post("/_emulator/reset")
         d = base / f"{point}-{k}"
         d.mkdir()
-        cfg = _config(d, rows50)
+        cfg = _config(d, rows50, journal_mode=journal_mode)
         first = run_enrich("run", str(cfg), "--base-url", emu.base_url, env=_env(f"{point}:{k}"))
         cases += 1
         if first.returncode != -signal.SIGKILL:
@@ -160,6 +172,8 @@ def sweep_point(
         r = resume_until_done(cfg, emu)
         assert r.returncode == 0, r.stderr
         check_oracle(d, emu, golden)
+        if journal_mode != "auto":
+            assert_journal_mode(d / "out.csv.journal.sqlite", journal_mode)
 
 
 @pytest.mark.parametrize("point", POINTS)
@@ -170,9 +184,21 @@ def test_failpoint_first_and_second_hit(
     sweep_point(point, [1, 2], rows50, golden, tmp_path, emulator_process)
 
 
-def test_failpoint_crash_during_resume(rows50: Path, golden: pl.DataFrame, tmp_path: Path, emulator_process) -> None:
-    """Crash after sending, then crash again while resuming (reconciling), then finish."""
-    sweep_point("after_send_before_response", [2], rows50, golden, tmp_path, emulator_process, compound=True)
+@pytest.mark.parametrize("journal_mode", ["local", "network"])
+def test_failpoint_crash_during_resume(
+    rows50: Path, golden: pl.DataFrame, tmp_path: Path, emulator_process, journal_mode: str
+) -> None:
+    """Crash after sending, then crash again while resuming (reconciling), then finish: in both journal modes."""
+    sweep_point(
+        "after_send_before_response",
+        [2],
+        rows50,
+        golden,
+        tmp_path,
+        emulator_process,
+        compound=True,
+        journal_mode=journal_mode,
+    )
 
 
 @pytest.mark.slow
@@ -305,8 +331,9 @@ def test_outage_opens_breaker_and_recovers(
 
 
 @pytest.mark.slow
-def test_random_sigkills_during_2000_row_run(tmp_path: Path, emulator_process) -> None:
-    """20 SIGKILLs at random times during a 2,000-row run with 429/500/drop faults; then finish."""
+@pytest.mark.parametrize("journal_mode", ["local", "network"])
+def test_random_sigkills_during_2000_row_run(tmp_path: Path, emulator_process, journal_mode: str) -> None:
+    """20 SIGKILLs at random times during a 2,000-row run with 429/500/drop faults; then finish (both modes)."""
     src = tmp_path / "big.csv"
     src.write_text("company,website\n" + "".join(f"Company {i},https://c{i}.example\n" for i in range(2000)))
     emu = emulator_process("--time-scale", "0.0005", "--faults", "429=0.05,500=0.02,drop=0.02", "--seed", "11")
@@ -316,7 +343,7 @@ def test_random_sigkills_during_2000_row_run(tmp_path: Path, emulator_process) -
         output=tmp_path / "out.csv",
         key=["company"],
         columns=["company"],
-        limits="batch_size = 50\nmax_in_flight = 200\nbudget_usd = 20",
+        limits=f'batch_size = 50\nmax_in_flight = 200\nbudget_usd = 20\njournal_mode = "{journal_mode}"',
     )
     kill_at_random(cfg, emu, kills=20, seed=1, lo=0.3, hi=2.0)
     r = resume_until_done(cfg, emu)
@@ -324,6 +351,7 @@ def test_random_sigkills_during_2000_row_run(tmp_path: Path, emulator_process) -
     out = pl.read_csv(tmp_path / "out.csv", infer_schema=False)
     assert out.height == 2000 and set(out["_enrich_status"]) == {"completed"}
     check_oracle(tmp_path, emu, None, budget_usd=20)
+    assert_journal_mode(tmp_path / "out.csv.journal.sqlite", journal_mode)
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ import pytest
         "enrich.errors",
         "enrich.client",
         "enrich.runmeta",
+        "enrich.storage",
     ],
 )
 def test_docstring_examples(module: str) -> None:

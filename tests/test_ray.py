@@ -42,6 +42,7 @@ from enrich.scale.governor import GovernorState
 from enrich.scale.merge import MANIFEST
 from enrich.scale.partition import cut, parts_dir_for
 from enrich.scale.runner import NODE_LOCAL, check_shared, run_partitioned, worst
+from enrich.spend import utc_day
 from tests.conftest import ROOT, EmulatorProcess, run_enrich, wait_for, write_config
 
 ray = pytest.importorskip("ray")
@@ -283,6 +284,35 @@ def test_budget_binds_across_partitions(tmp_path: Path, local_ray: None, emu: Em
     assert Counter(out["_enrich_status"].to_list())["completed"] == len(ledger)
 
 
+def test_a_daily_budget_binds_the_whole_job_not_each_partition(
+    tmp_path: Path, local_ray: None, emu: EmulatorProcess
+) -> None:
+    """A daily budget on a --ray job is held by the governor: 4 partitions together stay within one day's
+    budget (not one each), exit 4 says daily budget, a shared ledger ends up holding what was reserved; the
+    second job, in the forced network mode, says so in its report and status."""
+    inp = make_rows(tmp_path / "in.csv", 160)
+    daily = 30 * PRICE
+    shared = tmp_path / "spend.sqlite"
+    limits = f'batch_size = 10\ndaily_budget_usd = {daily}\nspend_ledger = "{shared}"'
+    cfg = load_config(config(tmp_path, "d", inp, tmp_path / "d.csv", limits), {"api.base_url": emu.base_url})
+    res = run_partitioned(cfg, address=None, partitions=4, api_key="k")
+    assert res.exit_code == EXIT_BUDGET, res.message
+    assert "daily budget reached" in res.message
+    cost = sum(e["price_micros"] for e in emu.ledger())
+    assert 0 < cost <= daily * 1e6 and res.report["spend_usd"] == pytest.approx(cost / 1e6)
+    view = Journal.open(":memory:")
+    view.attach_ledger(shared, "another job")
+    assert view.spent_on_day(utc_day(time.time())) == cost  # the unused day lease came back
+    view.close()
+    limits = f'batch_size = 10\ndaily_budget_usd = {daily}\njournal_mode = "network"'
+    no_ledger = load_config(config(tmp_path, "n", inp, tmp_path / "n.csv", limits), {"api.base_url": emu.base_url})
+    res = run_partitioned(no_ledger, address=None, partitions=4, api_key="k")
+    assert res.exit_code == EXIT_BUDGET and res.report["journal_mode"] == "network"
+    assert sum(e["price_micros"] for e in emu.ledger()) - cost <= daily * 1e6  # the day counted over all partitions
+    info = json.loads(run_enrich("status", str(tmp_path / "n.csv.journal.sqlite"), "--json").stdout)
+    assert info["journal_mode"] == "network" and {e["journal_mode"] for e in info["per_partition"]} == {"network"}
+
+
 def test_global_post_rate_holds_with_four_partitions_at_once(
     tmp_path: Path, local_ray: None, emu: EmulatorProcess
 ) -> None:
@@ -481,14 +511,24 @@ def test_two_node_cluster_20000_rows_equal_single_process(cluster: TwoNodeCluste
 
 
 @pytest.mark.slow
-def test_kill_a_worker_then_the_driver_then_resume_exactly_once(cluster: TwoNodeCluster, shared_dir: Path) -> None:
+@pytest.mark.parametrize("journal_mode", ["local", "network"])
+def test_kill_a_worker_then_the_driver_then_resume_exactly_once(
+    cluster: TwoNodeCluster, shared_dir: Path, journal_mode: str
+) -> None:
+    """A worker SIGKILLed, then the driver, then the same command again: no row paid twice, the budget holds,
+    every row once in order; with the network mode forced, every partition journal is a rollback journal."""
     rows, budget_rows = 6000, 4000
     budget = budget_rows * PRICE
     emu = EmulatorProcess("--time-scale", "0.02", "--rate-limit", "0", "--seed", "3")
     try:
         inp = make_rows(shared_dir / "in.csv", rows)
         cfg = config(
-            shared_dir, "k", inp, shared_dir / "k.csv", "batch_size = 100\nrequests_per_minute = 150", budget=budget
+            shared_dir,
+            "k",
+            inp,
+            shared_dir / "k.csv",
+            f'batch_size = 100\nrequests_per_minute = 150\njournal_mode = "{journal_mode}"',
+            budget=budget,
         )
         cmd = [
             sys.executable,
@@ -528,6 +568,16 @@ def test_kill_a_worker_then_the_driver_then_resume_exactly_once(cluster: TwoNode
         assert out["id"].to_list() == [f"r{i:06d}" for i in range(rows)]  # every row exactly once, in order
         statuses = Counter(out["_enrich_status"].to_list())
         assert statuses["completed"] == len(ledger) and statuses["skipped_budget"] == rows - len(ledger)
+        parts = parts_dir_for(shared_dir / "k.csv.journal.sqlite")
+        modes = set()
+        for j in sorted(parts.glob("part-*.sqlite")):
+            view = Journal.open(j, readonly=True)
+            modes.add(view.sqlite_mode())
+            view.close()
+        assert modes == {"delete" if journal_mode == "network" else "wal"}
+        assert report["journal_mode"] == journal_mode
+        if journal_mode == "network":
+            assert not [p.name for p in parts.iterdir() if p.name.endswith(("-wal", "-shm"))]
     finally:
         emu.stop()
 

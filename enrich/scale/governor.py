@@ -1,4 +1,4 @@
-"""The limits every partition of a job shares: the creating-POST rate and the budget.
+"""The limits every partition of a job shares: the creating-POST rate, the budget and the daily budget.
 
 `GovernorState` is the logic (no Ray, unit-testable); runner.py wraps it in one named async
 Ray actor per job, and `ActorGovernor` is the worker-side adapter that implements the
@@ -27,19 +27,33 @@ as max(what the partition's journal spent, the last allocation it persisted to
 only make it grant less, never overspend. Needs are persisted with the allocations. A partition
 (re)starting registers its journal's spend as its allocation, which releases what a dead
 attempt of it had leased but not used.
+
+Daily budget (`limits.daily_budget_usd`): the governor owns it for the whole job, so partitions on
+different nodes never share one SQLite spend ledger (not safe on a network file system) and never
+count it each in their own journal (which would give every partition the whole day). When the job
+starts, the driver takes a day lease (`open_day`): what is left of today's (UTC) daily budget after
+this job's own reservations today and, with `limits.spend_ledger`, the other jobs' entries there; it
+records that lease in the ledger at once (other jobs on the host see the money as reserved) and the
+governor caps the job's commitments at what the partitions had committed plus the lease. When the job
+ends, `close_day` records in the ledger what the partitions really reserved that day (the unused lease
+comes back). A driver killed in between leaves its lease reserved until the next run settles it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from enrich.config import RunConfig
 from enrich.errors import JournalError
 from enrich.files import atomic_json
 from enrich.journal import Journal
+from enrich.spend import daily_message, utc_day
 from enrich.submit import Lease
 
 STATE_FILE = "governor.json"
@@ -55,6 +69,20 @@ def journal_spend(path: Path) -> int:
         return 0
     try:
         return view.spent_micros()
+    finally:
+        view.close()
+
+
+def journal_reserved_on(path: Path, day: str) -> int:
+    """Micro-dollars a partition journal reserved on UTC `day` (0 if it does not exist yet)."""
+    if not path.is_file():
+        return 0
+    try:
+        view = Journal.open(path, readonly=True)
+    except JournalError:
+        return 0
+    try:
+        return view.reserved_on_day(day)
     finally:
         view.close()
 
@@ -77,12 +105,20 @@ class GovernorState:
     """Global rate and budget bookkeeping for one job (see the module docstring)."""
 
     def __init__(
-        self, parts_dir: str | Path, requests_per_minute: int, budget_micros: int | None, persist: bool = True
+        self,
+        parts_dir: str | Path,
+        requests_per_minute: int,
+        budget_micros: int | None,
+        persist: bool = True,
+        daily: tuple[int, int] | None = None,
     ):
+        """`daily` is (the daily budget, the most the job may have committed in all today): a `DayLease`'s."""
         self.parts_dir = Path(parts_dir)
         self.period = 60.0 / requests_per_minute
         self.budget = budget_micros
-        self.persist = persist and budget_micros is not None
+        self.daily_budget: int | None = daily[0] if daily is not None else None
+        self.daily_ceiling: int | None = daily[1] if daily is not None else None
+        self.persist = persist and (budget_micros is not None or daily is not None)
         self.next_at = 0.0
         self.posts = 0
         self.incarnation = uuid.uuid4().hex
@@ -109,6 +145,15 @@ class GovernorState:
     @property
     def committed(self) -> int:
         return sum(self.alloc.values())
+
+    @property
+    def ceiling(self) -> int | None:
+        """The most every partition together may have committed: the job's budget or the day's, the lower."""
+        caps = [c for c in (self.budget, self.daily_ceiling) if c is not None]
+        return min(caps) if caps else None
+
+    def _daily_binds(self) -> bool:
+        return self.daily_ceiling is not None and (self.budget is None or self.daily_ceiling < self.budget)
 
     def post_delay(self, now: float) -> float:
         """Take the next creating-POST slot; returns how long to wait for it (seconds)."""
@@ -141,9 +186,10 @@ class GovernorState:
         self.running.add(part)
         if need is not None:
             self.need[part] = need
-        if self.budget is None:
+        ceiling = self.ceiling
+        if ceiling is None:
             return micros, "granted"
-        free = self.budget - self.committed
+        free = ceiling - self.committed
         room = free if first_tier else free - sum(self.need.values())
         grant = min(micros, room)
         if grant >= least:
@@ -161,6 +207,14 @@ class GovernorState:
     def explain(self, verdict: str) -> str:
         """One line for a lease answered without money."""
         budget, committed = (self.budget or 0) / 1e6, self.committed / 1e6
+        if self._daily_binds() and self.daily_budget is not None and self.daily_ceiling is not None:
+            left = max(0, self.daily_ceiling - self.committed)
+            if verdict == "spent":
+                return daily_message(self.daily_budget - left, self.daily_budget, time.time())
+            return (
+                f"daily budget: the {left / 1e6:.4f} USD left today is kept for first-tier rows of other "
+                "partitions; escalation steps come after them"
+            )
         if verdict == "spent":
             return (
                 f"budget reached: {committed:.4f} USD of the job's {budget:.4f} USD spent or reserved across partitions"
@@ -179,14 +233,17 @@ class GovernorState:
         self._save()
 
     def free(self) -> int | None:
-        """Budget not allocated to any partition (None: no budget)."""
-        return None if self.budget is None else self.budget - self.committed
+        """Budget (the job's or the day's, the lower) not allocated to any partition (None: no budget)."""
+        ceiling = self.ceiling
+        return None if ceiling is None else ceiling - self.committed
 
     def snapshot(self) -> dict[str, Any]:
         return {
             "incarnation": self.incarnation,
             "posts": self.posts,
             "budget_micros": self.budget,
+            "daily_budget_micros": self.daily_budget,
+            "daily_ceiling_micros": self.daily_ceiling,
             "committed_micros": self.committed,
             "alloc": dict(self.alloc),
             "need": dict(self.need),
@@ -215,3 +272,55 @@ class ActorGovernor:
         grant, verdict, message = await self.actor.lease.remote(self.part, ask, self.held, least, first_tier, need)
         self.held += int(grant)
         return Lease(int(grant), verdict, message)
+
+
+@dataclass(frozen=True)
+class DayLease:
+    """What `open_day` took for a job run on Ray: the UTC `day`, the daily `budget` (None: none), the most
+    the partitions may have committed in all (`ceiling`, None: no daily budget), and the ledger it is in."""
+
+    day: str
+    budget: int | None
+    ceiling: int | None
+    ledger: Path | None
+    job: str
+
+
+def _ledger(path: Path, job: str) -> Journal:
+    view = Journal.open(":memory:")
+    view.attach_ledger(path, job)
+    return view
+
+
+def open_day(cfg: RunConfig, job: str, journals: list[Path], now: float) -> DayLease | None:
+    """The job's day lease, taken before any partition runs (see the module docstring); None when the job
+    has neither a daily budget nor a spend ledger. `job` names the job in the ledger."""
+    daily, ledger = cfg.limits.daily_budget_micros, cfg.limits.spend_ledger
+    if daily is None and ledger is None:
+        return None
+    day = utc_day(now)
+    mine = sum(journal_reserved_on(p, day) for p in journals)
+    committed = sum(journal_spend(p) for p in journals)
+    cap = None if cfg.budget_micros is None else max(0, cfg.budget_micros - committed)
+    if ledger is not None:
+        view = _ledger(ledger, job)
+        try:
+            lease = view.day_lease(day, mine, daily, cap)
+        finally:
+            view.close()
+    else:
+        lease = 0 if daily is None else max(0, daily - mine)
+    return DayLease(day, daily, None if daily is None else committed + lease, ledger, job)
+
+
+def close_day(lease: DayLease | None, journals: list[Path], now: float) -> None:
+    """Record in the ledger what the partitions really reserved on the lease's day (and today, if the job
+    ran past midnight): the lease they did not use comes back to the other jobs."""
+    if lease is None or lease.ledger is None:
+        return
+    view = _ledger(lease.ledger, lease.job)
+    try:
+        for day in dict.fromkeys([lease.day, utc_day(now)]):
+            view.day_settle(day, sum(journal_reserved_on(p, day) for p in journals))
+    finally:
+        view.close()

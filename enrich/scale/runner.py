@@ -50,15 +50,26 @@ from enrich.errors import (
 from enrich.files import atomic_json, report_json_path
 from enrich.job import JobResult, left_undone, run_job
 from enrich.processors import PROCESSORS
-from enrich.scale.governor import ActorGovernor, GovernorState, journal_pending, journal_spend
+from enrich.scale.governor import (
+    ActorGovernor,
+    GovernorState,
+    close_day,
+    journal_pending,
+    journal_spend,
+    open_day,
+)
 from enrich.scale.merge import copy_into_dataset, is_dataset, merge_files, read_manifest, write_manifest
 from enrich.scale.partition import Partition, PartitionPlan, cut, load_plan, parts_dir_for
+from enrich.storage import detect, one_mode, resolve
 
 PARTITION_CPUS = 0.5  # Ray CPUs per partition task: 2 cores run 4 partitions (they mostly wait on I/O)
 TASK_RETRIES = 3  # Ray re-runs a partition whose worker or node died; it resumes the same journal
 NAMESPACE = "enrich"
 PARTITION_STOP_S = 60  # after Ctrl-C: how long partitions get to record what is in flight and write their output
 NODE_LOCAL = ("/tmp", "/var/tmp", "/dev/shm", "/run")
+# how long a retried partition waits for a dead attempt's journal lock: on shared storage, longer than an NFSv4
+# lease (90 s by default), after which the server frees the locks of a client that died with its node
+LOCK_WAIT_S = {"local": 60.0, "network": 180.0}
 # worst first: nothing more can work (usage, auth) > resumable stops > budget > failed rows > ok
 SEVERITY = [
     EXIT_USAGE,
@@ -118,6 +129,11 @@ def check_shared(cfg: RunConfig, journal: Path) -> None:
                 f"{what} {given}: {real} is node-local storage; on a multi-node cluster journals and "
                 "outputs must live on storage every node mounts (a shared filesystem)"
             )
+    if detect(journal).local_locks:
+        raise ConfigError(
+            f"journal {journal}: its NFS mount keeps locks on each host (nolock or local_lock), so a node would not "
+            "see that another one holds a partition journal; remount it with local_lock=none (the default)"
+        )
 
 
 def _fingerprint(cfg: RunConfig) -> str:
@@ -145,10 +161,13 @@ def partition_config(cfg: RunConfig, plan: PartitionPlan, p: Partition, in_fligh
     pc.output.path = plan.parts_dir / f"{p.name}{ext}"
     pc.journal = plan.journal(p)
     pc.limits.max_in_flight = in_flight
+    # the governor holds the daily budget for every partition (open_day): none opens the spend ledger itself
+    pc.limits.daily_budget_usd = None
+    pc.limits.spend_ledger = None
     return pc
 
 
-def _wait_for_lock(path: Path, timeout: float = 60.0) -> None:
+def _wait_for_lock(path: Path, timeout: float) -> None:
     """A retried partition waits until a dying earlier attempt has let go of its journal."""
     if not path.exists():
         return
@@ -189,7 +208,8 @@ def run_partition(
 ) -> dict[str, Any]:
     """Body of one partition's Ray task: register with the governor, run_job, settle. Returns a summary."""
     assert pcfg.journal is not None
-    _wait_for_lock(pcfg.journal)
+    mode = resolve(pcfg.limits.journal_mode, pcfg.journal).mode  # run_job resolves the same on this node
+    _wait_for_lock(pcfg.journal, LOCK_WAIT_S[mode])
     baseline = journal_spend(pcfg.journal)
     _ray().get(governor.register.remote(part, baseline))
     price = max(PROCESSORS[p].price_micros for p in pcfg.ladder)
@@ -215,6 +235,7 @@ def run_partition(
             "emulated": bool(result.report.get("emulated")),
             "output": str(result.output),
             "deferred": result.deferred,
+            "journal_mode": result.report.get("journal_mode"),
         }
     except EnrichError as exc:
         out = {"exit_code": exc.exit_code, "message": str(exc), "rows": 0, "output": None}
@@ -236,8 +257,14 @@ def _remotes() -> tuple[Any, Any]:
         class GovernorActor:
             """One per job (named after the journal): GovernorState behind async methods."""
 
-            def __init__(self, parts_dir: str, requests_per_minute: int, budget_micros: int | None):
-                self.state = GovernorState(parts_dir, requests_per_minute, budget_micros)
+            def __init__(
+                self,
+                parts_dir: str,
+                requests_per_minute: int,
+                budget_micros: int | None,
+                daily: tuple[int, int] | None = None,
+            ):
+                self.state = GovernorState(parts_dir, requests_per_minute, budget_micros, daily=daily)
 
             async def permit_post(self) -> None:
                 import asyncio
@@ -311,6 +338,8 @@ def run_partitioned(
         preflight.check_job(cfg, api_key=api_key, emulated=emulated, journal_path=jpath)
     elif jpath.resolve() == cfg.input.path.resolve():
         raise ConfigError(f"journal {jpath} is the input file; choose another journal path")
+    else:
+        preflight.check_spend_ledger(cfg.limits.spend_ledger)
     if dataset and cfg.output.path.exists() and not cfg.output.path.is_dir():
         raise ConfigError(f"output {cfg.output.path} is a file; a dataset output must be a directory")
     started, multi = connect(address)
@@ -361,10 +390,36 @@ def _run(
     k = max(1, min(len(todo) or 1, int(cpus / PARTITION_CPUS)))
     share = max(1, cfg.limits.max_in_flight // k)
     actor_cls, task = _remotes()
-    name = "enrich-governor-" + digest(str(jpath), 16)
-    governor = actor_cls.options(name=name, namespace=NAMESPACE, get_if_exists=True).remote(
-        str(parts), cfg.limits.requests_per_minute, cfg.budget_micros
-    )
+    journals = [plan.journal(p) for p in plan.partitions]
+    day = open_day(cfg, str(jpath), journals, time.time())  # before anything is paid: the governor holds it
+    try:
+        daily = None if day is None or day.budget is None or day.ceiling is None else (day.budget, day.ceiling)
+        name = "enrich-governor-" + digest(str(jpath), 16)
+        governor = actor_cls.options(name=name, namespace=NAMESPACE, get_if_exists=True).remote(
+            str(parts), cfg.limits.requests_per_minute, cfg.budget_micros, daily
+        )
+        return _run_rounds(cfg, plan, todo, k, share, governor, task, dataset, api_key, emulated, retry_failed, adopt)
+    finally:
+        close_day(day, journals, time.time())
+
+
+def _run_rounds(
+    cfg: RunConfig,
+    plan: PartitionPlan,
+    todo: list[Partition],
+    k: int,
+    share: int,
+    governor: Any,
+    task: Any,
+    dataset: bool,
+    api_key: str,
+    emulated: bool,
+    retry_failed: bool,
+    adopt: bool,
+) -> JobResult:
+    """Run the partitions to their end, in rounds (see the module docstring), then merge and report."""
+    ray = _ray()
+    fingerprint = _fingerprint(cfg)
     print(
         f"enrich: {plan.rows:,} rows in {len(plan.partitions)} partitions ({len(todo)} to run, up to {k} at once, "
         f"{share} runs in flight each)",
@@ -415,7 +470,7 @@ def _run(
             if sum(journal_spend(plan.journal(p)) for p in plan.partitions) <= spent_before:
                 break
             free = ray.get(governor.free.remote())
-            if free is None:  # no job budget: what stopped them (a daily budget) will stop them again
+            if free is None:  # no budget at all: another round could not change what stopped them
                 break
             queue = sorted(
                 (p for p in parked if _cheapest_pending(plan.journal(p)) <= free),
@@ -552,9 +607,13 @@ def _finish(
         "partitions": len(plan.partitions),
         "elapsed_s": round(elapsed, 3),
         "emulated": any(m.get("emulated") for m in markers.values()),
+        "journal_mode": one_mode([m.get("journal_mode") for m in [*markers.values(), *results.values()]]),
         "governor": governor,
         "per_partition": [
-            {"partition": i, **{k: m.get(k) for k in ("exit_code", "rows", "status_counts", "spend_usd", "message")}}
+            {
+                "partition": i,
+                **{k: m.get(k) for k in ("exit_code", "rows", "status_counts", "spend_usd", "message", "journal_mode")},
+            }
             for i, m in sorted(markers.items())
         ],
     }

@@ -20,6 +20,7 @@ from enrich.pipeline import steps_line
 from enrich.processors import PROCESSORS
 from enrich.scale.partition import PartitionPlan, _count_and_check, _pieces, load_plan, parts_dir_for, resolve_inputs
 from enrich.spend import runs_within
+from enrich.storage import mode_of, one_mode
 
 
 def partition_plan(journal: str | Path) -> PartitionPlan | None:
@@ -44,6 +45,7 @@ def _journal_info(path: Path, rows: int, cfg: RunConfig | None = None) -> dict[s
             "spent_micros": view.spent_micros(),
             "last_error": view.last_error(),
             "emulated": view.get("emulated"),
+            "journal_mode": mode_of(view.sqlite_mode()),
         }
         if cfg is not None:
             info["pending"] = view.pending_by_processor(epoch)
@@ -75,9 +77,11 @@ def status(journal: str | Path, plan: PartitionPlan) -> dict[str, Any]:
                 "spent_usd": info["spent_micros"] / 1e6,
                 "last_error": info["last_error"],
                 "in_flight": sum(info["counts"].get(s, 0) for s in IN_FLIGHT),
+                "journal_mode": info.get("journal_mode"),
             }
         )
     errors = [e["last_error"] for e in per if e["last_error"]]
+
     return {
         "journal": str(journal),
         "partitioned": True,
@@ -87,6 +91,7 @@ def status(journal: str | Path, plan: PartitionPlan) -> dict[str, Any]:
         "in_flight": sum(total.get(s, 0) for s in IN_FLIGHT),
         "spent_usd": sum(e["spent_usd"] for e in per),
         "last_error": errors[-1] if errors else None,
+        "journal_mode": one_mode([e["journal_mode"] for e in per]),
         "per_partition": per,
     }
 
@@ -101,6 +106,7 @@ def format_status(info: dict[str, Any]) -> str:
         f"in flight    {info['in_flight']:,}",
         f"spent        ${info['spent_usd']:,.4f}",
         f"last error   {info['last_error'] or '-'}",
+        f"journal mode {info.get('journal_mode') or '-'}  (partition journals: local = WAL, network = rollback journal)",
         "",
         "partition     rows      done   pending  in flight    spent  state",
     ]
