@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import getpass
 import io
 import json
 import os
@@ -34,6 +35,7 @@ from enrich.errors import (
 from enrich.init import init_config
 from enrich.job import apply_review, export, format_status, job_status, open_job, plan_job, run_job
 from enrich.report import summary_lines
+from enrich.review_page.server import serve as serve_review
 from enrich.scale import status as scaled
 from enrich.scale.runner import run_partitioned
 
@@ -48,8 +50,13 @@ _EPILOGS = {
     "exit codes: 0 plan printed, 2 usage/config/input error",
     "status": "example:\n  enrich status out/companies.enriched.parquet.journal.sqlite --json\n\n"
     "exit codes: 0 status printed, 2 no such journal or unreadable",
-    "review": "example:\n  enrich review apply configs/companies.toml out/companies.enriched.review.csv\n\n"
+    "review": "examples:\n  enrich review apply configs/companies.toml out/companies.enriched.review.csv\n"
+    "  enrich review serve configs/companies.toml\n\n"
+    "exit codes: see enrich review apply --help, enrich review serve --help",
+    "review apply": "example:\n  enrich review apply configs/companies.toml out/companies.enriched.review.csv\n\n"
     "exit codes: 0 applied, 2 bad review file (nothing applied; names line and problem), 74 disk full",
+    "review serve": "example:\n  enrich review serve configs/companies.toml --reviewer ana\n\n"
+    "exit codes: 0 stopped (output rewritten), 2 no journal for the job or the port is taken, 74 disk full",
     "export": "example:\n  enrich export out/companies.enriched.parquet.journal.sqlite --output out/companies.xlsx "
     "--basis out/evidence.parquet\n\n"
     "exit codes: 0 written, 2 usage/journal error or unsupported output extension, 74 disk full",
@@ -202,14 +209,40 @@ def _parser() -> argparse.ArgumentParser:
         metavar="X",
         help="share of (row, field) cells that need a stronger processor (weaker ones answer medium/low confidence)",
     )
-    rv = add("review", "human review round trip: apply a filled-in <output>.review.csv")
-    rv.add_argument("action", choices=["apply"], help="apply: record the verdicts and rewrite the output")
-    rv.add_argument("job", help="the job's config (TOML), with the flags it ran with, or its journal")
-    rv.add_argument(
+    rv = add("review", "human review: apply a filled-in <output>.review.csv, or review in a local web page")
+    actions = rv.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def action(name: str, help_text: str) -> argparse.ArgumentParser:
+        return actions.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=_EPILOGS[f"review {name}"],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    ap = action("apply", "record the verdicts of a filled-in review file and rewrite the output")
+    ap.add_argument("job", help="the job's config (TOML), with the flags it ran with, or its journal")
+    ap.add_argument(
         "reviewed",
         help="the review file with verdict (accept|correct|reject), corrected_value, reviewer and note filled in",
     )
-    locate_flags(rv)
+    locate_flags(ap)
+    sv = action(
+        "serve",
+        "review in a local web page: each line with its evidence, accept / correct / reject by key; "
+        "the output is rewritten on `write output` and when the page stops (Ctrl-C)",
+    )
+    sv.add_argument("job", help="the job's config (TOML), with the flags it ran with, or its journal")
+    locate_flags(sv)
+    sv.add_argument("--port", type=preflight.port, default=0, help="port to listen on (default: 0, a free one)")
+    sv.add_argument(
+        "--host",
+        help="address to listen on (default: 127.0.0.1, this machine only); another address is reachable by "
+        "others (a warning says so)",
+    )
+    sv.add_argument("--reviewer", help="name recorded with each verdict (default: your user name)")
+    sv.add_argument("--no-browser", action="store_true", help="only print the page's URL; do not open a browser")
     ini = add("init", "write a commented starter config from a data file's columns (asks nothing)")
     ini.add_argument("data", help="the data file: .csv, .parquet or .xlsx (first sheet)")
     ini.add_argument("--config", help="config file to write (default: <data stem>.toml here; never overwritten)")
@@ -325,6 +358,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_review(args: argparse.Namespace) -> int:
+    if args.action == "serve":
+        return serve_review(
+            args.job,
+            _locate(args),
+            _FLAGS,
+            host=args.host,
+            port=args.port,
+            reviewer=args.reviewer if args.reviewer is not None else _user(),
+            browser=not args.no_browser,
+        )
     job, journal, notes = open_job(args.job, _locate(args), _FLAGS)
     try:
         for note in notes:
@@ -336,6 +379,13 @@ def cmd_review(args: argparse.Namespace) -> int:
     if report.get("review_file"):
         print(f"enrich: {report['review_lines']} lines left to review in {report['review_file']}", file=sys.stderr)
     return EXIT_OK
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no user name for this uid (a container): verdicts are recorded without one
+        return ""
 
 
 def cmd_emulator(args: argparse.Namespace) -> int:
