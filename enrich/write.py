@@ -49,7 +49,7 @@ from enrich.journal import Journal, RowState
 from enrich.processors import strength
 from enrich.read import from_json_values
 from enrich.report import RunStats
-from enrich.report_html import render_isolated
+from enrich.report_html import render_html
 from enrich.review import review_lines, write_review_cells
 from enrich.spec import main_type
 from enrich.xlsx import EXCEL_MAX_CELL_CHARS, EXCEL_MAX_ROWS, longest_cell, to_frame, write_workbook
@@ -499,17 +499,9 @@ def _write(
         )
     if emulated:
         report["warning"] = "EMULATED: these values come from the local emulator's knowledge table, not web research"
-    if extra.get("interrupted"):
-        report["html_report"] = "not drawn: the run was interrupted; the next run draws it"
     atomic_json(report_path, report, indent=2)
-    html_path = html_report_path(path)
-    if extra.get("interrupted"):
-        # an interrupt must return at once: the chart engine takes seconds, so the page is drawn by the next
-        # run (which never skips a write while the page is missing); a page left from before would be stale
-        html_path.unlink(missing_ok=True)
-    else:
-        html = render_isolated(report)
-        atomic_write(html_path, lambda fp: fp.write(html.encode()))
+    html = render_html(report)  # milliseconds (charts are drawn directly), so an interrupted run draws it too
+    atomic_write(html_report_path(path), lambda fp: fp.write(html.encode()))
     if not journal.readonly:
         journal.set("last_output", {"state": state_key, "file": _file_id(path)})
     return report
