@@ -40,10 +40,15 @@ _EPILOGS = {
     "exit codes: 0 plan printed, 2 usage/config/input error",
     "status": "example:\n  enrich status out/companies.enriched.parquet.journal.sqlite --json\n\n"
     "exit codes: 0 status printed, 2 no such journal or unreadable",
-    "review": "example:\n  enrich review apply configs/companies.toml out/companies.enriched.review.csv\n\n"
+    "review": "examples:\n  enrich review apply configs/companies.toml out/companies.enriched.review.csv\n"
+    "  enrich review serve configs/companies.toml\n\n"
+    "exit codes: see enrich review apply --help, enrich review serve --help",
+    "review apply": "example:\n  enrich review apply configs/companies.toml out/companies.enriched.review.csv\n\n"
     "exit codes: 0 applied, 2 bad review file (nothing applied; names line and problem), 74 disk full",
     "calibrate": "example:\n  enrich calibrate out/companies.enriched.parquet.journal.sqlite\n\n"
     "exit codes: 0 calibration printed (nothing is changed), 2 no such journal or unreadable",
+    "review serve": "example:\n  enrich review serve configs/companies.toml --reviewer ana\n\n"
+    "exit codes: 0 stopped (output rewritten), 2 no journal for the job or the port is taken, 74 disk full",
     "export": "example:\n  enrich export out/companies.enriched.parquet.journal.sqlite --output out/companies.xlsx "
     "--basis out/evidence.parquet\n\n"
     "exit codes: 0 written, 2 usage/journal error or unsupported output extension, 74 disk full",
@@ -196,14 +201,40 @@ def _parser() -> argparse.ArgumentParser:
         metavar="X",
         help="share of (row, field) cells that need a stronger processor (weaker ones answer medium/low confidence)",
     )
-    rv = add("review", "human review round trip: apply a filled-in <output>.review.csv")
-    rv.add_argument("action", choices=["apply"], help="apply: record the verdicts and rewrite the output")
-    rv.add_argument("job", help="the job's config (TOML), with the flags it ran with, or its journal")
-    rv.add_argument(
+    rv = add("review", "human review: apply a filled-in <output>.review.csv, or review in a local web page")
+    actions = rv.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def action(name: str, help_text: str) -> argparse.ArgumentParser:
+        return actions.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=_EPILOGS[f"review {name}"],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    ap = action("apply", "record the verdicts of a filled-in review file and rewrite the output")
+    ap.add_argument("job", help="the job's config (TOML), with the flags it ran with, or its journal")
+    ap.add_argument(
         "reviewed",
         help="the review file with verdict (accept|correct|reject), corrected_value, reviewer and note filled in",
     )
-    locate_flags(rv)
+    locate_flags(ap)
+    sv = action(
+        "serve",
+        "review in a local web page: each line with its evidence, accept / correct / reject by key; "
+        "the output is rewritten on `write output` and when the page stops (Ctrl-C)",
+    )
+    sv.add_argument("job", help="the job's config (TOML), with the flags it ran with, or its journal")
+    locate_flags(sv)
+    sv.add_argument("--port", type=port, default=0, help="port to listen on (default: 0, a free one)")
+    sv.add_argument(
+        "--host",
+        help="address to listen on (default: 127.0.0.1, this machine only); another address is reachable by "
+        "others (a warning says so)",
+    )
+    sv.add_argument("--reviewer", help="name recorded with each verdict (default: your user name)")
+    sv.add_argument("--no-browser", action="store_true", help="only print the page's URL; do not open a browser")
     ini = add("init", "write a commented starter config from a data file's columns (asks nothing)")
     ini.add_argument("data", help="the data file: .csv, .parquet or .xlsx (first sheet)")
     ini.add_argument("--config", help="config file to write (default: <data stem>.toml here; never overwritten)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import getpass
 import json
 import os
 import shlex
@@ -23,6 +24,7 @@ from enrich.init import init_config
 from enrich.job import apply_review, calibrate_job, export, format_status, job_status, open_job, plan_job, run_job
 from enrich.read import skip_pandas_probe
 from enrich.report import run_lines
+from enrich.review_page.server import serve as serve_review
 from enrich.scale import status as scaled
 from enrich.scale.runner import run_partitioned
 
@@ -110,6 +112,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_review(args: argparse.Namespace) -> int:
+    if args.action == "serve":
+        return serve_review(
+            args.job,
+            locate(args),
+            FLAGS,
+            host=args.host,
+            port=args.port,
+            reviewer=args.reviewer if args.reviewer is not None else _user(),
+            browser=not args.no_browser,
+        )
     job, journal, notes = open_job(args.job, locate(args), FLAGS)
     try:
         for note in notes:
@@ -121,6 +133,13 @@ def cmd_review(args: argparse.Namespace) -> int:
     if report.get("review_file"):
         print(f"enrich: {report['review_lines']} lines left to review in {report['review_file']}", file=sys.stderr)
     return EXIT_OK
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no user name for this uid (a container): verdicts are recorded without one
+        return ""
 
 
 def cmd_emulator(args: argparse.Namespace) -> int:

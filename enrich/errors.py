@@ -4,6 +4,7 @@
     ├── ConfigError                  2   bad config file, flag or environment
     ├── InputError                   2   bad input file: names file, line/column and problem
     ├── JournalError                 2   journal unusable, locked by another run, or drifted
+    │   ├── JournalLocked                another process holds the journal's lock
     │   ├── TransitionError              a row was not where a transition starts (a bug or a second writer)
     │   └── DuplicateKey                 the same key twice in one input
     ├── OutputError                  2   the output cannot be written (results are safe in the journal)
@@ -119,6 +120,10 @@ class JournalError(EnrichError):
     """The journal is locked by another run, corrupt, or belongs to a different job."""
 
     exit_code = EXIT_USAGE
+
+
+class JournalLocked(JournalError):
+    """Another process (a run, `review apply`) holds the journal's lock: it may change it, so nothing is written."""
 
 
 class OutputError(EnrichError):

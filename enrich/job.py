@@ -76,7 +76,7 @@ from enrich.errors import (
     redact,
 )
 from enrich.files import PARQUET_SUFFIXES, encode_cell, remove_stale_temps, report_json_path
-from enrich.gate import answer_of
+from enrich.gate import Verdict, answer_of
 from enrich.journal import IN_FLIGHT, ROW_STATES, Journal
 from enrich.pipeline import Prepared, execute, format_plan, plan_summary, prepare  # noqa: F401 (Prepared: a type)
 from enrich.progress import JobState, Stop
@@ -101,6 +101,7 @@ __all__ = [
     "apply_review",
     "export",
     "open_job",
+    "record_verdicts",
     "run_job",
 ]
 
@@ -841,6 +842,11 @@ def export_basis(
     return write_basis(path, lines(), key_columns, formula_guard=formula_guard)
 
 
+def known_keys(journal: Journal) -> dict[tuple[str, ...], str]:
+    """The job's row keys as a review line names them (key values as text) -> the journal's row key."""
+    return {tuple(str(v) for v in json.loads(k)): k for k in journal.row_keys(journal.get("epoch", 0))}
+
+
 def apply_review(job: Job, journal: Journal, reviewed: Path) -> tuple[int, dict[str, Any]]:
     """`enrich review apply`: validate a filled-in review file against this job (all or nothing),
     append its verdicts with who, when and the value/confidence/processor reviewed, and rewrite the
@@ -848,17 +854,37 @@ def apply_review(job: Job, journal: Journal, reviewed: Path) -> tuple[int, dict[
 
     Refused (InputError, nothing applied) when the file names runs that are not this job's (it came
     from another job), or a line says accept beside an edited value (that is a correction)."""
+    keys = known_keys(journal)
+    verdicts = read_review(reviewed, list(job.cfg.input.key), job.fields, keys)
+    n = record_verdicts(job, journal, verdicts, str(reviewed), keys)
+    safe = (
+        f"the verdicts are recorded in {job.journal_path}; `enrich export {job.journal_path} --output "
+        f"{job.output}` rewrites the output"
+    )
+    report = rewrite_output(job, journal, {"review_applied": str(reviewed)}, safe)
+    return n, report
+
+
+def record_verdicts(
+    job: Job,
+    journal: Journal,
+    verdicts: list[Verdict],
+    source: str,
+    keys: Mapping[tuple[str, ...], str] | None = None,
+) -> int:
+    """Append verdicts (checked by `review.check_verdicts`) to the journal with who, when and the
+    value/confidence/processor reviewed: the one writer of verdicts, for `review apply` and the review
+    page. All or nothing: InputError(source, line, problem) when a verdict names a run that is not one
+    of its row's in this job, or accepts beside an edited value. Returns how many were recorded."""
     cfg, fields = job.cfg, job.fields
     epoch = journal.get("epoch", 0)
-    keys = {tuple(str(v) for v in json.loads(k)): k for k in journal.row_keys(epoch)}
-    verdicts = read_review(reviewed, list(cfg.input.key), fields, keys)
+    keys = known_keys(journal) if keys is None else keys
     wanted = {keys[v.key] for v in verdicts}
     rows: dict[str, tuple[list[Any], str, list[Any] | None]] = {}
-    for chunk in journal.iter_results(epoch, cfg.ladder, chunk=WRITE_CHUNK):
-        stored = journal.verdicts_for([r[0] for r in chunk if r[0] in wanted])
+    for chunk in journal.iter_results(epoch, cfg.ladder, chunk=WRITE_CHUNK, keys=list(wanted)):
+        stored = journal.verdicts_for([r[0] for r in chunk])
         for row_key, _rj, _state, _rid, _e, _s, _f, input_hash, results in chunk:
-            if row_key in wanted:
-                rows[row_key] = (results, input_hash, stored.get(row_key))
+            rows[row_key] = (results, input_hash, stored.get(row_key))
     problems: list[tuple[int | None, str]] = []
     records = []
     for v in verdicts:
@@ -905,14 +931,9 @@ def apply_review(job: Job, journal: Journal, reviewed: Path) -> tuple[int, dict[
     if problems:
         line, reason = problems[0]
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise InputError(str(reviewed), reason + more, line=line)
+        raise InputError(source, reason + more, line=line)
     journal.add_verdicts(records, time.time())
-    safe = (
-        f"the verdicts are recorded in {job.journal_path}; `enrich export {job.journal_path} --output "
-        f"{job.output}` rewrites the output"
-    )
-    report = rewrite_output(job, journal, {"review_applied": str(reviewed)}, safe)
-    return len(records), report
+    return len(records)
 
 
 def calibrate_job(
@@ -946,9 +967,7 @@ def job_status(
     try:
         epoch = journal.get("epoch", 0)
         counts = journal.counts(epoch)
-        live = journal.get("live")
-        if not (isinstance(live, dict) and time.time() - live.get("at", 0) < 15 and _alive(live.get("pid"))):
-            live = None
+        live = live_run(journal)
         job = journal.get("job") or {}
         return {
             "journal": str(path),
@@ -967,6 +986,15 @@ def job_status(
         }
     finally:
         journal.close()
+
+
+def live_run(journal: Journal) -> dict[str, Any] | None:
+    """What the `enrich run` working on this journal last said it was doing (its heartbeat, at most 15 s old,
+    from a process still alive), or None when no run is live."""
+    live = journal.get("live")
+    if isinstance(live, dict) and time.time() - live.get("at", 0) < 15 and _alive(live.get("pid")):
+        return live
+    return None
 
 
 def format_status(info: dict[str, Any]) -> str:

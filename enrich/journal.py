@@ -58,6 +58,7 @@ from enrich.errors import (
     DailyBudgetExceeded,
     DuplicateKey,
     JournalError,
+    JournalLocked,
     StorageError,
     TransitionError,
     advice,
@@ -256,7 +257,7 @@ class Journal(DecisionStore):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise JournalError(
+            raise JournalLocked(
                 f"{path}: journal is in use by another enrich process; "
                 "wait for it to finish or stop it (its progress is kept)"
             ) from None

@@ -183,16 +183,29 @@ class DecisionStore:
                 out.setdefault(r[0], []).append(r[1:])
         return out
 
-    def iter_results(self, epoch: int, ladder: list[str], chunk: int = 2_000) -> Iterator[list[tuple[Any, ...]]]:
+    def iter_results(
+        self, epoch: int, ladder: list[str], chunk: int = 2_000, keys: Sequence[str] | None = None
+    ) -> Iterator[list[tuple[Any, ...]]]:
         """(row_key, row_json, state, run_id, error, submitted_at, finished_at, input_hash,
         [(processor, run_id, result_json)]) in input order; results are those of the row's current input
-        and task spec, one per ladder processor (also while a stronger processor's run is pending)."""
+        and task spec, one per ladder processor (also while a stronger processor's run is pending).
+        `keys`: only these rows (in input order within each 500 of them)."""
+        if keys is None:
+            yield from self._iter_results(epoch, ladder, chunk, None)
+            return
+        for part in chunks(sorted(set(keys)), 500):
+            yield from self._iter_results(epoch, ladder, chunk, part)
+
+    def _iter_results(
+        self, epoch: int, ladder: list[str], chunk: int, keys: Sequence[str] | None
+    ) -> Iterator[list[tuple[Any, ...]]]:
         last = -1
+        only = f" AND row_key IN ({','.join('?' * len(keys))})" if keys is not None else ""
         while True:
             rows = self.conn.execute(
                 "SELECT ordinal, row_key, row_json, state, run_id, error, submitted_at, finished_at, input_hash, "
-                "spec_hash FROM rows WHERE epoch=? AND ordinal>? ORDER BY ordinal LIMIT ?",
-                (epoch, last, chunk),
+                f"spec_hash FROM rows WHERE epoch=? AND ordinal>?{only} ORDER BY ordinal LIMIT ?",
+                (epoch, last, *(keys or ()), chunk),
             ).fetchall()
             if not rows:
                 return

@@ -75,20 +75,27 @@ def _evidence(answer: FieldAnswer) -> tuple[str, str]:
     return "\n".join(r for r in reasons if r), encode_citations(entries)
 
 
+def to_review(row: MergedRow) -> Iterator[tuple[str, FieldAnswer]]:
+    """(field, answer) of every line `row` contributes to the review file: decision review or rejected."""
+    return ((name, answer) for name, answer in row.fields.items() if answer.decision in TO_REVIEW)
+
+
+def confidence_cell(answer: FieldAnswer) -> str:
+    """An answer's confidence as the review file shows it: a label, or a number's repr."""
+    return answer.confidence if isinstance(answer.confidence, str) else repr(answer.confidence)
+
+
 def review_lines(row: MergedRow, n_keys: int) -> Iterator[list[str]]:
     """The unguarded cells of every line `row` contributes to the review file."""
     if len(row.key) != n_keys:
         raise ValueError(f"row key {row.key!r} does not have {n_keys} values")
-    for name, answer in row.fields.items():
-        if answer.decision not in TO_REVIEW:
-            continue
+    for name, answer in to_review(row):
         reasoning, citations = _evidence(answer)
-        conf = answer.confidence if isinstance(answer.confidence, str) else repr(answer.confidence)
         yield [
             *row.key,
             name,
             encode_cell(answer.value),
-            conf,
+            confidence_cell(answer),
             answer.processor or "",
             reasoning,
             citations,
@@ -216,12 +223,10 @@ def read_review(
 ) -> list[Verdict]:
     """The verdicts of a filled-in review file, in file order; lines with a blank verdict are skipped.
 
-    Checks: header has the key columns and field/verdict/corrected_value; every reviewed line
-    names a known key and output field; verdict is accept|correct|reject; `correct` needs a
-    corrected value that fits the field's JSON type, the others must leave it blank; one
-    verdict per (row, field). Raises InputError(file, line, problem) and returns nothing when
-    any line is bad. The file is UTF-8 CSV separated by `,`, `;` or tab (whichever splits the header
-    into its columns); a workbook or another encoding is refused saying how to save it.
+    Checks: header has the key columns and field/verdict/corrected_value; then every line as
+    `check_verdicts` does. Raises InputError(file, line, problem) and returns nothing when any line
+    is bad. The file is UTF-8 CSV separated by `,`, `;` or tab (whichever splits the header into its
+    columns); a workbook or another encoding is refused saying how to save it.
     """
     name = str(path)
     try:
@@ -229,12 +234,15 @@ def read_review(
     except OSError as exc:
         raise InputError(name, f"cannot read review file: {exc.strerror or exc}") from None
     raw = _review_text(name, data)
+    return check_verdicts(name, _review_cells(name, raw, key_columns), key_columns, fields_schema, known_keys)
+
+
+def _review_cells(name: str, raw: str, key_columns: Sequence[str]) -> Iterator[tuple[int, Mapping[str, str] | str]]:
+    """(first line, the line's unguarded cells by column) of each data line of a review file's text, or (line,
+    problem) for a line that cannot be read; InputError for a bad header."""
     # a spreadsheet set to a language that writes decimal commas saves CSV with ';' (even "CSV UTF-8")
     sep = _separator(raw, [*key_columns, *REQUIRED_COLUMNS])
     reader = csv.reader(io.StringIO(raw, newline=""), strict=True, delimiter=sep)
-    problems: list[tuple[int, str]] = []
-    verdicts: list[Verdict] = []
-    seen: dict[tuple[tuple[str, ...], str], int] = {}
     limit = csv.field_size_limit(max(len(raw), 1 << 17))  # no cell is longer than the file it is in
     try:
         header = [unguard(h) for h in next(reader, [])]
@@ -247,26 +255,51 @@ def read_review(
         for cells in reader:
             start, line = line, reader.line_num + 1
             if len(cells) > len(header):
-                problems.append((start, f"{len(cells)} cells but the header has {len(header)}"))
+                yield start, f"{len(cells)} cells but the header has {len(header)}"
                 continue
-            cell = {h: unguard(cells[i]) if i < len(cells) else "" for h, i in at.items()}
-            verdict_text = cell["verdict"].strip().casefold()
-            if not verdict_text and not cell["corrected_value"]:
-                continue
-            problem, verdict = _check_line(cell, key_columns, fields_schema, known_keys, verdict_text, start)
-            if problem is None and verdict is not None:
-                where = (verdict.key, verdict.field)
-                if where in seen:
-                    problem = f"second verdict for {verdict.field!r} of this row (first on line {seen[where]})"
-                else:
-                    seen[where] = start
-                    verdicts.append(verdict)
-            if problem is not None:
-                problems.append((start, problem))
+            yield start, {h: unguard(cells[i]) if i < len(cells) else "" for h, i in at.items()}
     except csv.Error as exc:
-        problems.append((reader.line_num, f"malformed CSV: {exc}"))
+        yield reader.line_num, f"malformed CSV: {exc}"
     finally:
         csv.field_size_limit(limit)
+
+
+def check_verdicts(
+    name: str,
+    lines: Iterable[tuple[int | None, Mapping[str, str] | str]],
+    key_columns: Sequence[str],
+    fields_schema: Mapping[str, Mapping[str, Any]],
+    known_keys: Container[tuple[str, ...]],
+) -> list[Verdict]:
+    """The verdicts of review lines, each given as (line number, its cells by review-file column) or (line, the
+    problem found reading it): the one validation of verdicts, for a review file and the review page alike.
+
+    Checks: every reviewed line names a known key and output field; verdict is accept|correct|reject;
+    `correct` needs a corrected value that fits the field's JSON type, the others must leave it blank;
+    one verdict per (row, field). A line with a blank verdict and corrected value is skipped. Raises
+    InputError(name, line, problem) for the first problem (and says how many more) and returns nothing
+    when any line is bad.
+    """
+    problems: list[tuple[int | None, str]] = []
+    verdicts: list[Verdict] = []
+    seen: dict[tuple[tuple[str, ...], str], int | None] = {}
+    for start, cell in lines:
+        if isinstance(cell, str):
+            problems.append((start, cell))
+            continue
+        verdict_text = cell["verdict"].strip().casefold()
+        if not verdict_text and not cell["corrected_value"]:
+            continue
+        problem, verdict = _check_line(cell, key_columns, fields_schema, known_keys, verdict_text, start)
+        if problem is None and verdict is not None:
+            where = (verdict.key, verdict.field)
+            if where in seen:
+                problem = f"second verdict for {verdict.field!r} of this row (first on line {seen[where]})"
+            else:
+                seen[where] = start
+                verdicts.append(verdict)
+        if problem is not None:
+            problems.append((start, problem))
     if problems:
         first_line, reason = problems[0]
         more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
@@ -319,7 +352,7 @@ def _check_line(
     fields_schema: Mapping[str, Mapping[str, Any]],
     known_keys: Container[tuple[str, ...]],
     verdict_text: str,
-    line: int,
+    line: int | None,
 ) -> tuple[str | None, Verdict | None]:
     key = tuple(cell[k] for k in key_columns)
     if key not in known_keys:

@@ -23,6 +23,7 @@ import json
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,7 +45,7 @@ from enrich.files import (
     review_path,
 )
 from enrich.flatten import META_COLUMNS, Column, flatten, output_columns
-from enrich.gate import decide_row, merge
+from enrich.gate import MergedRow, decide_row, merge
 from enrich.journal import Journal, RowState
 from enrich.processors import strength
 from enrich.read import from_json_values
@@ -125,6 +126,8 @@ class Projection:
         self.gate = cfg.gate if cfg is not None else GateConfig()
         self.ladder: list[str] = cfg.ladder if cfg is not None else [str(journal.get("processor") or "")]
         self.review = _Spill()  # review-file lines, spilled to a temp file: memory stays flat
+        # receives every merged row with a line to review or a reviewer's verdict (the review page collects them)
+        self.on_review: Callable[[MergedRow], None] = self.review.add
         self.pending_reason: str | None = None  # why rows are still pending (the job stopped early)
         self.names = list(fields)
         self.fields, self.reasoning, self.budget_exhausted = fields, reasoning, budget_exhausted
@@ -175,7 +178,7 @@ class Projection:
                         flat[f"{name}__processor"] = results[0][0]
                     if any(d in ("review", "rejected") for d in decisions.values()):
                         parsed = [(results[0][0], results[0][1], result)]
-                        self.review.add(self._decide(row_key, parsed, None, input_hash, run_id)[1])
+                        self.on_review(self._decide(row_key, parsed, None, input_hash, run_id)[1])
                 elif results:  # several tiers, reviewer verdicts, or a stronger tier still pending
                     result, merged = self._decide(row_key, results, verdicts.get(row_key), input_hash, run_id)
                     flat = flatten(result, self.fields, self.reasoning, self.columns)
@@ -189,8 +192,10 @@ class Projection:
                         flat[f"{name}__processor"] = a.processor
                         if a.decision == "human_corrected":
                             flat[f"{name}__confidence"] = "human"
-                    if any(a.decision in ("review", "rejected") for a in merged.fields.values()):
-                        self.review.add(merged)
+                    if verdicts.get(row_key) or any(
+                        a.decision in ("review", "rejected") for a in merged.fields.values()
+                    ):
+                        self.on_review(merged)
                 status = output_status(state, self.budget_exhausted)
                 climbing = state != "done" and bool(results)
                 if climbing and state in ("failed", "timed_out", "action_required"):  # the stronger run ended badly

@@ -200,3 +200,17 @@ def with_watchdog(call: Any, seconds: float, what: str) -> Any:
     if "error" in box:
         raise box["error"]
     return box["result"]
+
+
+@pytest.fixture(scope="session")
+def ten_thousand(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A job of 10,000 rows whose one field every row sends to review (the review page's paging tests)."""
+    from tests.review_helpers import make_job  # review_helpers imports this module: not at the top
+
+    rows = [
+        {"company": f"Company {i:05d}", "headquarters_location": f"City {i}", "source_url": f"https://example.com/{i}"}
+        for i in range(10_000)
+    ]
+    return make_job(
+        tmp_path_factory.mktemp("ten-thousand"), rows, tier="base", fields={"headquarters_location": "string"}, extra=""
+    )
