@@ -34,6 +34,7 @@ from enrich.errors import (
 from enrich.init import init_config
 from enrich.job import apply_review, export, format_status, job_status, open_job, plan_job, run_job
 from enrich.report import summary_lines
+from enrich.reuse import cache_stats, format_cache_stats, prune_cache
 from enrich.scale import status as scaled
 from enrich.scale.runner import run_partitioned
 
@@ -57,6 +58,9 @@ _EPILOGS = {
     "exit codes: 0 stopped, 2 bad option or the port is taken",
     "init": "example:\n  enrich init data/companies.xlsx --config configs/mine.toml\n\n"
     "exit codes: 0 config written, 2 the config exists already or the data file is unusable",
+    "cache": "examples:\n  enrich cache stats ~/.cache/enrich/results.sqlite\n"
+    "  enrich cache prune ~/.cache/enrich/results.sqlite --older-than 90d\n\n"
+    "exit codes: 0 done, 2 no such cache, or not a results cache",
 }
 
 
@@ -111,6 +115,14 @@ def _parser() -> argparse.ArgumentParser:
             help="run against the bundled emulator (no key, no cost; outputs are marked as emulated)",
         )
         sp.add_argument("--retry-failed", action="store_true", help="research failed and timed-out rows again")
+        reuse = sp.add_mutually_exclusive_group()
+        reuse.add_argument(
+            "--cache",
+            metavar="PATH",
+            help="results cache shared across jobs (overrides [cache] path): completed results are reused, "
+            "new ones stored",
+        )
+        reuse.add_argument("--no-cache", action="store_true", help="use no results cache, even one the config names")
 
     run = add("run", "enrich the input (continues an interrupted job)")
     job_flags(run)
@@ -129,7 +141,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--fresh",
         action="store_true",
-        help="start over: delete the journal (its results are lost; rows are paid for again)",
+        help="start over: delete the journal (its results are lost; rows are paid for again) and do not "
+        "read the results cache (new results are still stored in it)",
     )
     run.add_argument(
         "--ray",
@@ -210,6 +223,11 @@ def _parser() -> argparse.ArgumentParser:
         help="the review file with verdict (accept|correct|reject), corrected_value, reviewer and note filled in",
     )
     locate_flags(rv)
+    ca = add("cache", "a results cache shared by jobs: what it holds, or prune old entries")
+    ca.add_argument("action", choices=["stats", "prune"], help="stats: entries and their value; prune: remove old ones")
+    ca.add_argument("path", help="the cache file ([cache] path or --cache of run)")
+    ca.add_argument("--older-than", metavar="AGE", help="prune: entries completed longer ago than AGE (90d, 12h, 2w)")
+    ca.add_argument("--json", action="store_true", help="stats: machine-readable output")
     ini = add("init", "write a commented starter config from a data file's columns (asks nothing)")
     ini.add_argument("data", help="the data file: .csv, .parquet or .xlsx (first sheet)")
     ini.add_argument("--config", help="config file to write (default: <data stem>.toml here; never overwritten)")
@@ -225,11 +243,15 @@ _FLAGS = {
     "limits.budget_usd": "--budget",
     "limits.max_in_flight": "--max-in-flight",
     "api.base_url": "--base-url",
+    "cache.path": "--cache",
 }
 
 
 def _load(args: argparse.Namespace) -> RunConfig:
-    return load_config(args.config, _overrides(args), flags=_FLAGS)
+    cfg = load_config(args.config, _overrides(args), flags=_FLAGS)
+    if args.no_cache:
+        cfg.cache.path = None
+    return cfg
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -241,6 +263,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "limits.budget_usd": args.budget,
         "limits.max_in_flight": args.max_in_flight,
         "api.base_url": args.base_url,
+        "cache.path": args.cache,
     }
 
 
@@ -377,6 +400,18 @@ def cmd_emulator(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    if args.action == "prune":
+        if not args.older_than:
+            raise ConfigError("cache prune: give --older-than AGE (e.g. 90d)")
+        removed, path = prune_cache(args.path, args.older_than)
+        print(f"enrich: removed {removed:,} entries older than {args.older_than} from {path}", file=sys.stderr)
+        return EXIT_OK
+    info = cache_stats(args.path)
+    print(json.dumps(info, indent=2) if args.json else format_cache_stats(info))
+    return EXIT_OK
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     path, commands = init_config(args.data, args.config)
     print(f"wrote {path}; try next:")
@@ -393,6 +428,7 @@ COMMANDS = {
     "export": cmd_export,
     "review": cmd_review,
     "emulator": cmd_emulator,
+    "cache": cmd_cache,
 }
 
 

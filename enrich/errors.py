@@ -121,6 +121,12 @@ class JournalError(EnrichError):
     exit_code = EXIT_USAGE
 
 
+class CacheError(EnrichError):
+    """The shared results cache (`[cache] path`, `--cache`) is corrupt, foreign, or from a newer enrich."""
+
+    exit_code = EXIT_USAGE
+
+
 class OutputError(EnrichError):
     """Writing the output failed (e.g. the folder became read-only); every result is in the journal.
 

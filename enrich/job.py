@@ -79,6 +79,8 @@ from enrich.gate import answer_of
 from enrich.journal import IN_FLIGHT, ROW_STATES, Journal
 from enrich.pipeline import Prepared, execute, format_plan, plan_summary, prepare  # noqa: F401 (Prepared: a type)
 from enrich.progress import JobState, Stop
+from enrich.reuse import Reuse, open_cache
+from enrich.reuse import summary as reuse_summary
 from enrich.review import read_review
 from enrich.scale import status as scale_status
 from enrich.write import WRITE_CHUNK, Projection, write_output
@@ -317,8 +319,12 @@ def run_job(
     transport: Any = None,
     governor: Any = None,
     detach: bool = False,
+    cache_reads: bool | None = None,
 ) -> JobResult:
     """Run (or resume) one job to its end and write its output. See the module docstring.
+
+    With a shared results cache (`[cache] path`), completed results are written to it and read from it before
+    rows are claimed; `cache_reads=False` (default: not with `fresh`) writes but never reads it.
 
     `transport` is the client's seam (an httpx transport) for tests that play server behaviours;
     `governor` (submit.Governor) enforces limits shared with other partitions of the same job;
@@ -338,10 +344,16 @@ def run_job(
     jpath = journal_path_for(cfg)
     preflight.check_job(cfg, api_key=api_key, emulated=emulated, journal_path=jpath)  # before anything is paid
     identity = _identity(cfg, build_task_spec(cfg), api_key)
+    cache = open_cache(cfg.cache.path)  # a corrupt or foreign cache is refused here, before anything is sent
     if fresh:
         for suffix in ("", "-wal", "-shm"):
             Path(f"{jpath}{suffix}").unlink(missing_ok=True)
-    journal = Journal.open(jpath)
+    try:
+        journal = Journal.open(jpath)
+    except BaseException:
+        if cache is not None:
+            cache.close()
+        raise
     remove_stale_temps(cfg.output.path)
     server = None
     try:
@@ -361,6 +373,14 @@ def run_job(
         if cfg.limits.daily_budget_usd is not None or cfg.limits.spend_ledger is not None:
             journal.attach_ledger(cfg.limits.spend_ledger, str(journal.path))
         prep = prepare(cfg, journal, retry_failed=retry_failed)
+        refresh = cfg.task.refresh_after_days
+        reuse = Reuse(
+            journal,
+            cache,
+            fresh_after=time.time() - refresh * 86400 if refresh else None,
+            read=(not fresh) if cache_reads is None else cache_reads,
+            emulated=emulated,
+        )
         journal.set("emulated", emulated)
         journal.set(
             "config",
@@ -390,6 +410,7 @@ def run_job(
             transport,
             governor,
             detach,
+            reuse,
         )
         result = _finish(cfg, journal, jpath, prep, state, interrupted, emulated, api_key, cpu0)
         if detach and result.exit_code in (EXIT_OK, EXIT_FAILED_ROWS) and not journal.unresolved():
@@ -404,6 +425,8 @@ def run_job(
         if server is not None:
             server.stop()
         journal.close()
+        if cache is not None:
+            cache.close()
 
 
 def _start_emulator(cfg: RunConfig) -> Any:
@@ -437,6 +460,7 @@ def _execute(
     transport: Any,
     governor: Any,
     detach: bool = False,
+    reuse: Reuse | None = None,
 ) -> tuple[Any, bool]:
     state = JobState(stop=stop)
     # the CLI: this thread's signal handlers own Ctrl-C; anyone else: the loop runs on a worker thread
@@ -456,7 +480,15 @@ def _execute(
         )
         try:
             return await execute(
-                cfg, journal, client, prep, emulated=emulated, state=state, governor=governor, detach=detach
+                cfg,
+                journal,
+                client,
+                prep,
+                emulated=emulated,
+                state=state,
+                governor=governor,
+                detach=detach,
+                reuse=reuse,
             )
         finally:
             await client.aclose()
@@ -570,6 +602,7 @@ def _finish(
                 "ladder": cfg.ladder,
                 "http_requests_this_invocation": state.requests,
                 "stopped_because": why,
+                "reuse": reuse_summary(journal, prep.epoch, cfg.ladder),
                 "elapsed_s": round(time.monotonic() - state.started, 3),
                 "cpu_s": round(time.process_time() - cpu0, 3),
             },
@@ -933,9 +966,24 @@ def plan_job(cfg: RunConfig, *, emulated: bool = False, retry_failed: bool = Fal
     preflight.check_job(cfg, api_key=None, emulated=emulated, journal_path=path)
     if (info := scale_status.plan(cfg, path)) is not None:  # a partitioned job (--ray)
         return scale_status.format_plan(info)
-    journal = Journal.open(path, readonly=False) if path.exists() else Journal.open(":memory:")
+    cache = open_cache(cfg.cache.path)
     try:
-        prep = prepare(cfg, journal, retry_failed=retry_failed, dry=True)
-        return format_plan(plan_summary(cfg, prep, journal))
+        journal = Journal.open(path, readonly=False) if path.exists() else Journal.open(":memory:")
+        try:
+            refresh = cfg.task.refresh_after_days
+            # a job that has not reached its server yet is assumed to talk to the real API (it counts only its hits)
+            reuse = Reuse(
+                journal,
+                cache,
+                fresh_after=time.time() - refresh * 86400 if refresh else None,
+                read=True,
+                emulated=emulated,
+                assume="api",
+            )
+            prep = prepare(cfg, journal, retry_failed=retry_failed, dry=True, reuse=reuse)
+            return format_plan(plan_summary(cfg, prep, journal))
+        finally:
+            journal.close()
     finally:
-        journal.close()
+        if cache is not None:
+            cache.close()

@@ -87,6 +87,7 @@ class JobState:
     budget_message: str = ""  # which budget ran out (job or daily), and when a daily one resets
     budget_deferred: bool = False  # a partition made way: the rest of the job's budget is kept for others' first tier
     escalated: int = 0  # rows moved up the processor ladder by this invocation
+    reused: int = 0  # rows given an outcome without a run of their own (a twin's run, the shared cache)
     requests: int = 0  # HTTP requests made by this invocation
     reconcile_failed: bool = False  # the group could not be listed: rows in doubt stay unknown this run
     unreachable: str | None = None  # the API could not be reached for long: why the job stopped
@@ -108,7 +109,7 @@ class JobState:
 
     def finished_rows(self) -> int:
         """Rows finished so far: a row that climbs the ladder is unfinished again until its next run ends."""
-        return max(0, min(self.total, self.done_before + self.completed + self.failed - self.escalated))
+        return max(0, min(self.total, self.done_before + self.completed + self.failed + self.reused - self.escalated))
 
 
 async def show_progress(state: JobState, interval_s: float = 5.0) -> None:

@@ -258,6 +258,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             )
             + ")"
         )
+    if said := reuse_line(report.get("reuse") or {}):
+        lines.append(said)
     if decisions := report.get("decision_counts"):
         per_field = []
         for col, counts in sorted(decisions.items()):  # sorted: the same order when read back from the JSON
@@ -278,3 +280,25 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             "report: " + ", ".join(files) + (f" ({report['html_report']})" if report.get("html_report") else "")
         )
     return lines
+
+
+def reuse_line(reuse: dict[str, Any]) -> str | None:
+    """The summary line for what reuse saved (reuse.summary): twins sharing a run, the shared cache, `where`."""
+    said = []
+
+    def rows(n: int) -> str:
+        return f"{n:,} row{'s' if n != 1 else ''}"
+
+    if n := reuse.get("rows_sharing_a_run"):
+        said.append(
+            f"{rows(n)} took the run of an identical row ({reuse.get('distinct_inputs', 0):,} distinct inputs; "
+            f"${reuse.get('dedupe_saved_usd', 0):.4f} not paid)"
+        )
+    if n := reuse.get("rows_from_cache"):
+        said.append(
+            f"{rows(n)} served from the results cache ({reuse.get('cache_results_used', 0):,} results; "
+            f"${reuse.get('cache_saved_usd', 0):.4f} not paid)"
+        )
+    if n := reuse.get("rows_skipped"):
+        said.append(f"{rows(n)} skipped by [input] where (not researched)")
+    return "reuse: " + "; ".join(said) if said else None

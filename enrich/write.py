@@ -54,7 +54,7 @@ from enrich.spec import main_type
 from enrich.xlsx import EXCEL_MAX_CELL_CHARS, EXCEL_MAX_ROWS, longest_cell, to_frame, write_workbook
 
 # `_enrich_status` of an output row: the one vocabulary users see (README, "Output columns").
-OutputStatus = Literal["completed", "failed", "timed_out", "unknown", "pending", "skipped_budget"]
+OutputStatus = Literal["completed", "failed", "timed_out", "unknown", "pending", "skipped_budget", "skipped"]
 STATUS: dict[RowState, OutputStatus] = {
     "done": "completed",
     "failed": "failed",
@@ -63,6 +63,7 @@ STATUS: dict[RowState, OutputStatus] = {
     "unknown": "unknown",
     "submitted": "pending",
     "pending": "pending",
+    "skipped": "skipped",  # not selected by `[input] where`: not researched, by design (not a failure)
 }
 WRITE_CHUNK = 2_000  # rows per read from the journal and per Parquet row group
 
@@ -163,6 +164,8 @@ class Projection:
             for row_key, row_json, state, run_id, error, submitted_at, finished_at, input_hash, results in chunk:
                 values = json.loads(row_json)
                 result, merged = None, None
+                if state == "skipped":  # researched columns stay empty, even when its input was researched elsewhere
+                    results = []
                 if state == "done" and len(results) == 1 and not verdicts.get(row_key):
                     # the common case: one answer, no reviewer: gate it without merging anything
                     result = json.loads(results[0][2])

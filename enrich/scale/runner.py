@@ -145,6 +145,8 @@ def partition_config(cfg: RunConfig, plan: PartitionPlan, p: Partition, in_fligh
     pc.output.path = plan.parts_dir / f"{p.name}{ext}"
     pc.journal = plan.journal(p)
     pc.limits.max_in_flight = in_flight
+    if pc.cache.path is not None:  # the same file for every partition, whatever their working directory
+        pc.cache.path = pc.cache.path.resolve()
     return pc
 
 
@@ -186,6 +188,7 @@ def run_partition(
     emulated: bool,
     retry_failed: bool,
     adopt: bool,
+    cache_reads: bool = True,
 ) -> dict[str, Any]:
     """Body of one partition's Ray task: register with the governor, run_job, settle. Returns a summary."""
     assert pcfg.journal is not None
@@ -204,6 +207,7 @@ def run_partition(
             adopt=adopt,
             install_signals=False,
             governor=adapter,
+            cache_reads=cache_reads,
         )
         out = {
             "exit_code": result.exit_code,
@@ -317,6 +321,12 @@ def run_partitioned(
     try:
         if multi and address is not None:
             check_shared(cfg, jpath)
+        if multi and cfg.cache.path is not None:
+            raise ConfigError(
+                f"[cache] path {cfg.cache.path}: a results cache is a SQLite file for the processes of one machine "
+                "(its locking does not hold across machines or network filesystems), and this Ray cluster has "
+                "several nodes; run without it (--no-cache), or with a local Ray (--ray without an address)"
+            )
         lock = _Lock(jpath.with_name(jpath.name + ".parts.lock"))
         try:
             return _run(cfg, jpath, dataset, partitions, api_key, emulated, retry_failed, adopt, fresh)
@@ -399,6 +409,7 @@ def _run(
                         emulated=emulated,
                         retry_failed=retry_failed,
                         adopt=adopt,
+                        cache_reads=not fresh,
                     )
                     running[ref] = p
                 done, _ = ray.wait(list(running), num_returns=1)
