@@ -524,9 +524,10 @@ class Journal(DecisionStore):
     def pending_by_processor(self, epoch: int) -> dict[str, int]:
         """Runs to claim per processor (pending rows, those waiting for a twin aside): a row on a processor
         above its first tier is an escalation step."""
+        waits = "AND waits=0" if self._has_column("rows", "waits") else ""  # a read-only view of an older journal
         return dict(
             self.conn.execute(
-                "SELECT processor, COUNT(*) FROM rows WHERE epoch=? AND state='pending' AND waits=0 GROUP BY processor",
+                f"SELECT processor, COUNT(*) FROM rows WHERE epoch=? AND state='pending' {waits} GROUP BY processor",
                 (epoch,),
             )
         )

@@ -153,13 +153,14 @@ WHERE rows.epoch=:epoch AND rows.state='pending' AND s.run_id=(
 
 # A pending row waits (is never claimed) while a twin (same task input, spec and processor) is in flight, or
 # pending earlier in the input: that twin's run gives it its outcome (journal._share). Only pending rows in `scope`
-# (an SQL condition on `rows`) are decided; the condition reads states and ordinals, never `waits`, so one statement decides a whole set.
+# (an SQL condition on `rows`) are decided; the condition reads states and ordinals, never `waits`, so one statement
+# decides a whole set. The `+` keeps SQLite on the input_hash index (by ordinal it would scan every row per row).
 WAITS_SQL = """
 UPDATE rows SET waits = CASE WHEN
   (rows.input_hash, rows.spec_hash, rows.processor) IN (
      SELECT run_input_hash, run_spec_hash, run_processor FROM rows WHERE state IN ('intent', 'unknown', 'submitted'))
   OR EXISTS (SELECT 1 FROM rows t WHERE t.input_hash=rows.input_hash AND t.spec_hash=rows.spec_hash
-     AND t.processor=rows.processor AND t.epoch=rows.epoch AND t.state='pending' AND t.ordinal<rows.ordinal)
+     AND t.processor=rows.processor AND +t.epoch=rows.epoch AND +t.state='pending' AND +t.ordinal<rows.ordinal)
   THEN 1 ELSE 0 END
 WHERE rows.state='pending' AND {scope}
 """
