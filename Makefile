@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 ENRICH := $(VENV)/bin/enrich
 
-.PHONY: all install test demo nightly bench chaos fuzz lint clean
+.PHONY: all install bytecode test demo nightly bench chaos fuzz lint clean
 
 all: test lint
 
@@ -16,10 +16,15 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-test: install
+# pip compiles what it installs, but an editable install's sources get no bytecode where
+# PYTHONDONTWRITEBYTECODE is set: every `enrich` process would compile them again (~0.3 s each).
+bytecode: install
+	$(PY) -m compileall -q enrich tests
+
+test: bytecode
 	$(PY) -m pytest -q -m "not slow" -p no:cacheprovider
 
-demo: install
+demo: bytecode
 	$(ENRICH) run configs/companies.toml --emulator
 	@$(PY) -c "import polars as pl, json; pl.Config.set_tbl_cols(7); pl.Config.set_fmt_str_lengths(28); pl.Config.set_tbl_width_chars(170); \
 	df = pl.read_parquet('out/companies.enriched.parquet'); \
@@ -37,14 +42,14 @@ nightly: install
 	@test -n "$$PARALLEL_API_KEY" || { echo "make nightly: PARALLEL_API_KEY is not set (try 'make demo' for the emulator)" >&2; exit 2; }
 	$(ENRICH) run configs/companies.toml --journal out/companies.nightly.journal.sqlite --output out/companies.nightly.parquet
 
-bench: install
+bench: bytecode
 	$(PY) -m tests.benchmarks.run
 
-chaos: install
+chaos: bytecode
 	$(PY) -m pytest -q -m slow -p no:cacheprovider
 
 # 5,000 random inputs into the reader (and CSV round trips): only rows or InputError may come out.
-fuzz: install
+fuzz: bytecode
 	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/test_bad_input.py -k "reader or round_trip" -p no:cacheprovider
 
 lint: install

@@ -11,32 +11,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
-import shlex
 import sys
-from pathlib import Path
 from typing import Any, NoReturn
 
-from enrich import __version__, preflight
-from enrich.config import DEFAULT_BASE_URL, RunConfig, load_config
+from enrich import __version__, settled
+from enrich.config import DEFAULT_BASE_URL, EMULATOR_KEY
 from enrich.errors import (
     DISK_ERRNOS,
     EXIT_DISK,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
-    ConfigError,
     EnrichError,
     disk_message,
     redact,
 )
-from enrich.init import init_config
-from enrich.job import apply_review, export, format_status, job_status, open_job, plan_job, run_job
-from enrich.report import summary_lines
-from enrich.reuse import cache_stats, format_cache_stats, prune_cache
-from enrich.scale import status as scaled
-from enrich.scale.runner import run_partitioned
+from enrich.flags import finite_nonneg, fraction, load, nonneg_int, port, positive_int
 
 EXIT_CODES_HELP = (
     "exit codes: 0 all rows completed, 2 usage/config/input error, 3 finished with failed rows, "
@@ -51,6 +42,8 @@ _EPILOGS = {
     "exit codes: 0 status printed, 2 no such journal or unreadable",
     "review": "example:\n  enrich review apply configs/companies.toml out/companies.enriched.review.csv\n\n"
     "exit codes: 0 applied, 2 bad review file (nothing applied; names line and problem), 74 disk full",
+    "calibrate": "example:\n  enrich calibrate out/companies.enriched.parquet.journal.sqlite\n\n"
+    "exit codes: 0 calibration printed (nothing is changed), 2 no such journal or unreadable",
     "export": "example:\n  enrich export out/companies.enriched.parquet.journal.sqlite --output out/companies.xlsx "
     "--basis out/evidence.parquet\n\n"
     "exit codes: 0 written, 2 usage/journal error or unsupported output extension, 74 disk full",
@@ -102,12 +95,8 @@ def _parser() -> argparse.ArgumentParser:
         )
         sp.add_argument("--journal", help="journal file (default: beside the output)")
         sp.add_argument("--processor", help="processor, e.g. lite-fast, base, core (overrides task.processor)")
-        sp.add_argument(
-            "--budget", type=preflight.finite_nonneg, metavar="USD", help="spend cap for this journal, in USD"
-        )
-        sp.add_argument(
-            "--max-in-flight", type=preflight.positive_int, metavar="N", help="runs submitted but not finished"
-        )
+        sp.add_argument("--budget", type=finite_nonneg, metavar="USD", help="spend cap for this journal, in USD")
+        sp.add_argument("--max-in-flight", type=positive_int, metavar="N", help="runs submitted but not finished")
         sp.add_argument("--base-url", help=f"API base URL (default: config, $PARALLEL_BASE_URL, {DEFAULT_BASE_URL})")
         sp.add_argument(
             "--emulator",
@@ -173,6 +162,10 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("job", help="the job's journal (*.journal.sqlite, beside the output by default) or its config")
     locate_flags(st)
     st.add_argument("--json", action="store_true", help="machine-readable output")
+    ca = add("calibrate", "how often each confidence level was right in your reviews, and what a gate change would do")
+    ca.add_argument("job", help="the job's journal (*.journal.sqlite) or its config (TOML)")
+    locate_flags(ca)
+    ca.add_argument("--json", action="store_true", help="machine-readable output")
     ex = add("export", "write the job's output again, to another file, from the journal alone (no API calls)")
     ex.add_argument("job", help="the job's journal (*.journal.sqlite) or its config (TOML)")
     ex.add_argument("--output", help="file to write: .csv, .parquet or .xlsx (by extension)")
@@ -183,20 +176,14 @@ def _parser() -> argparse.ArgumentParser:
     locate_flags(ex, output=False)
     em = add("emulator", "serve the API-compatible emulator on loopback")
     em.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    em.add_argument(
-        "--port", type=preflight.port, default=8765, help="port to listen on; 0 picks a free one (default: 8765)"
-    )
+    em.add_argument("--port", type=port, default=8765, help="port to listen on; 0 picks a free one (default: 8765)")
     em.add_argument("--knowledge", help="CSV/Parquet knowledge table (default: bundled companies)")
     em.add_argument("--knowledge-key", default="company", help="column matched against run inputs")
-    em.add_argument("--time-scale", type=preflight.finite_nonneg, default=1.0, help="latency multiplier (0 = instant)")
+    em.add_argument("--time-scale", type=finite_nonneg, default=1.0, help="latency multiplier (0 = instant)")
     em.add_argument("--seed", type=int, default=0, help="random seed for latencies and faults (default: 0)")
-    em.add_argument("--fail-rate", type=preflight.fraction, default=0.0, help="share of runs that fail")
-    em.add_argument(
-        "--rate-limit", type=preflight.nonneg_int, default=2000, help="creating POSTs per minute per key (0 = off)"
-    )
-    em.add_argument(
-        "--credit-usd", type=preflight.finite_nonneg, help="account credit; 402 when it cannot cover new runs"
-    )
+    em.add_argument("--fail-rate", type=fraction, default=0.0, help="share of runs that fail")
+    em.add_argument("--rate-limit", type=nonneg_int, default=2000, help="creating POSTs per minute per key (0 = off)")
+    em.add_argument("--credit-usd", type=finite_nonneg, help="account credit; 402 when it cannot cover new runs")
     em.add_argument(
         "--faults", default="", help='e.g. "429=0.05,422=0.01,500=0.02,503=0.01,drop=0.02,slow=0.01,truncate=0.01"'
     )
@@ -223,213 +210,15 @@ def _parser() -> argparse.ArgumentParser:
         help="the review file with verdict (accept|correct|reject), corrected_value, reviewer and note filled in",
     )
     locate_flags(rv)
-    ca = add("cache", "a results cache shared by jobs: what it holds, or prune old entries")
-    ca.add_argument("action", choices=["stats", "prune"], help="stats: entries and their value; prune: remove old ones")
-    ca.add_argument("path", help="the cache file ([cache] path or --cache of run)")
-    ca.add_argument("--older-than", metavar="AGE", help="prune: entries completed longer ago than AGE (90d, 12h, 2w)")
-    ca.add_argument("--json", action="store_true", help="stats: machine-readable output")
+    cc = add("cache", "a results cache shared by jobs: what it holds, or prune old entries")
+    cc.add_argument("action", choices=["stats", "prune"], help="stats: entries and their value; prune: remove old ones")
+    cc.add_argument("path", help="the cache file ([cache] path or --cache of run)")
+    cc.add_argument("--older-than", metavar="AGE", help="prune: entries completed longer ago than AGE (90d, 12h, 2w)")
+    cc.add_argument("--json", action="store_true", help="stats: machine-readable output")
     ini = add("init", "write a commented starter config from a data file's columns (asks nothing)")
     ini.add_argument("data", help="the data file: .csv, .parquet or .xlsx (first sheet)")
     ini.add_argument("--config", help="config file to write (default: <data stem>.toml here; never overwritten)")
     return p
-
-
-# config key -> the flag that overrides it, so a bad value is reported under the flag's name
-_FLAGS = {
-    "input.path": "--input",
-    "output.path": "--output",
-    "journal": "--journal",
-    "task.processor": "--processor",
-    "limits.budget_usd": "--budget",
-    "limits.max_in_flight": "--max-in-flight",
-    "api.base_url": "--base-url",
-    "cache.path": "--cache",
-}
-
-
-def _load(args: argparse.Namespace) -> RunConfig:
-    cfg = load_config(args.config, _overrides(args), flags=_FLAGS)
-    if args.no_cache:
-        cfg.cache.path = None
-    return cfg
-
-
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "input.path": args.input,
-        "output.path": args.output,
-        "journal": args.journal,
-        "task.processor": args.processor,
-        "limits.budget_usd": args.budget,
-        "limits.max_in_flight": args.max_in_flight,
-        "api.base_url": args.base_url,
-        "cache.path": args.cache,
-    }
-
-
-def _api_key(emulated: bool) -> str:
-    return preflight.resolve_api_key(os.environ, emulated)
-
-
-def cmd_plan(args: argparse.Namespace) -> int:
-    print(plan_job(_load(args), emulated=bool(args.emulator), retry_failed=args.retry_failed))
-    return EXIT_OK
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    if args.dry_run:
-        return cmd_plan(args)
-    cfg = _load(args)
-    emulated = bool(args.emulator)
-    if args.ray is not None or args.partitions is not None:
-        if args.ray is None:
-            raise ConfigError("--partitions needs --ray")
-        result = run_partitioned(
-            cfg,
-            address=args.ray or None,
-            partitions=args.partitions,
-            api_key=_api_key(emulated),
-            emulated=emulated,
-            retry_failed=args.retry_failed,
-            adopt=args.adopt,
-            fresh=args.fresh,
-        )
-    else:
-        result = run_job(
-            cfg,
-            api_key=_api_key(emulated),
-            emulated=emulated,
-            retry_failed=args.retry_failed,
-            adopt=args.adopt,
-            fresh=args.fresh,
-            detach=args.detach,
-        )
-    first, *rest = result.message.splitlines() or [""]
-    # the summary goes under the first line (`wrote N rows ...`), so the last line still says how the job ended
-    for line in [first, *(f"  {s}" for s in summary_lines(result.report)), *rest]:
-        print(f"enrich: {line}", file=sys.stderr)
-    if result.exit_code == EXIT_INTERRUPTED:
-        cmd = " ".join(shlex.quote(a) for a in ["enrich", *sys.argv[1:]])
-        print(f"enrich: Resume with: {cmd}", file=sys.stderr)
-    return result.exit_code
-
-
-def _locate(args: argparse.Namespace, output: bool = True) -> dict[str, Any]:
-    return {"input.path": args.input, "output.path": args.output if output else None, "journal": args.journal}
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    if (cut := scaled.partition_plan(args.job)) is not None:  # a partitioned job (--ray)
-        info = scaled.status(args.job, cut)
-        print(json.dumps(info, indent=2) if args.json else scaled.format_status(info))
-        return EXIT_OK
-    info = job_status(args.job, _locate(args), _FLAGS)
-    print(json.dumps(info, indent=2) if args.json else format_status(info))
-    return EXIT_OK
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    if not args.output and not args.basis:
-        raise ConfigError("export: give --output FILE, --basis FILE, or both")
-    job, journal, notes = open_job(args.job, _locate(args, output=False), _FLAGS, readonly=True, config=args.config)
-    try:
-        for note in notes:
-            print(f"enrich: {note}", file=sys.stderr)
-        done = export(
-            job, journal, Path(args.output) if args.output else None, Path(args.basis) if args.basis else None
-        )
-    finally:
-        journal.close()
-    if "rows" in done:
-        print(f"enrich: exported {done['rows']} rows to {args.output}", file=sys.stderr)
-    if "basis_lines" in done:
-        print(f"enrich: exported {done['basis_lines']} evidence lines to {args.basis}", file=sys.stderr)
-    return EXIT_OK
-
-
-def cmd_review(args: argparse.Namespace) -> int:
-    job, journal, notes = open_job(args.job, _locate(args), _FLAGS)
-    try:
-        for note in notes:
-            print(f"enrich: {note}", file=sys.stderr)
-        n, report = apply_review(job, journal, Path(args.reviewed))
-    finally:
-        journal.close()
-    print(f"enrich: applied {n} verdicts; rewrote {report['output']} ({report['rows']} rows)", file=sys.stderr)
-    if report.get("review_file"):
-        print(f"enrich: {report['review_lines']} lines left to review in {report['review_file']}", file=sys.stderr)
-    return EXIT_OK
-
-
-def cmd_emulator(args: argparse.Namespace) -> int:
-    from enrich.emulator import EmulatorConfig, EmulatorServer
-    from enrich.emulator.behaviours import parse_behaviours
-    from enrich.emulator.core import parse_faults
-
-    try:
-        parse_faults(args.faults)
-    except ValueError as exc:
-        raise ConfigError(f"--faults: {exc}") from None
-    try:
-        parse_behaviours(args.behaviours)
-    except ValueError as exc:
-        raise ConfigError(f"--behaviours: {exc}") from None
-    if not 0 <= args.hard_rate <= 1:
-        raise ConfigError("--hard-rate must be within 0..1")
-    preflight.check_knowledge(args.knowledge, args.knowledge_key, where="--knowledge")
-    cfg = EmulatorConfig(
-        knowledge=args.knowledge,
-        knowledge_key=args.knowledge_key,
-        time_scale=args.time_scale,
-        seed=args.seed,
-        fail_rate=args.fail_rate,
-        rate_limit=args.rate_limit,
-        credit_usd=args.credit_usd,
-        faults=args.faults,
-        api_key=args.api_key,
-        behaviours=args.behaviours,
-        hard_rate=args.hard_rate,
-    )
-    try:
-        server = EmulatorServer(cfg, host=args.host, port=args.port)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    except OSError as exc:
-        raise ConfigError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
-    server.serve_forever()
-    return EXIT_OK
-
-
-def cmd_cache(args: argparse.Namespace) -> int:
-    if args.action == "prune":
-        if not args.older_than:
-            raise ConfigError("cache prune: give --older-than AGE (e.g. 90d)")
-        removed, path = prune_cache(args.path, args.older_than)
-        print(f"enrich: removed {removed:,} entries older than {args.older_than} from {path}", file=sys.stderr)
-        return EXIT_OK
-    info = cache_stats(args.path)
-    print(json.dumps(info, indent=2) if args.json else format_cache_stats(info))
-    return EXIT_OK
-
-
-def cmd_init(args: argparse.Namespace) -> int:
-    path, commands = init_config(args.data, args.config)
-    print(f"wrote {path}; try next:")
-    for c in commands:
-        print(f"  {c}")
-    return EXIT_OK
-
-
-COMMANDS = {
-    "init": cmd_init,
-    "run": cmd_run,
-    "plan": cmd_plan,
-    "status": cmd_status,
-    "export": cmd_export,
-    "review": cmd_review,
-    "emulator": cmd_emulator,
-    "cache": cmd_cache,
-}
 
 
 class _QuietStream:
@@ -482,6 +271,24 @@ def _guard_std_streams() -> None:
         sys.stderr = _QuietStream(sys.stderr)
 
 
+def _settled(args: argparse.Namespace) -> list[str] | None:
+    """`enrich run` of a finished job whose config, input, journal and files are as its last run left them:
+    the lines that run would print, from the journal alone (settled.py). None: run it (every flag that
+    asks for work, or any doubt, goes to the full run, which also reports every error)."""
+    if args.command != "run" or args.dry_run or args.detach or args.adopt or args.fresh or args.retry_failed:
+        return None
+    if args.ray is not None or args.partitions is not None:
+        return None
+    key = EMULATOR_KEY if args.emulator else os.environ.get("PARALLEL_API_KEY", "").strip()
+    if not key:  # a key file, or none: the full run resolves (or refuses) it
+        return None
+    try:
+        cfg = load(args)
+    except EnrichError:
+        return None
+    return settled.answer(cfg, key, bool(args.emulator))
+
+
 def main(argv: list[str] | None = None) -> int:
     streams = sys.stdout, sys.stderr
     _guard_std_streams()
@@ -493,10 +300,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "emulator", False) and getattr(args, "base_url", None):
+        parser.error("--emulator runs the bundled emulator, --base-url names another server: give one of them")
     secret = os.environ.get("PARALLEL_API_KEY")
     try:
-        code = COMMANDS[args.command](args)
+        if (lines := _settled(args)) is not None:
+            for line in lines:
+                print(f"enrich: {line}", file=sys.stderr)
+            return EXIT_OK
+        import enrich.commands  # the one deferred import: the pipeline (about a second) loads only for work
+
+        code = enrich.commands.dispatch(args)
         sys.stdout.flush()  # a closed pipe (`enrich plan | head -1`) surfaces here, not at exit
         return code
     except BrokenPipeError:

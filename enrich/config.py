@@ -35,6 +35,7 @@ from enrich.processors import PROCESSORS, tier
 from enrich.spec import FieldType, schema_problem
 
 DEFAULT_BASE_URL = "https://api.parallel.ai"
+EMULATOR_KEY = "emulator-local-key"  # the key an --emulator run sends (the emulator takes any key)
 
 
 def output_format_problem(path: Path) -> str | None:
@@ -301,6 +302,8 @@ class EmulatorSection(_Strict):
 
     @model_validator(mode="after")
     def _known_behaviours(self) -> EmulatorSection:
+        if not self.behaviours:  # the usual case: no need to import the emulator (uvicorn) to check nothing
+            return self
         from enrich.emulator.behaviours import parse_behaviours  # lazy: the emulator package imports uvicorn
 
         try:

@@ -27,15 +27,16 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow.parquet as pq
 
-from enrich import failpoints, preflight
+from enrich import failpoints, preflight, settled
 from enrich.audit import basis_rows, write_basis
+from enrich.calibrate import calibration
 from enrich.client import TaskClient
 from enrich.config import (
     DEFAULT_BASE_URL,
@@ -74,11 +75,12 @@ from enrich.errors import (
     disk_message,
     redact,
 )
-from enrich.files import PARQUET_SUFFIXES, encode_cell, remove_stale_temps
+from enrich.files import PARQUET_SUFFIXES, encode_cell, remove_stale_temps, report_json_path
 from enrich.gate import answer_of
 from enrich.journal import IN_FLIGHT, ROW_STATES, Journal
 from enrich.pipeline import Prepared, execute, format_plan, plan_summary, prepare  # noqa: F401 (Prepared: a type)
 from enrich.progress import JobState, Stop
+from enrich.report import result_summary
 from enrich.reuse import Reuse, open_cache
 from enrich.reuse import summary as reuse_summary
 from enrich.review import read_review
@@ -330,8 +332,8 @@ def run_job(
     `governor` (submit.Governor) enforces limits shared with other partitions of the same job;
     `detach` submits everything and returns without waiting for results (collect with a later run).
 
-    Stopping: with `install_signals`, on the main thread, SIGINT/SIGTERM stop the job (a second one leaves at
-    once). Otherwise the job's event loop runs on a worker thread while the calling thread waits, so a
+    Stopping: with `install_signals`, on the main thread, SIGINT/SIGTERM/SIGHUP stop the job from the moment
+    the journal opens until the output is written (a second one leaves at once). Otherwise the job's event loop runs on a worker thread while the calling thread waits, so a
     KeyboardInterrupt there (Ctrl-C in a script, a Jupyter kernel interrupt, `ray.cancel`) stops the job
     (progress.Stop) instead of being held until it ends; the result then has EXIT_INTERRUPTED. `stop` lets
     another thread stop it too."""
@@ -354,9 +356,16 @@ def run_job(
         if cache is not None:
             cache.close()
         raise
+    settled.clear(journal)  # from here on, this run decides what the journal holds
     remove_stale_temps(cfg.output.path)
     server = None
+    stop = stop or Stop()
+    # the CLI: this thread's signal handlers own Ctrl-C; anyone else: the loop runs on a worker thread
+    here = install_signals and threading.current_thread() is threading.main_thread() and not _loop_running()
+    held = contextlib.ExitStack()
     try:
+        if here:
+            held.enter_context(_signals(stop))
         if journal.is_empty() and not fresh and output_has_run_ids(cfg.output.path):
             raise JournalError(
                 f"{jpath}: journal is missing or empty, but {cfg.output.path} holds researched rows "
@@ -405,13 +414,15 @@ def run_job(
             base_url,
             api_key,
             emulated,
-            stop or Stop(),
-            install_signals,
+            stop,
+            here,
             transport,
             governor,
             detach,
             reuse,
         )
+        if server is not None:  # the API's part is over: the embedded emulator winds down while the output is written
+            server.request_stop()
         result = _finish(cfg, journal, jpath, prep, state, interrupted, emulated, api_key, cpu0)
         if detach and result.exit_code in (EXIT_OK, EXIT_FAILED_ROWS) and not journal.unresolved():
             n = journal.in_flight_count()
@@ -425,6 +436,7 @@ def run_job(
         if server is not None:
             server.stop()
         journal.close()
+        held.close()
         if cache is not None:
             cache.close()
 
@@ -456,15 +468,13 @@ def _execute(
     api_key: str,
     emulated: bool,
     stop: Stop,
-    install_signals: bool,
+    here: bool,
     transport: Any,
     governor: Any,
     detach: bool = False,
     reuse: Reuse | None = None,
 ) -> tuple[Any, bool]:
     state = JobState(stop=stop)
-    # the CLI: this thread's signal handlers own Ctrl-C; anyone else: the loop runs on a worker thread
-    here = install_signals and threading.current_thread() is threading.main_thread() and not _loop_running()
 
     async def on_response(response: Any) -> None:
         if response.request.method == "POST" and response.request.url.path.endswith("/runs"):
@@ -473,8 +483,6 @@ def _execute(
     async def main() -> Any:
         loop = asyncio.get_running_loop()
         stop.bind(loop, asyncio.current_task())
-        if here:
-            _install_signal_handlers(loop, stop)
         client = TaskClient(
             base_url, api_key, timeout_s=cfg.limits.request_timeout_s, on_response=on_response, transport=transport
         )
@@ -495,29 +503,44 @@ def _execute(
             if client.emulator_seen and not emulated:
                 journal.set("emulator_seen", True)  # reached an emulator through --base-url: mark the output
 
-    if here:
+    if here:  # _signals holds SIGINT, so asyncio.run leaves it to those handlers
         asyncio.run(main())
     else:
         _run_on_worker(main(), stop)
-    if stop.interrupted and here:  # "Ctrl-C again to leave at once" holds while the output is written too
-        with contextlib.suppress(ValueError):
-            signal.signal(signal.SIGINT, lambda *_: os._exit(EXIT_INTERRUPTED))
     return state, stop.interrupted
 
 
-def _install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: Stop) -> None:
-    """The CLI's signals: the first stops the job (Stop.interrupt), a second one leaves at once."""
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGHUP: the terminal went away
 
-    def on_signal() -> None:
-        if stop.interrupted:  # every commit already made is durable: the next run resumes from it
-            print("enrich: interrupted again; exiting at once (the journal is intact)", file=sys.stderr)
+
+@contextlib.contextmanager
+def _signals(stop: Stop) -> Iterator[None]:
+    """The CLI's signals, held for the whole job (before its event loop starts, while it runs, and while the
+    output is written): the first stops the job (Stop.interrupt; the output is still written), a second one
+    leaves at once. Process-level handlers, not the loop's: a loop resets SIGINT when it closes, and
+    asyncio.run installs its own only where SIGINT has the default handler. The previous handlers return
+    afterwards (an in-process caller keeps its own)."""
+
+    def on_signal(signum: int, frame: Any) -> None:
+        with contextlib.suppress(OSError, ValueError):  # a closed stderr must not turn a stop into a crash
+            if stop.interrupted:  # every commit already made is durable: the next run resumes from it
+                print("enrich: interrupted again; exiting at once (the journal is intact)", file=sys.stderr)
+            else:
+                print("enrich: stopping (Ctrl-C again to leave at once)...", file=sys.stderr)
+        if stop.interrupted:
             os._exit(EXIT_INTERRUPTED)
-        print("enrich: stopping (Ctrl-C again to leave at once)...", file=sys.stderr)
         stop.interrupt()
 
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal went away
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(sig, on_signal)
+    previous = {}
+    for sig in SIGNALS:
+        with contextlib.suppress(OSError, ValueError):
+            previous[sig] = signal.signal(sig, on_signal)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            with contextlib.suppress(OSError, ValueError, TypeError):
+                signal.signal(sig, handler)
 
 
 def _loop_running() -> bool:
@@ -578,6 +601,7 @@ def _finish(
 ) -> JobResult:
     if isinstance(state.fatal, StorageError):  # the journal cannot record any more: nothing to write from
         raise state.fatal
+    emulated_flag = emulated  # as the command said it (the job's identity); the output shows either
     emulated = emulated or bool(journal.get("emulated")) or bool(journal.get("emulator_seen"))
     counts = journal.counts(prep.epoch)
     stop = stop_reason(state, interrupted, counts, api_key)
@@ -617,17 +641,7 @@ def _finish(
         journal.log("error", why)
     journal.set("live", None)
     sc = report["status_counts"]
-    summary = (
-        f"wrote {report['rows']} rows to {cfg.output.path} "
-        f"({', '.join(f'{v} {k}' for k, v in sorted(sc.items()))}); spent ${report['spend_usd']:.4f}"
-        f"{' [EMULATED]' if emulated else ''}"
-    )
-    if emulated and report.get("rows_with_answer") == 0 and report.get("status_counts", {}).get("completed"):
-        summary += (
-            f"\nwarning: the emulator answered no field for any row: either no input row matches its "
-            f"knowledge table on column {cfg.emulator.knowledge_key!r}, or the table has no column named "
-            "like the output fields; set [emulator] knowledge and knowledge_key (README, The emulator)"
-        )
+    summary = result_summary(report, cfg.output.path, emulated, cfg.emulator.knowledge_key)
     result = JobResult(EXIT_OK, summary, report, counts, cfg.output.path, jpath, deferred=state.budget_deferred)
     result.exit_code, result.error = stop.exit_code, stop.error
     if stop.kind == "interrupted":
@@ -636,6 +650,8 @@ def _finish(
         result.message = f"{summary}\n{state.budget_message or 'budget exhausted'}: {_skipped(cfg, journal, prep, sc)}"
     elif stop.kind in ("auth", "fatal", "crashed", "unavailable"):
         result.message = f"{summary}\nstopped: {stop.why}"
+    elif stop.kind == "done" and not stop.why and not journal.readonly:
+        settled.record(cfg, journal, jpath, api_key, emulated_flag)  # a re-run can answer without the pipeline
     return result
 
 
@@ -890,6 +906,25 @@ def apply_review(job: Job, journal: Journal, reviewed: Path) -> tuple[int, dict[
     )
     report = rewrite_output(job, journal, {"review_applied": str(reviewed)}, safe)
     return len(records), report
+
+
+def calibrate_job(
+    target: str | Path, overrides: Mapping[str, Any] | None = None, flags: Mapping[str, str] | None = None
+) -> tuple[dict[str, Any], list[str]]:
+    """`enrich calibrate`: the job's calibration from its reviews (calibrate.py), read-only; (calibration,
+    notes). The confidence counts it weighs the gate with are those of the job's own run report."""
+    job, journal, notes = open_job(target, overrides, flags, readonly=True)
+    try:
+        try:
+            report = json.loads(report_json_path(job.output).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            report = {}
+        cal = calibration(
+            job.cfg, journal.verdict_history(), report.get("confidence_counts") or {}, report.get("rows", 0)
+        )
+    finally:
+        journal.close()
+    return cal, notes
 
 
 def job_status(

@@ -137,6 +137,10 @@ class DecisionStore:
                 )
         return len(verdicts)
 
+    def verdict_history(self) -> Iterator[tuple[str, str, str, str | None]]:
+        """Every verdict as (row_key, field, verdict, previous_json), oldest first (calibration reads these)."""
+        yield from self.conn.execute("SELECT row_key, field, verdict, previous_json FROM verdicts ORDER BY id")
+
     def verdicts_for(self, row_keys: list[str]) -> dict[str, list[tuple[Any, ...]]]:
         """row_key -> [(field, verdict, corrected_json, reviewer, note, run_id, input_hash, at)] oldest first."""
         out: dict[str, list[tuple[Any, ...]]] = {}

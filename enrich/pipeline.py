@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -46,7 +45,7 @@ from enrich.errors import (
     TransientApiError,
     advice,
 )
-from enrich.files import PARQUET_SUFFIXES, XLSX_SUFFIXES
+from enrich.files import PARQUET_SUFFIXES
 from enrich.flatten import output_columns
 from enrich.journal import IN_FLIGHT, DuplicateKey, Journal
 from enrich.poll import Poller
@@ -57,6 +56,7 @@ from enrich.read import RowFilter, key_problem, open_table
 from enrich.reconcile import reconcile
 from enrich.retry import CircuitBreaker, backoff
 from enrich.reuse import Reuse
+from enrich.settled import input_fingerprint
 from enrich.slots import Slots
 from enrich.spec import MAX_SPEC_AND_INPUT_CHARS
 from enrich.spend import runs_within
@@ -102,7 +102,7 @@ def prepare(
     processor = cfg.task.processor
     spec_chars = len(canonical(task_spec))
     job_id = journal.get("job_id") or str(uuid.uuid4())
-    fingerprint = _input_fingerprint(cfg, spec_hash)
+    fingerprint = input_fingerprint(cfg, spec_hash)
     if (
         not dry
         and not retry_failed
@@ -228,37 +228,6 @@ def prepare(
         batches.close()  # type: ignore[attr-defined]  # closes the file if seeding stopped early
     counts = journal.last_seed_counts
     return Prepared(epoch, total, counts, task_spec, fields, job_id, seen, journal.last_seed_waiting, cached)
-
-
-def _input_fingerprint(cfg: RunConfig, spec_hash: str) -> str | None:
-    """Identity of (input file bytes, how it is read, the task): equal means seeding would change nothing."""
-    try:
-        st = cfg.input.path.stat()
-        h = hashlib.sha256()
-        with cfg.input.path.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-    except OSError:
-        return None
-    return digest(
-        [
-            str(cfg.input.path.resolve()),
-            st.st_size,
-            st.st_mtime_ns,
-            h.hexdigest(),
-            cfg.input.key,
-            cfg.input.input_columns,
-            cfg.input.encoding,
-            cfg.input.max_cell_bytes,
-            cfg.input.dedupe,
-            cfg.input.where,
-            spec_hash,
-            cfg.ladder,
-            *([cfg.input.sheet] if cfg.input.sheet is not None else []),
-            # an .xlsx output checks every row while seeding (preflight.SheetFit): a switch to it re-reads
-            *(["xlsx"] if cfg.output.path.suffix.lower() in XLSX_SUFFIXES else []),
-        ]
-    )
 
 
 def plan_summary(cfg: RunConfig, prep: Prepared, journal: Journal) -> dict[str, Any]:

@@ -21,9 +21,7 @@ errors name the flag.
 
 from __future__ import annotations
 
-import argparse
 import csv
-import math
 import os
 import tempfile
 import unicodedata
@@ -33,14 +31,13 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from enrich.config import build_task_spec, output_fields, output_format_problem
+from enrich.config import EMULATOR_KEY, build_task_spec, output_fields, output_format_problem
 from enrich.errors import ConfigError, InputError, JournalError, advice
 from enrich.files import XLSX_SUFFIXES, encode_cell, is_parquet, report_json_path
 from enrich.flatten import META_COLUMNS, output_columns
 from enrich.read import Row, TableInfo
 from enrich.xlsx import EXCEL_MAX_CELL_CHARS, EXCEL_MAX_ROWS
 
-EMULATOR_KEY = "emulator-local-key"
 RESERVED_PREFIX = "_enrich_"  # generated columns (status, error, run id) and any added later
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
@@ -307,53 +304,3 @@ def check_job(cfg: Any, *, api_key: str | None, emulated: bool, journal_path: Pa
         raise ConfigError(f"{source}: output fields: {problem}; rename a field")
     if emulated:
         check_knowledge(cfg.emulator.knowledge, cfg.emulator.knowledge_key)
-
-
-# ---- flag types (argparse) -----------------------------------------------------------------
-
-
-def finite_nonneg(text: str) -> float:
-    """argparse type: a finite number >= 0 (`--budget inf` must not switch the budget off)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, not {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, not {text!r}")
-    return value
-
-
-def fraction(text: str) -> float:
-    """argparse type: a number from 0 to 1."""
-    value = finite_nonneg(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {text!r}")
-    return value
-
-
-def _whole(text: str, least: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = least - 1
-    if value < least:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= {least}, not {text!r}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1."""
-    return _whole(text, 1)
-
-
-def nonneg_int(text: str) -> int:
-    """argparse type: a whole number >= 0."""
-    return _whole(text, 0)
-
-
-def port(text: str) -> int:
-    """argparse type: a TCP port, 0 (any free port) to 65535."""
-    value = nonneg_int(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535, not {text!r}")
-    return value

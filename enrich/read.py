@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import re
+import sys
 import zipfile
 from collections.abc import Iterator
 from collections.abc import Set as AbstractSet
@@ -301,6 +302,31 @@ def _encode(arr: Any) -> Any:
         )
     entries = pa.StructArray.from_arrays([_encode(arr.keys), _encode(arr.items)], names=["key", "value"])
     return pa.ListArray.from_arrays(arr.offsets, entries, mask=mask)
+
+
+class _NoPandas:
+    """A meta-path finder that fails imports of pandas while pyarrow probes for it (see skip_pandas_probe)."""
+
+    @staticmethod
+    def find_spec(name: str, path: Any = None, target: Any = None) -> None:
+        if name == "pandas" or name.startswith("pandas."):
+            raise ImportError("enrich: pyarrow's pandas probe skipped")
+
+
+def skip_pandas_probe() -> None:
+    """Spare a process that never hands pyarrow a pandas object the ~0.5 s of importing pandas.
+
+    The first `pa.array(values, type=...)` asks whether pandas is installed by importing it; this runs that
+    first probe with pandas hidden, so pyarrow records "no pandas" for the probe only. Anything that does need
+    pandas later (`import pandas`, `Table.to_pandas`, which retries the import) works as usual. No-op once
+    pandas is imported (a notebook)."""
+    if "pandas" in sys.modules:
+        return
+    sys.meta_path.insert(0, _NoPandas)
+    try:
+        pa.array([], pa.int64())
+    finally:
+        sys.meta_path.remove(_NoPandas)
 
 
 def to_json_values(arr: Any) -> list[Any]:

@@ -274,12 +274,33 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             + (": one per (row, field) in review or still rejected)" if n else ": nothing to review)")
         )
     if files := report.get("report_files"):
-        if report.get("html_report"):  # not drawn this time (an interrupt): name only what exists
-            files = [f for f in files if not str(f).endswith(".html")]
-        lines.append(
-            "report: " + ", ".join(files) + (f" ({report['html_report']})" if report.get("html_report") else "")
-        )
+        lines.append("report: " + ", ".join(files))
     return lines
+
+
+def result_summary(report: dict[str, Any], output: Any, emulated: bool, knowledge_key: str) -> str:
+    """The first line(s) a run prints: rows written and how they ended, spend, and for an emulated run whose
+    emulator answered nothing, why."""
+    sc = report["status_counts"]
+    summary = (
+        f"wrote {report['rows']} rows to {output} "
+        f"({', '.join(f'{v} {k}' for k, v in sorted(sc.items()))}); spent ${report['spend_usd']:.4f}"
+        f"{' [EMULATED]' if emulated else ''}"
+    )
+    if emulated and report.get("rows_with_answer") == 0 and sc.get("completed"):
+        summary += (
+            f"\nwarning: the emulator answered no field for any row: either no input row matches its "
+            f"knowledge table on column {knowledge_key!r}, or the table has no column named "
+            "like the output fields; set [emulator] knowledge and knowledge_key (README, The emulator)"
+        )
+    return summary
+
+
+def run_lines(message: str, report: dict[str, Any]) -> list[str]:
+    """What `enrich run` prints at the end, line by line: the message's first line, the summary under it,
+    then the rest of the message (so the last line still says how the job ended)."""
+    first, *rest = message.splitlines() or [""]
+    return [first, *(f"  {s}" for s in summary_lines(report)), *rest]
 
 
 def reuse_line(reuse: dict[str, Any]) -> str | None:

@@ -2,12 +2,12 @@
 
 Why from the JSON report only: every number on the page is then, by construction, the
 number in `<output>.report.json` (each is printed with `data-key`/`data-value` attributes
-holding the JSON value, which the tests compare). Charts are Altair specs rendered to static
-SVG by vl-convert in this process: no JavaScript, no CDN, nothing fetched when the page opens.
+holding the JSON value, which the tests compare). Charts are static SVG drawn by charts.py:
+no JavaScript, no CDN, nothing fetched when the page opens.
 
 Everything that came from the web (confidence labels, decision values, domains, error
 text) is hostile: text goes through `html.escape`, chart labels are reduced to printable
-characters before they reach the chart (vl-convert escapes SVG text again), and the page
+characters before they reach the chart (charts.py escapes SVG text again), and the page
 carries a Content-Security-Policy that forbids every script, so even a missed escape cannot run.
 """
 
@@ -16,9 +16,9 @@ from __future__ import annotations
 import html
 import json
 import re
-import subprocess
-import sys
 from typing import Any
+
+from enrich.charts import hbars, vbars
 
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
 STATUS_COLOURS = {
@@ -30,8 +30,7 @@ STATUS_COLOURS = {
     "skipped_budget": "#5e35b1",
 }
 CONF_COLOURS = {"high": "#2e7d32", "medium": "#f9a825", "low": "#c62828", "None": "#bdbdbd"}
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f<>&\"'`]")
-WIDTH = 520
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f<>&\"'`=]")
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0 auto;max-width:1180px;
@@ -55,7 +54,7 @@ def esc(value: Any) -> str:
 
 
 def label(value: Any, limit: int = 48) -> str:
-    """A chart label: printable characters only, bounded: `label('<script>x')` -> 'scriptx'."""
+    """A chart label: printable characters only (no markup or `=`), bounded: `label("<script>x")` -> "scriptx"."""
     text = _UNPRINTABLE.sub("", str(value))
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
@@ -66,18 +65,10 @@ def num(key: str, value: Any, unit: str = "") -> str:
     return f'<span data-key="{esc(key)}" data-value="{esc(json.dumps(value))}">{esc(shown)}</span>'
 
 
-def _svg(chart: Any) -> str:
-    import vl_convert as vlc
-
-    spec = chart.to_dict()
-    spec.setdefault("config", {})["aria"] = False  # no aria-label attributes: smaller, and no data in attributes
-    return vlc.vegalite_to_svg(spec)
-
-
-def _figure(chart_id: str, title: str, chart: Any | None, table: str = "", note: str = "") -> str:
+def _figure(chart_id: str, title: str, svg: str | None, table: str = "", note: str = "") -> str:
     body = (
-        f'<figure class="chart" id="chart-{chart_id}" data-chart="{chart_id}">{_svg(chart)}</figure>'
-        if chart is not None
+        f'<figure class="chart" id="chart-{chart_id}" data-chart="{chart_id}">{svg}</figure>'
+        if svg is not None
         else f'<p class="note" id="chart-{chart_id}" data-chart="{chart_id}">no data</p>'
     )
     return (
@@ -90,40 +81,18 @@ def _table(rows: list[tuple[str, str]], head: tuple[str, str] | None = None) -> 
     return "<table>" + h + "".join(f'<tr><td>{esc(k)}</td><td class="n">{v}</td></tr>' for k, v in rows) + "</table>"
 
 
-def _bars(
-    values: list[dict[str, Any]],
-    x: str,
-    y: str,
-    colour: str | None = None,
-    domain: dict[str, str] | None = None,
-    title_x: str = "",
-    stack: bool = False,
-    x_domain: list[float] | None = None,
-) -> Any:
-    import altair as alt
+def _interval(bounds: list[float]) -> str:
+    """`_interval([0.8, 0.95])` -> '80%–95%'."""
+    return f"{bounds[0]:.0%}–{bounds[1]:.0%}"
 
-    enc: dict[str, Any] = {
-        "x": alt.X(
-            f"{x}:Q",
-            title=title_x,
-            stack="zero" if stack else None,
-            scale=alt.Scale(domain=x_domain) if x_domain else alt.Undefined,
-        ),
-        "y": alt.Y(f"{y}:N", title=None, sort=None),
-        "tooltip": alt.value(None),
-    }
-    if colour:
-        scale = alt.Scale(domain=list(domain), range=list(domain.values())) if domain else alt.Undefined
-        enc["color"] = alt.Color(f"{colour}:N", title=None, scale=scale, sort=list(domain) if domain else None)
-        enc["order"] = alt.Order("o:Q")
-    height = max(40, 22 * len({v[y] for v in values}))
-    return alt.Chart(alt.Data(values=values)).mark_bar().encode(**enc).properties(width=WIDTH - 160, height=height)
+
+def _single(pairs: list[tuple[str, float]]) -> list[tuple[str, list[tuple[str, float]]]]:
+    """One plain bar per label: `[("a", 2)]` -> `[("a", [("a", 2)])]`."""
+    return [(k, [(k, v)]) for k, v in pairs]
 
 
 def render_html(report: dict[str, Any]) -> str:
     """The whole page as a string (well under 1 MB: charts summarise, they never list rows)."""
-    import altair as alt
-
     parts: list[str] = []
     emulated = bool(report.get("emulated"))
     rows = report.get("rows", 0)
@@ -156,20 +125,17 @@ def render_html(report: dict[str, Any]) -> str:
     cards: list[str] = []
 
     # rows by status
-    status_vals = [{"status": label(k), "rows": v, "o": i} for i, (k, v) in enumerate(sorted(sc.items()))]
     cards.append(
         _figure(
             "status",
             "Rows by status",
-            _bars(
-                status_vals,
-                "rows",
-                "status",
-                "status",
-                {label(k): STATUS_COLOURS.get(k, "#607d8b") for k in sorted(sc)},
-                "rows",
+            hbars(
+                _single([(label(k), v) for k, v in sorted(sc.items())]),
+                title="Rows by status",
+                x_title="rows",
+                colours={label(k): STATUS_COLOURS.get(k, "#607d8b") for k in sorted(sc)},
             )
-            if status_vals
+            if sc
             else None,
             _table([(k, num(f"status_counts.{k}", v)) for k, v in sorted(sc.items())]),
         )
@@ -182,18 +148,16 @@ def render_html(report: dict[str, Any]) -> str:
         ("estimate", report.get("estimated_cost_usd")),
         ("worst case", report.get("ladder_worst_case_usd")),
     ]
-    money_vals = [{"what": k, "usd": v, "o": i} for i, (k, v) in enumerate(money) if v is not None]
+    money_vals = [(k, float(v)) for k, v in money if v is not None]
     cards.append(
         _figure(
             "money",
             "Spend vs budget vs estimate (USD)",
-            _bars(
-                money_vals,
-                "usd",
-                "what",
-                "what",
-                {"spend": "#1565c0", "budget": "#90a4ae", "estimate": "#ffb300", "worst case": "#ef6c00"},
-                "USD",
+            hbars(
+                _single(money_vals),
+                title="Spend vs budget vs estimate (USD)",
+                x_title="USD",
+                colours={"spend": "#1565c0", "budget": "#90a4ae", "estimate": "#ffb300", "worst case": "#ef6c00"},
             )
             if money_vals
             else None,
@@ -221,12 +185,12 @@ def render_html(report: dict[str, Any]) -> str:
         )
     )
     cbp = report.get("cost_by_processor") or {}
-    proc_vals = [{"processor": label(p), "usd": d["cost_usd"], "o": 0} for p, d in cbp.items()]
+    proc_vals = [(label(p), float(d["cost_usd"])) for p, d in cbp.items()]
     cards.append(
         _figure(
             "processors",
             "Cost per processor (every paid run)",
-            _bars(proc_vals, "usd", "processor", title_x="USD") if proc_vals else None,
+            hbars(_single(proc_vals), title="Cost per processor (USD)", x_title="USD") if proc_vals else None,
             "<table><tr><th>processor</th><th>runs</th><th>USD</th><th>USD / 1,000 runs</th></tr>"
             + "".join(
                 f"<tr><td>{esc(p)}</td><td class=n>{num(f'cost_by_processor.{p}.runs', d['runs'])}"
@@ -242,32 +206,24 @@ def render_html(report: dict[str, Any]) -> str:
 
     # latency
     byp = lat.get("by_processor") or {}
-    hist_vals = []
+    bins: dict[tuple[float, str], dict[str, float]] = {}  # (lower edge, bin label) -> processor -> runs
     for p, d in byp.items():
         h = d.get("histogram") or {}
         edges, counts = h.get("edges_s") or [], h.get("counts") or []
         for i, c in enumerate(counts):
             hi = edges[i + 1] if i + 1 < len(edges) and edges[i + 1] is not None else None
-            hist_vals.append(
-                {
-                    "bin": f"{edges[i]:g}–{hi:g} s" if hi is not None else f"≥{edges[i]:g} s",
-                    "lo": edges[i],
-                    "runs": c,
-                    "processor": label(p),
-                }
-            )
+            name = f"{edges[i]:g}–{hi:g} s" if hi is not None else f"≥{edges[i]:g} s"
+            bins.setdefault((edges[i], name), {})[label(p)] = c
     hist = None
-    if hist_vals:
-        order = [b for _, b in sorted({(v["lo"], v["bin"]) for v in hist_vals})]
-        hist = (
-            alt.Chart(alt.Data(values=hist_vals))
-            .mark_bar()
-            .encode(
-                x=alt.X("bin:N", sort=order, title="submit → completion", axis=alt.Axis(labelAngle=-30)),
-                y=alt.Y("runs:Q", title="runs", stack="zero"),
-                color=alt.Color("processor:N", title="processor"),
-            )
-            .properties(width=WIDTH - 150, height=180)
+    if bins:
+        order = sorted(bins)
+        procs = list(dict.fromkeys(label(p) for p in byp))
+        hist = vbars(
+            [name for _, name in order],
+            {p: [bins[b].get(p, 0) for b in order] for p in procs},
+            title="Latency per run (seconds)",
+            x_title="submit → completion",
+            y_title="runs",
         )
     keys = ("count", "mean", "p50", "p90", "p95", "p99", "max")
     lat_table = (
@@ -297,31 +253,25 @@ def render_html(report: dict[str, Any]) -> str:
 
     # confidence
     conf = report.get("confidence_counts") or {}
-    conf_vals = [
-        {
-            "field": label(f),
-            "confidence": label(k),
-            "rows": v,
-            "o": ["high", "medium", "low"].index(k) if k in ("high", "medium", "low") else 3,
-        }
+    levels = sorted(
+        {label(k) for c in conf.values() for k in c}, key=lambda k: (["high", "medium", "low", k].index(k), k)
+    )
+    conf_rows = [
+        (label(f), sorted(((label(k), v) for k, v in c.items()), key=lambda kv: levels.index(kv[0])))
         for f, c in conf.items()
-        for k, v in sorted(c.items())
     ]
-    levels = sorted({v["confidence"] for v in conf_vals}, key=lambda k: (["high", "medium", "low", k].index(k), k))
     cards.append(
         _figure(
             "confidence",
             "Confidence per field (completed rows)",
-            _bars(
-                conf_vals,
-                "rows",
-                "field",
-                "confidence",
-                {k: CONF_COLOURS.get(k, "#8d6e63") for k in levels},
-                "rows",
-                stack=True,
+            hbars(
+                conf_rows,
+                title="Confidence per field (completed rows)",
+                x_title="rows",
+                colours={k: CONF_COLOURS.get(k, "#8d6e63") for k in levels},
+                legend=True,
             )
-            if conf_vals
+            if any(c for c in conf.values())
             else None,
             _table(
                 [
@@ -335,17 +285,16 @@ def render_html(report: dict[str, Any]) -> str:
 
     # hit and fill rates
     fill = report.get("fill_rate") or {}
-    fill_vals = [{"field": label(f), "rate": v, "o": 0} for f, v in fill.items() if v is not None]
+    fill_vals = [(label(f), float(v)) for f, v in fill.items() if v is not None]
     cards.append(
         _figure(
             "fill",
             "Hit rate and fill rate per field",
-            _bars(
-                [{"field": "(any field: hit rate)", "rate": report.get("hit_rate") or 0, "o": 0}, *fill_vals],
-                "rate",
-                "field",
-                title_x="share of all rows",
-                x_domain=[0, 1],
+            hbars(
+                _single([("(any field: hit rate)", float(report.get("hit_rate") or 0)), *fill_vals]),
+                title="Hit rate and fill rate per field",
+                x_title="share of all rows",
+                x_max=1.0,
             )
             if fill_vals
             else None,
@@ -365,12 +314,7 @@ def render_html(report: dict[str, Any]) -> str:
         _figure(
             "domains",
             "Top cited domains",
-            _bars(
-                [{"domain": label(d), "citations": n, "o": 0} for d, n in doms],
-                "citations",
-                "domain",
-                title_x="citations",
-            )
+            hbars(_single([(label(d), float(n)) for d, n in doms]), title="Top cited domains", x_title="citations")
             if doms
             else None,
             _table([(d, num(f"top_cited_domains.{i}", n)) for i, (d, n) in enumerate(doms)]),
@@ -381,26 +325,19 @@ def render_html(report: dict[str, Any]) -> str:
     # decisions (when a confidence gate produced them)
     dec = report.get("decision_counts") or {}
     if dec:
-        dec_vals = [
-            {"column": label(col), "decision": label(k), "rows": v, "o": 0}
-            for col, c in dec.items()
-            for k, v in sorted(c.items())
-        ]
         cards.append(
             _figure(
                 "decisions",
                 "Decisions",
-                _bars(
-                    dec_vals,
-                    "rows",
-                    "column",
-                    "decision",
-                    {
+                hbars(
+                    [(label(col), [(label(k), v) for k, v in sorted(c.items())]) for col, c in dec.items()],
+                    title="Decisions",
+                    x_title="rows",
+                    colours={
                         label(k): {"accepted": "#2e7d32", "review": "#f9a825", "rejected": "#c62828"}.get(k, "#607d8b")
                         for k in sorted({k for c in dec.values() for k in c})
                     },
-                    "rows",
-                    stack=True,
+                    legend=True,
                 ),
                 _table(
                     [
@@ -410,6 +347,22 @@ def render_html(report: dict[str, Any]) -> str:
                     ]
                 ),
             )
+        )
+    cal = report.get("calibration") or {}
+    if cal.get("levels"):
+        cards.append(
+            '<div class="card" id="calibration"><h3>Calibration: how often each level was right in your reviews</h3>'
+            "<table><tr><th>field</th><th>confidence</th><th>processor</th><th>reviewed</th><th>right</th>"
+            "<th>90% interval</th></tr>"
+            + "".join(
+                f"<tr><td>{esc(lv['field'])}</td><td>{esc(lv['confidence'])}</td><td>{esc(lv['processor'])}</td>"
+                f"<td class=n>{esc(lv['reviewed'])}</td><td class=n>{esc(format(lv['share_right'], '.0%'))}</td>"
+                f"<td class=n>{esc(_interval(lv['interval_90']))}</td></tr>"
+                for lv in cal["levels"]
+            )
+            + "</table>"
+            + "".join(f"<p class=note>{esc(sg['text'])}</p>" for sg in cal.get("suggestions", []))
+            + "</div>"
         )
     esc_rows = [(k, num(k, v)) for k, v in sorted(report.items()) if "escalat" in k and isinstance(v, int | float)]
     if esc_rows:
@@ -431,21 +384,3 @@ def render_html(report: dict[str, Any]) -> str:
         f"<meta name=viewport content='width=device-width,initial-scale=1'><title>{esc(title)}</title>"
         f"<style>{CSS}</style></head><body>" + "".join(parts) + "</body></html>\n"
     )
-
-
-def render_isolated(report: dict[str, Any]) -> str:
-    """render_html in a child process: the chart renderer (a JavaScript engine inside vl-convert) costs
-    ~135 MB that the job's own process never has to hold. Raises OSError if the child fails."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "enrich.report_html"],
-        input=json.dumps(report).encode(),
-        capture_output=True,
-        timeout=300,
-    )
-    if proc.returncode != 0:
-        raise OSError(f"the report renderer failed: {proc.stderr.decode(errors='replace').strip()[-300:]}")
-    return proc.stdout.decode()
-
-
-if __name__ == "__main__":  # the child of render_isolated: report JSON on stdin, HTML on stdout
-    sys.stdout.write(render_html(json.load(sys.stdin)))

@@ -29,6 +29,7 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from enrich.calibrate import calibration
 from enrich.config import GateConfig, digest, output_format_problem
 from enrich.decide import decided
 from enrich.errors import ConfigError
@@ -48,7 +49,7 @@ from enrich.journal import Journal, RowState
 from enrich.processors import strength
 from enrich.read import from_json_values
 from enrich.report import RunStats
-from enrich.report_html import render_isolated
+from enrich.report_html import render_html
 from enrich.review import review_lines, write_review_cells
 from enrich.spec import main_type
 from enrich.xlsx import EXCEL_MAX_CELL_CHARS, EXCEL_MAX_ROWS, longest_cell, to_frame, write_workbook
@@ -408,7 +409,8 @@ def write_output(
     file is still the one written, the write is skipped (a no-op resume rewrites nothing).
     """
     started = time.monotonic()
-    _trim_heap()
+    if sum(journal.counts().values()) >= TRIM_FROM_ROWS:
+        _trim_heap()
     state_key = _state_key(journal, path, fields, reasoning, formula_guard, emulated, budget_exhausted)
     report_path = report_json_path(path)
     last = journal.get("last_output")
@@ -489,6 +491,9 @@ def _write(
         report["review_lines"] = write_review_cells(
             review_path(path), proj.review.lines(), list(cfg.input.key), formula_guard=formula_guard
         )
+        cal = calibration(cfg, journal.verdict_history(), report["confidence_counts"], report["rows"])
+        if cal["reviewed"]:  # the user's own reviews say how often each level was right (enrich calibrate)
+            report["calibration"] = cal
     report["report_files"] = [str(report_path), str(html_report_path(path))]
     report["write_s"] = round(time.monotonic() - started, 3)
     if proj.statuses.get("timed_out"):
@@ -497,20 +502,15 @@ def _write(
         )
     if emulated:
         report["warning"] = "EMULATED: these values come from the local emulator's knowledge table, not web research"
-    if extra.get("interrupted"):
-        report["html_report"] = "not drawn: the run was interrupted; the next run draws it"
     atomic_json(report_path, report, indent=2)
-    html_path = html_report_path(path)
-    if extra.get("interrupted"):
-        # an interrupt must return at once: the chart engine takes seconds, so the page is drawn by the next
-        # run (which never skips a write while the page is missing); a page left from before would be stale
-        html_path.unlink(missing_ok=True)
-    else:
-        html = render_isolated(report)
-        atomic_write(html_path, lambda fp: fp.write(html.encode()))
+    html = render_html(report)  # milliseconds (charts are drawn directly), so an interrupted run draws it too
+    atomic_write(html_report_path(path), lambda fp: fp.write(html.encode()))
     if not journal.readonly:
         journal.set("last_output", {"state": state_key, "file": _file_id(path)})
     return report
+
+
+TRIM_FROM_ROWS = 50_000  # below this the pipeline's garbage is small, and a full collection costs ~0.1 s
 
 
 def _trim_heap() -> None:

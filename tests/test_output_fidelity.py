@@ -177,8 +177,8 @@ def test_array_of_objects_is_encoded_once_in_csv_parquet_xlsx_and_review(tmp_pat
     knowledge = tmp_path / "knowledge.csv"
     with knowledge.open("w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["company", "officers", "officers__tier"])  # base tier: lite-fast answers medium or low
-        w.writerows([c, json.dumps(v, ensure_ascii=False), "base"] for c, v in OFFICERS.items())
+        w.writerow(["company", "officers"])  # easy cells: answered high, and right
+        w.writerows([c, json.dumps(v, ensure_ascii=False)] for c, v in OFFICERS.items())
     (tmp_path / "schema.json").write_text(json.dumps(OFFICERS_SCHEMA))
     src = tmp_path / "in.csv"
     src.write_text("company\nApple\nMicrosoft\n")
@@ -186,6 +186,8 @@ def test_array_of_objects_is_encoded_once_in_csv_parquet_xlsx_and_review(tmp_pat
     for out in ("out.csv", "out.parquet", "out.xlsx"):
         cfg = job(tmp_path, src, out, fields=f'output_schema = "{tmp_path / "schema.json"}"\n')
         cfg.write_text(cfg.read_text().replace("time_scale = 0", f'time_scale = 0\nknowledge = "{knowledge}"'))
+        # every answer goes to review, so the review file shows the value (a weak tier's may be wrong)
+        cfg.write_text(cfg.read_text() + '\n[gate.fields.officers]\naccept = []\nreview = ["high", "medium"]\n')
         code, err = cli(capsys, "run", str(cfg), "--emulator")
         assert code == 0, err
         with (tmp_path / f"{Path(out).stem}.review.csv").open(newline="", encoding="utf-8") as f:
@@ -302,6 +304,8 @@ def test_researched_formula_text_is_a_text_cell_in_xlsx_and_guarded_in_csv(tmp_p
     for out in ("out.xlsx", "out.csv"):
         cfg = job(tmp_path, src, out)
         cfg.write_text(cfg.read_text().replace("time_scale = 0", f'time_scale = 0\nknowledge = "{knowledge}"'))
+        # every answer goes to review, so the review file shows the value (a weak tier's may be wrong)
+        cfg.write_text(cfg.read_text() + '\n[gate.fields.officers]\naccept = []\nreview = ["high", "medium"]\n')
         code, err = cli(capsys, "run", str(cfg), "--emulator")
         assert code == 0, err
     wb = openpyxl.load_workbook(tmp_path / "out.xlsx")

@@ -18,10 +18,13 @@ processor tier (lite < base < core < core2x < pro < ultra < ultra2x < ultra4x < 
   (seed, row key, field), each with a required tier drawn the same way (mostly base or core,
   some pro, a few ultra).
 
-A processor at or above the required tier answers `high`. One tier short answers `medium`
-(sometimes `low`); two or more tiers short answer `low`, and half of those cells come back
-null. Every draw is a hash of the seed and the cell, so the same row gets the same grade from
-the same processor in any run, any order. `<field>__tier` columns are never answered as fields.
+A processor at or above the required tier answers `high`, and right. One tier short answers
+`medium` (sometimes `low`), and is wrong in a share of those cells (`WRONG_ONE_SHORT`): a
+plausible other value, the same column of another row of the table; two or more tiers short
+answer `low`, half of those cells come back null and half of the rest are wrong. The table
+itself stays the truth, so a test can score every answer. Every draw is a hash of the seed and
+the cell, so the same row gets the same grade (and the same wrong value) from the same processor
+in any run, any order. `<field>__tier` columns are never answered as fields.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ DEFAULT_KNOWLEDGE = Path(__file__).resolve().parent.parent / "data" / "companies
 TIERS = ("lite", "base", "core", "core2x", "pro", "ultra", "ultra2x", "ultra4x", "ultra8x")
 TIER_SUFFIX = "__tier"
 HARD_TIERS = (("base", 0.4), ("core", 0.35), ("pro", 0.2), ("ultra", 0.05))  # required tier of a drawn hard cell
+WRONG_ONE_SHORT = 0.25  # share of one-tier-short answers that are wrong (another row's value)
+WRONG_FAR_SHORT = 0.5  # share of the kept two-or-more-short answers that are wrong
 
 
 def tier_rank(processor: str) -> int:
@@ -75,16 +80,18 @@ class Quality:
             x -= weight
         return TIERS.index(HARD_TIERS[-1][0])
 
-    def grade(self, required: int, processor: str, row_id: str, field: str) -> tuple[str, bool]:
-        """(confidence, whether the value is kept) for a processor answering a hard cell."""
+    def grade(self, required: int, processor: str, row_id: str, field: str) -> tuple[str, bool, bool]:
+        """(confidence, whether a value is given, whether that value is wrong) for a processor answering a
+        hard cell."""
         rank = tier_rank(processor)
         gap = required - rank
         if gap <= 0:
-            return "high", True
+            return "high", True, False
         u = _unit(self.seed, "grade", row_id, field, TIERS[rank])
+        wrong = _unit(self.seed, "wrong", row_id, field, TIERS[rank])
         if gap == 1:
-            return ("medium" if u < 0.7 else "low"), True
-        return "low", u >= 0.5
+            return ("medium" if u < 0.7 else "low"), True, wrong < WRONG_ONE_SHORT
+        return "low", u >= 0.5, u >= 0.5 and wrong < WRONG_FAR_SHORT
 
 
 def norm_value(value: Any) -> str:
@@ -242,7 +249,13 @@ class Knowledge:
             if grader is not None and row is not None and value is not None and column is not None:
                 graded = self._grade(entity, row, prop, column, grader)
                 if graded is not None:
-                    entry, keep = graded
+                    entry, keep, wrong = graded
+                    if keep and wrong:
+                        value = self._wrong_value(row, prop, sub if isinstance(sub, dict) else {}, value, grader)
+                        shown = json.dumps(value, ensure_ascii=False)  # its evidence says what it answers
+                        entry["reasoning"] = f"Hard to establish for {entity!r}; one source found suggests {shown}."
+                        for c in entry["citations"]:
+                            c["excerpts"] = [f"{column}: {shown}"]
                     content[prop] = value if keep else None
                     basis.append(entry)
                     continue
@@ -276,10 +289,26 @@ class Knowledge:
                 )
         return {"type": "json", "content": content, "basis": basis}
 
+    def _wrong_value(
+        self, row: dict[str, str], prop: str, schema: dict[str, Any], right: Any, grader: tuple[Quality, str]
+    ) -> Any:
+        """A plausible wrong answer: the same property of another row (drawn from the seed and the cell), never
+        the right value; the right one when no other row has a different value."""
+        quality, processor = grader
+        others = list(self.rows.values())
+        start = int(_unit(quality.seed, "other", norm_value(row[self.key]), prop, processor) * len(others))
+        for i in range(len(others)):
+            other = others[(start + i) % len(others)]
+            value, _ = self._fill(other, prop, schema)
+            if value is not None and value != right:
+                return value
+        return right
+
     def _grade(
         self, entity: str, row: dict[str, str], prop: str, column: str, grader: tuple[Quality, str]
-    ) -> tuple[dict[str, Any], bool] | None:
-        """(basis entry, keep the value?) for a hard cell answered by `processor`; None when it is easy."""
+    ) -> tuple[dict[str, Any], bool, bool] | None:
+        """(basis entry, give a value?, is it wrong?) for a hard cell answered by `processor`; None when it is
+        easy."""
         quality, processor = grader
         row_id = norm_value(row[self.key])
         field = norm_name(prop)
@@ -287,7 +316,7 @@ class Knowledge:
         required = quality.required(row_id, field, row.get(tier_col) if tier_col else None)
         if required is None:
             return None
-        confidence, keep = quality.grade(required, processor, row_id, field)
+        confidence, keep, wrong = quality.grade(required, processor, row_id, field)
         if confidence == "high":
             reasoning = f"The knowledge-table row for {entity!r} gives {column} = {row[column]!r}."
         elif keep:
@@ -296,19 +325,27 @@ class Knowledge:
                 f"the best source found suggests {row[column]!r}."
             )
         else:
-            return {
+            return (
+                {
+                    "field": prop,
+                    "citations": [],
+                    "confidence": "low",
+                    "reasoning": f"{processor} could not establish {prop!r} for {entity!r} "
+                    f"({TIERS[required]} tier or above needed).",
+                },
+                False,
+                False,
+            )
+        return (
+            {
                 "field": prop,
-                "citations": [],
-                "confidence": "low",
-                "reasoning": f"{processor} could not establish {prop!r} for {entity!r} "
-                f"({TIERS[required]} tier or above needed).",
-            }, False
-        return {
-            "field": prop,
-            "citations": [self._citation(entity, row, column)],
-            "confidence": confidence,
-            "reasoning": reasoning,
-        }, True
+                "citations": [self._citation(entity, row, column)],
+                "confidence": confidence,
+                "reasoning": reasoning,
+            },
+            True,
+            wrong,
+        )
 
     def _fill(self, row: dict[str, str] | None, prop: str, schema: dict[str, Any]) -> tuple[Any, str | None]:
         """(value coerced to the schema type, source column) for one property."""

@@ -73,9 +73,13 @@ class EmulatorServer:
             self._thread.join(0.01)
         return self
 
-    def stop(self) -> None:
+    def request_stop(self) -> None:
+        """Ask the server to shut down without waiting (`stop` waits): it winds down while the caller works."""
         if self._server is not None:
             self._server.should_exit = True
+
+    def stop(self) -> None:
+        self.request_stop()
         if self._thread is not None:
             self._thread.join(10)
         self.sock.close()

@@ -15,7 +15,7 @@ import resource
 import sys
 import time
 
-from parallel import AsyncParallel, RateLimitError
+from parallel import APIError, AsyncParallel, RateLimitError
 
 SCHEMA = {
     "type": "json",
@@ -49,6 +49,9 @@ async def main(base_url: str, path: str, column: str, concurrency: int, processo
                 except RateLimitError:
                     retries += 1
                     await asyncio.sleep(1.0)
+                except APIError:  # a timeout or a 5xx the SDK's own retries did not cure: the row is lost
+                    errors += 1
+                    return
             try:
                 res = await client.task_run.result(run.run_id, api_timeout=600)
                 results[i] = res.output.content
