@@ -20,11 +20,14 @@ from typing import Any
 import httpx
 import polars as pl
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from enrich.config import load_config
 from enrich.failpoints import POINTS
 from enrich.job import run_job
-from enrich.journal import Journal
+from enrich.journal import Finished, Journal
 from enrich.reuse import ResultCache
 from tests.conftest import CANARY_KEY, ROOT, run_enrich, wait_for, write_config
 
@@ -609,3 +612,95 @@ def test_a_bad_where_is_refused_before_anything_is_sent(
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and named in lines[0] and json.dumps(where) in lines[0], r.stderr
     assert emu.ledger() == []
+
+
+# ---- the journal's transitions with twins (no API) -------------------------------------------------------------
+
+TWIN_INPUTS = {"a": "x", "b": "x", "c": "y", "d": "y", "e": "y", "f": "z"}  # three distinct inputs in six rows
+
+
+class TwinJournal(RuleBasedStateMachine):
+    """Random claims, sends, losses, releases (some failing a row) and finished runs on a journal with twins:
+    never two runs in flight for one input, exactly one claimable row per input with work left and none in
+    flight, a result reaches every waiting twin at once, and the money reserved is one run per claim."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.j = Journal.open(":memory:")
+        batch = [
+            (json.dumps([k]), f"ref{k}", i, i + 2, json.dumps([k]), json.dumps({"c": v}), v, "s", "lite")
+            for i, (k, v) in enumerate(TWIN_INPUTS.items())
+        ]
+        self.j.seed([batch], 1, None, False, dedupe=True)
+        self.seq = 0
+        self.claims = 0
+        self.released = 0
+        self.runs: dict[str, tuple[str, int]] = {}  # run id -> (row key, attempt)
+
+    def rows(self, *states: str) -> list[tuple[str, int]]:
+        marks = ",".join("?" * len(states))
+        return self.j.conn.execute(
+            f"SELECT row_key, attempts FROM rows WHERE state IN ({marks}) ORDER BY ordinal", states
+        ).fetchall()
+
+    @rule(n=st.integers(1, 6))
+    def claim(self, n: int) -> None:
+        self.seq += 1
+        self.claims += len(self.j.claim(1, n, {"lite": 5000}, None, 0.0, self.seq))
+
+    @precondition(lambda self: self.rows("intent"))
+    @rule(data=st.data())
+    def submit(self, data: st.DataObject) -> None:
+        rows = data.draw(st.lists(st.sampled_from(self.rows("intent")), min_size=1, unique=True))
+        ids = [f"t{self.seq}_{k}_{a}" for k, a in rows]
+        self.j.mark_submitted(rows, ids, self.seq, "", 1.0)
+        self.runs.update({rid: row for rid, row in zip(ids, rows, strict=True)})
+
+    @precondition(lambda self: self.rows("intent"))
+    @rule(data=st.data())
+    def lose(self, data: st.DataObject) -> None:
+        self.j.mark_unknown([data.draw(st.sampled_from(self.rows("intent")))], "lost")
+
+    @precondition(lambda self: self.rows("intent", "unknown"))
+    @rule(data=st.data(), rejected=st.booleans())
+    def release(self, data: st.DataObject, rejected: bool) -> None:
+        row = data.draw(st.sampled_from(self.rows("intent", "unknown")))
+        self.j.release([row], 0.0, None, "refused" if rejected else "gone", 2, count_retry=rejected)
+        self.released += 1
+
+    @precondition(lambda self: self.runs)
+    @rule(data=st.data(), ok=st.booleans())
+    def finish(self, data: st.DataObject, ok: bool) -> None:
+        rid = data.draw(st.sampled_from(sorted(self.runs)))
+        key, attempt = self.runs.pop(rid)
+        ref = "ref" + json.loads(key)[0]
+        result = '{"output": {"content": {}}}' if ok else None
+        self.j.record([Finished(rid, ref, attempt, result_json=result, error=None if ok else "run failed")], 2.0)
+
+    @invariant()
+    def one_run_per_input(self) -> None:
+        by_input: dict[str, list[tuple[str, int, str | None]]] = {}
+        for state, waits, inp, run_inp in self.j.conn.execute(
+            "SELECT state, waits, input_hash, run_input_hash FROM rows"
+        ):
+            by_input.setdefault(inp, []).append((state, waits, run_inp))
+        for inp, rows in by_input.items():
+            flying = [r for r in rows if r[0] in ("intent", "unknown", "submitted")]
+            assert len(flying) <= 1, (inp, rows)
+            pending = [r for r in rows if r[0] == "pending"]
+            claimable = [r for r in pending if r[1] == 0]
+            if pending and not flying:
+                assert len(claimable) == 1, (inp, rows)
+            if flying:
+                assert not claimable, (inp, rows)
+        with_result = {r[0] for r in self.j.conn.execute("SELECT input_hash FROM results")}
+        waiting = {r[0] for r in self.j.conn.execute("SELECT input_hash FROM rows WHERE state='pending'")}
+        assert not with_result & waiting  # a recorded result reached every twin waiting for it
+        assert self.j.spent_micros() == 5000 * (self.claims - self.released)
+
+    def teardown(self) -> None:
+        self.j.close()
+
+
+TestTwinJournal = TwinJournal.TestCase
+TestTwinJournal.settings = settings(max_examples=150, stateful_step_count=30, deadline=None)

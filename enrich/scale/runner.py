@@ -120,6 +120,17 @@ def check_shared(cfg: RunConfig, journal: Path) -> None:
             )
 
 
+def check_cache(cfg: RunConfig, multi: bool) -> None:
+    """A results cache is supported on a local Ray (every partition on this machine uses the one file); on a
+    multi-node cluster it is refused: SQLite's locking does not hold across machines or network filesystems."""
+    if multi and cfg.cache.path is not None:
+        raise ConfigError(
+            f"[cache] path {cfg.cache.path}: a results cache is a SQLite file for the processes of one machine "
+            "(its locking does not hold across machines or network filesystems), and this Ray cluster has "
+            "several nodes; run without it (--no-cache), or on a local Ray (--ray without an address)"
+        )
+
+
 def _fingerprint(cfg: RunConfig) -> str:
     """What a finished partition's rows depend on besides its slice: task, processors, columns, output form."""
     spec = build_task_spec(cfg)
@@ -321,12 +332,7 @@ def run_partitioned(
     try:
         if multi and address is not None:
             check_shared(cfg, jpath)
-        if multi and cfg.cache.path is not None:
-            raise ConfigError(
-                f"[cache] path {cfg.cache.path}: a results cache is a SQLite file for the processes of one machine "
-                "(its locking does not hold across machines or network filesystems), and this Ray cluster has "
-                "several nodes; run without it (--no-cache), or with a local Ray (--ray without an address)"
-            )
+        check_cache(cfg, multi)
         lock = _Lock(jpath.with_name(jpath.name + ".parts.lock"))
         try:
             return _run(cfg, jpath, dataset, partitions, api_key, emulated, retry_failed, adopt, fresh)
