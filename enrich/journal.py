@@ -215,6 +215,9 @@ class Journal(DecisionStore):
         self.last_seed_counts: dict[str, int] = {}
         self.last_seed_waiting = 0  # pending rows that wait for a twin's run (dedupe), at the last seeding
         self.dedupe = False  # set by pipeline.prepare from `[input] dedupe`: twins share one run
+        # may a row wait for a twin? Only WAITS_SQL makes one wait (seeding, a climb, unstick), so while it found
+        # none the per-result share step is skipped (a job without duplicates pays nothing for dedupe)
+        self.twins = True
         self.reused_moves = 0  # rows this process gave an outcome without a run of their own (twins, cache)
 
     # ---- opening, locking --------------------------------------------------------------
@@ -420,6 +423,7 @@ class Journal(DecisionStore):
             if self.dedupe:
                 conn.execute(WAITS_SQL.format(scope="rows.epoch=:epoch"), {"epoch": epoch})
             self.last_seed_waiting = self.waiting(epoch)
+            self.twins = self.last_seed_waiting > 0
             self.set("epoch", epoch, conn)
             for k, v in (meta or {}).items():
                 self.set(k, v, conn)
@@ -723,7 +727,7 @@ class Journal(DecisionStore):
 
     def _share(self, c: sqlite3.Connection, leaders: list[int]) -> int:
         """Rows waiting on the runs of `leaders` (rows whose run just ended) take its outcome; returns how many."""
-        if not self.dedupe or not leaders:
+        if not self.dedupe or not leaders or not self.twins:
             return 0
         moved = 0
         for chunk in chunks(leaders):

@@ -24,6 +24,7 @@ class DecisionStore:
     _move: Any
     _ledger_job = ""
     dedupe = False  # twins share one run (Journal sets it from `[input] dedupe`)
+    twins = True  # may a row wait for a twin (Journal)
 
     def spent_on_day(self, day: str) -> int:
         """Micro-dollars reserved on UTC `day` in the spend ledger (every job sharing it)."""
@@ -91,6 +92,7 @@ class DecisionStore:
                 "climb",
             )
             if self.dedupe:  # the moved rows and their pending twins: who leads, who waits
+                self.twins = True
                 for part in chunks([i for i, _ in moves]):
                     names = {f"i{n}": i for n, i in enumerate(part)}
                     inside = ",".join(f":{k}" for k in names)
