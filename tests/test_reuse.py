@@ -28,7 +28,7 @@ from enrich.config import load_config
 from enrich.failpoints import POINTS
 from enrich.job import run_job
 from enrich.journal import Finished, Journal
-from enrich.reuse import ResultCache
+from enrich.reuse import ResultCache, Reuse
 from tests.conftest import CANARY_KEY, ROOT, run_enrich, wait_for, write_config
 
 SP_KNOWLEDGE = ("--knowledge-key", "Security", "--time-scale", "0.001")
@@ -704,3 +704,29 @@ class TwinJournal(RuleBasedStateMachine):
 
 TestTwinJournal = TwinJournal.TestCase
 TestTwinJournal.settings = settings(max_examples=150, stateful_step_count=30, deadline=None)
+
+
+def test_find_answers_from_the_journal_first_then_the_cache(tmp_path: Path) -> None:
+    """`Reuse.find` (what a pilot asks before paying for a (row, processor)): this journal's result, else the
+    cache's entry of the job's origin, else nothing; a result older than refresh_after_days does not count."""
+    j = Journal.open(tmp_path / "j.sqlite")
+    batch = [(json.dumps(["a"]), "refa", 0, 2, "[]", '{"c": "x"}', "hx", "s", "lite")]
+    j.seed([batch], 1, None, False, dedupe=True)
+    j.set("server_origin", "emulator")
+    claimed = j.claim(1, 1, {"lite": 5000}, None, 0.0, 1)
+    j.mark_submitted([(claimed[0].row_key, claimed[0].attempt)], ["trun_mine"], 1, "", 1.0)
+    j.record([Finished("trun_mine", "refa", 1, result_json='{"output": {}}')], 100.0)
+    cache = ResultCache.open(tmp_path / "c.sqlite")
+    cache.put([("hy", "s", "lite", "trun_other", 200.0, '{"output": {}}')], "emulator", 200.0)
+    cache.put([("hz", "s", "lite", "trun_real", 200.0, '{"output": {}}')], "api", 200.0)
+    reuse = Reuse(j, cache, fresh_after=None, read=True, emulated=False)
+    keys = [("hx", "s", "lite"), ("hy", "s", "lite"), ("hz", "s", "lite"), ("hx", "s", "base")]
+    found = reuse.find(keys)
+    assert {k: (f.source, f.run_id) for k, f in found.items()} == {
+        ("hx", "s", "lite"): ("journal", "trun_mine"),
+        ("hy", "s", "lite"): ("cache", "trun_other"),
+    }
+    stale = Reuse(j, cache, fresh_after=150.0, read=True, emulated=False)
+    assert set(stale.find(keys)) == {("hy", "s", "lite")}
+    cache.close()
+    j.close()
