@@ -1001,7 +1001,7 @@ def plan_job(cfg: RunConfig, *, emulated: bool = False, retry_failed: bool = Fal
     preflight.check_job(cfg, api_key=None, emulated=emulated, journal_path=path)
     if (info := scale_status.plan(cfg, path)) is not None:  # a partitioned job (--ray)
         return scale_status.format_plan(info)
-    cache = open_cache(cfg.cache.path)
+    cache = open_cache(cfg.cache.path, create=False)  # plan makes no file: a cache not made yet holds nothing
     try:
         journal = Journal.open(path, readonly=False) if path.exists() else Journal.open(":memory:")
         try:

@@ -343,8 +343,11 @@ class Reuse:
         return written
 
 
-def open_cache(path: Path | None) -> ResultCache | None:
-    return None if path is None else ResultCache.open(path)
+def open_cache(path: Path | None, create: bool = True) -> ResultCache | None:
+    """The job's results cache (None without one); without `create` (plan), a cache not made yet is None too."""
+    if path is None or (not create and not Path(path).expanduser().is_file()):
+        return None
+    return ResultCache.open(path, create=create)
 
 
 def summary(journal: Journal, epoch: int, ladder: list[str]) -> dict[str, Any]:
