@@ -119,3 +119,18 @@ def test_a_job_that_refreshes_old_answers_is_never_answered_from_the_journal(tmp
     cfg.write_text(cfg.read_text().replace("[task]\n", "[task]\nrefresh_after_days = 30\n"))
     assert run_enrich("run", str(cfg)).returncode == 0, cfg.read_text()
     assert probe("run", str(cfg))[0]["pipeline"] is True
+
+
+def test_a_deleted_review_file_is_written_again_by_the_rerun(tmp_path: Path, emulator_process) -> None:
+    """Deleting the review file and running again writes it again, with the lines the summary names."""
+    emu = emulator_process("--time-scale", "0")
+    cfg = _job(tmp_path, emu.base_url)
+    assert run_enrich("run", str(cfg)).returncode == 0
+    review = tmp_path / "out.review.csv"
+    lines = review.read_text(encoding="utf-8").splitlines()
+    assert len(lines) > 1  # Acme Widgets is unknown to the emulator: its fields are rejected
+    review.unlink()
+    again = run_enrich("run", str(cfg))
+    assert again.returncode == 0, again.stderr
+    assert f"({len(lines) - 1} lines" in again.stderr
+    assert review.read_text(encoding="utf-8").splitlines() == lines
