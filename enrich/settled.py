@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ def input_fingerprint(cfg: RunConfig, spec_hash: str) -> str | None:
     """Identity of (input file bytes, how it is read, the task): equal means seeding would change nothing."""
     try:
         st = cfg.input.path.stat()
+        if not stat.S_ISREG(st.st_mode):  # a pipe would be consumed here (or block), not fingerprinted
+            return None
         h = hashlib.sha256()
         with cfg.input.path.open("rb") as f:
             while chunk := f.read(1 << 20):
