@@ -486,8 +486,9 @@ def _signals(stop: Stop) -> Iterator[None]:
     """The CLI's signals, held for the whole job (before its event loop starts, while it runs, and while the
     output is written): the first stops the job (Stop.interrupt; the output is still written), a second one
     leaves at once. Process-level handlers, not the loop's: a loop resets SIGINT when it closes, and
-    asyncio.run installs its own only where SIGINT has the default handler. The previous handlers return
-    afterwards (an in-process caller keeps its own)."""
+    asyncio.run installs its own only where SIGINT has the default handler. A SIGHUP the process was started
+    ignoring (nohup) stays ignored. The previous handlers return afterwards (an in-process caller
+    keeps its own)."""
 
     def on_signal(signum: int, frame: Any) -> None:
         with contextlib.suppress(OSError, ValueError):  # a closed stderr must not turn a stop into a crash
@@ -501,6 +502,8 @@ def _signals(stop: Stop) -> Iterator[None]:
 
     previous = {}
     for sig in SIGNALS:
+        if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:  # nohup: outlive the terminal
+            continue
         with contextlib.suppress(OSError, ValueError):
             previous[sig] = signal.signal(sig, on_signal)
     try:

@@ -135,6 +135,26 @@ def test_sighup_stops_like_sigterm_and_writes_the_output(tmp_path: Path, emulato
     assert len(emu.ledger()) == ROWS  # nothing was paid twice
 
 
+def test_under_nohup_a_sighup_does_not_stop_the_job(tmp_path: Path, emulator_process) -> None:
+    """`nohup enrich run ...` (SIGHUP ignored when it starts): a SIGHUP mid-run does not stop the job, exit 0."""
+    emu = emulator_process("--time-scale", "0.05")
+    cfg = companies_job(tmp_path, limits="batch_size = 5\nmax_in_flight = 10")
+    nohup = ["sh", "-c", 'trap "" HUP; exec "$@"', "sh"]  # what nohup does: the ignore is inherited through exec
+    proc = subprocess.Popen(
+        [*nohup, sys.executable, "-m", "enrich", "run", str(cfg), "--base-url", emu.base_url],
+        cwd=ROOT,
+        env=env_with(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(lambda: len(emu.ledger()) >= 10, timeout=60)
+    proc.send_signal(signal.SIGHUP)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "stopping" not in err
+    assert statuses(tmp_path / "o.csv") == ["completed"] * ROWS
+
+
 def test_a_signal_while_the_output_is_written_lets_the_write_finish(tmp_path: Path, emulator_process) -> None:
     """Ctrl-C exactly while a finished job writes its output: no traceback, the output and both reports are
     whole (every row done), the job's own exit code."""
