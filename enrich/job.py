@@ -516,12 +516,16 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGHUP: the terminal
 @contextlib.contextmanager
 def _signals(stop: Stop) -> Iterator[None]:
     """The CLI's signals, held for the whole job (before its event loop starts, while it runs, and while the
-    output is written): the first stops the job (Stop.interrupt; the output is still written), a second one
-    leaves at once. Process-level handlers, not the loop's: a loop resets SIGINT when it closes, and
-    asyncio.run installs its own only where SIGINT has the default handler. The previous handlers return
-    afterwards (an in-process caller keeps its own)."""
+    output is written): before the loop starts (preflight, seeding the input, nothing sent yet) a signal
+    leaves at once as KeyboardInterrupt; after, the first stops the job (Stop.interrupt; the output is still
+    written), a second one leaves at once. Process-level handlers, not the loop's: a loop resets SIGINT when it closes, and
+    asyncio.run installs its own only where SIGINT has the default handler. A SIGHUP the process was started
+    ignoring (nohup) stays ignored. The previous handlers return afterwards (an in-process caller
+    keeps its own)."""
 
     def on_signal(signum: int, frame: Any) -> None:
+        if not stop.started:  # still checking or seeding the input (one transaction, rolled back): leave at once
+            raise KeyboardInterrupt
         with contextlib.suppress(OSError, ValueError):  # a closed stderr must not turn a stop into a crash
             if stop.interrupted:  # every commit already made is durable: the next run resumes from it
                 print("enrich: interrupted again; exiting at once (the journal is intact)", file=sys.stderr)
@@ -533,6 +537,8 @@ def _signals(stop: Stop) -> Iterator[None]:
 
     previous = {}
     for sig in SIGNALS:
+        if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:  # nohup: outlive the terminal
+            continue
         with contextlib.suppress(OSError, ValueError):
             previous[sig] = signal.signal(sig, on_signal)
     try:

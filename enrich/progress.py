@@ -40,6 +40,11 @@ class Stop:
     def interrupted(self) -> bool:
         return self.interrupts > 0
 
+    @property
+    def started(self) -> bool:
+        """True once the job's event loop has bound this Stop (work has begun)."""
+        return self._loop is not None
+
     def bind(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[object] | None = None) -> None:
         """Called by the job on its loop as it starts; an interrupt that came earlier takes effect now."""
         self._loop, self._task = loop, task

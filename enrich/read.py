@@ -471,6 +471,8 @@ def open_table(
     p = Path(path)
     if p.is_dir():
         raise InputError(str(p), "is a directory, not a file")
+    if p.exists() and not p.is_file():  # the job reads it twice (its fingerprint, then its rows)
+        raise InputError(str(p), "is not a regular file (a pipe or a device); save the data to a file and give that")
     if p.suffix.lower() in PARQUET_SUFFIXES:
         return read_parquet(p, required, forbidden, batch_rows)
     if p.suffix.lower() == ".xlsx":

@@ -260,8 +260,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         )
     if said := reuse_line(report.get("reuse") or {}):
         lines.append(said)
-    if decisions := report.get("decision_counts"):
-        per_field = []
+    if decisions := {col: counts for col, counts in (report.get("decision_counts") or {}).items() if counts}:
+        per_field = []  # a field with no decision yet (no row completed) is left out, not printed bare
         for col, counts in sorted(decisions.items()):  # sorted: the same order when read back from the JSON
             order = sorted(counts, key=lambda k: (_DECISION_ORDER.index(k) if k in _DECISION_ORDER else 99, k))
             name = col.removesuffix("__decision")

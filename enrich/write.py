@@ -405,8 +405,10 @@ def write_output(
 ) -> dict[str, Any]:
     """Write the output file and `<output>.report.json`; return the report.
 
-    When neither the journal nor the output settings changed since the last write and the
-    file is still the one written, the write is skipped (a no-op resume rewrites nothing).
+    When neither the journal nor the output settings changed since the last write and every file it
+    wrote (output, reports, review file) is still the one written, the write is skipped (a no-op resume
+    rewrites nothing); a file deleted, replaced or modified since (its size, mtime or inode changed) makes it
+    write them all again.
     """
     started = time.monotonic()
     if sum(journal.counts().values()) >= TRIM_FROM_ROWS:
@@ -414,14 +416,8 @@ def write_output(
     state_key = _state_key(journal, path, fields, reasoning, formula_guard, emulated, budget_exhausted)
     report_path = report_json_path(path)
     last = journal.get("last_output")
-    if (
-        last
-        and last.get("state") == state_key
-        and path.exists()
-        and report_path.exists()
-        and html_report_path(path).exists()
-        and last.get("file") == _file_id(path)
-    ):
+    ids = _written_ids(path, cfg is not None) if last and last.get("state") == state_key else None
+    if ids is not None and last.get("files") == ids:
         report = json.loads(report_path.read_text())
         report.update(extra)
         report["output_unchanged"] = True
@@ -506,7 +502,7 @@ def _write(
     html = render_html(report)  # milliseconds (charts are drawn directly), so an interrupted run draws it too
     atomic_write(html_report_path(path), lambda fp: fp.write(html.encode()))
     if not journal.readonly:
-        journal.set("last_output", {"state": state_key, "file": _file_id(path)})
+        journal.set("last_output", {"state": state_key, "files": _written_ids(path, cfg is not None)})
     return report
 
 
@@ -520,9 +516,14 @@ def _trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _file_id(path: Path) -> list[int]:
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ino]
+def _written_ids(path: Path, review: bool) -> list[list[int]] | None:
+    """(size, mtime, inode) of each file a write leaves (the review file when a job config is given), or
+    None when one is missing: a file deleted or replaced since the last write makes the next one write."""
+    files = [path, report_json_path(path), html_report_path(path), *([review_path(path)] if review else [])]
+    try:
+        return [[st.st_size, st.st_mtime_ns, st.st_ino] for st in (f.stat() for f in files)]
+    except OSError:
+        return None
 
 
 def _state_key(journal: Journal, path: Path, fields: Any, *flags: Any) -> str:
