@@ -102,9 +102,16 @@ def hbars(
             f'<path d="M{_n(x)} 4v{_n(plot_h)}" stroke="#e6e6e6"/>'
             f'<text x="{_n(x)}" y="{_n(plot_h + 18)}" text-anchor="middle">{_t(_fmt(v))}</text>'
         )
+    fits = max(int((label_w - 8) / CHAR_WIDTH), 5)
     for i, (lbl, segs) in enumerate(rows):
         y = 4 + i * ROW_HEIGHT
-        body.append(f'<text x="{_n(plot_x - 6)}" y="{_n(y + ROW_HEIGHT / 2 + 4)}" text-anchor="end">{_t(lbl)}</text>')
+        shown = (
+            lbl if len(lbl) <= fits else f"{lbl[: (fits - 1) // 2]}…{lbl[len(lbl) - (fits - 1 - (fits - 1) // 2) :]}"
+        )
+        body.append(
+            f'<text x="{_n(plot_x - 6)}" y="{_n(y + ROW_HEIGHT / 2 + 4)}" text-anchor="end">{_t(shown)}'
+            f"<title>{_t(lbl)}</title></text>"
+        )
         x = plot_x
         for s, v in segs:
             w = plot_w * max(v, 0) / scale_max

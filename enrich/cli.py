@@ -56,6 +56,9 @@ _EPILOGS = {
     "exit codes: 0 stopped, 2 bad option or the port is taken",
     "init": "example:\n  enrich init data/companies.xlsx --config configs/mine.toml\n\n"
     "exit codes: 0 config written, 2 the config exists already or the data file is unusable",
+    "cache": "examples:\n  enrich cache stats ~/.cache/enrich/results.sqlite\n"
+    "  enrich cache prune ~/.cache/enrich/results.sqlite --older-than 90d\n\n"
+    "exit codes: 0 done, 2 no such cache, or not a results cache",
 }
 
 
@@ -112,6 +115,14 @@ def _parser() -> argparse.ArgumentParser:
             help="local: WAL; network: SQLite's rollback journal, for journals on NFS/SMB/FUSE shared storage; "
             "auto (default) detects the file system (overrides limits.journal_mode)",
         )
+        reuse = sp.add_mutually_exclusive_group()
+        reuse.add_argument(
+            "--cache",
+            metavar="PATH",
+            help="results cache shared across jobs (overrides [cache] path): completed results are reused, "
+            "new ones stored",
+        )
+        reuse.add_argument("--no-cache", action="store_true", help="use no results cache, even one the config names")
 
     run = add("run", "enrich the input (continues an interrupted job)")
     job_flags(run)
@@ -130,7 +141,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--fresh",
         action="store_true",
-        help="start over: delete the journal (its results are lost; rows are paid for again)",
+        help="start over: delete the journal (its results are lost; rows are paid for again) and do not "
+        "read the results cache (new results are still stored in it)",
     )
     run.add_argument(
         "--ray",
@@ -235,6 +247,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     sv.add_argument("--reviewer", help="name recorded with each verdict (default: your user name)")
     sv.add_argument("--no-browser", action="store_true", help="only print the page's URL; do not open a browser")
+    cc = add("cache", "a results cache shared by jobs: what it holds, or prune old entries")
+    cc.add_argument("action", choices=["stats", "prune"], help="stats: entries and their value; prune: remove old ones")
+    cc.add_argument("path", help="the cache file ([cache] path or --cache of run)")
+    cc.add_argument("--older-than", metavar="AGE", help="prune: entries completed longer ago than AGE (90d, 12h, 2w)")
+    cc.add_argument("--json", action="store_true", help="stats: machine-readable output")
     ini = add("init", "write a commented starter config from a data file's columns (asks nothing)")
     ini.add_argument("data", help="the data file: .csv, .parquet or .xlsx (first sheet)")
     ini.add_argument("--config", help="config file to write (default: <data stem>.toml here; never overwritten)")

@@ -25,6 +25,7 @@ from enrich.job import apply_review, calibrate_job, export, format_status, job_s
 from enrich.read import skip_pandas_probe
 from enrich.report import run_lines
 from enrich.review_page.server import serve as serve_review
+from enrich.reuse import cache_stats, format_cache_stats, prune_cache
 from enrich.scale import status as scaled
 from enrich.scale.runner import run_partitioned
 
@@ -181,6 +182,18 @@ def cmd_emulator(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    if args.action == "prune":
+        if not args.older_than:
+            raise ConfigError("cache prune: give --older-than AGE (e.g. 90d)")
+        removed, path = prune_cache(args.path, args.older_than)
+        print(f"enrich: removed {removed:,} entries older than {args.older_than} from {path}", file=sys.stderr)
+        return EXIT_OK
+    info = cache_stats(args.path)
+    print(json.dumps(info, indent=2) if args.json else format_cache_stats(info))
+    return EXIT_OK
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     path, commands = init_config(args.data, args.config)
     print(f"wrote {path}; try next:")
@@ -198,6 +211,7 @@ COMMANDS = {
     "calibrate": cmd_calibrate,
     "review": cmd_review,
     "emulator": cmd_emulator,
+    "cache": cmd_cache,
 }
 
 

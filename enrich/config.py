@@ -80,6 +80,9 @@ class InputConfig(_Strict):
     columns: list[str] | None = None  # sent as the task input; default: the key columns
     encoding: str = "utf-8"
     max_cell_bytes: int = Field(default=1 << 20, gt=0)
+    # rows whose task input (the columns sent), spec and processor are identical share one run
+    dedupe: bool = True
+    where: str | None = None  # a polars SQL expression: only matching rows are researched (others: skipped)
 
     @property
     def input_columns(self) -> list[str]:
@@ -316,6 +319,17 @@ class ApiSection(_Strict):
     base_url: str | None = None
 
 
+class CacheSection(_Strict):
+    """`[cache]`: a results cache shared across jobs (reuse.py), opt-in. `~` is expanded."""
+
+    path: Path | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _home(cls, path: Path | None) -> Path | None:
+        return None if path is None else path.expanduser()
+
+
 class RunConfig(_Strict):
     input: InputConfig
     task: TaskConfig
@@ -323,6 +337,7 @@ class RunConfig(_Strict):
     limits: LimitsConfig = LimitsConfig()
     emulator: EmulatorSection = EmulatorSection()
     api: ApiSection = ApiSection()
+    cache: CacheSection = CacheSection()
     gate: GateConfig = GateConfig()
     escalate: EscalateConfig | None = None
     journal: Path | None = None

@@ -126,6 +126,12 @@ class JournalLocked(JournalError):
     """Another process (a run, `review apply`) holds the journal's lock: it may change it, so nothing is written."""
 
 
+class CacheError(EnrichError):
+    """The shared results cache (`[cache] path`, `--cache`) is corrupt, foreign, or from a newer enrich."""
+
+    exit_code = EXIT_USAGE
+
+
 class OutputError(EnrichError):
     """Writing the output failed (e.g. the folder became read-only); every result is in the journal.
 

@@ -3,7 +3,8 @@ a signal (SIGKILL unless SIG says INT, TERM or HUP: a Ctrl-C at exactly that poi
 named point. Unset, `hit()` is one dict truthiness check.
 
 Points: after_intent_commit, after_send_before_response, after_response_before_commit,
-mid_poll, after_result_commit, mid_write.
+mid_poll, after_result_commit, mid_write, mid_cache_write (inside a write to the shared results cache, before
+its commit).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ POINTS = (
     "after_result_commit",
     "mid_write",
 )
+# hit only by a job with a shared results cache (reuse.py); kept apart so the sweeps over POINTS see every point fire
+CACHE_POINTS = ("mid_cache_write",)
 
 
 SIGNALS = {"KILL": signal.SIGKILL, "INT": signal.SIGINT, "TERM": signal.SIGTERM, "HUP": signal.SIGHUP}
@@ -29,8 +32,8 @@ def _parse(spec: str) -> dict[str, tuple[int, signal.Signals]]:
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, rest = part.partition(":")
         k, _, sig = rest.partition(":")
-        if name not in POINTS:
-            raise SystemExit(f"ENRICH_FAILPOINT: unknown point {name!r}; known: {', '.join(POINTS)}")
+        if name not in POINTS + CACHE_POINTS:
+            raise SystemExit(f"ENRICH_FAILPOINT: unknown point {name!r}; known: {', '.join(POINTS + CACHE_POINTS)}")
         if (sig or "KILL") not in SIGNALS:
             raise SystemExit(f"ENRICH_FAILPOINT: unknown signal {sig!r}; known: {', '.join(SIGNALS)}")
         armed[name] = (int(k or 1), SIGNALS[sig or "KILL"])

@@ -73,11 +73,15 @@ FLAGS = {
     "limits.max_in_flight": "--max-in-flight",
     "api.base_url": "--base-url",
     "limits.journal_mode": "--journal-mode",
+    "cache.path": "--cache",
 }
 
 
 def load(args: argparse.Namespace) -> RunConfig:
-    return load_config(args.config, overrides(args), flags=FLAGS)
+    cfg = load_config(args.config, overrides(args), flags=FLAGS)
+    if getattr(args, "no_cache", False):  # --no-cache: no results cache, even one the config names
+        cfg.cache.path = None
+    return cfg
 
 
 def overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -90,6 +94,7 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
         "limits.max_in_flight": args.max_in_flight,
         "api.base_url": args.base_url,
         "limits.journal_mode": args.journal_mode,
+        "cache.path": getattr(args, "cache", None),
     }
 
 

@@ -81,6 +81,8 @@ from enrich.journal import IN_FLIGHT, ROW_STATES, Journal
 from enrich.pipeline import Prepared, execute, format_plan, plan_summary, prepare  # noqa: F401 (Prepared: a type)
 from enrich.progress import JobState, Stop
 from enrich.report import result_summary
+from enrich.reuse import Reuse, open_cache
+from enrich.reuse import summary as reuse_summary
 from enrich.review import read_review
 from enrich.scale import status as scale_status
 from enrich.storage import Storage, mode_of, resolve
@@ -342,8 +344,12 @@ def run_job(
     transport: Any = None,
     governor: Any = None,
     detach: bool = False,
+    cache_reads: bool | None = None,
 ) -> JobResult:
     """Run (or resume) one job to its end and write its output. See the module docstring.
+
+    With a shared results cache (`[cache] path`), completed results are written to it and read from it before
+    rows are claimed; `cache_reads=False` (default: not with `fresh`) writes but never reads it.
 
     `transport` is the client's seam (an httpx transport) for tests that play server behaviours;
     `governor` (submit.Governor) enforces limits shared with other partitions of the same job;
@@ -365,10 +371,16 @@ def run_job(
     assert storage is not None
     preflight.check_job(cfg, api_key=api_key, emulated=emulated, journal_path=jpath)  # before anything is paid
     identity = _identity(cfg, build_task_spec(cfg), api_key)
+    cache = open_cache(cfg.cache.path)  # a corrupt or foreign cache is refused here, before anything is sent
     if fresh:  # -journal too: a rollback journal a killed run left would be played into the new journal
         for suffix in ("", "-wal", "-shm", "-journal"):
             Path(f"{jpath}{suffix}").unlink(missing_ok=True)
-    journal = Journal.open(jpath, mode=storage.mode)
+    try:
+        journal = Journal.open(jpath, mode=storage.mode)
+    except BaseException:
+        if cache is not None:
+            cache.close()
+        raise
     settled.clear(journal)  # from here on, this run decides what the journal holds
     remove_stale_temps(cfg.output.path)
     server = None
@@ -395,6 +407,14 @@ def run_job(
         if cfg.limits.daily_budget_usd is not None or cfg.limits.spend_ledger is not None:
             journal.attach_ledger(cfg.limits.spend_ledger, str(journal.path))
         prep = prepare(cfg, journal, retry_failed=retry_failed)
+        refresh = cfg.task.refresh_after_days
+        reuse = Reuse(
+            journal,
+            cache,
+            fresh_after=time.time() - refresh * 86400 if refresh else None,
+            read=(not fresh) if cache_reads is None else cache_reads,
+            emulated=emulated,
+        )
         journal.set("emulated", emulated)
         journal.set(
             "config",
@@ -424,6 +444,7 @@ def run_job(
             transport,
             governor,
             detach,
+            reuse,
         )
         if server is not None:  # the API's part is over: the embedded emulator winds down while the output is written
             server.request_stop()
@@ -441,6 +462,8 @@ def run_job(
             server.stop()
         journal.close()
         held.close()
+        if cache is not None:
+            cache.close()
 
 
 def _start_emulator(cfg: RunConfig) -> Any:
@@ -474,6 +497,7 @@ def _execute(
     transport: Any,
     governor: Any,
     detach: bool = False,
+    reuse: Reuse | None = None,
 ) -> tuple[Any, bool]:
     state = JobState(stop=stop)
 
@@ -489,7 +513,15 @@ def _execute(
         )
         try:
             return await execute(
-                cfg, journal, client, prep, emulated=emulated, state=state, governor=governor, detach=detach
+                cfg,
+                journal,
+                client,
+                prep,
+                emulated=emulated,
+                state=state,
+                governor=governor,
+                detach=detach,
+                reuse=reuse,
             )
         finally:
             await client.aclose()
@@ -509,12 +541,16 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGHUP: the terminal
 @contextlib.contextmanager
 def _signals(stop: Stop) -> Iterator[None]:
     """The CLI's signals, held for the whole job (before its event loop starts, while it runs, and while the
-    output is written): the first stops the job (Stop.interrupt; the output is still written), a second one
-    leaves at once. Process-level handlers, not the loop's: a loop resets SIGINT when it closes, and
-    asyncio.run installs its own only where SIGINT has the default handler. The previous handlers return
-    afterwards (an in-process caller keeps its own)."""
+    output is written): before the loop starts (preflight, seeding the input, nothing sent yet) a signal
+    leaves at once as KeyboardInterrupt; after, the first stops the job (Stop.interrupt; the output is still
+    written), a second one leaves at once. Process-level handlers, not the loop's: a loop resets SIGINT when it closes, and
+    asyncio.run installs its own only where SIGINT has the default handler. A SIGHUP the process was started
+    ignoring (nohup) stays ignored. The previous handlers return afterwards (an in-process caller
+    keeps its own)."""
 
     def on_signal(signum: int, frame: Any) -> None:
+        if not stop.started:  # still checking or seeding the input (one transaction, rolled back): leave at once
+            raise KeyboardInterrupt
         with contextlib.suppress(OSError, ValueError):  # a closed stderr must not turn a stop into a crash
             if stop.interrupted:  # every commit already made is durable: the next run resumes from it
                 print("enrich: interrupted again; exiting at once (the journal is intact)", file=sys.stderr)
@@ -526,6 +562,8 @@ def _signals(stop: Stop) -> Iterator[None]:
 
     previous = {}
     for sig in SIGNALS:
+        if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:  # nohup: outlive the terminal
+            continue
         with contextlib.suppress(OSError, ValueError):
             previous[sig] = signal.signal(sig, on_signal)
     try:
@@ -622,6 +660,7 @@ def _finish(
                 "ladder": cfg.ladder,
                 "http_requests_this_invocation": state.requests,
                 "stopped_because": why,
+                "reuse": reuse_summary(journal, prep.epoch, cfg.ladder),
                 "elapsed_s": round(time.monotonic() - state.started, 3),
                 "cpu_s": round(time.process_time() - cpu0, 3),
             },
@@ -1047,9 +1086,24 @@ def plan_job(cfg: RunConfig, *, emulated: bool = False, retry_failed: bool = Fal
     preflight.check_job(cfg, api_key=None, emulated=emulated, journal_path=path)
     if (info := scale_status.plan(cfg, path)) is not None:  # a partitioned job (--ray)
         return scale_status.format_plan(info)
-    journal = Journal.open(path, readonly=False) if path.exists() else Journal.open(":memory:")
+    cache = open_cache(cfg.cache.path, create=False)  # plan makes no file: a cache not made yet holds nothing
     try:
-        prep = prepare(cfg, journal, retry_failed=retry_failed, dry=True)
-        return format_plan(plan_summary(cfg, prep, journal))
+        journal = Journal.open(path, readonly=False) if path.exists() else Journal.open(":memory:")
+        try:
+            refresh = cfg.task.refresh_after_days
+            # a job that has not reached its server yet is assumed to talk to the real API (it counts only its hits)
+            reuse = Reuse(
+                journal,
+                cache,
+                fresh_after=time.time() - refresh * 86400 if refresh else None,
+                read=True,
+                emulated=emulated,
+                assume="api",
+            )
+            prep = prepare(cfg, journal, retry_failed=retry_failed, dry=True, reuse=reuse)
+            return format_plan(plan_summary(cfg, prep, journal))
+        finally:
+            journal.close()
     finally:
-        journal.close()
+        if cache is not None:
+            cache.close()

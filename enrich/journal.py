@@ -11,6 +11,15 @@ Row states (`journal_sql.RowState` is their vocabulary; this is where the transi
     done/failed/timed_out ──input, task spec or processor changed, refresh due, --retry-failed──> pending
     timed_out ──--retry-failed──> submitted   (its run is asked again: a finished result is reused)
     action_required ──the next run of the job──> submitted   (its run is asked again before anything is sent)
+    pending ──a result for its (input, spec, processor) in this journal, or in the shared cache──> done
+    pending (waits) ──its twin's run ended──> done | failed | timed_out   (the twin's outcome: one run, N rows)
+    any but in flight ──does not match `[input] where`──> skipped ──matches again──> pending
+
+Twins are rows whose task input (canonical JSON of the columns sent), task spec and processor are identical.
+With dedupe (the default) one of them is the leader: it alone is claimed and paid for; the others are
+`pending` with `waits = 1` and take its run's outcome the moment it is recorded (`_share`, in the same
+transaction). A row waits while a twin is in flight on that processor, or pending earlier in the input;
+seeding decides it for every row, a climb for the rows it moves (WAITS_SQL).
 
 Every transition is one method that names its from-states and raises `TransitionError` when a
 row is not where it should be (a race between two writers shows up as an error, never as a
@@ -73,8 +82,11 @@ from enrich.journal_sql import (
     SCHEMA,
     SCHEMA_VERSION,
     SEED_SQL,
+    SHARE_SQL,
     TERMINAL,
+    WAITS_SQL,
     RowState,
+    add_reuse_columns,
     add_run_columns,
     chunks,
     migrate_v1,
@@ -89,6 +101,7 @@ __all__ = [
     "SCHEMA",
     "SCHEMA_VERSION",
     "TERMINAL",
+    "Cached",
     "Claimed",
     "DailyBudgetExceeded",
     "DuplicateKey",
@@ -184,6 +197,20 @@ class Claimed:
     processor: str
 
 
+@dataclass(frozen=True)
+class Cached:
+    """A completed result the shared cache holds for one (input hash, spec fingerprint, processor)."""
+
+    run_id: str  # the run that paid for it, in the job that ran it
+    completed_at: float
+    result_json: str
+
+
+# The claim's look-up in the shared cache (reuse.ResultCache.lookup): the (input hash, spec hash, processor)
+# keys of the rows about to be claimed -> (the results it holds for some of them, its last entry number seen).
+Serve = Callable[[list[tuple[str, str, str]]], tuple[dict[tuple[str, str, str], Cached], int]]
+
+
 @dataclass
 class Unresolved:
     row_key: str
@@ -211,6 +238,12 @@ class Journal(DecisionStore):
         self.conn, self.path, self._lock_fd = conn, path, lock_fd
         self.readonly = False
         self.last_seed_counts: dict[str, int] = {}
+        self.last_seed_waiting = 0  # pending rows that wait for a twin's run (dedupe), at the last seeding
+        self.dedupe = False  # set by pipeline.prepare from `[input] dedupe`: twins share one run
+        # may a row wait for a twin? Only WAITS_SQL makes one wait (seeding, a climb, unstick), so while it found
+        # none the per-result share step is skipped (a job without duplicates pays nothing for dedupe)
+        self.twins = True
+        self.reused_moves = 0  # rows this process gave an outcome without a run of their own (twins, cache)
 
     # ---- opening, locking --------------------------------------------------------------
     @classmethod
@@ -296,6 +329,7 @@ class Journal(DecisionStore):
                 migrate_v1(conn)
             conn.executescript(SCHEMA)
             add_run_columns(conn)
+            add_reuse_columns(conn)
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.DatabaseError as exc:
             os.close(fd)
@@ -383,24 +417,29 @@ class Journal(DecisionStore):
     # ---- seeding -------------------------------------------------------------------------
     def seed(
         self,
-        batches: Iterable[list[tuple[str, str, int, int, str, str, str, str, str]]],
+        batches: Iterable[list[tuple[Any, ...]]],
         epoch: int,
         refresh_before: float | None,
         retry_failed: bool,
         dry: bool = False,
         meta: dict[str, Any] | None = None,
         inspect: Callable[[], Any] | None = None,
+        dedupe: bool | None = None,
     ) -> Any:
         """Record the current input: one transaction for the whole file, rolled back on any error.
 
         Each item is (row_key, row_ref, ordinal, line, row_json, input_json, input_hash, spec_hash,
-        processor). In-flight rows stay in flight; failed/timed-out rows stay so unless
-        `retry_failed` or their input changed (a timed-out run is asked again rather than paid
-        again); every other row is pending, then done at once if `results` already holds a result
-        for its (input, spec, processor) newer than `refresh_before`. Raises `DuplicateKey`.
+        processor[, "skipped"]). In-flight rows stay in flight; a row given as skipped (it does not match
+        `[input] where`) is skipped; failed/timed-out rows stay so unless `retry_failed` or their input changed
+        (a timed-out run is asked again rather than paid again); every other row is pending, then done at once
+        if `results` already holds a result for its (input, spec, processor) newer than `refresh_before` (with
+        `dedupe` off, only a result of its own). With `dedupe` (default: `self.dedupe`), pending twins wait for
+        one leader (WAITS_SQL). Raises `DuplicateKey`.
         With `dry` the transaction is rolled back after counting (`last_seed_counts`), for `plan`; `inspect`
         then reads the seeded journal before the rollback, and its answer is returned.
         """
+        if dedupe is not None:
+            self.dedupe = dedupe
         conn = self.conn
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -423,14 +462,21 @@ class Journal(DecisionStore):
                     if hit:
                         line2 = next(r[3] for r in batch if r[0] == hit[0])
                         raise DuplicateKey(hit[0], hit[1], line2)
-                conn.executemany(SEED_SQL, [(*r, epoch, int(retry_failed)) for r in batch])
+                conn.executemany(
+                    SEED_SQL,
+                    [(*r[:9], epoch, int(retry_failed), r[9] if len(r) > 9 else "pending") for r in batch],
+                )
             if retry_failed:  # a timed-out run may have finished since: ask for it before paying again
                 conn.execute(
                     "UPDATE runs SET state='waiting' WHERE state='timed_out' AND run_id IN "
                     "(SELECT run_id FROM rows WHERE epoch=? AND state='submitted')",
                     (epoch,),
                 )
-            conn.execute(REUSE_SQL, {"epoch": epoch, "fresh": refresh_before})
+            conn.execute(REUSE_SQL, {"epoch": epoch, "fresh": refresh_before, "dedupe": int(self.dedupe)})
+            if self.dedupe:
+                conn.execute(WAITS_SQL.format(scope="rows.epoch=:epoch"), {"epoch": epoch})
+            self.last_seed_waiting = self.waiting(epoch)
+            self.twins = self.last_seed_waiting > 0
             self.set("epoch", epoch, conn)
             for k, v in (meta or {}).items():
                 self.set(k, v, conn)
@@ -482,18 +528,24 @@ class Journal(DecisionStore):
         return any(r[1] == column for r in self.conn.execute(f"PRAGMA table_info({table})"))
 
     def has_pending(self, epoch: int, now: float | None = None) -> bool:
-        """Is any row pending (and, with `now`, ready to be sent)? An index probe, not a count."""
+        """Is any row pending that may be claimed (not waiting for a twin; with `now`, ready to be sent)? An index
+        probe, not a count."""
         args: tuple[Any, ...]
         if now is None:
-            sql, args = "SELECT 1 FROM rows WHERE epoch=? AND state='pending' LIMIT 1", (epoch,)
+            sql, args = "SELECT 1 FROM rows WHERE epoch=? AND state='pending' AND waits=0 LIMIT 1", (epoch,)
         else:
-            sql = "SELECT 1 FROM rows WHERE epoch=? AND state='pending' AND (next_at IS NULL OR next_at<=?) LIMIT 1"
+            sql = (
+                "SELECT 1 FROM rows WHERE epoch=? AND state='pending' AND waits=0 AND (next_at IS NULL OR next_at<=?) "
+                "LIMIT 1"
+            )
             args = (epoch, now)
         return self.conn.execute(sql, args).fetchone() is not None
 
     def pending_count(self, epoch: int, processor: str) -> int:
+        """Runs still to claim on `processor`: its pending rows, those waiting for a twin's run aside."""
         return self.conn.execute(
-            "SELECT COUNT(*) FROM rows WHERE epoch=? AND state='pending' AND processor=?", (epoch, processor)
+            "SELECT COUNT(*) FROM rows WHERE epoch=? AND state='pending' AND processor=? AND waits=0",
+            (epoch, processor),
         ).fetchone()[0]
 
     def next_batch(self, epoch: int, now: float, limit: int, prices: dict[str, int]) -> tuple[str, int, bool] | None:
@@ -504,7 +556,9 @@ class Journal(DecisionStore):
         for processor in by_price(prices):
             if not self._pending_on(epoch, processor):
                 continue
-            ready = "epoch=? AND state='pending' AND processor=? AND solo=? AND (next_at IS NULL OR next_at<=?)"
+            ready = (
+                "epoch=? AND state='pending' AND processor=? AND solo=? AND waits=0 AND (next_at IS NULL OR next_at<=?)"
+            )
             if self.conn.execute(f"SELECT 1 FROM rows WHERE {ready} LIMIT 1", (epoch, processor, 1, now)).fetchone():
                 return processor, 1, cheapest
             n = self.conn.execute(
@@ -518,16 +572,20 @@ class Journal(DecisionStore):
     def _pending_on(self, epoch: int, processor: str) -> bool:
         return (
             self.conn.execute(
-                "SELECT 1 FROM rows WHERE epoch=? AND state='pending' AND processor=? LIMIT 1", (epoch, processor)
+                "SELECT 1 FROM rows WHERE epoch=? AND state='pending' AND processor=? AND waits=0 LIMIT 1",
+                (epoch, processor),
             ).fetchone()
             is not None
         )
 
     def pending_by_processor(self, epoch: int) -> dict[str, int]:
-        """Pending rows per processor: a row on a processor above its first tier is an escalation step."""
+        """Runs to claim per processor (pending rows, those waiting for a twin aside): a row on a processor
+        above its first tier is an escalation step."""
+        waits = "AND waits=0" if self._has_column("rows", "waits") else ""  # a read-only view of an older journal
         return dict(
             self.conn.execute(
-                "SELECT processor, COUNT(*) FROM rows WHERE epoch=? AND state='pending' GROUP BY processor", (epoch,)
+                f"SELECT processor, COUNT(*) FROM rows WHERE epoch=? AND state='pending' {waits} GROUP BY processor",
+                (epoch,),
             )
         )
 
@@ -568,6 +626,7 @@ class Journal(DecisionStore):
         now: float,
         batch: int,
         daily_budget: int | None = None,
+        serve: Serve | None = None,
     ) -> list[Claimed]:
         """pending -> intent for up to `limit` rows of one processor, with their budget reserved, committed
         before any send (one transaction).
@@ -579,56 +638,35 @@ class Journal(DecisionStore):
         their money: a dearer processor gets only what is left after them, and [] is returned rather
         than spend it. Raises BudgetExceeded when not even the cheapest pending run fits the budget,
         DailyBudgetExceeded when it does not fit today's daily budget (counted in the attached spend
-        ledger across every job that shares it)."""
+        ledger across every job that shares it).
+
+        Rows waiting for a twin's run are never claimed (one run, and one reservation, per distinct input).
+        With `serve` (the shared cache's look-up), the rows picked are looked up in the cache in this same
+        transaction: those it holds a result for are done with it (`_take`) instead of claimed, and more rows
+        are picked; each claimed row records the cache's last entry number seen (`cache_seq`)."""
         with self.tx() as c:
             spent = c.execute("SELECT COALESCE(SUM(micros), 0) FROM spend").fetchone()[0]
             day = utc_day(now)
             today = self.spent_on_day(day) if daily_budget is not None else 0
-            kept = 0  # reserved for cheaper rows that may not be sent yet (backoff)
-            picked: list[tuple[int]] = []
-            for processor in by_price(prices):
-                if not self._pending_on(epoch, processor):
-                    continue
-                price = prices[processor]
-                fit = limit
-                if budget is not None:
-                    fit = min(fit, runs_that_fit(price, spent + kept, budget))
-                    if fit <= 0 and not kept:
-                        raise BudgetExceeded(
-                            f"budget reached: {spent / 1e6:.4f} USD of {budget / 1e6:.4f} USD spent or reserved"
-                        )
-                if daily_budget is not None:
-                    fit = min(fit, runs_that_fit(price, today + kept, daily_budget))
-                    if fit <= 0 and not kept:
-                        raise DailyBudgetExceeded(daily_message(today, daily_budget, now))
-                if fit <= 0:
-                    return []  # what is left belongs to cheaper rows still waiting out a backoff
-                ready = "epoch=? AND state='pending' AND processor=? AND solo=? AND (next_at IS NULL OR next_at<=?)"
-                picked = (
-                    c.execute(
-                        f"SELECT id FROM rows WHERE {ready} ORDER BY ordinal LIMIT 1", (epoch, processor, 1, now)
-                    ).fetchall()
-                    or c.execute(
-                        f"SELECT id FROM rows WHERE {ready} ORDER BY ordinal LIMIT ?", (epoch, processor, 0, now, fit)
-                    ).fetchall()
-                )
-                if picked:
+            seq: int | None = None
+            while True:
+                got = self._pick(c, epoch, limit, prices, budget, daily_budget, spent, today, now)
+                if got is None:
+                    return []
+                processor, price, ids = got
+                if serve is None:
                     break
-                kept += (
-                    price
-                    * c.execute(
-                        "SELECT COUNT(*) FROM rows WHERE epoch=? AND state='pending' AND processor=?",
-                        (epoch, processor),
-                    ).fetchone()[0]
-                )
-            if not picked:
+                served, seq = self._serve(c, ids, serve, now)
+                ids = [i for i in ids if i not in served]
+                if ids or not served:
+                    break  # every row picked was served: pick again (each round moves rows out of pending)
+            if not ids:
                 return []
-            ids = [p[0] for p in picked]
             c.executemany(
                 "UPDATE rows SET state='intent', attempts=attempts+1, batch=?, intent_at=?, run_id=NULL, "
-                "run_input_hash=input_hash, run_spec_hash=spec_hash, run_processor=processor, error=NULL "
-                "WHERE id=? AND state='pending'",
-                [(batch, now, i) for i in ids],
+                "run_input_hash=input_hash, run_spec_hash=spec_hash, run_processor=processor, error=NULL, "
+                "reused=NULL, cache_seq=? WHERE id=? AND state='pending' AND waits=0",
+                [(batch, now, seq, i) for i in ids],
             )
             out: list[Claimed] = []
             for chunk in chunks(ids):
@@ -655,6 +693,149 @@ class Journal(DecisionStore):
                 )
             self.set("batch_seq", batch, c)
             return out
+
+    def _pick(
+        self,
+        c: sqlite3.Connection,
+        epoch: int,
+        limit: int,
+        prices: dict[str, int],
+        budget: int | None,
+        daily_budget: int | None,
+        spent: int,
+        today: int,
+        now: float,
+    ) -> tuple[str, int, list[int]] | None:
+        """The rows the claim takes: (processor, its price, row ids), or None when what is left of the budget
+        belongs to cheaper rows still waiting out a backoff, or no row is ready. See `claim`."""
+        kept = 0  # reserved for cheaper rows that may not be sent yet (backoff)
+        for processor in by_price(prices):
+            if not self._pending_on(epoch, processor):
+                continue
+            price = prices[processor]
+            fit = limit
+            if budget is not None:
+                fit = min(fit, runs_that_fit(price, spent + kept, budget))
+                if fit <= 0 and not kept:
+                    raise BudgetExceeded(
+                        f"budget reached: {spent / 1e6:.4f} USD of {budget / 1e6:.4f} USD spent or reserved"
+                    )
+            if daily_budget is not None:
+                fit = min(fit, runs_that_fit(price, today + kept, daily_budget))
+                if fit <= 0 and not kept:
+                    raise DailyBudgetExceeded(daily_message(today, daily_budget, now))
+            if fit <= 0:
+                return None  # what is left belongs to cheaper rows still waiting out a backoff
+            ready = (
+                "epoch=? AND state='pending' AND processor=? AND solo=? AND waits=0 AND (next_at IS NULL OR next_at<=?)"
+            )
+            picked = (
+                c.execute(
+                    f"SELECT id FROM rows WHERE {ready} ORDER BY ordinal LIMIT 1", (epoch, processor, 1, now)
+                ).fetchall()
+                or c.execute(
+                    f"SELECT id FROM rows WHERE {ready} ORDER BY ordinal LIMIT ?", (epoch, processor, 0, now, fit)
+                ).fetchall()
+            )
+            if picked:
+                return processor, price, [p[0] for p in picked]
+            kept += price * self.pending_count(epoch, processor)
+        return None
+
+    def _serve(self, c: sqlite3.Connection, ids: list[int], serve: Serve, now: float) -> tuple[frozenset[int], int]:
+        """Look the rows `ids` up in the shared cache; those it holds are done with its result. Returns (ids
+        served, the cache's last entry number seen)."""
+        keys: dict[int, tuple[str, str, str]] = {}
+        for chunk in chunks(ids):
+            marks = ",".join("?" * len(chunk))
+            for i, in_h, spec_h, proc in c.execute(
+                f"SELECT id, input_hash, spec_hash, processor FROM rows WHERE id IN ({marks})", chunk
+            ):
+                keys[i] = (in_h, spec_h, proc)
+        found, seq = serve(sorted(set(keys.values())))
+        hits = [(i, found[k]) for i, k in keys.items() if k in found]
+        self._take(c, hits, now)
+        return frozenset(i for i, _ in hits), seq
+
+    def _take(self, c: sqlite3.Connection, hits: list[tuple[int, Cached]], now: float) -> None:
+        """pending -> done for rows the shared cache holds a result for: the result is kept in `results`
+        (origin 'cache', with the run id and completion time it had in the job that paid for it), and the
+        row's waiting twins take it too."""
+        if not hits:
+            return
+        c.executemany(
+            "INSERT OR IGNORE INTO results(run_id, input_hash, spec_hash, processor, completed_at, result_json, "
+            "row_ref, origin) SELECT ?, input_hash, spec_hash, processor, ?, ?, NULL, 'cache' FROM rows WHERE id=?",
+            [(h.run_id, h.completed_at, h.result_json, i) for i, h in hits],
+        )
+        self._move(
+            c,
+            "UPDATE rows SET state='done', error=NULL, waits=0, reused='cache', run_id=?, run_input_hash=input_hash, "
+            "run_spec_hash=spec_hash, run_processor=processor, submitted_at=NULL, finished_at=? "
+            "WHERE id=? AND state='pending'",
+            [(h.run_id, now, i) for i, h in hits],
+            "take",
+        )
+        self.reused_moves += len(hits) + self._share(c, [i for i, _ in hits])
+
+    def _share(self, c: sqlite3.Connection, leaders: list[int]) -> int:
+        """Rows waiting on the runs of `leaders` (rows whose run just ended) take its outcome; returns how many."""
+        if not self.dedupe or not leaders or not self.twins:
+            return 0
+        moved = 0
+        for chunk in chunks(leaders):
+            moved += c.execute(SHARE_SQL.format(ids=",".join("?" * len(chunk))), chunk).rowcount
+        return moved
+
+    def serve_pending(self, epoch: int, serve: Serve, now: float, chunk: int = 500) -> int:
+        """Every pending row (none waiting for a twin) the shared cache holds a result for: done with it, in
+        short transactions of `chunk` rows (before the first claim). Returns the rows that took one."""
+        last = -1
+        before = self.reused_moves
+        while True:
+            with self.tx() as c:
+                got = c.execute(
+                    "SELECT id, ordinal FROM rows WHERE epoch=? AND state='pending' AND waits=0 AND ordinal>? "
+                    "ORDER BY ordinal LIMIT ?",
+                    (epoch, last, chunk),
+                ).fetchall()
+                if not got:
+                    return self.reused_moves - before
+                last = got[-1][1]
+                self._serve(c, [g[0] for g in got], serve, now)
+
+    def unstick(self, epoch: int) -> bool:
+        """Decide again for every waiting row whether it still waits (a safety net: a row whose twins all ended
+        without giving it an outcome becomes claimable). Returns whether a row may be claimed now."""
+        if not self.dedupe:
+            return False
+        with self.tx() as c:
+            c.execute(WAITS_SQL.format(scope="rows.epoch=:epoch AND rows.waits=1"), {"epoch": epoch})
+        return self.has_pending(epoch)
+
+    def waiting(self, epoch: int) -> int:
+        """Pending rows that wait for a twin's run: they get an outcome without a run of their own."""
+        if not self._has_column("rows", "waits"):
+            return 0
+        return self.conn.execute(
+            "SELECT COUNT(*) FROM rows WHERE epoch=? AND state='pending' AND waits=1", (epoch,)
+        ).fetchone()[0]
+
+    def cached_pending(self, epoch: int, serve: Serve, chunk: int = 500) -> int:
+        """How many pending rows (none waiting for a twin) the shared cache holds a result for (plan; reads only)."""
+        last, hits = -1, 0
+        while True:
+            got = self.conn.execute(
+                "SELECT ordinal, input_hash, spec_hash, processor FROM rows WHERE epoch=? AND state='pending' "
+                "AND waits=0 AND ordinal>? ORDER BY ordinal LIMIT ?",
+                (epoch, last, chunk),
+            ).fetchall()
+            if not got:
+                return hits
+            last = got[-1][0]
+            keys = [(g[1], g[2], g[3]) for g in got]
+            found, _ = serve(sorted(set(keys)))
+            hits += sum(1 for k in keys if k in found)
 
     def _move(self, c: sqlite3.Connection, sql: str, params: list[tuple[Any, ...]], what: str) -> None:
         """Run one UPDATE per item; each must touch exactly one row, else TransitionError (rolled back)."""
@@ -744,10 +925,19 @@ class Journal(DecisionStore):
                     failed.append(key)
                 c.execute(
                     "UPDATE rows SET state=?, retries=retries+?, next_at=?, solo=MAX(solo, ?), error=?, "
-                    "finished_at=? WHERE row_key=?",
+                    "finished_at=?, reused=NULL WHERE row_key=?",
                     (state, inc, next_at, int(solo), error, now, key),
                 )
+            if failed:  # the input itself was refused: its waiting twins share the failure
+                self.reused_moves += self._share(c, self._ids(c, failed))
         return failed
+
+    def _ids(self, c: sqlite3.Connection, keys: list[str]) -> list[int]:
+        out: list[int] = []
+        for chunk in chunks(keys):
+            marks = ",".join("?" * len(chunk))
+            out += [r[0] for r in c.execute(f"SELECT id FROM rows WHERE row_key IN ({marks})", chunk)]
+        return out
 
     def mark_unknown(self, rows: list[tuple[str, int]], error: str) -> None:
         """intent -> unknown: the add-runs outcome is ambiguous; reconciliation decides."""
@@ -809,9 +999,9 @@ class Journal(DecisionStore):
                 )
             ]
             c.execute(
-                "INSERT OR IGNORE INTO results(run_id, input_hash, spec_hash, processor, completed_at, result_json) "
-                "SELECT f.run_id, r.run_input_hash, r.run_spec_hash, r.run_processor, ?, f.result_json "
-                "FROM temp.fin f JOIN rows r ON r.row_ref=f.row_ref AND r.attempts=f.attempt "
+                "INSERT OR IGNORE INTO results(run_id, input_hash, spec_hash, processor, completed_at, result_json, "
+                "row_ref) SELECT f.run_id, r.run_input_hash, r.run_spec_hash, r.run_processor, ?, f.result_json, "
+                "r.row_ref FROM temp.fin f JOIN rows r ON r.row_ref=f.row_ref AND r.attempts=f.attempt "
                 "WHERE f.result_json IS NOT NULL",
                 (now,),
             )
@@ -826,13 +1016,21 @@ class Journal(DecisionStore):
                 "UPDATE rows SET state=CASE WHEN f.result_json IS NULL THEN 'failed' "
                 "WHEN rows.run_input_hash=rows.input_hash AND rows.run_spec_hash=rows.spec_hash AND "
                 "rows.run_processor=rows.processor THEN 'done' ELSE 'pending' END, run_id=f.run_id, "
-                "error=f.error, finished_at=? FROM (SELECT row_ref, attempt, MIN(rowid) AS k FROM temp.fin "
+                "error=f.error, finished_at=?, reused=NULL FROM (SELECT row_ref, attempt, MIN(rowid) AS k FROM temp.fin "
                 "GROUP BY row_ref, attempt) g JOIN temp.fin f ON f.rowid=g.k "
                 "WHERE rows.row_ref=g.row_ref AND rows.attempts=g.attempt AND rows.state IN ('submitted', "
                 "'timed_out', 'action_required')",
                 (now,),
             )
             updated = c.total_changes - before
+            if self.dedupe:  # rows waiting on these runs take their outcome in this same transaction
+                leaders = [
+                    r[0]
+                    for r in c.execute(
+                        "SELECT DISTINCT r.id FROM temp.fin f JOIN rows r ON r.row_ref=f.row_ref AND r.attempts=f.attempt"
+                    )
+                ]
+                self.reused_moves += self._share(c, leaders)
             c.execute("DELETE FROM temp.fin")
         return updated, refused
 
@@ -850,6 +1048,9 @@ class Journal(DecisionStore):
                 "state='submitted'",
                 (run_id, now, row_ref, attempt),
             ).rowcount
+            if n == 1 and self.dedupe:  # its waiting twins share the time-out (one run, still at the API)
+                hit = c.execute("SELECT id FROM rows WHERE row_ref=?", (row_ref,)).fetchone()
+                self.reused_moves += self._share(c, [hit[0]])
         return n == 1
 
     def hold(self, run_id: str, row_ref: str, attempt: int, message: str, now: float) -> bool:
@@ -890,6 +1091,67 @@ class Journal(DecisionStore):
                 [(error, k, a) for k, a in rows],
                 "unknown_from_submitted",
             )
+
+    # ---- reuse (reuse.py asks; this journal answers) ----------------------------------------
+    def results_for_keys(
+        self, keys: list[tuple[str, str, str]], fresh_after: float | None
+    ) -> dict[tuple[str, str, str], str]:
+        """(input hash, spec hash, processor) -> run id of the newest result this journal holds for it (completed
+        at or after `fresh_after`)."""
+        out: dict[tuple[str, str, str], str] = {}
+        for part in chunks(keys, 300):
+            marks = ",".join("(?, ?, ?)" for _ in part)
+            for in_h, spec_h, proc, run_id, _ in self.conn.execute(
+                "SELECT input_hash, spec_hash, processor, run_id, MAX(completed_at) FROM results WHERE "
+                f"(input_hash, spec_hash, processor) IN (VALUES {marks}) AND completed_at >= ? GROUP BY 1, 2, 3",
+                (*[v for k in part for v in k], fresh_after if fresh_after is not None else float("-inf")),
+            ):
+                out[(in_h, spec_h, proc)] = run_id
+        return out
+
+    def own_results_after(self, rowid: int, limit: int) -> list[tuple[int, str, str, str, str, float, str]]:
+        """(rowid, input hash, spec hash, processor, run id, completed at, result JSON) of results this journal paid
+        for (not those served from the shared cache) after `rowid`, oldest first: what is published to the cache."""
+        if not self._has_column("results", "origin"):
+            return []
+        return self.conn.execute(
+            "SELECT rowid, input_hash, spec_hash, processor, run_id, completed_at, result_json FROM results "
+            "WHERE rowid > ? AND origin IS NULL ORDER BY rowid LIMIT ?",
+            (rowid, limit),
+        ).fetchall()
+
+    def reuse_counts(self, epoch: int) -> dict[str, Any]:
+        """For the report: rows that took a twin's run (per processor), rows whose outcome came from the shared
+        cache and the cache's results used (per processor), rows skipped by `[input] where`, distinct inputs
+        researched. {} for a read-only view of a journal from before reuse."""
+        if not self._has_column("rows", "reused"):
+            return {}
+        twin = dict(
+            self.conn.execute(
+                "SELECT processor, COUNT(*) FROM rows WHERE epoch=? AND reused='twin' AND state IN "
+                "('done', 'failed', 'timed_out') GROUP BY processor",
+                (epoch,),
+            )
+        )
+        cache_rows = self.conn.execute(
+            "SELECT COUNT(*) FROM rows WHERE epoch=? AND reused='cache' AND state='done'", (epoch,)
+        ).fetchone()[0]
+        cache_results = dict(
+            self.conn.execute("SELECT processor, COUNT(*) FROM results WHERE origin='cache' GROUP BY processor")
+        )
+        skipped = self.conn.execute("SELECT COUNT(*) FROM rows WHERE epoch=? AND state='skipped'", (epoch,)).fetchone()[
+            0
+        ]
+        distinct = self.conn.execute(
+            "SELECT COUNT(DISTINCT input_hash) FROM rows WHERE epoch=? AND state!='skipped'", (epoch,)
+        ).fetchone()[0]
+        return {
+            "twin": twin,
+            "cache_rows": cache_rows,
+            "cache_results": cache_results,
+            "skipped": skipped,
+            "distinct_inputs": distinct,
+        }
 
     # ---- reading back ----------------------------------------------------------------------
     def counts(self, epoch: int | None = None) -> dict[str, int]:

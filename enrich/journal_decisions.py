@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from enrich.errors import TransitionError
-from enrich.journal_sql import chunks
+from enrich.journal_sql import WAITS_SQL, chunks
 
 
 class DecisionStore:
@@ -23,6 +23,8 @@ class DecisionStore:
     tx: Any
     _move: Any
     _ledger_job = ""
+    dedupe = False  # twins share one run (Journal sets it from `[input] dedupe`)
+    twins = True  # may a row wait for a twin (Journal)
 
     def spent_on_day(self, day: str) -> int:
         """Micro-dollars reserved on UTC `day` in the spend ledger (every job sharing it)."""
@@ -118,15 +120,27 @@ class DecisionStore:
         return {k: list(v.values()) for k, v in found.items()}
 
     def climb(self, moves: list[tuple[int, str]], now: float) -> None:
-        """done|failed -> pending on a stronger processor (escalation): the next run is a normal claim."""
+        """done|failed -> pending on a stronger processor (escalation): the next run is a normal claim. With
+        dedupe, twins that climb to the same processor climb on one run: all but one wait for it."""
         with self.tx() as c:
             self._move(
                 c,
-                "UPDATE rows SET state='pending', processor=?, next_at=NULL, error=NULL, finished_at=? "
+                "UPDATE rows SET state='pending', processor=?, next_at=NULL, error=NULL, finished_at=?, waits=0 "
                 "WHERE id=? AND state IN ('done', 'failed')",
                 [(p, now, i) for i, p in moves],
                 "climb",
             )
+            if self.dedupe:  # the moved rows and their pending twins: who leads, who waits
+                self.twins = True
+                for part in chunks([i for i, _ in moves]):
+                    names = {f"i{n}": i for n, i in enumerate(part)}
+                    inside = ",".join(f":{k}" for k in names)
+                    c.execute(
+                        WAITS_SQL.format(
+                            scope=f"rows.input_hash IN (SELECT input_hash FROM rows WHERE id IN ({inside}))"
+                        ),
+                        names,
+                    )
 
     def fall_back(self, items: list[tuple[int, str]], now: float) -> None:
         """failed -> done for an escalation run that failed: the row keeps its best earlier result (run_id)."""
@@ -212,14 +226,23 @@ class DecisionStore:
             last = rows[-1][0]
             # every row's results, not only done rows': a row climbing the ladder keeps showing its best answer
             found = self._results_for([(r[8], r[9]) for r in rows], ladder)
-            extra = {r[4]: r for r in rows if r[3] == "done" and r[4]}
-            if extra:  # a reused result of a processor no longer on the ladder (or a legacy one) still counts
+            own: dict[str, tuple[str, str]] = {}  # run id -> (processor, result) of each done row's own run
+            extra = {r[4] for r in rows if r[3] == "done" and r[4]}
+            if extra:
                 marks = ",".join("?" * len(extra))
                 for rid, proc, res in self.conn.execute(
                     f"SELECT run_id, processor, result_json FROM results WHERE run_id IN ({marks})", list(extra)
                 ):
-                    r = extra[rid]
-                    lst = found.setdefault((r[8], r[9]), [])
-                    if all(x[1] != rid for x in lst) and all(x[0] != proc for x in lst):
-                        lst.append((proc, rid, res))
-            yield [(*r[1:9], found.get((r[8], r[9]), [])) for r in rows]
+                    own[rid] = (proc, res)
+            out = []
+            for r in rows:
+                lst = found.get((r[8], r[9]), [])
+                if r[3] == "done" and r[4] in own:
+                    proc, res = own[r[4]]
+                    # the row's own run is its answer on that processor (a twin without dedupe, or one paid
+                    # twice, may hold a newer result of the same input); a reused result of a processor no
+                    # longer on the ladder (or a legacy one) still counts
+                    if all(x[1] != r[4] for x in lst):
+                        lst = [x for x in lst if x[0] != proc] + [(proc, r[4], res)]
+                out.append((*r[1:9], lst))
+            yield out

@@ -14,11 +14,16 @@ from enrich.processors import PROCESSORS
 
 SCHEMA_VERSION = 2
 # A row's state: the one vocabulary (journal.py draws the transitions). Nothing else spells them.
-RowState = Literal["pending", "intent", "unknown", "submitted", "done", "failed", "timed_out", "action_required"]
+# `skipped`: the row does not match `[input] where`, so it is not researched (and never claimed).
+RowState = Literal[
+    "pending", "intent", "unknown", "submitted", "done", "failed", "timed_out", "action_required", "skipped"
+]
 ROW_STATES: tuple[RowState, ...] = get_args(RowState)
 IN_FLIGHT: tuple[RowState, ...] = ("intent", "unknown", "submitted")  # a paid run may exist
 # finished for this run of the job; an action_required row's run is asked again by the next run
 TERMINAL: tuple[RowState, ...] = ("done", "failed", "timed_out", "action_required")
+# Where a row's current outcome came from when it is not its own run (rows.reused): the reuse vocabulary.
+Reused = Literal["twin", "cache", "journal"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
@@ -35,7 +40,7 @@ CREATE TABLE IF NOT EXISTS rows (
   spec_hash      TEXT NOT NULL,      -- task spec and run options (not the processor)
   processor      TEXT NOT NULL,      -- processor of the row's next run
   state          TEXT NOT NULL,      -- pending | intent | unknown | submitted | done | failed | timed_out
-                                     -- | action_required
+                                     -- | action_required | skipped
   attempts       INTEGER NOT NULL DEFAULT 0,  -- runs ever intended for this row: metadata enrich_try
   retries        INTEGER NOT NULL DEFAULT 0,  -- rejections of this row itself (not of the API)
   batch          INTEGER,            -- submission batch of the current attempt
@@ -49,12 +54,16 @@ CREATE TABLE IF NOT EXISTS rows (
   submitted_at   REAL,
   finished_at    REAL,
   rung           TEXT,               -- strongest processor a run was created on for this input/spec (escalation)
-  error          TEXT
+  error          TEXT,
+  waits          INTEGER NOT NULL DEFAULT 0,  -- 1 = pending, but a twin's run (same input, spec, processor) gives its outcome
+  reused         TEXT,               -- NULL: the outcome is its own run's; twin | cache | journal: whose it took
+  cache_seq      INTEGER             -- at its claim: the shared cache's last entry seen (none held this input)
 );
 DROP INDEX IF EXISTS rows_queue;   -- before the claim went cheapest processor first: (epoch, state, solo, ordinal)
 CREATE INDEX IF NOT EXISTS rows_tier ON rows(epoch, state, processor, solo, ordinal);  -- claim: per processor, in order
 CREATE INDEX IF NOT EXISTS rows_order ON rows(epoch, ordinal);
 CREATE INDEX IF NOT EXISTS rows_state ON rows(state);
+CREATE INDEX IF NOT EXISTS rows_input ON rows(input_hash);  -- twins: rows with the same task input (dedupe)
 CREATE TABLE IF NOT EXISTS runs (
   run_id       TEXT PRIMARY KEY,     -- every run an add-runs reply or a listing showed us
   batch        INTEGER NOT NULL,
@@ -71,7 +80,9 @@ CREATE TABLE IF NOT EXISTS results (
   spec_hash    TEXT NOT NULL,
   processor    TEXT NOT NULL,
   completed_at REAL NOT NULL,
-  result_json  TEXT NOT NULL         -- raw {run, output} JSON as the API sent it
+  result_json  TEXT NOT NULL,        -- raw {run, output} JSON as the API sent it
+  row_ref      TEXT,                 -- the row whose run it was (NULL: served from the cache, or an older journal)
+  origin       TEXT                  -- NULL: paid by this journal; 'cache': served from the shared results cache
 );
 CREATE INDEX IF NOT EXISTS results_lookup ON results(input_hash, spec_hash, processor, completed_at);
 CREATE TABLE IF NOT EXISTS spend (
@@ -106,7 +117,7 @@ CREATE INDEX IF NOT EXISTS {db}.ledger_day ON ledger(day);
 SEED_SQL = """
 INSERT INTO rows (row_key, row_ref, ordinal, line, row_json, input_json, input_hash, spec_hash, processor, epoch,
                   state)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending')
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?12)
 ON CONFLICT(row_key) DO UPDATE SET
   ordinal=excluded.ordinal, line=excluded.line, epoch=excluded.epoch, row_json=excluded.row_json,
   input_json=excluded.input_json, input_hash=excluded.input_hash, spec_hash=excluded.spec_hash,
@@ -116,25 +127,62 @@ ON CONFLICT(row_key) DO UPDATE SET
               ELSE NULL END,
   state = CASE
     WHEN rows.state IN ('intent', 'unknown', 'submitted', 'action_required') THEN rows.state
+    WHEN ?12 = 'skipped' THEN 'skipped'
     WHEN rows.state IN ('failed', 'timed_out') AND rows.run_input_hash = excluded.input_hash
          AND rows.run_spec_hash = excluded.spec_hash AND rows.run_processor = excluded.processor THEN
          CASE WHEN ?11 = 0 THEN rows.state
-              WHEN rows.state = 'timed_out' AND rows.run_id IS NOT NULL THEN 'submitted'
+              -- its own run is asked again; a twin's outcome (reused) waits for that twin instead
+              WHEN rows.state = 'timed_out' AND rows.run_id IS NOT NULL AND rows.reused IS NULL THEN 'submitted'
               ELSE 'pending' END
     ELSE 'pending' END,
   retries = CASE WHEN rows.state IN ('intent', 'unknown', 'submitted', 'action_required') THEN rows.retries
                  ELSE 0 END,
-  solo = 0, next_at = NULL
+  solo = 0, next_at = NULL, waits = 0
 """
 
-# pending rows whose (input, spec, processor) already has a result: done, no new run
+# pending rows whose (input, spec, processor) already has a result in this journal: done, no new run. The newest
+# result counts (not older than :fresh); without dedupe (:dedupe = 0) only the row's own runs, or results served
+# from the shared cache, or those of a journal from before results named their row
 REUSE_SQL = """
-UPDATE rows SET state='done', error=NULL, run_input_hash=input_hash, run_spec_hash=spec_hash, run_processor=processor,
-  run_id=(SELECT s.run_id FROM results s WHERE s.input_hash=rows.input_hash AND s.spec_hash=rows.spec_hash
-          AND s.processor=rows.processor AND (:fresh IS NULL OR s.completed_at >= :fresh)
-          ORDER BY s.completed_at DESC LIMIT 1)
-WHERE epoch=:epoch AND state='pending' AND EXISTS (SELECT 1 FROM results s WHERE s.input_hash=rows.input_hash
-  AND s.spec_hash=rows.spec_hash AND s.processor=rows.processor AND (:fresh IS NULL OR s.completed_at >= :fresh))
+UPDATE rows SET state='done', error=NULL, waits=0, run_input_hash=rows.input_hash, run_spec_hash=rows.spec_hash,
+  run_processor=rows.processor, run_id=s.run_id,
+  reused=CASE WHEN s.origin='cache' THEN 'cache' WHEN s.row_ref IS NULL THEN 'journal'
+              WHEN s.row_ref=rows.row_ref THEN NULL ELSE 'twin' END
+FROM results s
+WHERE rows.epoch=:epoch AND rows.state='pending' AND s.run_id=(
+  SELECT r.run_id FROM results r WHERE r.input_hash=rows.input_hash AND r.spec_hash=rows.spec_hash
+  AND r.processor=rows.processor AND (:fresh IS NULL OR r.completed_at >= :fresh)
+  AND (:dedupe OR r.origin IS NOT NULL OR r.row_ref IS NULL OR r.row_ref=rows.row_ref)
+  ORDER BY r.completed_at DESC LIMIT 1)
+"""
+
+# A pending row waits (is never claimed) while a twin (same task input, spec and processor) is in flight, or
+# pending earlier in the input: that twin's run gives it its outcome (journal._share). Only pending rows in `scope`
+# (an SQL condition on `rows`) are decided; the condition reads states and ordinals, never `waits`, so one statement
+# decides a whole set. The `+` keeps SQLite on the input_hash index (by ordinal it would scan every row per row).
+WAITS_SQL = """
+UPDATE rows SET waits = CASE WHEN
+  (rows.input_hash, rows.spec_hash, rows.processor) IN (
+     SELECT run_input_hash, run_spec_hash, run_processor FROM rows
+     WHERE state IN ('intent', 'unknown', 'submitted', 'action_required'))
+  OR EXISTS (SELECT 1 FROM rows t WHERE t.input_hash=rows.input_hash AND t.spec_hash=rows.spec_hash
+     AND t.processor=rows.processor AND +t.epoch=rows.epoch AND +t.state='pending' AND +t.ordinal<rows.ordinal)
+  THEN 1 ELSE 0 END
+WHERE rows.state='pending' AND {scope}
+"""
+
+# Rows waiting on a twin take the outcome of the twin's run (the leaders :ids just finished): its result (done), or
+# its failure or time-out; values, basis and decisions follow from the shared result, the run id and times are its.
+SHARE_SQL = """
+UPDATE rows SET
+  state=CASE WHEN EXISTS (SELECT 1 FROM results s WHERE s.run_id=l.run_id) THEN 'done' ELSE l.state END,
+  error=CASE WHEN EXISTS (SELECT 1 FROM results s WHERE s.run_id=l.run_id) THEN NULL ELSE l.error END,
+  run_id=l.run_id, run_input_hash=l.run_input_hash, run_spec_hash=l.run_spec_hash, run_processor=l.run_processor,
+  submitted_at=l.submitted_at, finished_at=l.finished_at, waits=0, reused='twin'
+FROM rows l
+WHERE l.id IN ({ids}) AND rows.id != l.id AND rows.waits=1 AND rows.state='pending'
+  AND rows.input_hash=l.run_input_hash AND rows.spec_hash=l.run_spec_hash AND rows.processor=l.run_processor
+  AND (l.state IN ('failed', 'timed_out') OR EXISTS (SELECT 1 FROM results s WHERE s.run_id=l.run_id))
 """
 
 
@@ -227,6 +275,32 @@ def add_run_columns(conn: Any) -> None:
                 conn.execute(
                     "UPDATE spend SET processor=? WHERE processor IS NULL AND ABS(micros)=?", (names[0], price)
                 )
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def add_reuse_columns(conn: Any) -> None:
+    """Give a journal written before result reuse across rows and jobs its columns (nullable or defaulted, so an
+    older enrich still writes it): `rows.waits`, `rows.reused`, `rows.cache_seq`, `results.row_ref`,
+    `results.origin`."""
+    added = []
+    for table, column, kind in (
+        ("rows", "waits", "INTEGER NOT NULL DEFAULT 0"),
+        ("rows", "reused", "TEXT"),
+        ("rows", "cache_seq", "INTEGER"),
+        ("results", "row_ref", "TEXT"),
+        ("results", "origin", "TEXT"),
+    ):
+        if column not in {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}:
+            added.append((table, column, kind))
+    if not added:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for table, column, kind in added:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
     except BaseException:
         conn.execute("ROLLBACK")
         raise

@@ -22,6 +22,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from enrich.client import TaskClient
@@ -35,16 +36,26 @@ from enrich.config import (
     spec_fingerprint,
 )
 from enrich.decide import escalate_pass
-from enrich.errors import ApiError, ApiUnavailable, InputError, PermanentApiError, TransientApiError, advice
+from enrich.errors import (
+    ApiError,
+    ApiUnavailable,
+    ConfigError,
+    InputError,
+    PermanentApiError,
+    TransientApiError,
+    advice,
+)
+from enrich.files import PARQUET_SUFFIXES
 from enrich.flatten import output_columns
 from enrich.journal import IN_FLIGHT, DuplicateKey, Journal
 from enrich.poll import Poller
 from enrich.preflight import sheet_fit
 from enrich.processors import PROCESSORS
 from enrich.progress import JobState, show_progress
-from enrich.read import key_problem, open_table
+from enrich.read import RowFilter, key_problem, open_table
 from enrich.reconcile import reconcile
 from enrich.retry import CircuitBreaker, backoff
+from enrich.reuse import Reuse
 from enrich.settled import input_fingerprint
 from enrich.slots import Slots
 from enrich.spec import MAX_SPEC_AND_INPUT_CHARS
@@ -63,18 +74,25 @@ class Prepared:
     fields: dict[str, dict[str, Any]]
     job_id: str
     escalation: dict[str, int] | None = None  # dry: what the escalation pass would do after this seeding
+    waiting: int = 0  # pending rows that wait for a twin's run (dedupe): no run of their own
+    cached: int = 0  # dry: pending rows the shared cache holds a result for (plan)
 
     @property
     def job_tag(self) -> str:
         return self.job_id.replace("-", "")[:16]
 
 
-def prepare(cfg: RunConfig, journal: Journal, retry_failed: bool = False, dry: bool = False) -> Prepared:
+def prepare(
+    cfg: RunConfig, journal: Journal, retry_failed: bool = False, dry: bool = False, reuse: Reuse | None = None
+) -> Prepared:
     """Read and validate the whole input, recording it in the journal in one transaction.
 
-    Raises InputError (nothing recorded) for any bad row. With `dry`, the transaction is
-    rolled back after counting (for `plan`).
+    Raises InputError (nothing recorded) for any bad row, ConfigError for an `[input] where` that does not
+    parse, names an unknown column or cannot be evaluated. Rows it does not select are recorded as skipped;
+    with `[input] dedupe` twins wait for one leader's run. With `dry`, the transaction is rolled back after
+    counting (for `plan`); `reuse` then counts the pending rows its shared cache holds.
     """
+    journal.dedupe = cfg.input.dedupe
     task_spec = build_task_spec(cfg)
     fields = output_fields(task_spec)
     spec_hash = spec_fingerprint(cfg, task_spec)
@@ -95,7 +113,7 @@ def prepare(cfg: RunConfig, journal: Journal, retry_failed: bool = False, dry: b
         # the same file and job as the last completed seeding: nothing to re-read (a no-op resume)
         epoch = journal.get("epoch", 0)
         counts = journal.counts(epoch)
-        return Prepared(epoch, sum(counts.values()), counts, task_spec, fields, job_id)
+        return Prepared(epoch, sum(counts.values()), counts, task_spec, fields, job_id, waiting=journal.waiting(epoch))
     forbidden = {c[0] for c in output_columns(fields, True)}
     key_cols, in_cols = cfg.input.key, cfg.input.input_columns
     info, batches = open_table(
@@ -111,6 +129,19 @@ def prepare(cfg: RunConfig, journal: Journal, retry_failed: bool = False, dry: b
     except InputError:
         batches.close()  # type: ignore[attr-defined]
         raise
+    try:
+        select = (
+            RowFilter(
+                cfg.input.where,
+                info.columns,
+                text_cells=Path(info.path).suffix.lower() not in (*PARQUET_SUFFIXES, ".xlsx"),
+            )
+            if cfg.input.where is not None
+            else None
+        )
+    except ConfigError:
+        batches.close()  # type: ignore[attr-defined]
+        raise
     pos = {c: i for i, c in enumerate(info.columns)}
     kidx, iidx = [pos[c] for c in key_cols], [(c, pos[c]) for c in in_cols]
     path = info.path
@@ -121,7 +152,8 @@ def prepare(cfg: RunConfig, journal: Journal, retry_failed: bool = False, dry: b
         nonlocal total
         for batch in batches:
             out = []
-            for row in batch:
+            chosen = select.mask(batch) if select is not None else None
+            for n, row in enumerate(batch):
                 key_vals = [row.values[i] for i in kidx]
                 if (problem := key_problem(key_vals)) is not None:
                     raise InputError(path, f"{problem} in key column(s) {key_cols}", line=row.line)
@@ -149,6 +181,7 @@ def prepare(cfg: RunConfig, journal: Journal, retry_failed: bool = False, dry: b
                         digest(input_json),
                         spec_hash,
                         processor,
+                        "pending" if chosen is None or chosen[n] else "skipped",
                     )
                 )
                 total += 1
@@ -157,7 +190,12 @@ def prepare(cfg: RunConfig, journal: Journal, retry_failed: bool = False, dry: b
     refresh = cfg.task.refresh_after_days
     refresh_before = time.time() - refresh * 86400 if refresh else None
 
+    cached = 0
+
     def would_escalate() -> dict[str, int] | None:  # in the seed's transaction: sees the seeded rows
+        nonlocal cached
+        if reuse is not None and reuse.serving:
+            cached = journal.cached_pending(epoch, reuse.serve)
         if len(cfg.ladder) < 2:
             return None
         return escalate_pass(journal, cfg, epoch, list(fields), dry=True)
@@ -189,7 +227,7 @@ def prepare(cfg: RunConfig, journal: Journal, retry_failed: bool = False, dry: b
     finally:
         batches.close()  # type: ignore[attr-defined]  # closes the file if seeding stopped early
     counts = journal.last_seed_counts
-    return Prepared(epoch, total, counts, task_spec, fields, job_id, seen)
+    return Prepared(epoch, total, counts, task_spec, fields, job_id, seen, journal.last_seed_waiting, cached)
 
 
 def plan_summary(cfg: RunConfig, prep: Prepared, journal: Journal) -> dict[str, Any]:
@@ -202,7 +240,9 @@ def plan_summary(cfg: RunConfig, prep: Prepared, journal: Journal) -> dict[str, 
     (`escalation_share`), and is the first step plus the steps already waiting (a lower bound) until then."""
     proc = PROCESSORS[cfg.task.processor]
     c = prep.counts
-    to_submit = c.get("pending", 0)
+    # twins wait for one row's run and rows the shared cache holds need none: N distinct inputs in M rows
+    to_research = c.get("pending", 0)
+    to_submit = max(0, to_research - prep.waiting - prep.cached)
     in_flight = sum(c.get(s, 0) for s in ("intent", "unknown", "submitted"))
     ladder = cfg.ladder
     prices = [PROCESSORS[p].price_micros for p in ladder]
@@ -259,6 +299,11 @@ def plan_summary(cfg: RunConfig, prep: Prepared, journal: Journal) -> dict[str, 
     return {
         **ladder_info,
         "rows": prep.total,
+        "skipped": c.get("skipped", 0),
+        "rows_to_research": to_research,
+        "distinct_inputs": to_research - prep.waiting,
+        "waiting_for_a_twin": prep.waiting,
+        "served_from_cache": prep.cached,
         "done_or_cached": c.get("done", 0),
         "failed_kept": c.get("failed", 0) + c.get("timed_out", 0),
         "in_flight": in_flight,
@@ -283,8 +328,17 @@ def steps_line(steps: dict[str, int]) -> str:
 
 
 def format_plan(plan: dict[str, Any]) -> str:
-    lines = [
-        f"rows in input        {plan['rows']:,}",
+    lines = [f"rows in input        {plan['rows']:,}"]
+    if plan.get("skipped"):
+        lines.append(
+            f"selected by where    {plan['rows'] - plan['skipped']:,}  ({plan['skipped']:,} skipped: not researched)"
+        )
+    if plan.get("waiting_for_a_twin") or plan.get("served_from_cache"):
+        line = f"to research          {plan['distinct_inputs']:,} distinct inputs in {plan['rows_to_research']:,} rows"
+        if plan.get("served_from_cache"):
+            line += f"; {plan['served_from_cache']:,} of them from the shared cache (no cost)"
+        lines.append(line)
+    lines += [
         f"already done/cached  {plan['done_or_cached']:,}",
         f"failed (kept)        {plan['failed_kept']:,}   (re-run them with --retry-failed)",
         f"in flight            {plan['in_flight']:,}",
@@ -351,6 +405,7 @@ async def ensure_group(journal: Journal, client: TaskClient, job_tag: str, emula
     if gid:
         try:
             await _retry_safe(lambda: client.get_group(gid))
+            _note_origin(journal, client, emulated)
             return str(gid)
         except PermanentApiError as exc:
             if exc.status != 404 or not (emulated or journal.get("emulated") or client.emulator_seen):
@@ -364,7 +419,16 @@ async def ensure_group(journal: Journal, client: TaskClient, job_tag: str, emula
     group = await _retry_safe(lambda: client.create_group({"enrich_job": job_tag}))
     gid = group["taskgroup_id"]
     journal.set("taskgroup_id", gid)
+    _note_origin(journal, client, emulated)
     return str(gid)
+
+
+def _note_origin(journal: Journal, client: TaskClient, emulated: bool) -> None:
+    """Record whose results this journal holds, as soon as the server has answered (before any run exists): the
+    shared cache marks entries by it, so an emulated result is never served to a real-API job."""
+    origin = "emulator" if emulated or client.emulator_seen else "api"
+    if journal.get("server_origin") != origin:
+        journal.set("server_origin", origin)
 
 
 def recreation_note(base_url: str, prices: list[int]) -> str:
@@ -488,18 +552,22 @@ async def execute(
     state: JobState | None = None,
     governor: Governor | None = None,
     detach: bool = False,
+    reuse: Reuse | None = None,
 ) -> JobState:
     """Run the job until every row is finished, the budget is spent, or `state.stop` is set.
 
     With `detach`, only submit: every pending row is sent (rate limit and budget apply; the
     in-flight cap does not, since nothing waits on the runs), rows in doubt are settled, and the
-    job returns; a later run without `detach` collects the results."""
+    job returns; a later run without `detach` collects the results. `reuse` is the job's result reuse: its
+    shared cache is read before the first claim and in every claim, and written after every recorded result."""
     counts = journal.counts(prep.epoch)
     state = state or JobState()
     state.total = prep.total
-    state.done_before = sum(counts.get(s, 0) for s in ("done", "failed", "timed_out"))
+    state.done_before = sum(counts.get(s, 0) for s in ("done", "failed", "timed_out", "skipped"))
     state.spent_micros = journal.spent_micros()
     names = list(prep.fields)
+    if reuse is not None:
+        reuse.publish()  # results a killed run recorded but did not publish yet
     if cfg.escalate is not None:  # finished rows whose fields still need a stronger processor climb first
         state.escalated += _escalate(journal, cfg, prep.epoch, names)
         counts = journal.counts(prep.epoch)
@@ -519,6 +587,11 @@ async def execute(
                 "check base_url= and the network, or pass emulator=True. Nothing was sent; call enrich_frame again",
             )
         ) from None
+    if reuse is not None:
+        reuse.publish()
+        if reuse.serving:  # every pending row the shared cache holds is done before the first claim
+            reuse.serve_pending(prep.epoch)
+            state.reused = journal.reused_moves
     limits = cfg.limits
     cap = 10**9 if detach else limits.max_in_flight
     state.active = Slots(cap)
@@ -553,6 +626,7 @@ async def execute(
         governor=governor,
         daily_budget_micros=limits.daily_budget_micros,
         first_tier=cfg.ladder[0],
+        serve=reuse.serve if reuse is not None and reuse.serving else None,
     )
     poller = Poller(
         journal,
@@ -562,6 +636,7 @@ async def execute(
         job_tag=prep.job_tag,
         row_timeout_s=limits.row_timeout_s,
         recheck_s=limits.recheck_s,
+        on_recorded=reuse.publish if reuse is not None else None,
     )
     if journal.unresolved():
         state.unresolved.set()
@@ -613,5 +688,7 @@ async def execute(
         await asyncio.wait(background, timeout=5)
         state.spent_micros = journal.spent_micros()
         journal.set("events_cursor", poller.cursor)
+        if reuse is not None:
+            reuse.publish()
     state.requests = client.requests
     return state

@@ -34,6 +34,7 @@ import contextlib
 import json
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 from enrich import failpoints
@@ -67,8 +68,10 @@ class Poller:
         recheck_s: float = 5.0,
         sweep_s: float = 30.0,
         rand: random.Random | None = None,
+        on_recorded: Callable[[], object] | None = None,
     ):
         self.journal, self.client, self.state = journal, client, state
+        self.on_recorded = on_recorded  # after results are committed (the shared cache is written: reuse.py)
         self.taskgroup_id, self.job_tag, self.row_timeout_s = taskgroup_id, job_tag, row_timeout_s
         self.recheck_s, self.sweep_s = recheck_s, sweep_s
         self.rand = rand or random.Random()
@@ -293,6 +296,7 @@ class Poller:
                 continue
             f = self._finished(run)
             self.journal.time_out(rid, f.row_ref, f.attempt, time.time())
+            self.state.reused = self.journal.reused_moves
             self.journal.log("warning", f"run {rid} still active after row_timeout_s: row timed out")
             self._forget([rid])
             self.state.failed += 1
@@ -365,6 +369,9 @@ class Poller:
             return
         _, refused = self.journal.record(finished, time.time())
         failpoints.hit("after_result_commit")
+        self.state.reused = self.journal.reused_moves
+        if self.on_recorded is not None and any(f.result_json is not None for f in finished):
+            self.on_recorded()
         for rid in refused:
             self.journal.log("error", f"run {rid}: its metadata names no row of this job; result not used")
         self._forget([f.run_id for f in finished])

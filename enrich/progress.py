@@ -40,6 +40,11 @@ class Stop:
     def interrupted(self) -> bool:
         return self.interrupts > 0
 
+    @property
+    def started(self) -> bool:
+        """True once the job's event loop has bound this Stop (work has begun)."""
+        return self._loop is not None
+
     def bind(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[object] | None = None) -> None:
         """Called by the job on its loop as it starts; an interrupt that came earlier takes effect now."""
         self._loop, self._task = loop, task
@@ -87,6 +92,7 @@ class JobState:
     budget_message: str = ""  # which budget ran out (job or daily), and when a daily one resets
     budget_deferred: bool = False  # a partition made way: the rest of the job's budget is kept for others' first tier
     escalated: int = 0  # rows moved up the processor ladder by this invocation
+    reused: int = 0  # rows given an outcome without a run of their own (a twin's run, the shared cache)
     requests: int = 0  # HTTP requests made by this invocation
     reconcile_failed: bool = False  # the group could not be listed: rows in doubt stay unknown this run
     unreachable: str | None = None  # the API could not be reached for long: why the job stopped
@@ -108,7 +114,7 @@ class JobState:
 
     def finished_rows(self) -> int:
         """Rows finished so far: a row that climbs the ladder is unfinished again until its next run ends."""
-        return max(0, min(self.total, self.done_before + self.completed + self.failed - self.escalated))
+        return max(0, min(self.total, self.done_before + self.completed + self.failed + self.reused - self.escalated))
 
 
 async def show_progress(state: JobState, interval_s: float = 5.0) -> None:

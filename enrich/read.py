@@ -30,7 +30,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from enrich.errors import InputError, SheetPath
+from enrich.errors import ConfigError, InputError, SheetPath
 from enrich.files import PARQUET_SUFFIXES
 
 BATCH_ROWS = 5_000
@@ -471,11 +471,67 @@ def open_table(
     p = Path(path)
     if p.is_dir():
         raise InputError(str(p), "is a directory, not a file")
+    if p.exists() and not p.is_file():  # the job reads it twice (its fingerprint, then its rows)
+        raise InputError(str(p), "is not a regular file (a pipe or a device); save the data to a file and give that")
     if p.suffix.lower() in PARQUET_SUFFIXES:
         return read_parquet(p, required, forbidden, batch_rows)
     if p.suffix.lower() == ".xlsx":
         return read_xlsx(p, required, forbidden, sheet, batch_rows)
     return read_csv(p, required, forbidden, encoding, max_cell_bytes, batch_rows=batch_rows)
+
+
+class RowFilter:
+    """`[input] where`: a polars SQL expression over the input's columns; only rows it makes true are researched.
+
+    Checked when the input is opened, before anything is sent: an expression that does not parse, or names a
+    column the input lacks, is a ConfigError (exit 2) naming the expression and the column. It is evaluated on
+    each batch of rows; an empty cell is NULL, and CSV cells are text (compare numbers with `CAST(col AS DOUBLE)`).
+    A row for which it is false or NULL is not selected.
+
+    >>> f = RowFilter("hq IS NULL AND country = 'US'", ["name", "hq", "country"], text_cells=True)
+    >>> f.mask([Row(2, ["a", "", "US"]), Row(3, ["b", "Paris", "FR"]), Row(4, ["c", "", "FR"])])
+    [True, False, False]
+    """
+
+    def __init__(self, expression: str, columns: list[str], text_cells: bool, source: str = ""):
+        self.expression, self.text_cells = expression, text_cells
+        self.where = f"{source + ': ' if source else ''}[input] where = {json.dumps(expression)}"
+        try:
+            expr = pl.sql_expr(expression)
+            names = list(dict.fromkeys(expr.meta.root_names()))
+        except (pl.exceptions.PolarsError, ValueError, TypeError) as exc:
+            raise ConfigError(f"{self.where}: not a valid SQL expression ({_first_line(exc)})") from None
+        if unknown := [n for n in names if n not in columns]:
+            raise ConfigError(
+                f"{self.where}: unknown column {unknown[0]!r}; the input's columns are "
+                + ", ".join(repr(c) for c in columns)
+            )
+        self.expr = expr
+        self.used = [(n, columns.index(n)) for n in names]
+
+    def mask(self, rows: list[Row]) -> list[bool]:
+        """Which of `rows` the expression selects (True only where it is true)."""
+        data: dict[str, list[Any]] = {
+            name: [(None if self.text_cells and r.values[i] == "" else r.values[i]) for r in rows]
+            for name, i in self.used
+        }
+        frame = pl.DataFrame(data or {"__row": list(range(len(rows)))}, strict=False)
+        try:
+            out = frame.with_columns(self.expr.alias("__selected"))["__selected"]
+        except (pl.exceptions.PolarsError, ValueError, TypeError) as exc:
+            hint = (
+                "; CSV cells are text: compare numbers with CAST(column AS DOUBLE)"
+                if self.text_cells and "compare string" in str(exc)
+                else ""
+            )
+            raise ConfigError(f"{self.where}: cannot be evaluated ({_first_line(exc)}){hint}") from None
+        if out.dtype not in (pl.Boolean, pl.Null):
+            raise ConfigError(f"{self.where}: gives {out.dtype} values, not true or false")
+        return [v is True for v in out.to_list()]
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
 
 
 def key_problem(values: list[Any]) -> str | None:

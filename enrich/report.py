@@ -258,8 +258,10 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             )
             + ")"
         )
-    if decisions := report.get("decision_counts"):
-        per_field = []
+    if said := reuse_line(report.get("reuse") or {}):
+        lines.append(said)
+    if decisions := {col: counts for col, counts in (report.get("decision_counts") or {}).items() if counts}:
+        per_field = []  # a field with no decision yet (no row completed) is left out, not printed bare
         for col, counts in sorted(decisions.items()):  # sorted: the same order when read back from the JSON
             order = sorted(counts, key=lambda k: (_DECISION_ORDER.index(k) if k in _DECISION_ORDER else 99, k))
             name = col.removesuffix("__decision")
@@ -299,3 +301,25 @@ def run_lines(message: str, report: dict[str, Any]) -> list[str]:
     then the rest of the message (so the last line still says how the job ended)."""
     first, *rest = message.splitlines() or [""]
     return [first, *(f"  {s}" for s in summary_lines(report)), *rest]
+
+
+def reuse_line(reuse: dict[str, Any]) -> str | None:
+    """The summary line for what reuse saved (reuse.summary): twins sharing a run, the shared cache, `where`."""
+    said = []
+
+    def rows(n: int) -> str:
+        return f"{n:,} row{'s' if n != 1 else ''}"
+
+    if n := reuse.get("rows_sharing_a_run"):
+        said.append(
+            f"{rows(n)} took the run of an identical row ({reuse.get('distinct_inputs', 0):,} distinct inputs; "
+            f"${reuse.get('dedupe_saved_usd', 0):.4f} not paid)"
+        )
+    if n := reuse.get("rows_from_cache"):
+        said.append(
+            f"{rows(n)} served from the results cache ({reuse.get('cache_results_used', 0):,} results; "
+            f"${reuse.get('cache_saved_usd', 0):.4f} not paid)"
+        )
+    if n := reuse.get("rows_skipped"):
+        said.append(f"{rows(n)} skipped by [input] where (not researched)")
+    return "reuse: " + "; ".join(said) if said else None

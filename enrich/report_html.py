@@ -30,7 +30,7 @@ STATUS_COLOURS = {
     "skipped_budget": "#5e35b1",
 }
 CONF_COLOURS = {"high": "#2e7d32", "medium": "#f9a825", "low": "#c62828", "None": "#bdbdbd"}
-_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f<>&\"'`=]")
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f<>&\"'`=\u200e\u200f\u202a-\u202e\u2066-\u2069]")  # bidi controls too
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0 auto;max-width:1180px;

@@ -3,11 +3,12 @@
 When a run ends with every row done and nothing left to climb (exit 0), `record` notes in the journal
 everything that answer depends on: the job's fingerprint (its config after every flag, its journal, the
 API key's digest, emulator or not), the input's fingerprint (path, size, mtime and sha256 of its bytes,
-how it is read, the task: `input_fingerprint`, the same one seeding uses), the journal's write state, and
-the files that run left (size, mtime, inode). `answer` re-derives each one for the same command; when all
-are equal, running the job again would seed nothing, submit nothing and rewrite nothing, so it answers
-with the lines that run would print and exit 0. Anything different, missing or unreadable answers None
-and the full run decides: this never refuses, pays, writes or changes the journal.
+how it is read, the task: `input_fingerprint`, the same one seeding uses), the journal's write state, the
+files that run left (size, mtime, inode) and, with --emulator, its knowledge table's (the full run checks
+it). `answer` re-derives each one for the same command; when all are equal, running the job again would
+seed nothing, submit nothing and rewrite nothing, so it answers with the lines that run would print and
+exit 0. Anything different, missing or unreadable answers None and the full run decides: this never
+refuses, pays, writes or changes the journal.
 
 Imports nothing heavy (no polars, pyarrow or httpx): `enrich run` of a finished job takes a fraction of
 a second (README, Performance).
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,8 @@ def input_fingerprint(cfg: RunConfig, spec_hash: str) -> str | None:
     """Identity of (input file bytes, how it is read, the task): equal means seeding would change nothing."""
     try:
         st = cfg.input.path.stat()
+        if not stat.S_ISREG(st.st_mode):  # a pipe would be consumed here (or block), not fingerprinted
+            return None
         h = hashlib.sha256()
         with cfg.input.path.open("rb") as f:
             while chunk := f.read(1 << 20):
@@ -48,6 +52,8 @@ def input_fingerprint(cfg: RunConfig, spec_hash: str) -> str | None:
             cfg.input.input_columns,
             cfg.input.encoding,
             cfg.input.max_cell_bytes,
+            cfg.input.dedupe,
+            cfg.input.where,
             spec_hash,
             cfg.ladder,
             *([cfg.input.sheet] if cfg.input.sheet is not None else []),
@@ -82,12 +88,25 @@ def _files(cfg: RunConfig) -> dict[str, list[int]]:
     return ids
 
 
+def _knowledge(cfg: RunConfig, emulated: bool) -> list[int] | None:
+    """The embedded emulator's knowledge table as the full run would find it: that run checks it before
+    anything else (preflight.check_knowledge) and refuses one deleted or changed into one it cannot use."""
+    if not emulated or cfg.emulator.knowledge is None:
+        return None
+    try:
+        st = Path(cfg.emulator.knowledge).stat()
+    except OSError:
+        return [-1]
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
 def _state(cfg: RunConfig, journal: Journal, journal_path: Path, api_key: str, emulated: bool) -> dict[str, Any]:
     return {
         "job": job_fingerprint(cfg, journal_path, api_key, emulated),
         "input": input_fingerprint(cfg, spec_fingerprint(cfg, build_task_spec(cfg))),
         "journal": journal.write_state(),
         "files": _files(cfg),
+        "knowledge": _knowledge(cfg, emulated),
     }
 
 

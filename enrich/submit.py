@@ -43,7 +43,7 @@ from enrich.errors import (
     PermanentApiError,
     TransientApiError,
 )
-from enrich.journal import Claimed, Journal
+from enrich.journal import Claimed, Journal, Serve
 from enrich.progress import JobState
 from enrich.retry import CircuitBreaker, backoff
 from enrich.runmeta import run_metadata
@@ -103,6 +103,7 @@ class Submitter:
         governor: Governor | None = None,
         daily_budget_micros: int | None = None,
         first_tier: str | None = None,
+        serve: Serve | None = None,
     ):
         self.journal, self.client, self.state = journal, client, state
         self.taskgroup_id, self.job_tag, self.epoch = taskgroup_id, job_tag, epoch
@@ -126,6 +127,7 @@ class Submitter:
         self.daily = daily_budget_micros
         self.leased = journal.spent_micros()  # with a governor: what this partition may have reserved
         self.first_tier = first_tier  # the ladder's first processor: its rows are leased for before any step
+        self.serve = serve  # the shared cache's look-up, made in each claim (reuse.Reuse.serve)
 
     def _input(self, c: Claimed) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -191,6 +193,8 @@ class Submitter:
             now = time.time()
             if not journal.has_pending(self.epoch, now):
                 if not journal.has_pending(self.epoch):
+                    if journal.unstick(self.epoch):  # a row that waited for a twin no longer in flight
+                        continue
                     if state.reconcile_failed or not journal.unresolved():
                         return
                     state.waiting_on = "rows in doubt: waiting for reconciliation"
@@ -230,8 +234,16 @@ class Submitter:
             self.batch_seq += 1
             try:
                 claimed = journal.claim(
-                    self.epoch, limit, self.prices, budget, time.time(), self.batch_seq, daily_budget=self.daily
+                    self.epoch,
+                    limit,
+                    self.prices,
+                    budget,
+                    time.time(),
+                    self.batch_seq,
+                    daily_budget=self.daily,
+                    serve=self.serve,
                 )
+                state.reused = journal.reused_moves
             except BudgetExceeded as exc:
                 state.budget_exhausted = True
                 state.budget_message = (

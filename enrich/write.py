@@ -56,7 +56,9 @@ from enrich.spec import main_type
 from enrich.xlsx import EXCEL_MAX_CELL_CHARS, EXCEL_MAX_ROWS, longest_cell, to_frame, write_workbook
 
 # `_enrich_status` of an output row: the one vocabulary users see (README, "Output columns").
-OutputStatus = Literal["completed", "failed", "timed_out", "action_required", "unknown", "pending", "skipped_budget"]
+OutputStatus = Literal[
+    "completed", "failed", "timed_out", "action_required", "unknown", "pending", "skipped_budget", "skipped"
+]
 STATUS: dict[RowState, OutputStatus] = {
     "done": "completed",
     "failed": "failed",
@@ -66,6 +68,7 @@ STATUS: dict[RowState, OutputStatus] = {
     "unknown": "unknown",
     "submitted": "pending",
     "pending": "pending",
+    "skipped": "skipped",  # not selected by `[input] where`: not researched, by design (not a failure)
 }
 WRITE_CHUNK = 2_000  # rows per read from the journal and per Parquet row group
 
@@ -168,6 +171,8 @@ class Projection:
             for row_key, row_json, state, run_id, error, submitted_at, finished_at, input_hash, results in chunk:
                 values = json.loads(row_json)
                 result, merged = None, None
+                if state == "skipped":  # researched columns stay empty, even when its input was researched elsewhere
+                    results = []
                 if state == "done" and len(results) == 1 and not verdicts.get(row_key):
                     # the common case: one answer, no reviewer: gate it without merging anything
                     result = json.loads(results[0][2])
@@ -408,8 +413,10 @@ def write_output(
 ) -> dict[str, Any]:
     """Write the output file and `<output>.report.json`; return the report.
 
-    When neither the journal nor the output settings changed since the last write and the
-    file is still the one written, the write is skipped (a no-op resume rewrites nothing).
+    When neither the journal nor the output settings changed since the last write and every file it
+    wrote (output, reports, review file) is still the one written, the write is skipped (a no-op resume
+    rewrites nothing); a file deleted, replaced or modified since (its size, mtime or inode changed) makes it
+    write them all again.
     """
     started = time.monotonic()
     if sum(journal.counts().values()) >= TRIM_FROM_ROWS:
@@ -417,14 +424,8 @@ def write_output(
     state_key = _state_key(journal, path, fields, reasoning, formula_guard, emulated, budget_exhausted)
     report_path = report_json_path(path)
     last = journal.get("last_output")
-    if (
-        last
-        and last.get("state") == state_key
-        and path.exists()
-        and report_path.exists()
-        and html_report_path(path).exists()
-        and last.get("file") == _file_id(path)
-    ):
+    ids = _written_ids(path, cfg is not None) if last and last.get("state") == state_key else None
+    if ids is not None and last.get("files") == ids:
         report = json.loads(report_path.read_text())
         report.update(extra)
         report["output_unchanged"] = True
@@ -509,7 +510,7 @@ def _write(
     html = render_html(report)  # milliseconds (charts are drawn directly), so an interrupted run draws it too
     atomic_write(html_report_path(path), lambda fp: fp.write(html.encode()))
     if not journal.readonly:
-        journal.set("last_output", {"state": state_key, "file": _file_id(path)})
+        journal.set("last_output", {"state": state_key, "files": _written_ids(path, cfg is not None)})
     return report
 
 
@@ -523,9 +524,14 @@ def _trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _file_id(path: Path) -> list[int]:
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns, st.st_ino]
+def _written_ids(path: Path, review: bool) -> list[list[int]] | None:
+    """(size, mtime, inode) of each file a write leaves (the review file when a job config is given), or
+    None when one is missing: a file deleted or replaced since the last write makes the next one write."""
+    files = [path, report_json_path(path), html_report_path(path), *([review_path(path)] if review else [])]
+    try:
+        return [[st.st_size, st.st_mtime_ns, st.st_ino] for st in (f.stat() for f in files)]
+    except OSError:
+        return None
 
 
 def _state_key(journal: Journal, path: Path, fields: Any, *flags: Any) -> str:

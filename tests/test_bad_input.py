@@ -4,7 +4,10 @@ column), before any API call (the emulator's ledger stays empty)."""
 from __future__ import annotations
 
 import io
+import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -150,3 +153,25 @@ def test_csv_cells_round_trip_as_strings(rows: list[list[str]]) -> None:
     _, batches = read_csv(io.BytesIO(buf.getvalue().encode()), required=["k"], name="rt.csv")
     got = [row.values for batch in batches for row in batch]
     assert got == rows
+
+
+def test_a_pipe_as_input_exits_2_naming_it(tmp_path: Path, shared_emulator) -> None:
+    """`--input /dev/stdin` fed by a pipe (read twice: fingerprint, then rows) is refused in one line, exit 2."""
+    cfg_path = _config(tmp_path, tmp_path / "unused.csv")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PARALLEL_", "ENRICH_"))}
+    env["PARALLEL_API_KEY"] = CANARY_KEY
+    args = ["run", str(cfg_path), "--input", "/dev/stdin", "--base-url", shared_emulator.base_url]
+    paid = len(httpx.get(shared_emulator.base_url + "/_emulator/ledger").json())  # the module's emulator is shared
+    r = subprocess.run(
+        [sys.executable, "-m", "enrich", *args],
+        input="company,website\nApple,a\n",
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("enrich: error: /dev/stdin: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "not a regular file" in r.stderr
+    assert len(httpx.get(shared_emulator.base_url + "/_emulator/ledger").json()) == paid

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -135,6 +136,26 @@ def test_sighup_stops_like_sigterm_and_writes_the_output(tmp_path: Path, emulato
     assert len(emu.ledger()) == ROWS  # nothing was paid twice
 
 
+def test_under_nohup_a_sighup_does_not_stop_the_job(tmp_path: Path, emulator_process) -> None:
+    """`nohup enrich run ...` (SIGHUP ignored when it starts): a SIGHUP mid-run does not stop the job, exit 0."""
+    emu = emulator_process("--time-scale", "0.05")
+    cfg = companies_job(tmp_path, limits="batch_size = 5\nmax_in_flight = 10")
+    nohup = ["sh", "-c", 'trap "" HUP; exec "$@"', "sh"]  # what nohup does: the ignore is inherited through exec
+    proc = subprocess.Popen(
+        [*nohup, sys.executable, "-m", "enrich", "run", str(cfg), "--base-url", emu.base_url],
+        cwd=ROOT,
+        env=env_with(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(lambda: len(emu.ledger()) >= 10, timeout=60)
+    proc.send_signal(signal.SIGHUP)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "stopping" not in err
+    assert statuses(tmp_path / "o.csv") == ["completed"] * ROWS
+
+
 def test_a_signal_while_the_output_is_written_lets_the_write_finish(tmp_path: Path, emulator_process) -> None:
     """Ctrl-C exactly while a finished job writes its output: no traceback, the output and both reports are
     whole (every row done), the job's own exit code."""
@@ -178,6 +199,38 @@ def test_a_second_signal_during_the_write_leaves_at_once_and_resumes(tmp_path: P
     assert statuses(tmp_path / "o.csv") == ["completed"] * ROWS
     assert len(emu.ledger()) == ROWS  # nothing was paid twice
     assert not list(tmp_path.glob(".o.csv.tmp-*"))  # the temp file the exit left was cleaned up
+
+
+def test_a_signal_while_the_input_is_seeded_leaves_at_once_with_nothing_written(tmp_path: Path) -> None:
+    """Ctrl-C while a big input is still being read into the journal (nothing sent yet): exit 75 at once,
+    no output written, the journal holds no row (the seeding rolls back), nothing paid."""
+    src = tmp_path / "big.csv"
+    with src.open("w", encoding="utf-8") as f:
+        f.write("company\n")
+        f.writelines(f"Company {i}\n" for i in range(200_000))
+    cfg = write_config(
+        tmp_path / "job.toml", input_path=src, output=tmp_path / "o.csv", key=["company"], columns=["company"]
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "enrich", "run", str(cfg), "--emulator"],
+        cwd=ROOT,
+        env=env_with(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wal = tmp_path / "o.csv.journal.sqlite-wal"  # rows being seeded land here first
+    wait_for(lambda: wal.exists() and wal.stat().st_size > 200_000, timeout=60)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err
+    assert "Traceback" not in err and "interrupted" in err
+    assert not (tmp_path / "o.csv").exists()  # it did not read on and write 200,000 pending rows
+    con = sqlite3.connect(tmp_path / "o.csv.journal.sqlite")  # read as SQLite sees it: no row was kept
+    try:
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert "rows" not in tables or con.execute("SELECT COUNT(*) FROM rows").fetchone()[0] == 0
+    finally:
+        con.close()
 
 
 def test_exit_codes_are_documented_in_the_readme() -> None:

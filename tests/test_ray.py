@@ -41,7 +41,7 @@ from enrich.processors import PROCESSORS
 from enrich.scale.governor import GovernorState
 from enrich.scale.merge import MANIFEST
 from enrich.scale.partition import cut, parts_dir_for
-from enrich.scale.runner import NODE_LOCAL, check_shared, run_partitioned, worst
+from enrich.scale.runner import NODE_LOCAL, check_cache, check_shared, run_partitioned, worst
 from enrich.spend import utc_day
 from tests.conftest import ROOT, EmulatorProcess, run_enrich, wait_for, write_config
 
@@ -210,6 +210,17 @@ def test_multi_node_cluster_refuses_relative_and_node_local_paths(tmp_path: Path
     check_shared(cfg, shared / "x.csv.journal.sqlite")
 
 
+def test_a_results_cache_is_refused_on_a_multi_node_cluster(tmp_path: Path) -> None:
+    """A shared cache is one machine's SQLite file: refused (one line, exit 2) when partitions run on several nodes."""
+    cfg = load_config(config(tmp_path, "c", make_rows(tmp_path / "in.csv", 3), tmp_path / "out.csv"))
+    check_cache(cfg, multi=True)  # no cache: nothing to refuse
+    cfg.cache.path = tmp_path / "results.sqlite"
+    check_cache(cfg, multi=False)
+    with pytest.raises(ConfigError, match=r"several nodes.*--no-cache") as err:
+        check_cache(cfg, multi=True)
+    assert err.value.exit_code == 2 and "\n" not in str(err.value)
+
+
 def test_partitions_flag_needs_ray(tmp_path: Path) -> None:
     cfg = config(tmp_path, "c", make_rows(tmp_path / "in.csv", 3), tmp_path / "out.csv")
     r = run_enrich("run", str(cfg), "--partitions", "2", "--emulator")
@@ -242,6 +253,29 @@ def test_partitioned_output_equals_single_process_then_resume_sends_nothing(
     assert frame(tmp_path / "multi.csv").equals(frame(tmp_path / "single.csv"))
     plan = run_enrich("plan", str(config(tmp_path, "multi", inp, tmp_path / "multi.csv")))
     assert "partitions           3" in plan.stdout and "to submit            0" in plan.stdout
+
+
+def test_partitions_on_a_local_ray_share_the_results_cache(
+    tmp_path: Path, local_ray: None, emu: EmulatorProcess
+) -> None:
+    """On a local Ray every partition reads and writes the job's cache: a second partitioned job (another
+    output and journal) over the same rows pays for none of them, and its rows carry the first job's run ids."""
+    inp = make_rows(tmp_path / "in.csv", 300)
+    over = {"api.base_url": emu.base_url, "cache.path": str(tmp_path / "results.sqlite")}
+    first = run_partitioned(
+        load_config(config(tmp_path, "a", inp, tmp_path / "a.csv"), over), address=None, partitions=3, api_key="k"
+    )
+    assert first.exit_code == EXIT_OK, first.message
+    posts = emu.stats()["creating_posts"]
+    second = run_partitioned(
+        load_config(config(tmp_path, "b", inp, tmp_path / "b.csv"), over), address=None, partitions=2, api_key="k"
+    )
+    assert second.exit_code == EXIT_OK, second.message
+    assert emu.stats()["creating_posts"] == posts
+    a = pl.read_csv(tmp_path / "a.csv", infer_schema=False)
+    b = pl.read_csv(tmp_path / "b.csv", infer_schema=False)
+    assert b["_enrich_run_id"].to_list() == a["_enrich_run_id"].to_list()
+    assert frame(tmp_path / "b.csv").equals(frame(tmp_path / "a.csv"))
 
 
 def test_directory_output_is_a_dataset_with_a_manifest(tmp_path: Path, local_ray: None, emu: EmulatorProcess) -> None:

@@ -213,3 +213,28 @@ def test_report_renders_in_headless_chromium(tmp_path: Path, emulator_process) -
     if os.environ.get("ENRICH_UPDATE_SCREENSHOT"):
         (ROOT / "docs").mkdir(exist_ok=True)
         shutil.copy(shot, ROOT / "docs" / "report.png")
+
+
+def test_chart_labels_drop_direction_overrides_and_long_ones_stay_distinct() -> None:
+    """A label cannot reorder what it shows (bidi controls dropped), and long labels that do not fit keep both
+    ends (`start…end`, the whole label as a tooltip), so fields that share a long prefix stay apart."""
+    from enrich.report_html import label
+
+    assert label("ltr_\u202eevil\u2066x") == "ltr_evilx"
+    fields = {f"field_{i:02d}_with_a_rather_long_descriptive_name": 1.0 for i in range(3)}
+    report = {
+        "rows": 1,
+        "status_counts": {"completed": 1},
+        "spend_usd": 0,
+        "confidence_counts": {},
+        "latency_s": percentiles([0.1]),
+        "fill_rate": fields,
+        "hit_rate": 1.0,
+    }
+    report["latency_s"]["by_processor"] = {}
+    text = render_html(report)
+    start = text.index('id="chart-fill"')
+    chart = text[start : text.index("</figure>", start)]
+    shown = [t.split("<title>")[0] for t in chart.split('text-anchor="end">')[1:]]
+    assert len({s for s in shown if s.startswith("field_")}) == 3, shown
+    assert all(len(s) <= 32 for s in shown), shown

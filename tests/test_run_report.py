@@ -18,6 +18,7 @@ import pytest
 
 from enrich.emulator import EmulatorConfig, EmulatorServer
 from enrich.processors import PROCESSORS
+from enrich.report import summary_lines
 from tests.conftest import CANARY_KEY, ROOT, run_enrich
 from tests.test_report_html import parse
 
@@ -110,6 +111,13 @@ def test_end_of_run_summary_names_decisions_review_file_and_report(demo: dict[st
     ) in lines
     wrote = next(i for i, ln in enumerate(lines) if ln.startswith("wrote "))
     assert lines[wrote + 1].startswith("paid runs: ")  # the summary sits under the outcome line
+
+
+def test_summary_leaves_out_fields_without_decisions() -> None:
+    """An interrupt before any row completed: no bare `decisions: a ; b ` line; a field with none is left out."""
+    assert not any(ln.startswith("decisions") for ln in summary_lines({"decision_counts": {"a__decision": {}}}))
+    both = {"decision_counts": {"a__decision": {"accepted": 2}, "b__decision": {}}}
+    assert "decisions: a accepted 2" in summary_lines(both)
 
 
 def _usd(micros: float) -> str:

@@ -119,3 +119,38 @@ def test_a_job_that_refreshes_old_answers_is_never_answered_from_the_journal(tmp
     cfg.write_text(cfg.read_text().replace("[task]\n", "[task]\nrefresh_after_days = 30\n"))
     assert run_enrich("run", str(cfg)).returncode == 0, cfg.read_text()
     assert probe("run", str(cfg))[0]["pipeline"] is True
+
+
+def test_a_deleted_review_file_is_written_again_by_the_rerun(tmp_path: Path, emulator_process) -> None:
+    """Deleting the review file and running again writes it again, with the lines the summary names."""
+    emu = emulator_process("--time-scale", "0")
+    cfg = _job(tmp_path, emu.base_url)
+    assert run_enrich("run", str(cfg)).returncode == 0
+    review = tmp_path / "out.review.csv"
+    lines = review.read_text(encoding="utf-8").splitlines()
+    assert len(lines) > 1  # Acme Widgets is unknown to the emulator: its fields are rejected
+    review.unlink()
+    again = run_enrich("run", str(cfg))
+    assert again.returncode == 0, again.stderr
+    assert f"({len(lines) - 1} lines" in again.stderr
+    assert review.read_text(encoding="utf-8").splitlines() == lines
+
+
+def test_an_emulated_rerun_whose_knowledge_table_is_gone_is_refused_as_the_full_run_refuses_it(tmp_path: Path) -> None:
+    """--emulator with its [emulator] knowledge file deleted since the job settled: exit 2 naming it, not 0."""
+    knowledge = tmp_path / "knowledge.csv"
+    knowledge.write_text((ROOT / "data" / "companies_knowledge.csv").read_text(encoding="utf-8"), encoding="utf-8")
+    (tmp_path / "in.csv").write_text("company\nApple\nMicrosoft\n", encoding="utf-8")
+    cfg = write_config(
+        tmp_path / "job.toml",
+        input_path=tmp_path / "in.csv",
+        output=tmp_path / "out.csv",
+        key=["company"],
+        columns=["company"],
+        emulator=f"knowledge = {json.dumps(str(knowledge))}\ntime_scale = 0",
+    )
+    assert run_enrich("run", str(cfg), "--emulator").returncode == 0
+    assert probe("run", str(cfg), "--emulator")[0]["pipeline"] is False  # settled
+    knowledge.unlink()
+    again = run_enrich("run", str(cfg), "--emulator")
+    assert again.returncode == 2 and "knowledge" in again.stderr and "file not found" in again.stderr, again.stderr

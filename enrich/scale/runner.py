@@ -136,6 +136,17 @@ def check_shared(cfg: RunConfig, journal: Path) -> None:
         )
 
 
+def check_cache(cfg: RunConfig, multi: bool) -> None:
+    """A results cache is supported on a local Ray (every partition on this machine uses the one file); on a
+    multi-node cluster it is refused: SQLite's locking does not hold across machines or network filesystems."""
+    if multi and cfg.cache.path is not None:
+        raise ConfigError(
+            f"[cache] path {cfg.cache.path}: a results cache is a SQLite file for the processes of one machine "
+            "(its locking does not hold across machines or network filesystems), and this Ray cluster has "
+            "several nodes; run without it (--no-cache), or on a local Ray (--ray without an address)"
+        )
+
+
 def _fingerprint(cfg: RunConfig) -> str:
     """What a finished partition's rows depend on besides its slice: task, processors, columns, output form."""
     spec = build_task_spec(cfg)
@@ -164,6 +175,8 @@ def partition_config(cfg: RunConfig, plan: PartitionPlan, p: Partition, in_fligh
     # the governor holds the daily budget for every partition (open_day): none opens the spend ledger itself
     pc.limits.daily_budget_usd = None
     pc.limits.spend_ledger = None
+    if pc.cache.path is not None:  # the same file for every partition, whatever their working directory
+        pc.cache.path = pc.cache.path.resolve()
     return pc
 
 
@@ -205,6 +218,7 @@ def run_partition(
     emulated: bool,
     retry_failed: bool,
     adopt: bool,
+    cache_reads: bool = True,
 ) -> dict[str, Any]:
     """Body of one partition's Ray task: register with the governor, run_job, settle. Returns a summary."""
     assert pcfg.journal is not None
@@ -224,6 +238,7 @@ def run_partition(
             adopt=adopt,
             install_signals=False,
             governor=adapter,
+            cache_reads=cache_reads,
         )
         out = {
             "exit_code": result.exit_code,
@@ -346,6 +361,7 @@ def run_partitioned(
     try:
         if multi and address is not None:
             check_shared(cfg, jpath)
+        check_cache(cfg, multi)
         lock = _Lock(jpath.with_name(jpath.name + ".parts.lock"))
         try:
             return _run(cfg, jpath, dataset, partitions, api_key, emulated, retry_failed, adopt, fresh)
@@ -454,6 +470,7 @@ def _run_rounds(
                         emulated=emulated,
                         retry_failed=retry_failed,
                         adopt=adopt,
+                        cache_reads=not fresh,
                     )
                     running[ref] = p
                 done, _ = ray.wait(list(running), num_returns=1)
