@@ -40,7 +40,14 @@ from tests.review_helpers import (
 
 @pytest.fixture
 def hostile(tmp_path: Path) -> Path:
+    """A job of the hostile rows, for one test that records verdicts."""
     return make_job(tmp_path, HOSTILE_ROWS)
+
+
+@pytest.fixture(scope="module")
+def shown(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A job of the hostile rows shared by the tests that only look (each checks that nothing was recorded)."""
+    return make_job(tmp_path_factory.mktemp("shown"), HOSTILE_ROWS)
 
 
 def verdicts(cfg: Path) -> list[tuple[Any, ...]]:
@@ -72,20 +79,20 @@ def as_csv(rows: list[dict[str, str]]) -> list[tuple[str, ...]]:
     return [(r["company"], r["field"], r["value"], r["confidence"], r["processor"], r["run_id"]) for r in rows]
 
 
-def test_the_queue_is_the_review_files_lines(hostile: Path) -> None:
+def test_the_queue_is_the_review_files_lines(shown: Path) -> None:
     """The page's queue holds exactly the review file's lines, least confident first, and counts them."""
-    lines = queue_lines(hostile)
-    assert len(lines) >= 6 and sorted(lines) == sorted(as_csv(csv_lines(hostile)))
-    with serving(hostile) as (server, client):
+    lines = queue_lines(shown)
+    assert len(lines) >= 6 and sorted(lines) == sorted(as_csv(csv_lines(shown)))
+    with serving(shown) as (server, client):
         r = client.get(server.url)
     assert r.status_code == 200 and counters(r.text) == (0, len(lines))
     ranks = {"none": 0, "low": 1, "medium": 2, "high": 3}
     assert [ranks[ln[3]] for ln in lines] == sorted(ranks[ln[3]] for ln in lines)
 
 
-def test_every_request_needs_the_token(hostile: Path) -> None:
+def test_every_request_needs_the_token(shown: Path) -> None:
     """Without the URL's token, with a wrong or partial one, or under another Host name, every path is refused."""
-    with serving(hostile) as (server, client):
+    with serving(shown) as (server, client):
         base = origin(server)
         assert client.get(server.url).status_code == 200
         for path in ("/", "/static/review.js", "/item", f"/{server.token[:-1]}/", f"/{server.token}x/", "/x/verdict"):
@@ -96,7 +103,7 @@ def test_every_request_needs_the_token(hostile: Path) -> None:
         rebound = client.get(server.url, headers={"host": f"evil.example:{server.port}"})
         assert rebound.status_code == 403 and "Host" in rebound.text
         assert client.get(f"http://localhost:{server.port}/{server.token}/").status_code == 200
-    assert verdicts(hostile) == []
+    assert verdicts(shown) == []
 
 
 def test_changes_are_posts_with_the_pages_csrf_token(hostile: Path) -> None:
@@ -118,9 +125,9 @@ def test_changes_are_posts_with_the_pages_csrf_token(hostile: Path) -> None:
     assert len(verdicts(hostile)) == 1
 
 
-def test_headers_forbid_inline_scripts_frames_and_remote_loads(hostile: Path) -> None:
+def test_headers_forbid_inline_scripts_frames_and_remote_loads(shown: Path) -> None:
     """Every response carries the CSP (scripts and styles only from the server, no frames), referrers only to itself."""
-    with serving(hostile) as (server, client):
+    with serving(shown) as (server, client):
         queue = client.get(server.url)
         _, item = open_item(client, server, queue.text)
         for r in (queue, client.get(server.url + "static/review.js"), client.get(origin(server) + "/")):
@@ -134,12 +141,12 @@ def test_headers_forbid_inline_scripts_frames_and_remote_loads(hostile: Path) ->
         assert not [(tag, k) for tag, a in page.elements for k in a if k.startswith("on") or k == "style"]
 
 
-def test_hostile_content_is_inert_in_the_served_html(hostile: Path) -> None:
+def test_hostile_content_is_inert_in_the_served_html(shown: Path) -> None:
     """Scripts, event attributes, javascript: and data: URLs from the research show as text on every item page;
     only http(s) URLs are links, opening a new tab with rel=noopener noreferrer."""
     seen_text = ""
-    with serving(hostile) as (server, client):
-        queue = Session(hostile).view().queue
+    with serving(shown) as (server, client):
+        queue = Session(shown).view().queue
         for line in queue.lines:
             r = client.get(server.url + "item", params={"row": line.row_key, "field": line.field})
             assert r.status_code == 200
@@ -188,10 +195,10 @@ def test_only_absolute_http_urls_become_links(url: str, link: bool) -> None:
     assert (safe_href(url) == url) is link
 
 
-def test_an_item_shows_its_evidence_and_the_weaker_processors_answer(hostile: Path) -> None:
+def test_an_item_shows_its_evidence_and_the_weaker_processors_answer(shown: Path) -> None:
     """An item shows the row's input, the kept answer with its reasoning and citations, and lite-fast's answer."""
-    with serving(hostile) as (server, client):
-        q = Session(hostile).view().queue
+    with serving(shown) as (server, client):
+        q = Session(shown).view().queue
         line = next(ln for ln in q.lines if ln.key[0] == "Initech" and ln.processor == "base")
         r = client.get(server.url + "item", params={"row": line.row_key, "field": line.field})
     page = Page(r.text)
@@ -432,14 +439,14 @@ def test_serve_from_the_command_line_prints_the_url_and_writes_the_output_when_s
     assert verdicts(hostile)[0][4] == "cy"
 
 
-def test_serve_errors_are_one_line(tmp_path: Path, hostile: Path) -> None:
+def test_serve_errors_are_one_line(tmp_path: Path, shown: Path) -> None:
     """No journal for the job, or a port that is taken: exit 2 with one line and no traceback."""
     (tmp_path / "new").mkdir()
     cfg = make_job(tmp_path / "new", HOSTILE_ROWS[:1], research=False)
     r = run_enrich("review", "serve", str(cfg), "--no-browser")
     assert r.returncode == 2 and "no journal for this job" in r.stderr and len(r.stderr.splitlines()) == 1
-    with serving(hostile) as (server, _):
-        r = run_enrich("review", "serve", str(hostile), "--no-browser", "--port", str(server.port))
+    with serving(shown) as (server, _):
+        r = run_enrich("review", "serve", str(shown), "--no-browser", "--port", str(server.port))
     assert r.returncode == 2 and "cannot listen on 127.0.0.1" in r.stderr and len(r.stderr.splitlines()) == 1
 
 
