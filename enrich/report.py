@@ -21,12 +21,14 @@ Definitions (also printed in the HTML):
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import re
 from bisect import bisect_right
 from collections import Counter
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -299,3 +301,12 @@ def run_lines(message: str, report: dict[str, Any]) -> list[str]:
     then the rest of the message (so the last line still says how the job ended)."""
     first, *rest = message.splitlines() or [""]
     return [first, *(f"  {s}" for s in summary_lines(report)), *rest]
+
+
+def read_report(path: Path) -> dict[str, Any] | None:
+    """A run report as written (`<output>.report.json`), or None when it is missing or not one."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
