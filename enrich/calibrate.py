@@ -23,7 +23,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from enrich.config import RunConfig
+from enrich.config import GateRule, RunConfig
 
 Z90 = 1.6448536269514722  # two-sided 90%
 MIN_REVIEWS = 20
@@ -94,6 +94,10 @@ def calibration(
         counts = {str(k): int(v) for k, v in (confidence_counts.get(field) or {}).items()}
         per_1000 = {lv: 1000 * counts.get(lv, 0) / rows if rows else 0.0 for lv in LEVEL_ORDER}
         info: dict[str, Any] = {"levels": {}, "gate": {"accept": rule.accept, "review": rule.review}}
+        start = {
+            lv: "accept" if lv in rule.accept else "review" if lv in rule.review else "reject" for lv in LEVEL_ORDER
+        }
+        gate = dict(start)
         for lv in LEVEL_ORDER:
             r, n = pooled.get((field, lv), (0, 0))
             if n:
@@ -125,52 +129,48 @@ def calibration(
             share = r / n
             said = f"{field}: `{lv}` was right in {share:.0%} [{low:.0%}–{high:.0%}] of {n} reviews"
             if lv in rule.review and share >= ACCEPT_SHARE and low >= ACCEPT_FLOOR:
-                suggestions.append(
-                    {
-                        "field": field,
-                        "confidence": lv,
-                        "action": "accept",
-                        "saves_review_lines_per_1000_rows": round(per_1000[lv], 1),
-                        "expected_error": round(1 - share, 4),
-                        "text": f"{said}: accepting it would save ~{per_1000[lv]:.0f} review lines per 1,000 rows "
-                        f"at an expected ~{1 - share:.0%} error",
-                    }
+                action = "accept"
+                text = (
+                    f"{said}: accepting it would save ~{per_1000[lv]:.0f} review lines per 1,000 rows "
+                    f"at an expected ~{1 - share:.0%} error"
                 )
-                accept = [x for x in LEVEL_ORDER if x in rule.accept or x == lv]
-                review = [x for x in rule.review if x != lv]
-                reject = [x for x in LEVEL_ORDER if x not in accept and x not in review]
-                snippet += [
-                    f"[gate.fields.{field}]",
-                    f"accept = {json.dumps(accept)}",
-                    f"review = {json.dumps(review)}",
-                    f"reject = {json.dumps(reject)}",
-                    "",
-                ]
+                gate[lv] = "accept"
             elif lv in rule.accept and high < ACCEPT_SHARE:
-                suggestions.append(
-                    {
-                        "field": field,
-                        "confidence": lv,
-                        "action": "review",
-                        "adds_review_lines_per_1000_rows": round(per_1000[lv], 1),
-                        "expected_error": round(1 - share, 4),
-                        "text": f"{said}: it is accepted but wrong in ~{1 - share:.0%}; review it "
-                        f"(~{per_1000[lv]:.0f} more review lines per 1,000 rows)",
-                    }
+                action = "review"
+                text = (
+                    f"{said}: it is accepted but wrong in ~{1 - share:.0%}; review it "
+                    f"(~{per_1000[lv]:.0f} more review lines per 1,000 rows)"
                 )
-                review = [x for x in LEVEL_ORDER if x in rule.review or x == lv]
-                accept = [x for x in rule.accept if x != lv]
-                reject = [x for x in LEVEL_ORDER if x not in accept and x not in review]
-                snippet += [
-                    f"[gate.fields.{field}]",
-                    f"accept = {json.dumps(accept)}",
-                    f"review = {json.dumps(review)}",
-                    f"reject = {json.dumps(reject)}",
-                    "",
-                ]
+                gate[lv] = "review"
             else:
                 suggestions.append(
                     {"field": field, "confidence": lv, "action": "keep", "text": f"{said}: keep the gate as it is"}
+                )
+                continue
+            lines_key = "saves_review_lines_per_1000_rows" if action == "accept" else "adds_review_lines_per_1000_rows"
+            suggestions.append(
+                {
+                    "field": field,
+                    "confidence": lv,
+                    "action": action,
+                    lines_key: round(per_1000[lv], 1),
+                    "expected_error": round(1 - share, 4),
+                    "text": text,
+                }
+            )
+        if gate != start:  # one table per field, with every suggested move applied, if the gate stays ordered
+            table = _gate_table(field, gate)
+            if table:
+                snippet += table
+            else:
+                suggestions.append(
+                    {
+                        "field": field,
+                        "confidence": None,
+                        "action": "none",
+                        "text": f"{field}: together these moves would accept a level below one that is reviewed; "
+                        "no gate is suggested for it",
+                    }
                 )
         fields[field] = info
     return {
@@ -181,6 +181,17 @@ def calibration(
         "suggestions": suggestions,
         "config_snippet": "\n".join(snippet).strip(),
     }
+
+
+def _gate_table(field: str, gate: Mapping[str, str]) -> list[str]:
+    """The `[gate.fields.<field>]` lines for a level -> decision map, or [] when it is not a gate the config
+    would accept (GateRule's own checks: a better confidence never gets a worse decision)."""
+    lists = {d: [lv for lv in LEVEL_ORDER if gate[lv] == d] for d in ("accept", "review", "reject")}
+    try:
+        GateRule.model_validate(lists)
+    except ValueError:
+        return []
+    return [f"[gate.fields.{field}]", *(f"{d} = {json.dumps(v)}" for d, v in lists.items()), ""]
 
 
 def format_calibration(cal: dict[str, Any]) -> str:

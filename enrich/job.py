@@ -80,7 +80,7 @@ from enrich.gate import Verdict, answer_of
 from enrich.journal import IN_FLIGHT, ROW_STATES, Journal
 from enrich.pipeline import Prepared, execute, format_plan, plan_summary, prepare  # noqa: F401 (Prepared: a type)
 from enrich.progress import JobState, Stop
-from enrich.report import result_summary
+from enrich.report import read_report, result_summary
 from enrich.reuse import Reuse, open_cache
 from enrich.reuse import summary as reuse_summary
 from enrich.review import read_review
@@ -982,10 +982,7 @@ def calibrate_job(
     notes). The confidence counts it weighs the gate with are those of the job's own run report."""
     job, journal, notes = open_job(target, overrides, flags, readonly=True)
     try:
-        try:
-            report = json.loads(report_json_path(job.output).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            report = {}
+        report = read_report(report_json_path(job.output)) or {}
         cal = calibration(
             job.cfg, journal.verdict_history(), report.get("confidence_counts") or {}, report.get("rows", 0)
         )

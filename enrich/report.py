@@ -21,12 +21,14 @@ Definitions (also printed in the HTML):
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import re
 from bisect import bisect_right
 from collections import Counter
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -323,3 +325,12 @@ def reuse_line(reuse: dict[str, Any]) -> str | None:
     if n := reuse.get("rows_skipped"):
         said.append(f"{rows(n)} skipped by [input] where (not researched)")
     return "reuse: " + "; ".join(said) if said else None
+
+
+def read_report(path: Path) -> dict[str, Any] | None:
+    """A run report as written (`<output>.report.json`), or None when it is missing or not one."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

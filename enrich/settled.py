@@ -17,7 +17,6 @@ a second (README, Performance).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import stat
 import time
@@ -27,7 +26,7 @@ from typing import Any
 from enrich.config import RunConfig, build_task_spec, digest, spec_fingerprint
 from enrich.files import XLSX_SUFFIXES, html_report_path, report_json_path, review_path
 from enrich.journal import Journal
-from enrich.report import result_summary, run_lines
+from enrich.report import read_report, result_summary, run_lines
 
 
 def input_fingerprint(cfg: RunConfig, spec_hash: str) -> str | None:
@@ -145,7 +144,7 @@ def answer(cfg: RunConfig, api_key: str, emulated: bool) -> list[str] | None:
         if _state(cfg, journal, path, api_key, emulated) != was:
             return None
         report_file = report_json_path(cfg.output.path)
-        report = _load_report(report_file)
+        report = read_report(report_file)
         if report is None:
             return None
         shown_emulated = emulated or bool(journal.get("emulated")) or bool(journal.get("emulator_seen"))
@@ -156,11 +155,3 @@ def answer(cfg: RunConfig, api_key: str, emulated: bool) -> list[str] | None:
     report["elapsed_s"] = round(time.monotonic() - started, 3)
     message = result_summary(report, cfg.output.path, shown_emulated, cfg.emulator.knowledge_key)
     return run_lines(message, report)
-
-
-def _load_report(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import csv
 import json
+import tomllib
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
-from enrich.calibrate import judged, wilson
+from enrich.calibrate import calibration, judged, wilson
+from enrich.config import config_from_mapping
 from enrich.emulator.knowledge import norm_value
 from tests.conftest import run_enrich, write_config
 from tests.test_report_html import parse
@@ -109,3 +112,40 @@ def test_calibrate_equals_the_truth_and_suggests_the_right_way(tmp_path: Path, s
     assert 'id="calibration"' in page and parse(page).tags
     text = run_enrich("calibrate", str(cfg))
     assert text.returncode == 0 and "gics_sector: `high` was right in 100%" in text.stdout, text.stdout
+
+
+def _cfg(tmp_path: Path, gate: dict[str, list[str]]) -> Any:
+    return config_from_mapping(
+        {
+            "input": {"path": str(tmp_path / "in.csv"), "key": ["k"], "columns": ["k"]},
+            "task": {"processor": "lite", "instruction": "x", "output": {"x": {"type": "string"}}},
+            "output": {"path": str(tmp_path / "out.csv")},
+            "gate": {"fields": {"x": gate}},
+        }
+    )
+
+
+def _shown(level: str) -> str:
+    return json.dumps({"value": "v", "confidence": level, "processor": "lite", "decision": "review"})
+
+
+def test_every_move_on_one_field_lands_in_one_gate_table(tmp_path: Path) -> None:
+    """`high` and `medium` both reviewed and always right: both moves in one `[gate.fields.x]` table (two
+    tables for one field would not be valid TOML)."""
+    cfg = _cfg(tmp_path, {"accept": [], "review": ["high", "medium"], "reject": ["low", "none"]})
+    history = [(f"r{i}", "x", "accept", _shown("high" if i % 2 else "medium")) for i in range(80)]
+    cal = calibration(cfg, history, {"x": {"high": 40, "medium": 40}}, 80)
+    assert {(s["confidence"], s["action"]) for s in cal["suggestions"]} == {("high", "accept"), ("medium", "accept")}
+    gate = tomllib.loads(cal["config_snippet"])["gate"]["fields"]["x"]
+    assert gate == {"accept": ["high", "medium"], "review": [], "reject": ["low", "none"]}
+
+
+def test_moves_that_would_unorder_the_gate_suggest_no_gate(tmp_path: Path) -> None:
+    """`high` accepted but mostly wrong while `medium` reviewed is always right: no snippet that would accept
+    medium above a reviewed high (the config refuses such a gate); it says why."""
+    cfg = _cfg(tmp_path, {"accept": ["high"], "review": ["medium"], "reject": ["low", "none"]})
+    history = [(f"h{i}", "x", "accept" if i < 10 else "reject", _shown("high")) for i in range(40)]
+    history += [(f"m{i}", "x", "accept", _shown("medium")) for i in range(60)]
+    cal = calibration(cfg, history, {"x": {"high": 40, "medium": 60}}, 100)
+    assert cal["config_snippet"] == ""
+    assert any("no gate is suggested" in s["text"] for s in cal["suggestions"])

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.conftest import CANARY_KEY, ROOT, run_enrich, write_config
 
 # runs `enrich` in-process and reports whether the pipeline was loaded, as JSON on stdout's last line
@@ -154,3 +156,18 @@ def test_an_emulated_rerun_whose_knowledge_table_is_gone_is_refused_as_the_full_
     knowledge.unlink()
     again = run_enrich("run", str(cfg), "--emulator")
     assert again.returncode == 2 and "knowledge" in again.stderr and "file not found" in again.stderr, again.stderr
+
+
+def test_a_full_run_never_imports_pandas(tmp_path: Path, emulator_process) -> None:
+    """The CLI's Arrow conversions skip pyarrow's pandas probe: a whole run (parquet output too) leaves
+    pandas unimported even where it is installed (it costs ~0.5 s of start-up)."""
+    pytest.importorskip("pandas", reason="pandas is not installed: nothing to keep out")
+    emu = emulator_process("--time-scale", "0")
+    cfg = _job(tmp_path, emu.base_url)
+    cfg.write_text(cfg.read_text().replace(str(tmp_path / "out.csv"), str(tmp_path / "out.parquet")))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PARALLEL_", "ENRICH_"))}
+    env["PARALLEL_API_KEY"] = CANARY_KEY
+    code = "import sys\nfrom enrich.cli import main\nmain(sys.argv[1:])\nprint('pandas' in sys.modules)\n"
+    r = subprocess.run([sys.executable, "-c", code, "run", str(cfg)], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert r.stdout.strip().splitlines()[-1] == "False", r.stderr
+    assert (tmp_path / "out.parquet").exists()

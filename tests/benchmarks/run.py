@@ -62,8 +62,9 @@ def make_input(n: int) -> Path:
     return path
 
 
-def config(n: int, name: str, limits: str) -> Path:
-    src = make_input(n)
+def config(n: int, name: str, limits: str, *, src: Path | None = None, extra: str = "") -> Path:
+    """A one-field (plus `extra` TOML) job over `src` (default: n generated companies), outputs cleared."""
+    src = src or make_input(n)
     d = WORK / name
     d.mkdir(parents=True, exist_ok=True)
     for p in d.glob("out*"):
@@ -78,6 +79,7 @@ processor = "lite-fast"
 instruction = "Research the company."
 [task.output.headquarters_location]
 type = "string"
+{extra}
 [output]
 path = "{d / "out.parquet"}"
 [limits]
@@ -446,27 +448,8 @@ def _small_job(rows: int, name: str) -> Path:
         f.write("company\n")
         for i in range(rows):
             f.write(f"{names[i % len(names)]} {i // len(names) or ''}".strip() + "\n")
-    d = WORK / name
-    d.mkdir(parents=True, exist_ok=True)
-    cfg = d / "job.toml"
-    cfg.write_text(f"""[input]
-path = "{src}"
-key = ["company"]
-columns = ["company"]
-[task]
-processor = "lite-fast"
-instruction = "Research the company."
-[task.output.headquarters_location]
-type = "string"
-[task.output.founded_year]
-type = "integer"
-[output]
-path = "{d / "out.parquet"}"
-[emulator]
-time_scale = 0
-rate_limit = 0
-""")
-    return cfg
+    extra = '[task.output.founded_year]\ntype = "integer"\n[emulator]\ntime_scale = 0\nrate_limit = 0'
+    return config(rows, name, "", src=src, extra=extra)
 
 
 def scenario_f1(sdk_rows: int = 2012) -> dict[str, Any]:
@@ -503,9 +486,7 @@ def scenario_f1(sdk_rows: int = 2012) -> dict[str, Any]:
 
     jobs = []
     for i in range(3):
-        cfg = _small_job(150, f"f1_150_{i}")
-        for p in cfg.parent.glob("out*"):
-            p.unlink()
+        cfg = _small_job(150, f"f1_150_{i}")  # outputs cleared: a new job each time
         t0 = time.monotonic()
         r = subprocess.run([PY, "-m", "enrich", "run", str(cfg), "--emulator"], cwd=ROOT, env=env, capture_output=True)
         wall = time.monotonic() - t0
