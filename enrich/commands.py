@@ -24,8 +24,8 @@ from enrich.init import init_config
 from enrich.job import apply_review, calibrate_job, export, format_status, job_status, open_job, plan_job, run_job
 from enrich.read import skip_pandas_probe
 from enrich.report import run_lines
-from enrich.review_page.server import serve as serve_review
 from enrich.reuse import cache_stats, format_cache_stats, prune_cache
+from enrich.review_page.server import serve as serve_review
 from enrich.scale import status as scaled
 from enrich.scale.runner import run_partitioned
 

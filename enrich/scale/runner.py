@@ -414,7 +414,9 @@ def _run(
         governor = actor_cls.options(name=name, namespace=NAMESPACE, get_if_exists=True).remote(
             str(parts), cfg.limits.requests_per_minute, cfg.budget_micros, daily
         )
-        return _run_rounds(cfg, plan, todo, k, share, governor, task, dataset, api_key, emulated, retry_failed, adopt)
+        return _run_rounds(
+            cfg, plan, todo, k, share, governor, task, dataset, api_key, emulated, retry_failed, adopt, fresh
+        )
     finally:
         close_day(day, journals, time.time())
 
@@ -432,6 +434,7 @@ def _run_rounds(
     emulated: bool,
     retry_failed: bool,
     adopt: bool,
+    fresh: bool,
 ) -> JobResult:
     """Run the partitions to their end, in rounds (see the module docstring), then merge and report."""
     ray = _ray()
