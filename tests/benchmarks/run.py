@@ -464,6 +464,12 @@ def scenario_f1(sdk_rows: int = 2012) -> dict[str, Any]:
     out["help_s"] = _median_wall([PY, "-m", "enrich", "--help"])
     out["import_cli_s"] = _median_wall([PY, "-c", "import enrich.cli"])
     out["import_pipeline_s"] = _median_wall([PY, "-c", "import enrich.commands"])
+    # the same import timed inside the process, as the CLI does it (without the interpreter's start-up)
+    timed = "import time; t = time.perf_counter(); import enrich.cli, enrich.commands; print(time.perf_counter() - t)"
+    inner = [
+        float(subprocess.run([PY, "-c", timed], cwd=ROOT, capture_output=True, text=True).stdout) for _ in range(5)
+    ]
+    out["import_pipeline_in_process_s"] = sorted(inner)[2]
 
     demo = WORK / "f1_demo"
     shutil.rmtree(demo, ignore_errors=True)
@@ -495,8 +501,10 @@ def scenario_f1(sdk_rows: int = 2012) -> dict[str, Any]:
         rep = json.loads((cfg.parent / "out.parquet.report.json").read_text())
         jobs.append({"wall_s": wall, "pipeline_s": rep["elapsed_s"], "write_s": rep["write_s"]})
     job = sorted(jobs, key=lambda j: j["wall_s"])[1]
-    job["import_s"] = out["import_pipeline_s"]
-    job["other_s"] = job["wall_s"] - job["pipeline_s"] - job["write_s"] - job["import_s"]
+    job["python_startup_s"] = out["python_startup_s"]
+    job["import_s"] = out["import_pipeline_in_process_s"]
+    # the rest: config, preflight, the embedded emulator's start and stop, the report
+    job["other_s"] = job["wall_s"] - job["python_startup_s"] - job["import_s"] - job["pipeline_s"] - job["write_s"]
     job["goal_s"] = 3 * job["pipeline_s"] + 1
     out["job_150"] = job
 
