@@ -1,5 +1,5 @@
 """`python -m enrich` is the same as the `enrich` command."""
 
-from enrich.cli import main
+from enrich.launch import main
 
 raise SystemExit(main())
