@@ -119,9 +119,8 @@ def run(cfg: Path, url: str) -> dict[str, Any]:
     }
 
 
-def main() -> None:
-    quick = bool(os.environ.get("BENCH_QUICK"))
-    rows, distinct = (2_000, 200) if quick else (20_000, 2_000)
+def measure(rows: int = 20_000, distinct: int = 2_000) -> dict[str, Any]:
+    """Runs and dollars of one duplicate-heavy input: dedupe on, dedupe off, and a second job on the first's cache."""
     WORK.mkdir(parents=True, exist_ok=True)
     src = make_input(rows, distinct)
     cache = WORK / "results.sqlite"
@@ -135,7 +134,14 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(30)
-    out = {"rows": rows, "distinct_inputs": distinct, "dedupe_on": on, "dedupe_off": off, "second_job_cache": again}
+    return {"rows": rows, "distinct_inputs": distinct, "dedupe_on": on, "dedupe_off": off, "second_job_cache": again}
+
+
+def main() -> None:
+    quick = bool(os.environ.get("BENCH_QUICK"))
+    rows, distinct = (2_000, 200) if quick else (20_000, 2_000)
+    out = measure(rows, distinct)
+    on, off, again = out["dedupe_on"], out["dedupe_off"], out["second_job_cache"]
     RESULTS.write_text(json.dumps(out, indent=2) + "\n")
     print(f"duplicate-heavy input: {rows:,} rows of {distinct:,} distinct inputs (each {rows // distinct} times)")
     print(f"{'case':<26} {'rows':>8} {'runs':>8} {'rows/run':>9} {'dollars':>9} {'wall s':>8} {'cpu s':>7}")

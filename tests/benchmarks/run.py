@@ -20,6 +20,8 @@ from typing import Any
 
 import httpx
 
+from tests.benchmarks import dedupe, journal_modes
+
 ROOT = Path(__file__).resolve().parents[2]
 WORK = ROOT / "tests" / "benchmarks" / "work"
 RESULTS = ROOT / "tests" / "benchmarks" / "results.json"
@@ -552,6 +554,8 @@ def main() -> None:
         ("P6_20000_in_flight", lambda: scenario_p6(2000 if quick else 20000)),
         ("P7_linear", lambda: scenario_p7(2000 if quick else 20_000, 100_000 if quick else 1_000_000)),
         ("P8_ray_2_workers", lambda: scenario_p8(20_000 if quick else 200_000)),
+        ("J1_journal_modes", lambda: journal_modes.measure(5_000 if quick else 20_000, 1 if quick else 3)),
+        ("D1_dedupe_cache", lambda: dedupe.measure(*((2_000, 200) if quick else (20_000, 2_000)))),
     ]
     only = os.environ.get("BENCH_ONLY")
     for name, fn in plan:
@@ -694,6 +698,28 @@ def table(r: dict[str, Any]) -> str:
             c["ratio_wall"],
             ">= 25x",
         )
+    p = r.get("J1_journal_modes", {})
+    if "network" in p:
+        row(
+            "J1_journal_modes",
+            f"rows/s, {p['rows']:,} rows: network mode (WAL beside)",
+            p["network"]["rows_per_s"],
+            p["local"]["rows_per_s"],
+            p["network_vs_local"],
+            "report (may be slower)",
+        )
+    p = r.get("D1_dedupe_cache", {})
+    if "dedupe_on" in p:
+        on, off, again = p["dedupe_on"], p["dedupe_off"], p["second_job_cache"]
+        row(
+            "D1_dedupe_cache",
+            f"runs paid, {p['rows']:,} rows of {p['distinct_inputs']:,} inputs (dedupe off beside)",
+            on["runs"],
+            off["runs"],
+            on["runs"] / off["runs"],
+            "= distinct inputs",
+        )
+        row("D1_dedupe_cache", "runs paid by a second job on the same cache", again["runs"], None, None, "0")
     p = r.get("E0_emulator_capacity", {})
     if "emulator" in p:
         e = p["emulator"]
