@@ -408,18 +408,19 @@ def format_pilot(data: Mapping[str, Any]) -> str:
         lines.append(
             f"{p:<12} {r['runs']:>5} {_pct(r['fill_rate']):>5} {p50:>7} {p95:>7} ${r['cost_usd']:>8.4f}  {per}"
         )
+    w = max([8, *(len(s["name"]) for s in data["strategies"])])
     lines += [
         "",
         f"forecast for the whole file (90% intervals); the full run pays only for the "
         f"{max(0, data['rows_total'] - data['sample_rows']):,} rows not sampled",
-        f"  {'strategy':<36} {'to pay':>10} {'interval':>21} {'accepted':>9} {'interval':>11} {'duration':>9}",
+        f"  {'strategy':<{w}} {'to pay':>10} {'interval':>21} {'accepted':>9} {'interval':>11} {'duration':>9}",
     ]
     for s in data["strategies"]:
         lo, hi = s["to_pay_interval_usd"]
         alo, ahi = s["accepted_interval"]
         mark = "*" if s["recommended"] else " "
         lines.append(
-            f"{mark} {s['name']:<36} ${s['to_pay_usd']:>9.4f} ${lo:>9.4f}-${hi:<9.4f} {_pct(s['accepted']):>9} "
+            f"{mark} {s['name']:<{w}} ${s['to_pay_usd']:>9.4f} ${lo:>9.4f}-${hi:<9.4f} {_pct(s['accepted']):>9} "
             f"{_pct(alo):>5}-{_pct(ahi):<5} {_duration(s['duration_s']):>9}"
         )
     rec = data["recommended"]

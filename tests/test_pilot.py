@@ -8,6 +8,7 @@ processor). The forecast tests are pure arithmetic on hand-made samples.
 from __future__ import annotations
 
 import json
+import tomllib
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from enrich.pilot import (
     replay,
     strategies,
 )
+from enrich.pilot_page import render
 from tests.conftest import run_enrich, write_config
 
 PRICES = {"lite": 5_000, "base": 10_000, "core": 25_000}
@@ -279,10 +281,23 @@ def test_plan_shows_the_pilot_forecast_once_a_pilot_exists(tmp_path: Path, sp500
 
 def test_compare_marks_one_recommendation_and_its_snippet_is_valid_toml() -> None:
     """The findings mark exactly one strategy and its snippet parses as [task]/[escalate] tables."""
-    import tomllib
-
     sample = [{"lite": obs("rejected"), "core": obs("accepted")}, {"lite": obs("accepted"), "core": obs("accepted")}]
     data = compare(sample, ["a"], ["lite", "core"], PRICES, rows_total=50, limits=LIMITS, seed=0, target=0.9)
     assert [s["recommended"] for s in data["strategies"]].count(True) == 1
     snippet = tomllib.loads(data["recommended"]["toml"])
     assert snippet["task"]["processor"] == "lite" and snippet["escalate"]["processors"] == ["core"]
+
+
+def test_the_pilot_page_escapes_every_text() -> None:
+    """A field name and a job name holding markup are shown as text on the page and in its chart."""
+    evil = '<script>alert(1)</script>"'
+    sample = [
+        {
+            "lite": Observation({evil: "accepted"}, {evil: "x"}, 1.0),
+            "core": Observation({evil: "review"}, {evil: "y"}, 2.0),
+        }
+    ]
+    data = compare(sample, [evil], ["lite", "core"], PRICES, rows_total=10, limits=LIMITS, seed=0, target=0.9)
+    page = render({**data, "job": evil, "seed": 0})
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;&quot;" in page
+    assert page.count("<svg") == 1 and "<circle" in page
