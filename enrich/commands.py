@@ -97,6 +97,7 @@ def cmd_pilot(args: argparse.Namespace) -> int:
         processors=[p.strip() for p in args.processors.split(",") if p.strip()],
         seed=args.seed,
         target=args.target_accepted,
+        retry_failed=args.retry_failed,
         announce=lambda line: print(f"enrich: {line}", file=sys.stderr, flush=True),
     )
     if result.exit_code != EXIT_OK:

@@ -1197,6 +1197,7 @@ def pilot_job(
     processors: list[str] | None = None,
     seed: int = 0,
     target: float = 0.9,
+    retry_failed: bool = False,
     announce: Any = None,
     install_signals: bool = True,
     transport: Any = None,
@@ -1253,7 +1254,7 @@ def pilot_job(
         for round_ in range(2):  # a second round only for pairs a stop or a crash left without a result
             for p in names:
                 pcfg = _pass_config(cfg, p)
-                prep = prepare(pcfg, journal)
+                prep = prepare(pcfg, journal, retry_failed=retry_failed)
                 if not sample:
                     candidates = journal.pilot_candidates(prep.epoch)
                     total = len(candidates)
@@ -1265,7 +1266,7 @@ def pilot_job(
                 journal.hold_out(prep.epoch, [s[0] for s in sample])
                 if round_ and not missing:
                     continue
-                if server is None and emulated and missing:
+                if server is None and emulated:  # also for rows in flight on another processor (a crash)
                     server = _start_emulator(cfg)
                 base_url = server.base_url if server is not None else base_url_for(cfg)
                 stop.current = Stop()

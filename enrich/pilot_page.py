@@ -36,8 +36,12 @@ def scatter(strategies: list[Mapping[str, Any]]) -> str:
     def px(v: float) -> float:
         return LEFT + pw * v / x_top
 
+    # the share axis starts at the lowest interval's tenth below, so strategies a few points apart stay apart
+    floor = min([0.9, *(s["accepted_interval"][0] for s in strategies)])
+    y0 = max(0.0, int(floor * 10) / 10)
+
     def py(share: float) -> float:
-        return TOP + ph * (1 - share)
+        return TOP + ph * (1 - (share - y0) / (1 - y0))
 
     body = []
     for v in xt:
@@ -45,8 +49,9 @@ def scatter(strategies: list[Mapping[str, Any]]) -> str:
             f'<path d="M{_n(px(v))} {_n(TOP)}V{_n(TOP + ph)}" stroke="#eee"/>'
             f'<text x="{_n(px(v))}" y="{_n(TOP + ph + 16)}" text-anchor="middle">${_t(f"{v:,.4g}")}</text>'
         )
-    for i in range(6):
-        share = i / 5
+    steps = round((1 - y0) * 10)
+    for i in range(steps + 1):
+        share = y0 + i / 10
         body.append(
             f'<path d="M{_n(LEFT)} {_n(py(share))}H{_n(LEFT + pw)}" stroke="#eee"/>'
             f'<text x="{_n(LEFT - 6)}" y="{_n(py(share) + 4)}" text-anchor="end">{share:.0%}</text>'

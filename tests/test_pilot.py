@@ -183,6 +183,9 @@ def test_pilot_then_run_pays_at_most_once_per_row_and_processor(tmp_path: Path, 
     assert len(pilot) == 60 and max(pilot.values()) == 1
     assert Counter(p for _, p in pilot) == {"lite": 20, "base": 20, "core": 20}
     sampled = {s for s, _ in pilot}
+    r = run_enrich("pilot", str(cfg), "--base-url", emu.base_url, "--rows", "20", "--seed", "3")
+    assert r.returncode == 0 and paid(emu.ledger()) == pilot, r.stderr  # the same pilot again pays nothing
+    assert "$0.0000 of it not paid yet" in r.stderr
     data = json.loads((tmp_path / "out.pilot.json").read_text())
     assert data["sample_rows"] == 20 and data["rows_total"] == 60 and len(data["strategies"]) == 11
     assert sum(s["recommended"] for s in data["strategies"]) == 1 and "[task]" in data["recommended"]["toml"]
