@@ -1358,25 +1358,7 @@ def _pilot_findings(
 ) -> dict[str, Any]:
     """Each sampled row's result on each processor, gated with the job's gate, then pilot.compare."""
     fields = list(output_fields(build_task_spec(cfg)))
-    found = reuse.find(_keys(sample, names))
-    runs = journal.pilot_runs(f.run_id for f in found.values() if f.source == "journal")
-    observed: list[dict[str, pilot.Observation | None]] = []
-    for _key, in_h, spec_h in sample:
-        row: dict[str, pilot.Observation | None] = {}
-        for p in names:
-            hit = found.get((in_h, spec_h, p))
-            raw: str | None = None
-            latency = None
-            if hit is not None and hit.source == "journal" and hit.run_id in runs:
-                _proc, raw, latency = runs[hit.run_id]
-            elif hit is not None and hit.cached is not None:
-                raw = hit.cached.result_json
-            if raw is None:
-                row[p] = None
-                continue
-            result = json.loads(raw)
-            row[p] = pilot.Observation(decide_row(result, fields, cfg.gate), output_of(result)[0], latency)
-        observed.append(row)
+    observed = pilot_observations(cfg, journal, reuse, sample, names)
     lim = cfg.limits
     return pilot.compare(
         observed,
@@ -1412,3 +1394,31 @@ def pilot_estimate(cfg: RunConfig) -> str | None:
         f"pilot forecast       {mine.name}: to pay ${s['to_pay_usd']:,.4f} [${lo:,.4f}-${hi:,.4f}], accepted "
         f"{s['accepted']:.0%} [{alo:.0%}-{ahi:.0%}] ({when}; recommended: {rec})"
     )
+
+
+def pilot_observations(
+    cfg: RunConfig, journal: Journal, reuse: Reuse, sample: list[tuple[str, str, str]], names: list[str]
+) -> list[dict[str, pilot.Observation | None]]:
+    """Per sampled row (row key, input hash, spec hash), per processor: its result gated with the job's gate (None:
+    no result), with the run's latency when this journal made it."""
+    fields = list(output_fields(build_task_spec(cfg)))
+    found = reuse.find(_keys(sample, names))
+    runs = journal.pilot_runs(f.run_id for f in found.values() if f.source == "journal")
+    observed: list[dict[str, pilot.Observation | None]] = []
+    for _key, in_h, spec_h in sample:
+        row: dict[str, pilot.Observation | None] = {}
+        for p in names:
+            hit = found.get((in_h, spec_h, p))
+            raw: str | None = None
+            latency = None
+            if hit is not None and hit.source == "journal" and hit.run_id in runs:
+                _proc, raw, latency = runs[hit.run_id]
+            elif hit is not None and hit.cached is not None:
+                raw = hit.cached.result_json
+            if raw is None:
+                row[p] = None
+                continue
+            result = json.loads(raw)
+            row[p] = pilot.Observation(decide_row(result, fields, cfg.gate), output_of(result)[0], latency)
+        observed.append(row)
+    return observed

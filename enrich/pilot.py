@@ -191,6 +191,32 @@ def resamples(n: int, seed: int, count: int = BOOTSTRAP) -> list[list[int]]:
     return [[rng.randrange(n) for _ in range(n)] for _ in range(count)] if n else []
 
 
+def predictive(values: Sequence[float], boot: list[list[int]], rest: int, seed: int) -> list[float]:
+    """Bootstrap draws of what the mean over `rest` rows not sampled may be, one per resample in `boot`: the
+    resample's mean (what the rate may be) plus the scatter of a mean of `rest` rows around it (normal, with the
+    resample's own variance), each draw's distance from the sample's mean scaled by sqrt(n / (n - 1)) (a resample's
+    variance is the biased one). Without the scatter and the scaling, 90% intervals held the actual rest's mean in
+    about 85% of 50-row samples on the emulator; with them, closer to 90% (README, Choose on evidence).
+
+    >>> predictive([1.0, 1.0, 1.0], resamples(3, 0, 4), 100, 0)
+    [1.0, 1.0, 1.0, 1.0]
+    """
+    n = len(values)
+    if n == 0:
+        return []
+    m = sum(values) / n
+    k = math.sqrt(n / (n - 1)) if n > 1 else 1.0
+    rng = random.Random(seed * 7919 + 1)
+    out = []
+    for idx in boot:
+        xs = [values[i] for i in idx]
+        mb = sum(xs) / n
+        var = sum((x - mb) ** 2 for x in xs) / n
+        draw = mb + (rng.gauss(0.0, math.sqrt(var / rest)) if rest and var > 0 else 0.0)
+        out.append(m + (draw - m) * k)
+    return out
+
+
 def duration_s(runs_per_rung: Mapping[str, float], latencies: Mapping[str, Sequence[float]], limits: Limits) -> float:
     """The full run's expected duration: the runs' total busy time spread over `max_in_flight` slots, or the
     creating POSTs at `requests_per_minute`, whichever is longer, plus the slowest rung's tail (p95) for each rung a
@@ -240,8 +266,8 @@ def forecast(
         return (piloted + rest * mean_acc) / total
 
     boot = boot if boot is not None else resamples(n, seed)
-    cost_means = [sum(cost[i] for i in idx) / n for idx in boot] or [_mean(cost)]
-    acc_means = [sum(acc[i] for i in idx) / n for idx in boot] or [_mean(acc)]
+    cost_means = predictive(cost, boot, rest, seed) or [_mean(cost)]
+    acc_means = [min(1.0, max(0.0, x)) for x in predictive(acc, boot, rest, seed)] or [_mean(acc)]
     mean_cost, mean_acc = _mean(cost), _mean(acc)
     reaching = {p: sum(1 for o in outcomes if p in o.tried) / n for p in strategy.ladder}
     lat: dict[str, list[float]] = {p: [] for p in strategy.ladder}
@@ -369,7 +395,7 @@ def compare(
     they are compared on the same draws) and the recommended strategy with its config snippet."""
     boot = resamples(len(sample), seed)
     fcs = [
-        forecast(sample, fields, s, prices, rows_total=rows_total, limits=limits, boot=boot)
+        forecast(sample, fields, s, prices, rows_total=rows_total, limits=limits, seed=seed, boot=boot)
         for s in strategies(processors)
     ]
     i, why = recommend(fcs, target)
