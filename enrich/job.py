@@ -1280,6 +1280,7 @@ def pilot_job(
                     return PilotResult(end.exit_code, f"pilot stopped on {p}: {end.why}; run the same command again")
             if all(k in reuse.find(_keys(sample, names)) for k in _keys(sample, names)):
                 break
+        journal.set("live", None)  # the last pass's heartbeat: no run is live now
         data = _pilot_findings(cfg, journal, reuse, sample, names, prices, total, seed, target)
         data.update(
             {

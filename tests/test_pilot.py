@@ -350,3 +350,27 @@ def test_the_90_percent_intervals_hold_the_actual_in_most_samples_of_a_known_pop
         cost_hits += f.to_pay_lo - 1e-9 <= cost <= f.to_pay_hi + 1e-9
         acc_hits += f.accepted_lo - 1e-9 <= acc <= f.accepted_hi + 1e-9
     assert cost_hits >= 0.8 * 150 and acc_hits >= 0.8 * 150, (cost_hits, acc_hits)
+
+
+def test_with_the_embedded_emulator_a_pilot_killed_mid_pass_resumes_against_the_emulator(
+    tmp_path: Path, sp500: Path
+) -> None:
+    """`--emulator`: killed after the intent of the second pass's first batch, the same pilot again settles the row
+    in doubt at the embedded emulator (never at another server, here a closed port) and finishes every pair."""
+    cfg = job(
+        tmp_path,
+        sp500,
+        rows=30,
+        limits="batch_size = 10\nmax_in_flight = 40\noutage_give_up_s = 5",
+    )
+    cfg.write_text(
+        cfg.read_text() + f'knowledge = "{sp500}"\nknowledge_key = "Security"\ntime_scale = 0.001\nhard_rate = 0.3\n'
+    )
+    closed = {"PARALLEL_BASE_URL": "http://127.0.0.1:9"}
+    args = ("pilot", str(cfg), "--emulator", "--rows", "12", "--processors", "lite,core")
+    r = run_enrich(*args, env={**closed, "ENRICH_FAILPOINT": "after_intent_commit:3"})
+    assert r.returncode == -9, (r.returncode, r.stderr)
+    r = run_enrich(*args, env=closed)
+    assert r.returncode == 0, r.stderr
+    data = json.loads((tmp_path / "out.pilot.json").read_text())
+    assert {p: v["runs"] for p, v in data["processors"].items()} == {"lite": 12, "core": 12}
