@@ -1259,10 +1259,15 @@ def pilot_job(
                     candidates = journal.pilot_candidates(prep.epoch)
                     total = len(candidates)
                     sample = pilot_sample(candidates, rows, seed)
+                    if not sample:
+                        raise ConfigError(
+                            f"{cfg.input.path}: no rows to research (after [input] where): nothing to pilot"
+                        )
                     _check_pilot_budget(cfg, journal, reuse, sample, names, prices, announce)
                     journal.set("emulated", emulated)
                     record_job(job, journal)  # the job is the config's, never a pass's
-                missing = [k for k in _keys(sample, [p]) if k not in reuse.find(_keys(sample, [p]))]
+                have = reuse.find(_keys(sample, [p]))
+                missing = [k for k in _keys(sample, [p]) if k not in have]
                 journal.hold_out(prep.epoch, [s[0] for s in sample])
                 if round_ and not missing:
                     continue
@@ -1278,7 +1283,8 @@ def pilot_job(
                 end = stop_reason(state, interrupted, journal.counts(prep.epoch), api_key)
                 if end.kind not in ("done", "failed_rows"):
                     return PilotResult(end.exit_code, f"pilot stopped on {p}: {end.why}; run the same command again")
-            if all(k in reuse.find(_keys(sample, names)) for k in _keys(sample, names)):
+            have = reuse.find(_keys(sample, names))
+            if all(k in have for k in _keys(sample, names)):
                 break
         journal.set("live", None)  # the last pass's heartbeat: no run is live now
         data = _pilot_findings(cfg, journal, reuse, sample, names, prices, total, seed, target)

@@ -374,3 +374,16 @@ def test_with_the_embedded_emulator_a_pilot_killed_mid_pass_resumes_against_the_
     assert r.returncode == 0, r.stderr
     data = json.loads((tmp_path / "out.pilot.json").read_text())
     assert {p: v["runs"] for p, v in data["processors"].items()} == {"lite": 12, "core": 12}
+
+
+def test_a_pilot_with_no_rows_to_research_says_so_and_sends_nothing(
+    tmp_path: Path, sp500: Path, emulator_process
+) -> None:
+    """`[input] where` selects no row: exit 2 with one line, no request reached the API."""
+    emu = emulator_process("--knowledge", str(sp500), *EMU)
+    cfg = job(tmp_path, sp500, rows=10)
+    cfg.write_text(cfg.read_text().replace("[input]\n", "[input]\nwhere = \"Symbol = 'none'\"\n", 1))
+    r = run_enrich("pilot", str(cfg), "--base-url", emu.base_url)
+    assert r.returncode == 2, r.stderr
+    assert "nothing to pilot" in r.stderr and "Traceback" not in r.stderr
+    assert emu.stats()["total_requests"] == 0
