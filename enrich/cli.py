@@ -36,6 +36,10 @@ EXIT_CODES_HELP = (
 )
 _EPILOGS = {
     "run": "example:\n  enrich run configs/companies.toml --emulator\n\n" + EXIT_CODES_HELP,
+    "pilot": "example:\n  enrich pilot configs/companies.toml --emulator --rows 50 --processors lite,base,core\n\n"
+    "exit codes: 0 findings written (nothing in the config is changed), 2 usage/config error or the pilot's worst "
+    "case exceeds the budget (nothing sent), 4 budget exhausted, 5 auth or payment error, 69 API unreachable, "
+    "75 interrupted (run the same command again: nothing is paid twice)",
     "plan": "example:\n  enrich plan configs/companies.toml --processor core\n\n"
     "exit codes: 0 plan printed, 2 usage/config/input error",
     "status": "example:\n  enrich status out/companies.enriched.parquet.journal.sqlite --json\n\n"
@@ -159,6 +163,28 @@ def _parser() -> argparse.ArgumentParser:
         help="with --ray: partitions to cut the input into "
         "(default: one per 50,000 rows; an input directory: at least one per file)",
     )
+    pi = add(
+        "pilot",
+        "research a seeded sample on each processor, then forecast cost and accepted share of every strategy "
+        "(the full run reuses every pilot result)",
+    )
+    job_flags(pi)
+    pi.add_argument("--rows", type=positive_int, default=50, metavar="N", help="rows to sample (default: 50)")
+    pi.add_argument(
+        "--processors",
+        default="lite,base,core",
+        metavar="LIST",
+        help="processors to try, weakest first (default: lite,base,core)",
+    )
+    pi.add_argument("--seed", type=int, default=0, help="seed of the sample and of the bootstrap (default: 0)")
+    pi.add_argument(
+        "--target-accepted",
+        type=fraction,
+        default=0.9,
+        metavar="SHARE",
+        help="accepted share of fields to reach: the cheapest strategy that does is recommended (default: 0.9)",
+    )
+    pi.add_argument("--json", action="store_true", help="print the findings as JSON")
     plan = add("plan", "rows, cost and duration estimate; no API calls")
     job_flags(plan)
 

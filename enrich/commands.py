@@ -21,7 +21,18 @@ from enrich.calibrate import format_calibration
 from enrich.errors import EXIT_INTERRUPTED, EXIT_OK, ConfigError
 from enrich.flags import FLAGS, load, locate
 from enrich.init import init_config
-from enrich.job import apply_review, calibrate_job, export, format_status, job_status, open_job, plan_job, run_job
+from enrich.job import (
+    apply_review,
+    calibrate_job,
+    export,
+    format_status,
+    job_status,
+    open_job,
+    pilot_job,
+    plan_job,
+    run_job,
+)
+from enrich.pilot import format_pilot
 from enrich.read import skip_pandas_probe
 from enrich.report import run_lines
 from enrich.reuse import cache_stats, format_cache_stats, prune_cache
@@ -73,6 +84,28 @@ def cmd_run(args: argparse.Namespace) -> int:
         cmd = " ".join(shlex.quote(a) for a in ["enrich", *sys.argv[1:]])
         print(f"enrich: Resume with: {cmd}", file=sys.stderr)
     return result.exit_code
+
+
+def cmd_pilot(args: argparse.Namespace) -> int:
+    cfg = load(args)
+    emulated = bool(args.emulator)
+    result = pilot_job(
+        cfg,
+        api_key=_api_key(emulated),
+        emulated=emulated,
+        rows=args.rows,
+        processors=[p.strip() for p in args.processors.split(",") if p.strip()],
+        seed=args.seed,
+        target=args.target_accepted,
+        retry_failed=args.retry_failed,
+        announce=lambda line: print(f"enrich: {line}", file=sys.stderr, flush=True),
+    )
+    if result.exit_code != EXIT_OK:
+        print(f"enrich: {result.message}", file=sys.stderr)
+        return result.exit_code
+    print(json.dumps(result.data, indent=2) if args.json else format_pilot(result.data))
+    print(f"enrich: pilot findings: {result.json_path}, {result.html_path}", file=sys.stderr)
+    return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -206,6 +239,7 @@ COMMANDS = {
     "init": cmd_init,
     "run": cmd_run,
     "plan": cmd_plan,
+    "pilot": cmd_pilot,
     "status": cmd_status,
     "export": cmd_export,
     "calibrate": cmd_calibrate,

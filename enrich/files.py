@@ -130,6 +130,16 @@ def review_path(output: Path) -> Path:
     return output.with_name(output.stem + ".review.csv")
 
 
+def pilot_json_path(output: Path) -> Path:
+    """Where `enrich pilot` writes its comparison: `out/x.enriched.parquet` -> `out/x.enriched.pilot.json`."""
+    return output.with_name(output.stem + ".pilot.json")
+
+
+def pilot_html_path(output: Path) -> Path:
+    """The pilot's page, beside the run report: `out/x.enriched.parquet` -> `out/x.enriched.pilot.html`."""
+    return output.with_name(output.stem + ".pilot.html")
+
+
 def basis_path(output: Path) -> Path:
     """`out/x.enriched.parquet` -> `out/x.enriched.basis.parquet`; CSV outputs get a CSV basis file."""
     return output.with_name(output.stem + ".basis" + (".parquet" if is_parquet(output) else ".csv"))

@@ -20,8 +20,10 @@ import asyncio
 import contextlib
 import contextvars
 import csv
+import itertools
 import json
 import os
+import random
 import signal
 import sys
 import threading
@@ -34,7 +36,7 @@ from typing import Any, Literal
 
 import pyarrow.parquet as pq
 
-from enrich import failpoints, preflight, settled
+from enrich import failpoints, pilot, pilot_page, preflight, settled
 from enrich.audit import basis_rows, write_basis
 from enrich.calibrate import calibration
 from enrich.client import TaskClient
@@ -43,6 +45,7 @@ from enrich.config import (
     RunConfig,
     build_task_spec,
     canonical,
+    check_max_processor,
     config_from_mapping,
     digest,
     load_config,
@@ -75,10 +78,20 @@ from enrich.errors import (
     disk_message,
     redact,
 )
-from enrich.files import PARQUET_SUFFIXES, encode_cell, remove_stale_temps, report_json_path
-from enrich.gate import Verdict, answer_of
+from enrich.files import (
+    PARQUET_SUFFIXES,
+    atomic_json,
+    atomic_write,
+    encode_cell,
+    pilot_html_path,
+    pilot_json_path,
+    remove_stale_temps,
+    report_json_path,
+)
+from enrich.gate import Verdict, answer_of, decide_row, output_of
 from enrich.journal import IN_FLIGHT, ROW_STATES, Journal
 from enrich.pipeline import Prepared, execute, format_plan, plan_summary, prepare  # noqa: F401 (Prepared: a type)
+from enrich.processors import PROCESSORS, tier
 from enrich.progress import JobState, Stop
 from enrich.report import read_report, result_summary
 from enrich.reuse import Reuse, open_cache
@@ -1098,9 +1111,321 @@ def plan_job(cfg: RunConfig, *, emulated: bool = False, retry_failed: bool = Fal
                 assume="api",
             )
             prep = prepare(cfg, journal, retry_failed=retry_failed, dry=True, reuse=reuse)
-            return format_plan(plan_summary(cfg, prep, journal))
+            text = format_plan(plan_summary(cfg, prep, journal))
+            return text + (f"\n{line}" if (line := pilot_estimate(cfg)) else "")
         finally:
             journal.close()
     finally:
         if cache is not None:
             cache.close()
+
+
+# ---- the pilot (issue 16): a sample researched on each processor, in the job's own journal ------------------
+
+DEFAULT_PILOT_PROCESSORS = ("lite", "base", "core")
+
+
+@dataclass
+class PilotResult:
+    """How a pilot ended: `exit_code`, one line `message` when it stopped early, its findings (`data`, as written
+    to `<output stem>.pilot.json`) and the files written."""
+
+    exit_code: int
+    message: str
+    data: dict[str, Any] = field(default_factory=dict)
+    json_path: Path | None = None
+    html_path: Path | None = None
+
+
+class _PassStop(Stop):
+    """The pilot's stop across its passes (one event loop each): a signal interrupts the pass running now, and a
+    pass not started yet is not started."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current: Stop | None = None
+
+    @property
+    def started(self) -> bool:
+        return self.current is not None and self.current.started
+
+    def interrupt(self) -> int:
+        n = super().interrupt()
+        if self.current is not None:
+            self.current.interrupt()
+        return n
+
+
+def pilot_processors(cfg: RunConfig, names: list[str] | None) -> list[str]:
+    """The pilot's processors, weakest first: known, each on a higher price tier than the one before, none above
+    `[limits] max_processor`. ConfigError (exit 2) otherwise."""
+    names = list(names or DEFAULT_PILOT_PROCESSORS)
+    for p in names:
+        if p not in PROCESSORS:
+            raise ConfigError(f"--processors: unknown processor {p!r}; choose from {', '.join(PROCESSORS)}")
+    for a, b in itertools.pairwise(names):
+        if tier(b) <= tier(a):
+            raise ConfigError(f"--processors: each must be on a higher price tier than the one before ({a}, {b})")
+    for p in names:
+        check_max_processor(_pass_config(cfg, p))
+    return names
+
+
+def _pass_config(cfg: RunConfig, processor: str) -> RunConfig:
+    """The job on one processor, without a ladder: one pilot pass (the task spec and its fingerprint are the
+    job's, so results land under the same (input, spec, processor) keys the full run looks up)."""
+    out = cfg.model_copy(deep=True)
+    out.task.processor = processor
+    out.escalate = None
+    return out
+
+
+def pilot_sample(candidates: list[tuple[str, str, str]], rows: int, seed: int) -> list[tuple[str, str, str]]:
+    """The seeded sample of distinct inputs, in input order: the same rows for the same input and seed."""
+    if len(candidates) <= rows:
+        return list(candidates)
+    picked = set(random.Random(seed).sample(range(len(candidates)), rows))
+    return [c for i, c in enumerate(candidates) if i in picked]
+
+
+def pilot_job(
+    cfg: RunConfig,
+    *,
+    api_key: str,
+    emulated: bool = False,
+    rows: int = 50,
+    processors: list[str] | None = None,
+    seed: int = 0,
+    target: float = 0.9,
+    retry_failed: bool = False,
+    announce: Any = None,
+    install_signals: bool = True,
+    transport: Any = None,
+) -> PilotResult:
+    """`enrich pilot`: research a seeded sample of the input's distinct inputs on each listed processor and
+    forecast every strategy over the whole file (pilot.py).
+
+    The runs are ordinary journaled runs in the job's own journal: one pass per processor, each the job on that
+    processor alone with every row outside the sample held out (Journal.hold_out), so intent is recorded before
+    each send, rows in doubt are reconciled, the budget is reserved first, and a (row, processor) that already
+    has a result (this journal or the shared cache: Reuse.find) is never paid again, across crashes. The full
+    run afterwards finds every pilot result in the journal. Before anything is sent, `announce` is given the
+    pilot's worst case; a worst case (what is not paid yet) that does not fit the budget left is refused with
+    ConfigError (exit 2). Nothing in the config changes; the findings go to `<output stem>.pilot.json` and a page
+    beside the run report."""
+    names = pilot_processors(cfg, processors)
+    job = job_for(cfg)
+    jpath, storage = job.journal_path, job.storage
+    assert storage is not None
+    preflight.check_job(cfg, api_key=api_key, emulated=emulated, journal_path=jpath)
+    identity = _identity(cfg, build_task_spec(cfg), api_key)
+    cache = open_cache(cfg.cache.path)
+    try:
+        journal = Journal.open(jpath, mode=storage.mode)
+    except BaseException:
+        if cache is not None:
+            cache.close()
+        raise
+    settled.clear(journal)  # the journal changes: a re-run of `run` must not answer from the last settled state
+    stop = _PassStop()
+    here = install_signals and threading.current_thread() is threading.main_thread() and not _loop_running()
+    held = contextlib.ExitStack()
+    server = None
+    try:
+        if here:
+            held.enter_context(_signals(stop))
+        mode = journal.get("emulated")
+        if mode is not None and mode != emulated and journal.get("taskgroup_id"):
+            raise JournalError(
+                f"{jpath}: this journal holds {'emulated' if mode else 'real'} results; "
+                f"use another {advice('--journal', 'journal=')} for {'emulated' if emulated else 'real'} runs"
+            )
+        journal.check_identity(identity, False)
+        if cfg.limits.daily_budget_usd is not None or cfg.limits.spend_ledger is not None:
+            journal.attach_ledger(cfg.limits.spend_ledger, str(journal.path))
+        refresh = cfg.task.refresh_after_days
+        reuse = Reuse(
+            journal, cache, fresh_after=time.time() - refresh * 86400 if refresh else None, read=True, emulated=emulated
+        )
+        spent0 = journal.spent_micros()
+        sample: list[tuple[str, str, str]] = []
+        total = 0
+        prices = {p: PROCESSORS[p].price_micros for p in names}
+        for round_ in range(2):  # a second round only for pairs a stop or a crash left without a result
+            for p in names:
+                pcfg = _pass_config(cfg, p)
+                prep = prepare(pcfg, journal, retry_failed=retry_failed)
+                if not sample:
+                    candidates = journal.pilot_candidates(prep.epoch)
+                    total = len(candidates)
+                    sample = pilot_sample(candidates, rows, seed)
+                    if not sample:
+                        raise ConfigError(
+                            f"{cfg.input.path}: no rows to research (after [input] where): nothing to pilot"
+                        )
+                    _check_pilot_budget(cfg, journal, reuse, sample, names, prices, announce)
+                    journal.set("emulated", emulated)
+                    record_job(job, journal)  # the job is the config's, never a pass's
+                have = reuse.find(_keys(sample, [p]))
+                missing = [k for k in _keys(sample, [p]) if k not in have]
+                journal.hold_out(prep.epoch, [s[0] for s in sample])
+                if round_ and not missing:
+                    continue
+                if server is None and emulated:  # also for rows in flight on another processor (a crash)
+                    server = _start_emulator(cfg)
+                base_url = server.base_url if server is not None else base_url_for(cfg)
+                stop.current = Stop()
+                if stop.interrupted:
+                    stop.current.interrupt()
+                state, interrupted = _execute(
+                    pcfg, journal, prep, base_url, api_key, emulated, stop.current, here, transport, None, False, reuse
+                )
+                end = stop_reason(state, interrupted, journal.counts(prep.epoch), api_key)
+                if end.kind not in ("done", "failed_rows"):
+                    return PilotResult(end.exit_code, f"pilot stopped on {p}: {end.why}; run the same command again")
+            have = reuse.find(_keys(sample, names))
+            if all(k in have for k in _keys(sample, names)):
+                break
+        journal.set("live", None)  # the last pass's heartbeat: no run is live now
+        data = _pilot_findings(cfg, journal, reuse, sample, names, prices, total, seed, target)
+        data.update(
+            {
+                "paid_usd": round((journal.spent_micros() - spent0) / 1e6, 6),
+                "emulated": emulated or _emulated(journal),
+                "job": str(cfg.source or cfg.output.path),
+                "seed": seed,
+                "spec_hash": spec_fingerprint(cfg, build_task_spec(cfg)),
+                "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "worst_case_usd": round(len(sample) * sum(prices.values()) / 1e6, 6),
+            }
+        )
+        jp, hp = pilot_json_path(cfg.output.path), pilot_html_path(cfg.output.path)
+        try:
+            atomic_json(jp, data)
+            atomic_write(hp, lambda f: f.write(pilot_page.render(data).encode()))
+        except OSError as exc:
+            raise write_error(jp, exc, f"every pilot result is safe in {jpath}: run the same command again") from None
+        return PilotResult(EXIT_OK, "", data, jp, hp)
+    finally:
+        if server is not None:
+            server.stop()
+        journal.close()
+        held.close()
+        if cache is not None:
+            cache.close()
+
+
+def _keys(sample: list[tuple[str, str, str]], processors: list[str]) -> list[tuple[str, str, str]]:
+    return [(in_h, spec_h, p) for _key, in_h, spec_h in sample for p in processors]
+
+
+def _check_pilot_budget(
+    cfg: RunConfig,
+    journal: Journal,
+    reuse: Reuse,
+    sample: list[tuple[str, str, str]],
+    names: list[str],
+    prices: dict[str, int],
+    announce: Any,
+) -> None:
+    """Say the pilot's worst case (every sampled row on every processor at list price, and what of it is not paid
+    yet) before anything is sent; refuse (ConfigError, exit 2) when what is not paid yet exceeds the budget left."""
+    keys = _keys(sample, names)
+    found = reuse.find(keys)
+    worst = len(sample) * sum(prices.values())
+    todo = sum(prices[k[2]] for k in keys if k not in found)
+    if announce is not None:
+        announce(
+            f"pilot: {len(sample)} rows x {len(names)} processors ({', '.join(names)}): worst case {usd4(worst)}"
+            + (f", {usd4(todo)} of it not paid yet" if todo != worst else "")
+        )
+    budget = cfg.budget_micros
+    left = None if budget is None else budget - journal.spent_micros()
+    if left is not None and todo > left:
+        raise ConfigError(
+            f"the pilot's worst case {usd4(todo)} exceeds the budget left ({usd4(max(0, left))} of "
+            f"{usd4(budget or 0)}); nothing was sent: raise --budget or pass fewer --rows or --processors"
+        )
+
+
+def usd4(micros: int) -> str:
+    return f"${micros / 1e6:,.4f}"
+
+
+def _pilot_findings(
+    cfg: RunConfig,
+    journal: Journal,
+    reuse: Reuse,
+    sample: list[tuple[str, str, str]],
+    names: list[str],
+    prices: dict[str, int],
+    total: int,
+    seed: int,
+    target: float,
+) -> dict[str, Any]:
+    """Each sampled row's result on each processor, gated with the job's gate, then pilot.compare."""
+    fields = list(output_fields(build_task_spec(cfg)))
+    observed = pilot_observations(cfg, journal, reuse, sample, names)
+    lim = cfg.limits
+    return pilot.compare(
+        observed,
+        fields,
+        names,
+        prices,
+        rows_total=total,
+        limits=pilot.Limits(lim.max_in_flight, lim.requests_per_minute, lim.batch_size),
+        seed=seed,
+        target=target,
+    )
+
+
+def pilot_estimate(cfg: RunConfig) -> str | None:
+    """`plan`'s line from the job's last pilot (`<output stem>.pilot.json`): the forecast for this config's own
+    strategy, or what the pilot recommends when it did not try it; None without a pilot."""
+    path = pilot_json_path(cfg.output.path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        found = {s["name"]: s for s in data["strategies"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if data.get("spec_hash") != spec_fingerprint(cfg, build_task_spec(cfg)):
+        return f"pilot forecast       none: {path} is for another task spec; run `enrich pilot` again"
+    mine = pilot.Strategy(tuple(cfg.ladder), tuple(cfg.escalate.on) if cfg.escalate else ())
+    rec = data.get("recommended", {}).get("name")
+    when = f"{data.get('sample_rows')} rows sampled {data.get('created_at', '')}".strip()
+    if (s := found.get(mine.name)) is None:
+        return f"pilot forecast       {mine.name} was not piloted ({when}); the pilot recommends {rec}"
+    lo, hi = s["to_pay_interval_usd"]
+    alo, ahi = s["accepted_interval"]
+    return (
+        f"pilot forecast       {mine.name}: to pay ${s['to_pay_usd']:,.4f} [${lo:,.4f}-${hi:,.4f}], accepted "
+        f"{s['accepted']:.0%} [{alo:.0%}-{ahi:.0%}] ({when}; recommended: {rec})"
+    )
+
+
+def pilot_observations(
+    cfg: RunConfig, journal: Journal, reuse: Reuse, sample: list[tuple[str, str, str]], names: list[str]
+) -> list[dict[str, pilot.Observation | None]]:
+    """Per sampled row (row key, input hash, spec hash), per processor: its result gated with the job's gate (None:
+    no result), with the run's latency when this journal made it."""
+    fields = list(output_fields(build_task_spec(cfg)))
+    found = reuse.find(_keys(sample, names))
+    runs = journal.pilot_runs(f.run_id for f in found.values() if f.source == "journal")
+    observed: list[dict[str, pilot.Observation | None]] = []
+    for _key, in_h, spec_h in sample:
+        row: dict[str, pilot.Observation | None] = {}
+        for p in names:
+            hit = found.get((in_h, spec_h, p))
+            raw: str | None = None
+            latency = None
+            if hit is not None and hit.source == "journal" and hit.run_id in runs:
+                _proc, raw, latency = runs[hit.run_id]
+            elif hit is not None and hit.cached is not None:
+                raw = hit.cached.result_json
+            if raw is None:
+                row[p] = None
+                continue
+            result = json.loads(raw)
+            row[p] = pilot.Observation(decide_row(result, fields, cfg.gate), output_of(result)[0], latency)
+        observed.append(row)
+    return observed

@@ -1092,6 +1092,54 @@ class Journal(DecisionStore):
                 "unknown_from_submitted",
             )
 
+    # ---- the pilot (job.pilot_job) ------------------------------------------------------------
+    def pilot_candidates(self, epoch: int) -> list[tuple[str, str, str]]:
+        """(row_key, input_hash, spec_hash) of the rows a pilot may sample, in input order: the rows to research
+        (not skipped by `[input] where`); with dedupe, the first row of each distinct input (the one claimed)."""
+        seen: set[tuple[str, str]] = set()
+        out = []
+        for key, in_h, spec_h in self.conn.execute(
+            "SELECT row_key, input_hash, spec_hash FROM rows WHERE epoch=? AND state!='skipped' ORDER BY ordinal",
+            (epoch,),
+        ):
+            if self.dedupe and (in_h, spec_h) in seen:
+                continue
+            seen.add((in_h, spec_h))
+            out.append((key, in_h, spec_h))
+        return out
+
+    def hold_out(self, epoch: int, keep: Iterable[str]) -> int:
+        """For a pilot's pass: every pending row of `epoch` whose key is not in `keep` becomes skipped, so only the
+        sample is claimed; in the same transaction the seeding's fingerprint is forgotten, so the next run seeds
+        the input again (a skipped row not excluded by `[input] where` is pending again then). Returns how many."""
+        with self.tx() as c:
+            c.execute("CREATE TEMP TABLE IF NOT EXISTS pilot_keep (row_key TEXT PRIMARY KEY)")
+            c.execute("DELETE FROM pilot_keep")
+            c.executemany("INSERT OR IGNORE INTO pilot_keep(row_key) VALUES (?)", [(k,) for k in keep])
+            n = c.execute(
+                "UPDATE rows SET state='skipped', waits=0 WHERE epoch=? AND state='pending' "
+                "AND row_key NOT IN (SELECT row_key FROM pilot_keep)",
+                (epoch,),
+            ).rowcount
+            c.execute("DELETE FROM pilot_keep")
+            c.execute("DELETE FROM meta WHERE k='seed_fingerprint'")
+        return int(n)
+
+    def pilot_runs(self, run_ids: Iterable[str]) -> dict[str, tuple[str, str, float | None]]:
+        """run id -> (processor, result JSON, latency in seconds: from the run's creation to its result being
+        recorded, None when this journal did not create it) for the results this journal holds."""
+        out: dict[str, tuple[str, str, float | None]] = {}
+        for part in chunks(sorted(set(run_ids)), 500):
+            marks = ",".join("?" * len(part))
+            for rid, proc, res, created, finished in self.conn.execute(
+                "SELECT r.run_id, r.processor, r.result_json, u.created_at, u.finished_at FROM results r "
+                f"LEFT JOIN runs u ON u.run_id = r.run_id WHERE r.run_id IN ({marks})",
+                part,
+            ):
+                lat = max(0.0, finished - created) if created is not None and finished is not None else None
+                out[rid] = (proc, res, lat)
+        return out
+
     # ---- reuse (reuse.py asks; this journal answers) ----------------------------------------
     def results_for_keys(
         self, keys: list[tuple[str, str, str]], fresh_after: float | None

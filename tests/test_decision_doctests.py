@@ -22,6 +22,7 @@ import pytest
         "enrich.client",
         "enrich.runmeta",
         "enrich.storage",
+        "enrich.pilot",
     ],
 )
 def test_docstring_examples(module: str) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 
 from tests.benchmarks import dedupe, journal_modes
+from tests.benchmarks.pilot_bench import scenario_p9
 
 ROOT = Path(__file__).resolve().parents[2]
 WORK = ROOT / "tests" / "benchmarks" / "work"
@@ -556,6 +557,7 @@ def main() -> None:
         ("P8_ray_2_workers", lambda: scenario_p8(20_000 if quick else 200_000)),
         ("J1_journal_modes", lambda: journal_modes.measure(5_000 if quick else 20_000, 1 if quick else 3)),
         ("D1_dedupe_cache", lambda: dedupe.measure(*((2_000, 200) if quick else (20_000, 2_000)))),
+        ("P9_pilot_quality_per_dollar", lambda: scenario_p9(3 if quick else 10)),
     ]
     only = os.environ.get("BENCH_ONLY")
     for name, fn in plan:
@@ -756,6 +758,16 @@ def table(r: dict[str, Any]) -> str:
             "<= limit, 0 x 429",
         )
         row("P8_ray_2_workers", "HTTP 429s", p["ray"]["http_429"], p["single"]["http_429"], None, "0")
+    p = r.get("P9_pilot_quality_per_dollar", {})
+    if "seeds" in p:
+        key = f"P9_pilot ({p['seeds']} seeds)"
+        row(key, "cost / core's (recommended, pilot incl.; ladder beside)", p["recommended_cost_vs_core"],
+            p["ladder_cost_vs_core"], None, "<= 0.70")  # fmt: skip
+        row(key, "accepted / core's (recommended; ladder beside)", p["recommended_accepted_vs_core"],
+            p["ladder_accepted_vs_core"], None, ">= 0.95")  # fmt: skip
+        row(key, "forecast hit rate: cost; accepted share", p["cost_hit_rate"], p["accepted_hit_rate"], None, "most")
+        row(key, "cost MAE USD; mean 90% interval width", p["cost_mae_usd"], p["cost_interval_width_usd"], None, "")
+        row(key, "accepted MAE; mean 90% interval width", p["accepted_mae"], p["accepted_interval_width"], None, "")
     for k, v in r.items():
         if isinstance(v, dict) and "error" in v:
             lines.append(f"| {k} | ERROR | {v['error'][-200:]} | | | |")
