@@ -86,7 +86,7 @@ class ResultCache:
 
     @classmethod
     def open(cls, path: str | Path, create: bool = True) -> ResultCache:
-        path = Path(os.path.realpath(Path(path).expanduser()))
+        path = Path(os.path.realpath(_expand(path)))
         if path.is_dir():
             raise CacheError(f"{path}: is a directory, not a results cache file")
         exists = path.is_file() and path.stat().st_size > 0
@@ -345,9 +345,17 @@ class Reuse:
         return written
 
 
+def _expand(path: str | Path) -> Path:
+    """`path` with `~` or `~user` expanded; CacheError (exit 2) when there is no such home directory."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:  # pathlib's answer to `~nosuchuser/...` or a `~` with no HOME
+        raise CacheError(f"{path}: cannot expand '~' (no such user or home directory)") from None
+
+
 def open_cache(path: Path | None, create: bool = True) -> ResultCache | None:
     """The job's results cache (None without one); without `create` (plan), a cache not made yet is None too."""
-    if path is None or (not create and not Path(path).expanduser().is_file()):
+    if path is None or (not create and not _expand(path).is_file()):
         return None
     return ResultCache.open(path, create=create)
 

@@ -488,6 +488,24 @@ def test_a_corrupt_or_foreign_cache_is_refused_with_one_line_and_nothing_sent(
     assert text.read_text().startswith("not a database")  # never overwritten
 
 
+def test_a_cache_path_under_an_unknown_users_home_is_refused_with_one_line(tmp_path: Path, sp500: Path) -> None:
+    """`~nosuchuser/...` as [cache] path, --cache or `cache stats`: exit 2 and one line, not a traceback."""
+    src = first_rows(tmp_path / "a10.csv", sp500, 10)
+    far = "~enrich-no-such-user-x9/results.sqlite"
+    cfg = config(tmp_path, src, key="Symbol", extra=f"[cache]\npath = {json.dumps(far)}\n")
+    plain = config(tmp_path, src, key="Symbol", name="plain.toml")
+    for args in (
+        ("plan", str(cfg)),
+        ("run", str(plain), "--emulator", "--cache", far),
+        ("cache", "stats", far),
+        ("cache", "prune", far, "--older-than", "1d"),
+    ):
+        r = run_enrich(*args)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and far in lines[0], (args, r.stderr)
+    assert not (tmp_path / "out.csv").exists()
+
+
 class _LooksReal(httpx.AsyncBaseTransport):
     """Loopback to the emulator, with its `x-enrich-emulator*` headers removed: to enrich, the real API."""
 
