@@ -218,6 +218,26 @@ def test_escalation_climbs_the_shared_run_once(tmp_path: Path, sp500: Path, emul
     assert climbed <= base
 
 
+def test_a_failed_escalation_step_is_shared_by_the_twins_and_never_paid_again(
+    tmp_path: Path, sp500: Path, emulator_process
+) -> None:
+    """The leader's escalation run fails: its twins share the failure and the fall-back, none climbs on its own."""
+    emu = emulator_process("--knowledge", str(sp500), *SP_KNOWLEDGE, "--hard-rate", "1.0")
+    src = dup_input(tmp_path / "dup.csv", sp500, distinct=10)
+    cfg = config(tmp_path, src, name="job.toml")
+    r = run_enrich("run", str(cfg), "--base-url", emu.base_url)
+    assert r.returncode == 0, r.stderr
+    assert len(emu.ledger()) == 10
+    failing = emulator_process("--knowledge", str(sp500), *SP_KNOWLEDGE, "--fail-rate", "1.0")
+    cfg.write_text(cfg.read_text() + '\n[escalate]\nprocessors = ["base"]\non = ["rejected", "review"]\n')
+    r = run_enrich("run", str(cfg), "--base-url", failing.base_url)
+    assert r.returncode == 0, r.stderr
+    per = Counter((x["input"]["Security"], x["processor"]) for x in failing.ledger())
+    assert set(per) == {(s, "base") for s in pl.read_csv(src)["Security"]} and max(per.values()) == 1, per
+    out = pl.read_csv(tmp_path / "out.csv", infer_schema=False)
+    assert set(out["_enrich_status"]) == {"completed"} and set(out["headquarters_location__processor"]) == {"lite-fast"}
+
+
 def test_human_verdicts_stay_with_their_row_key(tmp_path: Path, sp500: Path, emulator_process) -> None:
     """A verdict on one of three twins changes that row only; its twins keep the shared run's decision."""
     emu = emulator_process("--knowledge", str(sp500), *SP_KNOWLEDGE, "--hard-rate", "0.6", "--seed", "5")
