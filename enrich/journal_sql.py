@@ -171,6 +171,11 @@ UPDATE rows SET waits = CASE WHEN
 WHERE rows.state='pending' AND {scope}
 """
 
+# Row keys that `[input] where` left out at this connection's last seeding while their run was in flight: a result
+# that comes for one makes it skipped, not done, so it is neither shown nor escalated (journal.record). Per
+# connection (TEMP): after a crash the next seeding finds those rows finished and skips them itself.
+EXCLUDED_SQL = "CREATE TEMP TABLE IF NOT EXISTS excluded (row_key TEXT PRIMARY KEY)"
+
 # Rows waiting on a twin take the outcome of the twin's run (the leaders :ids just finished): its result (done), or
 # its failure or time-out; values, basis and decisions follow from the shared result, the run id and times are its.
 # The twin's rung becomes the run's processor, as if the run were its own (mark_submitted): a failed escalation run

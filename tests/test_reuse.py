@@ -637,6 +637,34 @@ def test_where_researches_only_matching_rows_the_others_come_back_unchanged_as_s
     )
 
 
+def test_rows_in_flight_that_a_new_where_leaves_out_are_skipped_when_their_results_come_not_escalated(
+    tmp_path: Path, sp500: Path, emulator_process
+) -> None:
+    """Killed with runs in flight, resumed with a where that selects none of them: their results are kept and the
+    rows come back skipped, no escalation step is paid for them; the where dropped, they climb once each."""
+    emu = emulator_process("--knowledge", str(sp500), *SP_KNOWLEDGE, "--hard-rate", "1.0")
+    src = first_rows(tmp_path / "a10.csv", sp500, 10)
+    ladder = '\n[escalate]\nprocessors = ["base"]\non = ["rejected", "review"]\n'
+    cfg = _job(tmp_path / "a", src, None)
+    cfg.write_text(cfg.read_text() + ladder)
+    first = run_enrich(
+        "run", str(cfg), "--base-url", emu.base_url, env={"ENRICH_FAILPOINT": "after_send_before_response:1"}
+    )
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    assert Counter(x["processor"] for x in emu.ledger()) == {"lite-fast": 10}
+    narrowed = _job(tmp_path / "a", src, None, inp="where = \"Symbol = 'NONE'\"", name="narrowed.toml")
+    narrowed.write_text(narrowed.read_text() + ladder)
+    r = run_enrich("run", str(narrowed), "--base-url", emu.base_url)
+    assert r.returncode == 0, r.stderr
+    assert Counter(x["processor"] for x in emu.ledger()) == {"lite-fast": 10}
+    out = pl.read_csv(tmp_path / "a" / "out.csv", infer_schema=False)
+    assert set(out["_enrich_status"]) == {"skipped"} and out["headquarters_location"].null_count() == 10
+    r = run_enrich("run", str(cfg), "--base-url", emu.base_url)
+    assert r.returncode == 0, r.stderr
+    per = Counter((x["input"]["Security"], x["processor"]) for x in emu.ledger())
+    assert len(per) == 20 and max(per.values()) == 1, per
+
+
 @pytest.mark.parametrize(
     ("where", "named"),
     [('"Headquarters Location" IS NUL', "not a valid SQL expression"), ("hq IS NULL", "unknown column 'hq'")],
