@@ -798,3 +798,47 @@ def test_find_answers_from_the_journal_first_then_the_cache(tmp_path: Path) -> N
     assert set(stale.find(keys)) == {("hy", "s", "lite")}
     cache.close()
     j.close()
+
+
+def test_dedupe_off_reads_nothing_from_the_cache(tmp_path: Path, sp500: Path, emulator_process) -> None:
+    """`dedupe = false` asks for a run per row: a cache holding every input still serves none of its 150 rows."""
+    emu = emulator_process("--knowledge", str(sp500), *SP_KNOWLEDGE)
+    src = dup_input(tmp_path / "dup.csv", sp500)
+    cache = tmp_path / "results.sqlite"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = config(tmp_path / "a", src, cache=cache)
+    assert run_enrich("run", str(a), "--base-url", emu.base_url).returncode == 0
+    assert len(emu.ledger()) == 50
+    b = config(tmp_path / "b", src, cache=cache, inp="dedupe = false")
+    r = run_enrich("run", str(b), "--base-url", emu.base_url)
+    assert r.returncode == 0, r.stderr
+    assert len(emu.ledger()) == 50 + 150
+    assert "served from the results cache" not in r.stderr
+
+
+def test_a_forced_network_mode_keeps_the_cache_in_the_rollback_journal(
+    tmp_path: Path, sp500: Path, emulator_process
+) -> None:
+    """`--journal-mode network` (a share detection misses) holds for the cache too: no WAL, and later opens
+    without the flag (`enrich cache stats`, a job on auto) keep it so."""
+    emu = emulator_process("--knowledge", str(sp500), *SP_KNOWLEDGE)
+    cache = tmp_path / "share" / "results.sqlite"
+    a = _job(tmp_path / "a", first_rows(tmp_path / "a20.csv", sp500, 20), cache)
+    r = run_enrich("run", str(a), "--base-url", emu.base_url, "--journal-mode", "network")
+    assert r.returncode == 0, r.stderr
+
+    def mode() -> str:
+        conn = sqlite3.connect(cache)
+        try:
+            return str(conn.execute("PRAGMA journal_mode").fetchone()[0])
+        finally:
+            conn.close()
+
+    assert mode() == "delete"
+    assert not Path(f"{cache}-wal").exists() and not Path(f"{cache}-shm").exists()
+    assert run_enrich("cache", "stats", str(cache)).returncode == 0
+    b = _job(tmp_path / "b", first_rows(tmp_path / "b30.csv", sp500, 30), cache)
+    assert run_enrich("run", str(b), "--base-url", emu.base_url).returncode == 0
+    assert mode() == "delete"
+    assert len(emu.ledger()) == 30
