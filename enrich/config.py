@@ -327,7 +327,10 @@ class CacheSection(_Strict):
     @field_validator("path")
     @classmethod
     def _home(cls, path: Path | None) -> Path | None:
-        return None if path is None else path.expanduser()
+        try:
+            return None if path is None else path.expanduser()
+        except RuntimeError:  # pathlib's answer to `~nosuchuser/...`: pydantic reports only a ValueError as invalid
+            raise ValueError(f"cannot expand '~' in {str(path)!r} (no such user or home directory)") from None
 
 
 class RunConfig(_Strict):

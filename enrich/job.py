@@ -384,7 +384,8 @@ def run_job(
     assert storage is not None
     preflight.check_job(cfg, api_key=api_key, emulated=emulated, journal_path=jpath)  # before anything is paid
     identity = _identity(cfg, build_task_spec(cfg), api_key)
-    cache = open_cache(cfg.cache.path)  # a corrupt or foreign cache is refused here, before anything is sent
+    # a corrupt or foreign cache is refused here, before anything is sent
+    cache = open_cache(cfg.cache.path, mode=cfg.limits.journal_mode)
     if fresh:  # -journal too: a rollback journal a killed run left would be played into the new journal
         for suffix in ("", "-wal", "-shm", "-journal"):
             Path(f"{jpath}{suffix}").unlink(missing_ok=True)
@@ -425,7 +426,8 @@ def run_job(
             journal,
             cache,
             fresh_after=time.time() - refresh * 86400 if refresh else None,
-            read=(not fresh) if cache_reads is None else cache_reads,
+            # dedupe = false asks for a run per row (independent samples): nothing is served from the cache
+            read=((not fresh) if cache_reads is None else cache_reads) and cfg.input.dedupe,
             emulated=emulated,
         )
         journal.set("emulated", emulated)
@@ -1096,7 +1098,8 @@ def plan_job(cfg: RunConfig, *, emulated: bool = False, retry_failed: bool = Fal
     preflight.check_job(cfg, api_key=None, emulated=emulated, journal_path=path)
     if (info := scale_status.plan(cfg, path)) is not None:  # a partitioned job (--ray)
         return scale_status.format_plan(info)
-    cache = open_cache(cfg.cache.path, create=False)  # plan makes no file: a cache not made yet holds nothing
+    # plan makes no file: a cache not made yet holds nothing
+    cache = open_cache(cfg.cache.path, create=False, mode=cfg.limits.journal_mode)
     try:
         journal = Journal.open(path, readonly=False) if path.exists() else Journal.open(":memory:")
         try:
@@ -1106,7 +1109,7 @@ def plan_job(cfg: RunConfig, *, emulated: bool = False, retry_failed: bool = Fal
                 journal,
                 cache,
                 fresh_after=time.time() - refresh * 86400 if refresh else None,
-                read=True,
+                read=cfg.input.dedupe,
                 emulated=emulated,
                 assume="api",
             )

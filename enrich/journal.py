@@ -14,6 +14,7 @@ Row states (`journal_sql.RowState` is their vocabulary; this is where the transi
     pending ──a result for its (input, spec, processor) in this journal, or in the shared cache──> done
     pending (waits) ──its twin's run ended──> done | failed | timed_out   (the twin's outcome: one run, N rows)
     any but in flight ──does not match `[input] where`──> skipped ──matches again──> pending
+    in flight, not matching `[input] where` at the last seeding ──result──> skipped (kept in results; never climbs)
 
 Twins are rows whose task input (canonical JSON of the columns sent), task spec and processor are identical.
 With dedupe (the default) one of them is the leader: it alone is claimed and paid for; the others are
@@ -75,6 +76,7 @@ from enrich.errors import (
 )
 from enrich.journal_decisions import DecisionStore
 from enrich.journal_sql import (
+    EXCLUDED_SQL,
     IN_FLIGHT,
     LEDGER_SCHEMA,
     REUSE_SQL,
@@ -443,6 +445,8 @@ class Journal(DecisionStore):
         conn = self.conn
         conn.execute("BEGIN IMMEDIATE")
         try:
+            conn.execute(EXCLUDED_SQL)
+            conn.execute("DELETE FROM temp.excluded")
             for batch in batches:
                 keys = [r[0] for r in batch]
                 if len(set(keys)) != len(keys):
@@ -466,6 +470,16 @@ class Journal(DecisionStore):
                     SEED_SQL,
                     [(*r[:9], epoch, int(retry_failed), r[9] if len(r) > 9 else "pending") for r in batch],
                 )
+                conn.executemany(
+                    "INSERT OR IGNORE INTO temp.excluded VALUES (?)",
+                    [(r[0],) for r in batch if len(r) > 9 and r[9] == "skipped"],
+                )
+            # only rows left in flight need it: their result, when it comes, makes them skipped (record)
+            conn.execute(
+                "DELETE FROM temp.excluded WHERE row_key NOT IN (SELECT row_key FROM rows WHERE epoch=? AND state IN "
+                "('intent', 'unknown', 'submitted', 'action_required'))",
+                (epoch,),
+            )
             if retry_failed:  # a timed-out run may have finished since: ask for it before paying again
                 conn.execute(
                     "UPDATE runs SET state='waiting' WHERE state='timed_out' AND run_id IN "
@@ -987,6 +1001,7 @@ class Journal(DecisionStore):
                 "result_json TEXT, error TEXT)"
             )
             c.execute("DELETE FROM temp.fin")
+            c.execute(EXCLUDED_SQL)
             c.executemany(
                 "INSERT INTO temp.fin VALUES (?, ?, ?, ?, ?)",
                 [(f.run_id, f.row_ref, f.attempt, f.result_json, f.error) for f in finished],
@@ -1014,6 +1029,7 @@ class Journal(DecisionStore):
             # the first result per row wins (a repeated event or listing changes nothing)
             c.execute(
                 "UPDATE rows SET state=CASE WHEN f.result_json IS NULL THEN 'failed' "
+                "WHEN rows.row_key IN (SELECT row_key FROM temp.excluded) THEN 'skipped' "
                 "WHEN rows.run_input_hash=rows.input_hash AND rows.run_spec_hash=rows.spec_hash AND "
                 "rows.run_processor=rows.processor THEN 'done' ELSE 'pending' END, run_id=f.run_id, "
                 "error=f.error, finished_at=?, reused=NULL FROM (SELECT row_ref, attempt, MIN(rowid) AS k FROM temp.fin "

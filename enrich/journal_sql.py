@@ -171,14 +171,21 @@ UPDATE rows SET waits = CASE WHEN
 WHERE rows.state='pending' AND {scope}
 """
 
+# Row keys that `[input] where` left out at this connection's last seeding while their run was in flight: a result
+# that comes for one makes it skipped, not done, so it is neither shown nor escalated (journal.record). Per
+# connection (TEMP): after a crash the next seeding finds those rows finished and skips them itself.
+EXCLUDED_SQL = "CREATE TEMP TABLE IF NOT EXISTS excluded (row_key TEXT PRIMARY KEY)"
+
 # Rows waiting on a twin take the outcome of the twin's run (the leaders :ids just finished): its result (done), or
 # its failure or time-out; values, basis and decisions follow from the shared result, the run id and times are its.
+# The twin's rung becomes the run's processor, as if the run were its own (mark_submitted): a failed escalation run
+# then counts as tried for every twin, so the fall-back keeps them all on the earlier answer and none climbs again.
 SHARE_SQL = """
 UPDATE rows SET
   state=CASE WHEN EXISTS (SELECT 1 FROM results s WHERE s.run_id=l.run_id) THEN 'done' ELSE l.state END,
   error=CASE WHEN EXISTS (SELECT 1 FROM results s WHERE s.run_id=l.run_id) THEN NULL ELSE l.error END,
   run_id=l.run_id, run_input_hash=l.run_input_hash, run_spec_hash=l.run_spec_hash, run_processor=l.run_processor,
-  submitted_at=l.submitted_at, finished_at=l.finished_at, waits=0, reused='twin'
+  rung=l.run_processor, submitted_at=l.submitted_at, finished_at=l.finished_at, waits=0, reused='twin'
 FROM rows l
 WHERE l.id IN ({ids}) AND rows.id != l.id AND rows.waits=1 AND rows.state='pending'
   AND rows.input_hash=l.run_input_hash AND rows.spec_hash=l.run_spec_hash AND rows.processor=l.run_processor

@@ -46,7 +46,7 @@ from enrich import failpoints
 from enrich.errors import CacheError, ConfigError
 from enrich.journal import Cached, Journal
 from enrich.processors import PROCESSORS
-from enrich.storage import detect
+from enrich.storage import ModeSetting, detect
 
 CACHE_FORMAT = "enrich-results-cache"
 CACHE_VERSION = 1
@@ -78,15 +78,16 @@ class ResultCache:
 
     WAL mode with a busy timeout, so readers never wait for a writer and writers take turns; every
     write is one short transaction. On a network file system (storage.detect: NFS, SMB, FUSE...), where
-    WAL's shared-memory index cannot work, the rollback journal instead, as for journals there. A file that is not an enrich results cache (or is corrupt, or from
+    WAL's shared-memory index cannot work, the rollback journal instead, as for journals there; `mode` is the
+    job's `limits.journal_mode`, so a network mode forced for storage detection misses holds for the cache too. A file that is not an enrich results cache (or is corrupt, or from
     a newer enrich) is refused with CacheError (exit 2), never silently ignored or overwritten."""
 
     def __init__(self, conn: sqlite3.Connection, path: Path):
         self.conn, self.path = conn, path
 
     @classmethod
-    def open(cls, path: str | Path, create: bool = True) -> ResultCache:
-        path = Path(os.path.realpath(Path(path).expanduser()))
+    def open(cls, path: str | Path, create: bool = True, mode: ModeSetting = "auto") -> ResultCache:
+        path = Path(os.path.realpath(_expand(path)))
         if path.is_dir():
             raise CacheError(f"{path}: is a directory, not a results cache file")
         exists = path.is_file() and path.stat().st_size > 0
@@ -104,7 +105,10 @@ class ResultCache:
             tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
             if exists:
                 _check_format(conn, path, tables)
-            conn.execute(f"PRAGMA journal_mode={'DELETE' if detect(path).network else 'WAL'}")
+            # auto keeps a cache a job put in the network mode there (detection can miss a share: the job forced it)
+            kept = exists and bool(tables) and conn.execute("PRAGMA journal_mode").fetchone()[0].lower() == "delete"
+            network = mode == "network" or (mode == "auto" and (kept or detect(path).network))
+            conn.execute(f"PRAGMA journal_mode={'DELETE' if network else 'WAL'}")
             conn.execute("PRAGMA synchronous=FULL")
             if not exists or not tables:  # one transaction: another job opening it meanwhile sees all or nothing
                 conn.execute("BEGIN IMMEDIATE")
@@ -345,11 +349,20 @@ class Reuse:
         return written
 
 
-def open_cache(path: Path | None, create: bool = True) -> ResultCache | None:
-    """The job's results cache (None without one); without `create` (plan), a cache not made yet is None too."""
-    if path is None or (not create and not Path(path).expanduser().is_file()):
+def _expand(path: str | Path) -> Path:
+    """`path` with `~` or `~user` expanded; CacheError (exit 2) when there is no such home directory."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:  # pathlib's answer to `~nosuchuser/...` or a `~` with no HOME
+        raise CacheError(f"{path}: cannot expand '~' (no such user or home directory)") from None
+
+
+def open_cache(path: Path | None, create: bool = True, mode: ModeSetting = "auto") -> ResultCache | None:
+    """The job's results cache (None without one); without `create` (plan), a cache not made yet is None too.
+    `mode`: the job's `limits.journal_mode` (auto: the cache's own file system decides)."""
+    if path is None or (not create and not _expand(path).is_file()):
         return None
-    return ResultCache.open(path, create=create)
+    return ResultCache.open(path, create=create, mode=mode)
 
 
 def summary(journal: Journal, epoch: int, ladder: list[str]) -> dict[str, Any]:

@@ -218,6 +218,26 @@ def test_escalation_climbs_the_shared_run_once(tmp_path: Path, sp500: Path, emul
     assert climbed <= base
 
 
+def test_a_failed_escalation_step_is_shared_by_the_twins_and_never_paid_again(
+    tmp_path: Path, sp500: Path, emulator_process
+) -> None:
+    """The leader's escalation run fails: its twins share the failure and the fall-back, none climbs on its own."""
+    emu = emulator_process("--knowledge", str(sp500), *SP_KNOWLEDGE, "--hard-rate", "1.0")
+    src = dup_input(tmp_path / "dup.csv", sp500, distinct=10)
+    cfg = config(tmp_path, src, name="job.toml")
+    r = run_enrich("run", str(cfg), "--base-url", emu.base_url)
+    assert r.returncode == 0, r.stderr
+    assert len(emu.ledger()) == 10
+    failing = emulator_process("--knowledge", str(sp500), *SP_KNOWLEDGE, "--fail-rate", "1.0")
+    cfg.write_text(cfg.read_text() + '\n[escalate]\nprocessors = ["base"]\non = ["rejected", "review"]\n')
+    r = run_enrich("run", str(cfg), "--base-url", failing.base_url)
+    assert r.returncode == 0, r.stderr
+    per = Counter((x["input"]["Security"], x["processor"]) for x in failing.ledger())
+    assert set(per) == {(s, "base") for s in pl.read_csv(src)["Security"]} and max(per.values()) == 1, per
+    out = pl.read_csv(tmp_path / "out.csv", infer_schema=False)
+    assert set(out["_enrich_status"]) == {"completed"} and set(out["headquarters_location__processor"]) == {"lite-fast"}
+
+
 def test_human_verdicts_stay_with_their_row_key(tmp_path: Path, sp500: Path, emulator_process) -> None:
     """A verdict on one of three twins changes that row only; its twins keep the shared run's decision."""
     emu = emulator_process("--knowledge", str(sp500), *SP_KNOWLEDGE, "--hard-rate", "0.6", "--seed", "5")
@@ -488,6 +508,24 @@ def test_a_corrupt_or_foreign_cache_is_refused_with_one_line_and_nothing_sent(
     assert text.read_text().startswith("not a database")  # never overwritten
 
 
+def test_a_cache_path_under_an_unknown_users_home_is_refused_with_one_line(tmp_path: Path, sp500: Path) -> None:
+    """`~nosuchuser/...` as [cache] path, --cache or `cache stats`: exit 2 and one line, not a traceback."""
+    src = first_rows(tmp_path / "a10.csv", sp500, 10)
+    far = "~enrich-no-such-user-x9/results.sqlite"
+    cfg = config(tmp_path, src, key="Symbol", extra=f"[cache]\npath = {json.dumps(far)}\n")
+    plain = config(tmp_path, src, key="Symbol", name="plain.toml")
+    for args in (
+        ("plan", str(cfg)),
+        ("run", str(plain), "--emulator", "--cache", far),
+        ("cache", "stats", far),
+        ("cache", "prune", far, "--older-than", "1d"),
+    ):
+        r = run_enrich(*args)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and far in lines[0], (args, r.stderr)
+    assert not (tmp_path / "out.csv").exists()
+
+
 class _LooksReal(httpx.AsyncBaseTransport):
     """Loopback to the emulator, with its `x-enrich-emulator*` headers removed: to enrich, the real API."""
 
@@ -597,6 +635,34 @@ def test_where_researches_only_matching_rows_the_others_come_back_unchanged_as_s
     assert (
         rest["headquarters_location"].null_count() == rest.height and rest["_enrich_run_id"].null_count() == rest.height
     )
+
+
+def test_rows_in_flight_that_a_new_where_leaves_out_are_skipped_when_their_results_come_not_escalated(
+    tmp_path: Path, sp500: Path, emulator_process
+) -> None:
+    """Killed with runs in flight, resumed with a where that selects none of them: their results are kept and the
+    rows come back skipped, no escalation step is paid for them; the where dropped, they climb once each."""
+    emu = emulator_process("--knowledge", str(sp500), *SP_KNOWLEDGE, "--hard-rate", "1.0")
+    src = first_rows(tmp_path / "a10.csv", sp500, 10)
+    ladder = '\n[escalate]\nprocessors = ["base"]\non = ["rejected", "review"]\n'
+    cfg = _job(tmp_path / "a", src, None)
+    cfg.write_text(cfg.read_text() + ladder)
+    first = run_enrich(
+        "run", str(cfg), "--base-url", emu.base_url, env={"ENRICH_FAILPOINT": "after_send_before_response:1"}
+    )
+    assert first.returncode == -signal.SIGKILL, first.stderr
+    assert Counter(x["processor"] for x in emu.ledger()) == {"lite-fast": 10}
+    narrowed = _job(tmp_path / "a", src, None, inp="where = \"Symbol = 'NONE'\"", name="narrowed.toml")
+    narrowed.write_text(narrowed.read_text() + ladder)
+    r = run_enrich("run", str(narrowed), "--base-url", emu.base_url)
+    assert r.returncode == 0, r.stderr
+    assert Counter(x["processor"] for x in emu.ledger()) == {"lite-fast": 10}
+    out = pl.read_csv(tmp_path / "a" / "out.csv", infer_schema=False)
+    assert set(out["_enrich_status"]) == {"skipped"} and out["headquarters_location"].null_count() == 10
+    r = run_enrich("run", str(cfg), "--base-url", emu.base_url)
+    assert r.returncode == 0, r.stderr
+    per = Counter((x["input"]["Security"], x["processor"]) for x in emu.ledger())
+    assert len(per) == 20 and max(per.values()) == 1, per
 
 
 @pytest.mark.parametrize(
@@ -732,3 +798,47 @@ def test_find_answers_from_the_journal_first_then_the_cache(tmp_path: Path) -> N
     assert set(stale.find(keys)) == {("hy", "s", "lite")}
     cache.close()
     j.close()
+
+
+def test_dedupe_off_reads_nothing_from_the_cache(tmp_path: Path, sp500: Path, emulator_process) -> None:
+    """`dedupe = false` asks for a run per row: a cache holding every input still serves none of its 150 rows."""
+    emu = emulator_process("--knowledge", str(sp500), *SP_KNOWLEDGE)
+    src = dup_input(tmp_path / "dup.csv", sp500)
+    cache = tmp_path / "results.sqlite"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = config(tmp_path / "a", src, cache=cache)
+    assert run_enrich("run", str(a), "--base-url", emu.base_url).returncode == 0
+    assert len(emu.ledger()) == 50
+    b = config(tmp_path / "b", src, cache=cache, inp="dedupe = false")
+    r = run_enrich("run", str(b), "--base-url", emu.base_url)
+    assert r.returncode == 0, r.stderr
+    assert len(emu.ledger()) == 50 + 150
+    assert "served from the results cache" not in r.stderr
+
+
+def test_a_forced_network_mode_keeps_the_cache_in_the_rollback_journal(
+    tmp_path: Path, sp500: Path, emulator_process
+) -> None:
+    """`--journal-mode network` (a share detection misses) holds for the cache too: no WAL, and later opens
+    without the flag (`enrich cache stats`, a job on auto) keep it so."""
+    emu = emulator_process("--knowledge", str(sp500), *SP_KNOWLEDGE)
+    cache = tmp_path / "share" / "results.sqlite"
+    a = _job(tmp_path / "a", first_rows(tmp_path / "a20.csv", sp500, 20), cache)
+    r = run_enrich("run", str(a), "--base-url", emu.base_url, "--journal-mode", "network")
+    assert r.returncode == 0, r.stderr
+
+    def mode() -> str:
+        conn = sqlite3.connect(cache)
+        try:
+            return str(conn.execute("PRAGMA journal_mode").fetchone()[0])
+        finally:
+            conn.close()
+
+    assert mode() == "delete"
+    assert not Path(f"{cache}-wal").exists() and not Path(f"{cache}-shm").exists()
+    assert run_enrich("cache", "stats", str(cache)).returncode == 0
+    b = _job(tmp_path / "b", first_rows(tmp_path / "b30.csv", sp500, 30), cache)
+    assert run_enrich("run", str(b), "--base-url", emu.base_url).returncode == 0
+    assert mode() == "delete"
+    assert len(emu.ledger()) == 30

@@ -167,6 +167,34 @@ def test_keys_decide_three_items_and_hostile_research_stays_inert(tmp_path: Path
     assert out[f][at[c]] == expected and out[decided[2][1]][at[decided[2][0]]] is None
 
 
+def test_enter_in_the_reviewer_field_records_no_verdict(tmp_path: Path, browser: Browser) -> None:
+    """Chromium: typing a name in the reviewer field and pressing Enter stays on the line; nothing is recorded."""
+    cfg = make_job(tmp_path, HOSTILE_ROWS)
+    with serving(cfg, reviewer="dee") as (server, _):
+        tab = Watch(browser, origin(server))
+        page = tab.page
+        page.goto(server.url)
+        tab.key("o")
+        at = page.url
+        # the form's submit event fires during the key's default action; held here, it shows whether Enter sent it
+        page.evaluate(
+            "document.getElementById('decide').addEventListener('submit', e => { window.__sent = true; "
+            "e.preventDefault(); })"
+        )
+        page.click("#reviewer")
+        page.keyboard.type(" lee")
+        page.keyboard.press("Enter")
+        assert page.evaluate("window.__sent === undefined") and page.url == at
+        page.goto(server.url)
+        assert tab.counters()[0] == 0
+        tab.quiet()
+    journal = Journal.open(tmp_path / "out.parquet.journal.sqlite", readonly=True)
+    try:
+        assert journal.conn.execute("SELECT COUNT(*) FROM verdicts").fetchone()[0] == 0
+    finally:
+        journal.close()
+
+
 def test_ten_thousand_lines_page_in_chromium(ten_thousand: Path, browser: Browser) -> None:
     """Chromium with 10,000 review lines: 50 a page, j / k turn pages, o opens a line, a accepts it."""
     with serving(ten_thousand) as (server, _):

@@ -250,6 +250,16 @@ def test_a_bad_correction_is_refused_as_review_apply_refuses_it(hostile: Path, t
         assert f"not recorded: {reason}" in "".join(Page(page.text).text)
 
 
+def test_a_verdict_form_sent_without_a_verdict_says_nothing_was_recorded(hostile: Path) -> None:
+    """The item's form sent with no button's verdict: 400 and the page says not recorded (no 'done' flash)."""
+    with serving(hostile) as (server, client):
+        _, page = open_item(client, server, client.get(server.url).text)
+        sent = submit(client, server, page.form("/verdict"))
+        assert sent.status_code == 400 and "not recorded" in "".join(Page(sent.text).text)
+        assert counters(client.get(server.url).text)[0] == 0
+    assert verdicts(hostile) == []
+
+
 def test_accept_correct_reject_then_write_output(hostile: Path) -> None:
     """Three verdicts from the page land in the journal (who, note, run reviewed); `write output` rewrites the
     output with human_* decisions and the review file without those lines."""

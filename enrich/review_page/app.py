@@ -311,6 +311,8 @@ class App:
         )
         reviewer = form.get("reviewer", self.session.reviewer).strip()
         typed = {"corrected_value": form.get("corrected_value", ""), "note": form.get("note", "")}
+        if not verdict.strip():  # a blank verdict is a line not yet reviewed: it records nothing, so say so
+            return self.item_page(form, error="not recorded: press accept, correct or reject", status=400, typed=typed)
         try:
             self.session.decide([decision], reviewer)
         except JournalLocked:

@@ -20,6 +20,8 @@
       if (t.id === "corrected" && ev.key === "Enter" && !ev.shiftKey) {
         ev.preventDefault(); // Enter sends the correction; Shift+Enter is a new line
         press("btn-correct");
+      } else if (t.id === "reviewer" && ev.key === "Enter") {
+        ev.preventDefault(); // the browser would submit with the first button (accept): a name is not a verdict
       } else if (ev.key === "Escape") {
         t.blur();
       }
