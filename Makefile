@@ -21,8 +21,11 @@ install: $(VENV)/.installed
 bytecode: install
 	$(PY) -m compileall -q enrich tests
 
+# two workers (this machine's cores; TEST_WORKERS=N to change), each test file on one worker (its module-scoped jobs are made once): the suite waits on
+# subprocesses and emulators more than it computes (754 tests: 18.7 min in one process, 12.2 min in two, loaded)
+TEST_WORKERS ?= 2
 test: bytecode
-	$(PY) -m pytest -q -m "not slow" -p no:cacheprovider
+	$(PY) -m pytest -q -m "not slow" -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
 
 demo: bytecode
 	$(ENRICH) run configs/companies.toml --emulator
