@@ -339,7 +339,7 @@ def format_plan(plan: dict[str, Any]) -> str:
             line += f"; {plan['served_from_cache']:,} of them from the shared cache (no cost)"
         lines.append(line)
     lines += [
-        f"already done/cached  {plan['done_or_cached']:,}",
+        f"already done         {plan['done_or_cached']:,}",  # the cache's rows are on the line above
         f"failed (kept)        {plan['failed_kept']:,}   (re-run them with --retry-failed)",
         f"in flight            {plan['in_flight']:,}",
         *(
