@@ -260,6 +260,12 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             )
             + ")"
         )
+        if doubt := (report.get("status_counts") or {}).get("unknown"):
+            # a reservation is counted above as paid until reconciliation finds the run or releases it
+            lines.append(
+                f"in doubt: {doubt:,} row{'s' if doubt != 1 else ''} whose run may or may not exist; their reservations "
+                "count as paid until the next run reconciles them (paying for a run that exists, releasing the rest)"
+            )
     if said := reuse_line(report.get("reuse") or {}):
         lines.append(said)
     if decisions := {col: counts for col, counts in (report.get("decision_counts") or {}).items() if counts}:

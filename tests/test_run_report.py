@@ -149,3 +149,17 @@ def test_plan_estimate_includes_the_ladder(tmp_path: Path) -> None:
     assert escalation > 0 and {e["processor"] for e in ledger} == {"lite-fast", "base"}
     assert f"estimated cost       {_usd(escalation)}  (spent so far {_usd(spent_first)})" in plan.stdout
     assert sum(e["price_micros"] for e in ledger) <= ROWS * (lite + base)  # within the fresh plan's worst case
+
+
+def test_summary_says_which_paid_runs_are_only_reservations_in_doubt() -> None:
+    """Rows left `unknown` (a reply lost, not yet reconciled) are counted as paid: the summary says they are in doubt."""
+    report = {
+        "cost_by_processor": {"lite-fast": {"runs": 55, "cost_usd": 0.275}},
+        "runs_paid": 55,
+        "spend_usd": 0.275,
+        "status_counts": {"unknown": 55},
+    }
+    lines = summary_lines(report)
+    assert lines[0].startswith("paid runs: 55 for $0.2750")
+    assert lines[1].startswith("in doubt: 55 rows whose run may or may not exist")
+    assert not any("in doubt" in line for line in summary_lines({**report, "status_counts": {"completed": 55}}))
