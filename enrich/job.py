@@ -94,7 +94,7 @@ from enrich.pipeline import Prepared, execute, format_plan, plan_summary, prepar
 from enrich.processors import PROCESSORS, tier
 from enrich.progress import JobState, Stop
 from enrich.report import read_report, result_summary
-from enrich.reuse import Reuse, open_cache
+from enrich.reuse import ResultCache, Reuse, open_cache
 from enrich.reuse import summary as reuse_summary
 from enrich.review import read_review
 from enrich.scale import status as scale_status
@@ -344,6 +344,44 @@ def _identity(cfg: RunConfig, task_spec: dict[str, Any], api_key: str) -> dict[s
     }
 
 
+def _open_paying(
+    cfg: RunConfig, job: Job, api_key: str, emulated: bool, fresh: bool
+) -> tuple[Journal, ResultCache | None, dict[str, Any]]:
+    """What every command that may pay (`run`, `pilot`) does first, before anything is sent: the preflight checks,
+    the job's identity, its results cache (a corrupt or foreign one is refused here), its journal opened in the
+    job's storage mode (removed first with `fresh`), and the settled answer cleared, since the journal changes."""
+    jpath, storage = job.journal_path, job.storage
+    assert storage is not None
+    preflight.check_job(cfg, api_key=api_key, emulated=emulated, journal_path=jpath)
+    identity = _identity(cfg, build_task_spec(cfg), api_key)
+    cache = open_cache(cfg.cache.path, mode=cfg.limits.journal_mode)
+    if fresh:  # -journal too: a rollback journal a killed run left would be played into the new journal
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            Path(f"{jpath}{suffix}").unlink(missing_ok=True)
+    try:
+        journal = Journal.open(jpath, mode=storage.mode)
+    except BaseException:
+        if cache is not None:
+            cache.close()
+        raise
+    settled.clear(journal)  # from here on, this command decides what the journal holds
+    return journal, cache, identity
+
+
+def _admit(cfg: RunConfig, journal: Journal, identity: dict[str, Any], emulated: bool, adopt: bool) -> None:
+    """May this command pay into this journal: its results are of the same origin (emulated or real), it is this
+    job's journal (identity; `adopt` takes over one whose output moved), and the spend ledger is attached."""
+    mode = journal.get("emulated")
+    if mode is not None and mode != emulated and journal.get("taskgroup_id"):
+        raise JournalError(
+            f"{journal.path}: this journal holds {'emulated' if mode else 'real'} results; "
+            f"use another {advice('--journal', 'journal=')} for {'emulated' if emulated else 'real'} runs"
+        )
+    journal.check_identity(identity, adopt)
+    if cfg.limits.daily_budget_usd is not None or cfg.limits.spend_ledger is not None:
+        journal.attach_ledger(cfg.limits.spend_ledger, str(journal.path))
+
+
 def run_job(
     cfg: RunConfig,
     *,
@@ -382,20 +420,7 @@ def run_job(
     job = job_for(cfg)
     jpath, storage = job.journal_path, job.storage
     assert storage is not None
-    preflight.check_job(cfg, api_key=api_key, emulated=emulated, journal_path=jpath)  # before anything is paid
-    identity = _identity(cfg, build_task_spec(cfg), api_key)
-    # a corrupt or foreign cache is refused here, before anything is sent
-    cache = open_cache(cfg.cache.path, mode=cfg.limits.journal_mode)
-    if fresh:  # -journal too: a rollback journal a killed run left would be played into the new journal
-        for suffix in ("", "-wal", "-shm", "-journal"):
-            Path(f"{jpath}{suffix}").unlink(missing_ok=True)
-    try:
-        journal = Journal.open(jpath, mode=storage.mode)
-    except BaseException:
-        if cache is not None:
-            cache.close()
-        raise
-    settled.clear(journal)  # from here on, this run decides what the journal holds
+    journal, cache, identity = _open_paying(cfg, job, api_key, emulated, fresh)
     remove_stale_temps(cfg.output.path)
     server = None
     stop = stop or Stop()
@@ -411,15 +436,7 @@ def run_job(
                 "with run ids; running now would pay for them again. Restore the journal, or "
                 + advice("pass --fresh to start over", "pass fresh=True to start over")
             )
-        mode = journal.get("emulated")
-        if mode is not None and mode != emulated and journal.get("taskgroup_id"):
-            raise JournalError(
-                f"{jpath}: this journal holds {'emulated' if mode else 'real'} results; "
-                f"use another {advice('--journal', 'journal=')} for {'emulated' if emulated else 'real'} runs"
-            )
-        journal.check_identity(identity, adopt)
-        if cfg.limits.daily_budget_usd is not None or cfg.limits.spend_ledger is not None:
-            journal.attach_ledger(cfg.limits.spend_ledger, str(journal.path))
+        _admit(cfg, journal, identity, emulated, adopt)
         prep = prepare(cfg, journal, retry_failed=retry_failed)
         refresh = cfg.task.refresh_after_days
         reuse = Reuse(
@@ -1220,16 +1237,7 @@ def pilot_job(
     job = job_for(cfg)
     jpath, storage = job.journal_path, job.storage
     assert storage is not None
-    preflight.check_job(cfg, api_key=api_key, emulated=emulated, journal_path=jpath)
-    identity = _identity(cfg, build_task_spec(cfg), api_key)
-    cache = open_cache(cfg.cache.path)
-    try:
-        journal = Journal.open(jpath, mode=storage.mode)
-    except BaseException:
-        if cache is not None:
-            cache.close()
-        raise
-    settled.clear(journal)  # the journal changes: a re-run of `run` must not answer from the last settled state
+    journal, cache, identity = _open_paying(cfg, job, api_key, emulated, fresh=False)
     stop = _PassStop()
     here = install_signals and threading.current_thread() is threading.main_thread() and not _loop_running()
     held = contextlib.ExitStack()
@@ -1237,15 +1245,7 @@ def pilot_job(
     try:
         if here:
             held.enter_context(_signals(stop))
-        mode = journal.get("emulated")
-        if mode is not None and mode != emulated and journal.get("taskgroup_id"):
-            raise JournalError(
-                f"{jpath}: this journal holds {'emulated' if mode else 'real'} results; "
-                f"use another {advice('--journal', 'journal=')} for {'emulated' if emulated else 'real'} runs"
-            )
-        journal.check_identity(identity, False)
-        if cfg.limits.daily_budget_usd is not None or cfg.limits.spend_ledger is not None:
-            journal.attach_ledger(cfg.limits.spend_ledger, str(journal.path))
+        _admit(cfg, journal, identity, emulated, adopt=False)
         refresh = cfg.task.refresh_after_days
         reuse = Reuse(
             journal, cache, fresh_after=time.time() - refresh * 86400 if refresh else None, read=True, emulated=emulated
