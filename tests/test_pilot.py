@@ -456,6 +456,27 @@ def test_compare_corrects_the_recommended_forecast_and_names_the_rule_and_the_mo
     assert "picked by the fallback rule, as no strategy is expected to accept 101%" in format_pilot(none)
 
 
+def test_after_a_pilot_status_and_the_progress_line_do_not_count_held_out_rows_as_finished(
+    tmp_path: Path, sp500: Path, emulator_process
+) -> None:
+    """60 rows, 20 piloted: each pass's progress line counts 20 rows (never 60, 40 of them set aside); status then
+    shows 40 rows held out by a pilot, none skipped; after the full run nothing is held out."""
+    emu = emulator_process("--knowledge", str(sp500), *EMU)
+    cfg = job(tmp_path, sp500)
+    r = run_enrich("pilot", str(cfg), "--base-url", emu.base_url, "--rows", "20", "--processors", "lite,core")
+    assert r.returncode == 0, r.stderr
+    progress = [x for x in r.stderr.splitlines() if "rows finished" in x]
+    assert progress and all("/20 rows finished" in x for x in progress), progress
+    st = run_enrich("status", str(cfg), "--json")
+    info = json.loads(st.stdout)
+    assert info["held_out"] == 40 and "skipped" not in info["counts"] and info["rows"] == 60, info
+    text = run_enrich("status", str(cfg)).stdout
+    assert "40  (rows held out by a pilot; the next run researches them)" in text and "skipped" not in text
+    assert run_enrich("run", str(cfg), "--base-url", emu.base_url).returncode == 0
+    after = json.loads(run_enrich("status", str(cfg), "--json").stdout)
+    assert after["held_out"] == 0 and after["counts"] == {"done": 60}, after
+
+
 def test_with_the_embedded_emulator_a_pilot_killed_mid_pass_resumes_against_the_emulator(
     tmp_path: Path, sp500: Path
 ) -> None:
