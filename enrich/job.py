@@ -1166,8 +1166,11 @@ class _PassStop(Stop):
 
 def pilot_processors(cfg: RunConfig, names: list[str] | None) -> list[str]:
     """The pilot's processors, weakest first: known, each on a higher price tier than the one before, none above
-    `[limits] max_processor`. ConfigError (exit 2) otherwise."""
-    names = list(names or DEFAULT_PILOT_PROCESSORS)
+    `[limits] max_processor`. ConfigError (exit 2) otherwise. Without `names` (no --processors): the job's own,
+    its ladder in order (`[task] processor`, then `[escalate] processors`), when the config sets a processor or a
+    ladder; else DEFAULT_PILOT_PROCESSORS."""
+    own = "processor" in cfg.task.model_fields_set or cfg.escalate is not None
+    names = list(names or (cfg.ladder if own else DEFAULT_PILOT_PROCESSORS))
     for p in names:
         if p not in PROCESSORS:
             raise ConfigError(f"--processors: unknown processor {p!r}; choose from {', '.join(PROCESSORS)}")

@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from enrich.config import config_from_mapping
+from enrich.job import pilot_processors
 from enrich.pilot import (
     Limits,
     Observation,
@@ -454,6 +456,27 @@ def test_compare_corrects_the_recommended_forecast_and_names_the_rule_and_the_mo
     none = compare(sample, ["a", "b"], ["lite", "core"], PRICES, rows_total=300, limits=LIMITS, seed=0, target=1.01)
     assert none["recommended"]["rule"] == "most accepted per dollar"
     assert "picked by the fallback rule, as no strategy is expected to accept 101%" in format_pilot(none)
+
+
+def test_without_processors_the_pilot_tries_the_jobs_own_ladder_else_lite_base_core(tmp_path: Path) -> None:
+    """No --processors: a config with a processor and a ladder pilots that ladder in order, one with a processor
+    alone that processor, one with neither lite,base,core; --processors wins over both."""
+
+    def cfg(task: dict[str, Any], escalate: dict[str, Any] | None = None) -> Any:
+        data: dict[str, Any] = {
+            "input": {"path": str(tmp_path / "in.csv"), "key": ["k"], "columns": ["c"]},
+            "task": {"instruction": "x", "output": {"f": {"type": "string"}}, **task},
+            "output": {"path": str(tmp_path / "out.csv")},
+        }
+        if escalate:
+            data["escalate"] = escalate
+        return config_from_mapping(data)
+
+    assert pilot_processors(cfg({"processor": "lite"}, {"processors": ["core"]}), None) == ["lite", "core"]
+    assert pilot_processors(cfg({"processor": "base"}), None) == ["base"]
+    assert pilot_processors(cfg({}, {"processors": ["core"]}), None) == ["lite-fast", "core"]
+    assert pilot_processors(cfg({}), None) == ["lite", "base", "core"]
+    assert pilot_processors(cfg({"processor": "lite"}), ["base", "core"]) == ["base", "core"]
 
 
 def test_after_a_pilot_status_and_the_progress_line_do_not_count_held_out_rows_as_finished(
