@@ -172,9 +172,9 @@ def _parser() -> argparse.ArgumentParser:
     pi.add_argument("--rows", type=positive_int, default=50, metavar="N", help="rows to sample (default: 50)")
     pi.add_argument(
         "--processors",
-        default="lite,base,core",
         metavar="LIST",
-        help="processors to try, weakest first (default: lite,base,core)",
+        help="processors to try, weakest first (default: the job's own, [task] processor then [escalate] "
+        "processors, when the config sets either; else lite,base,core)",
     )
     pi.add_argument("--seed", type=int, default=0, help="seed of the sample and of the bootstrap (default: 0)")
     pi.add_argument(

@@ -1026,7 +1026,8 @@ def calibrate_job(
 def job_status(
     target: str | Path, overrides: Mapping[str, Any] | None = None, flags: Mapping[str, str] | None = None
 ) -> dict[str, Any]:
-    """`enrich status`: counts by state, spend, last error and what a live run is doing (read-only)."""
+    """`enrich status`: counts by state, spend, last error and what a live run is doing (read-only). Rows a pilot
+    held out (Journal.hold_out) are counted under `held_out`, not under the `skipped` state."""
     path = Path(target)
     if path.suffix.lower() == ".toml":
         path = job_for(load_config(path, dict(overrides or {}), flags=flags)).journal_path
@@ -1035,6 +1036,10 @@ def job_status(
     try:
         epoch = journal.get("epoch", 0)
         counts = journal.counts(epoch)
+        if held := journal.held_out(epoch):  # skipped by a pilot, not by `[input] where`: the next run researches them
+            counts["skipped"] = counts.get("skipped", 0) - held
+            if not counts["skipped"]:
+                del counts["skipped"]
         live = live_run(journal)
         job = journal.get("job") or {}
         return {
@@ -1042,8 +1047,9 @@ def job_status(
             "journal_mode": mode_of(journal.sqlite_mode()),  # as the file is, whatever was recorded
             "journal_storage": job.get("storage"),
             "output": ((job.get("config") or {}).get("output") or {}).get("path"),
-            "rows": sum(counts.values()),
+            "rows": sum(counts.values()) + held,
             "counts": counts,
+            "held_out": held,
             "in_flight": sum(counts.get(s, 0) for s in IN_FLIGHT),
             "spent_usd": journal.spent_micros() / 1e6,
             "taskgroup_id": journal.get("taskgroup_id"),
@@ -1076,6 +1082,8 @@ def format_status(info: dict[str, Any]) -> str:
     for state_name in ROW_STATES:
         if counts.get(state_name):
             lines.append(f"  {state_name:<10} {counts[state_name]:,}")
+    if held := info.get("held_out"):
+        lines.append(f"  {'held out':<10} {held:,}  (rows held out by a pilot; the next run researches them)")
     lines.append(f"in flight    {info['in_flight']:,}  (rows sent, results not yet recorded)")
     lines.append(f"spent        ${info['spent_usd']:,.4f}")
     lines.append(f"last error   {info['last_error'] or '-'}")
@@ -1178,8 +1186,11 @@ class _PassStop(Stop):
 
 def pilot_processors(cfg: RunConfig, names: list[str] | None) -> list[str]:
     """The pilot's processors, weakest first: known, each on a higher price tier than the one before, none above
-    `[limits] max_processor`. ConfigError (exit 2) otherwise."""
-    names = list(names or DEFAULT_PILOT_PROCESSORS)
+    `[limits] max_processor`. ConfigError (exit 2) otherwise. Without `names` (no --processors): the job's own,
+    its ladder in order (`[task] processor`, then `[escalate] processors`), when the config sets a processor or a
+    ladder; else DEFAULT_PILOT_PROCESSORS."""
+    own = "processor" in cfg.task.model_fields_set or cfg.escalate is not None
+    names = list(names or (cfg.ladder if own else DEFAULT_PILOT_PROCESSORS))
     for p in names:
         if p not in PROCESSORS:
             raise ConfigError(f"--processors: unknown processor {p!r}; choose from {', '.join(PROCESSORS)}")

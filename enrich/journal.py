@@ -1127,7 +1127,8 @@ class Journal(DecisionStore):
     def hold_out(self, epoch: int, keep: Iterable[str]) -> int:
         """For a pilot's pass: every pending row of `epoch` whose key is not in `keep` becomes skipped, so only the
         sample is claimed; in the same transaction the seeding's fingerprint is forgotten, so the next run seeds
-        the input again (a skipped row not excluded by `[input] where` is pending again then). Returns how many."""
+        the input again (a skipped row not excluded by `[input] where` is pending again then). Returns how many.
+        How many rows of `epoch` are held out is kept (`held_out`): they are not finished, only set aside."""
         with self.tx() as c:
             c.execute("CREATE TEMP TABLE IF NOT EXISTS pilot_keep (row_key TEXT PRIMARY KEY)")
             c.execute("DELETE FROM pilot_keep")
@@ -1139,7 +1140,18 @@ class Journal(DecisionStore):
             ).rowcount
             c.execute("DELETE FROM pilot_keep")
             c.execute("DELETE FROM meta WHERE k='seed_fingerprint'")
+            before = self.held_out(epoch)
+            c.execute(
+                "INSERT OR REPLACE INTO meta(k, v) VALUES ('pilot_held_out', ?)",
+                (json.dumps({"epoch": epoch, "rows": before + int(n)}),),
+            )
         return int(n)
+
+    def held_out(self, epoch: int) -> int:
+        """How many of `epoch`'s skipped rows a pilot held out (hold_out): rows to research that the next seeding
+        (a new epoch) makes pending again, so 0 for any other epoch."""
+        held = self.get("pilot_held_out")
+        return int(held["rows"]) if isinstance(held, dict) and held.get("epoch") == epoch else 0
 
     def pilot_runs(self, run_ids: Iterable[str]) -> dict[str, tuple[str, str, float | None]]:
         """run id -> (processor, result JSON, latency in seconds: from the run's creation to its result being

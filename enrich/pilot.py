@@ -11,7 +11,10 @@ decision per field, the values, the run's latency. From those it computes
 - `forecast`: for one strategy over the whole file, the expected cost and accepted share with 90% bootstrap
   intervals (the sample's rows resampled with replacement, seeded) and the expected duration;
 - `recommend`: the cheapest strategy whose expected accepted share meets the target, else the one with the
-  most accepted fields per dollar; `toml_snippet` prints it as `[task]`/`[escalate]` tables.
+  most accepted fields per dollar; `toml_snippet` prints it as `[task]`/`[escalate]` tables;
+- `selection_optimism`: how much a strategy's sample share flatters it *because* a rule picked it (the winner's
+  curse), estimated by Efron's bootstrap optimism; `compare` subtracts it from the recommended strategy's (and the
+  most accepted one's) accepted share and widens its interval by as much on that side.
 
 A strategy is replayed on a sampled row exactly as escalation runs it (decide.escalate_pass): start on the
 ladder's first processor, keep per field the best decision so far (gate.merge ranks the decision first), and
@@ -93,6 +96,9 @@ class Forecast:
     duration_s: float
     climbs: dict[str, float] = field(default_factory=dict)  # share of rows reaching each rung
     recommended: bool = False
+    optimism: float = 0.0  # subtracted from the rate of the rows not sampled (selection_optimism); 0: not picked
+    accepted_uncorrected: float | None = None  # `accepted` before that subtraction (None: nothing subtracted)
+    interval_uncorrected: tuple[float, float] | None = None  # (`accepted_lo`, `accepted_hi`) before it
 
     def as_dict(self) -> dict[str, Any]:
         r = 6
@@ -107,6 +113,11 @@ class Forecast:
             "duration_s": round(self.duration_s, 1),
             "reaching": {p: round(s, 4) for p, s in self.climbs.items()},
             "recommended": self.recommended,
+            "selection_optimism": round(self.optimism, 4),
+            "accepted_uncorrected": None if self.accepted_uncorrected is None else round(self.accepted_uncorrected, 4),
+            "accepted_interval_uncorrected": None
+            if self.interval_uncorrected is None
+            else [round(x, 4) for x in self.interval_uncorrected],
         }
 
 
@@ -246,11 +257,16 @@ def forecast(
     limits: Limits,
     seed: int = 0,
     boot: list[list[int]] | None = None,
+    optimism: float = 0.0,
 ) -> Forecast:
     """One strategy over a file of `rows_total` inputs to research, of which the sample's rows are some (the full
     run pays only for the other `rows_total - len(sample)`, and the sampled ones keep their best answer across
     the ladder). The intervals come from `boot` (resamples of the sample's rows; `resamples(len(sample), seed)`
-    when not given) and cover what the sample does not know: the rate on the rows not sampled."""
+    when not given) and cover what the sample does not know: the rate on the rows not sampled. `optimism` (see
+    selection_optimism) is subtracted from that rate before the sampled rows are added back (their own answers
+    are known, not forecast), and the interval becomes the union of the uncorrected one and the one shifted by
+    the same amount: it widens by the correction on the side the correction moves to (downwards for a positive
+    optimism), so it holds both the corrected and the uncorrected estimate."""
     n = len(sample)
     nf = max(1, len(fields))
     outcomes = [replay(r, strategy, fields, prices) for r in sample]
@@ -268,7 +284,7 @@ def forecast(
     boot = boot if boot is not None else resamples(n, seed)
     cost_means = predictive(cost, boot, rest, seed) or [_mean(cost)]
     acc_means = [min(1.0, max(0.0, x)) for x in predictive(acc, boot, rest, seed)] or [_mean(acc)]
-    mean_cost, mean_acc = _mean(cost), _mean(acc)
+    mean_cost, mean_acc = _mean(cost), min(1.0, max(0.0, _mean(acc) - optimism))
     reaching = {p: sum(1 for o in outcomes if p in o.tried) / n for p in strategy.ladder}
     lat: dict[str, list[float]] = {p: [] for p in strategy.ladder}
     for r in sample:
@@ -284,30 +300,104 @@ def forecast(
         to_pay_hi=rest * quantile(cost_means, INTERVAL[1]),
         cost_usd=rows_total * mean_cost,
         accepted=whole(mean_acc),
-        accepted_lo=whole(quantile(acc_means, INTERVAL[0])),
-        accepted_hi=whole(quantile(acc_means, INTERVAL[1])),
+        accepted_lo=whole(max(0.0, quantile(acc_means, INTERVAL[0]) - max(0.0, optimism))),
+        accepted_hi=whole(min(1.0, quantile(acc_means, INTERVAL[1]) - min(0.0, optimism))),
         duration_s=duration_s({p: rest * s for p, s in reaching.items()}, lat, limits),
         climbs=reaching,
+        optimism=optimism,
+        accepted_uncorrected=whole(_mean(acc)) if optimism else None,
+        interval_uncorrected=(whole(quantile(acc_means, INTERVAL[0])), whole(quantile(acc_means, INTERVAL[1])))
+        if optimism
+        else None,
     )
 
 
-def recommend(forecasts: Sequence[Forecast], target: float) -> tuple[int, str]:
-    """The index of the strategy to use and why: the cheapest (full-run cost) whose expected accepted share meets
-    `target` (ties: the more accepted), else the most accepted share per dollar (a free strategy counts as best).
+CHEAPEST, PER_DOLLAR, MOST = "cheapest meeting the target", "most accepted per dollar", "most accepted"
+
+
+def choose(points: Sequence[tuple[float, float]], target: float) -> tuple[int, str]:
+    """The recommendation rule on (expected accepted share, cost per row) pairs: the index and the rule that picked
+    it. The cheapest whose share meets `target` (ties: the more accepted), else the most accepted share per dollar
+    (a free strategy counts as best).
+
+    >>> choose([(0.8, 0.01), (0.95, 0.03), (0.92, 0.02)], 0.9), choose([(0.8, 0.01), (0.85, 0.03)], 0.9)
+    ((2, 'cheapest meeting the target'), (0, 'most accepted per dollar'))
     """
-    if not forecasts:
+    if not points:
         raise ValueError("no strategies to choose from")
-    meeting = [i for i, f in enumerate(forecasts) if f.accepted >= target]
+    meeting = [i for i, (a, _c) in enumerate(points) if a >= target]
     if meeting:
-        i = min(meeting, key=lambda i: (round(forecasts[i].cost_per_row_usd, 9), -forecasts[i].accepted))
-        return i, f"the cheapest strategy expected to accept at least {target:.0%} of fields"
+        return min(meeting, key=lambda i: (round(points[i][1], 9), -points[i][0])), CHEAPEST
 
     def per_dollar(i: int) -> float:
-        c = forecasts[i].cost_per_row_usd
-        return math.inf if c <= 0 else forecasts[i].accepted / c
+        a, c = points[i]
+        return math.inf if c <= 0 else a / c
 
-    i = max(range(len(forecasts)), key=lambda i: (per_dollar(i), forecasts[i].accepted))
-    return i, f"no strategy is expected to accept {target:.0%} of fields: the most accepted fields per dollar"
+    return max(range(len(points)), key=lambda i: (per_dollar(i), points[i][0])), PER_DOLLAR
+
+
+def most_accepted(points: Sequence[tuple[float, float]]) -> int:
+    """The index of the most accepted share (ties: the cheaper).
+
+    >>> most_accepted([(0.8, 0.01), (0.95, 0.03), (0.95, 0.02)])
+    2
+    """
+    return max(range(len(points)), key=lambda i: (points[i][0], -round(points[i][1], 9)))
+
+
+def recommend(forecasts: Sequence[Forecast], target: float) -> tuple[int, str]:
+    """The index of the strategy to use and why, by `choose` on each forecast's accepted share and cost per row."""
+    i, rule = choose([(f.accepted, f.cost_per_row_usd) for f in forecasts], target)
+    if rule == CHEAPEST:
+        return i, f"rule: the cheapest strategy expected to accept at least {target:.0%} of fields"
+    return i, (
+        f"fallback rule, as no strategy is expected to accept {target:.0%} of fields: "
+        "the most accepted fields per dollar"
+    )
+
+
+def selection_optimism(
+    sample: Sequence[Row],
+    fields: Sequence[str],
+    strats: Sequence[Strategy],
+    prices: Mapping[str, int],
+    *,
+    rows_total: int,
+    boot: list[list[int]],
+    target: float,
+) -> dict[str, dict[str, float]]:
+    """Efron's bootstrap estimate of the optimism of a picked strategy's sample figures, for the recommendation rule
+    (`choose`, key "recommended") and for the most accepted share (`most_accepted`, key "most_accepted").
+
+    A strategy is picked because its sample looked good, so its sample share is, on average, above what it does on
+    the rows not sampled. In each resample b of the sample's rows the same rule picks s_b from the resample's
+    figures; its optimism there is s_b's accepted rate (per row, as `forecast` computes it) on the resample minus
+    its rate on the whole sample, which plays the population's part. The mean over resamples estimates how much
+    the picked strategy's sample rate flatters it; likewise for its cost per row (positive: the resample looked
+    dearer). Returns {"recommended": {"accepted": ..., "cost_usd": ...}, "most_accepted": {...}}.
+    """
+    n, nf = len(sample), max(1, len(fields))
+    zero = {"accepted": 0.0, "cost_usd": 0.0}
+    if n == 0 or not boot or not strats:
+        return {"recommended": dict(zero), "most_accepted": dict(zero)}
+    rest = max(0, rows_total - n)
+    acc, cost, kept = [], [], []
+    for s in strats:
+        outs = [replay(r, s, fields, prices) for r in sample]
+        acc.append([o.accepted / nf for o in outs])
+        cost.append([o.cost_micros / 1e6 for o in outs])
+        kept.append([sum(1 for d in merged(r, s.ladder, fields).values() if d == "accepted") / nf for r in sample])
+    rate = [sum(a) / n for a in acc]
+    per_row = [sum(c) / n for c in cost]
+    sums = {"recommended": [0.0, 0.0], "most_accepted": [0.0, 0.0]}
+    for idx in boot:
+        rate_b = [sum(a[i] for i in idx) / n for a in acc]
+        cost_b = [sum(c[i] for i in idx) / n for c in cost]
+        points = [((sum(k[i] for i in idx) + rest * rate_b[j]) / (rest + n), cost_b[j]) for j, k in enumerate(kept)]
+        for key, j in (("recommended", choose(points, target)[0]), ("most_accepted", most_accepted(points))):
+            sums[key][0] += rate_b[j] - rate[j]
+            sums[key][1] += cost_b[j] - per_row[j]
+    return {k: {"accepted": a / len(boot), "cost_usd": c / len(boot)} for k, (a, c) in sums.items()}
 
 
 def toml_snippet(strategy: Strategy) -> str:
@@ -392,14 +482,36 @@ def compare(
     target: float,
 ) -> dict[str, Any]:
     """The pilot's findings: the processor report, every strategy's forecast (one set of resamples for all, so
-    they are compared on the same draws) and the recommended strategy with its config snippet."""
+    they are compared on the same draws), the recommended strategy with its config snippet and the rule that
+    picked it, and the strategy with the most accepted share beside it (a user may prefer it).
+
+    The two picked strategies' accepted forecasts are corrected for the selection (`selection_optimism`): the
+    recommended one's by the optimism of the recommendation rule, the most accepted one's (when it is another
+    strategy) by the optimism of taking the maximum. The pick itself uses the uncorrected figures (the rule as the
+    issue states it); cost is not corrected (its optimism is reported under "selection")."""
     boot = resamples(len(sample), seed)
-    fcs = [
-        forecast(sample, fields, s, prices, rows_total=rows_total, limits=limits, seed=seed, boot=boot)
-        for s in strategies(processors)
-    ]
+    strats = strategies(processors)
+
+    def one(s: Strategy, optimism: float = 0.0) -> Forecast:
+        return forecast(
+            sample, fields, s, prices, rows_total=rows_total, limits=limits, seed=seed, boot=boot, optimism=optimism
+        )
+
+    fcs = [one(s) for s in strats]
     i, why = recommend(fcs, target)
+    rule = choose([(f.accepted, f.cost_per_row_usd) for f in fcs], target)[1]
+    m = most_accepted([(f.accepted, f.cost_per_row_usd) for f in fcs])
+    opt = selection_optimism(sample, fields, strats, prices, rows_total=rows_total, boot=boot, target=target)
+    if m != i:
+        fcs[m] = one(strats[m], opt["most_accepted"]["accepted"])
+    fcs[i] = one(strats[i], opt["recommended"]["accepted"])
     fcs[i].recommended = True
+
+    def brief(f: Forecast) -> dict[str, Any]:
+        d = f.as_dict()
+        keep = ("name", "to_pay_usd", "to_pay_interval_usd", "accepted", "accepted_interval", "accepted_uncorrected")
+        return {**{k: d[k] for k in keep}, "toml": toml_snippet(f.strategy)}
+
     return {
         "sample_rows": len(sample),
         "rows_total": rows_total,
@@ -407,7 +519,9 @@ def compare(
         "processors": processor_report(sample, fields, processors, prices),
         "strategies": [f.as_dict() for f in fcs],
         "target_accepted": target,
-        "recommended": {"name": fcs[i].strategy.name, "why": why, "toml": toml_snippet(fcs[i].strategy)},
+        "recommended": {**brief(fcs[i]), "why": why, "rule": rule},
+        "most_accepted": brief(fcs[m]),
+        "selection": {k: {q: round(x, 6) for q, x in v.items()} for k, v in opt.items()},
     }
 
 
@@ -449,9 +563,29 @@ def format_pilot(data: Mapping[str, Any]) -> str:
             f"{mark} {s['name']:<{w}} ${s['to_pay_usd']:>9.4f} ${lo:>9.4f}-${hi:<9.4f} {_pct(s['accepted']):>9} "
             f"{_pct(alo):>5}-{_pct(ahi):<5} {_duration(s['duration_s']):>9}"
         )
-    rec = data["recommended"]
-    lines += ["", f"recommended (*): {rec['name']}: {rec['why']}; paste into the config:", "", rec["toml"]]
+    rec, most = data["recommended"], data.get("most_accepted")
+    lines += ["", f"recommended (*): {rec['name']}, {_picked(rec)}", f"  picked by the {rec['why']}"]
+    if (raw := rec.get("accepted_uncorrected")) is not None:
+        lines.append(
+            f"  its accepted share is corrected for being picked on this sample: {raw:.1%} before, "
+            f"{rec['accepted']:.1%} after (bootstrap selection optimism)"
+        )
+    lines += ["  paste into the config:", "", rec["toml"]]
+    if most is not None and most["name"] != rec["name"]:
+        lines += ["", f"most accepted share: {most['name']}, {_picked(most)}; to use it instead:", "", most["toml"]]
+    elif most is not None:
+        lines += ["", "it is also the strategy with the most accepted share"]
     return "\n".join(lines)
+
+
+def _picked(s: Mapping[str, Any]) -> str:
+    """`to pay $1.2000 [$1.0000-$1.4000], accepted 90% [85%-93%]` for a strategy of the findings."""
+    lo, hi = s["to_pay_interval_usd"]
+    alo, ahi = s["accepted_interval"]
+    return (
+        f"to pay ${s['to_pay_usd']:,.4f} [${lo:,.4f}-${hi:,.4f}], accepted {_pct(s['accepted'])} "
+        f"[{_pct(alo)}-{_pct(ahi)}]"
+    )
 
 
 def _duration(s: float) -> str:

@@ -127,8 +127,33 @@ def render(data: Mapping[str, Any]) -> str:
         f"{scatter(strategies)}"
         "<h2>Strategies</h2><table><tr><th>#</th><th>strategy</th><th>full run pays</th><th>90% interval</th>"
         "<th>accepted</th><th>90% interval</th><th>duration</th></tr>" + "".join(rows) + "</table>"
-        f"<h2>Recommended: {_t(rec['name'])}</h2><p>{_t(rec['why'])}</p><pre>{_t(rec['toml'])}</pre>"
+        f"<h2>Recommended: {_t(rec['name'])}</h2><p>Picked by the {_t(rec['why'])}.{_corrected(rec)}</p>"
+        f"<pre>{_t(rec['toml'])}</pre>{_most(data)}"
         "<h2>Processors</h2><table><tr><th>processor</th><th>runs</th><th>fill</th><th>p50</th><th>p95</th>"
         "<th>sample cost</th><th>accepted / review / rejected per field</th></tr>" + "".join(procs) + "</table>"
         "</body></html>"
+    )
+
+
+def _corrected(s: Mapping[str, Any]) -> str:
+    raw = s.get("accepted_uncorrected")
+    if raw is None:
+        return ""
+    return (
+        f" Its accepted share is corrected for being picked on this sample (bootstrap selection optimism): "
+        f"{raw:.1%} before, {s['accepted']:.1%} after."
+    )
+
+
+def _most(data: Mapping[str, Any]) -> str:
+    most, rec = data.get("most_accepted"), data["recommended"]
+    if most is None:
+        return ""
+    if most["name"] == rec["name"]:
+        return "<p>It is also the strategy with the most accepted share.</p>"
+    alo, ahi = most["accepted_interval"]
+    return (
+        f"<h2>Most accepted share: {_t(most['name'])}</h2><p>{most['accepted']:.1%} accepted "
+        f"({alo:.1%} – {ahi:.1%}), the full run pays ${most['to_pay_usd']:,.4f}.{_corrected(most)}</p>"
+        f"<pre>{_t(most['toml'])}</pre>"
     )

@@ -562,8 +562,9 @@ async def execute(
     shared cache is read before the first claim and in every claim, and written after every recorded result."""
     counts = journal.counts(prep.epoch)
     state = state or JobState()
-    state.total = prep.total
-    state.done_before = sum(counts.get(s, 0) for s in ("done", "failed", "timed_out", "skipped"))
+    held = journal.held_out(prep.epoch)  # a pilot's pass: the rows outside its sample are set aside, not finished
+    state.total = prep.total - held
+    state.done_before = sum(counts.get(s, 0) for s in ("done", "failed", "timed_out", "skipped")) - held
     state.spent_micros = journal.spent_micros()
     names = list(prep.fields)
     if reuse is not None:

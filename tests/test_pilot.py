@@ -16,12 +16,15 @@ from typing import Any
 
 import pytest
 
+from enrich.config import config_from_mapping
+from enrich.job import pilot_processors
 from enrich.pilot import (
     Limits,
     Observation,
     Strategy,
     compare,
     forecast,
+    format_pilot,
     merged,
     predictive,
     processor_report,
@@ -29,6 +32,7 @@ from enrich.pilot import (
     recommend,
     replay,
     resamples,
+    selection_optimism,
     strategies,
 )
 from enrich.pilot_page import render
@@ -182,13 +186,17 @@ def test_pilot_then_run_pays_at_most_once_per_row_and_processor(tmp_path: Path, 
     pays for no piloted (row, processor) again: at most one run per (row, processor) across both."""
     emu = emulator_process("--knowledge", str(sp500), *EMU)
     cfg = job(tmp_path, sp500)
-    r = run_enrich("pilot", str(cfg), "--base-url", emu.base_url, "--rows", "20", "--seed", "3")
+    r = run_enrich(
+        "pilot", str(cfg), "--base-url", emu.base_url, "--rows", "20", "--seed", "3", "--processors", "lite,base,core"
+    )
     assert r.returncode == 0, r.stderr
     pilot = paid(emu.ledger())
     assert len(pilot) == 60 and max(pilot.values()) == 1
     assert Counter(p for _, p in pilot) == {"lite": 20, "base": 20, "core": 20}
     sampled = {s for s, _ in pilot}
-    r = run_enrich("pilot", str(cfg), "--base-url", emu.base_url, "--rows", "20", "--seed", "3")
+    r = run_enrich(
+        "pilot", str(cfg), "--base-url", emu.base_url, "--rows", "20", "--seed", "3", "--processors", "lite,base,core"
+    )
     assert r.returncode == 0 and paid(emu.ledger()) == pilot, r.stderr  # the same pilot again pays nothing
     assert "$0.0000 of it not paid yet" in r.stderr
     data = json.loads((tmp_path / "out.pilot.json").read_text())
@@ -242,7 +250,7 @@ def test_a_sigkill_during_the_pilot_then_pilot_again_still_pays_once(
     pilot again, then the full run: every sampled (row, processor) has one run, and none has two."""
     emu = emulator_process("--knowledge", str(sp500), *EMU)
     cfg = job(tmp_path, sp500, rows=40)
-    args = ("pilot", str(cfg), "--base-url", emu.base_url, "--rows", "20")
+    args = ("pilot", str(cfg), "--base-url", emu.base_url, "--rows", "20", "--processors", "lite,base,core")
     r = run_enrich(*args, env={"ENRICH_FAILPOINT": point})
     assert r.returncode == -9, (r.returncode, r.stderr)
     r = run_enrich(*args)
@@ -259,14 +267,36 @@ def test_a_pilot_over_the_budget_is_refused_before_any_request(tmp_path: Path, s
     """20 rows x lite+base+core = $0.80 at worst; a $0.50 budget: exit 2, one line, no request reached the API."""
     emu = emulator_process("--knowledge", str(sp500), *EMU)
     cfg = job(tmp_path, sp500)
-    r = run_enrich("pilot", str(cfg), "--base-url", emu.base_url, "--rows", "20", "--budget", "0.5")
+    r = run_enrich(
+        "pilot",
+        str(cfg),
+        "--base-url",
+        emu.base_url,
+        "--rows",
+        "20",
+        "--budget",
+        "0.5",
+        "--processors",
+        "lite,base,core",
+    )
     assert r.returncode == 2, r.stderr
     errors = [line for line in r.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and "worst case $0.8000 exceeds the budget" in errors[0], r.stderr
     assert "Traceback" not in r.stderr
     assert emu.stats()["total_requests"] == 0 and emu.ledger() == []
     assert not (tmp_path / "out.pilot.json").exists()
-    r = run_enrich("pilot", str(cfg), "--base-url", emu.base_url, "--rows", "20", "--budget", "0.8")
+    r = run_enrich(
+        "pilot",
+        str(cfg),
+        "--base-url",
+        emu.base_url,
+        "--rows",
+        "20",
+        "--budget",
+        "0.8",
+        "--processors",
+        "lite,base,core",
+    )
     assert r.returncode == 0, r.stderr  # exactly the worst case fits
 
 
@@ -350,6 +380,124 @@ def test_the_90_percent_intervals_hold_the_actual_in_most_samples_of_a_known_pop
         cost_hits += f.to_pay_lo - 1e-9 <= cost <= f.to_pay_hi + 1e-9
         acc_hits += f.accepted_lo - 1e-9 <= acc <= f.accepted_hi + 1e-9
     assert cost_hits >= 0.8 * 150 and acc_hits >= 0.8 * 150, (cost_hits, acc_hits)
+
+
+def test_the_selection_correction_makes_the_picked_strategys_interval_hold_the_actual_more_often() -> None:
+    """A file where lite's true share (86%) is below the 90% target: the pilots that recommend the cheap strategy do
+    so because their sample flattered lite; its uncorrected interval holds the full run's share in under 65% of
+    them, the interval corrected by the bootstrap selection optimism in at least 70%, and the mean error shrinks."""
+    rng = random.Random(5)
+    fields = ["a", "b", "c"]
+
+    def cell(p: float) -> str:
+        return "accepted" if rng.random() < p else "review"
+
+    population = [
+        {
+            "lite": Observation({f: cell(0.86) for f in fields}, {}),
+            "core": Observation({f: cell(0.97) for f in fields}, {}),
+        }
+        for _ in range(500)
+    ]
+    strats = strategies(["lite", "core"])
+    cheap = Strategy(("lite", "core"), ("rejected",))  # never climbs here ('review' only): lite's cost and rate
+    picked = raw_hits = hits = 0
+    raw_error = error = 0.0
+    for t in range(300):
+        idx = set(rng.sample(range(500), 40))
+        sample = [population[i] for i in sorted(idx)]
+        boot = resamples(40, t, 200)
+        fcs = [forecast(sample, fields, s, PRICES, rows_total=500, limits=LIMITS, seed=t, boot=boot) for s in strats]
+        i, _ = recommend(fcs, 0.9)
+        if strats[i] != cheap:
+            continue
+        opt = selection_optimism(sample, fields, strats, PRICES, rows_total=500, boot=boot, target=0.9)
+        fixed = forecast(
+            sample, fields, cheap, PRICES, rows_total=500, limits=LIMITS, seed=t, boot=boot,
+            optimism=opt["recommended"]["accepted"],
+        )  # fmt: skip
+        kept = (
+            sum(d == "accepted" for d in merged(r, cheap.ladder, fields).values())
+            if j in idx
+            else replay(r, cheap, fields, PRICES).accepted
+            for j, r in enumerate(population)
+        )
+        actual = sum(kept) / 1500
+        picked += 1
+        raw_hits += fcs[i].accepted_lo <= actual <= fcs[i].accepted_hi
+        hits += fixed.accepted_lo <= actual <= fixed.accepted_hi
+        raw_error += fcs[i].accepted - actual
+        error += fixed.accepted - actual
+    assert picked >= 40, picked
+    assert raw_hits < 0.65 * picked and hits >= 0.70 * picked, (picked, raw_hits, hits)
+    assert 0 < error < raw_error, (error, raw_error)
+
+
+def test_compare_corrects_the_recommended_forecast_and_names_the_rule_and_the_most_accepted() -> None:
+    """The recommended strategy's accepted share is lowered by the selection optimism (its interval widened down to
+    match); the text names the rule that picked it and shows the strategy with the most accepted share beside."""
+    rng = random.Random(2)
+
+    def cell(p: float) -> str:
+        return "accepted" if rng.random() < p else rng.choice(["review", "rejected"])
+
+    sample = [{"lite": obs(cell(0.85), cell(0.85)), "core": obs(cell(0.95), cell(0.95))} for _ in range(30)]
+    data = compare(sample, ["a", "b"], ["lite", "core"], PRICES, rows_total=300, limits=LIMITS, seed=0, target=0.85)
+    rec = next(s for s in data["strategies"] if s["recommended"])
+    assert data["selection"]["recommended"]["accepted"] > 0 and rec["selection_optimism"] > 0
+    assert rec["accepted"] < rec["accepted_uncorrected"]
+    assert rec["accepted_interval"][0] < rec["accepted_interval_uncorrected"][0]
+    assert rec["accepted_interval"][1] == rec["accepted_interval_uncorrected"][1]
+    best = max(data["strategies"], key=lambda s: s["accepted_uncorrected"] or s["accepted"])
+    assert data["most_accepted"]["name"] == best["name"] != rec["name"]
+    text = format_pilot(data)
+    assert "picked by the rule: the cheapest strategy expected to accept at least 85%" in text
+    assert f"most accepted share: {best['name']}" in text and text.count("[task]") == 2
+    none = compare(sample, ["a", "b"], ["lite", "core"], PRICES, rows_total=300, limits=LIMITS, seed=0, target=1.01)
+    assert none["recommended"]["rule"] == "most accepted per dollar"
+    assert "picked by the fallback rule, as no strategy is expected to accept 101%" in format_pilot(none)
+
+
+def test_without_processors_the_pilot_tries_the_jobs_own_ladder_else_lite_base_core(tmp_path: Path) -> None:
+    """No --processors: a config with a processor and a ladder pilots that ladder in order, one with a processor
+    alone that processor, one with neither lite,base,core; --processors wins over both."""
+
+    def cfg(task: dict[str, Any], escalate: dict[str, Any] | None = None) -> Any:
+        data: dict[str, Any] = {
+            "input": {"path": str(tmp_path / "in.csv"), "key": ["k"], "columns": ["c"]},
+            "task": {"instruction": "x", "output": {"f": {"type": "string"}}, **task},
+            "output": {"path": str(tmp_path / "out.csv")},
+        }
+        if escalate:
+            data["escalate"] = escalate
+        return config_from_mapping(data)
+
+    assert pilot_processors(cfg({"processor": "lite"}, {"processors": ["core"]}), None) == ["lite", "core"]
+    assert pilot_processors(cfg({"processor": "base"}), None) == ["base"]
+    assert pilot_processors(cfg({}, {"processors": ["core"]}), None) == ["lite-fast", "core"]
+    assert pilot_processors(cfg({}), None) == ["lite", "base", "core"]
+    assert pilot_processors(cfg({"processor": "lite"}), ["base", "core"]) == ["base", "core"]
+
+
+def test_after_a_pilot_status_and_the_progress_line_do_not_count_held_out_rows_as_finished(
+    tmp_path: Path, sp500: Path, emulator_process
+) -> None:
+    """60 rows, 20 piloted: each pass's progress line counts 20 rows (never 60, 40 of them set aside); status then
+    shows 40 rows held out by a pilot, none skipped; after the full run nothing is held out."""
+    emu = emulator_process("--knowledge", str(sp500), *EMU)
+    cfg = job(tmp_path, sp500)
+    r = run_enrich("pilot", str(cfg), "--base-url", emu.base_url, "--rows", "20", "--processors", "lite,core")
+    assert r.returncode == 0, r.stderr
+    progress = [x for x in r.stderr.splitlines() if "rows finished" in x]
+    assert progress and all("/20 rows finished" in x for x in progress), progress
+    st = run_enrich("status", str(cfg), "--json")
+    info = json.loads(st.stdout)
+    assert info["held_out"] == 40 and "skipped" not in info["counts"] and info["rows"] == 60, info
+    text = run_enrich("status", str(cfg)).stdout
+    assert "40  (rows held out by a pilot; the next run researches them)" in text and "skipped" not in text
+    assert run_enrich("run", str(cfg), "--base-url", emu.base_url).returncode == 0
+    after = json.loads(run_enrich("status", str(cfg), "--json").stdout)
+    assert after["held_out"] == 0 and after["counts"] == {"done": 60}, after
 
 
 def test_with_the_embedded_emulator_a_pilot_killed_mid_pass_resumes_against_the_emulator(

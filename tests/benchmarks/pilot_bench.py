@@ -14,7 +14,9 @@ every job sees the same answers):
 Cost is what the emulator's ledger shows each step created (the recommended strategy's includes its pilot);
 accepted is the share of (row, field) cells the run report counts accepted. The forecast is checked against the
 recommended run: its cost against the pilot's 90% interval of what the full run still pays, its accepted share
-against the interval of the output's accepted share. Figures go to stdout and tests/benchmarks/pilot.json.
+against the interval of the output's accepted share, both as the pilot reports it (corrected for the selection of
+the strategy) and uncorrected (`uncorrected`: the same pilots' figures before that correction). Figures go to
+stdout and tests/benchmarks/pilot.json.
 """
 
 from __future__ import annotations
@@ -116,7 +118,7 @@ def one_seed(seed: int) -> dict[str, Any]:
         t0, before = time.monotonic(), emu.spent_micros()
         r = enrich(
             "pilot", str(a), "--base-url", emu.url, "--rows", str(PILOT_ROWS), "--seed", str(seed),
-            "--target-accepted", str(TARGET), "--json",
+            "--processors", "lite,base,core", "--target-accepted", str(TARGET), "--json",
         )  # fmt: skip
         data = json.loads(r.stdout)
         pilot_cost = (emu.spent_micros() - before) / 1e6
@@ -140,7 +142,15 @@ def one_seed(seed: int) -> dict[str, Any]:
             "forecast_accepted_interval": [alo, ahi],
             "cost_hit": lo <= run_cost <= hi,
             "accepted_hit": alo <= acc <= ahi,
+            "selection_optimism": rec["selection_optimism"],
+            "cost_optimism_usd_per_row": data["selection"]["recommended"]["cost_usd"],
         }
+        raw, (ulo, uhi) = rec["accepted_uncorrected"], rec["accepted_interval_uncorrected"] or (alo, ahi)
+        raw = rec["accepted"] if raw is None else raw
+        out["recommended"].update(
+            forecast_accepted_uncorrected=raw, forecast_accepted_interval_uncorrected=[ulo, uhi],
+            accepted_hit_uncorrected=ulo <= acc <= uhi,
+        )  # fmt: skip
         for name, cfg in (
             ("core", job(f"s{seed}-core", "core")),
             ("ladder", job(f"s{seed}-ladder", "lite", ["base", "core"], ["rejected"])),
@@ -186,6 +196,15 @@ def scenario_p9(seeds: int = 10) -> dict[str, Any]:
         "cost_interval_width_usd": _mean([r["forecast_to_pay_interval_usd"][1] - r["forecast_to_pay_interval_usd"][0] for r in rec]),
         "accepted_mae": _mean([abs(r["forecast_accepted"] - r["accepted"]) for r in rec]),
         "accepted_interval_width": _mean([r["forecast_accepted_interval"][1] - r["forecast_accepted_interval"][0] for r in rec]),
+        "accepted_signed_error": _mean([r["forecast_accepted"] - r["accepted"] for r in rec]),
+        "cost_signed_error_usd": _mean([r["forecast_to_pay_usd"] - r["run_cost_usd"] for r in rec]),
+        "selection_optimism": _mean([r["selection_optimism"] for r in rec]),
+        "uncorrected": {
+            "accepted_hit_rate": _mean([float(r["accepted_hit_uncorrected"]) for r in rec]),
+            "accepted_mae": _mean([abs(r["forecast_accepted_uncorrected"] - r["accepted"]) for r in rec]),
+            "accepted_signed_error": _mean([r["forecast_accepted_uncorrected"] - r["accepted"] for r in rec]),
+            "accepted_interval_width": _mean([r["forecast_accepted_interval_uncorrected"][1] - r["forecast_accepted_interval_uncorrected"][0] for r in rec]),
+        },
     }  # fmt: skip
     return {**summary, "per_seed": per}
 
