@@ -244,6 +244,13 @@ def test_partitioned_output_equals_single_process_then_resume_sends_nothing(
     assert frame(tmp_path / "multi.csv")["founded_year"].null_count() < 400  # real values, not all empty
     report = json.loads((tmp_path / "multi.csv.report.json").read_text())
     assert report["rows"] == 400 and report["partitions"] == 3 and report["spend_usd"] == pytest.approx(400 * PRICE)
+    # runs and cost per processor over every partition, as one process reports them (and its summary says them)
+    solo = json.loads((tmp_path / "single.csv.report.json").read_text())
+    assert report["runs_paid"] == solo["runs_paid"] == 400
+    assert {p: c["runs"] for p, c in report["cost_by_processor"].items()} == {
+        p: c["runs"] for p, c in solo["cost_by_processor"].items()
+    }
+    assert f"paid runs: 400 for ${400 * PRICE:.4f}" in res.message
     st = run_enrich("status", str(tmp_path / "multi.csv.journal.sqlite"), "--json")
     info = json.loads(st.stdout)
     assert info["partitioned"] and info["counts"] == {"done": 400} and len(info["per_partition"]) == 3

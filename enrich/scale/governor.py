@@ -73,6 +73,21 @@ def journal_spend(path: Path) -> int:
         view.close()
 
 
+def journal_paid_by_processor(path: Path) -> dict[str | None, tuple[int, int]]:
+    """processor -> (runs, micro-dollars) a partition journal paid or reserved (Journal.paid_by_processor; empty if
+    it does not exist yet)."""
+    if not path.is_file():
+        return {}
+    try:
+        view = Journal.open(path, readonly=True)
+    except JournalError:
+        return {}
+    try:
+        return view.paid_by_processor()
+    finally:
+        view.close()
+
+
 def journal_reserved_on(path: Path, day: str) -> int:
     """Micro-dollars a partition journal reserved on UTC `day` (0 if it does not exist yet)."""
     if not path.is_file():

@@ -49,11 +49,13 @@ from enrich.errors import (
 )
 from enrich.files import atomic_json, report_json_path
 from enrich.job import JobResult, left_undone, run_job
-from enrich.processors import PROCESSORS
+from enrich.processors import PROCESSORS, strength
+from enrich.report import UNATTRIBUTED, summary_lines
 from enrich.scale.governor import (
     ActorGovernor,
     GovernorState,
     close_day,
+    journal_paid_by_processor,
     journal_pending,
     journal_spend,
     open_day,
@@ -617,6 +619,11 @@ def _finish(
         for k, v in (m.get("status_counts") or {}).items():
             status[k] = status.get(k, 0) + v
     spend = sum(journal_spend(plan.journal(p)) for p in plan.partitions) / 1e6
+    paid: dict[str, tuple[int, int]] = {}  # per processor over every partition, as one process's report has it
+    for p in plan.partitions:
+        for proc, (n, micros) in journal_paid_by_processor(plan.journal(p)).items():
+            runs, total = paid.get(proc or UNATTRIBUTED, (0, 0))
+            paid[proc or UNATTRIBUTED] = (runs + n, total + micros)
     missing = [p for p in plan.partitions if p.index not in markers]
     out = cfg.output.path
     report: dict[str, Any] = {
@@ -624,6 +631,11 @@ def _finish(
         "rows": sum(m.get("rows", 0) for m in markers.values()),
         "status_counts": status,
         "spend_usd": round(spend, 6),
+        "runs_paid": sum(n for n, _ in paid.values()),
+        "cost_by_processor": {
+            proc: {"runs": n, "cost_usd": round(micros / 1e6, 6)}
+            for proc, (n, micros) in sorted(paid.items(), key=lambda kv: strength(kv[0]))
+        },
         "partitions": len(plan.partitions),
         "elapsed_s": round(elapsed, 3),
         "emulated": any(m.get("emulated") for m in markers.values()),
@@ -652,7 +664,7 @@ def _finish(
         f"${spend:.4f} across {len(plan.partitions)} partitions{' [EMULATED]' if report['emulated'] else ''}"
     )
     code = worst(codes)
-    lines = [summary]
+    lines = [summary, *summary_lines({k: report[k] for k in ("cost_by_processor", "runs_paid", "spend_usd")})]
     bad = [r for r in results.values() if r["exit_code"] not in (EXIT_OK, EXIT_BUDGET)]
     for r in bad[:3]:
         lines.append(r["message"].splitlines()[-1])
