@@ -227,6 +227,16 @@ def test_partitions_flag_needs_ray(tmp_path: Path) -> None:
     assert r.returncode == 2 and r.stderr.strip() == "enrich: error: --partitions needs --ray"
 
 
+def test_an_xlsx_output_is_refused_with_ray_before_anything_starts(tmp_path: Path) -> None:
+    """Partitions are merged as CSV or Parquet: an .xlsx output with --ray is one line, exit 2, before Ray starts or
+    anything is paid (it used to run every partition, then fail merging with a UnicodeDecodeError traceback)."""
+    cfg = config(tmp_path, "x", make_rows(tmp_path / "in.csv", 3), tmp_path / "out.xlsx")
+    r = run_enrich("run", str(cfg), "--ray", "--partitions", "2", "--emulator")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("enrich: error: output ") and "not .xlsx" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "out.xlsx.journal.sqlite.parts").exists()
+
+
 # ---- on a local Ray ---------------------------------------------------------------------------
 
 

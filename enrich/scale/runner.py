@@ -47,7 +47,7 @@ from enrich.errors import (
     EnrichError,
     JournalError,
 )
-from enrich.files import atomic_json, report_json_path
+from enrich.files import XLSX_SUFFIXES, atomic_json, report_json_path
 from enrich.job import JobResult, left_undone, run_job
 from enrich.processors import PROCESSORS, strength
 from enrich.report import UNATTRIBUTED, summary_lines
@@ -351,6 +351,11 @@ def run_partitioned(
         raise ConfigError("--partitions must be at least 1")
     jpath = Path(os.path.abspath(cfg.journal_path))
     dataset = is_dataset(cfg.output.path)
+    if cfg.output.path.suffix.lower() in XLSX_SUFFIXES:  # partitions are merged as CSV or Parquet, never a workbook
+        raise ConfigError(
+            f"output {cfg.output.path}: --ray writes .csv, .parquet or a Parquet dataset (a folder), not .xlsx; "
+            "use .csv (Excel opens it) or .parquet, or run without --ray for a workbook"
+        )
     if not dataset:  # a file output gets every single-machine check; a dataset folder is made here
         preflight.check_job(cfg, api_key=api_key, emulated=emulated, journal_path=jpath)
     elif jpath.resolve() == cfg.input.path.resolve():
