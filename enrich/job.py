@@ -98,6 +98,7 @@ from enrich.reuse import Reuse, open_cache
 from enrich.reuse import summary as reuse_summary
 from enrich.review import read_review
 from enrich.scale import status as scale_status
+from enrich.spend import iso_z, next_reset, utc_day
 from enrich.storage import Storage, mode_of, resolve
 from enrich.write import WRITE_CHUNK, Projection, write_output
 
@@ -1332,7 +1333,8 @@ def _check_pilot_budget(
     announce: Any,
 ) -> None:
     """Say the pilot's worst case (every sampled row on every processor at list price, and what of it is not paid
-    yet) before anything is sent; refuse (ConfigError, exit 2) when what is not paid yet exceeds the budget left."""
+    yet) before anything is sent; refuse (ConfigError, exit 2) when what is not paid yet exceeds the budget left or
+    today's daily budget left (the spend ledger, across the jobs sharing it)."""
     keys = _keys(sample, names)
     found = reuse.find(keys)
     worst = len(sample) * sum(prices.values())
@@ -1348,6 +1350,16 @@ def _check_pilot_budget(
         raise ConfigError(
             f"the pilot's worst case {usd4(todo)} exceeds the budget left ({usd4(max(0, left))} of "
             f"{usd4(budget or 0)}); nothing was sent: raise --budget or pass fewer --rows or --processors"
+        )
+    # the daily budget too: a pilot stopped by it part-way has paid for a sample it cannot report on today
+    daily = cfg.limits.daily_budget_micros
+    now = time.time()
+    today = 0 if daily is None else daily - journal.spent_on_day(utc_day(now))
+    if daily is not None and todo > today:
+        raise ConfigError(
+            f"the pilot's worst case {usd4(todo)} exceeds the daily budget left ({usd4(max(0, today))} of "
+            f"{usd4(daily)} today, UTC; it resets at {iso_z(next_reset(now))}); nothing was sent: raise "
+            "[limits] daily_budget_usd, wait for the reset, or pass fewer --rows or --processors"
         )
 
 
