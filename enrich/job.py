@@ -1299,6 +1299,7 @@ def pilot_job(
                 "job": str(cfg.source or cfg.output.path),
                 "seed": seed,
                 "spec_hash": spec_fingerprint(cfg, build_task_spec(cfg)),
+                "basis": pilot_basis(cfg),
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "worst_case_usd": round(len(sample) * sum(prices.values()) / 1e6, 6),
             }
@@ -1394,9 +1395,19 @@ def _pilot_findings(
     )
 
 
+def pilot_basis(cfg: RunConfig) -> str:
+    """What a pilot's forecast depends on besides the task spec: the gate that decided its fields and the rows the
+    full run researches (the input, `[input] where`, dedupe), so `plan` never prints a forecast made under others."""
+    i = cfg.input
+    return digest(
+        [cfg.gate.model_dump(mode="json"), str(i.path.resolve()), i.sheet, i.key, i.columns, i.where, i.dedupe], 16
+    )
+
+
 def pilot_estimate(cfg: RunConfig) -> str | None:
     """`plan`'s line from the job's last pilot (`<output stem>.pilot.json`): the forecast for this config's own
-    strategy, or what the pilot recommends when it did not try it; None without a pilot."""
+    strategy, or what the pilot recommends when it did not try it, or that the pilot is stale (made for another task
+    spec, gate or choice of rows to research); None without a pilot."""
     path = pilot_json_path(cfg.output.path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -1405,6 +1416,11 @@ def pilot_estimate(cfg: RunConfig) -> str | None:
         return None
     if data.get("spec_hash") != spec_fingerprint(cfg, build_task_spec(cfg)):
         return f"pilot forecast       none: {path} is for another task spec; run `enrich pilot` again"
+    if data.get("basis") != pilot_basis(cfg):
+        return (
+            f"pilot forecast       none: {path} was made under another gate or another choice of rows to research; "
+            "run `enrich pilot` again"
+        )
     mine = pilot.Strategy(tuple(cfg.ladder), tuple(cfg.escalate.on) if cfg.escalate else ())
     rec = data.get("recommended", {}).get("name")
     when = f"{data.get('sample_rows')} rows sampled {data.get('created_at', '')}".strip()

@@ -407,3 +407,27 @@ def test_a_pilot_over_the_daily_budget_left_is_refused_before_any_request(
     errors = [line for line in r.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and "exceeds the daily budget left ($0.2000 of $0.6000" in errors[0], r.stderr
     assert len(emu.ledger()) == before and not (tmp_path / "b" / "out.pilot.json").exists()
+
+
+def test_plan_shows_no_pilot_forecast_once_the_gate_or_the_rows_to_research_changed(
+    tmp_path: Path, sp500: Path, emulator_process
+) -> None:
+    """A pilot's forecast was made under the job's gate and `[input] where`: after either changes, plan says the
+    pilot is stale instead of printing figures the evidence no longer supports."""
+    emu = emulator_process("--knowledge", str(sp500), *EMU)
+    cfg = job(tmp_path, sp500)
+    text = cfg.read_text()
+    cfg.write_text(text.replace('columns = ["Security"]', 'columns = ["Security"]\nwhere = "Symbol < \'M\'"'))
+    assert run_enrich("pilot", str(cfg), "--base-url", emu.base_url, "--rows", "10").returncode == 0
+
+    def forecast_line() -> str:
+        r = run_enrich("plan", str(cfg), key=None)
+        assert r.returncode == 0, r.stderr
+        return next(x for x in r.stdout.splitlines() if x.startswith("pilot forecast"))
+
+    assert "$" in forecast_line()  # unchanged config: the figures
+    cfg.write_text(text)  # every row to research now, not only those before M
+    assert "run `enrich pilot` again" in forecast_line() and "$" not in forecast_line()
+    cfg.write_text(text.replace('columns = ["Security"]', 'columns = ["Security"]\nwhere = "Symbol < \'M\'"'))
+    cfg.write_text(cfg.read_text() + '\n[gate]\naccept = ["high", "medium"]\nreview = []\nreject = ["low", "none"]\n')
+    assert "run `enrich pilot` again" in forecast_line() and "$" not in forecast_line()
