@@ -98,6 +98,7 @@ from enrich.reuse import ResultCache, Reuse, open_cache
 from enrich.reuse import summary as reuse_summary
 from enrich.review import read_review
 from enrich.scale import status as scale_status
+from enrich.spend import iso_z, next_reset, utc_day
 from enrich.storage import Storage, mode_of, resolve
 from enrich.write import WRITE_CHUNK, Projection, write_output
 
@@ -1309,6 +1310,7 @@ def pilot_job(
                 "job": str(cfg.source or cfg.output.path),
                 "seed": seed,
                 "spec_hash": spec_fingerprint(cfg, build_task_spec(cfg)),
+                "basis": pilot_basis(cfg),
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "worst_case_usd": round(len(sample) * sum(prices.values()) / 1e6, 6),
             }
@@ -1343,7 +1345,8 @@ def _check_pilot_budget(
     announce: Any,
 ) -> None:
     """Say the pilot's worst case (every sampled row on every processor at list price, and what of it is not paid
-    yet) before anything is sent; refuse (ConfigError, exit 2) when what is not paid yet exceeds the budget left."""
+    yet) before anything is sent; refuse (ConfigError, exit 2) when what is not paid yet exceeds the budget left or
+    today's daily budget left (the spend ledger, across the jobs sharing it)."""
     keys = _keys(sample, names)
     found = reuse.find(keys)
     worst = len(sample) * sum(prices.values())
@@ -1359,6 +1362,16 @@ def _check_pilot_budget(
         raise ConfigError(
             f"the pilot's worst case {usd4(todo)} exceeds the budget left ({usd4(max(0, left))} of "
             f"{usd4(budget or 0)}); nothing was sent: raise --budget or pass fewer --rows or --processors"
+        )
+    # the daily budget too: a pilot stopped by it part-way has paid for a sample it cannot report on today
+    daily = cfg.limits.daily_budget_micros
+    now = time.time()
+    today = 0 if daily is None else daily - journal.spent_on_day(utc_day(now))
+    if daily is not None and todo > today:
+        raise ConfigError(
+            f"the pilot's worst case {usd4(todo)} exceeds the daily budget left ({usd4(max(0, today))} of "
+            f"{usd4(daily)} today, UTC; it resets at {iso_z(next_reset(now))}); nothing was sent: raise "
+            "[limits] daily_budget_usd, wait for the reset, or pass fewer --rows or --processors"
         )
 
 
@@ -1393,9 +1406,19 @@ def _pilot_findings(
     )
 
 
+def pilot_basis(cfg: RunConfig) -> str:
+    """What a pilot's forecast depends on besides the task spec: the gate that decided its fields and the rows the
+    full run researches (the input, `[input] where`, dedupe), so `plan` never prints a forecast made under others."""
+    i = cfg.input
+    return digest(
+        [cfg.gate.model_dump(mode="json"), str(i.path.resolve()), i.sheet, i.key, i.columns, i.where, i.dedupe], 16
+    )
+
+
 def pilot_estimate(cfg: RunConfig) -> str | None:
     """`plan`'s line from the job's last pilot (`<output stem>.pilot.json`): the forecast for this config's own
-    strategy, or what the pilot recommends when it did not try it; None without a pilot."""
+    strategy, or what the pilot recommends when it did not try it, or that the pilot is stale (made for another task
+    spec, gate or choice of rows to research); None without a pilot."""
     path = pilot_json_path(cfg.output.path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -1404,6 +1427,11 @@ def pilot_estimate(cfg: RunConfig) -> str | None:
         return None
     if data.get("spec_hash") != spec_fingerprint(cfg, build_task_spec(cfg)):
         return f"pilot forecast       none: {path} is for another task spec; run `enrich pilot` again"
+    if data.get("basis") != pilot_basis(cfg):
+        return (
+            f"pilot forecast       none: {path} was made under another gate or another choice of rows to research; "
+            "run `enrich pilot` again"
+        )
     mine = pilot.Strategy(tuple(cfg.ladder), tuple(cfg.escalate.on) if cfg.escalate else ())
     rec = data.get("recommended", {}).get("name")
     when = f"{data.get('sample_rows')} rows sampled {data.get('created_at', '')}".strip()

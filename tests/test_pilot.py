@@ -535,3 +535,47 @@ def test_a_pilot_with_no_rows_to_research_says_so_and_sends_nothing(
     assert r.returncode == 2, r.stderr
     assert "nothing to pilot" in r.stderr and "Traceback" not in r.stderr
     assert emu.stats()["total_requests"] == 0
+
+
+def test_a_pilot_over_the_daily_budget_left_is_refused_before_any_request(
+    tmp_path: Path, sp500: Path, emulator_process
+) -> None:
+    """A first job spends $0.40 of a shared $0.60 daily budget; a second job's $0.40 pilot: exit 2, nothing sent."""
+    emu = emulator_process("--knowledge", str(sp500), *EMU)
+    ledger = tmp_path / "ledger.sqlite"
+    limits = f"batch_size = 10\nmax_in_flight = 40\ndaily_budget_usd = 0.6\nspend_ledger = {json.dumps(str(ledger))}"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, second = job(tmp_path / "a", sp500, limits=limits), job(tmp_path / "b", sp500, limits=limits)
+    args = ("--base-url", emu.base_url, "--rows", "10")
+    assert run_enrich("pilot", str(first), *args).returncode == 0
+    before = len(emu.ledger())
+    r = run_enrich("pilot", str(second), *args)
+    assert r.returncode == 2, r.stderr
+    errors = [line for line in r.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "exceeds the daily budget left ($0.2000 of $0.6000" in errors[0], r.stderr
+    assert len(emu.ledger()) == before and not (tmp_path / "b" / "out.pilot.json").exists()
+
+
+def test_plan_shows_no_pilot_forecast_once_the_gate_or_the_rows_to_research_changed(
+    tmp_path: Path, sp500: Path, emulator_process
+) -> None:
+    """A pilot's forecast was made under the job's gate and `[input] where`: after either changes, plan says the
+    pilot is stale instead of printing figures the evidence no longer supports."""
+    emu = emulator_process("--knowledge", str(sp500), *EMU)
+    cfg = job(tmp_path, sp500)
+    text = cfg.read_text()
+    cfg.write_text(text.replace('columns = ["Security"]', 'columns = ["Security"]\nwhere = "Symbol < \'M\'"'))
+    assert run_enrich("pilot", str(cfg), "--base-url", emu.base_url, "--rows", "10").returncode == 0
+
+    def forecast_line() -> str:
+        r = run_enrich("plan", str(cfg), key=None)
+        assert r.returncode == 0, r.stderr
+        return next(x for x in r.stdout.splitlines() if x.startswith("pilot forecast"))
+
+    assert "$" in forecast_line()  # unchanged config: the figures
+    cfg.write_text(text)  # every row to research now, not only those before M
+    assert "run `enrich pilot` again" in forecast_line() and "$" not in forecast_line()
+    cfg.write_text(text.replace('columns = ["Security"]', 'columns = ["Security"]\nwhere = "Symbol < \'M\'"'))
+    cfg.write_text(cfg.read_text() + '\n[gate]\naccept = ["high", "medium"]\nreview = []\nreject = ["low", "none"]\n')
+    assert "run `enrich pilot` again" in forecast_line() and "$" not in forecast_line()
