@@ -1220,6 +1220,15 @@ def pilot_sample(candidates: list[tuple[str, str, str]], rows: int, seed: int) -
     return [c for i, c in enumerate(candidates) if i in picked]
 
 
+def _job_view(cfg: RunConfig, journal: Journal) -> None:
+    """After a pilot's passes (or when one stops): seed the input once more with the job's own config, so the
+    journal shows the job, never the last pass (one processor alone, the rows outside the sample held out).
+    Otherwise `export`, `review serve` and `status` after a pilot showed a finished job's rows as skipped, and a
+    review page's write replaced their values in the output. Each row takes the job's first-tier result this
+    journal holds (the pilot's or an earlier run's); the others are pending again, for the next run."""
+    prepare(cfg, journal)
+
+
 def pilot_job(
     cfg: RunConfig,
     *,
@@ -1297,10 +1306,12 @@ def pilot_job(
                 )
                 end = stop_reason(state, interrupted, journal.counts(prep.epoch), api_key)
                 if end.kind not in ("done", "failed_rows"):
+                    _job_view(cfg, journal)
                     return PilotResult(end.exit_code, f"pilot stopped on {p}: {end.why}; run the same command again")
             have = reuse.find(_keys(sample, names))
             if all(k in have for k in _keys(sample, names)):
                 break
+        _job_view(cfg, journal)
         journal.set("live", None)  # the last pass's heartbeat: no run is live now
         data = _pilot_findings(cfg, journal, reuse, sample, names, prices, total, seed, target)
         data.update(

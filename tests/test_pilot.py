@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 import pytest
 
 from enrich.config import config_from_mapping
@@ -483,21 +484,46 @@ def test_after_a_pilot_status_and_the_progress_line_do_not_count_held_out_rows_a
     tmp_path: Path, sp500: Path, emulator_process
 ) -> None:
     """60 rows, 20 piloted: each pass's progress line counts 20 rows (never 60, 40 of them set aside); status then
-    shows 40 rows held out by a pilot, none skipped; after the full run nothing is held out."""
+    shows the job's view: the 20 piloted rows done on its first tier, 40 pending (none skipped, none held out)."""
     emu = emulator_process("--knowledge", str(sp500), *EMU)
     cfg = job(tmp_path, sp500)
     r = run_enrich("pilot", str(cfg), "--base-url", emu.base_url, "--rows", "20", "--processors", "lite,core")
     assert r.returncode == 0, r.stderr
     progress = [x for x in r.stderr.splitlines() if "rows finished" in x]
     assert progress and all("/20 rows finished" in x for x in progress), progress
-    st = run_enrich("status", str(cfg), "--json")
-    info = json.loads(st.stdout)
-    assert info["held_out"] == 40 and "skipped" not in info["counts"] and info["rows"] == 60, info
-    text = run_enrich("status", str(cfg)).stdout
-    assert "40  (rows held out by a pilot; the next run researches them)" in text and "skipped" not in text
+    info = json.loads(run_enrich("status", str(cfg), "--json").stdout)
+    assert info["held_out"] == 0 and info["counts"] == {"done": 20, "pending": 40} and info["rows"] == 60, info
+    assert "skipped" not in run_enrich("status", str(cfg)).stdout
     assert run_enrich("run", str(cfg), "--base-url", emu.base_url).returncode == 0
     after = json.loads(run_enrich("status", str(cfg), "--json").stdout)
     assert after["held_out"] == 0 and after["counts"] == {"done": 60}, after
+
+
+def test_a_pilot_after_a_finished_run_leaves_its_output_whole(tmp_path: Path, sp500: Path, emulator_process) -> None:
+    """run, then pilot on other processors: the journal shows the job again, not the pilot's last pass, so export
+    writes every row completed with its values, and nothing is paid again (found by the adversarial trial: 31 of 55
+    rows were exported `skipped`, without values)."""
+    emu = emulator_process("--knowledge", str(sp500), *EMU)
+    cfg = job(tmp_path, sp500)
+    assert run_enrich("run", str(cfg), "--base-url", emu.base_url).returncode == 0
+    before = pl.read_csv(tmp_path / "out.csv", infer_schema=False)
+    r = run_enrich("pilot", str(cfg), "--base-url", emu.base_url, "--rows", "10", "--processors", "lite,base,core")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(run_enrich("status", str(cfg), "--json").stdout)
+    assert info["counts"] == {"done": 60}, info
+    assert run_enrich("export", str(cfg), "--output", str(tmp_path / "again.csv")).returncode == 0
+    again = pl.read_csv(tmp_path / "again.csv", infer_schema=False)
+    assert again["_enrich_status"].to_list() == ["completed"] * 60
+    # rows the pilot did not sample are as the run wrote them; sampled ones keep their best answer (as escalation
+    # merges), and every row keeps its values
+    pairs = zip(before["Symbol"], before.rows(), again.select(before.columns).rows(), strict=True)
+    changed = {k for k, a, b in pairs if a != b}
+    assert len(changed) <= 10, changed
+    for f in FIELDS:
+        assert again[f].null_count() <= before[f].null_count()
+    runs = len(emu.ledger())
+    assert run_enrich("run", str(cfg), "--base-url", emu.base_url).returncode == 0
+    assert len(emu.ledger()) == runs
 
 
 def test_with_the_embedded_emulator_a_pilot_killed_mid_pass_resumes_against_the_emulator(
@@ -547,7 +573,7 @@ def test_a_pilot_over_the_daily_budget_left_is_refused_before_any_request(
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     first, second = job(tmp_path / "a", sp500, limits=limits), job(tmp_path / "b", sp500, limits=limits)
-    args = ("--base-url", emu.base_url, "--rows", "10")
+    args = ("--base-url", emu.base_url, "--rows", "10", "--processors", "lite,base,core")
     assert run_enrich("pilot", str(first), *args).returncode == 0
     before = len(emu.ledger())
     r = run_enrich("pilot", str(second), *args)
