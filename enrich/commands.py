@@ -94,7 +94,9 @@ def cmd_pilot(args: argparse.Namespace) -> int:
         api_key=_api_key(emulated),
         emulated=emulated,
         rows=args.rows,
-        processors=[p.strip() for p in args.processors.split(",") if p.strip()] if args.processors else None,
+        processors=[p.strip() for p in args.processors.split(",") if p.strip()]
+        if args.processors is not None
+        else None,
         seed=args.seed,
         target=args.target_accepted,
         retry_failed=args.retry_failed,

@@ -1187,17 +1187,26 @@ class _PassStop(Stop):
 
 def pilot_processors(cfg: RunConfig, names: list[str] | None) -> list[str]:
     """The pilot's processors, weakest first: known, each on a higher price tier than the one before, none above
-    `[limits] max_processor`. ConfigError (exit 2) otherwise. Without `names` (no --processors): the job's own,
-    its ladder in order (`[task] processor`, then `[escalate] processors`), when the config sets a processor or a
-    ladder; else DEFAULT_PILOT_PROCESSORS."""
+    `[limits] max_processor`. ConfigError (exit 2) otherwise, also for an empty list. Without `names` (no
+    --processors): the job's own, its ladder in order (`[task] processor`, then `[escalate] processors`), when the
+    config sets a processor or a ladder; else DEFAULT_PILOT_PROCESSORS up to `max_processor`."""
     own = "processor" in cfg.task.model_fields_set or cfg.escalate is not None
-    names = list(names or (cfg.ladder if own else DEFAULT_PILOT_PROCESSORS))
+    if names is not None and not names:
+        raise ConfigError("--processors: name at least one processor (e.g. lite,base,core)")
+    explicit = names is not None
+    names = list(names) if names is not None else list(cfg.ladder if own else DEFAULT_PILOT_PROCESSORS)
     for p in names:
         if p not in PROCESSORS:
             raise ConfigError(f"--processors: unknown processor {p!r}; choose from {', '.join(PROCESSORS)}")
     for a, b in itertools.pairwise(names):
         if tier(b) <= tier(a):
             raise ConfigError(f"--processors: each must be on a higher price tier than the one before ({a}, {b})")
+    cap = cfg.limits.max_processor
+    if cap is not None and (above := [p for p in names if tier(p) > tier(cap)]):
+        if explicit:
+            raise ConfigError(f"--processors: {above[0]!r} is above [limits] max_processor = {cap!r}")
+        if not own:  # the default list stops at the cap
+            names = [p for p in names if tier(p) <= tier(cap)]
     for p in names:
         check_max_processor(_pass_config(cfg, p))
     return names

@@ -18,6 +18,7 @@ import polars as pl
 import pytest
 
 from enrich.config import config_from_mapping
+from enrich.errors import ConfigError
 from enrich.job import pilot_processors
 from enrich.pilot import (
     Limits,
@@ -478,6 +479,27 @@ def test_without_processors_the_pilot_tries_the_jobs_own_ladder_else_lite_base_c
     assert pilot_processors(cfg({}, {"processors": ["core"]}), None) == ["lite-fast", "core"]
     assert pilot_processors(cfg({}), None) == ["lite", "base", "core"]
     assert pilot_processors(cfg({"processor": "lite"}), ["base", "core"]) == ["base", "core"]
+
+
+def test_processors_empty_or_above_max_processor_are_refused_and_the_default_stops_at_the_cap(tmp_path: Path) -> None:
+    """`--processors ''` is refused (it meant the default, and paid for it); under `max_processor = "base"` the
+    default list stops at base, and an explicit `core` is refused naming --processors, not `[task] processor`."""
+
+    def cfg(limits: dict[str, Any]) -> Any:
+        return config_from_mapping(
+            {
+                "input": {"path": str(tmp_path / "in.csv"), "key": ["k"], "columns": ["c"]},
+                "task": {"instruction": "x", "output": {"f": {"type": "string"}}},
+                "output": {"path": str(tmp_path / "out.csv")},
+                "limits": limits,
+            }
+        )
+
+    with pytest.raises(ConfigError, match="--processors: name at least one processor"):
+        pilot_processors(cfg({}), [])
+    assert pilot_processors(cfg({"max_processor": "base"}), None) == ["lite", "base"]
+    with pytest.raises(ConfigError, match=r"--processors: 'core' is above \[limits\] max_processor = 'base'"):
+        pilot_processors(cfg({"max_processor": "base"}), ["lite", "core"])
 
 
 def test_after_a_pilot_status_and_the_progress_line_do_not_count_held_out_rows_as_finished(
