@@ -535,3 +535,22 @@ def test_a_pilot_with_no_rows_to_research_says_so_and_sends_nothing(
     assert r.returncode == 2, r.stderr
     assert "nothing to pilot" in r.stderr and "Traceback" not in r.stderr
     assert emu.stats()["total_requests"] == 0
+
+
+def test_the_accepted_interval_does_not_collapse_on_a_sample_that_happened_to_see_no_misses() -> None:
+    """A 500-row file accepted 96% of the time (one field): many 30-row pilots see no miss, where a bootstrap of
+    the rows is a point; the interval holds the full run's share in at least 85% of 200 pilots, narrower than 0.2."""
+    rng = random.Random(3)
+    population = [
+        {"lite": Observation({"a": "accepted" if rng.random() < 0.96 else "rejected"}, {})} for _ in range(500)
+    ]
+    s = Strategy(("lite",))
+    hits, width = 0, 0.0
+    for t in range(200):
+        idx = set(rng.sample(range(500), 30))
+        sample = [population[i] for i in sorted(idx)]
+        f = forecast(sample, ["a"], s, PRICES, rows_total=500, limits=LIMITS, boot=resamples(30, t, 300), seed=t)
+        actual = sum(r["lite"].decisions["a"] == "accepted" for r in population) / 500
+        hits += f.accepted_lo - 1e-9 <= actual <= f.accepted_hi + 1e-9
+        width += (f.accepted_hi - f.accepted_lo) / 200
+    assert hits >= 0.85 * 200 and width < 0.2, (hits, width)
