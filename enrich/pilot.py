@@ -615,7 +615,18 @@ def format_pilot(data: Mapping[str, Any]) -> str:
         )
     lines += ["  paste into the config:", "", rec["toml"]]
     if most is not None and most["name"] != rec["name"]:
-        lines += ["", f"most accepted share: {most['name']}, {_picked(most)}; to use it instead:", "", most["toml"]]
+        # picked on the sample's figures, then corrected like the recommendation: it may now read below a strategy
+        # it led on the sample, so say what it led with
+        raw = most.get("accepted_uncorrected")
+        led = (
+            f" (the most on this sample: {raw:.1%}, before the correction for being picked)" if raw is not None else ""
+        )
+        lines += [
+            "",
+            f"most accepted share: {most['name']}, {_picked(most)}{led}; to use it instead:",
+            "",
+            most["toml"],
+        ]
     elif most is not None:
         lines += ["", "it is also the strategy with the most accepted share"]
     return "\n".join(lines)
