@@ -953,13 +953,21 @@ def record_verdicts(
     keys = known_keys(journal) if keys is None else keys
     wanted = {keys[v.key] for v in verdicts}
     rows: dict[str, tuple[list[Any], str, list[Any] | None]] = {}
+    skipped = set()
     for chunk in journal.iter_results(epoch, cfg.ladder, chunk=WRITE_CHUNK, keys=list(wanted)):
         stored = journal.verdicts_for([r[0] for r in chunk])
-        for row_key, _rj, _state, _rid, _e, _s, _f, input_hash, results in chunk:
+        for row_key, _rj, state, _rid, _e, _s, _f, input_hash, results in chunk:
             rows[row_key] = (results, input_hash, stored.get(row_key))
+            if state == "skipped":
+                skipped.add(row_key)
     problems: list[tuple[int | None, str]] = []
     records = []
     for v in verdicts:
+        if keys[v.key] in skipped:  # its output row shows no value: a verdict there would judge nothing shown
+            problems.append(
+                (v.line, f"row {', '.join(v.key)} is skipped by [input] where (not researched): nothing to review")
+            )
+            continue
         results, input_hash, marks = rows.get(keys[v.key], ([], "", None))
         runs = {rid: (proc, res) for proc, rid, res in results}
         if v.run_id and v.run_id not in runs:

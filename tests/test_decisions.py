@@ -212,6 +212,35 @@ def test_review_round_trip(tmp_path: Path, emulator) -> None:
     j.close()
 
 
+def test_a_verdict_on_a_row_skipped_by_where_is_refused(tmp_path: Path, emulator) -> None:
+    """A review file from before `[input] where` left a row out: a verdict on that row (its output shows no value)
+    is refused in one line, exit 2, and nothing of the file is applied (found by the adversarial trial)."""
+    emu = emulator(hard_rate=0.5, seed=11, time_scale=0.0)
+    src = tmp_path / "in.csv"
+    src.write_text((ROOT / "data/companies.csv").read_text(encoding="utf-8"), encoding="utf-8")
+    cfg = job(tmp_path, src, out="out.csv")
+    cfg.write_text(cfg.read_text().replace("[emulator]", f'[api]\nbase_url = "{emu.base_url}"\n\n[emulator]'))
+    assert run_enrich("run", str(cfg)).returncode == 0
+    with (tmp_path / "out.review.csv").open(encoding="utf-8", newline="") as f:
+        lines = list(csv.DictReader(f))
+    line = lines[0]
+    reviewed = tmp_path / "reviewed.csv"
+    with reviewed.open("w", encoding="utf-8", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(line))
+        w.writeheader()
+        w.writerow(dict(line, verdict="accept", reviewer="ana"))
+    company = line["company"].replace("'", "''")
+    cfg.write_text(cfg.read_text().replace("[input]\n", f"[input]\nwhere = \"company != '{company}'\"\n", 1))
+    assert run_enrich("run", str(cfg)).returncode == 0
+    out = pl.read_csv(tmp_path / "out.csv", infer_schema=False)
+    assert out.filter(pl.col("company") == line["company"])["_enrich_status"].to_list() == ["skipped"]
+    r = run_enrich("review", "apply", str(cfg), str(reviewed))
+    assert r.returncode == 2 and "skipped by [input] where" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    j = Journal.open(tmp_path / "out.csv.journal.sqlite", readonly=True)
+    assert not j.verdicts_for([json.dumps([line["company"]])])
+    j.close()
+
+
 def test_lite_base_lite_reuses_what_was_paid(tmp_path: Path, emulator) -> None:
     """Switching the processor back reuses the stored results: the third run creates 0 runs."""
     emu = emulator(time_scale=0.0)
