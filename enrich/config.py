@@ -271,10 +271,13 @@ class GateConfig(GateRule):
 
 
 class EscalateConfig(_Strict):
-    """`[escalate]`: re-run rows whose fields are still rejected (or in review) on stronger processors.
+    """`[escalate]`: re-run rows whose fields are still rejected, in review, or either, on stronger processors.
 
     `processors` is the ladder after `task.processor`, each step on a strictly higher price
-    tier than the one before. `max_rows` caps how many rows one escalation step may send.
+    tier than the one before. `on` names the decisions that make a row climb: `["rejected"]`,
+    `["review"]` (where a weak tier's `low` rarely turns `high` a tier up, but its `medium` does;
+    `enrich pilot` measures which holds on your rows) or both. `max_rows` caps how many rows one
+    escalation step may send.
     """
 
     processors: list[str] = Field(min_length=1)
@@ -286,8 +289,8 @@ class EscalateConfig(_Strict):
         for p in self.processors:
             if p not in PROCESSORS:
                 raise ValueError(f"processors: unknown processor {p!r}; choose one of {', '.join(PROCESSORS)}")
-        if "rejected" not in self.on or len(set(self.on)) != len(self.on):
-            raise ValueError('on: must be ["rejected"] or ["rejected", "review"]')
+        if not self.on or len(set(self.on)) != len(self.on):
+            raise ValueError('on: must be ["rejected"], ["review"] or ["rejected", "review"]')
         return self
 
 

@@ -1460,7 +1460,8 @@ def pilot_estimate(cfg: RunConfig) -> str | None:
             f"pilot forecast       none: {path} was made under another gate or another choice of rows to research; "
             "run `enrich pilot` again"
         )
-    mine = pilot.Strategy(tuple(cfg.ladder), tuple(cfg.escalate.on) if cfg.escalate else ())
+    on = tuple(d for d in pilot.ONS[-1] if cfg.escalate and d in cfg.escalate.on)  # the pilot's order of `on`
+    mine = pilot.Strategy(tuple(cfg.ladder), on)
     rec = data.get("recommended", {}).get("name")
     when = f"{data.get('sample_rows')} rows sampled {data.get('created_at', '')}".strip()
     if (s := found.get(mine.name)) is None:

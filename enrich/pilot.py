@@ -7,7 +7,7 @@ decision per field, the values, the run's latency. From those it computes
 - `processor_report`: per processor, decision shares per field, fill rate, agreement with the strongest
   listed processor's answer, latency p50/p95 and cost;
 - `strategies`: every single processor and every ladder climbing the listed processors in order (each
-  ordered subsequence of length >= 2), each with `on = ["rejected"]` and `on = ["rejected", "review"]`;
+  ordered subsequence of length >= 2), each with `on = ["rejected"]`, `on = ["review"]` and `on = ["rejected", "review"]`;
 - `forecast`: for one strategy over the whole file, the expected cost with a 90% bootstrap interval (the sample's
   rows resampled with replacement, seeded), the accepted share with a 90% interval from the posterior predictive of
   a binomial share (`share_predictive`: Jeffreys' prior, counts discounted by the design effect of fields within a
@@ -37,7 +37,7 @@ from typing import Any
 
 DECISIONS = ("accepted", "review", "rejected")
 _RANK = {"rejected": 0, "review": 1, "accepted": 2}  # as gate.merge ranks a field's answers: decision first
-ONS: tuple[tuple[str, ...], ...] = (("rejected",), ("rejected", "review"))
+ONS: tuple[tuple[str, ...], ...] = (("rejected",), ("review",), ("rejected", "review"))
 INTERVAL = (0.05, 0.95)  # a 90% interval
 BOOTSTRAP = 1000
 
@@ -127,7 +127,7 @@ def strategies(processors: Sequence[str]) -> list[Strategy]:
     """Every single processor, then every ordered subsequence of length >= 2 under each `on`.
 
     >>> [s.name for s in strategies(["lite", "core"])]
-    ['lite', 'core', 'lite>core on rejected', 'lite>core on rejected+review']
+    ['lite', 'core', 'lite>core on rejected', 'lite>core on review', 'lite>core on rejected+review']
     """
     out = [Strategy((p,)) for p in processors]
     for n in range(2, len(processors) + 1):

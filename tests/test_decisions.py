@@ -101,6 +101,43 @@ def test_escalation_on_sp500(tmp_path: Path, sp500: Path, sp_emulator: Any) -> N
     assert again.exit_code == EXIT_OK and len(ledger(sp_emulator)) == lite_runs + len(entries)
 
 
+def test_escalation_on_review_alone_climbs_exactly_the_rows_with_a_field_in_review(
+    tmp_path: Path, sp500: Path, sp_emulator: Any
+) -> None:
+    """`on = ["review"]`: a row climbs from base to core when a field is in review on base, never for a rejected
+    one alone; a climbed row's review fields take core's better answer. The emulator grades a (row, processor) the
+    same in every run, so a base-only run beforehand says which rows must climb."""
+    alone = go(job(tmp_path, sp500, processor="base", out="base.parquet", name="base.toml"), sp_emulator.base_url)
+    assert alone.exit_code == EXIT_OK
+    base_df = pl.read_parquet(tmp_path / "base.parquet")
+    decisions = [f"{f}__decision" for f in SP_FIELDS]
+    review_rows = set(base_df.filter(pl.any_horizontal(pl.col(c) == "review" for c in decisions))["Security"])
+    rejected_only = set(
+        base_df.filter(
+            pl.any_horizontal(pl.col(c) == "rejected" for c in decisions)
+            & ~pl.any_horizontal(pl.col(c) == "review" for c in decisions)
+        )["Security"]
+    )
+    assert review_rows and rejected_only  # the seed gives both kinds
+    before = len(ledger(sp_emulator))
+    extra = '[escalate]\nprocessors = ["core"]\non = ["review"]\n'
+    cfg = job(tmp_path, sp500, extra=extra, processor="base", limits="budget_usd = 30")
+    result = go(cfg, sp_emulator.base_url)
+    assert result.exit_code == EXIT_OK, result.message
+    entries = ledger(sp_emulator)[before:]
+    climbed = {e["input"]["Security"] for e in entries if e["processor"] == "core"}
+    assert climbed == review_rows
+    assert Counter(e["processor"] for e in entries) == {"base": 503, "core": len(review_rows)}
+    df = pl.read_parquet(tmp_path / "out.parquet")
+    for c in decisions:
+        kept = df.filter(pl.col("Security").is_in(sorted(rejected_only)))[c].to_list()
+        assert kept == base_df.filter(pl.col("Security").is_in(sorted(rejected_only)))[c].to_list()
+    gained = df.filter(pl.col("Security").is_in(sorted(review_rows)))
+    assert sum((gained[c] == "accepted").sum() for c in decisions) > sum(
+        (base_df.filter(pl.col("Security").is_in(sorted(review_rows)))[c] == "accepted").sum() for c in decisions
+    )
+
+
 def test_escalation_survives_kills_without_duplicates(tmp_path: Path, sp500: Path, emulator_process) -> None:
     """SIGKILL at failpoints during escalation rounds, then resume: 0 duplicate runs per (row, processor)."""
     emu = emulator_process(

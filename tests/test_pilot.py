@@ -54,14 +54,14 @@ def obs(*decisions: str, latency: float = 1.0) -> Observation:
 # ---- forecast arithmetic (pure) --------------------------------------------------------------------------------
 
 
-def test_strategies_are_every_processor_and_every_ordered_ladder_under_both_ons() -> None:
-    """Three processors: 3 singles and 4 ladders x 2 `on` = 11, each ladder climbing in the listed order."""
+def test_strategies_are_every_processor_and_every_ordered_ladder_under_each_on() -> None:
+    """Three processors: 3 singles and 4 ladders x 3 `on` = 15, each ladder climbing in the listed order."""
     got = strategies(["lite", "base", "core"])
-    assert len(got) == 11
+    assert len(got) == 15
     assert [s.ladder for s in got[:3]] == [("lite",), ("base",), ("core",)]
     ladders = {s.ladder for s in got[3:]}
     assert ladders == {("lite", "base"), ("lite", "core"), ("base", "core"), ("lite", "base", "core")}
-    assert Counter(s.on for s in got[3:]) == {("rejected",): 4, ("rejected", "review"): 4}
+    assert Counter(s.on for s in got[3:]) == {("rejected",): 4, ("review",): 4, ("rejected", "review"): 4}
 
 
 def test_replay_climbs_as_escalation_does_and_keeps_the_best_decision() -> None:
@@ -203,7 +203,7 @@ def test_pilot_then_run_pays_at_most_once_per_row_and_processor(tmp_path: Path, 
     assert r.returncode == 0 and paid(emu.ledger()) == pilot, r.stderr  # the same pilot again pays nothing
     assert "$0.0000 of it not paid yet" in r.stderr
     data = json.loads((tmp_path / "out.pilot.json").read_text())
-    assert data["sample_rows"] == 20 and data["rows_total"] == 60 and len(data["strategies"]) == 11
+    assert data["sample_rows"] == 20 and data["rows_total"] == 60 and len(data["strategies"]) == 15
     assert sum(s["recommended"] for s in data["strategies"]) == 1 and "[task]" in data["recommended"]["toml"]
     assert "<svg" in (tmp_path / "out.pilot.html").read_text()
     with_ladder(cfg, ["base", "core"], ["rejected"])
@@ -318,6 +318,13 @@ def test_plan_shows_the_pilot_forecast_once_a_pilot_exists(tmp_path: Path, sp500
     assert after.returncode == 0, after.stderr
     line = next(x for x in after.stdout.splitlines() if x.startswith("pilot forecast"))
     assert f"${mine['to_pay_usd']:,.4f}" in line and f"{mine['accepted']:.0%}" in line, after.stdout
+    text = cfg.read_text()
+    for on, name in ((["review"], "lite>core on review"), (["review", "rejected"], "lite>core on rejected+review")):
+        cfg.write_text(text.replace('on = ["rejected"]', f"on = {json.dumps(on)}"))  # `on` in either order
+        theirs = next(s for s in data["strategies"] if s["name"] == name)
+        again = run_enrich("plan", str(cfg), key=None)
+        line = next(x for x in again.stdout.splitlines() if x.startswith("pilot forecast"))
+        assert line.startswith(f"pilot forecast       {name}: to pay ${theirs['to_pay_usd']:,.4f}"), again.stdout
 
 
 def test_compare_marks_one_recommendation_and_its_snippet_is_valid_toml() -> None:
@@ -445,7 +452,7 @@ def test_compare_corrects_the_recommended_forecast_and_names_the_rule_and_the_mo
         return "accepted" if rng.random() < p else rng.choice(["review", "rejected"])
 
     sample = [{"lite": obs(cell(0.85), cell(0.85)), "core": obs(cell(0.95), cell(0.95))} for _ in range(30)]
-    data = compare(sample, ["a", "b"], ["lite", "core"], PRICES, rows_total=300, limits=LIMITS, seed=0, target=0.85)
+    data = compare(sample, ["a", "b"], ["lite", "core"], PRICES, rows_total=300, limits=LIMITS, seed=0, target=0.9)
     rec = next(s for s in data["strategies"] if s["recommended"])
     assert data["selection"]["recommended"]["accepted"] > 0 and rec["selection_optimism"] > 0
     assert rec["accepted"] < rec["accepted_uncorrected"]
@@ -454,7 +461,7 @@ def test_compare_corrects_the_recommended_forecast_and_names_the_rule_and_the_mo
     best = max(data["strategies"], key=lambda s: s["accepted_uncorrected"] or s["accepted"])
     assert data["most_accepted"]["name"] == best["name"] != rec["name"]
     text = format_pilot(data)
-    assert "picked by the rule: the cheapest strategy expected to accept at least 85%" in text
+    assert "picked by the rule: the cheapest strategy expected to accept at least 90%" in text
     assert f"most accepted share: {best['name']}" in text and text.count("[task]") == 2
     none = compare(sample, ["a", "b"], ["lite", "core"], PRICES, rows_total=300, limits=LIMITS, seed=0, target=1.01)
     assert none["recommended"]["rule"] == "most accepted per dollar"
