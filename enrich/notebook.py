@@ -19,7 +19,9 @@ KeyboardInterrupt; calling again with the same frame resumes without paying twic
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +151,55 @@ def _enrich_frame(
     job_id = digest([probe.input.key, probe.task.model_dump(mode="json")], 16)
     jpath = Path(journal) if journal else DEFAULT_DIR / f"{job_id}.journal.sqlite"
     jpath.parent.mkdir(parents=True, exist_ok=True)
+    with _resumable(jpath):
+        return _run_frame(
+            df,
+            config,
+            task,
+            jpath,
+            rows,
+            is_pandas,
+            base_url,
+            emulator,
+            api_key,
+            budget_usd,
+            retry_failed,
+            adopt,
+            fresh,
+        )
+
+
+@contextlib.contextmanager
+def _resumable(jpath: Path) -> Iterator[None]:
+    """A KeyboardInterrupt outside the event loop (writing the frame's copy, seeding, the output write) says how to
+    resume: the journal holds every result paid for. The loop's own interrupt carries its counts and passes as is."""
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        if exc.args:
+            raise
+        raise KeyboardInterrupt(
+            f"enrich_frame interrupted; progress is kept in {jpath}: call enrich_frame again with the same frame "
+            "and config to resume (no row is paid for twice)"
+        ) from None
+
+
+def _run_frame(
+    df: Any,
+    config: Any,
+    task: pl.DataFrame,
+    jpath: Path,
+    rows: _Rows,
+    is_pandas: bool,
+    base_url: str | None,
+    emulator: bool,
+    api_key: str | None,
+    budget_usd: float | None,
+    retry_failed: bool,
+    adopt: bool,
+    fresh: bool,
+) -> Any:
+    """The job on the frame's task columns, its journal `jpath`: the frame with the added columns."""
     src = jpath.with_name(jpath.name + ".input.parquet")
     out = jpath.with_name(jpath.name + ".output.parquet")
     atomic_write(src, task.write_parquet)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import queue
 import signal
 import subprocess
@@ -230,6 +231,27 @@ def test_script_sigint_raises_keyboard_interrupt_then_resumes_paying_once(
     df = pl.read_csv(sp500, infer_schema=False)
     out = enrich.enrich_frame(df, FAST, journal=journal, base_url=emu.base_url, api_key="sk-nb-1234")
     assert (out["_enrich_status"] == "completed").all() and out["Symbol"].to_list() == df["Symbol"].to_list()
+    assert_each_row_once(emu, 503)
+
+
+def test_an_interrupt_while_the_output_is_written_says_how_to_resume_then_resumes_paying_nothing(
+    tmp_path: Path, sp500: Path, emulator_process
+) -> None:
+    """Ctrl-C in the output write (the 2nd atomic write), every row paid: the resume line; a new call pays none."""
+    emu = emulator_process("--knowledge", str(sp500), "--knowledge-key", "Security", "--time-scale", "0.001")
+    journal = tmp_path / "nb.journal.sqlite"
+    script = tmp_path / "script.py"
+    script.write_text(call_cell(sp500, journal, emu.base_url, FAST))
+    env = {**os.environ, "ENRICH_FAILPOINT": "mid_write:2:INT"}
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, env=env, timeout=300)
+    first = ended(done.stdout.decode())
+    assert first["raised"] == "KeyboardInterrupt", first
+    assert "call enrich_frame again" in first["message"] and str(journal) in first["message"], first
+    assert_each_row_once(emu, 503)
+    again = ended(
+        subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, timeout=300).stdout.decode()
+    )
+    assert again == {"raised": None, "completed": 503, "rows": 503, "own_hq": True}
     assert_each_row_once(emu, 503)
 
 
