@@ -176,7 +176,9 @@ def _parser() -> argparse.ArgumentParser:
         help="processors to try, weakest first (default: the job's own, [task] processor then [escalate] "
         "processors, when the config sets either; else lite,base,core)",
     )
-    pi.add_argument("--seed", type=int, default=0, help="seed of the sample and of the bootstrap (default: 0)")
+    pi.add_argument(
+        "--seed", type=int, default=0, help="seed of the sample and of the forecast intervals' draws (default: 0)"
+    )
     pi.add_argument(
         "--target-accepted",
         type=fraction,
