@@ -1304,7 +1304,7 @@ def pilot_job(
                         raise ConfigError(
                             f"{cfg.input.path}: no rows to research (after [input] where): nothing to pilot"
                         )
-                    _check_pilot_budget(cfg, journal, reuse, sample, names, prices, announce)
+                    _check_pilot_budget(cfg, journal, reuse, sample, names, prices, announce, total)
                     journal.set("emulated", emulated)
                     record_job(job, journal)  # the job is the config's, never a pass's
                 have = reuse.find(_keys(sample, [p]))
@@ -1371,9 +1371,10 @@ def _check_pilot_budget(
     names: list[str],
     prices: dict[str, int],
     announce: Any,
+    total: int,
 ) -> None:
     """Say the pilot's worst case (every sampled row on every processor at list price, and what of it is not paid
-    yet) before anything is sent; refuse (ConfigError, exit 2) when what is not paid yet exceeds the budget left or
+    yet, beside the `total` rows to research on the strongest processor alone) before anything is sent; refuse (ConfigError, exit 2) when what is not paid yet exceeds the budget left or
     today's daily budget left (the spend ledger, across the jobs sharing it)."""
     keys = _keys(sample, names)
     found = reuse.find(keys)
@@ -1383,6 +1384,7 @@ def _check_pilot_budget(
         announce(
             f"pilot: {len(sample)} rows x {len(names)} processors ({', '.join(names)}): worst case {usd4(worst)}"
             + (f", {usd4(todo)} of it not paid yet" if todo != worst else "")
+            + _pilot_share(worst, total, names[-1], prices[names[-1]])
         )
     budget = cfg.budget_micros
     left = None if budget is None else budget - journal.spent_micros()
@@ -1401,6 +1403,19 @@ def _check_pilot_budget(
             f"{usd4(daily)} today, UTC; it resets at {iso_z(next_reset(now))}); nothing was sent: raise "
             "[limits] daily_budget_usd, wait for the reset, or pass fewer --rows or --processors"
         )
+
+
+def _pilot_share(worst: int, total: int, strongest: str, price: int) -> str:
+    """What the pilot's worst case is beside the whole file on the strongest listed processor alone: a pilot that is
+    a large share of it is worth shrinking (--rows), since the runs the chosen strategy would not buy are lost.
+
+    >>> _pilot_share(2_000_000, 503, "core", 25_000)
+    '; the whole file (503 rows) on core alone: $12.5750, the pilot 16% of it'
+    """
+    whole = total * price
+    if whole <= 0:
+        return ""
+    return f"; the whole file ({total:,} rows) on {strongest} alone: {usd4(whole)}, the pilot {worst / whole:.0%} of it"
 
 
 def usd4(micros: int) -> str:

@@ -23,6 +23,7 @@ import pytest
         "enrich.runmeta",
         "enrich.storage",
         "enrich.pilot",
+        "enrich.job",
     ],
 )
 def test_docstring_examples(module: str) -> None:

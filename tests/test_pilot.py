@@ -202,6 +202,7 @@ def test_pilot_then_run_pays_at_most_once_per_row_and_processor(tmp_path: Path, 
     )
     assert r.returncode == 0 and paid(emu.ledger()) == pilot, r.stderr  # the same pilot again pays nothing
     assert "$0.0000 of it not paid yet" in r.stderr
+    assert "the whole file (60 rows) on core alone: $1.5000, the pilot 53% of it" in r.stderr  # $0.80 of $1.50
     data = json.loads((tmp_path / "out.pilot.json").read_text())
     assert data["sample_rows"] == 20 and data["rows_total"] == 60 and len(data["strategies"]) == 15
     assert sum(s["recommended"] for s in data["strategies"]) == 1 and "[task]" in data["recommended"]["toml"]
