@@ -24,10 +24,47 @@ def _n(x: float) -> str:
     return f"{x:.1f}".rstrip("0").rstrip(".")
 
 
+CHAR_W, LINE_H = 7.0, 11.0  # a digit's advance and a line's height at the chart's 11px font
+
+
+def place_labels(points: list[tuple[float, float, float]], texts: list[str]) -> list[tuple[float, float]]:
+    """A text baseline (x, y) for each point's label (points are (x, y, radius)): the first of eight spots around
+    the point whose box overlaps no label placed before it and no point, else the first spot, so strategies that
+    land close together keep readable numbers.
+
+    >>> place_labels([(100, 100, 4), (104, 100, 4)], ["1", "2"])
+    [(106.0, 115.0), (110.0, 96.0)]
+    """
+    placed: list[tuple[float, float, float, float]] = []  # label boxes: left, top, right, bottom
+
+    def clear(box: tuple[float, float, float, float]) -> bool:
+        left, top, right, bottom = box
+        if any(left < b[2] and b[0] < right and top < b[3] and b[1] < bottom for b in placed):
+            return False
+        return not any(
+            left < px + pr and px - pr < right and top < py + pr and py - pr < bottom for px, py, pr in points
+        )
+
+    out = []
+    for (x, y, r), text in zip(points, texts, strict=True):
+        w = CHAR_W * len(text)
+        spots = [
+            (x + r + 2, y - r), (x + r + 2, y + r + LINE_H), (x - r - 2 - w, y - r), (x - r - 2 - w, y + r + LINE_H),
+            (x - w / 2, y - r - 3), (x - w / 2, y + r + LINE_H + 3), (x + r + 2, y + LINE_H / 2 - 1),
+            (x - r - 2 - w, y + LINE_H / 2 - 1),
+        ]  # fmt: skip
+        boxes = [(sx, sy - LINE_H + 2, sx + w, sy + 2) for sx, sy in spots]
+        k = next((k for k, b in enumerate(boxes) if clear(b)), 0)
+        placed.append(boxes[k])
+        out.append((float(spots[k][0]), float(spots[k][1])))
+    return out
+
+
 def scatter(strategies: list[Mapping[str, Any]]) -> str:
     """One point per strategy at (full-run cost, accepted share) with its 90% intervals as whiskers; the
     recommended one drawn larger and named in the title. Labels are numbers drawn beside the points, keyed to the
-    table below the chart (a long strategy name never overlaps another)."""
+    table below the chart (a long strategy name never overlaps another), each placed clear of the others where one
+    of eight spots around its point allows (`place_labels`)."""
     xs = [s["to_pay_interval_usd"][1] for s in strategies] or [1.0]
     xt = ticks(max(xs) or 1.0)
     x_top = xt[-1] or 1.0
@@ -60,6 +97,8 @@ def scatter(strategies: list[Mapping[str, Any]]) -> str:
         f'<text x="{_n(LEFT + pw / 2)}" y="{_n(HEIGHT - 10)}" text-anchor="middle">full-run cost (USD)</text>'
         f'<text transform="translate(14 {_n(TOP + ph / 2)}) rotate(-90)" text-anchor="middle">accepted share</text>'
     )
+    points = [(px(s["to_pay_usd"]), py(s["accepted"]), 7.0 if s["recommended"] else 4.0) for s in strategies]
+    labels = place_labels(points, [str(i + 1) for i in range(len(strategies))])
     for i, s in enumerate(strategies):
         x, y = px(s["to_pay_usd"]), py(s["accepted"])
         lo, hi = s["to_pay_interval_usd"]
@@ -72,7 +111,7 @@ def scatter(strategies: list[Mapping[str, Any]]) -> str:
             f'stroke="{colour}" opacity="0.6"/>'
             f'<circle cx="{_n(x)}" cy="{_n(y)}" r="{r}" fill="{colour}"'
             + (' stroke="#000" stroke-width="2"' if s["recommended"] else "")
-            + f'/><text x="{_n(x + r + 2)}" y="{_n(y - r)}">{i + 1}</text></g>'
+            + f'/><text x="{_n(labels[i][0])}" y="{_n(labels[i][1])}">{i + 1}</text></g>'
         )
     rec = next((s["name"] for s in strategies if s["recommended"]), "")
     title = f"Cost vs accepted share per strategy (recommended: {rec})"

@@ -24,6 +24,7 @@ import pytest
         "enrich.storage",
         "enrich.pilot",
         "enrich.job",
+        "enrich.pilot_page",
     ],
 )
 def test_docstring_examples(module: str) -> None:

@@ -37,7 +37,7 @@ from enrich.pilot import (
     selection_optimism,
     strategies,
 )
-from enrich.pilot_page import render
+from enrich.pilot_page import place_labels, render
 from tests.conftest import run_enrich, write_config
 
 PRICES = {"lite": 5_000, "base": 10_000, "core": 25_000}
@@ -335,6 +335,16 @@ def test_compare_marks_one_recommendation_and_its_snippet_is_valid_toml() -> Non
     assert [s["recommended"] for s in data["strategies"]].count(True) == 1
     snippet = tomllib.loads(data["recommended"]["toml"])
     assert snippet["task"]["processor"] == "lite" and snippet["escalate"]["processors"] == ["core"]
+
+
+def test_the_charts_numbers_of_strategies_that_land_together_do_not_overlap() -> None:
+    """Three strategies within a few pixels (core alone and a dear ladder often are): three label boxes apart."""
+    points = [(300.0, 120.0, 4.0), (303.0, 121.0, 4.0), (300.0, 124.0, 7.0)]
+    spots = place_labels(points, ["3", "12", "15"])
+    boxes = [(x, y - 9, x + 7 * len(t), y + 2) for (x, y), t in zip(spots, ["3", "12", "15"], strict=True)]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            assert not (a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]), (a, b)
 
 
 def test_the_pilot_page_escapes_every_text() -> None:
