@@ -374,9 +374,12 @@ def _admit(cfg: RunConfig, journal: Journal, identity: dict[str, Any], emulated:
     job's journal (identity; `adopt` takes over one whose output moved), and the spend ledger is attached."""
     mode = journal.get("emulated")
     if mode is not None and mode != emulated and journal.get("taskgroup_id"):
+        # another --journal alone is not enough on the command line: the output still holds the other origin's
+        # researched rows, and a new journal beside them is refused so as not to pay for them again
         raise JournalError(
             f"{journal.path}: this journal holds {'emulated' if mode else 'real'} results; "
-            f"use another {advice('--journal', 'journal=')} for {'emulated' if emulated else 'real'} runs"
+            f"use another {advice('--output (and --journal, if you gave one)', 'journal=')} "
+            f"for {'emulated' if emulated else 'real'} runs"
         )
     journal.check_identity(identity, adopt)
     if cfg.limits.daily_budget_usd is not None or cfg.limits.spend_ledger is not None:
