@@ -38,6 +38,7 @@ from enrich.job import (
 )
 from enrich.journal import Journal
 from enrich.processors import PROCESSORS
+from enrich.report import run_lines
 from enrich.scale.governor import GovernorState
 from enrich.scale.merge import MANIFEST
 from enrich.scale.partition import cut, parts_dir_for
@@ -260,7 +261,8 @@ def test_partitioned_output_equals_single_process_then_resume_sends_nothing(
     assert {p: c["runs"] for p, c in report["cost_by_processor"].items()} == {
         p: c["runs"] for p, c in solo["cost_by_processor"].items()
     }
-    assert f"paid runs: 400 for ${400 * PRICE:.4f}" in res.message
+    said = run_lines(res.message, res.report)  # what `enrich run --ray` prints, once each
+    assert sum(line.strip().startswith(f"paid runs: 400 for ${400 * PRICE:.4f}") for line in said) == 1, said
     st = run_enrich("status", str(tmp_path / "multi.csv.journal.sqlite"), "--json")
     info = json.loads(st.stdout)
     assert info["partitioned"] and info["counts"] == {"done": 400} and len(info["per_partition"]) == 3
