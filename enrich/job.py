@@ -221,6 +221,17 @@ def differences(given: RunConfig, recorded: RunConfig) -> list[str]:
     return out
 
 
+def _refuse_partitioned(jpath: Path) -> None:
+    """A `--ray` job has no journal of its own, only its partitions': say so, and what to give instead (its
+    journal path is otherwise "no such journal", as if the job had never run)."""
+    if not jpath.is_file() and (cut := scale_status.partition_plan(jpath)) is not None:
+        raise JournalError(
+            f"{jpath}: a --ray job keeps one journal per partition; give one of them, e.g. "
+            f"{cut.journal(cut.partitions[0]) if cut.partitions else cut.parts_dir} "
+            "(`enrich run ... --ray` again merges their outputs)"
+        )
+
+
 def open_job(
     target: str | Path,
     overrides: Mapping[str, Any] | None = None,
@@ -242,10 +253,12 @@ def open_job(
     if path.suffix.lower() == ".toml":
         given = job_for(load_config(path, dict(overrides or {}), flags=flags))
         jpath = given.journal_path
+        _refuse_partitioned(jpath)
         if not jpath.is_file():
             raise JournalError(f"{jpath}: no journal for this job (output {given.output}); run it first")
     else:
         jpath = path
+        _refuse_partitioned(jpath)
         if config is not None:  # a journal and its config: the config is checked against the recorded job
             given = Job(load_config(config, dict(overrides or {}), flags=flags), jpath)
             path = Path(config)
