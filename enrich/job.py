@@ -24,6 +24,7 @@ import itertools
 import json
 import os
 import random
+import shlex
 import signal
 import sys
 import threading
@@ -279,9 +280,17 @@ def open_job(
             )
         return given, journal, notes
     if given is not None and (diff := differences(given.cfg, job.cfg)):
+        # the run command that applies them is the one this job ran with: its flags, and --emulator for an
+        # emulated job (without it, `run` asks for a key, and with one refuses the emulated journal)
+        again = ["enrich", "run", str(path)]
+        for setting, value in (overrides or {}).items():
+            if value is not None and flags and setting in flags:
+                again += [flags[setting], str(value)]
+        if journal.get("emulated"):
+            again.append("--emulator")
         notes.append(
             f"note: {path} differs from the job recorded in {jpath} ({', '.join(diff)}); using the job as "
-            f"last run. `enrich run {path}` applies the new settings"
+            f"last run. `{shlex.join(again)}` applies the new settings"
         )
     return job, journal, notes
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -179,3 +180,25 @@ def test_a_real_run_after_an_emulated_one_is_told_what_to_change_and_that_works(
     assert "holds emulated results" in r.stderr and "--output" in r.stderr, r.stderr
     r = run_enrich("run", str(cfg), "--base-url", server.base_url, "--output", str(tmp_path / "real.csv"))
     assert r.returncode == 0, r.stderr
+
+
+def test_the_note_on_a_changed_config_gives_the_run_command_that_applies_it(tmp_path: Path) -> None:
+    """A config changed after `run --output X --emulator`: the note names that command, and it runs (exit 0)."""
+    src = tmp_path / "in.csv"
+    src.write_text((ROOT / "data/companies.csv").read_text(encoding="utf-8"), encoding="utf-8")
+    cfg = write_config(
+        tmp_path / "job.toml",
+        input_path=src,
+        output=tmp_path / "out.csv",
+        key=["company"],
+        columns=["company", "website"],
+        emulator="time_scale = 0",
+    )
+    alt = str(tmp_path / "alt.csv")
+    assert run_enrich("run", str(cfg), "--output", alt, "--emulator").returncode == 0
+    cfg.write_text(cfg.read_text() + GATE)  # a projection setting changes
+    r = run_enrich("review", "apply", str(cfg), str(tmp_path / "alt.review.csv"), "--output", alt)
+    assert r.returncode == 0 and "differs from the job recorded" in r.stderr, r.stderr
+    command = r.stderr.split("last run. `")[1].split("`")[0]
+    assert command == shlex.join(["enrich", "run", str(cfg), "--output", alt, "--emulator"]), r.stderr
+    assert run_enrich(*shlex.split(command)[1:]).returncode == 0
