@@ -509,6 +509,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        if path.suffix.lower() in OUTPUT_SUFFIXES:  # the data file given where the config goes
+            raise ConfigError(
+                f"{path}: a data file, not a TOML config; `enrich init {path}` writes a starter config from it"
+            ) from None
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 

@@ -24,6 +24,7 @@ import itertools
 import json
 import os
 import random
+import shlex
 import signal
 import sys
 import threading
@@ -221,6 +222,17 @@ def differences(given: RunConfig, recorded: RunConfig) -> list[str]:
     return out
 
 
+def _refuse_partitioned(jpath: Path) -> None:
+    """A `--ray` job has no journal of its own, only its partitions': say so, and what to give instead (its
+    journal path is otherwise "no such journal", as if the job had never run)."""
+    if not jpath.is_file() and (cut := scale_status.partition_plan(jpath)) is not None:
+        raise JournalError(
+            f"{jpath}: a --ray job keeps one journal per partition; give one of them, e.g. "
+            f"{cut.journal(cut.partitions[0]) if cut.partitions else cut.parts_dir} "
+            "(`enrich run ... --ray` again merges their outputs)"
+        )
+
+
 def open_job(
     target: str | Path,
     overrides: Mapping[str, Any] | None = None,
@@ -242,10 +254,12 @@ def open_job(
     if path.suffix.lower() == ".toml":
         given = job_for(load_config(path, dict(overrides or {}), flags=flags))
         jpath = given.journal_path
+        _refuse_partitioned(jpath)
         if not jpath.is_file():
             raise JournalError(f"{jpath}: no journal for this job (output {given.output}); run it first")
     else:
         jpath = path
+        _refuse_partitioned(jpath)
         if config is not None:  # a journal and its config: the config is checked against the recorded job
             given = Job(load_config(config, dict(overrides or {}), flags=flags), jpath)
             path = Path(config)
@@ -266,9 +280,17 @@ def open_job(
             )
         return given, journal, notes
     if given is not None and (diff := differences(given.cfg, job.cfg)):
+        # the run command that applies them is the one this job ran with: its flags, and --emulator for an
+        # emulated job (without it, `run` asks for a key, and with one refuses the emulated journal)
+        again = ["enrich", "run", str(path)]
+        for setting, value in (overrides or {}).items():
+            if value is not None and flags and setting in flags:
+                again += [flags[setting], str(value)]
+        if journal.get("emulated"):
+            again.append("--emulator")
         notes.append(
             f"note: {path} differs from the job recorded in {jpath} ({', '.join(diff)}); using the job as "
-            f"last run. `enrich run {path}` applies the new settings"
+            f"last run. `{shlex.join(again)}` applies the new settings"
         )
     return job, journal, notes
 
@@ -374,9 +396,12 @@ def _admit(cfg: RunConfig, journal: Journal, identity: dict[str, Any], emulated:
     job's journal (identity; `adopt` takes over one whose output moved), and the spend ledger is attached."""
     mode = journal.get("emulated")
     if mode is not None and mode != emulated and journal.get("taskgroup_id"):
+        # another --journal alone is not enough on the command line: the output still holds the other origin's
+        # researched rows, and a new journal beside them is refused so as not to pay for them again
         raise JournalError(
             f"{journal.path}: this journal holds {'emulated' if mode else 'real'} results; "
-            f"use another {advice('--journal', 'journal=')} for {'emulated' if emulated else 'real'} runs"
+            f"use another {advice('--output (and --journal, if you gave one)', 'journal=')} "
+            f"for {'emulated' if emulated else 'real'} runs"
         )
     journal.check_identity(identity, adopt)
     if cfg.limits.daily_budget_usd is not None or cfg.limits.spend_ledger is not None:

@@ -745,6 +745,8 @@ def read_xlsx(
     types becomes text. Raises InputError naming file, sheet and row.
     """
     spath = str(path)
+    if not Path(spath).exists():  # fastexcel says so as an "I/O error" of its own, not FileNotFoundError
+        raise InputError(spath, "file not found")
     try:
         reader = fastexcel.read_excel(spath)
     except FileNotFoundError:

@@ -92,7 +92,9 @@ class ResultCache:
             raise CacheError(f"{path}: is a directory, not a results cache file")
         exists = path.is_file() and path.stat().st_size > 0
         if not exists and not create:
-            raise CacheError(f"{path}: no such results cache")
+            raise CacheError(
+                f"{path}: no such results cache; a job makes it when it runs with --cache PATH or [cache] path"
+            )
         try:
             if not exists:
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import polars as pl
 import pytest
 
 from enrich.config import build_task_spec, load_config
@@ -58,6 +59,20 @@ def test_errors_name_file_and_key(tmp_path: Path, text: str, where: str) -> None
         load_config(path)
     assert str(info.value).startswith(str(path)) and where in str(info.value)
     assert not any(w in str(info.value) for w in ("Input should", "Value error", "pydantic")), "pydantic wording leaked"
+
+
+@pytest.mark.parametrize("name", ["companies.csv", "companies.parquet"])
+def test_a_data_file_given_as_the_config_is_told_to_run_enrich_init(tmp_path: Path, name: str) -> None:
+    """`enrich run data.csv` (the data where the config goes) says to write a config with `enrich init data.csv`."""
+    data = tmp_path / name
+    frame = pl.read_csv(ROOT / "data/companies.csv")
+    frame.write_csv(data) if name.endswith(".csv") else frame.write_parquet(data)
+    with pytest.raises(ConfigError) as info:
+        load_config(data)
+    assert (
+        str(info.value)
+        == f"{data}: a data file, not a TOML config; `enrich init {data}` writes a starter config from it"
+    )
 
 
 def test_output_schema_file_is_checked(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -158,3 +159,46 @@ def test_a_correction_beyond_int64_is_refused_and_an_old_one_cannot_break_the_jo
         r = run_enrich(*args)
         assert r.returncode == 0 and "Traceback" not in r.stderr, (args, r.stderr)
     assert _cells(tmp_path / "out.parquet")[(year["company"], "founded_year")][0] != "human_corrected"
+
+
+def test_a_real_run_after_an_emulated_one_is_told_what_to_change_and_that_works(tmp_path: Path, emulator: Any) -> None:
+    """A run without --emulator on an emulated job's journal is refused (exit 2) naming --output, and that runs."""
+    src = tmp_path / "in.csv"
+    src.write_text((ROOT / "data/companies.csv").read_text(encoding="utf-8"), encoding="utf-8")
+    cfg = write_config(
+        tmp_path / "job.toml",
+        input_path=src,
+        output=tmp_path / "out.csv",
+        key=["company"],
+        columns=["company", "website"],
+        emulator="time_scale = 0",
+    )
+    assert run_enrich("run", str(cfg), "--emulator").returncode == 0
+    server = emulator(time_scale=0.0)  # another server: to this command, the real API
+    r = run_enrich("run", str(cfg), "--base-url", server.base_url)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "holds emulated results" in r.stderr and "--output" in r.stderr, r.stderr
+    r = run_enrich("run", str(cfg), "--base-url", server.base_url, "--output", str(tmp_path / "real.csv"))
+    assert r.returncode == 0, r.stderr
+
+
+def test_the_note_on_a_changed_config_gives_the_run_command_that_applies_it(tmp_path: Path) -> None:
+    """A config changed after `run --output X --emulator`: the note names that command, and it runs (exit 0)."""
+    src = tmp_path / "in.csv"
+    src.write_text((ROOT / "data/companies.csv").read_text(encoding="utf-8"), encoding="utf-8")
+    cfg = write_config(
+        tmp_path / "job.toml",
+        input_path=src,
+        output=tmp_path / "out.csv",
+        key=["company"],
+        columns=["company", "website"],
+        emulator="time_scale = 0",
+    )
+    alt = str(tmp_path / "alt.csv")
+    assert run_enrich("run", str(cfg), "--output", alt, "--emulator").returncode == 0
+    cfg.write_text(cfg.read_text() + GATE)  # a projection setting changes
+    r = run_enrich("review", "apply", str(cfg), str(tmp_path / "alt.review.csv"), "--output", alt)
+    assert r.returncode == 0 and "differs from the job recorded" in r.stderr, r.stderr
+    command = r.stderr.split("last run. `")[1].split("`")[0]
+    assert command == shlex.join(["enrich", "run", str(cfg), "--output", alt, "--emulator"]), r.stderr
+    assert run_enrich(*shlex.split(command)[1:]).returncode == 0

@@ -38,6 +38,7 @@ from enrich.job import (
 )
 from enrich.journal import Journal
 from enrich.processors import PROCESSORS
+from enrich.report import run_lines
 from enrich.scale.governor import GovernorState
 from enrich.scale.merge import MANIFEST
 from enrich.scale.partition import cut, parts_dir_for
@@ -260,7 +261,8 @@ def test_partitioned_output_equals_single_process_then_resume_sends_nothing(
     assert {p: c["runs"] for p, c in report["cost_by_processor"].items()} == {
         p: c["runs"] for p, c in solo["cost_by_processor"].items()
     }
-    assert f"paid runs: 400 for ${400 * PRICE:.4f}" in res.message
+    said = run_lines(res.message, res.report)  # what `enrich run --ray` prints, once each
+    assert sum(line.strip().startswith(f"paid runs: 400 for ${400 * PRICE:.4f}") for line in said) == 1, said
     st = run_enrich("status", str(tmp_path / "multi.csv.journal.sqlite"), "--json")
     info = json.loads(st.stdout)
     assert info["partitioned"] and info["counts"] == {"done": 400} and len(info["per_partition"]) == 3
@@ -293,6 +295,28 @@ def test_partitions_on_a_local_ray_share_the_results_cache(
     b = pl.read_csv(tmp_path / "b.csv", infer_schema=False)
     assert b["_enrich_run_id"].to_list() == a["_enrich_run_id"].to_list()
     assert frame(tmp_path / "b.csv").equals(frame(tmp_path / "a.csv"))
+
+
+def test_export_review_and_calibrate_of_a_ray_jobs_journal_name_its_partition_journals(
+    tmp_path: Path, local_ray: None, emu: EmulatorProcess
+) -> None:
+    """export, review apply and calibrate given a --ray job (journal or config) exit 2 naming a partition journal."""
+    inp = make_rows(tmp_path / "in.csv", 40)
+    cfg = config(tmp_path, "p", inp, tmp_path / "p.csv")
+    res = run_partitioned(load_config(cfg, {"api.base_url": emu.base_url}), address=None, partitions=2, api_key="k")
+    assert res.exit_code == EXIT_OK, res.message
+    journal = str(tmp_path / "p.csv.journal.sqlite")
+    part = str(parts_dir_for(Path(journal)) / "part-00000.sqlite")
+    review = str(parts_dir_for(Path(journal)) / "part-00000.review.csv")
+    for args in (
+        ("export", journal, "--output", str(tmp_path / "again.csv")),
+        ("calibrate", journal),
+        ("review", "apply", str(cfg), review),
+    ):
+        r = run_enrich(*args)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert "one journal per partition" in r.stderr and part in r.stderr, r.stderr
+    assert run_enrich("export", part, "--output", str(tmp_path / "again.csv")).returncode == 0  # as it says
 
 
 def test_directory_output_is_a_dataset_with_a_manifest(tmp_path: Path, local_ray: None, emu: EmulatorProcess) -> None:

@@ -597,7 +597,8 @@ def test_cache_stats_and_prune(tmp_path: Path, sp500: Path, emulator_process) ->
     assert r.returncode == 0 and "removed 5 entries" in r.stderr, r.stderr
     assert json.loads(run_enrich("cache", "stats", str(cache), "--json").stdout)["entries"] == 15
     assert run_enrich("cache", "prune", str(cache), "--older-than", "soon").returncode == 2
-    assert run_enrich("cache", "stats", str(tmp_path / "none.sqlite")).returncode == 2
+    r = run_enrich("cache", "stats", str(tmp_path / "none.sqlite"))
+    assert r.returncode == 2 and "--cache PATH or [cache] path" in r.stderr, r.stderr  # says how one is made
 
 
 # ---- 3. rows that need no research ----------------------------------------------------------------------------

@@ -90,6 +90,7 @@ def test_sp500_xlsx_in_xlsx_out(tmp_path: Path, sp500: Path, emulator_process) -
         ("duplicate", "[Constituents] row 8: duplicate key"),
         ("missing_sheet", "no sheet named 'Nope'"),
         ("corrupt", "not a readable .xlsx workbook"),
+        ("absent", "file not found"),  # not a calamine I/O error: said as for .csv and .parquet
         ("missing_column", "[Constituents] row 1: missing column(s) ['Security']"),
         ("empty_key", "[Constituents] row 4: empty key"),
     ],
@@ -117,7 +118,7 @@ def test_bad_workbook_exits_2_naming_sheet_and_row(
         )
     if case == "corrupt":
         book.write_bytes(b"PK\x03\x04" + b"\x00garbage" * 64)
-    else:
+    elif case != "absent":
         df.write_excel(book, worksheet=sheet)
     cfg = _config(tmp_path, book, tmp_path / "out.xlsx", sheet="Nope" if case == "missing_sheet" else None)
     r = run_enrich("run", str(cfg), "--base-url", emu.base_url)

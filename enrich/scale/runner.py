@@ -50,7 +50,7 @@ from enrich.errors import (
 from enrich.files import XLSX_SUFFIXES, atomic_json, report_json_path
 from enrich.job import JobResult, left_undone, run_job
 from enrich.processors import PROCESSORS, strength
-from enrich.report import UNATTRIBUTED, summary_lines
+from enrich.report import UNATTRIBUTED
 from enrich.scale.governor import (
     ActorGovernor,
     GovernorState,
@@ -669,7 +669,7 @@ def _finish(
         f"${spend:.4f} across {len(plan.partitions)} partitions{' [EMULATED]' if report['emulated'] else ''}"
     )
     code = worst(codes)
-    lines = [summary, *summary_lines({k: report[k] for k in ("cost_by_processor", "runs_paid", "spend_usd")})]
+    lines = [summary]  # the summary under it (runs and cost per processor) is added from the report: run_lines
     bad = [r for r in results.values() if r["exit_code"] not in (EXIT_OK, EXIT_BUDGET)]
     for r in bad[:3]:
         lines.append(r["message"].splitlines()[-1])
