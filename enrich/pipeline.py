@@ -35,7 +35,7 @@ from enrich.config import (
     output_fields,
     spec_fingerprint,
 )
-from enrich.decide import escalate_pass
+from enrich.decide import climb_rates, escalate_pass
 from enrich.errors import (
     ApiError,
     ApiUnavailable,
@@ -236,8 +236,10 @@ def plan_summary(cfg: RunConfig, prep: Prepared, journal: Journal) -> dict[str, 
 
     With an escalation ladder the cost includes its steps: `ladder_worst_case_usd` has every row still to
     be run (to submit, in flight, or waiting to climb) paying every rung above where it is;
-    `estimated_cost_usd` adds the expected climbs when the share of finished rows that would climb is known
-    (`escalation_share`), and is the first step plus the steps already waiting (a lower bound) until then."""
+    `estimated_cost_usd` adds the expected climbs of the rows still to run once finished rows show how often a row
+    climbs past each rung (`decide.climb_rates`: replayed on the results they hold, a pilot's too;
+    `escalation_share` is the first rung's), and is the first step plus the steps already waiting (a lower bound)
+    until then."""
     proc = PROCESSORS[cfg.task.processor]
     c = prep.counts
     # twins wait for one row's run and rows the shared cache holds need none: N distinct inputs in M rows
@@ -253,10 +255,11 @@ def plan_summary(cfg: RunConfig, prep: Prepared, journal: Journal) -> dict[str, 
             if p in ladder[1:]:
                 steps[p] = steps.get(p, 0) + n
         climbs: Counter[str] = Counter()
-        seen = escalate_pass(journal, cfg, journal.get("epoch", 0), list(prep.fields), dry=True, targets=climbs)
+        escalate_pass(journal, cfg, journal.get("epoch", 0), list(prep.fields), dry=True, targets=climbs)
         for p, n in climbs.items():
             steps[p] = steps.get(p, 0) + n
-        share = seen["would_climb"] / seen["checked"] if seen["checked"] else None
+        rates = climb_rates(journal, cfg, journal.get("epoch", 0), list(prep.fields))
+        share = rates[0] if rates else None
     n_steps = sum(steps.values())
     runs = to_submit + n_steps
     lo, hi = proc.latency_s
@@ -282,12 +285,15 @@ def plan_summary(cfg: RunConfig, prep: Prepared, journal: Journal) -> dict[str, 
         # rows in flight are paid already (spent); they may climb like rows still to submit
         worst = to_submit * sum(prices) + in_flight * sum(prices[1:]) + sum(n * above(p) for p, n in steps.items())
         est: float | None = None
-        if share is not None:
+        if share is not None:  # a rung no finished row reached climbs as the rung below it did
             est = float(first_step + step_cost)
-            climbing = (to_submit + in_flight) * share
-            for price in prices[1:]:
+            climbing = float(to_submit + in_flight)
+            rate: float = share
+            for i, price in enumerate(prices[1:]):
+                known = rates[i]
+                rate = known if known is not None else rate
+                climbing *= rate
                 est += climbing * price
-                climbing *= share
             estimate = round(est)
         ladder_info = {
             "ladder": ladder,
@@ -366,7 +372,7 @@ def format_plan(plan: dict[str, Any]) -> str:
             f"escalation ladder    {' -> '.join(ladder)}: ${plan['first_step_cost_usd']:,.2f} on "
             f"{plan['processor']}, worst case ${plan['ladder_worst_case_usd']:,.2f} (every row climbing every rung); "
             + (
-                f"estimate ${plan['ladder_estimate_usd']:,.2f} ({share:.0%} of finished rows would climb)"
+                f"estimate ${plan['ladder_estimate_usd']:,.2f} ({share:.0%} of finished rows climb past {ladder[0]})"
                 if share is not None
                 else "no finished rows yet to estimate the share that climbs"
             )

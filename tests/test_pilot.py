@@ -319,6 +319,9 @@ def test_plan_shows_the_pilot_forecast_once_a_pilot_exists(tmp_path: Path, sp500
     assert after.returncode == 0, after.stderr
     line = next(x for x in after.stdout.splitlines() if x.startswith("pilot forecast"))
     assert f"${mine['to_pay_usd']:,.4f}" in line and f"{mine['accepted']:.0%}" in line, after.stdout
+    # plan's own escalation estimate replays the same piloted rows: the same figure, not the first step alone
+    ladder = next(x for x in after.stdout.splitlines() if x.startswith("escalation ladder"))
+    assert f"estimate ${mine['to_pay_usd']:,.2f} (" in ladder, after.stdout
     text = cfg.read_text()
     for on, name in ((["review"], "lite>core on review"), (["review", "rejected"], "lite>core on rejected+review")):
         cfg.write_text(text.replace('on = ["rejected"]', f"on = {json.dumps(on)}"))  # `on` in either order
