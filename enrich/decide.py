@@ -25,6 +25,7 @@ from typing import Any
 from enrich.config import RunConfig, build_task_spec, output_fields
 from enrich.gate import MergedRow, Verdict, apply_verdicts, merge, needs_escalation, next_processor
 from enrich.journal import Journal
+from enrich.processors import strength
 from enrich.review import fits
 
 
@@ -103,14 +104,36 @@ def escalate_pass(
     dry: bool = False,
     targets: Counter[str] | None = None,
 ) -> dict[str, int]:
-    """One pass over finished rows; returns counts {climbed, fell_back, would_climb, checked}. `targets`, when
-    given, counts the rows that climb (or would, within max_rows) by the processor they climb to."""
+    """One pass over finished rows; returns counts {climbed, fell_back, would_climb, checked, settled}. `targets`,
+    when given, counts the rows that climb (or would, within max_rows) by the processor they climb to, less the
+    steps waiting there that settle (or would).
+
+    A step waiting to be sent (a row that climbed, no run created on the rung yet, e.g. the budget stopped the job)
+    is decided again first: when its row no longer needs it (a reviewer decided the field in `on` since, or the
+    gate or `on` changed), the row settles on its best earlier answer instead of paying for the step."""
     esc = cfg.escalate
-    counts = {"climbed": 0, "fell_back": 0, "would_climb": 0, "checked": 0}
+    counts = {"climbed": 0, "fell_back": 0, "would_climb": 0, "checked": 0, "settled": 0}
     ladder = cfg.ladder
+    settles: list[tuple[int, str, str]] = []
+    if esc is not None:
+        for chunk in journal.waiting_steps(epoch, ladder):
+            verdicts = journal.verdicts_for([r[1] for r in chunk])
+            for row_id, row_key, proc, waits, input_hash, results in chunk:
+                key = tuple(str(v) for v in json.loads(row_key))
+                if needs_escalation(
+                    decided(results, fields, cfg, key, verdicts.get(row_key), input_hash).decisions, esc.on
+                ):
+                    continue
+                best = max(results, key=lambda r: strength(r[0]))  # the strongest answer so far is the row's run
+                settles.append((row_id, best[1], best[0]))
+                if targets is not None and not waits:  # a waiting twin is not a step of its own
+                    targets[proc] -= 1
+        if settles and not dry:
+            journal.settle_steps(settles, time.time())
     room = math.inf
     if esc is not None and esc.max_rows is not None:
-        room = max(0, esc.max_rows - journal.escalated_count(epoch, ladder[0]))
+        held = journal.escalated_count(epoch, ladder[0]) - (len(settles) if dry else 0)
+        room = max(0, esc.max_rows - held)
     moves: list[tuple[int, str]] = []
     falls: list[tuple[int, str]] = []
     for chunk in journal.decided_rows(epoch, ladder):
@@ -141,5 +164,5 @@ def escalate_pass(
             journal.log("warning", f"{len(falls)} escalation run(s) failed; those rows keep their best earlier answer")
         if moves:
             journal.climb(moves, now)
-    counts["climbed"], counts["fell_back"] = len(moves), len(falls)
+    counts["climbed"], counts["fell_back"], counts["settled"] = len(moves), len(falls), len(settles)
     return counts

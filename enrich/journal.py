@@ -13,6 +13,7 @@ Row states (`journal_sql.RowState` is their vocabulary; this is where the transi
     action_required ──the next run of the job──> submitted   (its run is asked again before anything is sent)
     pending ──a result for its (input, spec, processor) in this journal, or in the shared cache──> done
     pending (waits) ──its twin's run ended──> done | failed | timed_out   (the twin's outcome: one run, N rows)
+    pending (an escalation step, no run created on it) ──its row no longer needs it (a verdict)──> done
     any but in flight ──does not match `[input] where`──> skipped ──matches again──> pending
     in flight, not matching `[input] where` at the last seeding ──result──> skipped (kept in results; never climbs)
 

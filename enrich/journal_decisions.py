@@ -12,6 +12,7 @@ from typing import Any
 
 from enrich.errors import TransitionError
 from enrich.journal_sql import WAITS_SQL, chunks
+from enrich.processors import strength
 
 
 class DecisionStore:
@@ -105,6 +106,33 @@ class DecisionStore:
             out = [(r[0], r[2], r[3], r[4], r[5], r[6], found.get((r[6], r[7]), [])) for r in rows]
             yield [o for o in out if o[2] == "done" or o[6]]
 
+    def waiting_steps(self, epoch: int, ladder: list[str], chunk: int = 2_000) -> Iterator[list[tuple[Any, ...]]]:
+        """(id, row_key, processor, waits, input_hash, [(processor, run_id, result_json)]) of rows that climbed onto
+        a rung above the first and have no run created on it yet (pending there, its rung weaker), with a result
+        on the ladder, in input order: the escalation pass checks they still need the step before it is paid."""
+        last = -1
+        above = ladder[1:]
+        if not above:
+            return
+        marks = ",".join("?" * len(above))
+        while True:
+            rows = self.conn.execute(
+                "SELECT id, ordinal, row_key, processor, rung, waits, input_hash, spec_hash FROM rows WHERE epoch=? "
+                f"AND ordinal>? AND state='pending' AND processor IN ({marks}) ORDER BY ordinal LIMIT ?",
+                (epoch, last, *above, chunk),
+            ).fetchall()
+            if not rows:
+                return
+            last = rows[-1][1]
+            found = self._results_for([(r[6], r[7]) for r in rows], ladder)
+            # a row whose rung is this step (or above) had a run created there: that run decides, not this pass
+            out = [
+                (r[0], r[2], r[3], r[5], r[6], found.get((r[6], r[7]), []))
+                for r in rows
+                if r[4] is None or strength(r[4]) < strength(r[3])
+            ]
+            yield [o for o in out if o[5]]
+
     def _results_for(self, pairs: list[tuple[str, str]], ladder: list[str]) -> dict[tuple[str, str], list[Any]]:
         """(input_hash, spec_hash) -> [(processor, run_id, result_json)] for ladder processors (latest per one)."""
         found: dict[tuple[str, str], dict[str, tuple[str, str, str]]] = {}
@@ -133,6 +161,30 @@ class DecisionStore:
             if self.dedupe:  # the moved rows and their pending twins: who leads, who waits
                 self.twins = True
                 for part in chunks([i for i, _ in moves]):
+                    names = {f"i{n}": i for n, i in enumerate(part)}
+                    inside = ",".join(f":{k}" for k in names)
+                    c.execute(
+                        WAITS_SQL.format(
+                            scope=f"rows.input_hash IN (SELECT input_hash FROM rows WHERE id IN ({inside}))"
+                        ),
+                        names,
+                    )
+
+    def settle_steps(self, items: list[tuple[int, str, str]], now: float) -> None:
+        """pending -> done for climbed rows whose step is no longer needed before any run was created on it (a
+        reviewer decided the field that made the row climb, or the gate or `on` changed): (id, run_id, processor)
+        of the best earlier result the row keeps. Twins waiting for one of them are decided again (WAITS_SQL)."""
+        with self.tx() as c:
+            self._move(
+                c,
+                "UPDATE rows SET state='done', run_id=?, processor=?, next_at=NULL, error=NULL, finished_at=?, "
+                "waits=0 WHERE id=? AND state='pending'",
+                [(r, p, now, i) for i, r, p in items],
+                "settle_steps",
+            )
+            if self.dedupe:
+                self.twins = True
+                for part in chunks([i for i, _, _ in items]):
                     names = {f"i{n}": i for n, i in enumerate(part)}
                     inside = ",".join(f":{k}" for k in names)
                     c.execute(

@@ -138,6 +138,51 @@ def test_escalation_on_review_alone_climbs_exactly_the_rows_with_a_field_in_revi
     )
 
 
+def review_lines(path: Path) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_review(lines: list[dict[str, str]], path: Path) -> Path:
+    with path.open("w", encoding="utf-8", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(lines[0]))
+        w.writeheader()
+        w.writerows(lines)
+    return path
+
+
+def test_a_step_the_budget_left_waiting_is_not_paid_once_a_reviewer_decided_its_field(
+    tmp_path: Path, sp500: Path, sp_emulator: Any
+) -> None:
+    """`on = ["review"]`, the budget stops the job with rows climbed to core but not sent; a reviewer accepts the
+    review fields of half of them; the next run pays core only for the other half, and the accepted fields stay
+    human_accepted with the value reviewed (found by the adversarial trial: all were paid)."""
+    extra = '[escalate]\nprocessors = ["core"]\non = ["review"]\n'
+    cfg = job(tmp_path, sp500, extra=extra, processor="base", limits="budget_usd = 5.04", out="out.csv")
+    first = go(cfg, sp_emulator.base_url)  # 503 runs on base ($5.03); no core run ($0.025) fits
+    assert first.exit_code == EXIT_BUDGET and Counter(e["processor"] for e in ledger(sp_emulator)) == {"base": 503}
+    in_review = [r for r in review_lines(tmp_path / "out.review.csv") if r["confidence"] == "medium"]
+    rows = sorted({r["Symbol"] for r in in_review})
+    decided_rows, left = set(rows[: len(rows) // 2]), set(rows[len(rows) // 2 :])
+    assert decided_rows and left
+    accepted = [dict(r, verdict="accept", reviewer="ana") for r in in_review if r["Symbol"] in decided_rows]
+    r = run_enrich("review", "apply", str(cfg), str(write_review(accepted, tmp_path / "reviewed.csv")))
+    assert r.returncode == 0, r.stderr
+    sec = dict(pl.read_csv(sp500, infer_schema=False).select("Symbol", "Security").iter_rows())
+    again = run_job(
+        load_config(cfg, {"api.base_url": sp_emulator.base_url, "limits.budget_usd": 30}),
+        api_key="sk-test-key-1234",
+        install_signals=False,
+    )
+    assert again.exit_code == EXIT_OK, again.message
+    climbed = {e["input"]["Security"] for e in ledger(sp_emulator) if e["processor"] == "core"}
+    assert climbed == {sec[s] for s in left}
+    out = pl.read_csv(tmp_path / "out.csv", infer_schema=False)
+    for line in accepted:
+        row = out.filter(pl.col("Symbol") == line["Symbol"]).row(0, named=True)
+        assert (row[f"{line['field']}__decision"], row[line["field"]]) == ("human_accepted", line["value"])
+
+
 def test_escalation_survives_kills_without_duplicates(tmp_path: Path, sp500: Path, emulator_process) -> None:
     """SIGKILL at failpoints during escalation rounds, then resume: 0 duplicate runs per (row, processor)."""
     emu = emulator_process(
