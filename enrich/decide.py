@@ -20,10 +20,11 @@ import math
 import time
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 from enrich.config import RunConfig, build_task_spec, output_fields
-from enrich.gate import MergedRow, Verdict, apply_verdicts, merge, needs_escalation, next_processor
+from enrich.gate import MergedRow, Verdict, answer_of, apply_verdicts, merge, needs_escalation, next_processor
 from enrich.journal import Journal
 from enrich.processors import strength
 from enrich.review import fits
@@ -60,13 +61,21 @@ def decided(
     verdict_rows: list[tuple[Any, ...]] | None = None,
     input_hash: str = "",
 ) -> MergedRow:
-    """Merge (processor, run_id, result JSON or parsed dict) across tiers, then apply valid human verdicts."""
-    parsed = [(proc, json.loads(res) if isinstance(res, str) else res) for proc, _rid, res in results]
-    merged = merge(parsed, fields, cfg.gate, key=key)
+    """Merge (processor, run_id, result JSON or parsed dict) across tiers, then apply valid human verdicts.
+
+    A verdict judges the answer of the run it names while that run is still one of the row's results: a stronger
+    processor's answer that came later (the row climbed for another field) does not undo a human decision."""
+    parsed = [(proc, rid, json.loads(res) if isinstance(res, str) else res) for proc, rid, res in results]
+    merged = merge([(proc, res) for proc, _rid, res in parsed], fields, cfg.gate, key=key)
     if verdict_rows:
         schemas = output_fields(build_task_spec(cfg))
-        valid = verdicts_of(verdict_rows, key, input_hash, schemas)
-        merged = apply_verdicts(merged, [v for v in valid if v.field in fields])
+        valid = [v for v in verdicts_of(verdict_rows, key, input_hash, schemas) if v.field in fields]
+        runs = {rid: (proc, res) for proc, rid, res in parsed}
+        kept = dict(merged.fields)
+        for v in valid:
+            if v.run_id and v.run_id != kept[v.field].run_id and (ran := runs.get(v.run_id)) is not None:
+                kept[v.field] = answer_of(ran[1], v.field, ran[0], cfg.gate)
+        merged = apply_verdicts(replace(merged, fields=kept), valid)
     return merged
 
 

@@ -183,6 +183,32 @@ def test_a_step_the_budget_left_waiting_is_not_paid_once_a_reviewer_decided_its_
         assert (row[f"{line['field']}__decision"], row[line["field"]]) == ("human_accepted", line["value"])
 
 
+def test_a_row_climbing_for_another_field_keeps_the_human_decision_on_a_reviewed_one(
+    tmp_path: Path, sp500: Path, sp_emulator: Any
+) -> None:
+    """base alone, a reviewer accepts every field in review; then `[escalate]` core on rejected: rows with a rejected
+    field climb, and every accepted field stays human_accepted with the value reviewed, never core's answer (found
+    by the adversarial trial: core's later answer made the verdicts stale and replaced some values)."""
+    cfg = job(tmp_path, sp500, processor="base", out="out.csv")
+    assert go(cfg, sp_emulator.base_url).exit_code == EXIT_OK
+    accepted = [
+        dict(r, verdict="accept", reviewer="ana")
+        for r in review_lines(tmp_path / "out.review.csv")
+        if r["confidence"] == "medium"
+    ]
+    assert run_enrich("review", "apply", str(cfg), str(write_review(accepted, tmp_path / "r.csv"))).returncode == 0
+    cfg.write_text(cfg.read_text() + '\n[escalate]\nprocessors = ["core"]\non = ["rejected"]\n')
+    assert go(cfg, sp_emulator.base_url).exit_code == EXIT_OK
+    core = {e["input"]["Security"] for e in ledger(sp_emulator) if e["processor"] == "core"}
+    out = pl.read_csv(tmp_path / "out.csv", infer_schema=False)
+    sec = dict(pl.read_csv(sp500, infer_schema=False).select("Symbol", "Security").iter_rows())
+    climbed = [line for line in accepted if sec[line["Symbol"]] in core]
+    assert climbed  # some reviewed rows climbed for their other field
+    for line in accepted:
+        row = out.filter(pl.col("Symbol") == line["Symbol"]).row(0, named=True)
+        assert (row[f"{line['field']}__decision"], row[line["field"]]) == ("human_accepted", line["value"]), line
+
+
 def test_escalation_survives_kills_without_duplicates(tmp_path: Path, sp500: Path, emulator_process) -> None:
     """SIGKILL at failpoints during escalation rounds, then resume: 0 duplicate runs per (row, processor)."""
     emu = emulator_process(
