@@ -167,7 +167,10 @@ class Projection:
         epoch = self.journal.get("epoch", 0)
         for chunk in self.journal.iter_results(epoch, self.ladder, chunk=WRITE_CHUNK):
             records = []
-            verdicts = self.journal.verdicts_for([r[0] for r in chunk if r[2] == "done"])
+            # a row climbing the ladder shows its best answer so far: a reviewer's verdicts on it show too
+            verdicts = self.journal.verdicts_for(
+                [r[0] for r in chunk if r[2] == "done" or (r[2] != "skipped" and r[8])]
+            )
             for row_key, row_json, state, run_id, error, submitted_at, finished_at, input_hash, results in chunk:
                 values = json.loads(row_json)
                 result, merged = None, None
