@@ -125,18 +125,26 @@ def escalate_pass(
     ladder = cfg.ladder
     settles: list[tuple[int, str, str]] = []
     if esc is not None:
+        # twins (dedupe) share one step: it is saved only when none of them needs it any more
+        needed: set[tuple[Any, str]] = set()
+        leaders: Counter[tuple[Any, str]] = Counter()  # steps of their own (not waiting for a twin) that settle
         for chunk in journal.waiting_steps(epoch, ladder):
             verdicts = journal.verdicts_for([r[1] for r in chunk])
             for row_id, row_key, proc, waits, input_hash, results in chunk:
+                group = (input_hash if journal.dedupe else row_id, proc)
                 key = tuple(str(v) for v in json.loads(row_key))
                 if needs_escalation(
                     decided(results, fields, cfg, key, verdicts.get(row_key), input_hash).decisions, esc.on
                 ):
+                    needed.add(group)
                     continue
                 best = max(results, key=lambda r: strength(r[0]))  # the strongest answer so far is the row's run
                 settles.append((row_id, best[1], best[0]))
-                if targets is not None and not waits:  # a waiting twin is not a step of its own
-                    targets[proc] -= 1
+                leaders[group] += 0 if waits else 1
+        if targets is not None:
+            for group, n in leaders.items():
+                if group not in needed:
+                    targets[group[1]] -= n
         if settles and not dry:
             journal.settle_steps(settles, time.time())
     room = math.inf

@@ -315,7 +315,7 @@ def plan_summary(cfg: RunConfig, prep: Prepared, journal: Journal) -> dict[str, 
         "in_flight": in_flight,
         "action_required": c.get("action_required", 0),  # asked again (not paid again) by the next run
         "to_submit": to_submit,
-        "escalation_steps": {p: steps[p] for p in ladder if p in steps},
+        "escalation_steps": {p: steps[p] for p in ladder if steps.get(p, 0) > 0},
         "processor": proc.name,
         "price_per_run_usd": proc.price_micros / 1e6,
         "estimated_cost_usd": round(estimate / 1e6, 6),

@@ -206,6 +206,32 @@ def test_a_verdict_on_a_row_waiting_for_its_step_shows_at_once(tmp_path: Path, s
     assert {(r["Symbol"], r["field"]) for r in in_review if r["Symbol"] >= "M"} <= left
 
 
+def test_twins_waiting_for_one_step_pay_it_once_when_a_verdict_settles_only_one_of_them(
+    tmp_path: Path, sp500: Path, sp_emulator: Any
+) -> None:
+    """60 companies twice (dedupe: one run per input); the budget stops before core; a reviewer accepts the review
+    fields of the first copies only: plan counts one core step per input in review, the run pays exactly those, and
+    the first copies keep their verdicts (found by the adversarial trial: plan counted 0 steps)."""
+    lines = sp500.read_text(encoding="utf-8").splitlines()[:61]
+    src = tmp_path / "sp500_twins.csv"
+    twins = [ln.split(",", 1)[0] + "_2," + ln.split(",", 1)[1] for ln in lines[1:]]
+    src.write_text("\n".join([*lines, *twins]) + "\n", encoding="utf-8")
+    cfg, in_review, accepted = stopped_before_core(tmp_path, src, sp_emulator, 0.61, lambda s: not s.endswith("_2"))
+    inputs = {r["Symbol"].removesuffix("_2") for r in in_review}
+    plan = run_enrich("plan", str(cfg), "--budget", "5", key=None)
+    assert f"escalation steps     {len(inputs)} pending" in plan.stdout, plan.stdout
+    again = run_job(
+        load_config(cfg, {"api.base_url": sp_emulator.base_url, "limits.budget_usd": 5}),
+        api_key="sk-test-key-1234",
+        install_signals=False,
+    )
+    assert again.exit_code == EXIT_OK, again.message
+    sec = dict(pl.read_csv(src, infer_schema=False).select("Symbol", "Security").iter_rows())
+    core = [e["input"]["Security"] for e in ledger(sp_emulator) if e["processor"] == "core"]
+    assert sorted(core) == sorted(sec[s] for s in inputs)
+    assert_kept(tmp_path / "out.csv", accepted)
+
+
 def test_a_row_climbing_for_another_field_keeps_the_human_decision_on_a_reviewed_one(
     tmp_path: Path, sp500: Path, sp_emulator: Any
 ) -> None:
