@@ -163,14 +163,17 @@ class Projection:
         basis += [e for a in merged.fields.values() for e in a.elements]
         return {"run": run or {}, "output": {"type": "json", "content": content, "basis": basis}}, merged
 
+    @staticmethod
+    def judged(chunk: list[tuple[Any, ...]]) -> list[str]:
+        """The row keys of an `iter_results` chunk whose verdicts apply: done rows, and rows climbing the ladder
+        (a stronger run waiting or failed), which show their best answer so far and so a reviewer's verdicts."""
+        return [r[0] for r in chunk if r[2] == "done" or (r[2] != "skipped" and r[8])]
+
     def chunks(self) -> Any:
         epoch = self.journal.get("epoch", 0)
         for chunk in self.journal.iter_results(epoch, self.ladder, chunk=WRITE_CHUNK):
             records = []
-            # a row climbing the ladder shows its best answer so far: a reviewer's verdicts on it show too
-            verdicts = self.journal.verdicts_for(
-                [r[0] for r in chunk if r[2] == "done" or (r[2] != "skipped" and r[8])]
-            )
+            verdicts = self.journal.verdicts_for(self.judged(chunk))
             for row_key, row_json, state, run_id, error, submitted_at, finished_at, input_hash, results in chunk:
                 values = json.loads(row_json)
                 result, merged = None, None

@@ -13,8 +13,9 @@ import polars as pl
 import pytest
 
 from enrich.config import load_config
-from enrich.job import EXIT_BUDGET, EXIT_OK, run_job
+from enrich.job import EXIT_BUDGET, EXIT_OK, open_job, run_job
 from enrich.journal import DailyBudgetExceeded, Journal
+from enrich.review_page.queue import build_queue, row_lines
 from tests.conftest import ROOT, run_enrich, write_config
 
 FIELDS = {"headquarters_location": "string", "founded_year": "integer"}  # the bundled companies table
@@ -204,6 +205,23 @@ def test_a_verdict_on_a_row_waiting_for_its_step_shows_at_once(tmp_path: Path, s
     left = {(r["Symbol"], r["field"]) for r in review_lines(tmp_path / "out.review.csv")}
     assert not left & {(r["Symbol"], r["field"]) for r in accepted}
     assert {(r["Symbol"], r["field"]) for r in in_review if r["Symbol"] >= "M"} <= left
+
+
+def test_the_review_pages_lines_of_a_row_waiting_for_its_step_show_its_verdicts(
+    tmp_path: Path, sp500: Path, sp_emulator: Any
+) -> None:
+    """The review page's fresh lines of rows waiting for core (what it shows after a verdict is posted) have the
+    reviewer's decision, as the whole queue and the output do (found by the adversarial trial: still in review)."""
+    cfg, _in_review, accepted = stopped_before_core(tmp_path, sp500, sp_emulator, 5.04, lambda sym: sym < "M")
+    j, journal, _notes = open_job(cfg, readonly=True)
+    try:
+        keys = sorted({json.dumps([r["Symbol"]]) for r in accepted})
+        fresh = {(ln.row_key, ln.field): ln.decision for ln in row_lines(j, journal, keys)}
+        whole = {(ln.row_key, ln.field): ln.decision for ln in build_queue(j, journal).lines if ln.row_key in keys}
+    finally:
+        journal.close()
+    want = {(json.dumps([r["Symbol"]]), r["field"]): "human_accepted" for r in accepted}
+    assert {k: fresh.get(k) for k in want} == want and {k: whole.get(k) for k in want} == want
 
 
 def test_twins_waiting_for_one_step_pay_it_once_when_a_verdict_settles_only_one_of_them(

@@ -144,7 +144,7 @@ def _merged_rows(job: Job, journal: Journal, row_keys: Sequence[str]) -> Iterato
     """(the journal's row, its merged row) for these rows, decided as Projection.chunks decides them."""
     proj = projection(job, journal)
     for chunk in journal.iter_results(journal.get("epoch", 0), proj.ladder, keys=row_keys):
-        verdicts = journal.verdicts_for([r[0] for r in chunk if r[2] == "done"])
+        verdicts = journal.verdicts_for(Projection.judged(chunk))
         for row in chunk:
             row_key, _rj, _state, run_id, _e, _s, _f, input_hash, results = row
             if results:
