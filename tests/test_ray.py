@@ -359,6 +359,23 @@ def test_budget_binds_across_partitions(tmp_path: Path, local_ray: None, emu: Em
     assert Counter(out["_enrich_status"].to_list())["completed"] == len(ledger)
 
 
+def test_escalate_max_rows_caps_the_whole_job_not_each_partition(tmp_path: Path, local_ray: None) -> None:
+    """`[escalate] max_rows = 10` with three partitions: 10 rows climb in all, not 10 in each (found by the
+    adversarial trial: 30 climbed)."""
+    emu = EmulatorProcess("--time-scale", "0", "--rate-limit", "0", "--hard-rate", "0.5")
+    try:
+        inp = make_rows(tmp_path / "in.csv", 150)
+        path = config(tmp_path, "m", inp, tmp_path / "m.csv", "batch_size = 20")
+        path.write_text(path.read_text() + '\n[escalate]\nprocessors = ["base"]\non = ["review"]\nmax_rows = 10\n')
+        cfg = load_config(path, {"api.base_url": emu.base_url})
+        res = run_partitioned(cfg, address=None, partitions=3, api_key="k")
+        assert res.exit_code == EXIT_OK, res.message
+        steps = Counter(e["processor"] for e in emu.ledger())
+        assert steps == {"lite-fast": 150, "base": 10}, steps
+    finally:
+        emu.stop()
+
+
 def test_a_daily_budget_binds_the_whole_job_not_each_partition(
     tmp_path: Path, local_ray: None, emu: EmulatorProcess
 ) -> None:

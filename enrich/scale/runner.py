@@ -179,7 +179,27 @@ def partition_config(cfg: RunConfig, plan: PartitionPlan, p: Partition, in_fligh
     pc.limits.spend_ledger = None
     if pc.cache.path is not None:  # the same file for every partition, whatever their working directory
         pc.cache.path = pc.cache.path.resolve()
+    if pc.escalate is not None and pc.escalate.max_rows is not None:  # a cap on the job, not on each partition
+        pc.escalate.max_rows = rows_share(
+            pc.escalate.max_rows, [q.rows for q in plan.partitions], plan.partitions.index(p)
+        )
     return pc
+
+
+def rows_share(total: int, sizes: list[int], index: int) -> int:
+    """Partition `index`'s share of a count over the whole job (`[escalate] max_rows`), by its rows, the remainder
+    to the largest fractions (then the first partitions): the shares sum to `total`, the same on every resume.
+
+    >>> [rows_share(10, [168, 168, 167], i) for i in range(3)]
+    [4, 3, 3]
+    """
+    whole = sum(sizes) or 1
+    exact = [total * n / whole for n in sizes]
+    shares = [int(x) for x in exact]
+    order = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - shares[i]), i))
+    for i in order[: total - sum(shares)]:
+        shares[i] += 1
+    return shares[index]
 
 
 def _wait_for_lock(path: Path, timeout: float) -> None:
