@@ -250,12 +250,18 @@ def plan_summary(cfg: RunConfig, prep: Prepared, journal: Journal) -> dict[str, 
     prices = [PROCESSORS[p].price_micros for p in ladder]
     steps: dict[str, int] = {}  # escalation steps waiting (pending on a stronger processor), then about to climb
     share = None
+    room: float = math.inf  # [escalate] max_rows: how many more rows may climb (no journal yet: all of it)
+    if cfg.escalate is not None and cfg.escalate.max_rows is not None:
+        room = cfg.escalate.max_rows
     if len(ladder) > 1 and str(journal.path) != ":memory:":
         for p, n in journal.pending_by_processor(journal.get("epoch", 0)).items():
             if p in ladder[1:]:
                 steps[p] = steps.get(p, 0) + n
         climbs: Counter[str] = Counter()
-        escalate_pass(journal, cfg, journal.get("epoch", 0), list(prep.fields), dry=True, targets=climbs)
+        seen = escalate_pass(journal, cfg, journal.get("epoch", 0), list(prep.fields), dry=True, targets=climbs)
+        if cfg.escalate is not None and cfg.escalate.max_rows is not None:
+            held = journal.escalated_count(journal.get("epoch", 0), ladder[0]) - seen["settled"] + seen["climbed"]
+            room = max(0, cfg.escalate.max_rows - held)
         for p, n in climbs.items():
             steps[p] = steps.get(p, 0) + n
         rates = climb_rates(journal, cfg, journal.get("epoch", 0), list(prep.fields))
@@ -282,8 +288,9 @@ def plan_summary(cfg: RunConfig, prep: Prepared, journal: Journal) -> dict[str, 
         def above(p: str) -> int:  # every rung from `p` up: what a step may still cost at worst
             return sum(prices[ladder.index(p) :])
 
-        # rows in flight are paid already (spent); they may climb like rows still to submit
-        worst = to_submit * sum(prices) + in_flight * sum(prices[1:]) + sum(n * above(p) for p, n in steps.items())
+        # rows in flight are paid already (spent); they may climb like rows still to submit, max_rows of them
+        climbers = min(to_submit + in_flight, room)
+        worst = round(first_step + climbers * sum(prices[1:]) + sum(n * above(p) for p, n in steps.items()))
         est: float | None = None
         if share is not None:  # a rung no finished row reached climbs as the rung below it did
             est = float(first_step + step_cost)
@@ -292,7 +299,7 @@ def plan_summary(cfg: RunConfig, prep: Prepared, journal: Journal) -> dict[str, 
             for i, price in enumerate(prices[1:]):
                 known = rates[i]
                 rate = known if known is not None else rate
-                climbing *= rate
+                climbing = min(climbing * rate, room) if i == 0 else climbing * rate
                 est += climbing * price
             estimate = round(est)
         ladder_info = {
@@ -301,6 +308,7 @@ def plan_summary(cfg: RunConfig, prep: Prepared, journal: Journal) -> dict[str, 
             "ladder_worst_case_usd": round(worst / 1e6, 6),
             "escalation_share": None if share is None else round(share, 4),
             "ladder_estimate_usd": None if est is None else round(est / 1e6, 6),
+            "rows_left_to_climb": None if math.isinf(room) else int(room),  # [escalate] max_rows
         }
     return {
         **ladder_info,
@@ -370,7 +378,13 @@ def format_plan(plan: dict[str, Any]) -> str:
     if ladder:
         lines.append(
             f"escalation ladder    {' -> '.join(ladder)}: ${plan['first_step_cost_usd']:,.2f} on "
-            f"{plan['processor']}, worst case ${plan['ladder_worst_case_usd']:,.2f} (every row climbing every rung); "
+            f"{plan['processor']}, worst case ${plan['ladder_worst_case_usd']:,.2f} ("
+            + (
+                "every row climbing every rung"
+                if plan.get("rows_left_to_climb") is None
+                else f"{plan['rows_left_to_climb']:,} more rows climbing every rung: max_rows"
+            )
+            + "); "
             + (
                 f"estimate ${plan['ladder_estimate_usd']:,.2f} ({share:.0%} of finished rows climb past {ladder[0]})"
                 if share is not None

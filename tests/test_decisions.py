@@ -276,6 +276,21 @@ def test_a_row_climbing_for_another_field_keeps_the_human_decision_on_a_reviewed
         assert (row[f"{line['field']}__decision"], row[line["field"]]) == ("human_accepted", line["value"]), line
 
 
+def test_plan_prices_at_most_max_rows_rows_climbing(tmp_path: Path, sp500: Path, sp_emulator: Any) -> None:
+    """`max_rows = 10`: plan's worst case is every row on base and 10 rows on core, before the run and after it
+    (nothing left); the run pays that at most (found by the adversarial trial: every row on core, $17.61)."""
+    extra = '[escalate]\nprocessors = ["core"]\non = ["review"]\nmax_rows = 10\n'
+    cfg = job(tmp_path, sp500, extra=extra, processor="base", out="out.csv")
+
+    def worst() -> str:
+        out = run_enrich("plan", str(cfg), key=None).stdout
+        return next(x for x in out.splitlines() if x.startswith("escalation ladder")).split("worst case ")[1].split()[0]
+
+    assert worst() == "$5.28"  # 503 x $0.01 + 10 x $0.025
+    assert go(cfg, sp_emulator.base_url).exit_code == EXIT_OK
+    assert sum(e["price_micros"] for e in ledger(sp_emulator)) == 5_280_000 and worst() == "$0.00"
+
+
 def test_escalation_survives_kills_without_duplicates(tmp_path: Path, sp500: Path, emulator_process) -> None:
     """SIGKILL at failpoints during escalation rounds, then resume: 0 duplicate runs per (row, processor)."""
     emu = emulator_process(
