@@ -359,6 +359,13 @@ class RunConfig(_Strict):
                     f"escalate.processors[{i}]: {upper!r} is not on a higher price tier than {lower!r}; "
                     "each step must be stronger than the one before"
                 )
+        if self.escalate is not None and "rejected" not in self.escalate.on:
+            rules = [self.gate.rule(""), *(self.gate.rule(f) for f in self.gate.fields)]
+            if not any(r.review or r.review_at is not None for r in rules):  # no confidence is ever in review
+                raise ValueError(
+                    'escalate.on: ["review"] never makes a row climb: [gate] sends no confidence to review '
+                    '(review = []); use on = ["rejected"], or give [gate] review a level'
+                )
         return self
 
     @property

@@ -65,6 +65,10 @@ def test_defaults_and_full_sections(tmp_path: Path) -> None:
         ('[escalate]\nprocessors=["core"]\non=[]\n', '[escalate] on: must be ["rejected"], ["review"] or'),
         ('[escalate]\nprocessors=["core"]\non=["review","review"]\n', '[escalate] on: must be ["rejected"]'),
         ('[escalate]\nprocessors=["core"]\non=["accepted"]\n', "[escalate] on[0]"),
+        (
+            '[gate]\naccept=["high","medium"]\nreview=[]\n[escalate]\nprocessors=["core"]\non=["review"]\n',
+            '[escalate] on: ["review"] never makes a row climb: [gate] sends no confidence to review',
+        ),
         ('[escalate]\nprocessors=["core"]\nmax_rows=0\n', "[escalate] max_rows"),
         ('[limits]\nmax_processor="warp"\n', "unknown processor 'warp'"),
         ("[limits]\ndaily_budget_usd=-1\n", "[limits] daily_budget_usd"),
@@ -79,6 +83,13 @@ def test_bad_sections(tmp_path: Path, extra: str, where: str) -> None:
     with pytest.raises(ConfigError) as info:
         load(tmp_path, extra)
     assert str(info.value).startswith(str(tmp_path / "job.toml")) and where in str(info.value)
+
+
+def test_escalating_on_review_needs_a_rule_that_sends_a_confidence_to_review(tmp_path: Path) -> None:
+    """`on = ["review"]` with no review level anywhere is refused (above); one field's review level is enough."""
+    gate = '[gate]\naccept=["high","medium"]\nreview=[]\n[gate.fields.x]\naccept=["high"]\nreview=["medium"]\n'
+    cfg = load(tmp_path, gate + '[escalate]\nprocessors=["core"]\non=["review"]\n')
+    assert cfg.escalate is not None and cfg.escalate.on == ["review"]
 
 
 def test_max_processor_checks_overridden_task_processor(tmp_path: Path) -> None:
