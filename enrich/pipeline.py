@@ -527,9 +527,10 @@ async def _reconciler(
             await asyncio.sleep(0.5)  # rows in doubt whose POST is still in flight
 
 
-def _escalate(journal: Journal, cfg: RunConfig, epoch: int, names: list[str]) -> int:
+def _escalate(journal: Journal, cfg: RunConfig, epoch: int, names: list[str], state: JobState) -> int:
     """One escalation pass, skipped when nothing it reads changed since the last one (a no-op resume of a
-    finished million-row job must not re-merge every row); returns the rows climbed."""
+    finished million-row job must not re-merge every row); returns the rows climbed. Rows whose waiting step
+    settled (decide.escalate_pass) count as finished in `state`."""
     gate = [
         cfg.ladder,
         cfg.gate.model_dump(mode="json"),
@@ -537,9 +538,10 @@ def _escalate(journal: Journal, cfg: RunConfig, epoch: int, names: list[str]) ->
     ]
     if journal.get("escalation_checked") == digest([journal.write_state(), gate]):
         return 0
-    climbed = escalate_pass(journal, cfg, epoch, names)["climbed"]
+    moved = escalate_pass(journal, cfg, epoch, names)
     journal.set("escalation_checked", digest([journal.write_state(), gate]))
-    return int(climbed)
+    state.done_before += moved["settled"]
+    return moved["climbed"]
 
 
 async def _heartbeat(journal: Journal, state: JobState, every_s: float = 2.0) -> None:
@@ -590,7 +592,7 @@ async def execute(
     if reuse is not None:
         reuse.publish()  # results a killed run recorded but did not publish yet
     if cfg.escalate is not None:  # finished rows whose fields still need a stronger processor climb first
-        state.escalated += _escalate(journal, cfg, prep.epoch, names)
+        state.escalated += _escalate(journal, cfg, prep.epoch, names, state)
         counts = journal.counts(prep.epoch)
     if journal.recheck_held():  # runs that waited for an action: asked again before anything is sent
         counts = journal.counts(prep.epoch)
@@ -696,7 +698,7 @@ async def execute(
                 await state.backlog.wait_change(0.5)
             if state.stop.is_set() or cfg.escalate is None or state.budget_exhausted:
                 break
-            climbed = _escalate(journal, cfg, prep.epoch, names)  # the next rung of the ladder
+            climbed = _escalate(journal, cfg, prep.epoch, names, state)  # the next rung of the ladder
             if not climbed:
                 break
             state.escalated += climbed

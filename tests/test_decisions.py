@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import json
 from collections import Counter
@@ -12,9 +13,12 @@ import httpx
 import polars as pl
 import pytest
 
+from enrich.client import TaskClient
 from enrich.config import load_config
 from enrich.job import EXIT_BUDGET, EXIT_OK, open_job, run_job
 from enrich.journal import DailyBudgetExceeded, Journal
+from enrich.pipeline import execute, prepare
+from enrich.progress import JobState
 from enrich.review_page.queue import build_queue, row_lines
 from tests.conftest import ROOT, run_enrich, write_config
 
@@ -222,6 +226,38 @@ def test_the_review_pages_lines_of_a_row_waiting_for_its_step_show_its_verdicts(
         journal.close()
     want = {(json.dumps([r["Symbol"]]), r["field"]): "human_accepted" for r in accepted}
     assert {k: fresh.get(k) for k in want} == want and {k: whole.get(k) for k in want} == want
+
+
+def test_rows_whose_waiting_step_settled_count_as_finished_in_the_progress(
+    tmp_path: Path, sp500: Path, sp_emulator: Any
+) -> None:
+    """After verdicts settle some waiting steps, the resumed run's progress ends at every row finished and never
+    counts more than the rows (found by the adversarial trial: it ended at 428/503 with the settled rows left out)."""
+    cfg_path, _in_review, _accepted = stopped_before_core(tmp_path, sp500, sp_emulator, 5.04, lambda sym: sym < "M")
+    cfg = load_config(cfg_path, {"api.base_url": sp_emulator.base_url, "limits.budget_usd": 30})
+    journal = Journal.open(tmp_path / "out.csv.journal.sqlite")
+    state, seen = JobState(), []
+
+    async def main() -> None:
+        client = TaskClient(sp_emulator.base_url, "sk-test-key-1234", timeout_s=5)
+
+        async def watch() -> None:
+            while True:
+                seen.append(state.finished_rows() + state.in_flight)
+                await asyncio.sleep(0.002)
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await execute(cfg, journal, client, prepare(cfg, journal), emulated=False, state=state)
+        finally:
+            watcher.cancel()
+            await client.aclose()
+
+    try:
+        asyncio.run(main())
+    finally:
+        journal.close()
+    assert state.completed > 0 and state.finished_rows() == 503 and max(seen) <= 503
 
 
 def test_twins_waiting_for_one_step_pay_it_once_when_a_verdict_settles_only_one_of_them(
