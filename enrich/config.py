@@ -264,6 +264,11 @@ class GateConfig(GateRule):
         self._rules = {"": base, **rules}
         return self
 
+    def sends_to_review(self) -> bool:
+        """Can any field's decision be `review` (a review level, or `review_at`, in the default rule or a field's)?"""
+        rules = [self.rule(""), *(self.rule(f) for f in self.fields)]
+        return any(r.review or r.review_at is not None for r in rules)
+
     def rule(self, field: str) -> GateRule:
         """The resolved rule for `field`; element entries (`founders.0`) use their array's rule."""
         rules: dict[str, GateRule] = self.__pydantic_private__["_rules"]  # type: ignore[index]  # per field per row
@@ -359,13 +364,11 @@ class RunConfig(_Strict):
                     f"escalate.processors[{i}]: {upper!r} is not on a higher price tier than {lower!r}; "
                     "each step must be stronger than the one before"
                 )
-        if self.escalate is not None and "rejected" not in self.escalate.on:
-            rules = [self.gate.rule(""), *(self.gate.rule(f) for f in self.gate.fields)]
-            if not any(r.review or r.review_at is not None for r in rules):  # no confidence is ever in review
-                raise ValueError(
-                    'escalate.on: ["review"] never makes a row climb: [gate] sends no confidence to review '
-                    '(review = []); use on = ["rejected"], or give [gate] review a level'
-                )
+        if self.escalate is not None and "rejected" not in self.escalate.on and not self.gate.sends_to_review():
+            raise ValueError(
+                'escalate.on: ["review"] never makes a row climb: [gate] sends no confidence to review '
+                '(review = []); use on = ["rejected"], or give [gate] review a level'
+            )
         return self
 
     @property

@@ -80,27 +80,34 @@ def decided(
 
 
 def climb_rates(journal: Journal, cfg: RunConfig, epoch: int, fields: list[str]) -> list[float | None]:
-    """Per rung of the ladder but the last, the share of the finished rows that reached it which climb past it
-    (None: no finished row reached it), each row replayed as escalation runs it on the results it holds: from the
-    first rung, merged over the rungs so far, while a field's decision is in `[escalate] on`. A row with results
-    above the rung it stopped at (a pilot's, or an earlier ladder's) counts where the ladder would stop it, so a
-    pilot's sample prices the climbs of the rows still to research. Verdicts are left out: a row still to research
-    has none. For `enrich plan`'s estimate."""
+    """Per rung of the ladder but the last, the share of the rows that reached it which climb past it (None: no
+    row reached it), over the finished rows and the rows waiting for an escalation step, each replayed as
+    escalation runs it on the results it holds: from the first rung, merged over the rungs so far, while a field's
+    decision is in `[escalate] on`. A row with results above the rung it stopped at (a pilot's, or an earlier
+    ladder's) counts where the ladder would stop it, so a pilot's sample prices the climbs of the rows still to
+    research. Verdicts are left out: a row still to research has none. For `enrich plan`'s estimate."""
     ladder, esc = cfg.ladder, cfg.escalate
     reached, climbed = [0] * len(ladder), [0] * len(ladder)
     if esc is None or len(ladder) < 2:
         return []
+
+    def replay(results: list[tuple[str, str, Any]]) -> None:
+        have = {p: json.loads(res) if isinstance(res, str) else res for p, _rid, res in results}
+        for i, p in enumerate(ladder[:-1]):
+            if p not in have:
+                return
+            reached[i] += 1
+            merged = merge([(q, have[q]) for q in ladder[: i + 1] if q in have], fields, cfg.gate)
+            if not needs_escalation(merged.decisions, esc.on):
+                return
+            climbed[i] += 1
+
     for chunk in journal.decided_rows(epoch, ladder):
         for *_row, results in chunk:
-            have = {p: json.loads(res) if isinstance(res, str) else res for p, _rid, res in results}
-            for i, p in enumerate(ladder[:-1]):
-                if p not in have:
-                    break
-                reached[i] += 1
-                merged = merge([(q, have[q]) for q in ladder[: i + 1] if q in have], fields, cfg.gate)
-                if not needs_escalation(merged.decisions, esc.on):
-                    break
-                climbed[i] += 1
+            replay(results)
+    for chunk in journal.waiting_steps(epoch, ladder):
+        for *_row, results in chunk:
+            replay(results)
     return [climbed[i] / reached[i] if reached[i] else None for i in range(len(ladder) - 1)]
 
 

@@ -1471,6 +1471,8 @@ def _pilot_findings(
         limits=pilot.Limits(lim.max_in_flight, lim.requests_per_minute, lim.batch_size),
         seed=seed,
         target=target,
+        # `on = ["review"]` never climbs under a gate that sends nothing to review (and such a config is refused)
+        ons=pilot.ONS if cfg.gate.sends_to_review() else [on for on in pilot.ONS if "rejected" in on],
     )
 
 

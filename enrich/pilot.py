@@ -123,8 +123,8 @@ class Forecast:
         }
 
 
-def strategies(processors: Sequence[str]) -> list[Strategy]:
-    """Every single processor, then every ordered subsequence of length >= 2 under each `on`.
+def strategies(processors: Sequence[str], ons: Sequence[tuple[str, ...]] = ONS) -> list[Strategy]:
+    """Every single processor, then every ordered subsequence of length >= 2 under each of `ons`.
 
     >>> [s.name for s in strategies(["lite", "core"])]
     ['lite', 'core', 'lite>core on rejected', 'lite>core on review', 'lite>core on rejected+review']
@@ -132,7 +132,7 @@ def strategies(processors: Sequence[str]) -> list[Strategy]:
     out = [Strategy((p,)) for p in processors]
     for n in range(2, len(processors) + 1):
         for ladder in itertools.combinations(processors, n):  # combinations keep the listed (climbing) order
-            out += [Strategy(tuple(ladder), on) for on in ONS]
+            out += [Strategy(tuple(ladder), on) for on in ons]
     return out
 
 
@@ -523,8 +523,9 @@ def compare(
     limits: Limits,
     seed: int,
     target: float,
+    ons: Sequence[tuple[str, ...]] = ONS,
 ) -> dict[str, Any]:
-    """The pilot's findings: the processor report, every strategy's forecast (one set of resamples for all, so
+    """The pilot's findings (strategies under each of `ons`): the processor report, every strategy's forecast (one set of resamples for all, so
     they are compared on the same draws), the recommended strategy with its config snippet and the rule that
     picked it, and the strategy with the most accepted share beside it (a user may prefer it).
 
@@ -533,7 +534,7 @@ def compare(
     strategy) by the optimism of taking the maximum. The pick itself uses the uncorrected figures (the rule as the
     issue states it); cost is not corrected (its optimism is reported under "selection")."""
     boot = resamples(len(sample), seed)
-    strats = strategies(processors)
+    strats = strategies(processors, ons)
 
     def one(s: Strategy, optimism: float = 0.0) -> Forecast:
         return forecast(

@@ -327,6 +327,25 @@ def test_plan_prices_at_most_max_rows_rows_climbing(tmp_path: Path, sp500: Path,
     assert sum(e["price_micros"] for e in ledger(sp_emulator)) == 5_280_000 and worst() == "$0.00"
 
 
+def test_plan_after_a_budget_stop_counts_the_rows_waiting_for_their_step_as_climbing(
+    tmp_path: Path, sp500: Path, sp_emulator: Any
+) -> None:
+    """base>core on review stopped by the budget once every row ran on base: the rows left waiting for core count in
+    the share that climbs past base, as rows that climbed would (they counted as none: 0%)."""
+    extra = '[escalate]\nprocessors = ["core"]\non = ["review"]\n'
+    cfg = job(tmp_path, sp500, extra=extra, processor="base", out="out.csv")
+    stopped = run_enrich("run", str(cfg), "--base-url", sp_emulator.base_url, "--budget", "5.04")
+    assert stopped.returncode == EXIT_BUDGET, stopped.stderr
+    out = pl.read_csv(tmp_path / "out.csv", infer_schema=False)
+    done = out.filter(pl.col("_enrich_status") != "skipped_budget")
+    decisions = [f"{f}__decision" for f in SP_FIELDS]
+    climbing = done.filter(pl.any_horizontal(pl.col(c) == "review" for c in decisions)).height
+    assert 0 < climbing < done.height == 503
+    plan = run_enrich("plan", str(cfg), "--budget", "5.04", key=None)
+    line = next(x for x in plan.stdout.splitlines() if x.startswith("escalation ladder"))
+    assert f"({climbing / done.height:.0%} of finished rows climb past base)" in line, (climbing, done.height, line)
+
+
 def test_escalation_survives_kills_without_duplicates(tmp_path: Path, sp500: Path, emulator_process) -> None:
     """SIGKILL at failpoints during escalation rounds, then resume: 0 duplicate runs per (row, processor)."""
     emu = emulator_process(

@@ -331,6 +331,27 @@ def test_plan_shows_the_pilot_forecast_once_a_pilot_exists(tmp_path: Path, sp500
         assert line.startswith(f"pilot forecast       {name}: to pay ${theirs['to_pay_usd']:,.4f}"), again.stdout
 
 
+def test_under_a_gate_that_sends_nothing_to_review_the_pilot_offers_no_on_review_ladder(
+    tmp_path: Path, sp500: Path, emulator_process
+) -> None:
+    """review = [] everywhere: no "on review" strategy (it never climbs, and its config is refused); the
+    recommended snippet, pasted in, is a config `plan` accepts."""
+    emu = emulator_process("--knowledge", str(sp500), *EMU)
+    gate = '[gate]\naccept = ["high"]\nreview = []\nreject = ["medium", "low", "none"]\n'
+    cfg = job(tmp_path, sp500, rows=30, extra=gate)
+    r = run_enrich("pilot", str(cfg), "--base-url", emu.base_url, "--rows", "10", "--processors", "lite,core")
+    assert r.returncode == 0, r.stderr
+    data = json.loads((tmp_path / "out.pilot.json").read_text())
+    names = [s["name"] for s in data["strategies"]]
+    assert names == ["lite", "core", "lite>core on rejected", "lite>core on rejected+review"], names
+    snippet = tomllib.loads(data["recommended"]["toml"])
+    text = cfg.read_text().replace('processor = "lite"', f"processor = {json.dumps(snippet['task']['processor'])}")
+    if "escalate" in snippet:
+        text += "\n[escalate]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in snippet["escalate"].items())
+    cfg.write_text(text)
+    assert run_enrich("plan", str(cfg), key=None).returncode == 0
+
+
 def test_compare_marks_one_recommendation_and_its_snippet_is_valid_toml() -> None:
     """The findings mark exactly one strategy and its snippet parses as [task]/[escalate] tables."""
     sample = [{"lite": obs("rejected"), "core": obs("accepted")}, {"lite": obs("accepted"), "core": obs("accepted")}]
