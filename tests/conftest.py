@@ -196,6 +196,11 @@ def with_watchdog(call: Any, seconds: float, what: str) -> Any:
     t = threading.Thread(target=target, daemon=True)
     t.start()
     t.join(seconds)
+    if t.is_alive():  # where every thread is, for the one who reads the failure
+        import faulthandler
+        import sys
+
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
     assert not t.is_alive(), f"liveness: {what} did not finish within {seconds} s"
     if "error" in box:
         raise box["error"]
