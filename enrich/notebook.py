@@ -152,21 +152,42 @@ def _enrich_frame(
     jpath = Path(journal) if journal else DEFAULT_DIR / f"{job_id}.journal.sqlite"
     jpath.parent.mkdir(parents=True, exist_ok=True)
     with _resumable(jpath):
-        return _run_frame(
-            df,
-            config,
-            task,
-            jpath,
-            rows,
-            is_pandas,
-            base_url,
-            emulator,
-            api_key,
-            budget_usd,
-            retry_failed,
-            adopt,
-            fresh,
-        )
+        src = jpath.with_name(jpath.name + ".input.parquet")
+        out = jpath.with_name(jpath.name + ".output.parquet")
+        atomic_write(src, task.write_parquet)
+        overrides: dict[str, Any] = {
+            "input.path": str(src),
+            "output.path": str(out),
+            "journal": str(jpath),
+            "api.base_url": base_url,
+            "limits.budget_usd": budget_usd,
+        }
+        cfg = _config(config, overrides)
+        key = preflight.EMULATOR_KEY if emulator else (api_key or preflight.resolve_api_key(os.environ, False))
+        try:
+            result = run_job(
+                cfg,
+                api_key=key,
+                emulated=emulator,
+                retry_failed=retry_failed,
+                adopt=adopt,
+                fresh=fresh,
+                install_signals=False,
+            )
+        except InputError as exc:
+            if exc.path != str(src):
+                raise
+            raise rows.error(exc) from None
+        if result.exit_code == EXIT_INTERRUPTED:
+            counts = result.report.get("status_counts", {})
+            raise KeyboardInterrupt(
+                f"enrich_frame interrupted: {counts.get('completed', 0)} of {result.report.get('rows', '?')} rows "
+                f"completed; progress is kept in {jpath}: call enrich_frame again with the same frame and config "
+                "to resume (no row is paid for twice)"
+            )
+        if result.error is not None:
+            raise result.error
+        return _combine(df, task, pl.read_parquet(out), is_pandas)
 
 
 @contextlib.contextmanager
@@ -182,60 +203,6 @@ def _resumable(jpath: Path) -> Iterator[None]:
             f"enrich_frame interrupted; progress is kept in {jpath}: call enrich_frame again with the same frame "
             "and config to resume (no row is paid for twice)"
         ) from None
-
-
-def _run_frame(
-    df: Any,
-    config: Any,
-    task: pl.DataFrame,
-    jpath: Path,
-    rows: _Rows,
-    is_pandas: bool,
-    base_url: str | None,
-    emulator: bool,
-    api_key: str | None,
-    budget_usd: float | None,
-    retry_failed: bool,
-    adopt: bool,
-    fresh: bool,
-) -> Any:
-    """The job on the frame's task columns, its journal `jpath`: the frame with the added columns."""
-    src = jpath.with_name(jpath.name + ".input.parquet")
-    out = jpath.with_name(jpath.name + ".output.parquet")
-    atomic_write(src, task.write_parquet)
-    overrides: dict[str, Any] = {
-        "input.path": str(src),
-        "output.path": str(out),
-        "journal": str(jpath),
-        "api.base_url": base_url,
-        "limits.budget_usd": budget_usd,
-    }
-    cfg = _config(config, overrides)
-    key = preflight.EMULATOR_KEY if emulator else (api_key or preflight.resolve_api_key(os.environ, False))
-    try:
-        result = run_job(
-            cfg,
-            api_key=key,
-            emulated=emulator,
-            retry_failed=retry_failed,
-            adopt=adopt,
-            fresh=fresh,
-            install_signals=False,
-        )
-    except InputError as exc:
-        if exc.path != str(src):
-            raise
-        raise rows.error(exc) from None
-    if result.exit_code == EXIT_INTERRUPTED:
-        counts = result.report.get("status_counts", {})
-        raise KeyboardInterrupt(
-            f"enrich_frame interrupted: {counts.get('completed', 0)} of {result.report.get('rows', '?')} rows "
-            f"completed; progress is kept in {jpath}: call enrich_frame again with the same frame and config "
-            "to resume (no row is paid for twice)"
-        )
-    if result.error is not None:
-        raise result.error
-    return _combine(df, task, pl.read_parquet(out), is_pandas)
 
 
 def _combine(df: Any, task: pl.DataFrame, enriched: pl.DataFrame, is_pandas: bool) -> Any:

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1] / "enrich"
 LAZY_ALLOWED = {"ray", "enrich.emulator", "enrich.__init__"}
 # The CLI's one deferred import: the pipeline (polars, pyarrow, httpx: about a second) loads only for a
 # command with work to do, so `--help` and the re-run of a finished job (settled.py) start fast.
-LAZY_BOUNDARY = {("cli.py", "enrich.commands"), ("launch.py", "enrich.cli"), ("launch.py", "enrich.errors")}
+LAZY_BOUNDARY = {("cli.py", "enrich.commands"), ("launch.py", "enrich.cli")}
 
 
 def _module(path: Path) -> str:

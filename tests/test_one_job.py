@@ -161,11 +161,11 @@ def test_a_correction_beyond_int64_is_refused_and_an_old_one_cannot_break_the_jo
     assert _cells(tmp_path / "out.parquet")[(year["company"], "founded_year")][0] != "human_corrected"
 
 
-def test_a_real_run_after_an_emulated_one_is_told_what_to_change_and_that_works(tmp_path: Path, emulator: Any) -> None:
-    """A run without --emulator on an emulated job's journal is refused (exit 2) naming --output, and that runs."""
+def _companies_csv_job(tmp_path: Path) -> Path:
+    """The bundled companies researched into out.csv, on an emulator answering at once."""
     src = tmp_path / "in.csv"
     src.write_text((ROOT / "data/companies.csv").read_text(encoding="utf-8"), encoding="utf-8")
-    cfg = write_config(
+    return write_config(
         tmp_path / "job.toml",
         input_path=src,
         output=tmp_path / "out.csv",
@@ -173,6 +173,11 @@ def test_a_real_run_after_an_emulated_one_is_told_what_to_change_and_that_works(
         columns=["company", "website"],
         emulator="time_scale = 0",
     )
+
+
+def test_a_real_run_after_an_emulated_one_is_told_what_to_change_and_that_works(tmp_path: Path, emulator: Any) -> None:
+    """A run without --emulator on an emulated job's journal is refused (exit 2) naming --output, and that runs."""
+    cfg = _companies_csv_job(tmp_path)
     assert run_enrich("run", str(cfg), "--emulator").returncode == 0
     server = emulator(time_scale=0.0)  # another server: to this command, the real API
     r = run_enrich("run", str(cfg), "--base-url", server.base_url)
@@ -184,16 +189,7 @@ def test_a_real_run_after_an_emulated_one_is_told_what_to_change_and_that_works(
 
 def test_the_note_on_a_changed_config_gives_the_run_command_that_applies_it(tmp_path: Path) -> None:
     """A config changed after `run --output X --emulator`: the note names that command, and it runs (exit 0)."""
-    src = tmp_path / "in.csv"
-    src.write_text((ROOT / "data/companies.csv").read_text(encoding="utf-8"), encoding="utf-8")
-    cfg = write_config(
-        tmp_path / "job.toml",
-        input_path=src,
-        output=tmp_path / "out.csv",
-        key=["company"],
-        columns=["company", "website"],
-        emulator="time_scale = 0",
-    )
+    cfg = _companies_csv_job(tmp_path)
     alt = str(tmp_path / "alt.csv")
     assert run_enrich("run", str(cfg), "--output", alt, "--emulator").returncode == 0
     cfg.write_text(cfg.read_text() + GATE)  # a projection setting changes

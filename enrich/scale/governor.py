@@ -45,9 +45,10 @@ import contextlib
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from enrich.config import RunConfig
 from enrich.errors import JournalError
@@ -57,63 +58,42 @@ from enrich.spend import daily_message, utc_day
 from enrich.submit import Lease
 
 STATE_FILE = "governor.json"
+T = TypeVar("T")
+
+
+def _read(path: Path, read: Callable[[Journal], T], empty: T) -> T:
+    """`read` on a read-only view of a partition journal; `empty` when it does not exist yet (or cannot be read)."""
+    if not path.is_file():
+        return empty
+    try:
+        view = Journal.open(path, readonly=True)
+    except JournalError:
+        return empty
+    try:
+        return read(view)
+    finally:
+        view.close()
 
 
 def journal_spend(path: Path) -> int:
     """Micro-dollars a partition journal has spent or reserved (0 if it does not exist yet)."""
-    if not path.is_file():
-        return 0
-    try:
-        view = Journal.open(path, readonly=True)
-    except JournalError:
-        return 0
-    try:
-        return view.spent_micros()
-    finally:
-        view.close()
+    return _read(path, Journal.spent_micros, 0)
 
 
 def journal_paid_by_processor(path: Path) -> dict[str | None, tuple[int, int]]:
     """processor -> (runs, micro-dollars) a partition journal paid or reserved (Journal.paid_by_processor; empty if
     it does not exist yet)."""
-    if not path.is_file():
-        return {}
-    try:
-        view = Journal.open(path, readonly=True)
-    except JournalError:
-        return {}
-    try:
-        return view.paid_by_processor()
-    finally:
-        view.close()
+    return _read(path, Journal.paid_by_processor, {})
 
 
 def journal_reserved_on(path: Path, day: str) -> int:
     """Micro-dollars a partition journal reserved on UTC `day` (0 if it does not exist yet)."""
-    if not path.is_file():
-        return 0
-    try:
-        view = Journal.open(path, readonly=True)
-    except JournalError:
-        return 0
-    try:
-        return view.reserved_on_day(day)
-    finally:
-        view.close()
+    return _read(path, lambda view: view.reserved_on_day(day), 0)
 
 
 def journal_pending(path: Path) -> dict[str, int]:
     """Pending rows per processor in a partition journal ({} if it does not exist yet)."""
-    if not path.is_file():
-        return {}
-    try:
-        view = Journal.open(path, readonly=True)
-    except JournalError:
-        return {}
-    try:
-        return view.pending_by_processor(view.get("epoch", 0))
-    finally:
-        view.close()
+    return _read(path, lambda view: view.pending_by_processor(view.get("epoch", 0)), {})
 
 
 class GovernorState:
